@@ -1,0 +1,98 @@
+//! Command-line surface (clap only). Each subcommand lives in its own file and calls into the
+//! library; only this module knows about argument parsing, exit codes and terminals.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::output::Format;
+
+/// Exit code for a failed command.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad usage or invalid input (a bad cluster file).
+pub const EXIT_INVALID: u8 = 2;
+
+/// clusterctl: GKE-style managed Kubernetes on machines you own and on clouds.
+#[derive(Debug, Parser)]
+#[command(name = "clusterctl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Global options.
+    #[command(flatten)]
+    pub global: Global,
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// Directory holding cluster state (default: $XDG_STATE_HOME/clusterctl or ~/.local/state/clusterctl).
+    #[arg(long, global = true, env = "CLUSTERCTL_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// Print no progress, only results and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a shell completion script.
+    Completions {
+        /// Shell to generate completions for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Entry point used by the binary: parse, run, print the error chain, map to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.global);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code_for(&err))
+        }
+    }
+}
+
+fn init_tracing(global: &Global) {
+    let default = match global.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLUSTERCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Maps an error to the process exit code.
+fn exit_code_for(_err: &anyhow::Error) -> u8 {
+    EXIT_FAILURE
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}

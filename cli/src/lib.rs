@@ -1,0 +1,8 @@
+//! clusterctl: GKE-style managed Kubernetes on machines you own and on clouds.
+//!
+//! The binary is a thin shell over this library. Layout (see ARCHITECTURE.md):
+//! `cmd` (clap only) -> actions -> `engine` (plan + phases) over `spec`, `state`, `ssh` and the
+//! `providers` crate.
+
+pub mod cmd;
+pub mod output;

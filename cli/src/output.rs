@@ -1,0 +1,74 @@
+//! Output formats for read commands and the progress/diagnostic channel.
+//!
+//! Machine-readable output goes to stdout; diagnostics and progress go to stderr.
+
+use std::io::IsTerminal;
+
+use serde::Serialize;
+
+/// Output format of read commands (`-o table|json|yaml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable table or text.
+    #[default]
+    Table,
+    /// JSON document.
+    Json,
+    /// YAML document.
+    Yaml,
+}
+
+/// Serializes `value` as JSON or YAML. For [`Format::Table`] the caller renders its own table.
+pub fn to_string<T: Serialize>(format: Format, value: &T) -> anyhow::Result<String> {
+    Ok(match format {
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(value)?;
+            s.push('\n');
+            s
+        }
+        Format::Yaml | Format::Table => serde_saphyr::to_string(value)?,
+    })
+}
+
+/// Whether progress should be drawn as bars: stderr is a terminal and the user did not ask for quiet.
+pub fn fancy_progress(quiet: bool, format: Format) -> bool {
+    !quiet && format == Format::Table && std::io::stderr().is_terminal()
+}
+
+/// Renders rows as a left-aligned table with a header, columns separated by two spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut parts = Vec::new();
+        for (i, c) in cells.enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            parts.push(format!("{c:<w$}"));
+        }
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["NAME", "STATE"], &[vec!["cp-0".into(), "running".into()], vec!["worker-long".into(), "x".into()]]);
+        assert_eq!(t, "NAME         STATE\ncp-0         running\nworker-long  x\n");
+    }
+}

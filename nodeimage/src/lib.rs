@@ -1,0 +1,1 @@
+//! Builds and describes clusterctl's container-optimized node images.

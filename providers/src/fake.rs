@@ -1,0 +1,1 @@
+//! In-memory provider for engine tests: machines live in a map, no VMs.

@@ -1,0 +1,17 @@
+//! Pure rendering for clusterctl: a typed input struct goes in, file contents come out.
+//!
+//! No I/O happens here: callers write the results where they belong (over SSH, into a libvirt
+//! definition, into a seed image). Templates are embedded at compile time.
+
+/// Errors from rendering a template.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The template engine failed; names the template.
+    #[error("rendering template {template}: {detail}")]
+    Template {
+        /// Template name.
+        template: String,
+        /// What went wrong.
+        detail: String,
+    },
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs every Debian package the test bed needs on a fresh Debian 12 machine.
+# Idempotent: a warm machine skips apt entirely when all packages are present.
+set -euo pipefail
+
+PKGS_MAIN=(openssh-server openssh-client debootstrap cryptsetup-bin e2fsprogs rsync jq
+  golang-go build-essential pkg-config busybox-static etcd-server etcd-client dpkg-dev
+  iproute2 python3-venv)
+PKGS_BPO=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network
+  libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base iptables nftables)
+
+missing=()
+for p in "${PKGS_MAIN[@]}" "${PKGS_BPO[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "host packages: all present"
+  exit 0
+fi
+echo "host packages: installing ${missing[*]}"
+
+# bookworm-backports (for QEMU/libvirt matching the preinstalled qemu-utils 10.0) and deb-src
+# (for Debian's kubernetes source package), from the mirror /etc/apt already uses.
+mirror=$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | grep -v security | head -n1)
+mirror=${mirror:-http://deb.debian.org/debian}
+if [ ! -f /etc/apt/sources.list.d/clusterctl-bed.sources ]; then
+  cat > /etc/apt/sources.list.d/clusterctl-bed.sources <<SRC
+Types: deb deb-src
+URIs: ${mirror}
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: ${mirror}
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# policy-rc.d keeps package scripts from starting daemons in the host namespace (network rule).
+printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+apt-get install -y -qq --no-install-recommends "${PKGS_MAIN[@]}"
+apt-get install -y -qq --no-install-recommends -t bookworm-backports "${PKGS_BPO[@]}"
