@@ -205,9 +205,11 @@ impl Session {
 
     /// Runs `command` with options: timeout, stdin, line streaming, capture limit.
     ///
-    /// On timeout the command is sent SIGKILL (honoured by OpenSSH for commands without a
-    /// terminal), its channel is closed and [`SshError::CommandTimeout`] names the command and
-    /// host; the connection stays usable. If the connection breaks meanwhile, the error is
+    /// The command runs through the remote user's login shell, which must be POSIX-compatible:
+    /// it is prefixed with a line that reports the shell's PID (taken off stdout again). On
+    /// timeout the command's whole process group gets SIGKILL (over a second channel), its
+    /// channel is closed and [`SshError::CommandTimeout`] names the command and host; the
+    /// connection stays usable. If the connection breaks meanwhile, the error is
     /// [`SshError::ConnectionLost`].
     pub async fn exec_with(
         &self,
@@ -217,8 +219,12 @@ impl Session {
         let endpoint = &self.inner.endpoint;
         tracing::debug!(node = %endpoint, command, "running remote command");
         let mut channel = self.open_session_channel(command).await?;
+        // The remote shell first reports its PID, which is also its process group (sshd starts
+        // each session with setsid); a timeout then kills the whole group. OpenSSH ignores the
+        // SSH "signal" request for root logins, so that alone cannot stop a command.
+        let wrapped = format!("printf '{PID_MARKER}%s\\n' \"$$\"\n{command}");
         channel
-            .exec(true, command)
+            .exec(true, wrapped)
             .await
             .map_err(|source| self.channel_error(source, command, "start"))?;
         if let Some(stdin) = options.stdin {
@@ -241,6 +247,7 @@ impl Session {
             on_line: options.on_line,
             stdout_line: Vec::new(),
             stderr_line: Vec::new(),
+            pid: PidState::Awaiting(Vec::new()),
         };
         let ended = match timeout {
             Some(limit) => {
@@ -248,8 +255,10 @@ impl Session {
                     Ok(ended) => ended,
                     Err(_elapsed) => {
                         tracing::warn!(node = %endpoint, command, ?limit, "remote command timed out; killing it");
-                        // Best effort: the server may not support signals; closing the channel
-                        // makes sshd close the command's pipes either way.
+                        if let PidState::Known(pid) = collector.pid {
+                            self.kill_process_group(pid).await;
+                        }
+                        // Also the protocol's way (works for non-root users), then drop the channel.
                         let _ = channel.signal(Sig::KILL).await;
                         let _ = channel.close().await;
                         return Err(SshError::CommandTimeout {
@@ -262,6 +271,7 @@ impl Session {
             }
             None => collector.collect(&mut channel).await,
         };
+        collector.finish_pid();
         collector.flush_lines();
         let Ended {
             exit_status,
@@ -290,6 +300,27 @@ impl Session {
             stderr: collector.stderr,
             truncated: collector.truncated,
         })
+    }
+
+    /// Kills the remote process group `pgid` (best effort, bounded in time) over a new channel.
+    async fn kill_process_group(&self, pgid: u32) {
+        let kill = async {
+            let mut channel = self.inner.handle.channel_open_session().await.ok()?;
+            channel
+                .exec(true, format!("kill -KILL -- -{pgid} 2>/dev/null; true"))
+                .await
+                .ok()?;
+            let _ = channel.eof().await;
+            while let Some(message) = channel.wait().await {
+                if matches!(message, ChannelMsg::Close) {
+                    break;
+                }
+            }
+            Some(())
+        };
+        if tokio::time::timeout(Duration::from_secs(5), kill).await.is_err() {
+            tracing::warn!(node = %self.inner.endpoint, pgid, "could not kill timed-out remote command");
+        }
     }
 
     /// Opens a session channel, mapping a dead connection to [`SshError::ConnectionLost`].
@@ -337,6 +368,19 @@ struct Ended {
     closed_cleanly: bool,
 }
 
+/// Prefix of the line with which the remote shell reports its PID before running the command.
+const PID_MARKER: &str = "clusterctl-pid:";
+
+/// Where we are in reading the PID line that precedes the command's own stdout.
+enum PidState {
+    /// Bytes of the first stdout line received so far.
+    Awaiting(Vec<u8>),
+    /// The remote shell's PID (= process group).
+    Known(u32),
+    /// The first line was not a PID line (a login script printed something); no PID.
+    Unknown,
+}
+
 struct Collector<'a> {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
@@ -345,9 +389,58 @@ struct Collector<'a> {
     on_line: Option<&'a mut (dyn FnMut(OutputLine<'_>) + Send)>,
     stdout_line: Vec<u8>,
     stderr_line: Vec<u8>,
+    pid: PidState,
 }
 
 impl Collector<'_> {
+    /// Takes the PID line off the front of stdout; passes everything else to [`Self::push`].
+    fn push_stdout(&mut self, data: &[u8]) {
+        let PidState::Awaiting(buffer) = &mut self.pid else {
+            self.push(OutputStream::Stdout, data);
+            return;
+        };
+        buffer.extend_from_slice(data);
+        let Some(newline) = buffer.iter().position(|&b| b == b'\n') else {
+            if buffer.len() > 64 || !PID_MARKER.as_bytes().starts_with(&buffer[..buffer.len().min(PID_MARKER.len())]) {
+                let pending = std::mem::take(buffer);
+                self.pid = PidState::Unknown;
+                self.push(OutputStream::Stdout, &pending);
+            }
+            return;
+        };
+        let line = &buffer[..newline];
+        let pid = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.strip_prefix(PID_MARKER))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let rest = match pid {
+            Some(pid) => {
+                let rest = buffer[newline + 1..].to_vec();
+                self.pid = PidState::Known(pid);
+                rest
+            }
+            None => {
+                let all = std::mem::take(buffer);
+                self.pid = PidState::Unknown;
+                all
+            }
+        };
+        if !rest.is_empty() {
+            self.push(OutputStream::Stdout, &rest);
+        }
+    }
+
+    /// At the end of the command: bytes still held back waiting for a PID line are output.
+    fn finish_pid(&mut self) {
+        if let PidState::Awaiting(buffer) = &mut self.pid {
+            let pending = std::mem::take(buffer);
+            self.pid = PidState::Unknown;
+            if !pending.is_empty() {
+                self.push(OutputStream::Stdout, &pending);
+            }
+        }
+    }
+
     async fn collect(&mut self, channel: &mut Channel<Msg>) -> Ended {
         let mut ended = Ended {
             exit_status: None,
@@ -356,7 +449,7 @@ impl Collector<'_> {
         };
         loop {
             match channel.wait().await {
-                Some(ChannelMsg::Data { data }) => self.push(OutputStream::Stdout, &data),
+                Some(ChannelMsg::Data { data }) => self.push_stdout(&data),
                 Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
                     self.push(OutputStream::Stderr, &data)
                 }
@@ -446,6 +539,43 @@ fn signal_name_text(signal: &Sig) -> String {
 mod tests {
     use super::*;
 
+    fn collector<'a>() -> Collector<'a> {
+        Collector {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            max_capture: 1 << 20,
+            truncated: false,
+            on_line: None,
+            stdout_line: Vec::new(),
+            stderr_line: Vec::new(),
+            pid: PidState::Awaiting(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn pid_line_is_taken_off_stdout_across_chunks() {
+        let mut c = collector();
+        c.push_stdout(b"clusterctl-");
+        c.push_stdout(b"pid:4242\nhello");
+        c.push_stdout(b" world\n");
+        c.finish_pid();
+        assert!(matches!(c.pid, PidState::Known(4242)));
+        assert_eq!(c.stdout, b"hello world\n");
+    }
+
+    #[test]
+    fn output_without_pid_line_is_kept() {
+        let mut c = collector();
+        c.push_stdout(b"motd from .bashrc\nreal output\n");
+        c.finish_pid();
+        assert!(matches!(c.pid, PidState::Unknown));
+        assert_eq!(c.stdout, b"motd from .bashrc\nreal output\n");
+        let mut c = collector();
+        c.push_stdout(b"clust");
+        c.finish_pid();
+        assert_eq!(c.stdout, b"clust");
+    }
+
     #[test]
     fn tail_keeps_the_last_lines() {
         let text = (1..=20).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
@@ -466,6 +596,7 @@ mod tests {
             on_line: Some(&mut on_line),
             stdout_line: Vec::new(),
             stderr_line: Vec::new(),
+            pid: PidState::Unknown,
         };
         c.push(OutputStream::Stdout, b"one\ntw");
         c.push(OutputStream::Stderr, b"err\r\n");
