@@ -80,7 +80,18 @@ async fn one_connection_serves_many_concurrent_commands() {
         let out = task.await.expect("join").expect("command");
         assert_eq!(out.stdout_text().trim(), format!("{i} 8"));
     }
-    for _ in 0..20 {
+    // More concurrent commands than sshd allows channels per connection (MaxSessions 10):
+    // they queue for a channel instead of failing.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let session = session.clone();
+        tasks.push(tokio::spawn(async move { session.run(&format!("echo {i}")).await }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let out = task.await.expect("join").expect("queued command");
+        assert_eq!(out.stdout_text().trim(), i.to_string());
+    }
+    for _ in 0..5 {
         session.run("true").await.expect("sequential command");
     }
     let accepted = sshd.log_text().matches("Accepted publickey").count();
@@ -380,4 +391,36 @@ async fn twenty_hosts_in_parallel_with_a_bound() {
     assert!(results[..20].iter().all(|r| r.result.is_ok()));
     let last = results[20].result.as_ref().expect_err("dead host");
     assert!(matches!(last, SshError::Connect { .. }), "{last}");
+}
+
+#[tokio::test]
+async fn frozen_server_is_detected_by_keepalives() {
+    let fx = Fixture::new();
+    let sshd = fx.sshd();
+    let mut config = fx.config(sshd.pinned());
+    config.keepalive_interval = Some(Duration::from_millis(500));
+    let client = clusterctl::ssh::SshClient::new(config);
+    let session = client.connect(&fx.target(&sshd)).await.expect("connect");
+    session.run("true").await.expect("warm");
+
+    // Freeze every sshd process: TCP stays open but nothing answers, as when a machine hangs
+    // or the network drops packets.
+    let pids = support::descendants(sshd.pid().expect("pid"));
+    let signal = |sig: &str| {
+        for pid in &pids {
+            let _ = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status();
+        }
+    };
+    signal("-STOP");
+    let start = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(20), session.exec("echo hi")).await;
+    let elapsed = start.elapsed();
+    signal("-CONT");
+    let err = result.expect("must not hang").expect_err("server is frozen");
+    assert!(matches!(err, SshError::ConnectionLost { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("127.0.0.1:{}", sshd.port)), "{err}");
+    // Three missed keepalives at 0.5 s, plus scheduling slack on a loaded machine.
+    assert!(elapsed < Duration::from_secs(10), "detected after {elapsed:?}");
 }

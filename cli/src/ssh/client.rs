@@ -106,6 +106,10 @@ pub struct ClientConfig {
     /// Default timeout of each command; [`super::ExecOptions::timeout`] overrides it.
     /// Default 10 minutes. `None`: no timeout.
     pub command_timeout: Option<Duration>,
+    /// At most this many commands or transfers run at once on one session; more wait for a
+    /// free slot. Default 8: OpenSSH refuses more than `MaxSessions` (default 10) channels per
+    /// connection, and one channel is kept free to kill timed-out commands.
+    pub max_channels_per_session: usize,
 }
 
 impl ClientConfig {
@@ -118,6 +122,7 @@ impl ClientConfig {
             retry: RetryPolicy::default(),
             keepalive_interval: Some(Duration::from_secs(10)),
             command_timeout: Some(Duration::from_secs(600)),
+            max_channels_per_session: 8,
         }
     }
 }
@@ -290,6 +295,7 @@ impl SshClient {
                         endpoint.clone(),
                         target.user.clone(),
                         self.inner.config.command_timeout,
+                        self.inner.config.max_channels_per_session,
                         jump,
                     ));
                 }

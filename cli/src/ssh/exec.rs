@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use russh::client::{Handle, Msg};
 use russh::{Channel, ChannelMsg, Disconnect, Sig};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::client::ClientHandler;
 use super::{Endpoint, SshError};
@@ -25,6 +26,8 @@ struct SessionInner {
     endpoint: Endpoint,
     user: String,
     command_timeout: Option<Duration>,
+    /// Bounds concurrent channels (see `ClientConfig::max_channels_per_session`).
+    channels: Arc<Semaphore>,
     /// Keeps the jump host connection alive as long as this session uses it.
     _jump: Option<Session>,
 }
@@ -149,6 +152,7 @@ impl Session {
         endpoint: Endpoint,
         user: String,
         command_timeout: Option<Duration>,
+        max_channels: usize,
         jump: Option<Session>,
     ) -> Self {
         Session {
@@ -157,6 +161,7 @@ impl Session {
                 endpoint,
                 user,
                 command_timeout,
+                channels: Arc::new(Semaphore::new(max_channels.max(1))),
                 _jump: jump,
             }),
         }
@@ -218,6 +223,7 @@ impl Session {
     ) -> Result<ExecOutput, SshError> {
         let endpoint = &self.inner.endpoint;
         tracing::debug!(node = %endpoint, command, "running remote command");
+        let _slot = self.channel_slot(command).await?;
         let mut channel = self.open_session_channel(command).await?;
         // The remote shell first reports its PID, which is also its process group (sshd starts
         // each session with setsid); a timeout then kills the whole group. OpenSSH ignores the
@@ -300,6 +306,20 @@ impl Session {
             stderr: collector.stderr,
             truncated: collector.truncated,
         })
+    }
+
+    /// Waits for a free channel slot on this session.
+    pub(crate) async fn channel_slot(&self, what: &str) -> Result<OwnedSemaphorePermit, SshError> {
+        self.inner
+            .channels
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SshError::Internal {
+                endpoint: self.inner.endpoint.clone(),
+                op: format!("waiting for a channel for {what:?}"),
+                detail: "channel limiter closed".to_string(),
+            })
     }
 
     /// Kills the remote process group `pgid` (best effort, bounded in time) over a new channel.

@@ -183,6 +183,7 @@ impl Session {
                 source,
             }
         };
+        let _slot = self.channel_slot("sftp").await?;
         let channel = self.open_session_channel("sftp").await?;
         channel
             .request_subsystem(true, "sftp")
