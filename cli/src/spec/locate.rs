@@ -177,6 +177,15 @@ impl PathMap {
         }
     }
 
+    /// Field path of the mapping entry whose key starts at `pos`, if any.
+    pub fn path_of_key_at(&self, pos: Pos) -> Option<&str> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.key == Some(pos))
+            .map(|e| e.path.as_str())
+    }
+
     /// Field path of the node whose key (`prefer_key`) or value starts at `pos`, if any.
     pub fn path_at(&self, pos: Pos, prefer_key: bool) -> Option<&str> {
         let by_key = self.entries.iter().rev().find(|e| e.key == Some(pos));
@@ -204,7 +213,7 @@ impl PathMap {
 }
 
 /// The parent of a path (`a.b[2]` -> `a.b`, `a.b` -> `a`, `a` -> ``), or None for the root.
-fn parent_path(path: &str) -> Option<&str> {
+pub fn parent_path(path: &str) -> Option<&str> {
     if path.is_empty() {
         return None;
     }

@@ -42,7 +42,13 @@ pub fn load(path: &Path) -> Result<Cluster, SpecErrors> {
 /// the file system.
 pub fn parse_str(text: &str, file: &str) -> Result<Cluster, SpecErrors> {
     let map = PathMap::build(text);
-    let cluster: Cluster = serde_saphyr::from_str(text).map_err(|e| deser_error(&e, &map, file))?;
+    let options = serde_saphyr::options! {
+        // `yes`/`no`/`on`/`off` are strings in YAML 1.2; do not turn them into booleans.
+        strict_booleans: true,
+        reject_unsupported_tags: true,
+    };
+    let cluster: Cluster = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| deser_error(&e, &map, file))?;
     let errors = validate::validate(&cluster);
     if errors.is_empty() {
         return Ok(cluster.with_defaults());
@@ -98,20 +104,41 @@ fn deser_error(e: &serde_saphyr::Error, map: &PathMap, file: &str) -> SpecErrors
     let message = match inner {
         // serde-saphyr says only "invalid u32"; name the value like serde's invalid_type does.
         serde_saphyr::Error::InvalidScalar { ty, .. } => match map.scalar_at(pos) {
+            Some(text) if text.parse::<f64>().is_ok() => {
+                format!("invalid value: {text}, expected {ty}")
+            }
             Some(text) => format!("invalid type: string {text:?}, expected {ty}"),
             None => format!("invalid value, expected {ty}"),
         },
-        _ => clean_message(&raw),
+        _ => rephrase(&clean_message(&raw)),
     };
     let syntax = is_syntax_error(inner);
-    let prefer_key = message.starts_with("unknown field") || message.starts_with("duplicate");
-    let path = if syntax {
-        None
-    } else {
-        map.path_at(pos, prefer_key)
+    if matches!(inner, serde_saphyr::Error::Eof { .. }) && !map.contains("") {
+        return SpecError {
+            file: file.to_owned(),
+            line: pos.line.max(1),
+            column: pos.column.max(1),
+            path: String::new(),
+            message: "the file holds no YAML document".to_owned(),
+            hint: Some("write a Cluster document; examples/local.yaml is a start".to_owned()),
+            kind: SpecErrorKind::Syntax,
+        }
+        .into();
     }
-    .unwrap_or("")
-    .to_owned();
+    let (path, pos) = if syntax {
+        (String::new(), pos)
+    } else if message.starts_with("missing field") {
+        // The position is the last key read in the mapping that lacks the field, or the start
+        // of that mapping when it is empty; report the mapping itself.
+        let mapping = match map.path_of_key_at(pos) {
+            Some(key) => locate::parent_path(key).unwrap_or(""),
+            None => map.path_at(pos, false).unwrap_or(""),
+        };
+        (mapping.to_owned(), map.locate(mapping))
+    } else {
+        let prefer_key = message.starts_with("unknown field") || message.starts_with("duplicate");
+        (map.path_at(pos, prefer_key).unwrap_or("").to_owned(), pos)
+    };
     let hint = hint_for(&message, syntax);
     SpecError {
         file: file.to_owned(),
@@ -146,6 +173,32 @@ fn clean_message(raw: &str) -> String {
     msg.trim_end_matches('.').to_owned()
 }
 
+/// Rewords serde-saphyr's structural messages in the terms of the spec.
+fn rephrase(msg: &str) -> String {
+    let m = match msg {
+        "expected mapping start" => "invalid type: expected a mapping (key: value pairs)",
+        "expected sequence start" => "invalid type: expected a list",
+        "externally tagged enum expected scalar or mapping" => {
+            "invalid type: expected a name or a mapping with exactly one key"
+        }
+        "expected end of mapping after enum variant value" => {
+            "more than one key: exactly one is allowed here"
+        }
+        other => {
+            // "duplicate mapping key: count, set DuplicateKeyPolicy in Options if acceptable"
+            if let Some(rest) = other.strip_prefix("duplicate mapping key: ") {
+                let key = rest
+                    .split(", set DuplicateKeyPolicy")
+                    .next()
+                    .unwrap_or(rest);
+                return format!("duplicate key `{key}`");
+            }
+            other
+        }
+    };
+    m.to_owned()
+}
+
 fn hint_for(message: &str, syntax: bool) -> Option<String> {
     let h = if syntax {
         "fix the YAML syntax at this position (indentation, quotes, colons)"
@@ -155,10 +208,14 @@ fn hint_for(message: &str, syntax: bool) -> Option<String> {
         "add the field (see docs/spec.md)"
     } else if message.starts_with("unknown variant") {
         "use one of the listed values"
-    } else if message.starts_with("invalid type") && message.ends_with("bool") {
-        "write true or false"
-    } else if message.starts_with("invalid type") && message.contains("expected u") {
-        "write a whole number such as 3"
+    } else if message.contains("boolean")
+        || (message.starts_with("invalid") && message.ends_with("bool"))
+    {
+        "write true or false (yes, no, on and off are strings)"
+    } else if message.starts_with("invalid") && message.contains("expected u") {
+        "write a whole number (0 or more) such as 3"
+    } else if message.starts_with("more than one key") {
+        "keep only one of the keys (for example one provider)"
     } else if message.starts_with("invalid type") {
         "write a value of the expected type (see docs/spec.md)"
     } else if message.starts_with("duplicate") {

@@ -149,6 +149,14 @@ fn check_labels(ck: &mut Checker, path: &str, labels: &BTreeMap<String, String>)
     }
 }
 
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
 fn dns_label_hint(example: &str) -> String {
     format!("use lowercase letters, digits and '-', such as {example}")
 }
@@ -453,7 +461,7 @@ fn check_networks(ck: &mut Checker, spec: &ClusterSpec) {
                 if room < machines {
                     ck.err(
                         machine_path,
-                        format!("machine network {cidr} has room for {room} machines but the cluster may need {machines} (control plane, pools at maximum size, upgrade surge)"),
+                        format!("machine network {cidr} has room for {} but the cluster may need {machines} (control plane, pools at maximum size, upgrade surge)", plural(room, "machine")),
                         "use a larger network such as a /24",
                     );
                 }
@@ -462,7 +470,7 @@ fn check_networks(ck: &mut Checker, spec: &ClusterSpec) {
     }
     if matches!(k.pod_cidr, IpNet::V4(_)) != matches!(k.service_cidr, IpNet::V4(_)) {
         ck.err(
-            svc_path,
+            pod_path,
             "podCIDR and serviceCIDR are of different IP families",
             "use IPv4 for both or IPv6 for both",
         );
@@ -543,7 +551,11 @@ fn check_machine(
     if m.cpus < min_cpus {
         ck.err(
             format!("{path}.cpus"),
-            format!("{what} need at least {min_cpus} cpus, got {}", m.cpus),
+            format!(
+                "{what} need at least {}, got {}",
+                plural(u64::from(min_cpus), "cpu"),
+                m.cpus
+            ),
             format!("set cpus: {min_cpus} or more"),
         );
     }
