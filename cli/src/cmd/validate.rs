@@ -44,7 +44,11 @@ pub fn run(args: &ValidateArgs, format: Format) -> anyhow::Result<()> {
                 valid: result.is_ok(),
                 errors,
             };
-            print!("{}", output::to_string(format, &report)?);
+            let mut text = output::to_string(format, &report)?;
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            print!("{text}");
         }
     }
     result.map(|_| ()).map_err(anyhow::Error::new)

@@ -86,23 +86,20 @@ impl SpecErrors {
 }
 
 impl fmt::Display for SpecErrors {
-    /// One problem per line (hints indented below), then a count when there are several.
+    /// A single problem prints as itself; several print as a count line followed by one
+    /// problem per line (hints indented below each).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
+        match self.errors.as_slice() {
+            [] => f.write_str("no problems"),
+            [one] => write!(f, "{one}"),
+            many => {
+                write!(f, "{} problems in {}", many.len(), many[0].file)?;
+                for e in many {
+                    write!(f, "\n{e}")?;
+                }
+                Ok(())
             }
-            write!(f, "{e}")?;
         }
-        if self.errors.len() > 1 {
-            write!(
-                f,
-                "\n{} problems in {}",
-                self.errors.len(),
-                self.errors[0].file
-            )?;
-        }
-        Ok(())
     }
 }
 
