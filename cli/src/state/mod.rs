@@ -39,7 +39,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const RECORD_FILE: &str = "cluster.json";
 
 /// The cluster spec as stored in the record.
-pub type StoredSpec = serde_json::Value;
+pub type StoredSpec = crate::spec::Cluster;
 
 /// Errors of the state store. Each names the file involved and what to do.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,11 @@ fn mode_of(p: &Path) -> u32 {
 }
 
 fn sample_spec() -> StoredSpec {
-    serde_json::json!({"apiVersion": "clusterctl.io/v1alpha1", "kind": "Cluster", "metadata": {"name": "c1"}})
+    let text = "apiVersion: clusterctl.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: c1\nspec:\n  provider:\n    fake:\n      directory: /tmp/fake\n  kubernetes:\n    channel: stable\n  ssh:\n    agent: true\n  nodePools:\n    - name: a\n      count: 1\n";
+    match crate::spec::parse_str(text, "sample.yaml") {
+        Ok(s) => s,
+        Err(e) => panic!("sample spec is invalid: {e}"),
+    }
 }
 
 fn no_wait(_: Option<&LockHolder>) {}
