@@ -343,11 +343,31 @@ fn delete_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
 }
 
 #[test]
+fn delete_after_a_killed_create_leaves_nothing() -> Result<()> {
+    let bed = Bed::new()?;
+    let spec = bed.spec("c7", &[("pool-a", 2), ("pool-b", 2)])?;
+    let child = bed.spawn(&["create", "-f", &spec.to_string_lossy()], 400)?;
+    poll("a machine created", Duration::from_secs(60), || {
+        Ok(events(&bed.journal("c7")?, "done").first().map(|_| ()))
+    })?;
+    sigkill(child)?;
+    let id = bed.record("c7")?["id"].as_str().context("id")?.to_owned();
+    assert!(!bed.machines_of(&id)?.is_empty());
+
+    let out = bed.run(&["delete", "c7"], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(bed.machines_of(&id)?, BTreeSet::new());
+    assert!(!bed.state_dir().join("c7").exists());
+    Ok(())
+}
+
+#[test]
 fn second_create_fails_fast_naming_the_holder_and_waits_with_wait() -> Result<()> {
     let bed = Bed::new()?;
     let spec = bed.spec("c3", &[("pool-a", 2), ("pool-b", 2)])?;
     let spec_s = spec.to_string_lossy().into_owned();
-    let mut first = bed.spawn(&["create", "-f", &spec_s], 500)?;
+    // 5 machines, 4 at a time, 1.5 s each: the first create holds the lock for about 3 s.
+    let mut first = bed.spawn(&["create", "-f", &spec_s], 1500)?;
     let holder = bed.state_dir().join("c3").join("holder.json");
     poll(
         "the first create to take the lock",

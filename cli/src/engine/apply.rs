@@ -17,7 +17,7 @@ use providers::{ClusterRef, ImageRef, MachineSpec, Provider, ProviderError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::plan::{self, DesiredMachine, Inventory, Plan, PlanError};
+use super::plan::{self, DesiredMachine, Inventory, Plan, PlanError, Step};
 use crate::spec;
 use crate::state::{InFlight, Journal, StateError};
 
@@ -188,7 +188,7 @@ fn journaled<T>(
         }
         Err(source) => {
             let err = EngineError::Provider {
-                action: action.replace('-', " "),
+                action: describe(action),
                 target: target.to_owned(),
                 source,
             };
@@ -199,6 +199,17 @@ fn journaled<T>(
             }
             Err(err)
         }
+    }
+}
+
+/// A journal action in words for error messages: `ensure-machine` -> `ensuring machine`.
+fn describe(action: &str) -> String {
+    match action.split_once('-') {
+        Some((verb, rest)) => {
+            let stem = verb.strip_suffix('e').unwrap_or(verb);
+            format!("{stem}ing {}", rest.replace('-', " "))
+        }
+        None => action.to_owned(),
     }
 }
 
@@ -382,26 +393,33 @@ impl Phase<ApplyContext> for EnsureMachines {
     }
     fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let specs: Vec<MachineSpec> = match &ctx.plan {
-                Some(p) => p
-                    .ensure_steps()
-                    .map(|m| ctx.template.machine_spec(m))
-                    .collect(),
-                None => Vec::new(),
-            };
+            let steps: Vec<(&'static str, MachineSpec)> = ctx
+                .plan
+                .iter()
+                .flat_map(|p| p.steps.iter())
+                .filter_map(|step| match step {
+                    Step::CreateMachine { machine } => {
+                        Some(("creating", ctx.template.machine_spec(machine)))
+                    }
+                    Step::StartMachine { machine, .. } => {
+                        Some(("starting", ctx.template.machine_spec(machine)))
+                    }
+                    Step::DeleteMachine { .. } => None,
+                })
+                .collect();
             let cluster = ctx.env.cluster.clone();
-            let work = specs
+            let work = steps
                 .into_iter()
-                .map(|spec| {
+                .map(|(starting, spec)| {
                     let cluster = cluster.clone();
                     let name = spec.name.clone();
-                    (name, move |p: &dyn Provider| {
+                    (name, starting, move |p: &dyn Provider| {
                         p.ensure_machine(&cluster, &spec)
                             .map(|m| format!("running ({})", m.provider_id))
                     })
                 })
                 .collect();
-            run_bounded(&ctx.env, "ensure-machine", "creating", work).await
+            run_bounded(&ctx.env, "ensure-machine", work).await
         })
     }
 }
@@ -431,13 +449,13 @@ impl Phase<ApplyContext> for DeleteUnwanted {
                 .map(|name| {
                     let cluster = cluster.clone();
                     let n = name.clone();
-                    (name, move |p: &dyn Provider| {
+                    (name, "deleting", move |p: &dyn Provider| {
                         p.delete_machine(&cluster, &n)
                             .map(|()| "deleted".to_owned())
                     })
                 })
                 .collect();
-            run_bounded(&ctx.env, "delete-machine", "deleting", work).await
+            run_bounded(&ctx.env, "delete-machine", work).await
         })
     }
 }
@@ -480,8 +498,7 @@ impl Phase<ApplyContext> for VerifyMachines {
 async fn run_bounded<F>(
     env: &Env,
     action: &'static str,
-    starting: &'static str,
-    work: Vec<(String, F)>,
+    work: Vec<(String, &'static str, F)>,
 ) -> Result<(), EngineError>
 where
     F: FnOnce(&dyn Provider) -> Result<String, ProviderError> + Send + 'static,
@@ -489,7 +506,7 @@ where
     let limit = Arc::new(Semaphore::new(env.concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
     let mut set = JoinSet::new();
-    for (index, (name, f)) in work.into_iter().enumerate() {
+    for (index, (name, starting, f)) in work.into_iter().enumerate() {
         let limit = limit.clone();
         let stop = stop.clone();
         let provider = env.provider.clone();
@@ -621,5 +638,148 @@ impl Phase<DeleteContext> for DeleteClusterResources {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use providers::fake::{FakeOptions, FakeProvider};
+
+    use super::*;
+    use crate::state::journal::{self, Event};
+
+    fn spec() -> spec::Cluster {
+        let text = "apiVersion: clusterctl.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: c1\nspec:\n  provider:\n    fake:\n      directory: /unused\n  kubernetes:\n    channel: stable\n  ssh:\n    agent: true\n  nodePools:\n    - name: a\n      count: 2\n";
+        match spec::parse_str(text, "test.yaml") {
+            Ok(s) => s,
+            Err(e) => panic!("test spec is invalid: {e}"),
+        }
+    }
+
+    fn context(
+        dir: &std::path::Path,
+        options: FakeOptions,
+        concurrency: usize,
+    ) -> anyhow::Result<ApplyContext> {
+        let desired = spec();
+        let provider = Arc::new(FakeProvider::new(dir.join("fake"), options)?);
+        let (journal, replay) = Journal::open(&dir.join(journal::JOURNAL_FILE), "test")?;
+        let template = MachineTemplate {
+            image: ImageRef {
+                version: "v".into(),
+                dir: dir.to_path_buf(),
+                digest: "d".into(),
+            },
+            user_data: Arc::new(|m: &DesiredMachine| {
+                format!("#cloud-config\nhostname: {}\n", m.name)
+            }),
+            labels: BTreeMap::new(),
+        };
+        Ok(ApplyContext {
+            env: Env {
+                cluster: ClusterRef {
+                    name: "c1".into(),
+                    id: "id-1".into(),
+                },
+                provider,
+                journal: Arc::new(Mutex::new(journal)),
+                concurrency,
+                report: Reporter { quiet: true },
+            },
+            desired,
+            template,
+            interrupted: replay.in_flight(),
+            observed: Vec::new(),
+            plan: None,
+        })
+    }
+
+    fn journal_events(dir: &std::path::Path) -> anyhow::Result<Vec<Event>> {
+        Ok(journal::read(&dir.join(journal::JOURNAL_FILE))?
+            .records
+            .into_iter()
+            .map(|r| r.event)
+            .collect())
+    }
+
+    fn intents(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Intent { target, .. } => Some(target.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_side_effect_is_journaled_and_a_second_run_does_nothing() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await?;
+        let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
+        let events = journal_events(tmp.path())?;
+        let mut started = intents(&events);
+        started.sort();
+        assert_eq!(started, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Done { .. }))
+                .count(),
+            3
+        );
+        assert!(
+            journal::read(&tmp.path().join(journal::JOURNAL_FILE))?
+                .in_flight()
+                .is_empty()
+        );
+
+        let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
+        run_phases(&mut again, Reporter { quiet: true }, &provision_phases()).await?;
+        assert!(again.plan.as_ref().is_some_and(Plan::is_empty));
+        assert!(!EnsureMachines.should_run(&again));
+        assert_eq!(
+            intents(&journal_events(tmp.path())?).len(),
+            3,
+            "the second run has no side effect"
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_failure_stops_the_phase_and_is_journaled() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let options = FakeOptions {
+            delay: std::time::Duration::ZERO,
+            fail_ensure: Some("c1-a-0".into()),
+        };
+        // One at a time, so the order is fixed: c1-cp-0, then c1-a-0 fails, c1-a-1 never starts.
+        let mut ctx = context(tmp.path(), options, 1)?;
+        let err = match run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await {
+            Ok(()) => anyhow::bail!("the injected failure did not fail the run"),
+            Err(e) => error_chain(&e),
+        };
+        assert!(
+            err.starts_with("Creating machines: ensuring machine \"c1-a-0\": creating fake machine \"c1-a-0\" failed: failure injected"),
+            "{err}"
+        );
+        let events = journal_events(tmp.path())?;
+        assert_eq!(intents(&events), ["c1-cp-0", "c1-a-0"]);
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Failed { error, .. } if error.contains("failure injected"))
+            ),
+            "{events:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn actions_read_as_words() {
+        assert_eq!(describe("ensure-machine"), "ensuring machine");
+        assert_eq!(describe("delete-cluster"), "deleting cluster");
+        assert_eq!(describe("start-machine"), "starting machine");
     }
 }
