@@ -1,6 +1,8 @@
 //! `clusterctl get [NAME]`: the known clusters, or one cluster and its machines, from the state
 //! store (machines as last observed by a mutating command). Reads without taking the lock.
 
+use std::fmt::Write as _;
+
 use providers::Machine;
 use serde::Serialize;
 
@@ -19,7 +21,6 @@ pub struct GetArgs {
 
 /// A cluster as `get` shows it.
 #[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
 struct ClusterView {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,18 +122,20 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
         })?;
         let view = ClusterView::from_record(record, global.output != Format::Table);
         if global.output != Format::Table {
-            print!("{}", output::to_string(global.output, &view)?);
+            output::print(&output::to_string(global.output, &view)?)?;
             return Ok(());
         }
-        println!("Cluster:   {}", view.name);
-        println!("ID:        {}", opt(&view.id));
-        println!("Status:    {}", view.status);
-        println!("Provider:  {}", opt(&view.provider));
-        println!("Created:   {}", opt(&view.created_at));
-        println!("Updated:   {}", opt(&view.updated_at));
-        println!("Observed:  {}", opt(&view.observed_at));
-        println!();
-        print!("{}", machines_table(&view.machines));
+        let mut out = String::new();
+        writeln!(out, "Cluster:   {}", view.name)?;
+        writeln!(out, "ID:        {}", opt(&view.id))?;
+        writeln!(out, "Status:    {}", view.status)?;
+        writeln!(out, "Provider:  {}", opt(&view.provider))?;
+        writeln!(out, "Created:   {}", opt(&view.created_at))?;
+        writeln!(out, "Updated:   {}", opt(&view.updated_at))?;
+        writeln!(out, "Observed:  {}", opt(&view.observed_at))?;
+        writeln!(out)?;
+        out.push_str(&machines_table(&view.machines));
+        output::print(&out)?;
         return Ok(());
     }
 
@@ -150,7 +153,7 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
         }
     }
     if global.output != Format::Table {
-        print!("{}", output::to_string(global.output, &views)?);
+        output::print(&output::to_string(global.output, &views)?)?;
         return Ok(());
     }
     let rows: Vec<Vec<String>> = views
@@ -166,13 +169,10 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!(
-        "{}",
-        output::table(
-            &["NAME", "STATUS", "PROVIDER", "MACHINES", "CREATED", "ID"],
-            &rows
-        )
-    );
+    output::print(&output::table(
+        &["NAME", "STATUS", "PROVIDER", "MACHINES", "CREATED", "ID"],
+        &rows,
+    ))?;
     for v in &views {
         if let Some(e) = &v.error {
             eprintln!("warning: cluster {:?}: {e}", v.name);

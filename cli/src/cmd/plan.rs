@@ -3,6 +3,7 @@
 //! Read-only: takes no lock and changes nothing. For a cluster that exists in the state store the
 //! plan is made against what its provider lists now; for a new cluster, against nothing.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -26,7 +27,6 @@ pub struct PlanArgs {
 
 /// What `plan -o json|yaml` prints.
 #[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
 struct PlanView<'a> {
     /// The spec with defaults filled in.
     spec: &'a spec::Cluster,
@@ -62,49 +62,55 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
             cluster_id: record.as_ref().map(|r| r.id.clone()),
             plan: &plan,
         };
-        print!("{}", output::to_string(global.output, &view)?);
+        output::print(&output::to_string(global.output, &view)?)?;
         return Ok(());
     }
 
-    println!("Cluster {name:?}");
+    let mut out = String::new();
+    writeln!(out, "Cluster {name:?}")?;
     match &record {
-        Some(r) => println!(
+        Some(r) => writeln!(
+            out,
             "  state:          exists (id {}, {}), {} machine(s) observed",
             r.id,
             r.status,
             observed.len()
-        ),
-        None => println!("  state:          new cluster"),
+        )?,
+        None => writeln!(out, "  state:          new cluster")?,
     }
-    println!("  provider:       {}", spec.spec.provider.name());
+    writeln!(out, "  provider:       {}", spec.spec.provider.name())?;
     let cp = &spec.spec.control_plane;
-    println!(
+    writeln!(
+        out,
         "  control plane:  {} x {}",
         cp.count,
         MachineSizeDisplay(&planner::machine_size(&cp.machine))
-    );
+    )?;
     for pool in &spec.spec.node_pools {
-        println!(
+        writeln!(
+            out,
             "  node pool {:?}: {} x {}",
             pool.name,
             pool.count,
             MachineSizeDisplay(&planner::machine_size(&pool.machine))
-        );
+        )?;
     }
-    println!();
-    println!("Spec with defaults:");
+    writeln!(out)?;
+    writeln!(out, "Spec with defaults:")?;
     for line in output::to_string(Format::Yaml, &spec)?.lines() {
-        println!("  {line}");
+        writeln!(out, "  {line}")?;
     }
-    println!();
+    writeln!(out)?;
     let count = |verb: &str| plan.steps.iter().filter(|s| s.verb() == verb).count();
-    println!(
+    writeln!(
+        out,
         "Plan: {} to create, {} to start, {} to delete, {} unchanged",
         count("create"),
         count("start"),
         count("delete"),
         plan.unchanged.len()
-    );
-    print!("{}", planner::render_table(&plan));
+    )?;
+    out.push_str(&planner::render_table(&plan));
+    output::print(&out)?;
     Ok(())
 }
