@@ -41,6 +41,18 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
     tighten(dir, DIR_MODE)
 }
 
+/// Creates `dir` and its missing parents with mode 0700, but leaves an existing `dir` as it is.
+/// For directories clusterctl does not own outright, such as a `--state-dir` the user named (which
+/// could be `/tmp`): narrowing their mode could break other programs. What is inside is private
+/// anyway.
+pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(io_err("create directory", dir))
+}
+
 /// Removes group and other permission bits from `path` if it has any. The store's own files and
 /// directories are private; a wider mode means someone changed it, and narrowing it is safe.
 pub fn tighten(path: &Path, wanted: u32) -> Result<(), StateError> {

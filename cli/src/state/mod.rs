@@ -387,7 +387,7 @@ impl StateStore {
         on_wait: &mut dyn FnMut(Option<&LockHolder>),
     ) -> Result<ClusterGuard, StateError> {
         let dir = self.cluster_dir(name)?;
-        fsio::ensure_private_dir(&self.root)?;
+        fsio::ensure_dir(&self.root)?;
         let lock = ClusterLock::acquire(&dir, name, &LockHolder::current(), wait, on_wait)?;
         Ok(ClusterGuard {
             lock,

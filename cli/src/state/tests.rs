@@ -138,6 +138,24 @@ fn widened_permissions_are_narrowed_but_a_widened_secret_is_refused() -> anyhow:
 }
 
 #[test]
+fn an_existing_state_root_keeps_its_mode_but_cluster_directories_are_private() -> anyhow::Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("shared");
+    fs::create_dir(&root)?;
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o1777))?;
+    let store = StateStore::new(&root);
+    let guard = store.lock("c1", WaitMode::FailFast, &mut no_wait)?;
+    assert_eq!(
+        mode_of(&root),
+        0o1777,
+        "a directory the user named (think /tmp) is not ours to chmod"
+    );
+    assert_eq!(mode_of(guard.dir()), 0o700);
+    Ok(())
+}
+
+#[test]
 fn damaged_records_give_clear_errors_and_are_left_alone() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let store = StateStore::new(tmp.path().join("state"));
