@@ -21,9 +21,10 @@ echo "host packages: installing ${missing[*]}"
 
 # bookworm-backports (for QEMU/libvirt matching the preinstalled qemu-utils 10.0) and deb-src
 # (for Debian's kubernetes source package), from the mirror /etc/apt already uses.
-mirror=$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | grep -v security | head -n1)
+mirror=$( { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
+  grep -hE '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } | grep -E '/debian/?$' | head -n1)
 mirror=${mirror:-http://deb.debian.org/debian}
-if [ ! -f /etc/apt/sources.list.d/clusterctl-bed.sources ]; then
+if ! grep -qs "URIs: ${mirror}" /etc/apt/sources.list.d/clusterctl-bed.sources; then
   cat > /etc/apt/sources.list.d/clusterctl-bed.sources <<SRC
 Types: deb deb-src
 URIs: ${mirror}
