@@ -8,6 +8,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::output::Format;
 
+pub mod validate;
+
 /// Exit code for a failed command.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or invalid input (a bad cluster file).
@@ -50,6 +52,8 @@ pub enum Command {
         /// Shell to generate completions for.
         shell: clap_complete::Shell,
     },
+    /// Check a cluster spec: strict parsing and every semantic rule, all problems at once.
+    Validate(validate::ValidateArgs),
 }
 
 /// Entry point used by the binary: parse, run, print the error chain, map to an exit code.
@@ -82,7 +86,10 @@ fn init_tracing(global: &Global) {
 }
 
 /// Maps an error to the process exit code.
-fn exit_code_for(_err: &anyhow::Error) -> u8 {
+fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<crate::spec::SpecErrors>().is_some() {
+        return EXIT_INVALID;
+    }
     EXIT_FAILURE
 }
 
@@ -94,5 +101,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());
             Ok(())
         }
+        Command::Validate(args) => validate::run(&args, cli.global.output),
     }
 }

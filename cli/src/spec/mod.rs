@@ -1,0 +1,227 @@
+//! The cluster spec (`cluster.yaml`): types, strict parsing, defaults and semantic validation.
+//!
+//! Every command that reads a spec calls [`load`], which reads the file, parses it strictly
+//! (unknown fields, wrong types and YAML syntax errors are errors), runs every semantic check,
+//! and returns either the [`Cluster`] with all defaults filled in or all problems at once, each
+//! with file, line, column and field path. The reference is docs/spec.md.
+
+mod error;
+pub mod locate;
+mod types;
+mod validate;
+pub mod values;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{SpecError, SpecErrorKind, SpecErrors};
+pub use types::*;
+pub use values::{
+    Duration, Frequency, KubernetesVersion, MaxUnhealthy, Quantity, Recurrence, Timestamp,
+    ValueError, Weekday,
+};
+
+use locate::{PathMap, Pos};
+
+/// Reads, parses and validates the spec at `path`; returns it with defaults filled in
+/// ([`Cluster::with_defaults`]) or every problem found. Errors name the file as given.
+pub fn load(path: &Path) -> Result<Cluster, SpecErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        path: String::new(),
+        message: format!("cannot read the cluster spec: {e}"),
+        hint: Some("check the path given with -f".to_owned()),
+        kind: SpecErrorKind::Io,
+    })?;
+    parse_str(&text, &file)
+}
+
+/// Parses and validates spec text; `file` is the name used in errors. Like [`load`] without
+/// the file system.
+pub fn parse_str(text: &str, file: &str) -> Result<Cluster, SpecErrors> {
+    let map = PathMap::build(text);
+    let options = serde_saphyr::options! {
+        // `yes`/`no`/`on`/`off` are strings in YAML 1.2; do not turn them into booleans.
+        strict_booleans: true,
+        reject_unsupported_tags: true,
+    };
+    let cluster: Cluster = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| deser_error(&e, &map, file))?;
+    let errors = validate::validate(&cluster);
+    if errors.is_empty() {
+        return Ok(cluster.with_defaults());
+    }
+    let mut errors: Vec<SpecError> = errors
+        .into_iter()
+        .map(|p| {
+            let pos = map.locate(&p.path);
+            SpecError {
+                file: file.to_owned(),
+                line: pos.line,
+                column: pos.column,
+                path: p.path,
+                message: p.message,
+                hint: p.hint,
+                kind: SpecErrorKind::Semantic,
+            }
+        })
+        .collect();
+    // Document order; the sort is stable so problems at one place keep the order of the checks.
+    errors.sort_by_key(|e| (e.line, e.column));
+    Err(SpecErrors { errors })
+}
+
+/// Resolves a path written in a spec: `~/x` against the home directory, a relative path
+/// against the directory of the spec file, an absolute path as is.
+pub fn resolve_path(spec_file: &Path, p: &Path) -> PathBuf {
+    if let Ok(rest) = p.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    spec_file.parent().unwrap_or_else(|| Path::new("")).join(p)
+}
+
+/// Turns a serde-saphyr error into a [`SpecError`] with the field path looked up by position.
+fn deser_error(e: &serde_saphyr::Error, map: &PathMap, file: &str) -> SpecErrors {
+    use serde_saphyr::MessageFormatter;
+    let inner = e.without_snippet();
+    let raw = serde_saphyr::DefaultMessageFormatter
+        .format_message(inner)
+        .into_owned();
+    let pos = e
+        .location()
+        .map(|l| Pos {
+            line: usize::try_from(l.line()).unwrap_or(0),
+            column: usize::try_from(l.column()).unwrap_or(0),
+        })
+        .unwrap_or_default();
+    let message = match inner {
+        // serde-saphyr says only "invalid u32"; name the value like serde's invalid_type does.
+        serde_saphyr::Error::InvalidScalar { ty, .. } => match map.scalar_at(pos) {
+            Some(text) if text.parse::<f64>().is_ok() => {
+                format!("invalid value: {text}, expected {ty}")
+            }
+            Some(text) => format!("invalid type: string {text:?}, expected {ty}"),
+            None => format!("invalid value, expected {ty}"),
+        },
+        _ => rephrase(&clean_message(&raw)),
+    };
+    let syntax = is_syntax_error(inner);
+    if matches!(inner, serde_saphyr::Error::Eof { .. }) && !map.contains("") {
+        return SpecError {
+            file: file.to_owned(),
+            line: pos.line.max(1),
+            column: pos.column.max(1),
+            path: String::new(),
+            message: "the file holds no YAML document".to_owned(),
+            hint: Some("write a Cluster document; examples/local.yaml is a start".to_owned()),
+            kind: SpecErrorKind::Syntax,
+        }
+        .into();
+    }
+    let (path, pos) = if syntax {
+        (String::new(), pos)
+    } else if message.starts_with("missing field") {
+        // The position is the last key read in the mapping that lacks the field, or the start
+        // of that mapping when it is empty; report the mapping itself.
+        let mapping = match map.path_of_key_at(pos) {
+            Some(key) => locate::parent_path(key).unwrap_or(""),
+            None => map.path_at(pos, false).unwrap_or(""),
+        };
+        (mapping.to_owned(), map.locate(mapping))
+    } else {
+        let prefer_key = message.starts_with("unknown field") || message.starts_with("duplicate");
+        (map.path_at(pos, prefer_key).unwrap_or("").to_owned(), pos)
+    };
+    let hint = hint_for(&message, syntax);
+    SpecError {
+        file: file.to_owned(),
+        line: pos.line,
+        column: pos.column,
+        path,
+        message,
+        hint,
+        kind: if syntax {
+            SpecErrorKind::Syntax
+        } else {
+            SpecErrorKind::Schema
+        },
+    }
+    .into()
+}
+
+fn is_syntax_error(e: &serde_saphyr::Error) -> bool {
+    matches!(
+        e,
+        serde_saphyr::Error::ExternalMessage { .. } | serde_saphyr::Error::Eof { .. }
+    )
+}
+
+/// Drops the " at line X, column Y" suffix the formatter adds; the position is printed in front.
+fn clean_message(raw: &str) -> String {
+    let msg = raw.lines().next().unwrap_or(raw).trim();
+    let msg = match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains("column") => &msg[..i],
+        _ => msg,
+    };
+    msg.trim_end_matches('.').to_owned()
+}
+
+/// Rewords serde-saphyr's structural messages in the terms of the spec.
+fn rephrase(msg: &str) -> String {
+    let m = match msg {
+        "expected mapping start" => "invalid type: expected a mapping (key: value pairs)",
+        "expected sequence start" => "invalid type: expected a list",
+        "externally tagged enum expected scalar or mapping" => {
+            "invalid type: expected a name or a mapping with exactly one key"
+        }
+        "expected end of mapping after enum variant value" => {
+            "more than one key: exactly one is allowed here"
+        }
+        other => {
+            // "duplicate mapping key: count, set DuplicateKeyPolicy in Options if acceptable"
+            if let Some(rest) = other.strip_prefix("duplicate mapping key: ") {
+                let key = rest
+                    .split(", set DuplicateKeyPolicy")
+                    .next()
+                    .unwrap_or(rest);
+                return format!("duplicate key `{key}`");
+            }
+            other
+        }
+    };
+    m.to_owned()
+}
+
+fn hint_for(message: &str, syntax: bool) -> Option<String> {
+    let h = if syntax {
+        "fix the YAML syntax at this position (indentation, quotes, colons)"
+    } else if message.starts_with("unknown field") {
+        "remove the field or fix its spelling; field names are camelCase (see docs/spec.md)"
+    } else if message.starts_with("missing field") {
+        "add the field (see docs/spec.md)"
+    } else if message.starts_with("unknown variant") {
+        "use one of the listed values"
+    } else if message.contains("boolean")
+        || (message.starts_with("invalid") && message.ends_with("bool"))
+    {
+        "write true or false (yes, no, on and off are strings)"
+    } else if message.starts_with("invalid") && message.contains("expected u") {
+        "write a whole number (0 or more) such as 3"
+    } else if message.starts_with("more than one key") {
+        "keep only one of the keys (for example one provider)"
+    } else if message.starts_with("invalid type") {
+        "write a value of the expected type (see docs/spec.md)"
+    } else if message.starts_with("duplicate") {
+        "remove one of the duplicate keys"
+    } else {
+        return None;
+    };
+    Some(h.to_owned())
+}
