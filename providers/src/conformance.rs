@@ -3,11 +3,18 @@
 //! Every provider runs the same checks (the fake one in its unit tests, libvirt against a real
 //! libvirtd, clouds against their emulators):
 //!
-//! ```ignore
-//! let fixture = providers::conformance::Fixture::new("cf", machine_template);
-//! providers::conformance::run_all(&provider, &fixture)?;
+//! ```no_run
+//! # use providers::{MachineSpec, Provider};
+//! # use providers::conformance::{self, ConformanceError, Fixture};
+//! # fn check(provider: &dyn Provider, machine_template: MachineSpec) -> Result<(), ConformanceError> {
+//! let fixture = Fixture::new("cf", machine_template);
+//! conformance::run_all(provider, &fixture)?;
 //! // or one check at a time, e.g. as separate #[test]s:
-//! for (name, check) in providers::conformance::CHECKS { check(&provider, &fixture)?; }
+//! for (_name, check) in conformance::CHECKS {
+//!     check(provider, &fixture)?;
+//! }
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! The fixture supplies a [`MachineSpec`] template (a real image, size and user data for the
