@@ -308,6 +308,15 @@ fn delete_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
         text(&out)
     );
 
+    // A half-deleted cluster is not created again by accident.
+    let out = bed.run(&["create", "-f", &spec.to_string_lossy()], 0)?;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cluster \"c2\" is being deleted"),
+        "{}",
+        text(&out)
+    );
+
     let out = bed.run(&["delete", "c2"], 0)?;
     assert!(out.status.success(), "{}", text(&out));
     assert!(
