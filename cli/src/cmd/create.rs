@@ -115,6 +115,10 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     };
     let spec = load_spec(&args.file)?;
     let name = spec.metadata.name.clone();
+    // Everything that can fail without touching anything comes first, so that a provider that is
+    // not available leaves no state behind.
+    let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
+    let template = provider::machine_template(&spec)?;
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let guard = lock_cluster(&store, &name, args.wait, report)?;
 
@@ -140,8 +144,6 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
 
     let (journal, replay) = open_journal(&guard, report)?;
     let journal = Arc::new(Mutex::new(journal));
-    let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
-    let template = provider::machine_template(&spec)?;
     let mut ctx = ApplyContext {
         env: Env {
             cluster: record.cluster_ref(),

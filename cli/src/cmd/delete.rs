@@ -43,16 +43,16 @@ pub fn run(global: &Global, args: &DeleteArgs) -> anyhow::Result<()> {
         report.note(&format!("cluster {name:?} had no state record, so nothing was provisioned; removed its state directory"));
         return Ok(());
     };
+    let provider: Arc<dyn providers::Provider> = Arc::from(
+        provider::provider_for(&record.spec)
+            .with_context(|| format!("cannot reach the provider of cluster {name:?}"))?,
+    );
     if record.status != ClusterStatus::Deleting {
         record.status = ClusterStatus::Deleting;
         guard.save(&mut record)?;
     }
     let (journal, replay) = open_journal(&guard, report)?;
     let journal = Arc::new(Mutex::new(journal));
-    let provider: Arc<dyn providers::Provider> = Arc::from(
-        provider::provider_for(&record.spec)
-            .with_context(|| format!("cannot reach the provider of cluster {name:?}"))?,
-    );
     let mut ctx = DeleteContext {
         env: Env {
             cluster: record.cluster_ref(),
