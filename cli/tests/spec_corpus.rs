@@ -46,7 +46,7 @@ fn invalid_corpus_matches_expected_messages() {
             .expect("utf-8 file name");
         let text = fs::read_to_string(file).expect("read corpus file");
         let actual = match spec::parse_str(&text, name) {
-            Ok(_) => format!("<valid: the spec was accepted>"),
+            Ok(_) => "<valid: the spec was accepted>".to_string(),
             Err(errors) => {
                 for e in errors.iter() {
                     assert_eq!(e.file, name);

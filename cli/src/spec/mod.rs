@@ -76,10 +76,10 @@ pub fn parse_str(text: &str, file: &str) -> Result<Cluster, SpecErrors> {
 /// Resolves a path written in a spec: `~/x` against the home directory, a relative path
 /// against the directory of the spec file, an absolute path as is.
 pub fn resolve_path(spec_file: &Path, p: &Path) -> PathBuf {
-    if let Ok(rest) = p.strip_prefix("~") {
-        if let Some(home) = std::env::var_os("HOME") {
-            return PathBuf::from(home).join(rest);
-        }
+    if let Ok(rest) = p.strip_prefix("~")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return PathBuf::from(home).join(rest);
     }
     if p.is_absolute() {
         return p.to_path_buf();

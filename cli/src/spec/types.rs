@@ -743,10 +743,10 @@ impl Cluster {
     pub fn with_defaults(&self) -> Cluster {
         let mut c = self.clone();
         let user = c.spec.ssh.user.clone();
-        if let Some(b) = c.spec.ssh.bastion.as_mut() {
-            if b.user.is_none() {
-                b.user = Some(user);
-            }
+        if let Some(b) = c.spec.ssh.bastion.as_mut()
+            && b.user.is_none()
+        {
+            b.user = Some(user);
         }
         c
     }

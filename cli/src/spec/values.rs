@@ -127,7 +127,7 @@ impl fmt::Display for Quantity {
             .iter()
             .chain(std::iter::once(&("Ki", 1u64 << 10)))
         {
-            if self.0 % mult == 0 {
+            if self.0.is_multiple_of(*mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
         }
