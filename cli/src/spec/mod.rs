@@ -91,7 +91,7 @@ pub fn resolve_path(spec_file: &Path, p: &Path) -> PathBuf {
 fn deser_error(e: &serde_saphyr::Error, map: &PathMap, file: &str) -> SpecErrors {
     use serde_saphyr::MessageFormatter;
     let inner = e.without_snippet();
-    let raw = serde_saphyr::DefaultMessageFormatter
+    let raw = serde_saphyr::UserMessageFormatter
         .format_message(inner)
         .into_owned();
     let pos = e
@@ -214,6 +214,10 @@ fn hint_for(message: &str, syntax: bool) -> Option<String> {
         "write true or false (yes, no, on and off are strings)"
     } else if message.starts_with("invalid") && message.contains("expected u") {
         "write a whole number (0 or more) such as 3"
+    } else if message.contains("multiple found") {
+        "keep one Cluster document per file"
+    } else if message.starts_with("null is not allowed") {
+        "write a value or remove the field"
     } else if message.starts_with("more than one key") {
         "keep only one of the keys (for example one provider)"
     } else if message.starts_with("invalid type") {
