@@ -126,3 +126,47 @@ fn examples_round_trip_through_serialization() {
         assert_eq!(again, cluster, "{}", file.display());
     }
 }
+
+fn collect_keys(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.insert(k.clone());
+                collect_keys(v, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_keys(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn reference_documents_every_field() {
+    let docs =
+        fs::read_to_string(manifest_dir().join("../docs/spec.md")).expect("read docs/spec.md");
+    let mut keys = std::collections::BTreeSet::new();
+    for file in yaml_files(&manifest_dir().join("../examples")) {
+        let cluster = spec::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        collect_keys(&serde_json::to_value(&cluster).expect("to json"), &mut keys);
+    }
+    // Label keys of the examples are data, not fields.
+    let data = [
+        "team",
+        "example.com/cost-center",
+        "example.com/tier",
+        "example.com/accelerator",
+    ];
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !data.contains(&k.as_str()))
+        .filter(|k| {
+            !docs.contains(&format!("`{k}"))
+                && !docs.contains(&format!(".{k}"))
+                && !docs.contains(&format!("{{{k}: "))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/spec.md does not mention {missing:?}"
+    );
+}
