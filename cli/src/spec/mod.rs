@@ -229,3 +229,101 @@ fn hint_for(message: &str, syntax: bool) -> Option<String> {
     };
     Some(h.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "\
+apiVersion: clusterctl.io/v1alpha1
+kind: Cluster
+metadata:
+  name: demo
+spec:
+  provider:
+    fake:
+      directory: /tmp/fake
+  kubernetes:
+    version: \"1.30.2\"
+  controlPlane:
+    schedulable: true
+  ssh:
+    agent: true
+    bastion:
+      host: jump.example.com
+";
+
+    #[test]
+    fn defaults_are_filled() {
+        let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let s = &c.spec;
+        assert_eq!(s.kubernetes.pod_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(s.kubernetes.service_cidr.to_string(), "10.96.0.0/12");
+        assert_eq!(s.kubernetes.cluster_domain, "cluster.local");
+        assert_eq!(s.kubernetes.artifacts, ArtifactSource::Upstream);
+        assert_eq!(s.control_plane.count, 1);
+        assert_eq!(s.control_plane.machine.memory.to_string(), "2Gi");
+        assert!(s.node_pools.is_empty());
+        assert_eq!(s.ssh.user, "core");
+        let bastion = s.ssh.bastion.as_ref().expect("bastion");
+        assert_eq!(bastion.port, 22);
+        // Cross-field default: the bastion user is the machines' user.
+        assert_eq!(bastion.user.as_deref(), Some("core"));
+        assert!(s.auto_repair.enabled);
+        assert_eq!(s.auto_repair.max_unhealthy, MaxUnhealthy::Percent(40));
+        assert!(!s.auto_upgrade.enabled);
+    }
+
+    #[test]
+    fn provider_names() {
+        let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.spec.provider.name(), "fake");
+        assert_eq!(c.name(), "demo");
+    }
+
+    #[test]
+    fn errors_carry_file_line_column_and_path() {
+        let text = MINIMAL.replace("schedulable: true", "schedulable: true\n    count: 2");
+        let errors = parse_str(&text, "x.yaml").expect_err("count 2 is invalid");
+        assert_eq!(errors.len(), 1);
+        let e = &errors.errors[0];
+        assert_eq!((e.line, e.column), (13, 12));
+        assert_eq!(e.path, "spec.controlPlane.count");
+        assert_eq!(e.kind, SpecErrorKind::Semantic);
+        assert!(
+            e.to_string()
+                .starts_with("x.yaml:13:12: spec.controlPlane.count: control plane count")
+        );
+    }
+
+    #[test]
+    fn load_reports_unreadable_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.yaml");
+        let errors = load(&missing).expect_err("missing file");
+        assert_eq!(errors.errors[0].kind, SpecErrorKind::Io);
+        let good = dir.path().join("c.yaml");
+        std::fs::write(&good, MINIMAL).expect("write");
+        assert!(load(&good).is_ok());
+    }
+
+    #[test]
+    fn resolve_path_handles_home_relative_and_absolute() {
+        let spec = Path::new("/etc/clusters/c.yaml");
+        assert_eq!(
+            resolve_path(spec, Path::new("keys/id")),
+            PathBuf::from("/etc/clusters/keys/id")
+        );
+        assert_eq!(resolve_path(spec, Path::new("/k")), PathBuf::from("/k"));
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(
+                resolve_path(spec, Path::new("~/.ssh/id")),
+                PathBuf::from(home).join(".ssh/id")
+            );
+        }
+        assert_eq!(
+            resolve_path(Path::new("c.yaml"), Path::new("k")),
+            PathBuf::from("k")
+        );
+    }
+}
