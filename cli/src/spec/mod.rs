@@ -275,6 +275,41 @@ spec:
     }
 
     #[test]
+    fn one_of_choices_parse_in_both_forms() {
+        let gce = MINIMAL.replace(
+            "fake:\n      directory: /tmp/fake",
+            "gce:\n      project: my-project\n      zone: us-east1-b\n      credentials: applicationDefault",
+        );
+        let c = parse_str(&gce, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let Provider::Gce(g) = &c.spec.provider else {
+            panic!("not gce")
+        };
+        assert_eq!(g.credentials, GceCredentials::ApplicationDefault);
+        assert_eq!(g.network, "default");
+        let file = gce.replace("applicationDefault", "{file: key.json}");
+        let c = parse_str(&file, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let Provider::Gce(g) = &c.spec.provider else {
+            panic!("not gce")
+        };
+        assert_eq!(
+            g.credentials,
+            GceCredentials::File(PathBuf::from("key.json"))
+        );
+        let bundle = MINIMAL.replace(
+            "    version: \"1.30.2\"",
+            "    version: \"1.30.2\"\n    artifacts:\n      bundle:\n        path: ./bundle",
+        );
+        let c = parse_str(&bundle, "b.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.spec.kubernetes.artifacts,
+            ArtifactSource::Bundle(Bundle {
+                path: PathBuf::from("./bundle")
+            })
+        );
+        assert_eq!(c.spec.max_machines(), 1);
+    }
+
+    #[test]
     fn provider_names() {
         let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.spec.provider.name(), "fake");

@@ -92,6 +92,14 @@ pub struct ClusterSpec {
     pub access: Access,
 }
 
+impl ClusterSpec {
+    /// Largest number of machines the cluster may have at once: the control plane, every pool
+    /// at its maximum size, plus every pool's upgrade surge.
+    pub fn max_machines(&self) -> u64 {
+        super::validate::max_machines(self)
+    }
+}
+
 /// Machine provider, one key naming the provider (`libvirt`, `gce`, `fake`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
