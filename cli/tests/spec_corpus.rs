@@ -170,3 +170,34 @@ fn reference_documents_every_field() {
         "docs/spec.md does not mention {missing:?}"
     );
 }
+
+/// Truncating a valid spec at many places, or dropping any one line, must give either a valid spec or
+/// located errors: never a panic, never an error without a position.
+#[test]
+fn mutated_specs_never_panic_and_errors_are_located() {
+    let mut parses = 0usize;
+    for file in yaml_files(&manifest_dir().join("../examples")) {
+        let text = fs::read_to_string(&file).expect("read example");
+        let mut variants: Vec<String> = text
+            .char_indices()
+            .step_by(3)
+            .map(|(i, _)| text[..i].to_owned())
+            .collect();
+        let lines: Vec<&str> = text.lines().collect();
+        for skip in 0..lines.len() {
+            let mut v: Vec<&str> = lines.clone();
+            v.remove(skip);
+            variants.push(v.join("\n"));
+        }
+        for v in variants {
+            parses += 1;
+            if let Err(errors) = spec::parse_str(&v, "m.yaml") {
+                assert!(!errors.is_empty());
+                for e in errors.iter() {
+                    assert!(e.line > 0 && e.column > 0, "unlocated error {e} for:\n{v}");
+                }
+            }
+        }
+    }
+    assert!(parses > 1000);
+}
