@@ -812,7 +812,7 @@ fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
             ),
             _ => {
                 if let Some(len) = w.length() {
-                    let period = w.recurrence.shortest_period_secs();
+                    let period = w.recurrence.shortest_gap_secs();
                     if len.as_secs() > period {
                         let field = if w.duration.is_some() {
                             "duration"
