@@ -22,18 +22,51 @@ pub use values::{
 
 use locate::{PathMap, Pos};
 
+/// Largest spec file read; a cluster spec is a few kilobytes, so anything near this is a mistake
+/// (a wrong file given with `-f`).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 /// Reads, parses and validates the spec at `path`; returns it with defaults filled in
 /// ([`Cluster::with_defaults`]) or every problem found. Errors name the file as given.
 pub fn load(path: &Path) -> Result<Cluster, SpecErrors> {
+    use std::io::Read;
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+    let io_error = |message: String, hint: &str| SpecError {
         file: file.clone(),
         line: 0,
         column: 0,
         path: String::new(),
-        message: format!("cannot read the cluster spec: {e}"),
-        hint: Some("check the path given with -f".to_owned()),
+        message,
+        hint: Some(hint.to_owned()),
         kind: SpecErrorKind::Io,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SPEC_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| {
+            io_error(
+                format!("cannot read the cluster spec: {e}"),
+                "check the path given with -f",
+            )
+        })?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(io_error(
+            format!(
+                "the file is larger than {} KiB, too large for a cluster spec",
+                MAX_SPEC_BYTES >> 10
+            ),
+            "check the path given with -f",
+        )
+        .into());
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        io_error(
+            format!(
+                "the file is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+            "save the file as UTF-8",
+        )
     })?;
     parse_str(&text, &file)
 }
@@ -337,6 +370,24 @@ spec:
         let missing = dir.path().join("nope.yaml");
         let errors = load(&missing).expect_err("missing file");
         assert_eq!(errors.errors[0].kind, SpecErrorKind::Io);
+        let big = dir.path().join("big.yaml");
+        std::fs::write(
+            &big,
+            "#".repeat(usize::try_from(MAX_SPEC_BYTES).expect("fits") + 1),
+        )
+        .expect("write");
+        assert!(
+            load(&big).expect_err("too big").errors[0]
+                .message
+                .contains("too large")
+        );
+        let binary = dir.path().join("bin.yaml");
+        std::fs::write(&binary, b"name: \xff\xfe").expect("write");
+        assert!(
+            load(&binary).expect_err("not utf-8").errors[0]
+                .message
+                .contains("not UTF-8")
+        );
         let good = dir.path().join("c.yaml");
         std::fs::write(&good, MINIMAL).expect("write");
         assert!(load(&good).is_ok());
