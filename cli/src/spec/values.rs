@@ -57,17 +57,19 @@ const BINARY_UNITS: [(&str, u64); 5] = [
     ("Gi", 1 << 30),
     ("Mi", 1 << 20),
 ];
-const ALL_UNITS: [(&str, u64); 10] = [
+const ALL_UNITS: [(&str, u64); 12] = [
     ("Ki", 1 << 10),
     ("Mi", 1 << 20),
     ("Gi", 1 << 30),
     ("Ti", 1 << 40),
     ("Pi", 1 << 50),
+    ("Ei", 1 << 60),
     ("k", 1_000),
     ("M", 1_000_000),
     ("G", 1_000_000_000),
     ("T", 1_000_000_000_000),
     ("P", 1_000_000_000_000_000),
+    ("E", 1_000_000_000_000_000_000),
 ];
 
 impl Quantity {
@@ -789,6 +791,22 @@ mod tests {
         assert!("Gi".parse::<Quantity>().is_err());
         assert!("-1Gi".parse::<Quantity>().is_err());
         assert!("99999999999Ei".parse::<Quantity>().is_err());
+        // Every canonical form parses back.
+        for bytes in [
+            0,
+            1,
+            1023,
+            1 << 10,
+            3 << 20,
+            5 << 30,
+            7 << 40,
+            1 << 50,
+            1 << 60,
+            1_000_000,
+        ] {
+            let q = Quantity::from_bytes(bytes);
+            assert_eq!(q.to_string().parse::<Quantity>(), Ok(q), "{q}");
+        }
     }
 
     #[test]
