@@ -5,5 +5,8 @@
 //! `providers` crate.
 
 pub mod cmd;
+pub mod engine;
 pub mod output;
+pub mod provider;
 pub mod spec;
+pub mod state;
