@@ -9,4 +9,5 @@ pub mod engine;
 pub mod output;
 pub mod provider;
 pub mod spec;
+pub mod ssh;
 pub mod state;

@@ -46,7 +46,7 @@ fn invalid_corpus_matches_expected_messages() {
             .expect("utf-8 file name");
         let text = fs::read_to_string(file).expect("read corpus file");
         let actual = match spec::parse_str(&text, name) {
-            Ok(_) => format!("<valid: the spec was accepted>"),
+            Ok(_) => "<valid: the spec was accepted>".to_string(),
             Err(errors) => {
                 for e in errors.iter() {
                     assert_eq!(e.file, name);
@@ -125,4 +125,79 @@ fn examples_round_trip_through_serialization() {
             .unwrap_or_else(|e| panic!("{}: {e}\n{yaml}", file.display()));
         assert_eq!(again, cluster, "{}", file.display());
     }
+}
+
+fn collect_keys(value: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.insert(k.clone());
+                collect_keys(v, out);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_keys(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn reference_documents_every_field() {
+    let docs =
+        fs::read_to_string(manifest_dir().join("../docs/spec.md")).expect("read docs/spec.md");
+    let mut keys = std::collections::BTreeSet::new();
+    for file in yaml_files(&manifest_dir().join("../examples")) {
+        let cluster = spec::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        collect_keys(&serde_json::to_value(&cluster).expect("to json"), &mut keys);
+    }
+    // Label keys of the examples are data, not fields.
+    let data = [
+        "team",
+        "example.com/cost-center",
+        "example.com/tier",
+        "example.com/accelerator",
+    ];
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !data.contains(&k.as_str()))
+        .filter(|k| {
+            !docs.contains(&format!("`{k}"))
+                && !docs.contains(&format!(".{k}"))
+                && !docs.contains(&format!("{{{k}: "))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/spec.md does not mention {missing:?}"
+    );
+}
+
+/// Truncating a valid spec at many places, or dropping any one line, must give either a valid spec or
+/// located errors: never a panic, never an error without a position.
+#[test]
+fn mutated_specs_never_panic_and_errors_are_located() {
+    let mut parses = 0usize;
+    for file in yaml_files(&manifest_dir().join("../examples")) {
+        let text = fs::read_to_string(&file).expect("read example");
+        let mut variants: Vec<String> = text
+            .char_indices()
+            .step_by(3)
+            .map(|(i, _)| text[..i].to_owned())
+            .collect();
+        let lines: Vec<&str> = text.lines().collect();
+        for skip in 0..lines.len() {
+            let mut v: Vec<&str> = lines.clone();
+            v.remove(skip);
+            variants.push(v.join("\n"));
+        }
+        for v in variants {
+            parses += 1;
+            if let Err(errors) = spec::parse_str(&v, "m.yaml") {
+                assert!(!errors.is_empty());
+                for e in errors.iter() {
+                    assert!(e.line > 0 && e.column > 0, "unlocated error {e} for:\n{v}");
+                }
+            }
+        }
+    }
+    assert!(parses > 1000);
 }

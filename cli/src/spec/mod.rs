@@ -22,18 +22,51 @@ pub use values::{
 
 use locate::{PathMap, Pos};
 
+/// Largest spec file read; a cluster spec is a few kilobytes, so anything near this is a mistake
+/// (a wrong file given with `-f`).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 /// Reads, parses and validates the spec at `path`; returns it with defaults filled in
 /// ([`Cluster::with_defaults`]) or every problem found. Errors name the file as given.
 pub fn load(path: &Path) -> Result<Cluster, SpecErrors> {
+    use std::io::Read;
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+    let io_error = |message: String, hint: &str| SpecError {
         file: file.clone(),
         line: 0,
         column: 0,
         path: String::new(),
-        message: format!("cannot read the cluster spec: {e}"),
-        hint: Some("check the path given with -f".to_owned()),
+        message,
+        hint: Some(hint.to_owned()),
         kind: SpecErrorKind::Io,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SPEC_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| {
+            io_error(
+                format!("cannot read the cluster spec: {e}"),
+                "check the path given with -f",
+            )
+        })?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(io_error(
+            format!(
+                "the file is larger than {} KiB, too large for a cluster spec",
+                MAX_SPEC_BYTES >> 10
+            ),
+            "check the path given with -f",
+        )
+        .into());
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        io_error(
+            format!(
+                "the file is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+            "save the file as UTF-8",
+        )
     })?;
     parse_str(&text, &file)
 }
@@ -76,10 +109,10 @@ pub fn parse_str(text: &str, file: &str) -> Result<Cluster, SpecErrors> {
 /// Resolves a path written in a spec: `~/x` against the home directory, a relative path
 /// against the directory of the spec file, an absolute path as is.
 pub fn resolve_path(spec_file: &Path, p: &Path) -> PathBuf {
-    if let Ok(rest) = p.strip_prefix("~") {
-        if let Some(home) = std::env::var_os("HOME") {
-            return PathBuf::from(home).join(rest);
-        }
+    if let Ok(rest) = p.strip_prefix("~")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return PathBuf::from(home).join(rest);
     }
     if p.is_absolute() {
         return p.to_path_buf();
@@ -91,7 +124,7 @@ pub fn resolve_path(spec_file: &Path, p: &Path) -> PathBuf {
 fn deser_error(e: &serde_saphyr::Error, map: &PathMap, file: &str) -> SpecErrors {
     use serde_saphyr::MessageFormatter;
     let inner = e.without_snippet();
-    let raw = serde_saphyr::DefaultMessageFormatter
+    let raw = serde_saphyr::UserMessageFormatter
         .format_message(inner)
         .into_owned();
     let pos = e
@@ -214,6 +247,10 @@ fn hint_for(message: &str, syntax: bool) -> Option<String> {
         "write true or false (yes, no, on and off are strings)"
     } else if message.starts_with("invalid") && message.contains("expected u") {
         "write a whole number (0 or more) such as 3"
+    } else if message.contains("multiple found") {
+        "keep one Cluster document per file"
+    } else if message.starts_with("null is not allowed") {
+        "write a value or remove the field"
     } else if message.starts_with("more than one key") {
         "keep only one of the keys (for example one provider)"
     } else if message.starts_with("invalid type") {
@@ -224,4 +261,155 @@ fn hint_for(message: &str, syntax: bool) -> Option<String> {
         return None;
     };
     Some(h.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "\
+apiVersion: clusterctl.io/v1alpha1
+kind: Cluster
+metadata:
+  name: demo
+spec:
+  provider:
+    fake:
+      directory: /tmp/fake
+  kubernetes:
+    version: \"1.30.2\"
+  controlPlane:
+    schedulable: true
+  ssh:
+    agent: true
+    bastion:
+      host: jump.example.com
+";
+
+    #[test]
+    fn defaults_are_filled() {
+        let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let s = &c.spec;
+        assert_eq!(s.kubernetes.pod_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(s.kubernetes.service_cidr.to_string(), "10.96.0.0/12");
+        assert_eq!(s.kubernetes.cluster_domain, "cluster.local");
+        assert_eq!(s.kubernetes.artifacts, ArtifactSource::Upstream);
+        assert_eq!(s.control_plane.count, 1);
+        assert_eq!(s.control_plane.machine.memory.to_string(), "2Gi");
+        assert!(s.node_pools.is_empty());
+        assert_eq!(s.ssh.user, "core");
+        let bastion = s.ssh.bastion.as_ref().expect("bastion");
+        assert_eq!(bastion.port, 22);
+        // Cross-field default: the bastion user is the machines' user.
+        assert_eq!(bastion.user.as_deref(), Some("core"));
+        assert!(s.auto_repair.enabled);
+        assert_eq!(s.auto_repair.max_unhealthy, MaxUnhealthy::Percent(40));
+        assert!(!s.auto_upgrade.enabled);
+    }
+
+    #[test]
+    fn one_of_choices_parse_in_both_forms() {
+        let gce = MINIMAL.replace(
+            "fake:\n      directory: /tmp/fake",
+            "gce:\n      project: my-project\n      zone: us-east1-b\n      credentials: applicationDefault",
+        );
+        let c = parse_str(&gce, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let Provider::Gce(g) = &c.spec.provider else {
+            panic!("not gce")
+        };
+        assert_eq!(g.credentials, GceCredentials::ApplicationDefault);
+        assert_eq!(g.network, "default");
+        let file = gce.replace("applicationDefault", "{file: key.json}");
+        let c = parse_str(&file, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let Provider::Gce(g) = &c.spec.provider else {
+            panic!("not gce")
+        };
+        assert_eq!(
+            g.credentials,
+            GceCredentials::File(PathBuf::from("key.json"))
+        );
+        let bundle = MINIMAL.replace(
+            "    version: \"1.30.2\"",
+            "    version: \"1.30.2\"\n    artifacts:\n      bundle:\n        path: ./bundle",
+        );
+        let c = parse_str(&bundle, "b.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.spec.kubernetes.artifacts,
+            ArtifactSource::Bundle(Bundle {
+                path: PathBuf::from("./bundle")
+            })
+        );
+        assert_eq!(c.spec.max_machines(), 1);
+    }
+
+    #[test]
+    fn provider_names() {
+        let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.spec.provider.name(), "fake");
+        assert_eq!(c.name(), "demo");
+    }
+
+    #[test]
+    fn errors_carry_file_line_column_and_path() {
+        let text = MINIMAL.replace("schedulable: true", "schedulable: true\n    count: 2");
+        let errors = parse_str(&text, "x.yaml").expect_err("count 2 is invalid");
+        assert_eq!(errors.len(), 1);
+        let e = &errors.errors[0];
+        assert_eq!((e.line, e.column), (13, 12));
+        assert_eq!(e.path, "spec.controlPlane.count");
+        assert_eq!(e.kind, SpecErrorKind::Semantic);
+        assert!(
+            e.to_string()
+                .starts_with("x.yaml:13:12: spec.controlPlane.count: control plane count")
+        );
+    }
+
+    #[test]
+    fn load_reports_unreadable_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.yaml");
+        let errors = load(&missing).expect_err("missing file");
+        assert_eq!(errors.errors[0].kind, SpecErrorKind::Io);
+        let big = dir.path().join("big.yaml");
+        std::fs::write(
+            &big,
+            "#".repeat(usize::try_from(MAX_SPEC_BYTES).expect("fits") + 1),
+        )
+        .expect("write");
+        assert!(
+            load(&big).expect_err("too big").errors[0]
+                .message
+                .contains("too large")
+        );
+        let binary = dir.path().join("bin.yaml");
+        std::fs::write(&binary, b"name: \xff\xfe").expect("write");
+        assert!(
+            load(&binary).expect_err("not utf-8").errors[0]
+                .message
+                .contains("not UTF-8")
+        );
+        let good = dir.path().join("c.yaml");
+        std::fs::write(&good, MINIMAL).expect("write");
+        assert!(load(&good).is_ok());
+    }
+
+    #[test]
+    fn resolve_path_handles_home_relative_and_absolute() {
+        let spec = Path::new("/etc/clusters/c.yaml");
+        assert_eq!(
+            resolve_path(spec, Path::new("keys/id")),
+            PathBuf::from("/etc/clusters/keys/id")
+        );
+        assert_eq!(resolve_path(spec, Path::new("/k")), PathBuf::from("/k"));
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(
+                resolve_path(spec, Path::new("~/.ssh/id")),
+                PathBuf::from(home).join(".ssh/id")
+            );
+        }
+        assert_eq!(
+            resolve_path(Path::new("c.yaml"), Path::new("k")),
+            PathBuf::from("k")
+        );
+    }
 }

@@ -92,6 +92,14 @@ pub struct ClusterSpec {
     pub access: Access,
 }
 
+impl ClusterSpec {
+    /// Largest number of machines the cluster may have at once: the control plane, every pool
+    /// at its maximum size, plus every pool's upgrade surge.
+    pub fn max_machines(&self) -> u64 {
+        super::validate::max_machines(self)
+    }
+}
+
 /// Machine provider, one key naming the provider (`libvirt`, `gce`, `fake`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -743,10 +751,10 @@ impl Cluster {
     pub fn with_defaults(&self) -> Cluster {
         let mut c = self.clone();
         let user = c.spec.ssh.user.clone();
-        if let Some(b) = c.spec.ssh.bastion.as_mut() {
-            if b.user.is_none() {
-                b.user = Some(user);
-            }
+        if let Some(b) = c.spec.ssh.bastion.as_mut()
+            && b.user.is_none()
+        {
+            b.user = Some(user);
         }
         c
     }

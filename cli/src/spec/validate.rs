@@ -112,12 +112,12 @@ pub fn label_key_problem(key: &str) -> Option<String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(p) = prefix {
-        if !is_dns1123_subdomain(p) {
-            return Some(format!(
-                "invalid label key {key:?}: the prefix {p:?} must be a DNS-1123 subdomain such as example.com"
-            ));
-        }
+    if let Some(p) = prefix
+        && !is_dns1123_subdomain(p)
+    {
+        return Some(format!(
+            "invalid label key {key:?}: the prefix {p:?} must be a DNS-1123 subdomain such as example.com"
+        ));
     }
     if !is_qualified_name_part(name) {
         return Some(format!(
@@ -214,12 +214,12 @@ pub fn libvirt_uri_problem(uri: &str) -> Option<String> {
         Some(("qemu", t)) => Some(t),
         _ => return bad("only the qemu driver is supported (qemu:// or qemu+TRANSPORT://)"),
     };
-    if let Some(t) = transport {
-        if !["ssh", "libssh", "libssh2", "tcp", "tls", "unix", "ext"].contains(&t) {
-            return bad(&format!(
-                "unknown transport {t:?} (use ssh, libssh, libssh2, tcp, tls or unix)"
-            ));
-        }
+    if let Some(t) = transport
+        && !["ssh", "libssh", "libssh2", "tcp", "tls", "unix", "ext"].contains(&t)
+    {
+        return bad(&format!(
+            "unknown transport {t:?} (use ssh, libssh, libssh2, tcp, tls or unix)"
+        ));
     }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -346,14 +346,14 @@ fn check_gce(ck: &mut Checker, g: &GceProvider) {
             dns_label_hint("default"),
         );
     }
-    if let GceCredentials::File(f) = &g.credentials {
-        if f.as_os_str().is_empty() {
-            ck.err(
-                format!("{base}.credentials.file"),
-                "the credentials file path is empty",
-                "set the path of a service account key file or use credentials: applicationDefault",
-            );
-        }
+    if let GceCredentials::File(f) = &g.credentials
+        && f.as_os_str().is_empty()
+    {
+        ck.err(
+            format!("{base}.credentials.file"),
+            "the credentials file path is empty",
+            "set the path of a service account key file or use credentials: applicationDefault",
+        );
     }
 }
 
@@ -375,14 +375,14 @@ fn check_kubernetes(ck: &mut Checker, spec: &ClusterSpec) {
         ),
         _ => {}
     }
-    if let Some(v) = &k.version {
-        if v.major != 1 {
-            ck.err(
-                format!("{base}.version"),
-                format!("unsupported kubernetes version {v}: only 1.x exists"),
-                "use a version such as \"1.30.2\"",
-            );
-        }
+    if let Some(v) = &k.version
+        && v.major != 1
+    {
+        ck.err(
+            format!("{base}.version"),
+            format!("unsupported kubernetes version {v}: only 1.x exists"),
+            "use a version such as \"1.30.2\"",
+        );
     }
     if spec.auto_upgrade.enabled && k.channel.is_none() {
         ck.err(
@@ -391,14 +391,14 @@ fn check_kubernetes(ck: &mut Checker, spec: &ClusterSpec) {
             "set kubernetes.channel instead of kubernetes.version, or disable autoUpgrade",
         );
     }
-    if let ArtifactSource::Bundle(b) = &k.artifacts {
-        if b.path.as_os_str().is_empty() {
-            ck.err(
-                format!("{base}.artifacts.bundle.path"),
-                "the bundle path is empty",
-                "set the path of an artifact bundle made for air-gapped use",
-            );
-        }
+    if let ArtifactSource::Bundle(b) = &k.artifacts
+        && b.path.as_os_str().is_empty()
+    {
+        ck.err(
+            format!("{base}.artifacts.bundle.path"),
+            "the bundle path is empty",
+            "set the path of an artifact bundle made for air-gapped use",
+        );
     }
     if !is_dns1123_subdomain(&k.cluster_domain) {
         ck.err(
@@ -643,14 +643,14 @@ fn check_node_pools(ck: &mut Checker, spec: &ClusterSpec) {
                     "use a key such as dedicated or example.com/gpu",
                 );
             }
-            if let Some(v) = &t.value {
-                if let Some(m) = label_value_problem(v) {
-                    ck.err(
-                        format!("{tp}.value"),
-                        m.replace("label value", "taint value"),
-                        "use a value such as gpu",
-                    );
-                }
+            if let Some(v) = &t.value
+                && let Some(m) = label_value_problem(v)
+            {
+                ck.err(
+                    format!("{tp}.value"),
+                    m.replace("label value", "taint value"),
+                    "use a value such as gpu",
+                );
             }
             if !taints.insert((t.key.as_str(), t.effect)) {
                 ck.err(
@@ -771,14 +771,14 @@ fn check_ssh(ck: &mut Checker, s: &Ssh) {
                 "use the bastion's ssh port, usually 22",
             );
         }
-        if let Some(u) = &b.user {
-            if !is_unix_user(u) {
-                ck.err(
-                    "spec.ssh.bastion.user",
-                    format!("invalid bastion user {u:?}"),
-                    "use a login name of lowercase letters, digits, '_' and '-'",
-                );
-            }
+        if let Some(u) = &b.user
+            && !is_unix_user(u)
+        {
+            ck.err(
+                "spec.ssh.bastion.user",
+                format!("invalid bastion user {u:?}"),
+                "use a login name of lowercase letters, digits, '_' and '-'",
+            );
         }
     }
 }
@@ -812,7 +812,7 @@ fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
             ),
             _ => {
                 if let Some(len) = w.length() {
-                    let period = w.recurrence.shortest_period_secs();
+                    let period = w.recurrence.shortest_gap_secs();
                     if len.as_secs() > period {
                         let field = if w.duration.is_some() {
                             "duration"

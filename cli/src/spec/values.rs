@@ -57,17 +57,19 @@ const BINARY_UNITS: [(&str, u64); 5] = [
     ("Gi", 1 << 30),
     ("Mi", 1 << 20),
 ];
-const ALL_UNITS: [(&str, u64); 10] = [
+const ALL_UNITS: [(&str, u64); 12] = [
     ("Ki", 1 << 10),
     ("Mi", 1 << 20),
     ("Gi", 1 << 30),
     ("Ti", 1 << 40),
     ("Pi", 1 << 50),
+    ("Ei", 1 << 60),
     ("k", 1_000),
     ("M", 1_000_000),
     ("G", 1_000_000_000),
     ("T", 1_000_000_000_000),
     ("P", 1_000_000_000_000_000),
+    ("E", 1_000_000_000_000_000_000),
 ];
 
 impl Quantity {
@@ -127,7 +129,7 @@ impl fmt::Display for Quantity {
             .iter()
             .chain(std::iter::once(&("Ki", 1u64 << 10)))
         {
-            if self.0 % mult == 0 {
+            if self.0.is_multiple_of(*mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
         }
@@ -506,16 +508,34 @@ pub struct Recurrence {
 }
 
 impl Recurrence {
-    /// Longest time between two occurrence starts, used to check that a window fits.
-    pub fn shortest_period_secs(&self) -> u64 {
-        let day = 86_400u64 * u64::from(self.interval);
-        match self.freq {
-            Frequency::Daily => day,
-            Frequency::Weekly if self.interval == 1 && self.by_day.len() > 1 => 86_400,
-            Frequency::Weekly => 7 * day,
-            Frequency::Monthly if self.interval == 1 && self.by_month_day.len() > 1 => 86_400,
-            Frequency::Monthly => 28 * day,
-        }
+    /// Shortest time between two occurrence starts, used to check that a window ends before
+    /// the next one begins. Months count as 28 days, the shortest.
+    pub fn shortest_gap_secs(&self) -> u64 {
+        const DAY: u64 = 86_400;
+        let interval = u64::from(self.interval);
+        // Offsets (in days) of the occurrences within one period, and the period's length.
+        let (mut offsets, period): (Vec<u64>, u64) = match self.freq {
+            Frequency::Daily => (Vec::new(), interval),
+            Frequency::Weekly => (
+                self.by_day.iter().map(|d| *d as u64).collect(),
+                7 * interval,
+            ),
+            Frequency::Monthly => (
+                self.by_month_day.iter().map(|d| u64::from(*d)).collect(),
+                28 * interval,
+            ),
+        };
+        offsets.sort_unstable();
+        let (Some(first), Some(last)) = (offsets.first(), offsets.last()) else {
+            return period * DAY;
+        };
+        let wrap = period - (last - first);
+        let inner = offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .min()
+            .unwrap_or(wrap);
+        inner.min(wrap) * DAY
     }
 }
 
@@ -771,6 +791,22 @@ mod tests {
         assert!("Gi".parse::<Quantity>().is_err());
         assert!("-1Gi".parse::<Quantity>().is_err());
         assert!("99999999999Ei".parse::<Quantity>().is_err());
+        // Every canonical form parses back.
+        for bytes in [
+            0,
+            1,
+            1023,
+            1 << 10,
+            3 << 20,
+            5 << 30,
+            7 << 40,
+            1 << 50,
+            1 << 60,
+            1_000_000,
+        ] {
+            let q = Quantity::from_bytes(bytes);
+            assert_eq!(q.to_string().parse::<Quantity>(), Ok(q), "{q}");
+        }
     }
 
     #[test]
@@ -846,6 +882,20 @@ mod tests {
         ] {
             assert!(bad.parse::<Recurrence>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn recurrence_gaps() {
+        let gap = |r: &str| r.parse::<Recurrence>().expect("valid").shortest_gap_secs() / 86_400;
+        assert_eq!(gap("FREQ=DAILY"), 1);
+        assert_eq!(gap("FREQ=DAILY;INTERVAL=2"), 2);
+        assert_eq!(gap("FREQ=WEEKLY"), 7);
+        assert_eq!(gap("FREQ=WEEKLY;BYDAY=MO,TH"), 3);
+        assert_eq!(gap("FREQ=WEEKLY;BYDAY=SA,SU"), 1);
+        assert_eq!(gap("FREQ=WEEKLY;BYDAY=SU,MO"), 1);
+        assert_eq!(gap("FREQ=WEEKLY;INTERVAL=2;BYDAY=MO"), 14);
+        assert_eq!(gap("FREQ=MONTHLY;BYMONTHDAY=1,15"), 14);
+        assert_eq!(gap("FREQ=MONTHLY"), 28);
     }
 
     #[test]
