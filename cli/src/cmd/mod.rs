@@ -8,6 +8,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::output::Format;
 
+pub mod create;
+pub mod delete;
+pub mod get;
+pub mod plan;
 pub mod validate;
 
 /// Exit code for a failed command.
@@ -47,6 +51,14 @@ pub struct Global {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show the spec with defaults and the steps `create` would take.
+    Plan(plan::PlanArgs),
+    /// Create the cluster's machines (resumes if run again after a failure).
+    Create(create::CreateArgs),
+    /// Delete every machine of the cluster and its state.
+    Delete(delete::DeleteArgs),
+    /// List clusters, or show one cluster and its machines.
+    Get(get::GetArgs),
     /// Print a shell completion script.
     Completions {
         /// Shell to generate completions for.
@@ -96,6 +108,10 @@ fn exit_code_for(err: &anyhow::Error) -> u8 {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Plan(args) => plan::run(&cli.global, &args),
+        Command::Create(args) => create::run(&cli.global, &args),
+        Command::Delete(args) => delete::run(&cli.global, &args),
+        Command::Get(args) => get::run(&cli.global, &args),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());
