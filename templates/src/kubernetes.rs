@@ -390,9 +390,12 @@ fn is_label_key(s: &str) -> bool {
     prefix.is_none_or(is_dns_subdomain) && !name.is_empty() && is_label_value(name)
 }
 
-/// Labels kubelet 1.20 may set on its own node (`pkg/kubelet/apis/well_known_labels.go`);
-/// NodeRestriction refuses the rest of the `kubernetes.io` and `k8s.io` namespaces.
-fn kubelet_may_set(key: &str) -> bool {
+/// Whether kubelet may register its node with label `key` (`--node-labels`): keys outside the
+/// `kubernetes.io` and `k8s.io` namespaces, `node.kubernetes.io/` and `kubelet.kubernetes.io/`
+/// keys, and a few well-known ones (`pkg/kubelet/apis/well_known_labels.go` in 1.20; the same set
+/// through 1.30). kubelet refuses to start with any other key in those namespaces, and the
+/// NodeRestriction admission plugin refuses them too, so such labels must be set through the API.
+pub fn kubelet_may_set_label(key: &str) -> bool {
     const ALLOWED: &[&str] = &[
         "kubernetes.io/hostname",
         "kubernetes.io/arch",
@@ -545,7 +548,7 @@ fn validate(c: &ClusterInput) -> Result<(), RenderError> {
                     format!("{k}={v} is not a valid Kubernetes label"),
                 ));
             }
-            if !kubelet_may_set(k) {
+            if !kubelet_may_set_label(k) {
                 return Err(invalid(
                     f("labels"),
                     format!(

@@ -509,6 +509,31 @@ fn bad_inputs_are_refused_naming_the_field() {
 }
 
 #[test]
+fn kubelet_label_namespaces_follow_kubelet_1_20() {
+    for ok in [
+        "tier",
+        "example.com/tier",
+        "node.kubernetes.io/pool",
+        "pool.node.kubernetes.io/x",
+        "kubelet.kubernetes.io/x",
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+        "notkubernetes.io/x",
+    ] {
+        assert!(kubelet_may_set_label(ok), "{ok}");
+    }
+    for bad in [
+        "kubernetes.io/role",
+        "node-role.kubernetes.io/worker",
+        "k8s.io/x",
+        "team.k8s.io/x",
+        "topology.kubernetes.io/rack",
+    ] {
+        assert!(!kubelet_may_set_label(bad), "{bad}");
+    }
+}
+
+#[test]
 fn rendering_is_deterministic() {
     let c = cluster();
     assert_eq!(render(&c, "local-cp-1"), render(&c, "local-cp-1"));
