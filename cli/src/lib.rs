@@ -6,5 +6,10 @@
 
 pub mod bundle;
 pub mod cmd;
+pub mod engine;
 pub mod output;
 pub mod pki;
+pub mod provider;
+pub mod spec;
+pub mod ssh;
+pub mod state;
