@@ -3,6 +3,8 @@
 //! No I/O happens here: callers write the results where they belong (over SSH, into a libvirt
 //! definition, into a seed image). Templates are embedded at compile time.
 
+pub mod cloudinit;
+
 /// Errors from rendering a template.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -13,5 +15,13 @@ pub enum RenderError {
         template: String,
         /// What went wrong.
         detail: String,
+    },
+    /// An input value cannot be rendered safely; names the field.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Field path in the input struct.
+        field: String,
+        /// What is wrong and what is expected.
+        reason: String,
     },
 }

@@ -8,6 +8,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::output::Format;
 
+pub mod image;
+
 /// Exit code for a failed command.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or invalid input (a bad cluster file).
@@ -50,6 +52,9 @@ pub enum Command {
         /// Shell to generate completions for.
         shell: clap_complete::Shell,
     },
+    /// Build and list container-optimized node images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Entry point used by the binary: parse, run, print the error chain, map to an exit code.
@@ -94,5 +99,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());
             Ok(())
         }
+        Command::Image(command) => image::run(&cli.global, command),
     }
 }
