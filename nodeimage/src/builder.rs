@@ -130,8 +130,8 @@ impl Builder<'_> {
         let out = self.work.join("out");
         mkdir_private(&out)?;
 
-        let tarball = self.step("debootstrap", |b| b.debootstrap_tarball())?;
-        self.step("unpack", |b| b.unpack(&tarball, &rootfs))?;
+        let (tarball, key) = self.step("debootstrap", |b| b.debootstrap_tarball())?;
+        self.step("unpack", |b| b.unpack(&tarball, &key, &rootfs))?;
         self.step("configure", |b| b.configure(&rootfs))?;
         let packages = self.step("packages", |b| b.packages(&rootfs))?;
         self.step("kernel", |b| b.take_boot_files(&rootfs, &out))?;
@@ -223,7 +223,7 @@ impl Builder<'_> {
 
     /// The debootstrap tarball holds every .deb the image needs: later builds with the same suite
     /// and package list run offline.
-    fn debootstrap_tarball(&mut self) -> Result<PathBuf, NodeImageError> {
+    fn debootstrap_tarball(&mut self) -> Result<(PathBuf, String), NodeImageError> {
         let mut h = Sha256::new();
         h.update(self.opts.suite.as_bytes());
         for a in self.debootstrap_args() {
@@ -236,7 +236,7 @@ impl Builder<'_> {
         let tarball = cache.join(format!("debootstrap-{}-{}.tgz", self.opts.suite, &key[..16]));
         if tarball.is_file() {
             tracing::info!(tarball = %tarball.display(), "reusing cached debootstrap tarball");
-            return Ok(tarball);
+            return Ok((tarball, key));
         }
         let partial = cache.join(format!(".partial-{}.tgz", &key[..16]));
         let scratch = self.work.join("debootstrap-download");
@@ -252,10 +252,28 @@ impl Builder<'_> {
         )?;
         fs::rename(&partial, &tarball).map_err(|e| io(&tarball, e))?;
         remove_dir(&scratch)?;
-        Ok(tarball)
+        Ok((tarball, key))
     }
 
-    fn unpack(&mut self, tarball: &Path, rootfs: &Path) -> Result<(), NodeImageError> {
+    /// Installs the packages into `rootfs`. Installing (debootstrap's second stage) is the slow part
+    /// of a build, so the installed tree is cached as a tar keyed like the debootstrap tarball:
+    /// a build whose package list is unchanged only extracts it.
+    fn unpack(&mut self, tarball: &Path, key: &str, rootfs: &Path) -> Result<(), NodeImageError> {
+        let cache = self.opts.image_dir.join("cache");
+        let tree = cache.join(format!("rootfs-{}-{}.tar", self.opts.suite, &key[..16]));
+        if tree.is_file() {
+            tracing::info!(tree = %tree.display(), "reusing cached installed tree");
+            mkdir_private(rootfs)?;
+            self.tool(
+                "extract installed tree",
+                Command::new("tar")
+                    .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xpf"])
+                    .arg(&tree)
+                    .arg("-C")
+                    .arg(rootfs),
+            )?;
+            return Ok(());
+        }
         self.tool(
             "debootstrap --unpack-tarball",
             Command::new("debootstrap")
@@ -265,7 +283,17 @@ impl Builder<'_> {
                 .arg(rootfs)
                 .arg(&self.opts.mirror),
         )?;
-        Ok(())
+        let partial = cache.join(format!(".partial-rootfs-{}.tar", &key[..16]));
+        self.tool(
+            "cache installed tree",
+            Command::new("tar")
+                .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-cf"])
+                .arg(&partial)
+                .arg("-C")
+                .arg(rootfs)
+                .arg("."),
+        )?;
+        fs::rename(&partial, &tree).map_err(|e| io(&tree, e))
     }
 
     fn configure(&mut self, rootfs: &Path) -> Result<(), NodeImageError> {
