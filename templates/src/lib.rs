@@ -3,6 +3,7 @@
 //! No I/O happens here: callers write the results where they belong (over SSH, into a libvirt
 //! definition, into a seed image). Templates are embedded at compile time.
 
+pub mod cloudinit;
 pub mod kubernetes;
 
 /// Errors from rendering a template.

@@ -11,6 +11,7 @@ use crate::output::Format;
 pub mod create;
 pub mod delete;
 pub mod get;
+pub mod image;
 pub mod plan;
 pub mod validate;
 
@@ -66,6 +67,9 @@ pub enum Command {
     },
     /// Check a cluster spec: strict parsing and every semantic rule, all problems at once.
     Validate(validate::ValidateArgs),
+    /// Build and list container-optimized node images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Entry point used by the binary: parse, run, print the error chain, map to an exit code.
@@ -118,5 +122,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Validate(args) => validate::run(&args, cli.global.output),
+        Command::Image(command) => image::run(&cli.global, command),
     }
 }
