@@ -23,7 +23,10 @@ fn main() {
         eprintln!("usage: libvirt_ensure REQUEST.json");
         std::process::exit(2);
     };
-    let request: Request = match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+    let request: Request = match std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("reading {path}: {e}");

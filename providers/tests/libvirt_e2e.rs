@@ -18,7 +18,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use providers::libvirt::{Accelerator, LibvirtConfig, LibvirtProvider};
-use providers::{ClusterRef, ImageRef, Machine, MachineRole, MachineSize, MachineSpec, MachineState, Provider, ProviderError};
+use providers::{
+    ClusterRef, ImageRef, Machine, MachineRole, MachineSize, MachineSpec, MachineState, Provider,
+    ProviderError,
+};
 use sha2::{Digest, Sha256};
 
 const NS: &str = "https://clusterctl.io/xmlns/v1";
@@ -34,7 +37,8 @@ fn uri() -> String {
 }
 
 fn storage_root() -> String {
-    std::env::var("CLUSTERCTL_E2E_STORAGE_ROOT").unwrap_or_else(|_| "/var/lib/libvirt/images/clusterctl-e2e".into())
+    std::env::var("CLUSTERCTL_E2E_STORAGE_ROOT")
+        .unwrap_or_else(|_| "/var/lib/libvirt/images/clusterctl-e2e".into())
 }
 
 fn dev_image() -> bool {
@@ -42,12 +46,27 @@ fn dev_image() -> bool {
 }
 
 fn image() -> (ImageRef, serde_json::Value) {
-    let dir = PathBuf::from(std::env::var("CLUSTERCTL_TEST_IMAGE").expect("CLUSTERCTL_TEST_IMAGE must name the node image directory"));
-    let bytes = std::fs::read(dir.join("manifest.json")).expect("the test image has a manifest.json");
-    let manifest: serde_json::Value = serde_json::from_slice(&bytes).expect("manifest.json is JSON");
-    let digest = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let dir = PathBuf::from(
+        std::env::var("CLUSTERCTL_TEST_IMAGE")
+            .expect("CLUSTERCTL_TEST_IMAGE must name the node image directory"),
+    );
+    let bytes =
+        std::fs::read(dir.join("manifest.json")).expect("the test image has a manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&bytes).expect("manifest.json is JSON");
+    let digest = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
     let version = manifest["version"].as_str().unwrap_or("dev").to_string();
-    (ImageRef { version, dir, digest: format!("sha256:{digest}") }, manifest)
+    (
+        ImageRef {
+            version,
+            dir,
+            digest: format!("sha256:{digest}"),
+        },
+        manifest,
+    )
 }
 
 fn provider() -> LibvirtProvider {
@@ -58,7 +77,10 @@ fn provider() -> LibvirtProvider {
 }
 
 fn unique_id(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("e2e{tag}{:x}{:x}", std::process::id(), nanos)
 }
 
@@ -86,7 +108,10 @@ impl Keys {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         keygen(&dir.path().join("client"));
-        let client_pub = std::fs::read_to_string(dir.path().join("client.pub")).expect("client key").trim().to_string();
+        let client_pub = std::fs::read_to_string(dir.path().join("client.pub"))
+            .expect("client key")
+            .trim()
+            .to_string();
         Self { dir, client_pub }
     }
 
@@ -96,7 +121,10 @@ impl Keys {
             keygen(&path);
         }
         let private = std::fs::read_to_string(&path).expect("host key");
-        let public = std::fs::read_to_string(path.with_extension("pub")).expect("host pub").trim().to_string();
+        let public = std::fs::read_to_string(path.with_extension("pub"))
+            .expect("host pub")
+            .trim()
+            .to_string();
         (private, public)
     }
 
@@ -123,20 +151,30 @@ impl Keys {
         let (_, public) = self.host_key(machine);
         let key_type_and_data: Vec<&str> = public.split_whitespace().take(2).collect();
         let known_hosts = self.dir.path().join(format!("known_hosts-{machine}"));
-        std::fs::write(&known_hosts, format!("{ip} {}\n", key_type_and_data.join(" ")))?;
+        std::fs::write(
+            &known_hosts,
+            format!("{ip} {}\n", key_type_and_data.join(" ")),
+        )?;
         Command::new("ssh")
             .args(["-F", "/dev/null", "-i"])
             .arg(self.dir.path().join("client"))
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
             .args([
-                "-o", "StrictHostKeyChecking=yes",
-                "-o", "GlobalKnownHostsFile=/dev/null",
-                "-o", "BatchMode=yes",
-                "-o", "ConnectTimeout=5",
-                "-o", "ServerAliveInterval=5",
-                "-o", "ServerAliveCountMax=2",
-                "-o", "LogLevel=ERROR",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "ServerAliveInterval=5",
+                "-o",
+                "ServerAliveCountMax=2",
+                "-o",
+                "LogLevel=ERROR",
             ])
             .arg(format!("{SSH_USER}@{ip}"))
             .arg(command)
@@ -172,7 +210,16 @@ impl Keys {
 
 fn keygen(path: &Path) {
     let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "clusterctl-e2e", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "clusterctl-e2e",
+            "-f",
+        ])
         .arg(path)
         .status()
         .expect("ssh-keygen runs");
@@ -184,7 +231,11 @@ fn spec(name: &str, role: MachineRole, image: &ImageRef, keys: &Keys) -> Machine
         name: name.into(),
         role,
         pool: (role == MachineRole::Worker).then(|| "default".to_string()),
-        size: MachineSize { cpus: 2, memory_mib: 1024, disk_gib: 2 },
+        size: MachineSize {
+            cpus: 2,
+            memory_mib: 1024,
+            disk_gib: 2,
+        },
         image: image.clone(),
         user_data: keys.user_data(name),
         labels: BTreeMap::from([("clusterctl.io/test".to_string(), "e2e".to_string())]),
@@ -192,7 +243,10 @@ fn spec(name: &str, role: MachineRole, image: &ImageRef, keys: &Keys) -> Machine
 }
 
 fn ip_of(m: &Machine) -> String {
-    m.addresses.first().map(ToString::to_string).unwrap_or_else(|| panic!("{} has no address: {m:?}", m.name))
+    m.addresses
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| panic!("{} has no address: {m:?}", m.name))
 }
 
 /// Direct libvirt view, to count what carries the cluster's label independently of the provider.
@@ -210,14 +264,20 @@ fn inventory(cluster_id: &str) -> Inventory {
         .list_all_domains(0)
         .expect("domains")
         .into_iter()
-        .filter(|d| d.metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(NS), 0).is_ok_and(|m| m.contains(&label)))
+        .filter(|d| {
+            d.metadata(virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(NS), 0)
+                .is_ok_and(|m| m.contains(&label))
+        })
         .filter_map(|d| d.name().ok())
         .collect();
     let networks = conn
         .list_all_networks(0)
         .expect("networks")
         .into_iter()
-        .filter(|n| n.xml_desc(0).is_ok_and(|x| x.contains(NS) && x.contains(&label)))
+        .filter(|n| {
+            n.xml_desc(0)
+                .is_ok_and(|x| x.contains(NS) && x.contains(&label))
+        })
         .filter_map(|n| n.name().ok())
         .collect();
     let mut pools = Vec::new();
@@ -234,13 +294,24 @@ fn inventory(cluster_id: &str) -> Inventory {
         pools.push(name);
     }
     volumes.sort();
-    Inventory { domains, networks, pools, volumes }
+    Inventory {
+        domains,
+        networks,
+        pools,
+        volumes,
+    }
 }
 
 fn qemu_rss_mib(domain: &str) -> Option<u64> {
     let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid")).ok()?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok()?;
-    let kib: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kib / 1024)
 }
 
@@ -251,25 +322,44 @@ fn bad_input_gives_clear_errors() {
         return;
     }
     // Unreachable URIs: a socket that does not exist, and a TCP port on loopback nobody listens on.
-    for bad in ["qemu:///system?socket=/nonexistent/libvirt-sock", "qemu+tcp://127.0.0.1:1/system"] {
+    for bad in [
+        "qemu:///system?socket=/nonexistent/libvirt-sock",
+        "qemu+tcp://127.0.0.1:1/system",
+    ] {
         let err = LibvirtProvider::connect(LibvirtConfig::new(bad)).expect_err("unreachable");
         let msg = err.to_string();
         assert!(matches!(err, ProviderError::Unreachable { .. }), "{msg}");
-        assert!(msg.contains(&format!("cannot connect to {bad}")) && msg.contains("check that the service is running"), "{msg}");
+        assert!(
+            msg.contains(&format!("cannot connect to {bad}"))
+                && msg.contains("check that the service is running"),
+            "{msg}"
+        );
     }
 
     let p = provider();
     let (image, _) = image();
     let keys = Keys::new();
-    let cluster = ClusterRef { name: "bad".into(), id: unique_id("bad") };
-    let _guard = ClusterGuard { provider: &p, cluster: cluster.clone() };
+    let cluster = ClusterRef {
+        name: "bad".into(),
+        id: unique_id("bad"),
+    };
+    let _guard = ClusterGuard {
+        provider: &p,
+        cluster: cluster.clone(),
+    };
 
     // A missing image.
     let mut missing = spec("e2e-missing-0", MachineRole::Worker, &image, &keys);
     missing.image.dir = PathBuf::from("/nonexistent/clusterctl-image");
-    let err = p.ensure_machine(&cluster, &missing).expect_err("missing image");
+    let err = p
+        .ensure_machine(&cluster, &missing)
+        .expect_err("missing image");
     assert!(matches!(err, ProviderError::ImageMissing { .. }), "{err}");
-    assert!(err.to_string().contains("/nonexistent/clusterctl-image/manifest.json"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/clusterctl-image/manifest.json"),
+        "{err}"
+    );
 
     // A domain clusterctl did not create.
     let conn = virt::connect::Connect::open(Some(&uri())).expect("connect");
@@ -279,17 +369,42 @@ fn bad_input_gives_clear_errors() {
             "<domain type='qemu'><name>{foreign_name}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"
         ))
         .expect("define foreign domain");
-    let before = foreign.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).expect("xml");
-    let err = p.ensure_machine(&cluster, &spec(&foreign_name, MachineRole::Worker, &image, &keys)).expect_err("clash");
-    assert!(matches!(err, ProviderError::NameClash { kind: "domain", .. }), "{err}");
-    assert!(err.to_string().contains("was not created by this cluster"), "{err}");
-    p.delete_machine(&cluster, &foreign_name).expect("nothing of ours to delete");
+    let before = foreign
+        .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .expect("xml");
+    let err = p
+        .ensure_machine(
+            &cluster,
+            &spec(&foreign_name, MachineRole::Worker, &image, &keys),
+        )
+        .expect_err("clash");
+    assert!(
+        matches!(err, ProviderError::NameClash { kind: "domain", .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("was not created by this cluster"),
+        "{err}"
+    );
+    p.delete_machine(&cluster, &foreign_name)
+        .expect("nothing of ours to delete");
     p.delete_cluster(&cluster).expect("delete cluster");
-    let after = conn.lookup_domain_by_name(&foreign_name).expect("foreign domain still defined");
-    assert_eq!(after.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).expect("xml"), before, "foreign domain untouched");
+    let after = conn
+        .lookup_domain_by_name(&foreign_name)
+        .expect("foreign domain still defined");
+    assert_eq!(
+        after
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .expect("xml"),
+        before,
+        "foreign domain untouched"
+    );
     after.undefine().expect("remove the foreign domain");
     let inv = inventory(&cluster.id);
-    assert!(inv.domains.is_empty() && inv.networks.is_empty() && inv.pools.is_empty(), "nothing left");
+    assert!(
+        inv.domains.is_empty() && inv.networks.is_empty() && inv.pools.is_empty(),
+        "nothing left"
+    );
 }
 
 #[test]
@@ -303,23 +418,95 @@ fn machines_boot_persist_resume_and_delete() {
     let (image, manifest) = image();
     let keys = Keys::new();
 
-    // --- one machine: boot-to-SSH ---
-    let solo = ClusterRef { name: "solo".into(), id: unique_id("solo") };
+    // --- one machine with accelerator `auto`: the KVM probe decides, then boot-to-SSH ---
+    let solo = ClusterRef {
+        name: "solo".into(),
+        id: unique_id("solo"),
+    };
     {
-        let _guard = ClusterGuard { provider: &p, cluster: solo.clone() };
+        let mut config = LibvirtConfig::new(uri());
+        config.storage_root = storage_root();
+        config.accelerator = Accelerator::Auto;
+        config.cache_dir = Some(keys.dir.path().join("cache"));
+        let auto = LibvirtProvider::connect(config).expect("connect");
+        let _guard = ClusterGuard {
+            provider: &auto,
+            cluster: solo.clone(),
+        };
         let start = Instant::now();
-        let m = p.ensure_machine(&solo, &spec("e2e-solo-0", MachineRole::ControlPlane, &image, &keys)).expect("ensure solo");
+        let m = auto
+            .ensure_machine(
+                &solo,
+                &spec("e2e-solo-0", MachineRole::ControlPlane, &image, &keys),
+            )
+            .expect("ensure solo");
         let ensured = start.elapsed();
+        let verdict = auto.probe_verdict().expect("auto ran the KVM probe");
+        eprintln!(
+            "FIGURE kvm probe: kvm_works={} in {} ms ({})",
+            verdict.kvm_works, verdict.probe_ms, verdict.detail
+        );
+        let conn = virt::connect::Connect::open(Some(&uri())).expect("connect");
+        let xml = conn
+            .lookup_domain_by_name(&m.name)
+            .expect("domain")
+            .xml_desc(0)
+            .expect("xml");
+        let expected_type = if verdict.kvm_works {
+            "type='kvm'"
+        } else {
+            "type='qemu'"
+        };
+        assert!(
+            xml.starts_with(&format!("<domain {expected_type}")),
+            "the probe's verdict is used: {}",
+            &xml[..60.min(xml.len())]
+        );
+        if !verdict.kvm_works {
+            assert!(
+                xml.contains("<tb-cache unit='MiB'>128</tb-cache>"),
+                "TCG guests get the smaller translation cache"
+            );
+        }
+        // The verdict is cached per libvirt host, so the probe runs once.
+        let cached: Vec<_> = std::fs::read_dir(keys.dir.path().join("cache"))
+            .expect("cache dir")
+            .filter_map(Result::ok)
+            .collect();
+        assert_eq!(cached.len(), 1, "one cached verdict");
+        let text = std::fs::read_to_string(cached[0].path()).expect("cache file");
+        assert!(
+            text.contains(&format!("\"kvm_works\": {}", verdict.kvm_works)),
+            "{text}"
+        );
         let ssh = keys.wait_ssh(&m.name, &ip_of(&m), start);
-        eprintln!("FIGURE one machine: ensure {:.1}s (includes image upload), boot-to-SSH {:.1}s", ensured.as_secs_f64(), ssh.as_secs_f64());
-        eprintln!("FIGURE qemu RSS of one idle VM (1 GiB guest): {:?} MiB", qemu_rss_mib(&m.name));
+        eprintln!(
+            "FIGURE one machine: ensure {:.1}s (includes image upload and probe), boot-to-SSH {:.1}s",
+            ensured.as_secs_f64(),
+            ssh.as_secs_f64()
+        );
+        eprintln!(
+            "FIGURE qemu RSS of one idle VM (1 GiB guest): {:?} MiB",
+            qemu_rss_mib(&m.name)
+        );
     }
     let inv = inventory(&solo.id);
-    assert!(inv.domains.is_empty() && inv.networks.is_empty() && inv.pools.is_empty() && inv.volumes.is_empty());
+    assert!(
+        inv.domains.is_empty()
+            && inv.networks.is_empty()
+            && inv.pools.is_empty()
+            && inv.volumes.is_empty()
+    );
 
     // --- three machines in parallel ---
-    let cluster = ClusterRef { name: "trio".into(), id: unique_id("trio") };
-    let guard = ClusterGuard { provider: &p, cluster: cluster.clone() };
+    let cluster = ClusterRef {
+        name: "trio".into(),
+        id: unique_id("trio"),
+    };
+    let guard = ClusterGuard {
+        provider: &p,
+        cluster: cluster.clone(),
+    };
     let specs = vec![
         spec("e2e-cp-0", MachineRole::ControlPlane, &image, &keys),
         spec("e2e-w-0", MachineRole::Worker, &image, &keys),
@@ -327,21 +514,42 @@ fn machines_boot_persist_resume_and_delete() {
     ];
     let start = Instant::now();
     let machines: Vec<Machine> = std::thread::scope(|s| {
-        let handles: Vec<_> = specs.iter().map(|sp| s.spawn(|| p.ensure_machine(&cluster, sp))).collect();
-        handles.into_iter().map(|h| h.join().expect("thread").expect("ensure")).collect()
+        let handles: Vec<_> = specs
+            .iter()
+            .map(|sp| s.spawn(|| p.ensure_machine(&cluster, sp)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("ensure"))
+            .collect()
     });
     let ensured = start.elapsed();
     let mut ips = Vec::new();
     std::thread::scope(|s| {
-        let handles: Vec<_> = machines.iter().map(|m| s.spawn(|| keys.wait_ssh(&m.name, &ip_of(m), start))).collect();
+        let handles: Vec<_> = machines
+            .iter()
+            .map(|m| s.spawn(|| keys.wait_ssh(&m.name, &ip_of(m), start)))
+            .collect();
         for (m, h) in machines.iter().zip(handles) {
             let t = h.join().expect("thread");
-            eprintln!("FIGURE three in parallel: {} SSH after {:.1}s", m.name, t.as_secs_f64());
+            eprintln!(
+                "FIGURE three in parallel: {} SSH after {:.1}s",
+                m.name,
+                t.as_secs_f64()
+            );
         }
     });
-    eprintln!("FIGURE three in parallel: all ensured {:.1}s, all SSH-ready {:.1}s", ensured.as_secs_f64(), start.elapsed().as_secs_f64());
+    eprintln!(
+        "FIGURE three in parallel: all ensured {:.1}s, all SSH-ready {:.1}s",
+        ensured.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
     for m in &machines {
-        eprintln!("FIGURE qemu RSS {}: {:?} MiB", m.name, qemu_rss_mib(&m.name));
+        eprintln!(
+            "FIGURE qemu RSS {}: {:?} MiB",
+            m.name,
+            qemu_rss_mib(&m.name)
+        );
         ips.push(ip_of(m));
     }
     let mut distinct = ips.clone();
@@ -350,33 +558,58 @@ fn machines_boot_persist_resume_and_delete() {
     assert_eq!(distinct.len(), 3, "distinct addresses: {ips:?}");
 
     let listed = p.list_machines(&cluster).expect("list");
-    assert_eq!(listed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["e2e-cp-0", "e2e-w-0", "e2e-w-1"]);
-    assert!(listed.iter().all(|m| m.state == MachineState::Running && m.image_digest.as_deref() == Some(image.digest.as_str())));
+    assert_eq!(
+        listed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        ["e2e-cp-0", "e2e-w-0", "e2e-w-1"]
+    );
+    assert!(listed.iter().all(|m| m.state == MachineState::Running
+        && m.image_digest.as_deref() == Some(image.digest.as_str())));
     assert_eq!(listed[0].role, MachineRole::ControlPlane);
     assert_eq!(listed[1].pool.as_deref(), Some("default"));
 
     // --- node properties ---
-    let root_hash = manifest["root"]["verity"]["root_hash"].as_str().map(str::to_string);
+    let root_hash = manifest["root"]["verity"]["root_hash"]
+        .as_str()
+        .map(str::to_string);
     for m in &machines {
         let ip = ip_of(m);
         assert_eq!(keys.ssh_ok(&m.name, &ip, "hostname"), m.name);
-        assert_eq!(keys.ssh_ok(&m.name, &ip, "systemctl is-active containerd"), "active");
+        assert_eq!(
+            keys.ssh_ok(&m.name, &ip, "systemctl is-active containerd"),
+            "active"
+        );
+        let opts = keys.ssh_ok(&m.name, &ip, "findmnt -no OPTIONS /");
+        assert!(
+            opts.split(',').any(|o| o == "ro"),
+            "/ is mounted read-only on {}: {opts}",
+            m.name
+        );
         if dev_image() {
-            eprintln!("NOT CHECKED on the dev image: read-only root and dm-verity");
+            eprintln!("NOT CHECKED on the dev image: dm-verity (the dev image has none)");
         } else {
-            let opts = keys.ssh_ok(&m.name, &ip, "findmnt -no OPTIONS /");
-            assert!(opts.split(',').any(|o| o == "ro"), "/ is mounted read-only on {}: {opts}", m.name);
-            let hash = root_hash.as_deref().expect("the image manifest has root.verity.root_hash");
+            let hash = root_hash
+                .as_deref()
+                .expect("the image manifest has root.verity.root_hash");
             let cmdline = keys.ssh_ok(&m.name, &ip, "cat /proc/cmdline");
-            assert!(cmdline.contains(hash), "{}: root hash on the kernel command line: {cmdline}", m.name);
+            assert!(
+                cmdline.contains(hash),
+                "{}: root hash on the kernel command line: {cmdline}",
+                m.name
+            );
             let status = keys.ssh_ok(&m.name, &ip, "sudo dmsetup status");
             assert!(
-                status.lines().any(|l| l.contains(" verity ") && l.trim_end().ends_with(" V")),
+                status
+                    .lines()
+                    .any(|l| l.contains(" verity ") && l.trim_end().ends_with(" V")),
                 "{}: an active, verified dm-verity device: {status}",
                 m.name
             );
             let source = keys.ssh_ok(&m.name, &ip, "findmnt -no SOURCE /");
-            assert!(source.starts_with("/dev/mapper/") || source.starts_with("/dev/dm-"), "{}: / comes from the verity device: {source}", m.name);
+            assert!(
+                source.starts_with("/dev/mapper/") || source.starts_with("/dev/dm-"),
+                "{}: / comes from the verity device: {source}",
+                m.name
+            );
         }
     }
 
@@ -386,12 +619,20 @@ fn machines_boot_persist_resume_and_delete() {
     let target = keys.ssh_ok(&m.name, &ip, "findmnt -rno TARGET -S /dev/vdb | head -n1");
     assert!(!target.is_empty(), "the data disk /dev/vdb is mounted");
     let token = format!("e2e-{}", std::process::id());
-    keys.ssh_ok(&m.name, &ip, &format!("echo {token} | sudo tee {target}/clusterctl-e2e-marker >/dev/null && sync"));
+    keys.ssh_ok(
+        &m.name,
+        &ip,
+        &format!("echo {token} | sudo tee {target}/clusterctl-e2e-marker >/dev/null && sync"),
+    );
     let boot_id = keys.ssh_ok(&m.name, &ip, "cat /proc/sys/kernel/random/boot_id");
     let _ = keys.ssh(&m.name, &ip, "sudo systemctl reboot");
     let reboot_start = Instant::now();
     loop {
-        assert!(reboot_start.elapsed() < BOOT_TIMEOUT, "{} did not come back after reboot", m.name);
+        assert!(
+            reboot_start.elapsed() < BOOT_TIMEOUT,
+            "{} did not come back after reboot",
+            m.name
+        );
         std::thread::sleep(Duration::from_secs(3));
         if let Ok(o) = keys.ssh(&m.name, &ip, "cat /proc/sys/kernel/random/boot_id")
             && o.status.success()
@@ -400,8 +641,14 @@ fn machines_boot_persist_resume_and_delete() {
             break;
         }
     }
-    eprintln!("FIGURE reboot to SSH: {:.1}s", reboot_start.elapsed().as_secs_f64());
-    assert_eq!(keys.ssh_ok(&m.name, &ip, &format!("cat {target}/clusterctl-e2e-marker")), token);
+    eprintln!(
+        "FIGURE reboot to SSH: {:.1}s",
+        reboot_start.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        keys.ssh_ok(&m.name, &ip, &format!("cat {target}/clusterctl-e2e-marker")),
+        token
+    );
 
     // --- ensure again: nothing new ---
     let before = inventory(&cluster.id);
@@ -411,29 +658,53 @@ fn machines_boot_persist_resume_and_delete() {
     }
     let after = inventory(&cluster.id);
     assert_eq!(after.domains.len(), 3);
-    assert_eq!((&after.domains, &after.volumes), (&before.domains, &before.volumes), "ensure again creates nothing");
+    assert_eq!(
+        (&after.domains, &after.volumes),
+        (&before.domains, &before.volumes),
+        "ensure again creates nothing"
+    );
     // 3 machines x (root, data, seed) + image (kernel, initrd, root, complete marker) + owner marker.
     assert_eq!(after.volumes.len(), 3 * 3 + 4 + 1, "{:?}", after.volumes);
 
     // --- a stopped machine is started by ensure ---
     let conn = virt::connect::Connect::open(Some(&uri())).expect("connect");
-    conn.lookup_domain_by_name("e2e-w-1").expect("domain").destroy().expect("stop");
-    assert_eq!(p.list_machines(&cluster).expect("list")[2].state, MachineState::Stopped);
-    assert_eq!(p.ensure_machine(&cluster, &specs[2]).expect("restart").state, MachineState::Running);
+    conn.lookup_domain_by_name("e2e-w-1")
+        .expect("domain")
+        .destroy()
+        .expect("stop");
+    assert_eq!(
+        p.list_machines(&cluster).expect("list")[2].state,
+        MachineState::Stopped
+    );
+    assert_eq!(
+        p.ensure_machine(&cluster, &specs[2])
+            .expect("restart")
+            .state,
+        MachineState::Running
+    );
 
     // --- delete one machine, then the cluster ---
-    p.delete_machine(&cluster, "e2e-w-1").expect("delete machine");
-    p.delete_machine(&cluster, "e2e-w-1").expect("delete machine again");
+    p.delete_machine(&cluster, "e2e-w-1")
+        .expect("delete machine");
+    p.delete_machine(&cluster, "e2e-w-1")
+        .expect("delete machine again");
     let inv = inventory(&cluster.id);
     assert_eq!(inv.domains.len(), 2);
-    assert!(!inv.volumes.iter().any(|v| v.starts_with("e2e-w-1-")), "{:?}", inv.volumes);
+    assert!(
+        !inv.volumes.iter().any(|v| v.starts_with("e2e-w-1-")),
+        "{:?}",
+        inv.volumes
+    );
     drop(guard);
     let inv = inventory(&cluster.id);
     assert!(inv.domains.is_empty(), "{:?}", inv.domains);
     assert!(inv.networks.is_empty(), "{:?}", inv.networks);
     assert!(inv.pools.is_empty(), "{:?}", inv.pools);
     assert!(inv.volumes.is_empty(), "{:?}", inv.volumes);
-    eprintln!("FIGURE boot/persist/delete suite: {:.1}s", suite_start.elapsed().as_secs_f64());
+    eprintln!(
+        "FIGURE boot/persist/delete suite: {:.1}s",
+        suite_start.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -445,14 +716,25 @@ fn killed_ensure_resumes_without_orphans() {
     let p = provider();
     let (image, _) = image();
     let keys = Keys::new();
-    let cluster = ClusterRef { name: "kill".into(), id: unique_id("kill") };
-    let guard = ClusterGuard { provider: &p, cluster: cluster.clone() };
-    let specs: Vec<MachineSpec> =
-        (0..3).map(|i| spec(&format!("e2e-kill-{i}"), MachineRole::Worker, &image, &keys)).collect();
+    let cluster = ClusterRef {
+        name: "kill".into(),
+        id: unique_id("kill"),
+    };
+    let guard = ClusterGuard {
+        provider: &p,
+        cluster: cluster.clone(),
+    };
+    let specs: Vec<MachineSpec> = (0..3)
+        .map(|i| spec(&format!("e2e-kill-{i}"), MachineRole::Worker, &image, &keys))
+        .collect();
 
     let helper = std::env::current_exe()
         .ok()
-        .and_then(|e| e.parent().and_then(Path::parent).map(|d| d.join("examples/libvirt_ensure")))
+        .and_then(|e| {
+            e.parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("examples/libvirt_ensure"))
+        })
         .filter(|p| p.exists())
         .expect("build the helper first: cargo build -p providers --features libvirt --example libvirt_ensure");
     let request = keys.dir.path().join("request.json");
@@ -467,7 +749,11 @@ fn killed_ensure_resumes_without_orphans() {
 
     // Kill twice: once during the image upload, once between machines.
     for (round, kill_after_line) in [(0, false), (1, true)] {
-        let mut child = Command::new(&helper).arg(&request).stdout(Stdio::piped()).spawn().expect("spawn helper");
+        let mut child = Command::new(&helper)
+            .arg(&request)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn helper");
         if kill_after_line {
             let stdout = child.stdout.take().expect("stdout");
             let mut line = String::new();
@@ -478,7 +764,10 @@ fn killed_ensure_resumes_without_orphans() {
         }
         child.kill().expect("SIGKILL helper");
         let status = child.wait().expect("wait");
-        eprintln!("round {round}: helper killed ({status}); inventory {:?}", inventory(&cluster.id).volumes);
+        eprintln!(
+            "round {round}: helper killed ({status}); inventory {:?}",
+            inventory(&cluster.id).volumes
+        );
     }
 
     for sp in &specs {
@@ -486,16 +775,31 @@ fn killed_ensure_resumes_without_orphans() {
     }
     let inv = inventory(&cluster.id);
     assert_eq!(inv.domains.len(), 3, "{:?}", inv.domains);
-    assert_eq!(inv.volumes.len(), 3 * 3 + 4 + 1, "no orphaned volumes: {:?}", inv.volumes);
+    assert_eq!(
+        inv.volumes.len(),
+        3 * 3 + 4 + 1,
+        "no orphaned volumes: {:?}",
+        inv.volumes
+    );
     assert_eq!(inv.networks.len(), 1);
     assert_eq!(p.list_machines(&cluster).expect("list").len(), 3);
     // Every machine kept a distinct reserved address.
-    let mut ips: Vec<String> = p.list_machines(&cluster).expect("list").iter().filter_map(|m| m.addresses.first().map(ToString::to_string)).collect();
+    let mut ips: Vec<String> = p
+        .list_machines(&cluster)
+        .expect("list")
+        .iter()
+        .filter_map(|m| m.addresses.first().map(ToString::to_string))
+        .collect();
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 3, "{ips:?}");
 
     drop(guard);
     let inv = inventory(&cluster.id);
-    assert!(inv.domains.is_empty() && inv.networks.is_empty() && inv.pools.is_empty() && inv.volumes.is_empty());
+    assert!(
+        inv.domains.is_empty()
+            && inv.networks.is_empty()
+            && inv.pools.is_empty()
+            && inv.volumes.is_empty()
+    );
 }

@@ -83,9 +83,19 @@ impl ClusterLabel {
 fn attribute_name(name: &str) -> String {
     let cleaned: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
-    if cleaned.starts_with(|c: char| c.is_ascii_alphabetic()) { cleaned } else { format!("a{cleaned}") }
+    if cleaned.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        cleaned
+    } else {
+        format!("a{cleaned}")
+    }
 }
 
 /// How the guest CPU is run.
@@ -174,7 +184,10 @@ impl DomainXml {
         if let DomainAccel::Tcg { tb_cache_mib } = self.accel
             && tb_cache_mib > 0
         {
-            let _ = writeln!(s, "    <tcg>\n      <tb-cache unit='MiB'>{tb_cache_mib}</tb-cache>\n    </tcg>");
+            let _ = writeln!(
+                s,
+                "    <tcg>\n      <tb-cache unit='MiB'>{tb_cache_mib}</tb-cache>\n    </tcg>"
+            );
         }
         s.push_str("  </features>\n");
         match self.accel {
@@ -190,14 +203,22 @@ impl DomainXml {
         s.push_str("  <devices>\n");
         for d in &self.disks {
             let _ = writeln!(s, "    <disk type='volume' device='disk'>");
-            let _ = writeln!(s, "      <driver name='qemu' type='{}' discard='unmap'/>", xml_escape(&d.format));
+            let _ = writeln!(
+                s,
+                "      <driver name='qemu' type='{}' discard='unmap'/>",
+                xml_escape(&d.format)
+            );
             let _ = writeln!(
                 s,
                 "      <source pool='{}' volume='{}'/>",
                 xml_escape(&d.pool),
                 xml_escape(&d.volume)
             );
-            let _ = writeln!(s, "      <target dev='{}' bus='virtio'/>", xml_escape(&d.target));
+            let _ = writeln!(
+                s,
+                "      <target dev='{}' bus='virtio'/>",
+                xml_escape(&d.target)
+            );
             if d.readonly {
                 s.push_str("      <readonly/>\n");
             }
@@ -219,10 +240,10 @@ impl DomainXml {
             let _ = writeln!(s, "      <log file='{}' append='on'/>", xml_escape(log));
         }
         s.push_str("      <target port='0'/>\n    </serial>\n");
-        s.push_str("    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n");
         s.push_str(
-            "    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n",
+            "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n",
         );
+        s.push_str("    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n");
         s.push_str("    <memballoon model='none'/>\n");
         s.push_str("  </devices>\n</domain>\n");
         s
@@ -282,10 +303,22 @@ impl NetworkXml {
         let mut s = String::from("<network>\n");
         let _ = writeln!(s, "  <name>{}</name>", xml_escape(&self.name));
         let _ = writeln!(s, "  <metadata>{}</metadata>", self.label.to_xml());
-        let _ = writeln!(s, "  <bridge name='{}' stp='off' delay='0'/>", xml_escape(&self.bridge));
-        let _ = writeln!(s, "  <ip address='{}' prefix='{}'>", self.gateway, self.prefix);
+        let _ = writeln!(
+            s,
+            "  <bridge name='{}' stp='off' delay='0'/>",
+            xml_escape(&self.bridge)
+        );
+        let _ = writeln!(
+            s,
+            "  <ip address='{}' prefix='{}'>",
+            self.gateway, self.prefix
+        );
         s.push_str("    <dhcp>\n");
-        let _ = writeln!(s, "      <range start='{}' end='{}'/>", self.dhcp_start, self.dhcp_end);
+        let _ = writeln!(
+            s,
+            "      <range start='{}' end='{}'/>",
+            self.dhcp_start, self.dhcp_end
+        );
         for h in &self.hosts {
             let _ = writeln!(s, "      {}", h.render());
         }
@@ -334,7 +367,11 @@ impl VolumeXml {
     pub fn render(&self) -> String {
         let mut s = String::from("<volume>\n");
         let _ = writeln!(s, "  <name>{}</name>", xml_escape(&self.name));
-        let _ = writeln!(s, "  <capacity unit='bytes'>{}</capacity>", self.capacity_bytes);
+        let _ = writeln!(
+            s,
+            "  <capacity unit='bytes'>{}</capacity>",
+            self.capacity_bytes
+        );
         let _ = writeln!(
             s,
             "  <target>\n    <format type='{}'/>\n    <permissions>\n      <mode>0600</mode>\n    </permissions>\n  </target>",
@@ -357,7 +394,11 @@ impl VolumeXml {
 /// and the node image's first-boot agent (which reads JSON only) understand it.
 #[must_use]
 pub fn nocloud_meta_data(instance_id: &str, hostname: &str) -> String {
-    format!("{{\"instance-id\": {}, \"local-hostname\": {}}}\n", json_string(instance_id), json_string(hostname))
+    format!(
+        "{{\"instance-id\": {}, \"local-hostname\": {}}}\n",
+        json_string(instance_id),
+        json_string(hostname)
+    )
 }
 
 /// NoCloud `network-config` (version 2, JSON): the NIC with this MAC takes its address by DHCP,
@@ -396,7 +437,10 @@ mod tests {
         ClusterLabel {
             cluster_id: "c0ffee".into(),
             cluster_name: "demo".into(),
-            attributes: vec![("machine".into(), "demo-cp-0".into()), ("role".into(), "control-plane".into())],
+            attributes: vec![
+                ("machine".into(), "demo-cp-0".into()),
+                ("role".into(), "control-plane".into()),
+            ],
             labels: vec![("team".into(), "a&b<\"'>".into())],
         }
     }
@@ -478,32 +522,54 @@ mod tests {
         let n = NetworkXml {
             name: "clusterctl-c0ffee".into(),
             bridge: "ccbr1a2b3c4d".into(),
-            gateway: "10.213.7.1".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+            gateway: "10.213.7.1"
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             prefix: 24,
-            dhcp_start: "10.213.7.200".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
-            dhcp_end: "10.213.7.254".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+            dhcp_start: "10.213.7.200"
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+            dhcp_end: "10.213.7.254"
+                .parse()
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             hosts: vec![DhcpHost {
                 mac: "52:54:00:12:34:56".into(),
                 name: "demo-cp-0".into(),
-                ip: "10.213.7.10".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+                ip: "10.213.7.10"
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             }],
             label: label(),
         };
         let xml = n.render();
-        assert!(!xml.contains("<forward"), "an isolated network has no forward element");
+        assert!(
+            !xml.contains("<forward"),
+            "an isolated network has no forward element"
+        );
         insta::assert_snapshot!(xml);
     }
 
     #[test]
     fn pool_and_volumes() {
-        insta::assert_snapshot!(DirPoolXml { name: "clusterctl-c0ffee".into(), path: "/var/lib/clusterctl/c0ffee".into() }.render());
-        insta::assert_snapshot!(VolumeXml {
-            name: "demo-cp-0-root.qcow2".into(),
-            capacity_bytes: 2 << 30,
-            format: "qcow2".into(),
-            backing: Some(("/var/lib/clusterctl/c0ffee/image-1-root".into(), "raw".into())),
-        }
-        .render());
+        insta::assert_snapshot!(
+            DirPoolXml {
+                name: "clusterctl-c0ffee".into(),
+                path: "/var/lib/clusterctl/c0ffee".into()
+            }
+            .render()
+        );
+        insta::assert_snapshot!(
+            VolumeXml {
+                name: "demo-cp-0-root.qcow2".into(),
+                capacity_bytes: 2 << 30,
+                format: "qcow2".into(),
+                backing: Some((
+                    "/var/lib/clusterctl/c0ffee/image-1-root".into(),
+                    "raw".into()
+                )),
+            }
+            .render()
+        );
     }
 
     #[test]

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds a development node image for the libvirt provider's tests when the real image
 # (`clusterctl image build`, nodeimage crate) is not available: a TESTBED-style Debian bookworm
-# rootfs with containerd and sshd, booted by direct kernel boot with `ro systemd.volatile=overlay`
-# (the root disk is never written; changes go to a tmpfs overlay), and a tiny first-boot script
+# rootfs with containerd and sshd, booted by direct kernel boot with `ro systemd.volatile=state`
+# (read-only root, /var on tmpfs; /etc and /home get tmpfs overlays), and a tiny first-boot script
 # that applies the JSON subset of a NoCloud seed the real image's agent reads (hostname, users with
-# authorized keys and sudo, the ed25519 host key). No dm-verity and no read-only root: the e2e
-# test reports those checks as not done when it runs on this image.
+# authorized keys and sudo, the ed25519 host key). No dm-verity: the e2e test reports that check
+# as not done when it runs on this image.
 #
 # Output (cached by a hash of this script): $OUT/{vmlinuz,initrd.img,root.qcow2,manifest.json}
 # Usage: dev-image.sh [OUT_DIR]   (default /var/cache/clusterctl/dev-image)
@@ -41,6 +41,12 @@ until dev=$(blkid -o device -t LABEL=CIDATA || blkid -o device -t LABEL=cidata);
   i=$((i + 1)); [ "$i" -lt 100 ] || { echo "dev-firstboot: no seed disk"; exit 1; }; sleep 0.2
 done
 mount -o ro "$dev" "$seed"
+# The root is read-only (initramfs-tools has no systemd.volatile=overlay): /etc and /home get
+# tmpfs-backed overlays so users and host keys can be applied on every boot.
+for d in etc home; do
+  mkdir -p "/run/dev-overlay/$d/upper" "/run/dev-overlay/$d/work"
+  mountpoint -q "/$d" || mount -t overlay overlay -o "lowerdir=/$d,upperdir=/run/dev-overlay/$d/upper,workdir=/run/dev-overlay/$d/work" "/$d"
+done
 ud=$(sed '1{/^#cloud-config/d}' "$seed/user-data")
 name=$(jq -r '."local-hostname" // empty' "$seed/meta-data")
 [ -z "$name" ] || { echo "$name" > /etc/hostname; hostname "$name"; }
@@ -112,9 +118,9 @@ chroot "$root" systemctl enable systemd-networkd >/dev/null 2>&1 || true
 mkdir -p "$out.tmp"
 cp "$root"/boot/vmlinuz-* "$out.tmp/vmlinuz"
 cp "$root"/boot/initrd.img-* "$out.tmp/initrd.img"
-mkfs.ext4 -q -F -L root -E root_owner=0:0 -d "$root" "$work/root.raw" 2G
+mkdir -p "$root/run"; mkfs.ext4 -q -F -L root -E root_owner=0:0 -d "$root" "$work/root.raw" 2G
 qemu-img convert -O qcow2 "$work/root.raw" "$out.tmp/root.qcow2"
-cmdline="root=/dev/vda ro console=ttyS0 systemd.volatile=overlay"
+cmdline="root=/dev/vda ro console=ttyS0 systemd.volatile=state"
 cat > "$out.tmp/manifest.json" <<JSON
 {
   "version": "dev-$key",

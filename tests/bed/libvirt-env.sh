@@ -61,7 +61,7 @@ up() {
   rm -f "$dir/etc/libvirt/qemu/networks/autostart/default.xml" "$dir/etc/libvirt/qemu/networks/default.xml"
   # No systemd, no AppArmor profiles inside the bed: QEMU runs without a security driver here.
   printf '\n# clusterctl test bed\nsecurity_driver = "none"\n' >> "$dir/etc/libvirt/qemu.conf"
-  mkdir -p "$dir/var/lib/libvirt/images"
+  mkdir -p "$dir/var/lib/libvirt/images" "$dir/var/log/libvirt/qemu"
 
   # The holder keeps the namespaces alive; its mount namespace has the bind mounts.
   ip netns exec "$name" unshare --mount --propagation private /bin/sh -c '

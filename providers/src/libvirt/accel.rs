@@ -35,7 +35,9 @@ impl std::str::FromStr for Accelerator {
             "kvm" => Ok(Self::Kvm),
             "tcg" | "qemu" => Ok(Self::Tcg),
             "auto" => Ok(Self::Auto),
-            other => Err(format!("unknown accelerator {other:?}; use kvm, tcg or auto")),
+            other => Err(format!(
+                "unknown accelerator {other:?}; use kvm, tcg or auto"
+            )),
         }
     }
 }
@@ -65,13 +67,22 @@ pub struct ProbeVerdict {
 }
 
 /// Console lines that prove the kernel initialised fully under KVM.
-const PROGRESS_MARKERS: &[&str] =
-    &["VFS: Unable to mount root", "VFS: Cannot open root device", "Kernel panic", "Run /init", "Freeing unused kernel"];
+const PROGRESS_MARKERS: &[&str] = &[
+    "VFS: Unable to mount root",
+    "VFS: Cannot open root device",
+    "Kernel panic",
+    "Run /init",
+    "Freeing unused kernel",
+];
 
 /// Cache file for one libvirt host.
 pub(crate) fn cache_file(cache_dir: &Path, uri: &str, hostname: &str) -> PathBuf {
     use sha2::{Digest, Sha256};
-    let key: String = Sha256::digest(format!("{uri}\n{hostname}").as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let key: String = Sha256::digest(format!("{uri}\n{hostname}").as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     cache_dir.join(format!("kvm-probe-{key}.json"))
 }
 
@@ -80,7 +91,9 @@ pub(crate) fn read_cache(path: &Path) -> Option<ProbeVerdict> {
 }
 
 pub(crate) fn write_cache(path: &Path, verdict: &ProbeVerdict) {
-    let Ok(bytes) = serde_json::to_vec_pretty(verdict) else { return };
+    let Ok(bytes) = serde_json::to_vec_pretty(verdict) else {
+        return;
+    };
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -92,7 +105,12 @@ pub(crate) fn write_cache(path: &Path, verdict: &ProbeVerdict) {
 
 /// Boots `kernel` (a path on the libvirt host) with KVM for at most `timeout` and reports whether
 /// it reached a progress marker on the serial console.
-pub(crate) fn probe(conn: &Connect, kernel: &str, label: ClusterLabel, timeout: Duration) -> ProbeVerdict {
+pub(crate) fn probe(
+    conn: &Connect,
+    kernel: &str,
+    label: ClusterLabel,
+    timeout: Duration,
+) -> ProbeVerdict {
     let started = Instant::now();
     let host = conn.hostname().unwrap_or_default();
     let name = format!("clusterctl-kvm-probe-{}", std::process::id());
@@ -120,7 +138,12 @@ pub(crate) fn probe(conn: &Connect, kernel: &str, label: ClusterLabel, timeout: 
     };
     let dom = match conn.create_domain_xml(&xml, virt::sys::VIR_DOMAIN_START_PAUSED) {
         Ok(d) => d,
-        Err(e) => return verdict(false, format!("starting a kvm guest failed: {}", e.message())),
+        Err(e) => {
+            return verdict(
+                false,
+                format!("starting a kvm guest failed: {}", e.message()),
+            );
+        }
     };
     let result = watch_console(conn, &dom, timeout);
     // Transient: destroying it removes it. It may already be gone after its panic reboot.
@@ -132,9 +155,12 @@ pub(crate) fn probe(conn: &Connect, kernel: &str, label: ClusterLabel, timeout: 
 }
 
 fn watch_console(conn: &Connect, dom: &Domain, timeout: Duration) -> Result<String, String> {
-    let stream = Stream::new(conn, virt::sys::VIR_STREAM_NONBLOCK).map_err(|e| format!("opening a stream: {}", e.message()))?;
-    dom.open_console(None, &stream, 0).map_err(|e| format!("opening the probe console: {}", e.message()))?;
-    dom.resume().map_err(|e| format!("resuming the probe: {}", e.message()))?;
+    let stream = Stream::new(conn, virt::sys::VIR_STREAM_NONBLOCK)
+        .map_err(|e| format!("opening a stream: {}", e.message()))?;
+    dom.open_console(None, &stream, 0)
+        .map_err(|e| format!("opening the probe console: {}", e.message()))?;
+    dom.resume()
+        .map_err(|e| format!("resuming the probe: {}", e.message()))?;
     let deadline = Instant::now() + timeout;
     let mut output = Vec::new();
     let mut buf = [0u8; 4096];
@@ -143,7 +169,10 @@ fn watch_console(conn: &Connect, dom: &Domain, timeout: Duration) -> Result<Stri
             Ok(n) if n > 0 => {
                 output.extend_from_slice(&buf[..n as usize]);
                 let text = String::from_utf8_lossy(&output);
-                if let Some(line) = text.lines().find(|l| PROGRESS_MARKERS.iter().any(|m| l.contains(m))) {
+                if let Some(line) = text
+                    .lines()
+                    .find(|l| PROGRESS_MARKERS.iter().any(|m| l.contains(m)))
+                {
                     let line = line.trim().to_string();
                     let _ = stream.abort();
                     return Ok(line);
@@ -151,22 +180,61 @@ fn watch_console(conn: &Connect, dom: &Domain, timeout: Duration) -> Result<Stri
             }
             // -2: no data yet on a non-blocking stream.
             Ok(-2) => std::thread::sleep(Duration::from_millis(100)),
-            Ok(_) => return Err(format!("the guest stopped before booting: {}", last_line(&output))),
-            Err(e) => return Err(format!("the console failed: {}; last output: {}", e.message(), last_line(&output))),
+            Ok(_) => {
+                return Err(format!(
+                    "the guest stopped before booting: {}",
+                    last_line(&output)
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the console failed: {}; last output: {}",
+                    e.message(),
+                    last_line(&output)
+                ));
+            }
         }
         if Instant::now() > deadline {
             let _ = stream.abort();
-            return Err(format!("no boot progress within {} s; last output: {}", timeout.as_secs(), last_line(&output)));
+            return Err(format!(
+                "no boot progress within {} s; last output: {}",
+                timeout.as_secs(),
+                last_line(&output)
+            ));
         }
-        if !dom.is_active().unwrap_or(false) {
-            return Err(format!("the guest died: {}", last_line(&output)));
+        // KVM's "emulation failure" pauses or kills the guest: no need to wait for the timeout.
+        match dom.state() {
+            Ok((
+                virt::enumutil::Enum::Known(
+                    virt::domain::DomainState::Running | virt::domain::DomainState::Blocked,
+                ),
+                _,
+            )) => {}
+            Ok((state, reason)) => {
+                return Err(format!(
+                    "the guest stopped ({state:?}, {reason:?}); last output: {}",
+                    last_line(&output)
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the guest is gone ({}); last output: {}",
+                    e.message(),
+                    last_line(&output)
+                ));
+            }
         }
     }
 }
 
 fn last_line(output: &[u8]) -> String {
     let text = String::from_utf8_lossy(output);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(none)").trim();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(none)")
+        .trim();
     line.chars().take(200).collect()
 }
 
@@ -179,7 +247,12 @@ mod tests {
         assert_eq!("KVM".parse::<Accelerator>(), Ok(Accelerator::Kvm));
         assert_eq!("tcg".parse::<Accelerator>(), Ok(Accelerator::Tcg));
         assert_eq!("auto".parse::<Accelerator>(), Ok(Accelerator::Auto));
-        assert!("xen".parse::<Accelerator>().unwrap_err().contains("kvm, tcg or auto"));
+        assert!(
+            "xen"
+                .parse::<Accelerator>()
+                .expect_err("unknown")
+                .contains("kvm, tcg or auto")
+        );
     }
 
     #[test]
@@ -188,7 +261,12 @@ mod tests {
         let p = cache_file(d.path(), "qemu:///system", "host1");
         assert_ne!(p, cache_file(d.path(), "qemu:///system", "host2"));
         assert!(read_cache(&p).is_none());
-        let v = ProbeVerdict { kvm_works: false, probe_ms: 12, detail: "x".into(), host: "host1".into() };
+        let v = ProbeVerdict {
+            kvm_works: false,
+            probe_ms: 12,
+            detail: "x".into(),
+            host: "host1".into(),
+        };
         write_cache(&p, &v);
         assert_eq!(read_cache(&p), Some(v));
     }

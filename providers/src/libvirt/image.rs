@@ -58,32 +58,65 @@ impl ArtifactField {
 }
 
 fn missing(image: &ImageRef, detail: String) -> ProviderError {
-    ProviderError::ImageMissing { image: format!("{} ({})", image.version, image.dir.display()), detail }
+    ProviderError::ImageMissing {
+        image: format!("{} ({})", image.version, image.dir.display()),
+        detail,
+    }
 }
 
 impl ImageArtifacts {
     /// Reads the manifest and checks that every artifact exists.
     pub(crate) fn load(image: &ImageRef) -> Result<Self, ProviderError> {
         let manifest_path = image.dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path)
-            .map_err(|e| missing(image, format!("cannot read {}: {e}", manifest_path.display())))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| missing(image, format!("{} is not a valid image manifest: {e}", manifest_path.display())))?;
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+            missing(
+                image,
+                format!("cannot read {}: {e}", manifest_path.display()),
+            )
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            missing(
+                image,
+                format!(
+                    "{} is not a valid image manifest: {e}",
+                    manifest_path.display()
+                ),
+            )
+        })?;
         let resolve = |field: &ArtifactField, what: &str| -> Result<PathBuf, ProviderError> {
             let name = field.file();
-            if name.is_empty() || Path::new(name).is_absolute() || name.split('/').any(|c| c == "..") {
-                return Err(missing(image, format!("the manifest's {what} path {name:?} must be relative to the image directory")));
+            if name.is_empty()
+                || Path::new(name).is_absolute()
+                || name.split('/').any(|c| c == "..")
+            {
+                return Err(missing(
+                    image,
+                    format!(
+                        "the manifest's {what} path {name:?} must be relative to the image directory"
+                    ),
+                ));
             }
             let p = image.dir.join(name);
-            if p.is_file() { Ok(p) } else { Err(missing(image, format!("{what} {} does not exist", p.display()))) }
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(missing(
+                    image,
+                    format!("{what} {} does not exist", p.display()),
+                ))
+            }
         };
         let root = resolve(&m.root, "root image")?;
         let root_format = match m.root.format() {
             Some(f) => f.to_string(),
-            None => sniff_format(&root).map_err(|e| missing(image, format!("cannot read {}: {e}", root.display())))?,
+            None => sniff_format(&root)
+                .map_err(|e| missing(image, format!("cannot read {}: {e}", root.display())))?,
         };
         if root_format != "raw" && root_format != "qcow2" {
-            return Err(missing(image, format!("root image format {root_format:?} is not raw or qcow2")));
+            return Err(missing(
+                image,
+                format!("root image format {root_format:?} is not raw or qcow2"),
+            ));
         }
         Ok(Self {
             kernel: resolve(&m.kernel, "kernel")?,
@@ -101,7 +134,12 @@ fn sniff_format(path: &Path) -> std::io::Result<String> {
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path)?;
     let n = f.read(&mut magic)?;
-    Ok(if n == 4 && &magic == b"QFI\xfb" { "qcow2" } else { "raw" }.to_string())
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    }
+    .to_string())
 }
 
 /// Virtual size of a disk image: the qcow2 header's size field, or the file size for raw.
@@ -123,7 +161,11 @@ mod tests {
     use super::*;
 
     fn image(dir: &Path) -> ImageRef {
-        ImageRef { version: "v1".into(), dir: dir.to_path_buf(), digest: "sha256:abc".into() }
+        ImageRef {
+            version: "v1".into(),
+            dir: dir.to_path_buf(),
+            digest: "sha256:abc".into(),
+        }
     }
 
     #[test]
@@ -149,15 +191,32 @@ mod tests {
     #[test]
     fn missing_pieces_are_named() {
         let d = tempfile::tempdir().expect("tempdir");
-        let err = ImageArtifacts::load(&image(d.path())).expect_err("no manifest").to_string();
+        let err = ImageArtifacts::load(&image(d.path()))
+            .expect_err("no manifest")
+            .to_string();
         assert!(err.contains("manifest.json"), "{err}");
         assert!(err.contains("clusterctl image build"), "{err}");
-        std::fs::write(d.path().join("manifest.json"), r#"{"kernel":"k","initrd":"i","root":"r","cmdline":""}"#).expect("write");
-        let err = ImageArtifacts::load(&image(d.path())).expect_err("no files").to_string();
-        assert!(err.contains("root image") && err.contains("does not exist"), "{err}");
-        std::fs::write(d.path().join("manifest.json"), r#"{"kernel":"../k","initrd":"i","root":"r","cmdline":""}"#).expect("write");
+        std::fs::write(
+            d.path().join("manifest.json"),
+            r#"{"kernel":"k","initrd":"i","root":"r","cmdline":""}"#,
+        )
+        .expect("write");
+        let err = ImageArtifacts::load(&image(d.path()))
+            .expect_err("no files")
+            .to_string();
+        assert!(
+            err.contains("root image") && err.contains("does not exist"),
+            "{err}"
+        );
+        std::fs::write(
+            d.path().join("manifest.json"),
+            r#"{"kernel":"../k","initrd":"i","root":"r","cmdline":""}"#,
+        )
+        .expect("write");
         std::fs::write(d.path().join("r"), b"x").expect("write");
-        let err = ImageArtifacts::load(&image(d.path())).expect_err("escape").to_string();
+        let err = ImageArtifacts::load(&image(d.path()))
+            .expect_err("escape")
+            .to_string();
         assert!(err.contains("relative"), "{err}");
     }
 }

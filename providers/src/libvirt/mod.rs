@@ -49,7 +49,9 @@ use virt::stream::Stream;
 
 pub use accel::{ACCELERATOR_ENV, Accelerator, ProbeVerdict};
 
-use crate::{ClusterRef, Machine, MachineRole, MachineSpec, MachineState, Provider, ProviderError, Result};
+use crate::{
+    ClusterRef, Machine, MachineRole, MachineSpec, MachineState, Provider, ProviderError, Result,
+};
 use image::ImageArtifacts;
 use xmlread::{DomainFacts, Label};
 
@@ -105,12 +107,17 @@ pub struct LibvirtProvider {
 
 impl std::fmt::Debug for LibvirtProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LibvirtProvider").field("uri", &self.config.uri).finish_non_exhaustive()
+        f.debug_struct("LibvirtProvider")
+            .field("uri", &self.config.uri)
+            .finish_non_exhaustive()
     }
 }
 
 fn api(operation: impl Into<String>, e: &virt::error::Error) -> ProviderError {
-    ProviderError::Api { operation: operation.into(), detail: e.message().to_string() }
+    ProviderError::Api {
+        operation: operation.into(),
+        detail: e.message().to_string(),
+    }
 }
 
 fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
@@ -127,9 +134,19 @@ const ATTR_KIND: &str = "kind";
 impl LibvirtProvider {
     /// Connects to libvirt. An unreachable daemon or a bad URI is [`ProviderError::Unreachable`].
     pub fn connect(config: LibvirtConfig) -> Result<Self> {
-        let conn = Connect::open(Some(&config.uri))
-            .map_err(|e| ProviderError::Unreachable { endpoint: config.uri.clone(), detail: e.message().to_string() })?;
-        Ok(Self { config, conn, setup: Mutex::new(()), accel: Mutex::new(None), probe: Mutex::new(None) })
+        // libvirt prints every error to stderr by default; errors are returned to callers instead.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&config.uri)).map_err(|e| ProviderError::Unreachable {
+            endpoint: config.uri.clone(),
+            detail: e.message().to_string(),
+        })?;
+        Ok(Self {
+            config,
+            conn,
+            setup: Mutex::new(()),
+            accel: Mutex::new(None),
+            probe: Mutex::new(None),
+        })
     }
 
     /// The KVM probe verdict, if `auto` ran (or read) one in this process.
@@ -161,8 +178,13 @@ impl LibvirtProvider {
     }
 
     fn facts(&self, dom: &Domain) -> Result<DomainFacts> {
-        let xml = dom.xml_desc(0).map_err(|e| api("reading a domain definition", &e))?;
-        xmlread::domain_facts(&xml).map_err(|d| ProviderError::Api { operation: "reading a domain definition".into(), detail: d })
+        let xml = dom
+            .xml_desc(0)
+            .map_err(|e| api("reading a domain definition", &e))?;
+        xmlread::domain_facts(&xml).map_err(|d| ProviderError::Api {
+            operation: "reading a domain definition".into(),
+            detail: d,
+        })
     }
 
     fn is_ours(label: Option<&Label>, cluster: &ClusterRef) -> bool {
@@ -171,11 +193,16 @@ impl LibvirtProvider {
 
     /// Every domain labelled with the cluster's ID, with its facts.
     fn cluster_domains(&self, cluster: &ClusterRef) -> Result<Vec<(Domain, DomainFacts)>> {
-        let all = self.conn.list_all_domains(0).map_err(|e| api("listing domains", &e))?;
+        let all = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| api("listing domains", &e))?;
         let mut ours = Vec::new();
         for dom in all {
             // A domain can vanish between listing and reading it; that one is simply not ours.
-            let Ok(facts) = self.facts(&dom) else { continue };
+            let Ok(facts) = self.facts(&dom) else {
+                continue;
+            };
             if Self::is_ours(facts.label.as_ref(), cluster) {
                 ours.push((dom, facts));
             }
@@ -183,14 +210,21 @@ impl LibvirtProvider {
         Ok(ours)
     }
 
-    fn machine_of(&self, dom: &Domain, facts: &DomainFacts, reservations: &[DhcpHost]) -> Result<Machine> {
+    fn machine_of(
+        &self,
+        dom: &Domain,
+        facts: &DomainFacts,
+        reservations: &[DhcpHost],
+    ) -> Result<Machine> {
         let name = dom.name().map_err(|e| api("reading a domain name", &e))?;
         let label = facts.label.clone().unwrap_or_default();
         let role = match label.attr(ATTR_ROLE) {
             Some("control-plane") => MachineRole::ControlPlane,
             _ => MachineRole::Worker,
         };
-        let (state, _) = dom.state().map_err(|e| api(format!("reading the state of domain {name:?}"), &e))?;
+        let (state, _) = dom
+            .state()
+            .map_err(|e| api(format!("reading the state of domain {name:?}"), &e))?;
         use virt::domain::DomainState as S;
         let state = match state {
             virt::enumutil::Enum::Known(S::Running | S::Blocked) => MachineState::Running,
@@ -208,12 +242,17 @@ impl LibvirtProvider {
         } else {
             Vec::new()
         };
-        let uuid = dom.uuid_string().map_err(|e| api("reading a domain uuid", &e))?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(|e| api("reading a domain uuid", &e))?;
         Ok(Machine {
             name,
             provider_id: format!("libvirt://{}/{uuid}", self.host()),
             role,
-            pool: label.attr(ATTR_POOL).filter(|p| !p.is_empty()).map(str::to_string),
+            pool: label
+                .attr(ATTR_POOL)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string),
             state,
             addresses,
             failure_domain: Some(self.host()),
@@ -232,28 +271,45 @@ impl LibvirtProvider {
     }
 
     fn network_facts(net: &Network) -> Result<xmlread::NetworkFacts> {
-        let xml = net.xml_desc(0).map_err(|e| api("reading a network definition", &e))?;
-        xmlread::network_facts(&xml).map_err(|d| ProviderError::Api { operation: "reading a network definition".into(), detail: d })
+        let xml = net
+            .xml_desc(0)
+            .map_err(|e| api("reading a network definition", &e))?;
+        xmlread::network_facts(&xml).map_err(|d| ProviderError::Api {
+            operation: "reading a network definition".into(),
+            detail: d,
+        })
     }
 
     /// The cluster's network, if it exists and is ours.
-    fn our_network(&self, cluster: &ClusterRef) -> Result<Option<(Network, xmlread::NetworkFacts)>> {
+    fn our_network(
+        &self,
+        cluster: &ClusterRef,
+    ) -> Result<Option<(Network, xmlread::NetworkFacts)>> {
         let name = names::cluster_object_name(&cluster.id);
-        let Some(net) = self.lookup_network(&name)? else { return Ok(None) };
+        let Some(net) = self.lookup_network(&name)? else {
+            return Ok(None);
+        };
         let facts = Self::network_facts(&net)?;
         if Self::is_ours(facts.label.as_ref(), cluster) {
             Ok(Some((net, facts)))
         } else {
-            Err(ProviderError::NameClash { kind: "network", name })
+            Err(ProviderError::NameClash {
+                kind: "network",
+                name,
+            })
         }
     }
 
     fn ensure_network(&self, cluster: &ClusterRef) -> Result<(Network, xmlread::NetworkFacts)> {
         let name = names::cluster_object_name(&cluster.id);
         if let Some((net, facts)) = self.our_network(cluster)? {
-            if !net.is_active().map_err(|e| api(format!("reading network {name:?}"), &e))? {
+            if !net
+                .is_active()
+                .map_err(|e| api(format!("reading network {name:?}"), &e))?
+            {
                 tracing::info!(cluster = %cluster.name, network = %name, "starting network");
-                net.create().map_err(|e| api(format!("starting network {name:?}"), &e))?;
+                net.create()
+                    .map_err(|e| api(format!("starting network {name:?}"), &e))?;
             }
             return Ok((net, facts));
         }
@@ -268,7 +324,9 @@ impl LibvirtProvider {
             .collect();
         let candidates: Vec<(Ipv4Addr, u8)> = match self.config.network_cidr {
             Some(c) => vec![c],
-            None => names::default_network_candidates(&cluster.id).map(|n| (n, 24)).collect(),
+            None => names::default_network_candidates(&cluster.id)
+                .map(|n| (n, 24))
+                .collect(),
         };
         let mut last_err = None;
         for (addr, prefix) in candidates {
@@ -277,8 +335,7 @@ impl LibvirtProvider {
                 if self.config.network_cidr.is_some() {
                     return Err(ProviderError::Invalid(format!(
                         "network {}/{prefix} overlaps another libvirt network on {}; choose another subnet",
-                        plan.network,
-                        self.config.uri
+                        plan.network, self.config.uri
                     )));
                 }
                 continue;
@@ -295,7 +352,10 @@ impl LibvirtProvider {
             }
             .render();
             tracing::info!(cluster = %cluster.name, network = %name, subnet = %format!("{}/{prefix}", plan.network), "creating network");
-            let net = self.conn.define_network_xml(&xml).map_err(|e| api(format!("defining network {name:?}"), &e))?;
+            let net = self
+                .conn
+                .define_network_xml(&xml)
+                .map_err(|e| api(format!("defining network {name:?}"), &e))?;
             match net.create() {
                 Ok(()) => {
                     let facts = Self::network_facts(&net)?;
@@ -303,7 +363,10 @@ impl LibvirtProvider {
                 }
                 Err(e) => {
                     let _ = net.undefine();
-                    last_err = Some(api(format!("starting network {name:?} on {}/{prefix}", plan.network), &e));
+                    last_err = Some(api(
+                        format!("starting network {name:?} on {}/{prefix}", plan.network),
+                        &e,
+                    ));
                     if self.config.network_cidr.is_some() {
                         break;
                     }
@@ -312,13 +375,20 @@ impl LibvirtProvider {
         }
         Err(last_err.unwrap_or_else(|| ProviderError::Api {
             operation: format!("creating network {name:?}"),
-            detail: "no free /24 left in 10.213.0.0/16; set a network CIDR in the provider settings".into(),
+            detail:
+                "no free /24 left in 10.213.0.0/16; set a network CIDR in the provider settings"
+                    .into(),
         }))
     }
 
     /// The machine's DHCP reservation: found by name, or a new one with a fresh MAC and the
     /// lowest free address, added to the live and persistent network definition.
-    fn ensure_reservation(&self, cluster: &ClusterRef, net: &Network, machine: &str) -> Result<DhcpHost> {
+    fn ensure_reservation(
+        &self,
+        cluster: &ClusterRef,
+        net: &Network,
+        machine: &str,
+    ) -> Result<DhcpHost> {
         let facts = Self::network_facts(net)?;
         if let Some(h) = facts.hosts.iter().find(|h| h.name == machine) {
             return Ok(h.clone());
@@ -329,15 +399,23 @@ impl LibvirtProvider {
         })?;
         let plan = names::AddressPlan::new(gw, prefix)?;
         let used: Vec<Ipv4Addr> = facts.hosts.iter().map(|h| h.ip).collect();
-        let ip = plan.first_free(&used).ok_or_else(|| ProviderError::Invalid(format!(
-            "the cluster network {}/{prefix} has no free address left for {machine:?}",
-            plan.network
-        )))?;
+        let ip = plan.first_free(&used).ok_or_else(|| {
+            ProviderError::Invalid(format!(
+                "the cluster network {}/{prefix} has no free address left for {machine:?}",
+                plan.network
+            ))
+        })?;
         let mac = (0..64)
             .map(|i| names::candidate_mac(&cluster.id, machine, i))
             .find(|m| !facts.hosts.iter().any(|h| h.mac.eq_ignore_ascii_case(m)))
-            .ok_or_else(|| ProviderError::Invalid(format!("no free MAC address for {machine:?}")))?;
-        let host = DhcpHost { mac, name: machine.to_string(), ip };
+            .ok_or_else(|| {
+                ProviderError::Invalid(format!("no free MAC address for {machine:?}"))
+            })?;
+        let host = DhcpHost {
+            mac,
+            name: machine.to_string(),
+            ip,
+        };
         net.update(
             virt::sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
             virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
@@ -353,12 +431,24 @@ impl LibvirtProvider {
         let facts = Self::network_facts(net)?;
         for h in facts.hosts.iter().filter(|h| h.name == machine) {
             let flags = if net.is_active().unwrap_or(false) {
-                virt::sys::VIR_NETWORK_UPDATE_AFFECT_LIVE | virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
+                virt::sys::VIR_NETWORK_UPDATE_AFFECT_LIVE
+                    | virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
             } else {
                 virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
             };
-            net.update(virt::sys::VIR_NETWORK_UPDATE_COMMAND_DELETE, virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST, -1, &h.render(), flags)
-                .map_err(|e| api(format!("removing the address reservation of {machine:?}"), &e))?;
+            net.update(
+                virt::sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                &h.render(),
+                flags,
+            )
+            .map_err(|e| {
+                api(
+                    format!("removing the address reservation of {machine:?}"),
+                    &e,
+                )
+            })?;
         }
         Ok(())
     }
@@ -377,23 +467,33 @@ impl LibvirtProvider {
         if !pool.is_active().unwrap_or(false) {
             return Ok(Vec::new());
         }
-        pool.refresh(0).map_err(|e| api("refreshing a storage pool", &e))?;
+        pool.refresh(0)
+            .map_err(|e| api("refreshing a storage pool", &e))?;
         pool.list_volumes().map_err(|e| api("listing volumes", &e))
     }
 
     /// The cluster's pool if it is provably ours (see the module docs), started.
     fn our_pool(&self, cluster: &ClusterRef) -> Result<Option<StoragePool>> {
         let name = names::cluster_object_name(&cluster.id);
-        let Some(pool) = self.lookup_pool(&name)? else { return Ok(None) };
-        if !pool.is_active().map_err(|e| api(format!("reading storage pool {name:?}"), &e))? {
-            pool.create(0).map_err(|e| api(format!("starting storage pool {name:?}"), &e))?;
+        let Some(pool) = self.lookup_pool(&name)? else {
+            return Ok(None);
+        };
+        if !pool
+            .is_active()
+            .map_err(|e| api(format!("reading storage pool {name:?}"), &e))?
+        {
+            pool.create(0)
+                .map_err(|e| api(format!("starting storage pool {name:?}"), &e))?;
         }
         let vols = Self::pool_volume_names(&pool)?;
         let marker = names::owner_marker_volume(&cluster.id);
-        if vols.iter().any(|v| *v == marker) || vols.is_empty() {
+        if vols.contains(&marker) || vols.is_empty() {
             Ok(Some(pool))
         } else {
-            Err(ProviderError::NameClash { kind: "storage pool", name })
+            Err(ProviderError::NameClash {
+                kind: "storage pool",
+                name,
+            })
         }
     }
 
@@ -402,18 +502,38 @@ impl LibvirtProvider {
         let pool = match self.our_pool(cluster)? {
             Some(p) => p,
             None => {
-                let path = format!("{}/{}", self.config.storage_root.trim_end_matches('/'), cluster.id);
+                let path = format!(
+                    "{}/{}",
+                    self.config.storage_root.trim_end_matches('/'),
+                    cluster.id
+                );
                 tracing::info!(cluster = %cluster.name, pool = %name, %path, "creating storage pool");
-                let xml = DirPoolXml { name: name.clone(), path }.render();
-                let pool = self.conn.define_storage_pool_xml(&xml, 0).map_err(|e| api(format!("defining storage pool {name:?}"), &e))?;
-                pool.build(0).map_err(|e| api(format!("creating the directory of storage pool {name:?}"), &e))?;
-                pool.create(0).map_err(|e| api(format!("starting storage pool {name:?}"), &e))?;
+                let xml = DirPoolXml {
+                    name: name.clone(),
+                    path,
+                }
+                .render();
+                let pool = self
+                    .conn
+                    .define_storage_pool_xml(&xml, 0)
+                    .map_err(|e| api(format!("defining storage pool {name:?}"), &e))?;
+                pool.build(0).map_err(|e| {
+                    api(
+                        format!("creating the directory of storage pool {name:?}"),
+                        &e,
+                    )
+                })?;
+                pool.create(0)
+                    .map_err(|e| api(format!("starting storage pool {name:?}"), &e))?;
                 pool
             }
         };
         let marker = names::owner_marker_volume(&cluster.id);
         if self.lookup_volume(&pool, &marker)?.is_none() {
-            let content = format!("clusterctl storage pool of cluster {} (id {})\n", cluster.name, cluster.id);
+            let content = format!(
+                "clusterctl storage pool of cluster {} (id {})\n",
+                cluster.name, cluster.id
+            );
             self.upload_volume(&pool, &marker, content.as_bytes(), None)?;
         }
         Ok(pool)
@@ -429,31 +549,58 @@ impl LibvirtProvider {
 
     fn delete_volume_if_present(&self, pool: &StoragePool, name: &str) -> Result<()> {
         if let Some(v) = self.lookup_volume(pool, name)? {
-            v.delete(0).map_err(|e| api(format!("deleting volume {name:?}"), &e))?;
+            v.delete(0)
+                .map_err(|e| api(format!("deleting volume {name:?}"), &e))?;
         }
         Ok(())
     }
 
     fn create_volume(&self, pool: &StoragePool, spec: &VolumeXml) -> Result<StorageVol> {
-        StorageVol::create_xml(pool, &spec.render(), 0).map_err(|e| api(format!("creating volume {:?}", spec.name), &e))
+        StorageVol::create_xml(pool, &spec.render(), 0)
+            .map_err(|e| api(format!("creating volume {:?}", spec.name), &e))
     }
 
     /// Creates a raw volume and streams `data` (or the file at `file`) into it.
-    fn upload_volume(&self, pool: &StoragePool, name: &str, data: &[u8], file: Option<&std::path::Path>) -> Result<StorageVol> {
+    fn upload_volume(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        data: &[u8],
+        file: Option<&std::path::Path>,
+    ) -> Result<StorageVol> {
         let op = format!("uploading volume {name:?}");
         let len = match file {
-            Some(f) => std::fs::metadata(f).map_err(|e| ProviderError::Api { operation: op.clone(), detail: format!("{}: {e}", f.display()) })?.len(),
+            Some(f) => std::fs::metadata(f)
+                .map_err(|e| ProviderError::Api {
+                    operation: op.clone(),
+                    detail: format!("{}: {e}", f.display()),
+                })?
+                .len(),
             None => data.len() as u64,
         };
-        let vol = self.create_volume(pool, &VolumeXml { name: name.into(), capacity_bytes: len.max(1), format: "raw".into(), backing: None })?;
+        let vol = self.create_volume(
+            pool,
+            &VolumeXml {
+                name: name.into(),
+                capacity_bytes: len.max(1),
+                format: "raw".into(),
+                backing: None,
+            },
+        )?;
         let stream = Stream::new(&self.conn, 0).map_err(|e| api(op.clone(), &e))?;
-        vol.upload(&stream, 0, len, 0).map_err(|e| api(op.clone(), &e))?;
+        vol.upload(&stream, 0, len, 0)
+            .map_err(|e| api(op.clone(), &e))?;
         let send_all = |chunk: &[u8]| -> Result<()> {
             let mut off = 0;
             while off < chunk.len() {
-                let n = stream.send(&chunk[off..]).map_err(|e| api(op.clone(), &e))?;
+                let n = stream
+                    .send(&chunk[off..])
+                    .map_err(|e| api(op.clone(), &e))?;
                 if n <= 0 {
-                    return Err(ProviderError::Api { operation: op.clone(), detail: "the stream accepted no data".into() });
+                    return Err(ProviderError::Api {
+                        operation: op.clone(),
+                        detail: "the stream accepted no data".into(),
+                    });
                 }
                 off += n as usize;
             }
@@ -463,11 +610,16 @@ impl LibvirtProvider {
             None => send_all(data),
             Some(path) => (|| {
                 use std::io::Read;
-                let mut f = std::fs::File::open(path)
-                    .map_err(|e| ProviderError::Api { operation: op.clone(), detail: format!("{}: {e}", path.display()) })?;
+                let mut f = std::fs::File::open(path).map_err(|e| ProviderError::Api {
+                    operation: op.clone(),
+                    detail: format!("{}: {e}", path.display()),
+                })?;
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
-                    let n = f.read(&mut buf).map_err(|e| ProviderError::Api { operation: op.clone(), detail: format!("{}: {e}", path.display()) })?;
+                    let n = f.read(&mut buf).map_err(|e| ProviderError::Api {
+                        operation: op.clone(),
+                        detail: format!("{}: {e}", path.display()),
+                    })?;
                     if n == 0 {
                         return Ok(());
                     }
@@ -491,7 +643,13 @@ impl LibvirtProvider {
     }
 
     /// Uploads the image's kernel, initrd and root into the pool once per image digest.
-    fn ensure_image(&self, cluster: &ClusterRef, pool: &StoragePool, spec: &MachineSpec, art: &ImageArtifacts) -> Result<ImageVolumes> {
+    fn ensure_image(
+        &self,
+        cluster: &ClusterRef,
+        pool: &StoragePool,
+        spec: &MachineSpec,
+        art: &ImageArtifacts,
+    ) -> Result<ImageVolumes> {
         let n = names::image_volumes(&spec.image.digest);
         if self.lookup_volume(pool, &n.complete)?.is_none() {
             // Anything from an interrupted upload is discarded and uploaded again.
@@ -505,15 +663,19 @@ impl LibvirtProvider {
             self.upload_volume(pool, &n.complete, spec.image.digest.as_bytes(), None)?;
         }
         let path_of = |name: &str| -> Result<String> {
-            let v = self.lookup_volume(pool, name)?.ok_or_else(|| ProviderError::Api {
-                operation: "reading image volumes".into(),
-                detail: format!("volume {name:?} disappeared"),
-            })?;
+            let v = self
+                .lookup_volume(pool, name)?
+                .ok_or_else(|| ProviderError::Api {
+                    operation: "reading image volumes".into(),
+                    detail: format!("volume {name:?} disappeared"),
+                })?;
             Self::volume_path(&v)
         };
-        let virtual_size = image::virtual_size(&art.root, &art.root_format).map_err(|e| ProviderError::ImageMissing {
-            image: spec.image.version.clone(),
-            detail: format!("cannot read {}: {e}", art.root.display()),
+        let virtual_size = image::virtual_size(&art.root, &art.root_format).map_err(|e| {
+            ProviderError::ImageMissing {
+                image: spec.image.version.clone(),
+                detail: format!("cannot read {}: {e}", art.root.display()),
+            }
         })?;
         Ok(ImageVolumes {
             kernel: path_of(&n.kernel)?,
@@ -527,24 +689,39 @@ impl LibvirtProvider {
     // ----- accelerator -----
 
     fn resolve_accel(&self, cluster: &ClusterRef, kernel_path: &str) -> Result<DomainAccel> {
-        let mut cached = self.accel.lock().map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
+        let mut cached = self
+            .accel
+            .lock()
+            .map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
         if let Some(a) = *cached {
             return Ok(a);
         }
-        let tcg = DomainAccel::Tcg { tb_cache_mib: self.config.tcg_tb_cache_mib };
+        let tcg = DomainAccel::Tcg {
+            tb_cache_mib: self.config.tcg_tb_cache_mib,
+        };
         let wanted = accel::requested(self.config.accelerator).map_err(ProviderError::Invalid)?;
         let chosen = match wanted {
             Accelerator::Kvm => DomainAccel::Kvm,
             Accelerator::Tcg => tcg,
             Accelerator::Auto => {
                 let host = self.host();
-                let cache = self.config.cache_dir.as_ref().map(|d| accel::cache_file(d, &self.config.uri, &host));
+                let cache = self
+                    .config
+                    .cache_dir
+                    .as_ref()
+                    .map(|d| accel::cache_file(d, &self.config.uri, &host));
                 let verdict = match cache.as_deref().and_then(accel::read_cache) {
                     Some(v) => v,
                     None => {
                         tracing::info!(cluster = %cluster.name, %host, "probing whether KVM boots a guest");
-                        let label = self.label(cluster, vec![(ATTR_KIND.into(), "kvm-probe".into())]);
-                        let v = accel::probe(&self.conn, kernel_path, label, self.config.kvm_probe_timeout);
+                        let label =
+                            self.label(cluster, vec![(ATTR_KIND.into(), "kvm-probe".into())]);
+                        let v = accel::probe(
+                            &self.conn,
+                            kernel_path,
+                            label,
+                            self.config.kvm_probe_timeout,
+                        );
                         tracing::info!(kvm_works = v.kvm_works, probe_ms = v.probe_ms, detail = %v.detail, "KVM probe finished");
                         if let Some(c) = &cache {
                             accel::write_cache(c, &v);
@@ -552,7 +729,11 @@ impl LibvirtProvider {
                         v
                     }
                 };
-                let a = if verdict.kvm_works { DomainAccel::Kvm } else { tcg };
+                let a = if verdict.kvm_works {
+                    DomainAccel::Kvm
+                } else {
+                    tcg
+                };
                 if let Ok(mut p) = self.probe.lock() {
                     *p = Some(verdict);
                 }
@@ -566,14 +747,20 @@ impl LibvirtProvider {
     // ----- machines -----
 
     fn start_if_stopped(dom: &Domain, name: &str) -> Result<()> {
-        let (state, _) = dom.state().map_err(|e| api(format!("reading the state of domain {name:?}"), &e))?;
+        let (state, _) = dom
+            .state()
+            .map_err(|e| api(format!("reading the state of domain {name:?}"), &e))?;
         use virt::domain::DomainState as S;
         match state {
             virt::enumutil::Enum::Known(S::Running | S::Blocked) => Ok(()),
-            virt::enumutil::Enum::Known(S::Paused) => dom.resume().map_err(|e| api(format!("resuming domain {name:?}"), &e)),
+            virt::enumutil::Enum::Known(S::Paused) => dom
+                .resume()
+                .map_err(|e| api(format!("resuming domain {name:?}"), &e)),
             _ => {
                 tracing::info!(node = %name, "starting machine");
-                dom.create().map(|_| ()).map_err(|e| api(format!("starting domain {name:?}"), &e))
+                dom.create()
+                    .map(|_| ())
+                    .map_err(|e| api(format!("starting domain {name:?}"), &e))
             }
         }
     }
@@ -590,18 +777,34 @@ impl LibvirtProvider {
     fn create_machine(&self, cluster: &ClusterRef, spec: &MachineSpec) -> Result<Machine> {
         let art = ImageArtifacts::load(&spec.image)?;
         let seed_content = |mac: &str| {
-            let meta = templates::libvirt::nocloud_meta_data(&format!("{}-{}", cluster.id, spec.name), &spec.name);
+            let meta = templates::libvirt::nocloud_meta_data(
+                &format!("{}-{}", cluster.id, spec.name),
+                &spec.name,
+            );
             let net = templates::libvirt::nocloud_network_config(mac);
-            seed::build(&[("meta-data", &meta), ("user-data", &spec.user_data), ("network-config", &net)])
-                .map_err(ProviderError::Invalid)
+            seed::build(&[
+                ("meta-data", &meta),
+                ("user-data", &spec.user_data),
+                ("network-config", &net),
+            ])
+            .map_err(ProviderError::Invalid)
         };
         let (net_name, pool, image, host) = {
-            let _guard = self.setup.lock().map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
+            let _guard = self
+                .setup
+                .lock()
+                .map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
             let (net, _) = self.ensure_network(cluster)?;
             let pool = self.ensure_pool(cluster)?;
             let image = self.ensure_image(cluster, &pool, spec, &art)?;
             let host = self.ensure_reservation(cluster, &net, &spec.name)?;
-            (net.name().map_err(|e| api("reading the network name", &e))?, pool, image, host)
+            (
+                net.name()
+                    .map_err(|e| api("reading the network name", &e))?,
+                pool,
+                image,
+                host,
+            )
         };
         let accel = self.resolve_accel(cluster, &image.kernel)?;
         let pool_name = names::cluster_object_name(&cluster.id);
@@ -648,15 +851,20 @@ impl LibvirtProvider {
             attributes.push((ATTR_POOL.to_string(), p.clone()));
         }
         let mut label = self.label(cluster, attributes);
-        label.labels = spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let disk = |volume: &str, target: &str, format: &str, readonly: bool, serial: &str| DomainDisk {
-            pool: pool_name.clone(),
-            volume: volume.to_string(),
-            format: format.to_string(),
-            target: target.to_string(),
-            readonly,
-            serial: Some(serial.to_string()),
-        };
+        label.labels = spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let disk =
+            |volume: &str, target: &str, format: &str, readonly: bool, serial: &str| DomainDisk {
+                pool: pool_name.clone(),
+                volume: volume.to_string(),
+                format: format.to_string(),
+                target: target.to_string(),
+                readonly,
+                serial: Some(serial.to_string()),
+            };
         let xml = DomainXml {
             name: spec.name.clone(),
             accel,
@@ -678,7 +886,10 @@ impl LibvirtProvider {
         }
         .render();
         tracing::info!(cluster = %cluster.name, node = %spec.name, "defining machine");
-        let dom = self.conn.define_domain_xml(&xml).map_err(|e| api(format!("defining domain {:?}", spec.name), &e))?;
+        let dom = self
+            .conn
+            .define_domain_xml(&xml)
+            .map_err(|e| api(format!("defining domain {:?}", spec.name), &e))?;
         Self::start_if_stopped(&dom, &spec.name)?;
         self.machine_by_domain(cluster, &dom)
     }
@@ -704,7 +915,10 @@ impl Provider for LibvirtProvider {
         if let Some(dom) = self.lookup_domain(&spec.name)? {
             let facts = self.facts(&dom)?;
             if !Self::is_ours(facts.label.as_ref(), cluster) {
-                return Err(ProviderError::NameClash { kind: "domain", name: spec.name.clone() });
+                return Err(ProviderError::NameClash {
+                    kind: "domain",
+                    name: spec.name.clone(),
+                });
             }
             Self::start_if_stopped(&dom, &spec.name)?;
             return self.machine_by_domain(cluster, &dom);
@@ -737,7 +951,8 @@ impl Provider for LibvirtProvider {
             if Self::is_ours(facts.label.as_ref(), cluster) {
                 tracing::info!(cluster = %cluster.name, node = %name, "deleting machine");
                 if dom.is_active().unwrap_or(false) {
-                    dom.destroy().map_err(|e| api(format!("stopping domain {name:?}"), &e))?;
+                    dom.destroy()
+                        .map_err(|e| api(format!("stopping domain {name:?}"), &e))?;
                 }
                 if let Err(e) = dom.undefine()
                     && !is_code(&e, ErrorNumber::NoDomain)
@@ -754,7 +969,10 @@ impl Provider for LibvirtProvider {
             }
         }
         if let Some((net, _)) = self.our_network(cluster)? {
-            let _guard = self.setup.lock().map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
+            let _guard = self
+                .setup
+                .lock()
+                .map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
             Self::remove_reservation(&net, name)?;
         }
         Ok(())
@@ -790,27 +1008,37 @@ impl Provider for LibvirtProvider {
                 self.delete_volume_if_present(&pool, &v)?;
             }
             if pool.is_active().unwrap_or(false) {
-                pool.destroy().map_err(|e| api(format!("stopping storage pool {name:?}"), &e))?;
+                pool.destroy()
+                    .map_err(|e| api(format!("stopping storage pool {name:?}"), &e))?;
             }
             // Removes the (now empty) pool directory.
             if let Err(e) = pool.delete(0) {
                 tracing::warn!(pool = %name, error = %e.message(), "could not remove the pool directory");
             }
-            pool.undefine().map_err(|e| api(format!("undefining storage pool {name:?}"), &e))?;
+            pool.undefine()
+                .map_err(|e| api(format!("undefining storage pool {name:?}"), &e))?;
         }
         // Networks are found by label, not only by the conventional name.
-        for net in self.conn.list_all_networks(0).map_err(|e| api("listing networks", &e))? {
-            let Ok(facts) = Self::network_facts(&net) else { continue };
+        for net in self
+            .conn
+            .list_all_networks(0)
+            .map_err(|e| api("listing networks", &e))?
+        {
+            let Ok(facts) = Self::network_facts(&net) else {
+                continue;
+            };
             if !Self::is_ours(facts.label.as_ref(), cluster) {
                 continue;
             }
             let name = net.name().unwrap_or_default();
             tracing::info!(cluster = %cluster.name, network = %name, "deleting network");
             if net.is_active().unwrap_or(false) {
-                net.destroy().map_err(|e| api(format!("stopping network {name:?}"), &e))?;
+                net.destroy()
+                    .map_err(|e| api(format!("stopping network {name:?}"), &e))?;
             }
             if net.is_persistent().unwrap_or(false) {
-                net.undefine().map_err(|e| api(format!("undefining network {name:?}"), &e))?;
+                net.undefine()
+                    .map_err(|e| api(format!("undefining network {name:?}"), &e))?;
             }
         }
         Ok(())

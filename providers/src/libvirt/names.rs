@@ -17,7 +17,9 @@ use crate::ProviderError;
 pub(crate) fn check_cluster_id(id: &str) -> Result<(), ProviderError> {
     let ok = !id.is_empty()
         && id.len() <= 64
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && id.starts_with(|c: char| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
@@ -32,7 +34,9 @@ pub(crate) fn check_cluster_id(id: &str) -> Result<(), ProviderError> {
 pub(crate) fn check_machine_name(name: &str) -> Result<(), ProviderError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -74,7 +78,11 @@ pub(crate) fn image_tag(digest: &str) -> String {
         .filter(char::is_ascii_alphanumeric)
         .take(16)
         .collect();
-    if hex.is_empty() { sha256_hex(digest)[..16].to_string() } else { hex }
+    if hex.is_empty() {
+        sha256_hex(digest)[..16].to_string()
+    } else {
+        hex
+    }
 }
 
 /// Volumes of one image inside the cluster's pool.
@@ -123,7 +131,10 @@ pub(crate) fn machine_volumes(machine: &str) -> MachineVolumeNames {
 /// same address; the attempt counter resolves the rare collision inside one network.
 pub(crate) fn candidate_mac(cluster_id: &str, machine: &str, attempt: u32) -> String {
     let digest = Sha256::digest(format!("{cluster_id}/{machine}/{attempt}").as_bytes());
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", digest[0], digest[1], digest[2])
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2]
+    )
 }
 
 /// Address plan of a cluster network: gateway, reserved range for machines, dynamic range.
@@ -165,7 +176,11 @@ impl AddressPlan {
     /// Whether two networks overlap.
     pub(crate) fn overlaps(&self, other_net: Ipv4Addr, other_prefix: u8) -> bool {
         let p = self.prefix.min(other_prefix);
-        let mask = if p == 0 { 0 } else { u32::MAX << (32 - u32::from(p)) };
+        let mask = if p == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(p))
+        };
         (u32::from(self.network) & mask) == (u32::from(other_net) & mask)
     }
 

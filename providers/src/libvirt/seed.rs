@@ -18,8 +18,11 @@ pub(crate) fn build(files: &[(&str, &str)]) -> Result<Vec<u8>, String> {
         ));
     }
     let mut disk = Cursor::new(vec![0u8; SEED_BYTES]);
-    fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "))
-        .map_err(|e| format!("formatting the seed image: {e}"))?;
+    fatfs::format_volume(
+        &mut disk,
+        fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "),
+    )
+    .map_err(|e| format!("formatting the seed image: {e}"))?;
     disk.set_position(0);
     {
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())
@@ -27,13 +30,19 @@ pub(crate) fn build(files: &[(&str, &str)]) -> Result<Vec<u8>, String> {
         {
             let root = fs.root_dir();
             for (name, content) in files {
-                let mut f = root.create_file(name).map_err(|e| format!("creating {name} on the seed image: {e}"))?;
-                f.truncate().map_err(|e| format!("writing {name} on the seed image: {e}"))?;
-                f.write_all(content.as_bytes()).map_err(|e| format!("writing {name} on the seed image: {e}"))?;
-                f.flush().map_err(|e| format!("writing {name} on the seed image: {e}"))?;
+                let mut f = root
+                    .create_file(name)
+                    .map_err(|e| format!("creating {name} on the seed image: {e}"))?;
+                f.truncate()
+                    .map_err(|e| format!("writing {name} on the seed image: {e}"))?;
+                f.write_all(content.as_bytes())
+                    .map_err(|e| format!("writing {name} on the seed image: {e}"))?;
+                f.flush()
+                    .map_err(|e| format!("writing {name} on the seed image: {e}"))?;
             }
         }
-        fs.unmount().map_err(|e| format!("closing the seed image: {e}"))?;
+        fs.unmount()
+            .map_err(|e| format!("closing the seed image: {e}"))?;
     }
     Ok(disk.into_inner())
 }
@@ -46,16 +55,29 @@ mod tests {
 
     #[test]
     fn seed_holds_files_and_label() {
-        let img = build(&[("meta-data", "instance-id: a\n"), ("user-data", "#cloud-config\n"), ("network-config", "version: 2\n")])
-            .expect("builds");
+        let img = build(&[
+            ("meta-data", "instance-id: a\n"),
+            ("user-data", "#cloud-config\n"),
+            ("network-config", "version: 2\n"),
+        ])
+        .expect("builds");
         assert_eq!(img.len(), SEED_BYTES);
         let mut disk = Cursor::new(img);
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).expect("opens");
         assert_eq!(fs.volume_label(), "CIDATA");
         let mut s = String::new();
-        fs.root_dir().open_file("network-config").expect("present").read_to_string(&mut s).expect("reads");
+        fs.root_dir()
+            .open_file("network-config")
+            .expect("present")
+            .read_to_string(&mut s)
+            .expect("reads");
         assert_eq!(s, "version: 2\n");
-        let names: Vec<String> = fs.root_dir().iter().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        let names: Vec<String> = fs
+            .root_dir()
+            .iter()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
         assert!(names.contains(&"meta-data".to_string()), "{names:?}");
     }
 

@@ -29,26 +29,40 @@ fn parse(xml: &str) -> Result<roxmltree::Document<'_>, String> {
 
 /// Finds clusterctl's label inside the top-level `<metadata>` of a domain or network document.
 fn label_of(doc: &roxmltree::Document<'_>) -> Option<Label> {
-    let metadata = doc.root_element().children().find(|n| n.has_tag_name("metadata"))?;
-    let el = metadata
+    let metadata = doc
+        .root_element()
         .children()
-        .find(|n| n.is_element() && n.tag_name().namespace() == Some(METADATA_NAMESPACE) && n.tag_name().name() == METADATA_ELEMENT)?;
+        .find(|n| n.has_tag_name("metadata"))?;
+    let el = metadata.children().find(|n| {
+        n.is_element()
+            && n.tag_name().namespace() == Some(METADATA_NAMESPACE)
+            && n.tag_name().name() == METADATA_ELEMENT
+    })?;
     let mut label = Label::default();
     for a in el.attributes() {
         match a.name() {
             "id" => label.cluster_id = a.value().to_string(),
             "name" => label.cluster_name = a.value().to_string(),
             other => {
-                label.attributes.insert(other.to_string(), a.value().to_string());
+                label
+                    .attributes
+                    .insert(other.to_string(), a.value().to_string());
             }
         }
     }
-    for l in el.children().filter(|n| n.is_element() && n.tag_name().name() == "label") {
+    for l in el
+        .children()
+        .filter(|n| n.is_element() && n.tag_name().name() == "label")
+    {
         if let (Some(k), Some(v)) = (l.attribute("key"), l.attribute("value")) {
             label.labels.insert(k.to_string(), v.to_string());
         }
     }
-    if label.cluster_id.is_empty() { None } else { Some(label) }
+    if label.cluster_id.is_empty() {
+        None
+    } else {
+        Some(label)
+    }
 }
 
 /// What the provider needs from a domain's XML.
@@ -62,12 +76,23 @@ pub(crate) struct DomainFacts {
 
 pub(crate) fn domain_facts(xml: &str) -> Result<DomainFacts, String> {
     let doc = parse(xml)?;
-    let mut facts = DomainFacts { label: label_of(&doc), ..DomainFacts::default() };
-    if let Some(devices) = doc.root_element().children().find(|n| n.has_tag_name("devices")) {
+    let mut facts = DomainFacts {
+        label: label_of(&doc),
+        ..DomainFacts::default()
+    };
+    if let Some(devices) = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("devices"))
+    {
         for dev in devices.children().filter(roxmltree::Node::is_element) {
             match dev.tag_name().name() {
                 "interface" => {
-                    if let Some(mac) = dev.children().find(|n| n.has_tag_name("mac")).and_then(|m| m.attribute("address")) {
+                    if let Some(mac) = dev
+                        .children()
+                        .find(|n| n.has_tag_name("mac"))
+                        .and_then(|m| m.attribute("address"))
+                    {
                         facts.macs.push(mac.to_ascii_lowercase());
                     }
                 }
@@ -96,21 +121,40 @@ pub(crate) struct NetworkFacts {
 
 pub(crate) fn network_facts(xml: &str) -> Result<NetworkFacts, String> {
     let doc = parse(xml)?;
-    let mut facts = NetworkFacts { label: label_of(&doc), ..NetworkFacts::default() };
-    for ip in doc.root_element().children().filter(|n| n.has_tag_name("ip")) {
+    let mut facts = NetworkFacts {
+        label: label_of(&doc),
+        ..NetworkFacts::default()
+    };
+    for ip in doc
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("ip"))
+    {
         if ip.attribute("family").is_some_and(|f| f != "ipv4") {
             continue;
         }
-        let Some(addr) = ip.attribute("address").and_then(|a| a.parse::<Ipv4Addr>().ok()) else { continue };
+        let Some(addr) = ip
+            .attribute("address")
+            .and_then(|a| a.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
         let prefix = ip
             .attribute("prefix")
             .and_then(|p| p.parse::<u8>().ok())
-            .or_else(|| ip.attribute("netmask").and_then(|m| m.parse::<Ipv4Addr>().ok()).map(|m| u32::from(m).count_ones() as u8))
+            .or_else(|| {
+                ip.attribute("netmask")
+                    .and_then(|m| m.parse::<Ipv4Addr>().ok())
+                    .map(|m| u32::from(m).count_ones() as u8)
+            })
             .unwrap_or(24);
         facts.ipv4 = Some((addr, prefix));
         if let Some(dhcp) = ip.children().find(|n| n.has_tag_name("dhcp")) {
             for h in dhcp.children().filter(|n| n.has_tag_name("host")) {
-                if let (Some(mac), Some(ipv4)) = (h.attribute("mac"), h.attribute("ip").and_then(|i| i.parse().ok())) {
+                if let (Some(mac), Some(ipv4)) = (
+                    h.attribute("mac"),
+                    h.attribute("ip").and_then(|i| i.parse().ok()),
+                ) {
                     facts.hosts.push(DhcpHost {
                         mac: mac.to_ascii_lowercase(),
                         name: h.attribute("name").unwrap_or_default().to_string(),
@@ -128,8 +172,15 @@ pub(crate) fn network_facts(xml: &str) -> Result<NetworkFacts, String> {
 #[cfg(test)]
 pub(crate) fn volume_path(xml: &str) -> Option<String> {
     let doc = parse(xml).ok()?;
-    let target = doc.root_element().children().find(|n| n.has_tag_name("target"))?;
-    target.children().find(|n| n.has_tag_name("path"))?.text().map(str::to_string)
+    let target = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("target"))?;
+    target
+        .children()
+        .find(|n| n.has_tag_name("path"))?
+        .text()
+        .map(str::to_string)
 }
 
 #[cfg(test)]
@@ -141,7 +192,10 @@ mod tests {
         ClusterLabel {
             cluster_id: "c1".into(),
             cluster_name: "demo".into(),
-            attributes: vec![("role".into(), "worker".into()), ("pool".into(), "default".into())],
+            attributes: vec![
+                ("role".into(), "worker".into()),
+                ("pool".into(), "default".into()),
+            ],
             labels: vec![("k".into(), "v&w".into())],
         }
     }
@@ -199,7 +253,11 @@ mod tests {
             prefix: 24,
             dhcp_start: Ipv4Addr::new(10, 0, 0, 200),
             dhcp_end: Ipv4Addr::new(10, 0, 0, 254),
-            hosts: vec![DhcpHost { mac: "52:54:00:00:00:01".into(), name: "m".into(), ip: Ipv4Addr::new(10, 0, 0, 10) }],
+            hosts: vec![DhcpHost {
+                mac: "52:54:00:00:00:01".into(),
+                name: "m".into(),
+                ip: Ipv4Addr::new(10, 0, 0, 10),
+            }],
             label: label(),
         }
         .render();
@@ -212,6 +270,9 @@ mod tests {
 
     #[test]
     fn volume_path_is_read() {
-        assert_eq!(volume_path("<volume><target><path>/a/b</path></target></volume>"), Some("/a/b".into()));
+        assert_eq!(
+            volume_path("<volume><target><path>/a/b</path></target></volume>"),
+            Some("/a/b".into())
+        );
     }
 }
