@@ -5,4 +5,9 @@
 //! `providers` crate.
 
 pub mod cmd;
+pub mod engine;
 pub mod output;
+pub mod provider;
+pub mod spec;
+pub mod ssh;
+pub mod state;

@@ -30,6 +30,17 @@ pub fn to_string<T: Serialize>(format: Format, value: &T) -> anyhow::Result<Stri
     })
 }
 
+/// Writes `text` to stdout in one go. A closed pipe (`clusterctl get | head`) is not an error:
+/// the reader has all it wanted.
+pub fn print(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// Whether progress should be drawn as bars: stderr is a terminal and the user did not ask for quiet.
 pub fn fancy_progress(quiet: bool, format: Format) -> bool {
     !quiet && format == Format::Table && std::io::stderr().is_terminal()

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 #[cfg(feature = "fake")]
 pub mod fake;
 #[cfg(feature = "libvirt")]

@@ -3,9 +3,13 @@
 # Idempotent: a warm machine skips apt entirely when all packages are present.
 set -euo pipefail
 
+# One run at a time: several engineers (and CI steps) may call this script concurrently.
+exec 9>/run/lock/clusterctl-install-host-packages.lock
+flock 9
+
 PKGS_MAIN=(openssh-server openssh-client debootstrap cryptsetup-bin e2fsprogs rsync jq
   golang-go build-essential pkg-config busybox-static etcd-server etcd-client dpkg-dev
-  iproute2 python3-venv)
+  iproute2 python3-venv containerd)
 PKGS_BPO=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network
   libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base iptables nftables)
 
@@ -21,11 +25,14 @@ echo "host packages: installing ${missing[*]}"
 
 # bookworm-backports (for QEMU/libvirt matching the preinstalled qemu-utils 10.0) and deb-src
 # (for Debian's kubernetes source package), from the mirror /etc/apt already uses.
-mirror=$( { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
-  grep -hE '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } | grep -E '/debian/?$' | head -n1)
+# `|| true`: one of the two source files is usually absent, and with pipefail that must not end the script.
+# Comment lines are skipped: Debian's images carry a commented snapshot.debian.org URL that lacks backports.
+# Our own file is skipped too, so a wrong mirror written once does not perpetuate itself.
+mirror=$(find /etc/apt/sources.list /etc/apt/sources.list.d -maxdepth 1 -type f \( -name '*.list' -o -name '*.sources' \) \
+    ! -name clusterctl-bed.sources -exec cat {} + 2>/dev/null | grep -v '^[[:space:]]*#' \
+  | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -n1) || true
 mirror=${mirror:-http://deb.debian.org/debian}
-if ! grep -qs "URIs: ${mirror}" /etc/apt/sources.list.d/clusterctl-bed.sources; then
-  cat > /etc/apt/sources.list.d/clusterctl-bed.sources <<SRC
+sources=$(cat <<SRC
 Types: deb deb-src
 URIs: ${mirror}
 Suites: bookworm-backports
@@ -38,6 +45,10 @@ Suites: bookworm
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
+)
+# Rewritten when it differs, so a file from an older version of this script is corrected.
+if [ "$(cat /etc/apt/sources.list.d/clusterctl-bed.sources 2>/dev/null)" != "$sources" ]; then
+  printf '%s\n' "$sources" > /etc/apt/sources.list.d/clusterctl-bed.sources
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

@@ -8,6 +8,12 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::output::Format;
 
+pub mod create;
+pub mod delete;
+pub mod get;
+pub mod plan;
+pub mod validate;
+
 /// Exit code for a failed command.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or invalid input (a bad cluster file).
@@ -45,11 +51,21 @@ pub struct Global {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show the spec with defaults and the steps `create` would take.
+    Plan(plan::PlanArgs),
+    /// Create the cluster's machines (resumes if run again after a failure).
+    Create(create::CreateArgs),
+    /// Delete every machine of the cluster and its state.
+    Delete(delete::DeleteArgs),
+    /// List clusters, or show one cluster and its machines.
+    Get(get::GetArgs),
     /// Print a shell completion script.
     Completions {
         /// Shell to generate completions for.
         shell: clap_complete::Shell,
     },
+    /// Check a cluster spec: strict parsing and every semantic rule, all problems at once.
+    Validate(validate::ValidateArgs),
 }
 
 /// Entry point used by the binary: parse, run, print the error chain, map to an exit code.
@@ -82,17 +98,25 @@ fn init_tracing(global: &Global) {
 }
 
 /// Maps an error to the process exit code.
-fn exit_code_for(_err: &anyhow::Error) -> u8 {
+fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<crate::spec::SpecErrors>().is_some() {
+        return EXIT_INVALID;
+    }
     EXIT_FAILURE
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Plan(args) => plan::run(&cli.global, &args),
+        Command::Create(args) => create::run(&cli.global, &args),
+        Command::Delete(args) => delete::run(&cli.global, &args),
+        Command::Get(args) => get::run(&cli.global, &args),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());
             Ok(())
         }
+        Command::Validate(args) => validate::run(&args, cli.global.output),
     }
 }

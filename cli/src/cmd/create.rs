@@ -1,0 +1,199 @@
+//! `clusterctl create -f FILE [--wait]`: provisions the cluster's machines.
+//!
+//! Takes the cluster lock, creates or loads the state record (the cluster ID is generated and
+//! saved before any side effect, so everything a provider creates can be found again), plans
+//! against the provider's inventory and applies the machine steps. Re-running it after a failure
+//! or a kill resumes. Kubernetes bootstrap is not part of this build yet, and the command says so.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, bail};
+
+use super::Global;
+use crate::engine::{self, ApplyContext, Env, Reporter};
+use crate::provider;
+use crate::spec;
+use crate::state::{
+    ClusterGuard, ClusterRecord, ClusterStatus, LockHolder, Replay, StateStore, Timestamp, WaitMode,
+};
+
+/// Most provider calls in flight at once.
+pub const CONCURRENCY: usize = 4;
+
+/// Arguments of `clusterctl create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The cluster spec (cluster.yaml).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+    /// If another command holds the cluster's lock, wait for it instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Loads and validates a spec and makes its provider paths absolute.
+pub(crate) fn load_spec(file: &Path) -> anyhow::Result<spec::Cluster> {
+    let mut spec = spec::load(file)?;
+    provider::absolutize_paths(&mut spec, file);
+    Ok(spec)
+}
+
+/// Takes the cluster lock, telling the user when it has to wait.
+pub(crate) fn lock_cluster(
+    store: &StateStore,
+    name: &str,
+    wait: bool,
+    report: Reporter,
+) -> anyhow::Result<ClusterGuard> {
+    let mode = if wait {
+        WaitMode::Wait
+    } else {
+        WaitMode::FailFast
+    };
+    let guard = store.lock(name, mode, &mut |holder: Option<&LockHolder>| {
+        let who = match holder {
+            Some(h) => format!("pid {} ({}) since {}", h.pid, h.command, h.since),
+            None => "another process".to_owned(),
+        };
+        report.note(&format!("cluster {name:?} is locked by {who}; waiting"));
+    })?;
+    Ok(guard)
+}
+
+/// Opens the journal for this run and reports a torn record left by a crash.
+pub(crate) fn open_journal(
+    guard: &ClusterGuard,
+    report: Reporter,
+) -> anyhow::Result<(crate::state::Journal, Replay)> {
+    let command = LockHolder::current().command;
+    let (journal, replay) = guard.open_journal(&command)?;
+    if let Some(t) = &replay.torn_tail {
+        report.note(&format!(
+            "journal {} ended in a record torn by a crash (line {}, {} bytes); dropped it",
+            journal.path().display(),
+            t.line,
+            t.bytes
+        ));
+    }
+    Ok((journal, replay))
+}
+
+/// A tokio runtime for the engine: provider calls run on its blocking pool.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Checks that an existing cluster can be created again from `spec`: same provider settings
+/// (otherwise its machines would be orphaned) and not half deleted.
+fn check_existing(record: &ClusterRecord, spec: &spec::Cluster) -> anyhow::Result<()> {
+    if record.status == ClusterStatus::Deleting {
+        bail!(
+            "cluster {:?} is being deleted (an earlier `clusterctl delete` did not finish); run `clusterctl delete {}` to finish, then create it again",
+            record.name,
+            record.name
+        );
+    }
+    if record.spec.spec.provider != spec.spec.provider {
+        bail!(
+            "cluster {:?} exists with different provider settings ({} in the stored spec); delete it first or keep the provider block unchanged",
+            record.name,
+            record.spec.spec.provider.name()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `clusterctl create`.
+pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
+    let report = Reporter {
+        quiet: global.quiet,
+    };
+    let spec = load_spec(&args.file)?;
+    let name = spec.metadata.name.clone();
+    let store = StateStore::resolve(global.state_dir.as_deref())?;
+    let guard = lock_cluster(&store, &name, args.wait, report)?;
+
+    let mut record = match guard.load()? {
+        Some(mut r) => {
+            check_existing(&r, &spec)?;
+            report.note(&format!(
+                "cluster {name:?} exists (id {}, {}); resuming",
+                r.id, r.status
+            ));
+            r.spec = spec.clone();
+            r.status = ClusterStatus::Creating;
+            r
+        }
+        None => {
+            let r = ClusterRecord::new(&name, spec.clone())?;
+            report.note(&format!("new cluster {name:?} (id {})", r.id));
+            r
+        }
+    };
+    // The record, with the cluster ID, is durable before the first side effect.
+    guard.save(&mut record)?;
+
+    let (journal, replay) = open_journal(&guard, report)?;
+    let journal = Arc::new(Mutex::new(journal));
+    let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
+    let template = provider::machine_template(&spec)?;
+    let mut ctx = ApplyContext {
+        env: Env {
+            cluster: record.cluster_ref(),
+            provider,
+            journal: journal.clone(),
+            concurrency: CONCURRENCY,
+            report,
+        },
+        desired: spec,
+        template,
+        interrupted: replay.in_flight(),
+        observed: Vec::new(),
+        plan: None,
+    };
+    let result = runtime()?.block_on(engine::run_phases(
+        &mut ctx,
+        report,
+        &engine::apply::provision_phases(),
+    ));
+
+    // Whatever happened, remember what was last observed.
+    if ctx.plan.is_some() {
+        record.machines = ctx.observed.clone();
+        record.observed_at = Some(Timestamp::now());
+    }
+    if result.is_ok() {
+        record.status = ClusterStatus::Provisioned;
+    }
+    let saved = guard.save(&mut record);
+    let finished = journal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .finish(result.is_ok() && saved.is_ok());
+    if let Err(e) = result {
+        return Err(anyhow::Error::new(e)).with_context(|| {
+            format!(
+                "creating cluster {name:?} stopped; run `clusterctl create -f {}` again to resume (finished steps are not redone)",
+                args.file.display()
+            )
+        });
+    }
+    saved?;
+    finished?;
+    if !global.quiet {
+        eprintln!(
+            "Cluster {name:?}: {} machine(s) provisioned through the {} provider.",
+            record.machines.len(),
+            record.spec.spec.provider.name()
+        );
+        eprintln!(
+            "Kubernetes is NOT installed: this build of clusterctl provisions machines only; bootstrapping comes with a later version."
+        );
+    }
+    Ok(())
+}

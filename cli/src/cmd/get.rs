@@ -1,0 +1,182 @@
+//! `clusterctl get [NAME]`: the known clusters, or one cluster and its machines, from the state
+//! store (machines as last observed by a mutating command). Reads without taking the lock.
+
+use std::fmt::Write as _;
+
+use providers::Machine;
+use serde::Serialize;
+
+use super::Global;
+use crate::engine::plan::{role_word, state_word};
+use crate::output::{self, Format};
+use crate::spec;
+use crate::state::{ClusterRecord, StateStore, Timestamp};
+
+/// Arguments of `clusterctl get`.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// Show only this cluster, with its machines.
+    pub name: Option<String>,
+}
+
+/// A cluster as `get` shows it.
+#[derive(Debug, Serialize)]
+struct ClusterView {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observed_at: Option<Timestamp>,
+    machines: Vec<Machine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<spec::Cluster>,
+}
+
+impl ClusterView {
+    fn from_record(r: ClusterRecord, with_spec: bool) -> Self {
+        ClusterView {
+            provider: Some(r.spec.spec.provider.name()),
+            name: r.name,
+            id: Some(r.id),
+            status: r.status.to_string(),
+            created_at: Some(r.created_at),
+            updated_at: Some(r.updated_at),
+            observed_at: r.observed_at,
+            machines: r.machines,
+            error: None,
+            spec: with_spec.then_some(r.spec),
+        }
+    }
+
+    fn broken(name: String, status: &str, error: String) -> Self {
+        ClusterView {
+            name,
+            id: None,
+            status: status.to_owned(),
+            provider: None,
+            created_at: None,
+            updated_at: None,
+            observed_at: None,
+            machines: Vec::new(),
+            error: Some(error),
+            spec: None,
+        }
+    }
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+fn machines_table(ms: &[Machine]) -> String {
+    let rows: Vec<Vec<String>> = ms
+        .iter()
+        .map(|m| {
+            let addrs: Vec<String> = m.addresses.iter().map(ToString::to_string).collect();
+            vec![
+                m.name.clone(),
+                role_word(m.role).to_owned(),
+                m.pool.clone().unwrap_or_else(|| "-".into()),
+                state_word(m.state).to_owned(),
+                if addrs.is_empty() {
+                    "-".into()
+                } else {
+                    addrs.join(",")
+                },
+                m.provider_id.clone(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "MACHINE",
+            "ROLE",
+            "POOL",
+            "STATE",
+            "ADDRESSES",
+            "PROVIDER-ID",
+        ],
+        &rows,
+    )
+}
+
+/// Runs `clusterctl get`.
+pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
+    let store = StateStore::resolve(global.state_dir.as_deref())?;
+    if let Some(name) = &args.name {
+        let record = store.load(name)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "cluster {name:?} not found in {}; `clusterctl get` lists the known clusters",
+                store.root().display()
+            )
+        })?;
+        let view = ClusterView::from_record(record, global.output != Format::Table);
+        if global.output != Format::Table {
+            output::print(&output::to_string(global.output, &view)?)?;
+            return Ok(());
+        }
+        let mut out = String::new();
+        writeln!(out, "Cluster:   {}", view.name)?;
+        writeln!(out, "ID:        {}", opt(&view.id))?;
+        writeln!(out, "Status:    {}", view.status)?;
+        writeln!(out, "Provider:  {}", opt(&view.provider))?;
+        writeln!(out, "Created:   {}", opt(&view.created_at))?;
+        writeln!(out, "Updated:   {}", opt(&view.updated_at))?;
+        writeln!(out, "Observed:  {}", opt(&view.observed_at))?;
+        writeln!(out)?;
+        out.push_str(&machines_table(&view.machines));
+        output::print(&out)?;
+        return Ok(());
+    }
+
+    let mut views = Vec::new();
+    for name in store.names()? {
+        // One damaged cluster must not hide the others: show it with its error.
+        match store.load(&name) {
+            Ok(Some(r)) => views.push(ClusterView::from_record(r, false)),
+            Ok(None) => views.push(ClusterView::broken(
+                name,
+                "no-record",
+                "no state record (nothing was provisioned)".into(),
+            )),
+            Err(e) => views.push(ClusterView::broken(name, "error", format!("{e:#}"))),
+        }
+    }
+    if global.output != Format::Table {
+        output::print(&output::to_string(global.output, &views)?)?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.status.clone(),
+                opt(&v.provider),
+                v.machines.len().to_string(),
+                opt(&v.created_at),
+                opt(&v.id),
+            ]
+        })
+        .collect();
+    output::print(&output::table(
+        &["NAME", "STATUS", "PROVIDER", "MACHINES", "CREATED", "ID"],
+        &rows,
+    ))?;
+    for v in &views {
+        if let Some(e) = &v.error {
+            eprintln!("warning: cluster {:?}: {e}", v.name);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,785 @@
+//! Execution: a runner of phases, and the phases that provision and delete machines.
+//!
+//! A phase has a title, a `should_run` check against what is observed now, and a `run`. The runner
+//! prints one line per phase (`==> Creating machines`), skips phases with nothing to do, and stops
+//! at the first failure. Every side effect goes through [`Env::call`], which writes the journal
+//! intent before the provider call and the outcome after it, and runs the (blocking) provider call
+//! on tokio's blocking pool with bounded concurrency. Because steps are idempotent and each run
+//! re-observes before planning, re-running a command that stopped, or was killed, resumes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use providers::{ClusterRef, ImageRef, MachineSpec, Provider, ProviderError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::plan::{self, DesiredMachine, Inventory, Plan, PlanError, Step};
+use crate::spec;
+use crate::state::{InFlight, Journal, StateError};
+
+/// A boxed future, the return type of [`Phase::run`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Errors of plan execution.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A provider call failed.
+    #[error("{action} {target:?}")]
+    Provider {
+        /// What was being done, e.g. `ensuring machine`.
+        action: String,
+        /// What it was done to.
+        target: String,
+        /// The provider's error.
+        #[source]
+        source: ProviderError,
+    },
+    /// Several operations of one phase failed; the first is the source.
+    #[error("{failed} of {attempted} operations failed; the first")]
+    Several {
+        /// How many failed.
+        failed: usize,
+        /// How many were attempted.
+        attempted: usize,
+        /// The first failure.
+        #[source]
+        first: Box<EngineError>,
+    },
+    /// Writing the journal failed, so the side effect was not attempted or its outcome is not
+    /// recorded.
+    #[error("recording the operation in the journal")]
+    Journal(#[source] StateError),
+    /// The spec cannot be planned.
+    #[error("planning")]
+    Plan(#[source] PlanError),
+    /// A provider call could not be run to completion (the task panicked or was cancelled).
+    #[error("a provider call did not complete: {0}")]
+    Task(String),
+    /// After a phase the provider does not show what the phase should have produced.
+    #[error("the provider does not show the expected result: {0}")]
+    Verify(String),
+    /// A phase failed.
+    #[error("{title}")]
+    Phase {
+        /// The phase title.
+        title: String,
+        /// Why.
+        #[source]
+        source: Box<EngineError>,
+    },
+}
+
+/// Prints progress to stderr: one line per phase, one per machine. Silent with `--quiet`.
+#[derive(Debug, Clone, Copy)]
+pub struct Reporter {
+    /// Print nothing.
+    pub quiet: bool,
+}
+
+impl Reporter {
+    /// Prints a phase line, `==> Creating machines`.
+    pub fn phase(&self, title: &str) {
+        tracing::info!("{title}");
+        if !self.quiet {
+            eprintln!("==> {title}");
+        }
+    }
+
+    /// Prints a per-machine line.
+    pub fn machine(&self, name: &str, message: &str) {
+        tracing::info!(node = name, "{message}");
+        if !self.quiet {
+            eprintln!("    {name}: {message}");
+        }
+    }
+
+    /// Prints a free-form note.
+    pub fn note(&self, message: &str) {
+        tracing::info!("{message}");
+        if !self.quiet {
+            eprintln!("    {message}");
+        }
+    }
+}
+
+/// What every phase works with: the cluster, its provider, its journal.
+pub struct Env {
+    /// The cluster's identity.
+    pub cluster: ClusterRef,
+    /// The provider.
+    pub provider: Arc<dyn Provider>,
+    /// The cluster's journal, opened by this run (under the cluster lock).
+    pub journal: Arc<Mutex<Journal>>,
+    /// Most provider calls in flight at once.
+    pub concurrency: usize,
+    /// Progress output.
+    pub report: Reporter,
+}
+
+impl Env {
+    /// Performs one side effect: writes the intent to the journal, runs `f` with the provider on
+    /// the blocking pool, and writes the outcome.
+    pub async fn call<T, F>(
+        &self,
+        action: &'static str,
+        target: &str,
+        f: F,
+    ) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Provider) -> Result<T, ProviderError> + Send + 'static,
+    {
+        let provider = self.provider.clone();
+        let journal = self.journal.clone();
+        let target_owned = target.to_owned();
+        let task = tokio::task::spawn_blocking(move || {
+            journaled(&journal, &*provider, action, &target_owned, f)
+        });
+        task.await.map_err(|e| EngineError::Task(e.to_string()))?
+    }
+
+    /// Lists the cluster's machines (not a side effect: no journal records).
+    pub async fn list_machines(&self) -> Result<Inventory, EngineError> {
+        let provider = self.provider.clone();
+        let cluster = self.cluster.clone();
+        let mut list = tokio::task::spawn_blocking(move || provider.list_machines(&cluster))
+            .await
+            .map_err(|e| EngineError::Task(e.to_string()))?
+            .map_err(|source| EngineError::Provider {
+                action: "listing machines of cluster".into(),
+                target: self.cluster.name.clone(),
+                source,
+            })?;
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        lock_journal(&self.journal)
+    }
+}
+
+fn lock_journal(j: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+    // A panic while holding the lock cannot leave a half-written record behind (each append is
+    // one write), so the journal stays usable.
+    j.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn journaled<T>(
+    journal: &Mutex<Journal>,
+    provider: &dyn Provider,
+    action: &'static str,
+    target: &str,
+    f: impl FnOnce(&dyn Provider) -> Result<T, ProviderError>,
+) -> Result<T, EngineError> {
+    let op = lock_journal(journal)
+        .intent(action, target)
+        .map_err(EngineError::Journal)?;
+    match f(provider) {
+        Ok(v) => {
+            lock_journal(journal)
+                .done(&op)
+                .map_err(EngineError::Journal)?;
+            Ok(v)
+        }
+        Err(source) => {
+            let err = EngineError::Provider {
+                action: describe(action),
+                target: target.to_owned(),
+                source,
+            };
+            let text = error_chain(&err);
+            // The provider error is what matters; a journal failure on top is only logged.
+            if let Err(e) = lock_journal(journal).failed(&op, &text) {
+                tracing::error!("cannot record failure of {action} {target} in the journal: {e}");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// A journal action in words for error messages: `ensure-machine` -> `ensuring machine`.
+fn describe(action: &str) -> String {
+    match action.split_once('-') {
+        Some((verb, rest)) => {
+            let stem = verb.strip_suffix('e').unwrap_or(verb);
+            format!("{stem}ing {}", rest.replace('-', " "))
+        }
+        None => action.to_owned(),
+    }
+}
+
+/// The error and its sources joined with `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A step of execution with a title, a check whether it still needs to run, and the run.
+pub trait Phase<C>: Send + Sync {
+    /// Title printed as `==> <title>`, in the -ing form.
+    fn title(&self) -> String;
+    /// Whether the phase has work to do given what `ctx` observed so far.
+    fn should_run(&self, ctx: &C) -> bool;
+    /// Does the work. Must be idempotent: running it twice gives the same result.
+    fn run<'a>(&'a self, ctx: &'a mut C) -> BoxFuture<'a, Result<(), EngineError>>;
+}
+
+/// Runs `phases` in order, skipping those that have nothing to do; stops at the first failure.
+pub async fn run_phases<C: Send>(
+    ctx: &mut C,
+    report: Reporter,
+    phases: &[Box<dyn Phase<C>>],
+) -> Result<(), EngineError> {
+    for phase in phases {
+        let title = phase.title();
+        if !phase.should_run(ctx) {
+            tracing::debug!(phase = %title, "nothing to do");
+            continue;
+        }
+        report.phase(&title);
+        phase.run(ctx).await.map_err(|e| EngineError::Phase {
+            title,
+            source: Box::new(e),
+        })?;
+    }
+    Ok(())
+}
+
+/// How machines are made from planned ones: the image to boot and their first-boot data.
+#[derive(Clone)]
+pub struct MachineTemplate {
+    /// Node image to boot.
+    pub image: ImageRef,
+    /// Renders the first-boot user data of a machine.
+    pub user_data: Arc<dyn Fn(&DesiredMachine) -> String + Send + Sync>,
+    /// Extra labels for every machine (the cluster's `metadata.labels`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl MachineTemplate {
+    /// The provider request for a planned machine.
+    pub fn machine_spec(&self, m: &DesiredMachine) -> MachineSpec {
+        MachineSpec {
+            name: m.name.clone(),
+            role: m.role,
+            pool: m.pool.clone(),
+            size: m.size.clone(),
+            image: self.image.clone(),
+            user_data: (self.user_data)(m),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for MachineTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineTemplate")
+            .field("image", &self.image)
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State of `clusterctl create` (and later commands that converge machines to the spec).
+pub struct ApplyContext {
+    /// Cluster, provider, journal.
+    pub env: Env,
+    /// The desired spec.
+    pub desired: spec::Cluster,
+    /// How to make machines.
+    pub template: MachineTemplate,
+    /// Operations an earlier run left in flight (from the journal).
+    pub interrupted: Vec<InFlight>,
+    /// Machines as last observed.
+    pub observed: Inventory,
+    /// The current plan (set by the observe phase).
+    pub plan: Option<Plan>,
+}
+
+/// The phases of `clusterctl create` as far as this build goes: machines only.
+pub fn provision_phases() -> Vec<Box<dyn Phase<ApplyContext>>> {
+    vec![
+        Box::new(RecoverInterrupted),
+        Box::new(ObserveAndPlan),
+        Box::new(EnsureMachines),
+        Box::new(DeleteUnwanted),
+        Box::new(VerifyMachines),
+    ]
+}
+
+/// Records operations an earlier, killed run left in flight. Their targets are re-checked by
+/// observing and planning afresh.
+pub struct RecoverInterrupted;
+
+impl Phase<ApplyContext> for RecoverInterrupted {
+    fn title(&self) -> String {
+        "Recovering operations interrupted in an earlier run".into()
+    }
+    fn should_run(&self, ctx: &ApplyContext) -> bool {
+        !ctx.interrupted.is_empty()
+    }
+    fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move { record_interrupted(&ctx.env, &ctx.interrupted) })
+    }
+}
+
+/// Writes an `interrupted` journal record for each operation and says so.
+pub fn record_interrupted(env: &Env, found: &[InFlight]) -> Result<(), EngineError> {
+    let mut j = env.journal();
+    for f in found {
+        env.report.machine(
+            &f.target,
+            &format!(
+                "{} was interrupted (run {} at {}); re-checking",
+                f.action, f.run, f.at
+            ),
+        );
+        j.interrupted(f).map_err(EngineError::Journal)?;
+    }
+    Ok(())
+}
+
+/// Lists the cluster's machines and plans against them.
+pub struct ObserveAndPlan;
+
+impl Phase<ApplyContext> for ObserveAndPlan {
+    fn title(&self) -> String {
+        "Observing machines".into()
+    }
+    fn should_run(&self, _: &ApplyContext) -> bool {
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            ctx.observed = ctx.env.list_machines().await?;
+            let plan = plan::plan(&ctx.desired, &ctx.observed).map_err(EngineError::Plan)?;
+            let ensure = plan.ensure_steps().count();
+            let delete = plan.delete_steps().count();
+            ctx.env.report.note(&format!(
+                "{} machine(s) exist, {} to create or start, {} to delete, {} unchanged",
+                ctx.observed.len(),
+                ensure,
+                delete,
+                plan.unchanged.len()
+            ));
+            ctx.plan = Some(plan);
+            Ok(())
+        })
+    }
+}
+
+/// Creates (or starts) the machines of the plan, several at a time.
+pub struct EnsureMachines;
+
+impl Phase<ApplyContext> for EnsureMachines {
+    fn title(&self) -> String {
+        "Creating machines".into()
+    }
+    fn should_run(&self, ctx: &ApplyContext) -> bool {
+        ctx.plan
+            .as_ref()
+            .is_some_and(|p| p.ensure_steps().next().is_some())
+    }
+    fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let steps: Vec<(&'static str, MachineSpec)> = ctx
+                .plan
+                .iter()
+                .flat_map(|p| p.steps.iter())
+                .filter_map(|step| match step {
+                    Step::CreateMachine { machine } => {
+                        Some(("creating", ctx.template.machine_spec(machine)))
+                    }
+                    Step::StartMachine { machine, .. } => {
+                        Some(("starting", ctx.template.machine_spec(machine)))
+                    }
+                    Step::DeleteMachine { .. } => None,
+                })
+                .collect();
+            let cluster = ctx.env.cluster.clone();
+            let work = steps
+                .into_iter()
+                .map(|(starting, spec)| {
+                    let cluster = cluster.clone();
+                    let name = spec.name.clone();
+                    (name, starting, move |p: &dyn Provider| {
+                        p.ensure_machine(&cluster, &spec)
+                            .map(|m| format!("running ({})", m.provider_id))
+                    })
+                })
+                .collect();
+            run_bounded(&ctx.env, "ensure-machine", work).await
+        })
+    }
+}
+
+/// Deletes machines of the cluster that the spec no longer asks for.
+pub struct DeleteUnwanted;
+
+impl Phase<ApplyContext> for DeleteUnwanted {
+    fn title(&self) -> String {
+        "Deleting machines no longer in the spec".into()
+    }
+    fn should_run(&self, ctx: &ApplyContext) -> bool {
+        ctx.plan
+            .as_ref()
+            .is_some_and(|p| p.delete_steps().next().is_some())
+    }
+    fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let names: Vec<String> = ctx
+                .plan
+                .as_ref()
+                .map(|p| p.delete_steps().map(str::to_owned).collect())
+                .unwrap_or_default();
+            let cluster = ctx.env.cluster.clone();
+            let work = names
+                .into_iter()
+                .map(|name| {
+                    let cluster = cluster.clone();
+                    let n = name.clone();
+                    (name, "deleting", move |p: &dyn Provider| {
+                        p.delete_machine(&cluster, &n)
+                            .map(|()| "deleted".to_owned())
+                    })
+                })
+                .collect();
+            run_bounded(&ctx.env, "delete-machine", work).await
+        })
+    }
+}
+
+/// Lists the machines again and checks that exactly the spec's machines exist.
+pub struct VerifyMachines;
+
+impl Phase<ApplyContext> for VerifyMachines {
+    fn title(&self) -> String {
+        "Verifying machines".into()
+    }
+    fn should_run(&self, _: &ApplyContext) -> bool {
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            ctx.observed = ctx.env.list_machines().await?;
+            let want: BTreeSet<String> = plan::desired_machines(&ctx.desired)
+                .into_iter()
+                .map(|m| m.name)
+                .collect();
+            let have: BTreeSet<String> = ctx.observed.iter().map(|m| m.name.clone()).collect();
+            let missing: Vec<_> = want.difference(&have).collect();
+            let extra: Vec<_> = have.difference(&want).collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                return Err(EngineError::Verify(format!(
+                    "missing {missing:?}, unexpected {extra:?}"
+                )));
+            }
+            ctx.env
+                .report
+                .note(&format!("{} machine(s) match the spec", have.len()));
+            Ok(())
+        })
+    }
+}
+
+/// Runs provider operations on up to `env.concurrency` machines at once, each journaled. After the
+/// first failure no new operation starts; those already running finish and are recorded.
+async fn run_bounded<F>(
+    env: &Env,
+    action: &'static str,
+    work: Vec<(String, &'static str, F)>,
+) -> Result<(), EngineError>
+where
+    F: FnOnce(&dyn Provider) -> Result<String, ProviderError> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(env.concurrency.max(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = JoinSet::new();
+    for (index, (name, starting, f)) in work.into_iter().enumerate() {
+        let limit = limit.clone();
+        let stop = stop.clone();
+        let provider = env.provider.clone();
+        let journal = env.journal.clone();
+        let report = env.report;
+        set.spawn(async move {
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return (index, name, None);
+            };
+            if stop.load(Ordering::SeqCst) {
+                return (index, name, None);
+            }
+            report.machine(&name, starting);
+            let target = name.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                journaled(&journal, &*provider, action, &target, f)
+            })
+            .await
+            .map_err(|e| EngineError::Task(e.to_string()))
+            .and_then(|r| r);
+            match &res {
+                Ok(msg) => report.machine(&name, msg),
+                Err(e) => {
+                    stop.store(true, Ordering::SeqCst);
+                    report.machine(&name, &format!("failed: {}", error_chain(e)));
+                }
+            }
+            (index, name, Some(res))
+        });
+    }
+    let mut failures: Vec<(usize, EngineError)> = Vec::new();
+    let (mut attempted, mut skipped) = (0usize, Vec::new());
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((_, _, Some(Ok(_)))) => attempted += 1,
+            Ok((i, _, Some(Err(e)))) => {
+                attempted += 1;
+                failures.push((i, e));
+            }
+            Ok((i, name, None)) => skipped.push((i, name)),
+            Err(e) => failures.push((usize::MAX, EngineError::Task(e.to_string()))),
+        }
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    skipped.sort();
+    for (_, name) in &skipped {
+        env.report
+            .machine(name, "not started because of the failure above");
+    }
+    failures.sort_by_key(|(i, _)| *i);
+    let failed = failures.len();
+    let mut it = failures.into_iter().map(|(_, e)| e);
+    match (failed, it.next()) {
+        (1, Some(e)) => Err(e),
+        (_, Some(first)) => Err(EngineError::Several {
+            failed,
+            attempted,
+            first: Box::new(first),
+        }),
+        (_, None) => Ok(()),
+    }
+}
+
+/// State of `clusterctl delete`.
+pub struct DeleteContext {
+    /// Cluster, provider, journal.
+    pub env: Env,
+    /// Operations an earlier run left in flight.
+    pub interrupted: Vec<InFlight>,
+}
+
+/// The phases of `clusterctl delete`: everything carrying the cluster's ID goes.
+pub fn delete_phases() -> Vec<Box<dyn Phase<DeleteContext>>> {
+    vec![
+        Box::new(RecoverInterruptedDelete),
+        Box::new(DeleteClusterResources),
+    ]
+}
+
+/// [`RecoverInterrupted`] for deletion.
+pub struct RecoverInterruptedDelete;
+
+impl Phase<DeleteContext> for RecoverInterruptedDelete {
+    fn title(&self) -> String {
+        "Recovering operations interrupted in an earlier run".into()
+    }
+    fn should_run(&self, ctx: &DeleteContext) -> bool {
+        !ctx.interrupted.is_empty()
+    }
+    fn run<'a>(&'a self, ctx: &'a mut DeleteContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move { record_interrupted(&ctx.env, &ctx.interrupted) })
+    }
+}
+
+/// Deletes every resource labelled with the cluster's ID, then checks that no machine is left.
+pub struct DeleteClusterResources;
+
+impl Phase<DeleteContext> for DeleteClusterResources {
+    fn title(&self) -> String {
+        "Deleting machines and other provider resources".into()
+    }
+    fn should_run(&self, _: &DeleteContext) -> bool {
+        // Always: besides machines, providers may hold networks or images that listing does not
+        // show, and deleting nothing is cheap.
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut DeleteContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let before = ctx.env.list_machines().await?;
+            for m in &before {
+                ctx.env.report.machine(&m.name, "deleting");
+            }
+            let cluster = ctx.env.cluster.clone();
+            let name = cluster.name.clone();
+            ctx.env
+                .call("delete-cluster", &name, move |p| p.delete_cluster(&cluster))
+                .await?;
+            let left = ctx.env.list_machines().await?;
+            if !left.is_empty() {
+                let names: Vec<_> = left.iter().map(|m| m.name.as_str()).collect();
+                return Err(EngineError::Verify(format!(
+                    "machines still listed after deleting the cluster: {names:?}"
+                )));
+            }
+            for m in &before {
+                ctx.env.report.machine(&m.name, "deleted");
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use providers::fake::{FakeOptions, FakeProvider};
+
+    use super::*;
+    use crate::state::journal::{self, Event};
+
+    fn spec() -> spec::Cluster {
+        let text = "apiVersion: clusterctl.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: c1\nspec:\n  provider:\n    fake:\n      directory: /unused\n  kubernetes:\n    channel: stable\n  ssh:\n    agent: true\n  nodePools:\n    - name: a\n      count: 2\n";
+        match spec::parse_str(text, "test.yaml") {
+            Ok(s) => s,
+            Err(e) => panic!("test spec is invalid: {e}"),
+        }
+    }
+
+    fn context(
+        dir: &std::path::Path,
+        options: FakeOptions,
+        concurrency: usize,
+    ) -> anyhow::Result<ApplyContext> {
+        let desired = spec();
+        let provider = Arc::new(FakeProvider::new(dir.join("fake"), options)?);
+        let (journal, replay) = Journal::open(&dir.join(journal::JOURNAL_FILE), "test")?;
+        let template = MachineTemplate {
+            image: ImageRef {
+                version: "v".into(),
+                dir: dir.to_path_buf(),
+                digest: "d".into(),
+            },
+            user_data: Arc::new(|m: &DesiredMachine| {
+                format!("#cloud-config\nhostname: {}\n", m.name)
+            }),
+            labels: BTreeMap::new(),
+        };
+        Ok(ApplyContext {
+            env: Env {
+                cluster: ClusterRef {
+                    name: "c1".into(),
+                    id: "id-1".into(),
+                },
+                provider,
+                journal: Arc::new(Mutex::new(journal)),
+                concurrency,
+                report: Reporter { quiet: true },
+            },
+            desired,
+            template,
+            interrupted: replay.in_flight(),
+            observed: Vec::new(),
+            plan: None,
+        })
+    }
+
+    fn journal_events(dir: &std::path::Path) -> anyhow::Result<Vec<Event>> {
+        Ok(journal::read(&dir.join(journal::JOURNAL_FILE))?
+            .records
+            .into_iter()
+            .map(|r| r.event)
+            .collect())
+    }
+
+    fn intents(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Intent { target, .. } => Some(target.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_side_effect_is_journaled_and_a_second_run_does_nothing() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await?;
+        let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
+        let events = journal_events(tmp.path())?;
+        let mut started = intents(&events);
+        started.sort();
+        assert_eq!(started, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Done { .. }))
+                .count(),
+            3
+        );
+        assert!(
+            journal::read(&tmp.path().join(journal::JOURNAL_FILE))?
+                .in_flight()
+                .is_empty()
+        );
+
+        let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
+        run_phases(&mut again, Reporter { quiet: true }, &provision_phases()).await?;
+        assert!(again.plan.as_ref().is_some_and(Plan::is_empty));
+        assert!(!EnsureMachines.should_run(&again));
+        assert_eq!(
+            intents(&journal_events(tmp.path())?).len(),
+            3,
+            "the second run has no side effect"
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_failure_stops_the_phase_and_is_journaled() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let options = FakeOptions {
+            delay: std::time::Duration::ZERO,
+            fail_ensure: Some("c1-a-0".into()),
+        };
+        // One at a time, so the order is fixed: c1-cp-0, then c1-a-0 fails, c1-a-1 never starts.
+        let mut ctx = context(tmp.path(), options, 1)?;
+        let err = match run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await {
+            Ok(()) => anyhow::bail!("the injected failure did not fail the run"),
+            Err(e) => error_chain(&e),
+        };
+        assert!(
+            err.starts_with("Creating machines: ensuring machine \"c1-a-0\": creating fake machine \"c1-a-0\" failed: failure injected"),
+            "{err}"
+        );
+        let events = journal_events(tmp.path())?;
+        assert_eq!(intents(&events), ["c1-cp-0", "c1-a-0"]);
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Failed { error, .. } if error.contains("failure injected"))
+            ),
+            "{events:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn actions_read_as_words() {
+        assert_eq!(describe("ensure-machine"), "ensuring machine");
+        assert_eq!(describe("delete-cluster"), "deleting cluster");
+        assert_eq!(describe("start-machine"), "starting machine");
+    }
+}

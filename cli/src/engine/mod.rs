@@ -1,0 +1,13 @@
+//! The engine: plan, then apply.
+//!
+//! [`plan::plan`] is a pure function from the desired spec and the machines the provider reports
+//! to an ordered [`plan::Plan`]. [`apply`] executes plans as phases that journal every side effect
+//! and can be re-run to resume.
+
+pub mod apply;
+pub mod plan;
+
+pub use apply::{
+    ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, Reporter, run_phases,
+};
+pub use plan::{DesiredMachine, Inventory, Plan, PlanError, Step, desired_machines, plan};

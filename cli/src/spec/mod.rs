@@ -1,0 +1,415 @@
+//! The cluster spec (`cluster.yaml`): types, strict parsing, defaults and semantic validation.
+//!
+//! Every command that reads a spec calls [`load`], which reads the file, parses it strictly
+//! (unknown fields, wrong types and YAML syntax errors are errors), runs every semantic check,
+//! and returns either the [`Cluster`] with all defaults filled in or all problems at once, each
+//! with file, line, column and field path. The reference is docs/spec.md.
+
+mod error;
+pub mod locate;
+mod types;
+mod validate;
+pub mod values;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{SpecError, SpecErrorKind, SpecErrors};
+pub use types::*;
+pub use values::{
+    Duration, Frequency, KubernetesVersion, MaxUnhealthy, Quantity, Recurrence, Timestamp,
+    ValueError, Weekday,
+};
+
+use locate::{PathMap, Pos};
+
+/// Largest spec file read; a cluster spec is a few kilobytes, so anything near this is a mistake
+/// (a wrong file given with `-f`).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// Reads, parses and validates the spec at `path`; returns it with defaults filled in
+/// ([`Cluster::with_defaults`]) or every problem found. Errors name the file as given.
+pub fn load(path: &Path) -> Result<Cluster, SpecErrors> {
+    use std::io::Read;
+    let file = path.display().to_string();
+    let io_error = |message: String, hint: &str| SpecError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        path: String::new(),
+        message,
+        hint: Some(hint.to_owned()),
+        kind: SpecErrorKind::Io,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SPEC_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| {
+            io_error(
+                format!("cannot read the cluster spec: {e}"),
+                "check the path given with -f",
+            )
+        })?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(io_error(
+            format!(
+                "the file is larger than {} KiB, too large for a cluster spec",
+                MAX_SPEC_BYTES >> 10
+            ),
+            "check the path given with -f",
+        )
+        .into());
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        io_error(
+            format!(
+                "the file is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+            "save the file as UTF-8",
+        )
+    })?;
+    parse_str(&text, &file)
+}
+
+/// Parses and validates spec text; `file` is the name used in errors. Like [`load`] without
+/// the file system.
+pub fn parse_str(text: &str, file: &str) -> Result<Cluster, SpecErrors> {
+    let map = PathMap::build(text);
+    let options = serde_saphyr::options! {
+        // `yes`/`no`/`on`/`off` are strings in YAML 1.2; do not turn them into booleans.
+        strict_booleans: true,
+        reject_unsupported_tags: true,
+    };
+    let cluster: Cluster = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| deser_error(&e, &map, file))?;
+    let errors = validate::validate(&cluster);
+    if errors.is_empty() {
+        return Ok(cluster.with_defaults());
+    }
+    let mut errors: Vec<SpecError> = errors
+        .into_iter()
+        .map(|p| {
+            let pos = map.locate(&p.path);
+            SpecError {
+                file: file.to_owned(),
+                line: pos.line,
+                column: pos.column,
+                path: p.path,
+                message: p.message,
+                hint: p.hint,
+                kind: SpecErrorKind::Semantic,
+            }
+        })
+        .collect();
+    // Document order; the sort is stable so problems at one place keep the order of the checks.
+    errors.sort_by_key(|e| (e.line, e.column));
+    Err(SpecErrors { errors })
+}
+
+/// Resolves a path written in a spec: `~/x` against the home directory, a relative path
+/// against the directory of the spec file, an absolute path as is.
+pub fn resolve_path(spec_file: &Path, p: &Path) -> PathBuf {
+    if let Ok(rest) = p.strip_prefix("~")
+        && let Some(home) = std::env::var_os("HOME")
+    {
+        return PathBuf::from(home).join(rest);
+    }
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    spec_file.parent().unwrap_or_else(|| Path::new("")).join(p)
+}
+
+/// Turns a serde-saphyr error into a [`SpecError`] with the field path looked up by position.
+fn deser_error(e: &serde_saphyr::Error, map: &PathMap, file: &str) -> SpecErrors {
+    use serde_saphyr::MessageFormatter;
+    let inner = e.without_snippet();
+    let raw = serde_saphyr::UserMessageFormatter
+        .format_message(inner)
+        .into_owned();
+    let pos = e
+        .location()
+        .map(|l| Pos {
+            line: usize::try_from(l.line()).unwrap_or(0),
+            column: usize::try_from(l.column()).unwrap_or(0),
+        })
+        .unwrap_or_default();
+    let message = match inner {
+        // serde-saphyr says only "invalid u32"; name the value like serde's invalid_type does.
+        serde_saphyr::Error::InvalidScalar { ty, .. } => match map.scalar_at(pos) {
+            Some(text) if text.parse::<f64>().is_ok() => {
+                format!("invalid value: {text}, expected {ty}")
+            }
+            Some(text) => format!("invalid type: string {text:?}, expected {ty}"),
+            None => format!("invalid value, expected {ty}"),
+        },
+        _ => rephrase(&clean_message(&raw)),
+    };
+    let syntax = is_syntax_error(inner);
+    if matches!(inner, serde_saphyr::Error::Eof { .. }) && !map.contains("") {
+        return SpecError {
+            file: file.to_owned(),
+            line: pos.line.max(1),
+            column: pos.column.max(1),
+            path: String::new(),
+            message: "the file holds no YAML document".to_owned(),
+            hint: Some("write a Cluster document; examples/local.yaml is a start".to_owned()),
+            kind: SpecErrorKind::Syntax,
+        }
+        .into();
+    }
+    let (path, pos) = if syntax {
+        (String::new(), pos)
+    } else if message.starts_with("missing field") {
+        // The position is the last key read in the mapping that lacks the field, or the start
+        // of that mapping when it is empty; report the mapping itself.
+        let mapping = match map.path_of_key_at(pos) {
+            Some(key) => locate::parent_path(key).unwrap_or(""),
+            None => map.path_at(pos, false).unwrap_or(""),
+        };
+        (mapping.to_owned(), map.locate(mapping))
+    } else {
+        let prefer_key = message.starts_with("unknown field") || message.starts_with("duplicate");
+        (map.path_at(pos, prefer_key).unwrap_or("").to_owned(), pos)
+    };
+    let hint = hint_for(&message, syntax);
+    SpecError {
+        file: file.to_owned(),
+        line: pos.line,
+        column: pos.column,
+        path,
+        message,
+        hint,
+        kind: if syntax {
+            SpecErrorKind::Syntax
+        } else {
+            SpecErrorKind::Schema
+        },
+    }
+    .into()
+}
+
+fn is_syntax_error(e: &serde_saphyr::Error) -> bool {
+    matches!(
+        e,
+        serde_saphyr::Error::ExternalMessage { .. } | serde_saphyr::Error::Eof { .. }
+    )
+}
+
+/// Drops the " at line X, column Y" suffix the formatter adds; the position is printed in front.
+fn clean_message(raw: &str) -> String {
+    let msg = raw.lines().next().unwrap_or(raw).trim();
+    let msg = match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains("column") => &msg[..i],
+        _ => msg,
+    };
+    msg.trim_end_matches('.').to_owned()
+}
+
+/// Rewords serde-saphyr's structural messages in the terms of the spec.
+fn rephrase(msg: &str) -> String {
+    let m = match msg {
+        "expected mapping start" => "invalid type: expected a mapping (key: value pairs)",
+        "expected sequence start" => "invalid type: expected a list",
+        "externally tagged enum expected scalar or mapping" => {
+            "invalid type: expected a name or a mapping with exactly one key"
+        }
+        "expected end of mapping after enum variant value" => {
+            "more than one key: exactly one is allowed here"
+        }
+        other => {
+            // "duplicate mapping key: count, set DuplicateKeyPolicy in Options if acceptable"
+            if let Some(rest) = other.strip_prefix("duplicate mapping key: ") {
+                let key = rest
+                    .split(", set DuplicateKeyPolicy")
+                    .next()
+                    .unwrap_or(rest);
+                return format!("duplicate key `{key}`");
+            }
+            other
+        }
+    };
+    m.to_owned()
+}
+
+fn hint_for(message: &str, syntax: bool) -> Option<String> {
+    let h = if syntax {
+        "fix the YAML syntax at this position (indentation, quotes, colons)"
+    } else if message.starts_with("unknown field") {
+        "remove the field or fix its spelling; field names are camelCase (see docs/spec.md)"
+    } else if message.starts_with("missing field") {
+        "add the field (see docs/spec.md)"
+    } else if message.starts_with("unknown variant") {
+        "use one of the listed values"
+    } else if message.contains("boolean")
+        || (message.starts_with("invalid") && message.ends_with("bool"))
+    {
+        "write true or false (yes, no, on and off are strings)"
+    } else if message.starts_with("invalid") && message.contains("expected u") {
+        "write a whole number (0 or more) such as 3"
+    } else if message.contains("multiple found") {
+        "keep one Cluster document per file"
+    } else if message.starts_with("null is not allowed") {
+        "write a value or remove the field"
+    } else if message.starts_with("more than one key") {
+        "keep only one of the keys (for example one provider)"
+    } else if message.starts_with("invalid type") {
+        "write a value of the expected type (see docs/spec.md)"
+    } else if message.starts_with("duplicate") {
+        "remove one of the duplicate keys"
+    } else {
+        return None;
+    };
+    Some(h.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "\
+apiVersion: clusterctl.io/v1alpha1
+kind: Cluster
+metadata:
+  name: demo
+spec:
+  provider:
+    fake:
+      directory: /tmp/fake
+  kubernetes:
+    version: \"1.30.2\"
+  controlPlane:
+    schedulable: true
+  ssh:
+    agent: true
+    bastion:
+      host: jump.example.com
+";
+
+    #[test]
+    fn defaults_are_filled() {
+        let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let s = &c.spec;
+        assert_eq!(s.kubernetes.pod_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(s.kubernetes.service_cidr.to_string(), "10.96.0.0/12");
+        assert_eq!(s.kubernetes.cluster_domain, "cluster.local");
+        assert_eq!(s.kubernetes.artifacts, ArtifactSource::Upstream);
+        assert_eq!(s.control_plane.count, 1);
+        assert_eq!(s.control_plane.machine.memory.to_string(), "2Gi");
+        assert!(s.node_pools.is_empty());
+        assert_eq!(s.ssh.user, "core");
+        let bastion = s.ssh.bastion.as_ref().expect("bastion");
+        assert_eq!(bastion.port, 22);
+        // Cross-field default: the bastion user is the machines' user.
+        assert_eq!(bastion.user.as_deref(), Some("core"));
+        assert!(s.auto_repair.enabled);
+        assert_eq!(s.auto_repair.max_unhealthy, MaxUnhealthy::Percent(40));
+        assert!(!s.auto_upgrade.enabled);
+    }
+
+    #[test]
+    fn one_of_choices_parse_in_both_forms() {
+        let gce = MINIMAL.replace(
+            "fake:\n      directory: /tmp/fake",
+            "gce:\n      project: my-project\n      zone: us-east1-b\n      credentials: applicationDefault",
+        );
+        let c = parse_str(&gce, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let Provider::Gce(g) = &c.spec.provider else {
+            panic!("not gce")
+        };
+        assert_eq!(g.credentials, GceCredentials::ApplicationDefault);
+        assert_eq!(g.network, "default");
+        let file = gce.replace("applicationDefault", "{file: key.json}");
+        let c = parse_str(&file, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let Provider::Gce(g) = &c.spec.provider else {
+            panic!("not gce")
+        };
+        assert_eq!(
+            g.credentials,
+            GceCredentials::File(PathBuf::from("key.json"))
+        );
+        let bundle = MINIMAL.replace(
+            "    version: \"1.30.2\"",
+            "    version: \"1.30.2\"\n    artifacts:\n      bundle:\n        path: ./bundle",
+        );
+        let c = parse_str(&bundle, "b.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.spec.kubernetes.artifacts,
+            ArtifactSource::Bundle(Bundle {
+                path: PathBuf::from("./bundle")
+            })
+        );
+        assert_eq!(c.spec.max_machines(), 1);
+    }
+
+    #[test]
+    fn provider_names() {
+        let c = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.spec.provider.name(), "fake");
+        assert_eq!(c.name(), "demo");
+    }
+
+    #[test]
+    fn errors_carry_file_line_column_and_path() {
+        let text = MINIMAL.replace("schedulable: true", "schedulable: true\n    count: 2");
+        let errors = parse_str(&text, "x.yaml").expect_err("count 2 is invalid");
+        assert_eq!(errors.len(), 1);
+        let e = &errors.errors[0];
+        assert_eq!((e.line, e.column), (13, 12));
+        assert_eq!(e.path, "spec.controlPlane.count");
+        assert_eq!(e.kind, SpecErrorKind::Semantic);
+        assert!(
+            e.to_string()
+                .starts_with("x.yaml:13:12: spec.controlPlane.count: control plane count")
+        );
+    }
+
+    #[test]
+    fn load_reports_unreadable_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.yaml");
+        let errors = load(&missing).expect_err("missing file");
+        assert_eq!(errors.errors[0].kind, SpecErrorKind::Io);
+        let big = dir.path().join("big.yaml");
+        std::fs::write(
+            &big,
+            "#".repeat(usize::try_from(MAX_SPEC_BYTES).expect("fits") + 1),
+        )
+        .expect("write");
+        assert!(
+            load(&big).expect_err("too big").errors[0]
+                .message
+                .contains("too large")
+        );
+        let binary = dir.path().join("bin.yaml");
+        std::fs::write(&binary, b"name: \xff\xfe").expect("write");
+        assert!(
+            load(&binary).expect_err("not utf-8").errors[0]
+                .message
+                .contains("not UTF-8")
+        );
+        let good = dir.path().join("c.yaml");
+        std::fs::write(&good, MINIMAL).expect("write");
+        assert!(load(&good).is_ok());
+    }
+
+    #[test]
+    fn resolve_path_handles_home_relative_and_absolute() {
+        let spec = Path::new("/etc/clusters/c.yaml");
+        assert_eq!(
+            resolve_path(spec, Path::new("keys/id")),
+            PathBuf::from("/etc/clusters/keys/id")
+        );
+        assert_eq!(resolve_path(spec, Path::new("/k")), PathBuf::from("/k"));
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(
+                resolve_path(spec, Path::new("~/.ssh/id")),
+                PathBuf::from(home).join(".ssh/id")
+            );
+        }
+        assert_eq!(
+            resolve_path(Path::new("c.yaml"), Path::new("k")),
+            PathBuf::from("k")
+        );
+    }
+}
