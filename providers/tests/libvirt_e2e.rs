@@ -803,3 +803,27 @@ fn killed_ensure_resumes_without_orphans() {
             && inv.volumes.is_empty()
     );
 }
+
+#[test]
+fn conformance_suite_passes_against_real_libvirt() {
+    if !enabled() {
+        eprintln!("skipped: set CLUSTERCTL_LIBVIRT_E2E=1 (tests/bed/libvirt-env.sh test does)");
+        return;
+    }
+    let p = provider();
+    let (image, _) = image();
+    let keys = Keys::new();
+    let mut template = spec("template", MachineRole::Worker, &image, &keys);
+    // The suite boots machines but does not log in: keep them small.
+    template.size = MachineSize { cpus: 1, memory_mib: 512, disk_gib: 1 };
+    let fixture = providers::conformance::Fixture::new("cf", template);
+    let start = Instant::now();
+    for (name, check) in providers::conformance::CHECKS {
+        let t = Instant::now();
+        if let Err(e) = check(&p, &fixture) {
+            panic!("{e}");
+        }
+        eprintln!("conformance {name}: ok in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    eprintln!("FIGURE conformance suite against libvirt: {:.1}s", start.elapsed().as_secs_f64());
+}

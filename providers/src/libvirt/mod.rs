@@ -482,6 +482,9 @@ impl LibvirtProvider {
             .is_active()
             .map_err(|e| api(format!("reading storage pool {name:?}"), &e))?
         {
+            // A run killed between defining and building the pool left no directory: build it
+            // (on an existing directory this fails harmlessly).
+            let _ = pool.build(0);
             pool.create(0)
                 .map_err(|e| api(format!("starting storage pool {name:?}"), &e))?;
         }
