@@ -5,6 +5,7 @@
 
 pub mod cloudinit;
 pub mod kubernetes;
+pub mod libvirt;
 
 /// Errors from rendering a template.
 #[derive(Debug, thiserror::Error)]
