@@ -3,6 +3,8 @@
 //! No I/O happens here: callers write the results where they belong (over SSH, into a libvirt
 //! definition, into a seed image). Templates are embedded at compile time.
 
+pub mod libvirt;
+
 /// Errors from rendering a template.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
