@@ -4,6 +4,7 @@
 //! definition, into a seed image). Templates are embedded at compile time.
 
 pub mod libvirt;
+pub mod cloudinit;
 
 /// Errors from rendering a template.
 #[derive(Debug, thiserror::Error)]
@@ -15,5 +16,13 @@ pub enum RenderError {
         template: String,
         /// What went wrong.
         detail: String,
+    },
+    /// An input value cannot be rendered safely; names the field.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Field path in the input struct.
+        field: String,
+        /// What is wrong and what is expected.
+        reason: String,
     },
 }

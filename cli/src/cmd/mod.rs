@@ -13,6 +13,7 @@ pub mod delete;
 pub mod get;
 pub mod plan;
 pub mod validate;
+pub mod image;
 
 /// Exit code for a failed command.
 pub const EXIT_FAILURE: u8 = 1;
@@ -66,6 +67,9 @@ pub enum Command {
     },
     /// Check a cluster spec: strict parsing and every semantic rule, all problems at once.
     Validate(validate::ValidateArgs),
+    /// Build and list container-optimized node images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Entry point used by the binary: parse, run, print the error chain, map to an exit code.
@@ -118,5 +122,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Validate(args) => validate::run(&args, cli.global.output),
+        Command::Image(command) => image::run(&cli.global, command),
     }
 }

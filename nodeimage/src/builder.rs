@@ -1,0 +1,606 @@
+//! Building an image: debootstrap (cached tarball), configure in a chroot, ext4 without mounts,
+//! dm-verity on plain files, qcow2, manifest. Every step runs a Debian tool; nothing here mounts a
+//! filesystem or uses a loop device.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::files::{CONFIGURE, FILES};
+use crate::manifest::{self, Artifact, Image, Manifest, Package, RootDisk, Verity, MANIFEST_FILE, SCHEMA};
+use crate::{BuildOptions, NodeImageError};
+
+/// Bump when the build steps change in a way the embedded files do not show.
+const BUILD_SCRIPT_VERSION: &str = "nodeimage-build/1";
+/// dm-verity data and hash block size.
+const BLOCK: u64 = 4096;
+
+/// Result of [`crate::build`].
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// The image (verified against its manifest).
+    pub image: Image,
+    /// True if an image with the same input hash already existed and nothing was built.
+    pub reused: bool,
+    /// Time spent in each step (empty when reused).
+    pub timings: Vec<(String, Duration)>,
+}
+
+/// The Debian packages the image is made of (debootstrap `--include`, on top of `minbase`).
+pub const DEFAULT_PACKAGES: &[&str] = &[
+    "linux-image-cloud-amd64",
+    "initramfs-tools",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "ipset",
+    "conntrack",
+    "iproute2",
+    "kmod",
+    "procps",
+    "cryptsetup-bin",
+    "jq",
+];
+
+/// sha256 over everything that determines the image content.
+pub fn input_hash(opts: &BuildOptions) -> String {
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: &[u8]| {
+        h.update(name.as_bytes());
+        h.update((value.len() as u64).to_le_bytes());
+        h.update(value);
+    };
+    field("script", BUILD_SCRIPT_VERSION.as_bytes());
+    field("suite", opts.suite.as_bytes());
+    field("packages", sorted_packages(opts).join(",").as_bytes());
+    field("configure", CONFIGURE.as_bytes());
+    for f in FILES {
+        field("file", f.dest.as_bytes());
+        field("mode", &f.mode.to_le_bytes());
+        field("contents", f.contents.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn sorted_packages(opts: &BuildOptions) -> Vec<String> {
+    let mut p: Vec<String> = opts.packages.clone();
+    p.sort();
+    p.dedup();
+    p
+}
+
+/// Finds an existing image built from the same inputs.
+pub fn find_by_input_hash(image_dir: &Path, hash: &str) -> Result<Option<PathBuf>, NodeImageError> {
+    Ok(manifest::list(image_dir)?
+        .into_iter()
+        .find(|(_, m, _)| m.input_hash == hash)
+        .map(|(dir, _, _)| dir))
+}
+
+pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError> {
+    validate(opts)?;
+    let hash = input_hash(opts);
+    mkdir_private(&opts.image_dir)?;
+    let _lock = lock(&opts.image_dir)?;
+
+    if !opts.force {
+        if let Some(dir) = find_by_input_hash(&opts.image_dir, &hash)? {
+            let image = manifest::load(&dir)?;
+            tracing::info!(version = %image.manifest.version, "image is up to date, nothing to build");
+            return Ok(BuildOutcome { image, reused: true, timings: Vec::new() });
+        }
+    }
+    check_tools()?;
+    if !is_root() {
+        return Err(NodeImageError::NotRoot);
+    }
+
+    let mut b = Builder { opts, hash, timings: Vec::new(), log: PathBuf::new(), work: PathBuf::new() };
+    b.run()
+}
+
+struct Builder<'a> {
+    opts: &'a BuildOptions,
+    hash: String,
+    timings: Vec<(String, Duration)>,
+    log: PathBuf,
+    work: PathBuf,
+}
+
+impl Builder<'_> {
+    fn run(&mut self) -> Result<BuildOutcome, NodeImageError> {
+        let started = SystemTime::now();
+        let version = format!("{}-{}-{}", self.opts.suite, yyyymmdd(started), &self.hash[..12]);
+        self.work = self.opts.image_dir.join(format!(".work-{}", &self.hash[..12]));
+        remove_dir(&self.work)?;
+        mkdir_private(&self.work)?;
+        self.log = self.work.join("build.log");
+        let rootfs = self.work.join("rootfs");
+        let out = self.work.join("out");
+        mkdir_private(&out)?;
+
+        let (tarball, key) = self.step("debootstrap", |b| b.debootstrap_tarball())?;
+        self.step("unpack", |b| b.unpack(&tarball, &key, &rootfs))?;
+        self.step("configure", |b| b.configure(&rootfs))?;
+        let packages = self.step("packages", |b| b.packages(&rootfs))?;
+        self.step("kernel", |b| b.take_boot_files(&rootfs, &out))?;
+        let used = dir_size(&rootfs)?;
+        let raw = self.work.join("root.raw");
+        let fs_size = self.step("mkfs", |b| b.mkfs(&rootfs, &raw, used))?;
+        let root_hash = self.step("verity", |b| b.verity(&raw, fs_size))?;
+        let qcow = out.join("root.qcow2");
+        self.step("qcow2", |b| b.qcow2(&raw, &qcow))?;
+        let virtual_size = fs::metadata(&raw).map_err(|e| io(&raw, e))?.len();
+        remove_file(&raw)?;
+
+        let cmdline = cmdline(&root_hash, fs_size);
+        let (kernel, initrd, root) = (artifact(&out, "vmlinuz")?, artifact(&out, "initrd.img")?, artifact(&out, "root.qcow2")?);
+        let manifest = Manifest {
+            schema: SCHEMA,
+            version: version.clone(),
+            input_hash: self.hash.clone(),
+            suite: self.opts.suite.clone(),
+            created: rfc3339(started),
+            kernel,
+            initrd,
+            root: RootDisk {
+                file: root,
+                format: "qcow2".into(),
+                virtual_size,
+                verity: Verity { root_hash, hash_offset: fs_size, algorithm: "sha256".into(), block_size: BLOCK as u32 },
+            },
+            cmdline,
+            installed_size_kib: packages.iter().map(|p| p.installed_size_kib).sum(),
+            packages,
+            rootfs_used_bytes: used,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|source| NodeImageError::Manifest {
+            path: out.join(MANIFEST_FILE),
+            source,
+        })?;
+        write_file(&out.join(MANIFEST_FILE), &json, 0o644)?;
+
+        let dest = self.opts.image_dir.join(&version);
+        remove_dir(&dest)?;
+        fs::rename(&out, &dest).map_err(|e| io(&dest, e))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).map_err(|e| io(&dest, e))?;
+        if !self.opts.keep_work {
+            remove_dir(&self.work)?;
+        }
+        let image = manifest::load(&dest)?;
+        Ok(BuildOutcome { image, reused: false, timings: std::mem::take(&mut self.timings) })
+    }
+
+    fn step<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<T, NodeImageError>) -> Result<T, NodeImageError> {
+        tracing::info!(step = name, "building image: {name}");
+        let t = Instant::now();
+        let r = f(self)?;
+        let elapsed = t.elapsed();
+        tracing::info!(step = name, seconds = elapsed.as_secs_f64(), "step done");
+        self.timings.push((name.to_string(), elapsed));
+        Ok(r)
+    }
+
+    /// Runs a tool, appending its output to the build log.
+    fn tool(&self, step: &str, cmd: &mut Command) -> Result<String, NodeImageError> {
+        let mut log = fs::OpenOptions::new().create(true).append(true).open(&self.log).map_err(|e| io(&self.log, e))?;
+        let _ = writeln!(log, "==> {step}: {cmd:?}");
+        let output = cmd.stdin(Stdio::null()).output().map_err(|source| NodeImageError::Spawn {
+            step: step.to_string(),
+            program: format!("{:?}", cmd.get_program()),
+            source,
+        })?;
+        let _ = log.write_all(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            let _ = log.write_all(stdout.as_bytes());
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: String = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            return Err(NodeImageError::Tool {
+                step: step.to_string(),
+                status: output.status.to_string(),
+                stderr: tail,
+                log: self.log.clone(),
+            });
+        }
+        Ok(stdout)
+    }
+
+    fn debootstrap_args(&self) -> Vec<String> {
+        vec!["--variant=minbase".into(), format!("--include={}", sorted_packages(self.opts).join(","))]
+    }
+
+    /// The debootstrap tarball holds every .deb the image needs: later builds with the same suite
+    /// and package list run offline.
+    fn debootstrap_tarball(&mut self) -> Result<(PathBuf, String), NodeImageError> {
+        let mut h = Sha256::new();
+        h.update(self.opts.suite.as_bytes());
+        for a in self.debootstrap_args() {
+            h.update(b"\0");
+            h.update(a.as_bytes());
+        }
+        let key = hex::encode(h.finalize());
+        let cache = self.opts.image_dir.join("cache");
+        mkdir_private(&cache)?;
+        let tarball = cache.join(format!("debootstrap-{}-{}.tgz", self.opts.suite, &key[..16]));
+        if tarball.is_file() {
+            tracing::info!(tarball = %tarball.display(), "reusing cached debootstrap tarball");
+            return Ok((tarball, key));
+        }
+        let partial = cache.join(format!(".partial-{}.tgz", &key[..16]));
+        let scratch = self.work.join("debootstrap-download");
+        remove_file(&partial)?;
+        self.tool(
+            "debootstrap --make-tarball",
+            Command::new("debootstrap")
+                .args(self.debootstrap_args())
+                .arg(format!("--make-tarball={}", partial.display()))
+                .arg(&self.opts.suite)
+                .arg(&scratch)
+                .arg(&self.opts.mirror),
+        )?;
+        fs::rename(&partial, &tarball).map_err(|e| io(&tarball, e))?;
+        remove_dir(&scratch)?;
+        Ok((tarball, key))
+    }
+
+    /// Installs the packages into `rootfs`. Installing (debootstrap's second stage) is the slow part
+    /// of a build, so the installed tree is cached as a tar keyed like the debootstrap tarball:
+    /// a build whose package list is unchanged only extracts it.
+    fn unpack(&mut self, tarball: &Path, key: &str, rootfs: &Path) -> Result<(), NodeImageError> {
+        let cache = self.opts.image_dir.join("cache");
+        let tree = cache.join(format!("rootfs-{}-{}.tar", self.opts.suite, &key[..16]));
+        if tree.is_file() {
+            tracing::info!(tree = %tree.display(), "reusing cached installed tree");
+            mkdir_private(rootfs)?;
+            self.tool(
+                "extract installed tree",
+                Command::new("tar")
+                    .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xpf"])
+                    .arg(&tree)
+                    .arg("-C")
+                    .arg(rootfs),
+            )?;
+            return Ok(());
+        }
+        self.tool(
+            "debootstrap --unpack-tarball",
+            Command::new("debootstrap")
+                .args(self.debootstrap_args())
+                .arg(format!("--unpack-tarball={}", tarball.display()))
+                .arg(&self.opts.suite)
+                .arg(rootfs)
+                .arg(&self.opts.mirror),
+        )?;
+        let partial = cache.join(format!(".partial-rootfs-{}.tar", &key[..16]));
+        self.tool(
+            "cache installed tree",
+            Command::new("tar")
+                .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-cf"])
+                .arg(&partial)
+                .arg("-C")
+                .arg(rootfs)
+                .arg("."),
+        )?;
+        fs::rename(&partial, &tree).map_err(|e| io(&tree, e))
+    }
+
+    fn configure(&mut self, rootfs: &Path) -> Result<(), NodeImageError> {
+        for f in FILES {
+            let dest = rootfs.join(f.dest.trim_start_matches('/'));
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+            }
+            write_file(&dest, f.contents.as_bytes(), f.mode)?;
+        }
+        let script = rootfs.join("clusterctl-configure.sh");
+        write_file(&script, CONFIGURE.as_bytes(), 0o755)?;
+        self.tool("configure", Command::new("chroot").arg(rootfs).arg("/bin/sh").arg("/clusterctl-configure.sh"))?;
+        remove_file(&script)
+    }
+
+    fn packages(&mut self, rootfs: &Path) -> Result<Vec<Package>, NodeImageError> {
+        let out = self.tool(
+            "dpkg-query",
+            Command::new("chroot").arg(rootfs).args(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Installed-Size}\n"]),
+        )?;
+        let mut packages = Vec::new();
+        for line in out.lines() {
+            let cols: Vec<&str> = line.split('\t').collect();
+            if cols.len() != 4 || !cols[0].starts_with("ii") {
+                continue;
+            }
+            packages.push(Package {
+                name: cols[1].to_string(),
+                version: cols[2].to_string(),
+                installed_size_kib: cols[3].trim().parse().unwrap_or(0),
+            });
+        }
+        if packages.is_empty() {
+            return Err(NodeImageError::Parse { what: "dpkg-query output (no installed packages)".into() });
+        }
+        packages.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(packages)
+    }
+
+    /// Copies kernel and initrd out of /boot and removes /boot from the root: the VM boots them
+    /// directly, the root filesystem only needs the modules.
+    fn take_boot_files(&mut self, rootfs: &Path, out: &Path) -> Result<(), NodeImageError> {
+        let boot = rootfs.join("boot");
+        let mut kernel = None;
+        let mut initrd = None;
+        for entry in fs::read_dir(&boot).map_err(|e| io(&boot, e))? {
+            let entry = entry.map_err(|e| io(&boot, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("vmlinuz-") {
+                kernel = Some(entry.path());
+            } else if name.starts_with("initrd.img-") {
+                initrd = Some(entry.path());
+            }
+        }
+        let (Some(kernel), Some(initrd)) = (kernel, initrd) else {
+            return Err(NodeImageError::Parse { what: format!("kernel and initrd in {}", boot.display()) });
+        };
+        copy(&kernel, &out.join("vmlinuz"))?;
+        copy(&initrd, &out.join("initrd.img"))?;
+        for entry in fs::read_dir(&boot).map_err(|e| io(&boot, e))? {
+            let path = entry.map_err(|e| io(&boot, e))?.path();
+            if path.is_dir() {
+                remove_dir(&path)?;
+            } else {
+                remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ext4 from the directory (`mkfs.ext4 -d`): no journal (the root is never written), no
+    /// reserved blocks, sized to the content plus room for metadata. Returns the size in bytes.
+    fn mkfs(&mut self, rootfs: &Path, raw: &Path, used: u64) -> Result<u64, NodeImageError> {
+        let mib = 1 << 20;
+        let size = ((used + used / 5 + 64 * mib) / mib) * mib;
+        remove_file(raw)?;
+        self.tool(
+            "mkfs.ext4",
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "root", "-b", "4096", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d"])
+                .arg(rootfs)
+                .arg(raw)
+                .arg(format!("{}k", size / 1024)),
+        )?;
+        Ok(size)
+    }
+
+    /// Appends the dm-verity hash tree to the same file, after the filesystem.
+    fn verity(&mut self, raw: &Path, fs_size: u64) -> Result<String, NodeImageError> {
+        let out = self.tool(
+            "veritysetup format",
+            Command::new("veritysetup")
+                .arg("format")
+                .arg(raw)
+                .arg(raw)
+                .arg(format!("--hash-offset={fs_size}"))
+                .arg(format!("--data-blocks={}", fs_size / BLOCK))
+                .args(["--data-block-size=4096", "--hash-block-size=4096", "--hash=sha256"]),
+        )?;
+        let hash = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Root hash:"))
+            .map(|h| h.trim().to_string())
+            .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+            .ok_or_else(|| NodeImageError::Parse { what: "root hash in veritysetup output".into() })?;
+        Ok(hash)
+    }
+
+    fn qcow2(&mut self, raw: &Path, qcow: &Path) -> Result<(), NodeImageError> {
+        self.tool(
+            "qemu-img convert",
+            Command::new("qemu-img").args(["convert", "-c", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(qcow),
+        )?;
+        Ok(())
+    }
+}
+
+/// The kernel command line for an image with this root hash and hash offset.
+pub fn cmdline(root_hash: &str, hash_offset: u64) -> String {
+    format!(
+        "root=/dev/mapper/root rootfstype=ext4 ro console=ttyS0 \
+         clusterctl.verity={root_hash} clusterctl.verity_hashoffset={hash_offset} clusterctl.verity_data=/dev/vda \
+         clusterctl.data=/dev/vdb systemd.volatile=state systemd.unified_cgroup_hierarchy=0 \
+         net.ifnames=0 quiet"
+    )
+}
+
+fn validate(opts: &BuildOptions) -> Result<(), NodeImageError> {
+    let ok_name = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c));
+    if !ok_name(&opts.suite) {
+        return Err(NodeImageError::InvalidOption { option: "suite", value: opts.suite.clone() });
+    }
+    for p in &opts.packages {
+        if !ok_name(p) {
+            return Err(NodeImageError::InvalidOption { option: "package", value: p.clone() });
+        }
+    }
+    Ok(())
+}
+
+fn check_tools() -> Result<(), NodeImageError> {
+    for (tool, package) in [
+        ("debootstrap", "debootstrap"),
+        ("chroot", "coreutils"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("veritysetup", "cryptsetup-bin"),
+        ("qemu-img", "qemu-utils"),
+    ] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false)
+            || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(tool).is_file());
+        if !found {
+            return Err(NodeImageError::ToolMissing { tool, package });
+        }
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // The build chroots and writes root-owned files; /proc/self/status avoids a libc dependency.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn lock(image_dir: &Path) -> Result<fs::File, NodeImageError> {
+    let path = image_dir.join(".lock");
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => {
+            tracing::info!(lock = %path.display(), "another image build is running, waiting");
+            file.lock().map_err(|e| io(&path, e))?;
+            Ok(file)
+        }
+        Err(fs::TryLockError::Error(e)) => Err(io(&path, e)),
+    }
+}
+
+fn artifact(dir: &Path, name: &str) -> Result<Artifact, NodeImageError> {
+    let (sha256, size) = manifest::sha256_file(&dir.join(name))?;
+    Ok(Artifact { path: name.to_string(), sha256, size })
+}
+
+/// Bytes used by regular files and symlinks under `dir` (hard links counted once per name).
+fn dir_size(dir: &Path) -> Result<u64, NodeImageError> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).map_err(|e| io(&d, e))? {
+            let entry = entry.map_err(|e| io(&d, e))?;
+            let meta = entry.metadata().map_err(|e| io(&entry.path(), e))?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+                total += BLOCK;
+            } else {
+                total += meta.len().div_ceil(BLOCK) * BLOCK;
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn io(path: &Path, source: std::io::Error) -> NodeImageError {
+    NodeImageError::Io { path: path.to_path_buf(), source }
+}
+
+fn mkdir_private(dir: &Path) -> Result<(), NodeImageError> {
+    fs::create_dir_all(dir).map_err(|e| io(dir, e))
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), NodeImageError> {
+    fs::write(path, contents).map_err(|e| io(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| io(path, e))
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), NodeImageError> {
+    fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o644)).map_err(|e| io(to, e))
+}
+
+fn remove_file(path: &Path) -> Result<(), NodeImageError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+fn remove_dir(path: &Path) -> Result<(), NodeImageError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn yyyymmdd(t: SystemTime) -> String {
+    let (y, m, d) = civil(unix_secs(t).div_euclid(86_400));
+    format!("{y:04}{m:02}{d:02}")
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let s = unix_secs(t);
+    let (y, m, d) = civil(s.div_euclid(86_400));
+    let r = s.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", r / 3600, r % 3600 / 60, r % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(civil(20_418), (2025, 11, 26));
+        assert_eq!(civil(11_016), (2000, 2, 29));
+        let t = UNIX_EPOCH + Duration::from_secs(1_764_189_296);
+        assert_eq!(rfc3339(t), "2025-11-26T20:34:56Z");
+        assert_eq!(yyyymmdd(t), "20251126");
+    }
+
+    #[test]
+    fn input_hash_changes_with_packages_not_order() {
+        let a = BuildOptions::new("/x".into());
+        let mut b = a.clone();
+        b.packages.reverse();
+        assert_eq!(input_hash(&a), input_hash(&b));
+        b.packages.push("strace".into());
+        assert_ne!(input_hash(&a), input_hash(&b));
+        let mut c = a.clone();
+        c.image_dir = "/elsewhere".into();
+        assert_eq!(input_hash(&a), input_hash(&c), "the output location is not an input");
+    }
+
+    #[test]
+    fn cmdline_carries_root_hash() {
+        let c = cmdline(&"ab".repeat(32), 4096);
+        assert!(c.contains(&format!("clusterctl.verity={}", "ab".repeat(32))));
+        assert!(c.contains("clusterctl.verity_hashoffset=4096"));
+        assert!(c.contains(" ro "));
+        assert!(c.contains("systemd.unified_cgroup_hierarchy=0"));
+    }
+
+    #[test]
+    fn bad_package_name_is_rejected() {
+        let mut o = BuildOptions::new("/x".into());
+        o.packages.push("foo;rm".into());
+        assert!(matches!(validate(&o), Err(NodeImageError::InvalidOption { option: "package", .. })));
+    }
+}
