@@ -467,8 +467,9 @@ impl LibvirtProvider {
         if !pool.is_active().unwrap_or(false) {
             return Ok(Vec::new());
         }
-        pool.refresh(0)
-            .map_err(|e| api("refreshing a storage pool", &e))?;
+        // Refreshing picks up files libvirt did not create; it is refused while another thread
+        // uploads into the pool, and then libvirt's own list is current anyway.
+        let _ = pool.refresh(0);
         pool.list_volumes().map_err(|e| api("listing volumes", &e))
     }
 
