@@ -20,7 +20,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-state_root=/run/clusterctl-bed
+# CLUSTERCTL_BED_STATE_ROOT lets a second bed (e.g. cli-e2e.sh) run beside one that is up.
+state_root=${CLUSTERCTL_BED_STATE_ROOT:-/run/clusterctl-bed}
 current=$state_root/current
 
 die() { echo "libvirt-env: $*" >&2; exit 1; }

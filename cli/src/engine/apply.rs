@@ -62,6 +62,22 @@ pub enum EngineError {
     /// After a phase the provider does not show what the phase should have produced.
     #[error("the provider does not show the expected result: {0}")]
     Verify(String),
+    /// A machine's first-boot configuration could not be made.
+    #[error("preparing machine {machine:?}: {detail}")]
+    Template {
+        /// The machine.
+        machine: String,
+        /// Why.
+        detail: String,
+    },
+    /// A machine did not answer SSH with its pinned host key.
+    #[error("machine {machine:?} did not answer ssh: {detail}")]
+    Ssh {
+        /// The machine.
+        machine: String,
+        /// Why (the SSH error chain).
+        detail: String,
+    },
     /// A phase failed.
     #[error("{title}")]
     Phase {
@@ -261,24 +277,28 @@ pub async fn run_phases<C: Send>(
 pub struct MachineTemplate {
     /// Node image to boot.
     pub image: ImageRef,
-    /// Renders the first-boot user data of a machine.
-    pub user_data: Arc<dyn Fn(&DesiredMachine) -> String + Send + Sync>,
+    /// Renders the first-boot user data of a machine (an error says why it cannot).
+    pub user_data: Arc<dyn Fn(&DesiredMachine) -> Result<String, String> + Send + Sync>,
     /// Extra labels for every machine (the cluster's `metadata.labels`).
     pub labels: BTreeMap<String, String>,
 }
 
 impl MachineTemplate {
     /// The provider request for a planned machine.
-    pub fn machine_spec(&self, m: &DesiredMachine) -> MachineSpec {
-        MachineSpec {
+    pub fn machine_spec(&self, m: &DesiredMachine) -> Result<MachineSpec, EngineError> {
+        let user_data = (self.user_data)(m).map_err(|detail| EngineError::Template {
+            machine: m.name.clone(),
+            detail,
+        })?;
+        Ok(MachineSpec {
             name: m.name.clone(),
             role: m.role,
             pool: m.pool.clone(),
             size: m.size.clone(),
             image: self.image.clone(),
-            user_data: (self.user_data)(m),
+            user_data,
             labels: self.labels.clone(),
-        }
+        })
     }
 }
 
@@ -305,6 +325,10 @@ pub struct ApplyContext {
     pub observed: Inventory,
     /// The current plan (set by the observe phase).
     pub plan: Option<Plan>,
+    /// SSH access to wait for after the machines run; `None` skips the wait (fake provider).
+    pub ssh: Option<super::access::SshAccess>,
+    /// Time from the start of the SSH wait until each machine answered (set by the wait).
+    pub ssh_ready: BTreeMap<String, std::time::Duration>,
 }
 
 /// The phases of `clusterctl create` as far as this build goes: machines only.
@@ -315,6 +339,7 @@ pub fn provision_phases() -> Vec<Box<dyn Phase<ApplyContext>>> {
         Box::new(EnsureMachines),
         Box::new(DeleteUnwanted),
         Box::new(VerifyMachines),
+        Box::new(super::access::WaitForSsh),
     ]
 }
 
@@ -393,20 +418,18 @@ impl Phase<ApplyContext> for EnsureMachines {
     }
     fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let steps: Vec<(&'static str, MachineSpec)> = ctx
-                .plan
-                .iter()
-                .flat_map(|p| p.steps.iter())
-                .filter_map(|step| match step {
+            let mut steps: Vec<(&'static str, MachineSpec)> = Vec::new();
+            for step in ctx.plan.iter().flat_map(|p| p.steps.iter()) {
+                match step {
                     Step::CreateMachine { machine } => {
-                        Some(("creating", ctx.template.machine_spec(machine)))
+                        steps.push(("creating", ctx.template.machine_spec(machine)?));
                     }
                     Step::StartMachine { machine, .. } => {
-                        Some(("starting", ctx.template.machine_spec(machine)))
+                        steps.push(("starting", ctx.template.machine_spec(machine)?));
                     }
-                    Step::DeleteMachine { .. } => None,
-                })
-                .collect();
+                    Step::DeleteMachine { .. } => {}
+                }
+            }
             let cluster = ctx.env.cluster.clone();
             let work = steps
                 .into_iter()
@@ -671,7 +694,7 @@ mod tests {
                 digest: "d".into(),
             },
             user_data: Arc::new(|m: &DesiredMachine| {
-                format!("#cloud-config\nhostname: {}\n", m.name)
+                Ok(format!("#cloud-config\nhostname: {}\n", m.name))
             }),
             labels: BTreeMap::new(),
         };
@@ -691,6 +714,8 @@ mod tests {
             interrupted: replay.in_flight(),
             observed: Vec::new(),
             plan: None,
+            ssh: None,
+            ssh_ready: BTreeMap::new(),
         })
     }
 
