@@ -116,6 +116,7 @@ fn check_existing(record: &ClusterRecord, spec: &spec::Cluster) -> anyhow::Resul
 pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     let report = Reporter {
         quiet: global.quiet,
+        fancy: crate::output::fancy_progress(global.quiet, global.output),
     };
     let spec = load_spec(&args.file)?;
     let name = spec.metadata.name.clone();

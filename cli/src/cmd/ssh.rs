@@ -49,7 +49,11 @@ pub fn run(global: &Global, args: &SshArgs) -> anyhow::Result<()> {
         bail!(
             "cluster {name:?} has no machine {:?} (known: {}); `clusterctl get {name}` lists them",
             args.machine,
-            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
         );
     };
     let Some(key) = record.ssh_host_keys.get(&machine.name) else {
@@ -65,7 +69,12 @@ pub fn run(global: &Global, args: &SshArgs) -> anyhow::Result<()> {
         );
     };
     let rt = runtime()?;
-    let identity = rt.block_on(access::client_identity(&record.spec.spec.ssh, &store, name, None))?;
+    let identity = rt.block_on(access::client_identity(
+        &record.spec.spec.ssh,
+        &store,
+        name,
+        None,
+    ))?;
     let endpoint = Endpoint::new(addr.to_string(), access::SSH_PORT);
     let client = access::pinned_client(
         &identity,
@@ -96,7 +105,12 @@ pub fn run(global: &Global, args: &SshArgs) -> anyhow::Result<()> {
             session.close().await;
             out
         })
-        .with_context(|| format!("running {command:?} on machine {:?} ({endpoint})", machine.name))?;
+        .with_context(|| {
+            format!(
+                "running {command:?} on machine {:?} ({endpoint})",
+                machine.name
+            )
+        })?;
     match out.exit_status {
         Some(0) => Ok(()),
         Some(status) => Err(RemoteExit {

@@ -20,7 +20,9 @@ use zeroize::Zeroizing;
 use super::apply::{ApplyContext, BoxFuture, EngineError, Phase, Reporter};
 use super::plan;
 use crate::spec;
-use crate::ssh::{self, Auth, ClientConfig, ClientKey, Endpoint, KnownHosts, RetryPolicy, SshClient, Target};
+use crate::ssh::{
+    self, Auth, ClientConfig, ClientKey, Endpoint, KnownHosts, RetryPolicy, SshClient, Target,
+};
 use crate::state::{ClusterGuard, ClusterRecord, StateError, StateStore};
 
 /// Secret file (in the cluster directory) of the generated client key.
@@ -47,7 +49,7 @@ pub enum AccessError {
         what: String,
         /// Why.
         #[source]
-        source: ssh::SshError,
+        source: Box<ssh::SshError>,
     },
     /// ssh-agent could not be asked for its keys.
     #[error(
@@ -108,7 +110,7 @@ pub async fn client_identity(
                     let text = Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned());
                     ClientKey::from_openssh(&text).map_err(|source| AccessError::Key {
                         what: format!("reading the cluster's ssh key {CLIENT_KEY_FILE}"),
-                        source,
+                        source: Box::new(source),
                     })?
                 }
                 (None, Some(guard)) => {
@@ -116,15 +118,17 @@ pub async fn client_identity(
                         ssh::keys::generate_client_key(&format!("clusterctl {}", guard.name()))
                             .map_err(|source| AccessError::Key {
                                 what: "generating the cluster's ssh key".into(),
-                                source,
+                                source: Box::new(source),
                             })?;
                     guard
                         .write_secret(CLIENT_KEY_FILE, generated.private_key_openssh().as_bytes())
                         .map_err(AccessError::State)?;
-                    generated.to_client_key().map_err(|source| AccessError::Key {
-                        what: "loading the generated ssh key".into(),
-                        source,
-                    })?
+                    generated
+                        .to_client_key()
+                        .map_err(|source| AccessError::Key {
+                            what: "loading the generated ssh key".into(),
+                            source: Box::new(source),
+                        })?
                 }
                 (None, None) => {
                     return Err(AccessError::GeneratedKeyMissing {
@@ -139,7 +143,7 @@ pub async fn client_identity(
         spec::KeySource::File(path) => {
             let key = ClientKey::from_file(&path).map_err(|source| AccessError::Key {
                 what: format!("loading spec.ssh.privateKey {}", path.display()),
-                source,
+                source: Box::new(source),
             })?;
             let public = ssh::keys::public_key_line(key.public_key());
             (Auth::Key(key), vec![public])
@@ -209,7 +213,7 @@ pub fn ensure_host_keys(
                 let private = Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned());
                 let key = ClientKey::from_openssh(&private).map_err(|source| AccessError::Key {
                     what: format!("reading the host key of machine {name:?} ({file})"),
-                    source,
+                    source: Box::new(source),
                 })?;
                 HostKeyPair {
                     public: ssh::keys::public_key_line(key.public_key()),
@@ -220,7 +224,7 @@ pub fn ensure_host_keys(
                 let generated =
                     ssh::keys::generate_host_key().map_err(|source| AccessError::Key {
                         what: format!("generating the host key of machine {name:?}"),
-                        source,
+                        source: Box::new(source),
                     })?;
                 guard
                     .write_secret(&file, generated.private_key_openssh().as_bytes())
@@ -319,7 +323,7 @@ pub fn pinned_client(
             .pin_line(endpoint.clone(), line)
             .map_err(|source| AccessError::Key {
                 what: format!("pinning the host key of {endpoint}"),
-                source,
+                source: Box::new(source),
             })?;
     }
     let mut config = ClientConfig::new(identity.auth.clone(), known);
@@ -378,21 +382,26 @@ impl Phase<ApplyContext> for WaitForSsh {
                         detail: "no host key is pinned for it in the cluster state".into(),
                     });
                 };
-                targets.push((name.clone(), Endpoint::new(addr.to_string(), SSH_PORT), key.clone()));
+                targets.push((
+                    name.clone(),
+                    Endpoint::new(addr.to_string(), SSH_PORT),
+                    key.clone(),
+                ));
             }
-            let pins: Vec<(Endpoint, String)> =
-                targets.iter().map(|(_, e, k)| (e.clone(), k.clone())).collect();
+            let pins: Vec<(Endpoint, String)> = targets
+                .iter()
+                .map(|(_, e, k)| (e.clone(), k.clone()))
+                .collect();
             let retry = RetryPolicy {
                 initial_delay: Duration::from_secs(1),
                 max_delay: Duration::from_secs(5),
                 max_elapsed: access.timeout,
             };
-            let client = pinned_client(&access.identity, &pins, retry).map_err(|e| {
-                EngineError::Ssh {
+            let client =
+                pinned_client(&access.identity, &pins, retry).map_err(|e| EngineError::Ssh {
                     machine: ctx.env.cluster.name.clone(),
                     detail: super::apply::error_chain(&e),
-                }
-            })?;
+                })?;
             let times = wait_all(
                 &client,
                 &access.identity.user,
@@ -417,13 +426,15 @@ async fn wait_all(
     let limit = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
     let started = Instant::now();
+    let bars = report.fancy.then(indicatif::MultiProgress::new);
     for (index, (name, endpoint, key)) in targets.into_iter().enumerate() {
         let client = client.clone();
         let limit = limit.clone();
         let target = Target::new(endpoint.host.clone(), endpoint.port, user);
+        let line = MachineLine::new(bars.as_ref(), report, &name);
         set.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            report.machine(&name, &format!("waiting for ssh on {endpoint}"));
+            line.say(&format!("waiting for ssh on {endpoint}"));
             let result = async {
                 let session = client.connect(&target).await?;
                 let out = session.run("hostname").await;
@@ -439,13 +450,10 @@ async fn wait_all(
                         let fp = ssh::keys::parse_public_key(&key)
                             .map(|k| ssh::keys::fingerprint(&k))
                             .unwrap_or_default();
-                        report.machine(
-                            &name,
-                            &format!(
-                                "ssh ready after {:.0} s ({endpoint}, pinned host key {fp})",
-                                elapsed.as_secs_f64()
-                            ),
-                        );
+                        line.finish(&format!(
+                            "ssh ready after {:.0} s ({endpoint}, pinned host key {fp})",
+                            elapsed.as_secs_f64()
+                        ));
                         Ok(elapsed)
                     } else {
                         Err(format!(
@@ -456,7 +464,7 @@ async fn wait_all(
                 Err(e) => Err(super::apply::error_chain(&e)),
             };
             if let Err(detail) = &outcome {
-                report.machine(&name, &format!("failed: {detail}"));
+                line.finish(&format!("failed: {detail}"));
             }
             (index, name, outcome)
         });
@@ -476,5 +484,141 @@ async fn wait_all(
     match failures.into_iter().next() {
         None => Ok(ready),
         Some((_, machine, detail)) => Err(EngineError::Ssh { machine, detail }),
+    }
+}
+
+/// One machine's progress: a spinner on a terminal, plain lines otherwise.
+struct MachineLine {
+    report: Reporter,
+    name: String,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl MachineLine {
+    fn new(bars: Option<&indicatif::MultiProgress>, report: Reporter, name: &str) -> Self {
+        let bar = bars.map(|m| {
+            let bar = m.add(indicatif::ProgressBar::new_spinner());
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "    {spinner} {prefix}: {wide_msg} [{elapsed}]",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_prefix(name.to_owned());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        MachineLine {
+            report,
+            name: name.to_owned(),
+            bar,
+        }
+    }
+
+    fn say(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => {
+                tracing::info!(node = %self.name, "{message}");
+                bar.set_message(message.to_owned());
+            }
+            None => self.report.machine(&self.name, message),
+        }
+    }
+
+    fn finish(&self, message: &str) {
+        match &self.bar {
+            Some(bar) => {
+                tracing::info!(node = %self.name, "{message}");
+                if let Ok(style) =
+                    indicatif::ProgressStyle::with_template("    {prefix}: {wide_msg}")
+                {
+                    bar.set_style(style);
+                }
+                bar.finish_with_message(message.to_owned());
+            }
+            None => self.report.machine(&self.name, message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::state::WaitMode;
+
+    fn spec() -> anyhow::Result<spec::Cluster> {
+        let text = "apiVersion: clusterctl.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: c1\nspec:\n  provider:\n    fake:\n      directory: /unused\n  kubernetes:\n    channel: stable\n  nodePools:\n    - name: a\n      count: 1\n";
+        spec::parse_str(text, "test.yaml").map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn mode(p: &std::path::Path) -> anyhow::Result<u32> {
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+    }
+
+    #[tokio::test]
+    async fn keys_are_generated_once_stored_private_and_reused() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let store = StateStore::new(tmp.path());
+        let guard = store.lock("c1", WaitMode::FailFast, &mut |_| {})?;
+        let spec = spec()?;
+        let mut record = ClusterRecord::new("c1", spec.clone())?;
+        let names = vec!["c1-cp-0".to_owned(), "c1-a-0".to_owned()];
+
+        // Without the lock a missing generated key is an error, not a new key.
+        let err = client_identity(&spec.spec.ssh, &store, "c1", None).await;
+        assert!(
+            matches!(err, Err(AccessError::GeneratedKeyMissing { .. })),
+            "{err:?}"
+        );
+
+        let id1 = client_identity(&spec.spec.ssh, &store, "c1", Some(&guard)).await?;
+        let keys1 = ensure_host_keys(&guard, &mut record, &names)?;
+        assert_eq!(mode(&guard.dir().join(CLIENT_KEY_FILE))?, 0o600);
+        assert_eq!(mode(&guard.dir().join(host_key_file("c1-cp-0")))?, 0o600);
+        assert_eq!(record.ssh_host_keys.len(), 2);
+        assert_ne!(keys1["c1-cp-0"].public, keys1["c1-a-0"].public);
+
+        // A second run (also a read-only one) sees the same client key and the same host keys.
+        let id2 = client_identity(&spec.spec.ssh, &store, "c1", Some(&guard)).await?;
+        let id3 = client_identity(&spec.spec.ssh, &store, "c1", None).await?;
+        assert_eq!(id1.authorized_keys, id2.authorized_keys);
+        assert_eq!(id1.authorized_keys, id3.authorized_keys);
+        let mut record2 = record.clone();
+        record2.ssh_host_keys.clear();
+        let keys2 = ensure_host_keys(&guard, &mut record2, &names)?;
+        for n in &names {
+            assert_eq!(keys1[n].public, keys2[n].public);
+        }
+        assert_eq!(record.ssh_host_keys, record2.ssh_host_keys);
+
+        // The user data carries the pinned public key, its private half and the client key.
+        let cluster = record.cluster_ref();
+        let ud = render_user_data(&cluster, "c1-cp-0", &id1, &keys1["c1-cp-0"])?;
+        let doc: serde_json::Value =
+            serde_json::from_str(ud.trim_start_matches("#cloud-config").trim())?;
+        assert_eq!(doc["hostname"], "c1-cp-0");
+        assert_eq!(
+            doc["ssh_keys"]["ed25519_public"],
+            keys1["c1-cp-0"].public.as_str()
+        );
+        assert!(
+            doc["ssh_keys"]["ed25519_private"]
+                .as_str()
+                .is_some_and(|k| k.contains("OPENSSH PRIVATE KEY"))
+        );
+        assert_eq!(doc["users"][0]["name"], "core");
+        assert_eq!(
+            doc["users"][0]["ssh_authorized_keys"][0],
+            id1.authorized_keys[0].as_str()
+        );
+        assert!(!format!("{:?}", keys1["c1-cp-0"]).contains("PRIVATE"));
+
+        // Pruning forgets only machines that are neither wanted nor present.
+        let gone = prune_host_keys(&guard, &mut record, &names[..1])?;
+        assert_eq!(gone, ["c1-a-0"]);
+        assert!(!guard.dir().join(host_key_file("c1-a-0")).exists());
+        assert!(guard.dir().join(host_key_file("c1-cp-0")).exists());
+        Ok(())
     }
 }

@@ -94,6 +94,8 @@ pub enum EngineError {
 pub struct Reporter {
     /// Print nothing.
     pub quiet: bool,
+    /// stderr is a terminal: long waits draw per-machine spinners instead of plain lines.
+    pub fancy: bool,
 }
 
 impl Reporter {
@@ -272,13 +274,16 @@ pub async fn run_phases<C: Send>(
     Ok(())
 }
 
+/// Renders a machine's first-boot user data, or says why it cannot.
+pub type UserDataFn = Arc<dyn Fn(&DesiredMachine) -> Result<String, String> + Send + Sync>;
+
 /// How machines are made from planned ones: the image to boot and their first-boot data.
 #[derive(Clone)]
 pub struct MachineTemplate {
     /// Node image to boot.
     pub image: ImageRef,
     /// Renders the first-boot user data of a machine (an error says why it cannot).
-    pub user_data: Arc<dyn Fn(&DesiredMachine) -> Result<String, String> + Send + Sync>,
+    pub user_data: UserDataFn,
     /// Extra labels for every machine (the cluster's `metadata.labels`).
     pub labels: BTreeMap<String, String>,
 }
@@ -707,7 +712,7 @@ mod tests {
                 provider,
                 journal: Arc::new(Mutex::new(journal)),
                 concurrency,
-                report: Reporter { quiet: true },
+                report: Reporter { quiet: true, fancy: false },
             },
             desired,
             template,
@@ -741,7 +746,7 @@ mod tests {
     async fn every_side_effect_is_journaled_and_a_second_run_does_nothing() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await?;
+        run_phases(&mut ctx, Reporter { quiet: true, fancy: false }, &provision_phases()).await?;
         let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
         let events = journal_events(tmp.path())?;
@@ -762,7 +767,7 @@ mod tests {
         );
 
         let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(&mut again, Reporter { quiet: true }, &provision_phases()).await?;
+        run_phases(&mut again, Reporter { quiet: true, fancy: false }, &provision_phases()).await?;
         assert!(again.plan.as_ref().is_some_and(Plan::is_empty));
         assert!(!EnsureMachines.should_run(&again));
         assert_eq!(
@@ -782,7 +787,7 @@ mod tests {
         };
         // One at a time, so the order is fixed: c1-cp-0, then c1-a-0 fails, c1-a-1 never starts.
         let mut ctx = context(tmp.path(), options, 1)?;
-        let err = match run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await {
+        let err = match run_phases(&mut ctx, Reporter { quiet: true, fancy: false }, &provision_phases()).await {
             Ok(()) => anyhow::bail!("the injected failure did not fail the run"),
             Err(e) => error_chain(&e),
         };
