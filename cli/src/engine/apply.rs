@@ -540,8 +540,11 @@ where
         let provider = env.provider.clone();
         let journal = env.journal.clone();
         let report = env.report;
+        // Permits are taken here, in plan order, so operations start in that order (tasks
+        // spawned at once would race for them).
+        let permit = limit.acquire_owned().await;
         set.spawn(async move {
-            let Ok(_permit) = limit.acquire_owned().await else {
+            let Ok(_permit) = permit else {
                 return (index, name, None);
             };
             if stop.load(Ordering::SeqCst) {
