@@ -20,7 +20,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-state_root=/run/clusterctl-bed
+# CLUSTERCTL_BED_STATE_ROOT lets a second bed (e.g. cli-e2e.sh) run beside one that is up.
+state_root=${CLUSTERCTL_BED_STATE_ROOT:-/run/clusterctl-bed}
 current=$state_root/current
 
 die() { echo "libvirt-env: $*" >&2; exit 1; }
@@ -174,6 +175,19 @@ run_tests() {
     CLUSTERCTL_E2E_STORAGE_ROOT=/var/lib/libvirt/images/clusterctl-e2e \
     in_bed sh -c "cd '$repo' && cargo test --offline -p providers --features libvirt -- --nocapture --test-threads=1"
   log "libvirt suite passed in $((SECONDS - start)) s"
+  # The clusterctl binary end to end (create/get/ssh/delete) in the same bed; it needs the real
+  # node image (its first-boot agent installs the host keys clusterctl pins).
+  if [ -z "${CLUSTERCTL_E2E_DEV_IMAGE:-}" ]; then
+    (cd "$repo" && cargo build -q -p clusterctl)
+    local target_dir
+    target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+    start=$SECONDS
+    CLUSTERCTL_BIN=$target_dir/debug/clusterctl CLUSTERCTL_TEST_IMAGE=$img \
+      in_bed bash "$here/cli-e2e.sh" --inside
+    log "clusterctl e2e passed in $((SECONDS - start)) s"
+  else
+    log "WARNING: clusterctl e2e (cli-e2e.sh) not run: it needs the real node image (set CLUSTERCTL_TEST_IMAGE)"
+  fi
 }
 
 case "${1:-}" in
