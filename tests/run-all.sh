@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
 # Runs every test of clusterctl on this machine, installing what a fresh Debian 12 machine lacks.
-# Stages: host packages, the Rust workspace tests (unit, spec corpus, real sshd, fake-provider engine),
-# then the heavy suites that need root: the node image boot test and the real libvirt VMs inside a
-# network namespace. Needs root (apt, debootstrap, network namespaces, libvirtd).
+# Needs root (apt, debootstrap, network namespaces, libvirtd). Stages:
+#   1. host packages (tests/bed/install-host-packages.sh)
+#   2. cargo test --workspace: unit tests, the spec corpus, the SSH executor against real OpenSSH sshd
+#      on 127.0.0.1, the engine and kill/resume tests with the fake provider, bundle and PKI tests
+#   3. the node image: built (or reused from its input-hash cache) and booted once under QEMU TCG
+#   4. real libvirt VMs inside a network namespace: the provider suite (conformance + e2e) and
+#      clusterctl create/get/ssh/delete through the binary (tests/bed/libvirt-env.sh test)
+# Big artifacts (cargo target dir, node image, Kubernetes bundle) are cached under
+# /var/cache/clusterctl, keyed by their inputs; a warm machine skips rebuilding them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 stage() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
+[ "$(id -u)" -eq 0 ] || { echo "run-all: must run as root (apt, namespaces, libvirtd)" >&2; exit 1; }
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target}
+mkdir -p "$CARGO_TARGET_DIR"
+
 stage "installing host packages"
 ./tests/bed/install-host-packages.sh
 
-stage "cargo test --workspace"
+stage "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)"
 cargo test --workspace --locked
+
+stage "node image: build or reuse, boot once under QEMU TCG"
+CLUSTERCTL_IMAGE_TEST=1 cargo test --locked -p nodeimage --test boot -- --nocapture
+
+stage "real libvirt VMs in a network namespace (provider suite, clusterctl end to end)"
+./tests/bed/libvirt-env.sh test
 
 stage "all tests passed"
