@@ -12,7 +12,6 @@
 //!   overlay root); the read-only-root and verity assertions are then reported as not checked.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -704,103 +703,6 @@ fn machines_boot_persist_resume_and_delete() {
     eprintln!(
         "FIGURE boot/persist/delete suite: {:.1}s",
         suite_start.elapsed().as_secs_f64()
-    );
-}
-
-#[test]
-fn killed_ensure_resumes_without_orphans() {
-    if !enabled() {
-        eprintln!("skipped: set CLUSTERCTL_LIBVIRT_E2E=1 (tests/bed/libvirt-env.sh test does)");
-        return;
-    }
-    let p = provider();
-    let (image, _) = image();
-    let keys = Keys::new();
-    let cluster = ClusterRef {
-        name: "kill".into(),
-        id: unique_id("kill"),
-    };
-    let guard = ClusterGuard {
-        provider: &p,
-        cluster: cluster.clone(),
-    };
-    let specs: Vec<MachineSpec> = (0..3)
-        .map(|i| spec(&format!("e2e-kill-{i}"), MachineRole::Worker, &image, &keys))
-        .collect();
-
-    let helper = std::env::current_exe()
-        .ok()
-        .and_then(|e| {
-            e.parent()
-                .and_then(Path::parent)
-                .map(|d| d.join("examples/libvirt_ensure"))
-        })
-        .filter(|p| p.exists())
-        .expect("build the helper first: cargo build -p providers --features libvirt --example libvirt_ensure");
-    let request = keys.dir.path().join("request.json");
-    std::fs::write(
-        &request,
-        serde_json::to_vec(&serde_json::json!({
-            "uri": uri(), "storage_root": storage_root(), "cluster": cluster, "machines": specs,
-        }))
-        .expect("json"),
-    )
-    .expect("write request");
-
-    // Kill twice: once during the image upload, once between machines.
-    for (round, kill_after_line) in [(0, false), (1, true)] {
-        let mut child = Command::new(&helper)
-            .arg(&request)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn helper");
-        if kill_after_line {
-            let stdout = child.stdout.take().expect("stdout");
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).expect("read");
-            assert!(line.starts_with("ensured "), "helper said {line:?}");
-        } else {
-            std::thread::sleep(Duration::from_millis(1500));
-        }
-        child.kill().expect("SIGKILL helper");
-        let status = child.wait().expect("wait");
-        eprintln!(
-            "round {round}: helper killed ({status}); inventory {:?}",
-            inventory(&cluster.id).volumes
-        );
-    }
-
-    for sp in &specs {
-        p.ensure_machine(&cluster, sp).expect("ensure after kill");
-    }
-    let inv = inventory(&cluster.id);
-    assert_eq!(inv.domains.len(), 3, "{:?}", inv.domains);
-    assert_eq!(
-        inv.volumes.len(),
-        3 * 3 + 4 + 1,
-        "no orphaned volumes: {:?}",
-        inv.volumes
-    );
-    assert_eq!(inv.networks.len(), 1);
-    assert_eq!(p.list_machines(&cluster).expect("list").len(), 3);
-    // Every machine kept a distinct reserved address.
-    let mut ips: Vec<String> = p
-        .list_machines(&cluster)
-        .expect("list")
-        .iter()
-        .filter_map(|m| m.addresses.first().map(ToString::to_string))
-        .collect();
-    ips.sort();
-    ips.dedup();
-    assert_eq!(ips.len(), 3, "{ips:?}");
-
-    drop(guard);
-    let inv = inventory(&cluster.id);
-    assert!(
-        inv.domains.is_empty()
-            && inv.networks.is_empty()
-            && inv.pools.is_empty()
-            && inv.volumes.is_empty()
     );
 }
 

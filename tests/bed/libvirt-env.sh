@@ -106,7 +106,8 @@ down() {
   log "tearing down $BED_NAME"
   if [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null; then
     # Orderly first, so libvirt cleans up cgroups, bridges and dnsmasq itself.
-    local v="virsh -q -c qemu:///system"
+    # A wedged libvirtd must not stop the teardown: every call is bounded.
+    local v="timeout 20 virsh -q -c qemu:///system"
     for d in $(in_bed $v list --all --name 2>/dev/null); do
       in_bed $v destroy "$d" > /dev/null 2>&1 || true
       in_bed $v undefine "$d" > /dev/null 2>&1 || true
