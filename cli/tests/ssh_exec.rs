@@ -214,10 +214,10 @@ async fn server_killed_mid_command_gives_a_clear_error_quickly() {
         tokio::spawn(async move {
             let mut started = Some(started_tx);
             let mut on_line = move |line: OutputLine<'_>| {
-                if line.line == "started" {
-                    if let Some(tx) = started.take() {
-                        let _ = tx.send(());
-                    }
+                if line.line == "started"
+                    && let Some(tx) = started.take()
+                {
+                    let _ = tx.send(());
                 }
             };
             session
@@ -242,10 +242,8 @@ async fn server_killed_mid_command_gives_a_clear_error_quickly() {
         .expect("exec must return, not hang")
         .expect("exec task must not panic");
     let elapsed = killed_at.elapsed();
-    if let Ok(pid) = std::fs::read_to_string(&pidfile).map(|s| s.trim().parse::<u32>()) {
-        if let Ok(pid) = pid {
-            kill_pid(pid);
-        }
+    if let Ok(Ok(pid)) = std::fs::read_to_string(&pidfile).map(|s| s.trim().parse::<u32>()) {
+        kill_pid(pid);
     }
     let err = result.expect_err("the command cannot succeed");
     let msg = err.to_string();

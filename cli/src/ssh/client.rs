@@ -264,10 +264,10 @@ impl SshClient {
             slots.entry(jump.clone()).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(session) = slot.as_ref() {
-            if !session.is_closed() {
-                return Ok(session.clone());
-            }
+        if let Some(session) = slot.as_ref()
+            && !session.is_closed()
+        {
+            return Ok(session.clone());
         }
         let session = self.connect(jump).await?;
         *slot = Some(session.clone());
@@ -335,12 +335,12 @@ impl SshClient {
             AttemptError::Handshake(source) => SshError::Handshake {
                 endpoint: endpoint.clone(),
                 attempts,
-                source,
+                source: Box::new(source),
             },
             AttemptError::JumpForward { jump, source } => SshError::JumpForward {
                 jump,
                 target: endpoint.clone(),
-                source,
+                source: Box::new(source),
             },
         }
     }
@@ -412,7 +412,7 @@ impl SshClient {
                     AttemptError::Fatal(SshError::Handshake {
                         endpoint: endpoint.clone(),
                         attempts: 1,
-                        source: error,
+                        source: Box::new(error),
                     })
                 });
             }
@@ -471,7 +471,7 @@ impl SshClient {
         let protocol = |source| SshError::Protocol {
             endpoint: endpoint.clone(),
             op: format!("authenticate as {user:?}"),
-            source,
+            source: Box::new(source),
         };
         match &self.inner.config.auth {
             Auth::Key(key) => {
@@ -525,7 +525,7 @@ impl SshClient {
                 let identities = agent.request_identities().await.map_err(|source| {
                     SshError::Agent {
                         op: "listing its keys".to_string(),
-                        source,
+                        source: Box::new(source),
                     }
                 })?;
                 if identities.is_empty() {

@@ -54,7 +54,7 @@ pub enum SshError {
         attempts: u32,
         /// The protocol error.
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
 
     /// The server offered a host key that no pinned key and no known_hosts entry vouches for.
@@ -124,7 +124,7 @@ pub enum SshError {
         input: String,
         /// The parse error.
         #[source]
-        source: russh::keys::Error,
+        source: Box<russh::keys::Error>,
     },
 
     /// A private key file cannot be read.
@@ -148,7 +148,7 @@ pub enum SshError {
         path: PathBuf,
         /// The parse error.
         #[source]
-        source: russh::keys::Error,
+        source: Box<russh::keys::Error>,
     },
 
     /// A private key is protected by a passphrase.
@@ -183,7 +183,7 @@ pub enum SshError {
         op: String,
         /// The agent error.
         #[source]
-        source: russh::keys::Error,
+        source: Box<russh::keys::Error>,
     },
 
     /// The server rejected every key we offered.
@@ -209,7 +209,7 @@ pub enum SshError {
         op: String,
         /// The protocol error.
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
 
     /// The connection broke while an operation was in progress.
@@ -315,7 +315,7 @@ pub enum SshError {
         target: Endpoint,
         /// The protocol error (often: the target refuses connections or does not exist).
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
 
     /// Generating a key pair failed.
@@ -325,7 +325,7 @@ pub enum SshError {
         algorithm: String,
         /// The underlying error.
         #[source]
-        source: russh::keys::ssh_key::Error,
+        source: Box<russh::keys::ssh_key::Error>,
     },
 
     /// A background task of the executor failed unexpectedly (a bug).

@@ -359,7 +359,7 @@ impl Session {
                     SshError::Protocol {
                         endpoint: self.inner.endpoint.clone(),
                         op: format!("open a session channel for {what:?}"),
-                        source,
+                        source: Box::new(source),
                     }
                 }
             })
@@ -375,7 +375,7 @@ impl Session {
             SshError::Protocol {
                 endpoint: self.inner.endpoint.clone(),
                 op: format!("{verb} command {command:?}"),
-                source,
+                source: Box::new(source),
             }
         }
     }

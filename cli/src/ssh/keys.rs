@@ -24,7 +24,7 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, SshError> {
     let trimmed = line.trim();
     let invalid = |source| SshError::InvalidPublicKey {
         input: trimmed.chars().take(120).collect(),
-        source,
+        source: Box::new(source),
     };
     let mut fields = trimmed.split_whitespace();
     let first = fields.next().unwrap_or_default();
@@ -94,7 +94,10 @@ impl ClientKey {
             // Encrypted PKCS#8 and legacy PEM keys fail deeper in the decoder; recognise them by
             // their headers so the user gets the passphrase advice, not a parse error.
             Err(_) if looks_encrypted(text) => Err(SshError::EncryptedKey { path: source }),
-            Err(err) => Err(SshError::KeyParse { path: source, source: err }),
+            Err(err) => Err(SshError::KeyParse {
+                path: source,
+                source: Box::new(err),
+            }),
         }
     }
 
@@ -237,7 +240,7 @@ pub fn generate_key(algorithm: KeyAlgorithm, comment: &str) -> Result<GeneratedK
     let ssh_algorithm = algorithm.to_ssh();
     let fail = |source| SshError::KeyGeneration {
         algorithm: ssh_algorithm.as_str().to_string(),
-        source,
+        source: Box::new(source),
     };
     // rand's thread-local CSPRNG, seeded from the operating system.
     let mut rng = rand::rng();

@@ -223,7 +223,7 @@ impl Session {
             .map_err(|source| SshError::Protocol {
                 endpoint: endpoint.clone(),
                 op: "start the sftp subsystem".to_string(),
-                source,
+                source: Box::new(source),
             })?;
         let config = SftpConfig {
             // Deep pipelining of large writes keeps the link busy on high-latency paths.
