@@ -24,8 +24,17 @@ stage "installing host packages"
 stage "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)"
 cargo test --workspace --locked
 
+stage "Kubernetes test bundle (cached by input checksum; cold 6-18 min, warm 1 s)"
+bundle=$(./tests/bed/build-k8s-bundle.sh)
+
+stage "bundle proof: etcd + kube-apiserver from the bundle with clusterctl's PKI, images in containerd"
+CLUSTERCTL_BUNDLE_TEST=1 CLUSTERCTL_BUNDLE="$bundle" cargo test --workspace --locked --test bundle_control_plane
+
+stage "Kubernetes node templates: every rendered flag and config accepted by the real binaries"
+CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test kubernetes_bundle
+
 stage "node image: build or reuse, boot once under QEMU TCG"
-CLUSTERCTL_IMAGE_TEST=1 cargo test --locked -p nodeimage --test boot -- --nocapture
+CLUSTERCTL_IMAGE_TEST=1 cargo test --workspace --locked --test boot -- --nocapture
 
 stage "real libvirt VMs in a network namespace (provider suite, clusterctl end to end)"
 ./tests/bed/libvirt-env.sh test
