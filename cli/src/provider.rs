@@ -1,13 +1,10 @@
-//! From a spec's provider block to a live [`Provider`], and from a spec to the template machines
-//! are made from. Each provider adds its arm here.
+//! From a spec's provider block to a live [`Provider`], and from a spec to the node image its
+//! machines boot. Each provider adds its arm here.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use providers::{ImageRef, Provider, ProviderError};
 
-use crate::engine::{DesiredMachine, MachineTemplate};
 use crate::spec;
 
 /// The provider a spec asks for.
@@ -25,13 +22,62 @@ pub fn provider_for(spec: &spec::Cluster) -> Result<Box<dyn Provider>, ProviderE
         spec::Provider::Fake(_) => Err(ProviderError::Invalid(
             "this clusterctl was built without the fake provider (cargo feature `fake`)".into(),
         )),
+        #[cfg(feature = "libvirt")]
+        spec::Provider::Libvirt(l) => {
+            let config = libvirt_config(l)?;
+            Ok(Box::new(providers::libvirt::LibvirtProvider::connect(
+                config,
+            )?))
+        }
+        #[cfg(not(feature = "libvirt"))]
         spec::Provider::Libvirt(_) => Err(ProviderError::Invalid(
-            "the libvirt provider is not wired into this build of clusterctl yet".into(),
+            "this clusterctl was built without the libvirt provider (cargo feature `libvirt`)"
+                .into(),
         )),
         spec::Provider::Gce(_) => Err(ProviderError::Invalid(
             "the gce provider is not implemented yet".into(),
         )),
     }
+}
+
+/// The libvirt provider's settings from the spec's `provider.libvirt` block.
+#[cfg(feature = "libvirt")]
+fn libvirt_config(
+    l: &spec::LibvirtProvider,
+) -> Result<providers::libvirt::LibvirtConfig, ProviderError> {
+    use providers::libvirt::{Accelerator, LibvirtConfig};
+    let mut config = LibvirtConfig::new(l.uri.clone());
+    config.storage_root = l
+        .storage_dir
+        .to_str()
+        .ok_or_else(|| {
+            ProviderError::Invalid(format!(
+                "provider.libvirt.storageDir {} is not valid UTF-8; choose another directory",
+                l.storage_dir.display()
+            ))
+        })?
+        .to_owned();
+    config.accelerator = match l.accelerator {
+        spec::Accelerator::Kvm => Accelerator::Kvm,
+        spec::Accelerator::Tcg => Accelerator::Tcg,
+        spec::Accelerator::Auto => Accelerator::Auto,
+    };
+    config.network_cidr = match (l.network.mode, l.network.cidr) {
+        (spec::NetworkMode::Isolated, ipnet::IpNet::V4(net)) => {
+            Some((net.network(), net.prefix_len()))
+        }
+        (spec::NetworkMode::Isolated, ipnet::IpNet::V6(net)) => {
+            return Err(ProviderError::Invalid(format!(
+                "provider.libvirt.network.cidr {net} is IPv6; the libvirt provider needs an IPv4 machine network"
+            )));
+        }
+        (mode, _) => {
+            return Err(ProviderError::Invalid(format!(
+                "provider.libvirt.network.mode {mode:?} is not supported by the libvirt provider yet; use mode: isolated"
+            )));
+        }
+    };
+    Ok(config)
 }
 
 /// Makes paths in the provider block absolute (relative ones are relative to the spec file), so
@@ -41,35 +87,80 @@ pub fn absolutize_paths(spec: &mut spec::Cluster, spec_file: &Path) {
     if let spec::Provider::Fake(f) = &mut spec.spec.provider {
         f.directory = spec::resolve_path(&base, &f.directory);
     }
+    if let Some(key) = &mut spec.spec.ssh.private_key {
+        *key = spec::resolve_path(&base, key);
+    }
 }
 
-/// How machines of this spec are made: node image and first-boot data.
-///
-/// The fake provider boots nothing, so it gets a placeholder image reference that says so. Real
-/// providers need a built node image (issue 3) and rendered cloud-init (templates crate); until
-/// those are wired in, asking for one is an error rather than a machine that cannot boot.
-pub fn machine_template(spec: &spec::Cluster) -> Result<MachineTemplate, ProviderError> {
-    let image = match &spec.spec.provider {
-        spec::Provider::Fake(f) => ImageRef {
+/// Errors of choosing the node image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// No image is built.
+    #[error(
+        "no node image is built in {}; build one with `clusterctl image build` (as root), or set {} to the directory holding images",
+        dir.display(),
+        nodeimage::IMAGE_DIR_ENV
+    )]
+    NoneBuilt {
+        /// The image directory searched.
+        dir: PathBuf,
+    },
+    /// The spec names a version that is not built.
+    #[error(
+        "node image {version:?} (spec.nodeImage.version) is not in {}; `clusterctl image list` shows the built ones, `clusterctl image build` builds the current one",
+        dir.display()
+    )]
+    VersionMissing {
+        /// The version asked for.
+        version: String,
+        /// The image directory searched.
+        dir: PathBuf,
+    },
+    /// Listing or verifying images failed.
+    #[error("checking node image in {}", dir.display())]
+    Image {
+        /// The image directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: nodeimage::NodeImageError,
+    },
+}
+
+/// The node image a spec's machines boot: `spec.nodeImage.version` if given, else the newest
+/// image built in `image_dir`. Every artifact is verified against the manifest's checksums, so a
+/// damaged image is refused before any machine is created.
+pub fn node_image(spec: &spec::Cluster, image_dir: &Path) -> Result<ImageRef, ImageError> {
+    if let spec::Provider::Fake(f) = &spec.spec.provider {
+        // The fake provider boots nothing.
+        return Ok(ImageRef {
             version: "fake-no-image".into(),
             dir: f.directory.clone(),
             digest: "fake-no-image".into(),
-        },
-        other => {
-            return Err(ProviderError::Invalid(format!(
-                "node image selection for the {} provider is not wired into this build of clusterctl yet",
-                other.name()
-            )));
-        }
+        });
+    }
+    let wrap = |source| ImageError::Image {
+        dir: image_dir.to_path_buf(),
+        source,
     };
-    Ok(MachineTemplate {
-        image,
-        user_data: Arc::new(|m: &DesiredMachine| format!("#cloud-config\nhostname: {}\n", m.name)),
-        labels: spec
-            .metadata
-            .labels
-            .clone()
-            .into_iter()
-            .collect::<BTreeMap<_, _>>(),
+    let images = nodeimage::list(image_dir).map_err(wrap)?;
+    let chosen = match &spec.spec.node_image.version {
+        Some(version) => images
+            .iter()
+            .find(|i| &i.manifest.version == version)
+            .ok_or_else(|| ImageError::VersionMissing {
+                version: version.clone(),
+                dir: image_dir.to_path_buf(),
+            })?,
+        // `list` sorts oldest first.
+        None => images.last().ok_or_else(|| ImageError::NoneBuilt {
+            dir: image_dir.to_path_buf(),
+        })?,
+    };
+    let image = nodeimage::load(&chosen.dir).map_err(wrap)?;
+    Ok(ImageRef {
+        version: image.manifest.version.clone(),
+        dir: image.dir.clone(),
+        digest: image.digest.clone(),
     })
 }

@@ -47,7 +47,7 @@ fn invalid_spec_exits_two_with_every_problem_located() {
         "88-many-problems.yaml:5:9: metadata.name: invalid cluster name \"Prod\"",
         "88-many-problems.yaml:15:12: spec.controlPlane.count: control plane count must be 1, 3 or 5, got 4",
         "88-many-problems.yaml:22:13: spec.nodePools[1].name: duplicate node pool name \"a\"",
-        "88-many-problems.yaml:26:3: spec.ssh: no ssh authentication is configured",
+        "88-many-problems.yaml:27:11: spec.ssh.user: invalid ssh user \"Core\"",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }

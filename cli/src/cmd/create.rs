@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, bail};
 
 use super::Global;
-use crate::engine::{self, ApplyContext, Env, Reporter};
+use crate::engine::access::{self, SshAccess};
+use crate::engine::{self, ApplyContext, Env, MachineTemplate, Reporter};
 use crate::provider;
 use crate::spec;
 use crate::state::{
@@ -30,6 +31,9 @@ pub struct CreateArgs {
     /// If another command holds the cluster's lock, wait for it instead of failing.
     #[arg(long)]
     pub wait: bool,
+    /// Seconds each machine may take to answer SSH after it was started.
+    #[arg(long, value_name = "SECONDS", default_value_t = access::DEFAULT_SSH_TIMEOUT.as_secs())]
+    pub ssh_timeout: u64,
 }
 
 /// Loads and validates a spec and makes its provider paths absolute.
@@ -112,13 +116,15 @@ fn check_existing(record: &ClusterRecord, spec: &spec::Cluster) -> anyhow::Resul
 pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     let report = Reporter {
         quiet: global.quiet,
+        fancy: crate::output::fancy_progress(global.quiet, global.output),
     };
     let spec = load_spec(&args.file)?;
     let name = spec.metadata.name.clone();
     // Everything that can fail without touching anything comes first, so that a provider that is
     // not available leaves no state behind.
     let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
-    let template = provider::machine_template(&spec)?;
+    let image_dir = nodeimage::default_image_dir();
+    let image = provider::node_image(&spec, &image_dir)?;
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let guard = lock_cluster(&store, &name, args.wait, report)?;
 
@@ -142,6 +148,55 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     // The record, with the cluster ID, is durable before the first side effect.
     guard.save(&mut record)?;
 
+    let rt = runtime()?;
+    let desired_names: Vec<String> = engine::desired_machines(&spec)
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    let cluster = record.cluster_ref();
+    let labels = spec.metadata.labels.clone().into_iter().collect();
+    let (template, ssh) = if matches!(spec.spec.provider, spec::Provider::Fake(_)) {
+        // The fake provider boots nothing: no keys, nothing to log in to.
+        let template = MachineTemplate {
+            image,
+            user_data: Arc::new(|m: &engine::DesiredMachine| {
+                Ok(format!("#cloud-config\nhostname: {}\n", m.name))
+            }),
+            labels,
+        };
+        (template, None)
+    } else {
+        let identity = rt.block_on(access::client_identity(
+            &spec.spec.ssh,
+            &store,
+            &name,
+            Some(&guard),
+        ))?;
+        // Host keys are generated (or the stored ones reused) and pinned in the record before
+        // any machine that holds them is created.
+        let host_keys = access::ensure_host_keys(&guard, &mut record, &desired_names)?;
+        guard.save(&mut record)?;
+        let for_seed = identity.clone();
+        let seed_cluster = cluster.clone();
+        let template = MachineTemplate {
+            image,
+            user_data: Arc::new(move |m: &engine::DesiredMachine| {
+                let key = host_keys
+                    .get(&m.name)
+                    .ok_or_else(|| "no host key was prepared for it".to_owned())?;
+                access::render_user_data(&seed_cluster, &m.name, &for_seed, key)
+                    .map_err(|e| engine::apply::error_chain(&e))
+            }),
+            labels,
+        };
+        let ssh = SshAccess {
+            identity,
+            host_keys: record.ssh_host_keys.clone(),
+            timeout: std::time::Duration::from_secs(args.ssh_timeout),
+        };
+        (template, Some(ssh))
+    };
+
     let (journal, replay) = open_journal(&guard, report)?;
     let journal = Arc::new(Mutex::new(journal));
     let mut ctx = ApplyContext {
@@ -157,8 +212,10 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         interrupted: replay.in_flight(),
         observed: Vec::new(),
         plan: None,
+        ssh,
+        ssh_ready: Default::default(),
     };
-    let result = runtime()?.block_on(engine::run_phases(
+    let result = rt.block_on(engine::run_phases(
         &mut ctx,
         report,
         &engine::apply::provision_phases(),
@@ -171,6 +228,10 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     }
     if result.is_ok() {
         record.status = ClusterStatus::Provisioned;
+        // Keys of machines that are gone and not wanted are of no use any more.
+        let mut keep = desired_names.clone();
+        keep.extend(record.machines.iter().map(|m| m.name.clone()));
+        access::prune_host_keys(&guard, &mut record, &keep)?;
     }
     let saved = guard.save(&mut record);
     let finished = journal
@@ -188,8 +249,13 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     saved?;
     finished?;
     if !global.quiet {
+        let answering = if ctx.ssh_ready.is_empty() {
+            String::new()
+        } else {
+            format!(", {} answering ssh", ctx.ssh_ready.len())
+        };
         eprintln!(
-            "Cluster {name:?}: {} machine(s) provisioned through the {} provider.",
+            "Cluster {name:?}: {} machine(s) provisioned through the {} provider{answering}.",
             record.machines.len(),
             record.spec.spec.provider.name()
         );

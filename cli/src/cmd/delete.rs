@@ -26,6 +26,7 @@ pub struct DeleteArgs {
 pub fn run(global: &Global, args: &DeleteArgs) -> anyhow::Result<()> {
     let report = Reporter {
         quiet: global.quiet,
+        fancy: crate::output::fancy_progress(global.quiet, global.output),
     };
     let name = args.name.as_str();
     let store = StateStore::resolve(global.state_dir.as_deref())?;

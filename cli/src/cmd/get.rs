@@ -35,6 +35,9 @@ struct ClusterView {
     #[serde(skip_serializing_if = "Option::is_none")]
     observed_at: Option<Timestamp>,
     machines: Vec<Machine>,
+    /// Pinned SSH host key per machine.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    ssh_host_keys: std::collections::BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -52,6 +55,7 @@ impl ClusterView {
             updated_at: Some(r.updated_at),
             observed_at: r.observed_at,
             machines: r.machines,
+            ssh_host_keys: r.ssh_host_keys,
             error: None,
             spec: with_spec.then_some(r.spec),
         }
@@ -67,6 +71,7 @@ impl ClusterView {
             updated_at: None,
             observed_at: None,
             machines: Vec::new(),
+            ssh_host_keys: Default::default(),
             error: Some(error),
             spec: None,
         }

@@ -13,6 +13,7 @@ pub mod delete;
 pub mod get;
 pub mod image;
 pub mod plan;
+pub mod ssh;
 pub mod validate;
 
 /// Exit code for a failed command.
@@ -67,6 +68,8 @@ pub enum Command {
     },
     /// Check a cluster spec: strict parsing and every semantic rule, all problems at once.
     Validate(validate::ValidateArgs),
+    /// Run a command on a machine of a cluster (host key verified against the pinned one).
+    Ssh(ssh::SshArgs),
     /// Build and list container-optimized node images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -103,6 +106,9 @@ fn init_tracing(global: &Global) {
 
 /// Maps an error to the process exit code.
 fn exit_code_for(err: &anyhow::Error) -> u8 {
+    if let Some(remote) = err.downcast_ref::<ssh::RemoteExit>() {
+        return remote.status;
+    }
     if err.downcast_ref::<crate::spec::SpecErrors>().is_some() {
         return EXIT_INVALID;
     }
@@ -123,5 +129,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Validate(args) => validate::run(&args, cli.global.output),
         Command::Image(command) => image::run(&cli.global, command),
+        Command::Ssh(args) => ssh::run(&cli.global, &args),
     }
 }

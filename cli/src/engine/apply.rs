@@ -62,6 +62,22 @@ pub enum EngineError {
     /// After a phase the provider does not show what the phase should have produced.
     #[error("the provider does not show the expected result: {0}")]
     Verify(String),
+    /// A machine's first-boot configuration could not be made.
+    #[error("preparing machine {machine:?}: {detail}")]
+    Template {
+        /// The machine.
+        machine: String,
+        /// Why.
+        detail: String,
+    },
+    /// A machine did not answer SSH with its pinned host key.
+    #[error("machine {machine:?} did not answer ssh: {detail}")]
+    Ssh {
+        /// The machine.
+        machine: String,
+        /// Why (the SSH error chain).
+        detail: String,
+    },
     /// A phase failed.
     #[error("{title}")]
     Phase {
@@ -78,6 +94,8 @@ pub enum EngineError {
 pub struct Reporter {
     /// Print nothing.
     pub quiet: bool,
+    /// stderr is a terminal: long waits draw per-machine spinners instead of plain lines.
+    pub fancy: bool,
 }
 
 impl Reporter {
@@ -256,29 +274,36 @@ pub async fn run_phases<C: Send>(
     Ok(())
 }
 
+/// Renders a machine's first-boot user data, or says why it cannot.
+pub type UserDataFn = Arc<dyn Fn(&DesiredMachine) -> Result<String, String> + Send + Sync>;
+
 /// How machines are made from planned ones: the image to boot and their first-boot data.
 #[derive(Clone)]
 pub struct MachineTemplate {
     /// Node image to boot.
     pub image: ImageRef,
-    /// Renders the first-boot user data of a machine.
-    pub user_data: Arc<dyn Fn(&DesiredMachine) -> String + Send + Sync>,
+    /// Renders the first-boot user data of a machine (an error says why it cannot).
+    pub user_data: UserDataFn,
     /// Extra labels for every machine (the cluster's `metadata.labels`).
     pub labels: BTreeMap<String, String>,
 }
 
 impl MachineTemplate {
     /// The provider request for a planned machine.
-    pub fn machine_spec(&self, m: &DesiredMachine) -> MachineSpec {
-        MachineSpec {
+    pub fn machine_spec(&self, m: &DesiredMachine) -> Result<MachineSpec, EngineError> {
+        let user_data = (self.user_data)(m).map_err(|detail| EngineError::Template {
+            machine: m.name.clone(),
+            detail,
+        })?;
+        Ok(MachineSpec {
             name: m.name.clone(),
             role: m.role,
             pool: m.pool.clone(),
             size: m.size.clone(),
             image: self.image.clone(),
-            user_data: (self.user_data)(m),
+            user_data,
             labels: self.labels.clone(),
-        }
+        })
     }
 }
 
@@ -305,6 +330,10 @@ pub struct ApplyContext {
     pub observed: Inventory,
     /// The current plan (set by the observe phase).
     pub plan: Option<Plan>,
+    /// SSH access to wait for after the machines run; `None` skips the wait (fake provider).
+    pub ssh: Option<super::access::SshAccess>,
+    /// Time from the start of the SSH wait until each machine answered (set by the wait).
+    pub ssh_ready: BTreeMap<String, std::time::Duration>,
 }
 
 /// The phases of `clusterctl create` as far as this build goes: machines only.
@@ -315,6 +344,7 @@ pub fn provision_phases() -> Vec<Box<dyn Phase<ApplyContext>>> {
         Box::new(EnsureMachines),
         Box::new(DeleteUnwanted),
         Box::new(VerifyMachines),
+        Box::new(super::access::WaitForSsh),
     ]
 }
 
@@ -393,20 +423,18 @@ impl Phase<ApplyContext> for EnsureMachines {
     }
     fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let steps: Vec<(&'static str, MachineSpec)> = ctx
-                .plan
-                .iter()
-                .flat_map(|p| p.steps.iter())
-                .filter_map(|step| match step {
+            let mut steps: Vec<(&'static str, MachineSpec)> = Vec::new();
+            for step in ctx.plan.iter().flat_map(|p| p.steps.iter()) {
+                match step {
                     Step::CreateMachine { machine } => {
-                        Some(("creating", ctx.template.machine_spec(machine)))
+                        steps.push(("creating", ctx.template.machine_spec(machine)?));
                     }
                     Step::StartMachine { machine, .. } => {
-                        Some(("starting", ctx.template.machine_spec(machine)))
+                        steps.push(("starting", ctx.template.machine_spec(machine)?));
                     }
-                    Step::DeleteMachine { .. } => None,
-                })
-                .collect();
+                    Step::DeleteMachine { .. } => {}
+                }
+            }
             let cluster = ctx.env.cluster.clone();
             let work = steps
                 .into_iter()
@@ -512,8 +540,11 @@ where
         let provider = env.provider.clone();
         let journal = env.journal.clone();
         let report = env.report;
+        // Permits are taken here, in plan order, so operations start in that order (tasks
+        // spawned at once would race for them).
+        let permit = limit.acquire_owned().await;
         set.spawn(async move {
-            let Ok(_permit) = limit.acquire_owned().await else {
+            let Ok(_permit) = permit else {
                 return (index, name, None);
             };
             if stop.load(Ordering::SeqCst) {
@@ -671,7 +702,7 @@ mod tests {
                 digest: "d".into(),
             },
             user_data: Arc::new(|m: &DesiredMachine| {
-                format!("#cloud-config\nhostname: {}\n", m.name)
+                Ok(format!("#cloud-config\nhostname: {}\n", m.name))
             }),
             labels: BTreeMap::new(),
         };
@@ -684,13 +715,15 @@ mod tests {
                 provider,
                 journal: Arc::new(Mutex::new(journal)),
                 concurrency,
-                report: Reporter { quiet: true },
+                report: Reporter { quiet: true, fancy: false },
             },
             desired,
             template,
             interrupted: replay.in_flight(),
             observed: Vec::new(),
             plan: None,
+            ssh: None,
+            ssh_ready: BTreeMap::new(),
         })
     }
 
@@ -716,7 +749,7 @@ mod tests {
     async fn every_side_effect_is_journaled_and_a_second_run_does_nothing() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await?;
+        run_phases(&mut ctx, Reporter { quiet: true, fancy: false }, &provision_phases()).await?;
         let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
         let events = journal_events(tmp.path())?;
@@ -737,7 +770,7 @@ mod tests {
         );
 
         let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(&mut again, Reporter { quiet: true }, &provision_phases()).await?;
+        run_phases(&mut again, Reporter { quiet: true, fancy: false }, &provision_phases()).await?;
         assert!(again.plan.as_ref().is_some_and(Plan::is_empty));
         assert!(!EnsureMachines.should_run(&again));
         assert_eq!(
@@ -757,7 +790,7 @@ mod tests {
         };
         // One at a time, so the order is fixed: c1-cp-0, then c1-a-0 fails, c1-a-1 never starts.
         let mut ctx = context(tmp.path(), options, 1)?;
-        let err = match run_phases(&mut ctx, Reporter { quiet: true }, &provision_phases()).await {
+        let err = match run_phases(&mut ctx, Reporter { quiet: true, fancy: false }, &provision_phases()).await {
             Ok(()) => anyhow::bail!("the injected failure did not fail the run"),
             Err(e) => error_chain(&e),
         };

@@ -4,6 +4,7 @@
 //! to an ordered [`plan::Plan`]. [`apply`] executes plans as phases that journal every side effect
 //! and can be re-run to resume.
 
+pub mod access;
 pub mod apply;
 pub mod plan;
 

@@ -1,8 +1,6 @@
 //! Errors of reading and validating a cluster spec, each pointing at a file, line, column and
 //! field path.
 
-use std::fmt;
-
 use serde::Serialize;
 
 /// What kind of problem a [`SpecError`] is.
@@ -62,7 +60,11 @@ fn render(e: &SpecError) -> String {
 }
 
 /// All problems found in a cluster spec, in document order. Never empty.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+///
+/// A single problem displays as itself; several display as a count line followed by one
+/// problem per line (hints indented below each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{}", render_all(self))]
 pub struct SpecErrors {
     /// The problems.
     pub errors: Vec<SpecError>,
@@ -85,25 +87,20 @@ impl SpecErrors {
     }
 }
 
-impl fmt::Display for SpecErrors {
-    /// A single problem prints as itself; several print as a count line followed by one
-    /// problem per line (hints indented below each).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.errors.as_slice() {
-            [] => f.write_str("no problems"),
-            [one] => write!(f, "{one}"),
-            many => {
-                write!(f, "{} problems in {}", many.len(), many[0].file)?;
-                for e in many {
-                    write!(f, "\n{e}")?;
-                }
-                Ok(())
+fn render_all(all: &SpecErrors) -> String {
+    match all.errors.as_slice() {
+        [] => "no problems".to_owned(),
+        [one] => one.to_string(),
+        many => {
+            let mut s = format!("{} problems in {}", many.len(), many[0].file);
+            for e in many {
+                s.push('\n');
+                s.push_str(&e.to_string());
             }
+            s
         }
     }
 }
-
-impl std::error::Error for SpecErrors {}
 
 impl From<SpecError> for SpecErrors {
     fn from(e: SpecError) -> Self {

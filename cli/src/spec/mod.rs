@@ -308,6 +308,46 @@ spec:
     }
 
     #[test]
+    fn ssh_key_source_defaults_to_generated() {
+        let agent = parse_str(MINIMAL, "m.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(agent.spec.ssh.key_source(), KeySource::Agent);
+        assert!(!agent.spec.ssh.generated_key);
+
+        let none = MINIMAL.replace("    agent: true\n", "");
+        let c = parse_str(&none, "n.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            c.spec.ssh.generated_key,
+            "the defaulted spec says the key is generated"
+        );
+        assert_eq!(c.spec.ssh.key_source(), KeySource::Generated);
+
+        let file = MINIMAL.replace("agent: true", "privateKey: ~/.ssh/k");
+        let c = parse_str(&file, "f.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.spec.ssh.generated_key);
+        assert_eq!(
+            c.spec.ssh.key_source(),
+            KeySource::File(PathBuf::from("~/.ssh/k"))
+        );
+
+        let explicit = MINIMAL.replace("agent: true", "generatedKey: true");
+        let c = parse_str(&explicit, "g.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.spec.ssh.key_source(), KeySource::Generated);
+
+        let all = MINIMAL.replace(
+            "agent: true",
+            "privateKey: k\n    agent: true\n    generatedKey: true",
+        );
+        let errors = parse_str(&all, "a.yaml").expect_err("three key sources");
+        assert_eq!(
+            errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>(),
+            ["privateKey and agent: true and generatedKey: true are all set; they are exclusive"]
+        );
+    }
+
+    #[test]
     fn one_of_choices_parse_in_both_forms() {
         let gce = MINIMAL.replace(
             "fake:\n      directory: /tmp/fake",

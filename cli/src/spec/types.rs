@@ -527,13 +527,19 @@ pub struct Ssh {
     /// Login user on the machines.
     #[serde(default = "default_ssh_user")]
     pub user: String,
-    /// Private key file; exclusive with `agent: true`. Relative paths are relative to the spec
-    /// file, `~/` is the home directory.
+    /// Private key file; exclusive with `agent: true` and `generatedKey: true`. Relative paths
+    /// are relative to the spec file, `~/` is the home directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key: Option<PathBuf>,
     /// Authenticate with the keys of the running ssh-agent (`SSH_AUTH_SOCK`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub agent: bool,
+    /// clusterctl generates a key pair for this cluster, keeps the private half in the cluster's
+    /// state and installs the public half on every machine it creates. The default when neither
+    /// `privateKey` nor `agent: true` is given (see [`Cluster::with_defaults`]), so a fresh
+    /// machine needs no prearranged key. Read the choice with [`Ssh::key_source`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub generated_key: bool,
     /// Jump host between clusterctl and the machines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bastion: Option<Bastion>,
@@ -543,12 +549,42 @@ fn default_ssh_user() -> String {
     DEFAULT_SSH_USER.to_owned()
 }
 
+// serde's skip_serializing_if passes a reference.
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Where the SSH key that logs in to the machines comes from; see [`Ssh::key_source`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A private key file, as written in the spec (resolve it with [`crate::spec::resolve_path`]).
+    File(PathBuf),
+    /// The keys of the running ssh-agent (`SSH_AUTH_SOCK`).
+    Agent,
+    /// A key pair clusterctl generates once per cluster and keeps in the cluster's state.
+    Generated,
+}
+
+impl Ssh {
+    /// The key source this spec selects. Validation guarantees at most one of `privateKey`,
+    /// `agent: true` and `generatedKey: true` is set; when none is (a spec that was not
+    /// defaulted), the answer is [`KeySource::Generated`], the same as the default.
+    pub fn key_source(&self) -> KeySource {
+        match (&self.private_key, self.agent) {
+            (Some(path), _) => KeySource::File(path.clone()),
+            (None, true) => KeySource::Agent,
+            (None, false) => KeySource::Generated,
+        }
+    }
+}
+
 impl Default for Ssh {
     fn default() -> Self {
         Self {
             user: default_ssh_user(),
             private_key: None,
             agent: false,
+            generated_key: false,
             bastion: None,
         }
     }
@@ -746,10 +782,15 @@ pub fn parse_member(member: &str) -> Option<(MemberKind, &str)> {
 
 impl Cluster {
     /// Returns the spec with every default filled in, including those that depend on other
-    /// fields (today: a bastion's user defaults to `ssh.user`). Serde already fills the plain
+    /// fields (a bastion's user defaults to `ssh.user`; with neither `ssh.privateKey` nor
+    /// `ssh.agent: true`, `ssh.generatedKey` becomes true). Serde already fills the plain
     /// defaults at parse time; the result is what `clusterctl plan` shows.
     pub fn with_defaults(&self) -> Cluster {
         let mut c = self.clone();
+        let ssh = &mut c.spec.ssh;
+        if ssh.private_key.is_none() && !ssh.agent {
+            ssh.generated_key = true;
+        }
         let user = c.spec.ssh.user.clone();
         if let Some(b) = c.spec.ssh.bastion.as_mut()
             && b.user.is_none()

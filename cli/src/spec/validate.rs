@@ -633,6 +633,15 @@ fn check_node_pools(ck: &mut Checker, spec: &ClusterSpec) {
             "worker machines",
         );
         check_labels(ck, &format!("{base}.labels"), &pool.labels);
+        for k in pool.labels.keys() {
+            if label_key_problem(k).is_none() && !templates::kubernetes::kubelet_may_set_label(k) {
+                ck.err(
+                    join_key(&format!("{base}.labels"), k),
+                    format!("label {k} cannot be set by a node: the kubernetes.io and k8s.io namespaces are reserved"),
+                    "use node.kubernetes.io/NAME or a prefix of your own, such as example.com/role",
+                );
+            }
+        }
         let mut taints = HashSet::new();
         for (j, t) in pool.taints.iter().enumerate() {
             let tp = join_index(&format!("{base}.taints"), j);
@@ -731,25 +740,37 @@ fn check_ssh(ck: &mut Checker, s: &Ssh) {
             "use a login name of lowercase letters, digits, '_' and '-', such as core",
         );
     }
-    match (&s.private_key, s.agent) {
-        (Some(_), true) => ck.err(
-            "spec.ssh.agent",
-            "privateKey and agent: true are both set; they are exclusive",
-            "keep privateKey to use a key file, or agent: true to use ssh-agent",
-        ),
-        (None, false) => ck.err(
-            "spec.ssh",
-            "no ssh authentication is configured",
-            "set ssh.privateKey to a key file such as ~/.ssh/id_ed25519, or ssh.agent: true",
-        ),
-        (Some(k), false) if k.as_os_str().is_empty() => {
-            ck.err(
-                "spec.ssh.privateKey",
-                "the private key path is empty",
-                "set the path of a private key file such as ~/.ssh/id_ed25519",
-            );
-        }
-        _ => {}
+    // At most one key source; none at all means a generated key (the default).
+    let given: Vec<&str> = [
+        (s.private_key.is_some(), "privateKey"),
+        (s.agent, "agent: true"),
+        (s.generated_key, "generatedKey: true"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+    if given.len() > 1 {
+        // Point at the last of the conflicting fields, the one usually added by mistake.
+        let field = if s.generated_key {
+            "generatedKey"
+        } else {
+            "agent"
+        };
+        let quantifier = if given.len() == 2 { "both" } else { "all" };
+        ck.err(
+            format!("spec.ssh.{field}"),
+            format!("{} are {quantifier} set; they are exclusive", given.join(" and ")),
+            "keep privateKey to use a key file, agent: true to use ssh-agent, or none of them to have clusterctl generate a key for the cluster",
+        );
+    }
+    if let Some(k) = &s.private_key
+        && k.as_os_str().is_empty()
+    {
+        ck.err(
+            "spec.ssh.privateKey",
+            "the private key path is empty",
+            "set the path of a private key file such as ~/.ssh/id_ed25519, or remove privateKey to have clusterctl generate a key",
+        );
     }
     if let Some(b) = &s.bastion {
         let ok = !b.host.is_empty()

@@ -18,6 +18,7 @@ pub mod fsio;
 pub mod journal;
 pub mod lock;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
@@ -33,7 +34,7 @@ use fsio::FILE_MODE;
 
 /// Schema version of `cluster.json` written by this build. Older versions are migrated on load;
 /// newer ones are refused.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// File name of the cluster record inside a cluster directory.
 pub const RECORD_FILE: &str = "cluster.json";
@@ -217,6 +218,11 @@ pub struct ClusterRecord {
     pub machines: Vec<Machine>,
     /// When `machines` was observed; `None` before the first observation.
     pub observed_at: Option<Timestamp>,
+    /// The SSH host key pinned for each machine (`ssh-ed25519 AAAA...`), by machine name.
+    /// clusterctl generates it before the machine is created and installs it through the
+    /// first-boot seed, so the very first connection is already verified (schema version 2).
+    #[serde(default)]
+    pub ssh_host_keys: BTreeMap<String, String>,
 }
 
 impl ClusterRecord {
@@ -238,6 +244,7 @@ impl ClusterRecord {
             spec,
             machines: Vec::new(),
             observed_at: None,
+            ssh_host_keys: BTreeMap::new(),
         })
     }
 
@@ -378,6 +385,12 @@ impl StateStore {
         load_record(&dir, name)
     }
 
+    /// Reads secret `file_name` of cluster `name` without taking the lock (secrets are written
+    /// atomically); refuses it if other users can access it. `Ok(None)` if it does not exist.
+    pub fn read_secret(&self, name: &str, file_name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        read_secret_in(&self.cluster_dir(name)?, file_name)
+    }
+
     /// Takes the exclusive lock of cluster `name` for a mutating command (see [`ClusterLock`]).
     /// Creates the store root and the cluster directory if needed.
     pub fn lock(
@@ -421,9 +434,10 @@ fn load_record(dir: &Path, name: &str) -> Result<Option<ClusterRecord>, StateErr
             supported: SCHEMA_VERSION,
         });
     }
-    // Version 1 is the first; migrations from older versions go here as the schema evolves.
-    let record: ClusterRecord =
+    // Migrations: version 1 had no `ssh_host_keys` (it defaults to empty), nothing else changed.
+    let mut record: ClusterRecord =
         serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+    record.schema_version = SCHEMA_VERSION;
     if record.name != name {
         return Err(corrupt(format!(
             "it names cluster {:?} but lies in the directory of {name:?}",
@@ -431,6 +445,43 @@ fn load_record(dir: &Path, name: &str) -> Result<Option<ClusterRecord>, StateErr
         )));
     }
     Ok(Some(record))
+}
+
+/// The path of secret `file_name` in cluster directory `dir`: a plain file name of its own, never
+/// one of the store's files.
+fn secret_path_in(dir: &Path, file_name: &str) -> Result<PathBuf, StateError> {
+    let ok = !file_name.is_empty()
+        && !file_name.starts_with('.')
+        && file_name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        && ![
+            RECORD_FILE,
+            journal::JOURNAL_FILE,
+            lock::LOCK_FILE,
+            lock::HOLDER_FILE,
+        ]
+        .contains(&file_name);
+    if !ok {
+        return Err(StateError::Io {
+            action: "store a secret as",
+            path: dir.join(file_name),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a plain file name of its own",
+            ),
+        });
+    }
+    Ok(dir.join(file_name))
+}
+
+fn read_secret_in(dir: &Path, file_name: &str) -> Result<Option<Vec<u8>>, StateError> {
+    let path = secret_path_in(dir, file_name)?;
+    if !path.exists() {
+        return Ok(None);
+    }
+    fsio::check_secret_mode(&path)?;
+    fsio::read_optional(&path)
 }
 
 /// Exclusive access to one cluster's state, held by a mutating command. Dropping it releases the
@@ -493,38 +544,25 @@ impl ClusterGuard {
     /// Reads a secret written by [`write_secret`](Self::write_secret); refuses it if other users
     /// can access it. `Ok(None)` if it does not exist.
     pub fn read_secret(&self, file_name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        read_secret_in(&self.dir, file_name)
+    }
+
+    /// Removes a secret written by [`write_secret`](Self::write_secret); Ok if it is absent.
+    pub fn remove_secret(&self, file_name: &str) -> Result<(), StateError> {
         let path = self.secret_path(file_name)?;
-        if !path.exists() {
-            return Ok(None);
+        match fs::remove_file(&path) {
+            Ok(()) => fsio::sync_dir(&self.dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io {
+                action: "remove",
+                path,
+                source,
+            }),
         }
-        fsio::check_secret_mode(&path)?;
-        fsio::read_optional(&path)
     }
 
     fn secret_path(&self, file_name: &str) -> Result<PathBuf, StateError> {
-        let ok = !file_name.is_empty()
-            && !file_name.starts_with('.')
-            && file_name
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-            && ![
-                RECORD_FILE,
-                journal::JOURNAL_FILE,
-                lock::LOCK_FILE,
-                lock::HOLDER_FILE,
-            ]
-            .contains(&file_name);
-        if !ok {
-            return Err(StateError::Io {
-                action: "store a secret as",
-                path: self.dir.join(file_name),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "not a plain file name of its own",
-                ),
-            });
-        }
-        Ok(self.dir.join(file_name))
+        secret_path_in(&self.dir, file_name)
     }
 
     /// Removes the whole cluster directory (record, journal, secrets, lock file), then releases

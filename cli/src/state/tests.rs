@@ -180,12 +180,12 @@ fn damaged_records_give_clear_errors_and_are_left_alone() -> anyhow::Result<()> 
             format!("state file {shown} is corrupt: missing field `schema_version`"),
         ),
         (
-            good.replace("\"schema_version\": 1", "\"schema_version\": \"1\""),
+            good.replace("\"schema_version\": 2", "\"schema_version\": \"1\""),
             format!("state file {shown} is corrupt: `schema_version` is not"),
         ),
         (
-            good.replace("\"schema_version\": 1", "\"schema_version\": 7"),
-            format!("state file {shown} has schema version 7, newer than the 1"),
+            good.replace("\"schema_version\": 2", "\"schema_version\": 7"),
+            format!("state file {shown} has schema version 7, newer than the 2"),
         ),
         (
             good.replace("\"status\": \"creating\"", "\"status\": \"sideways\""),

@@ -1,1 +1,0 @@
-//! The libvirt provider: domains, volumes and networks labelled with the cluster ID in libvirt metadata.

@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# The libvirt test bed: libvirtd and virtlogd inside a network namespace with no uplink.
+#
+#   libvirt-env.sh up            create the bed, print its name (state in /run/clusterctl-bed/current)
+#   libvirt-env.sh exec CMD...   run CMD inside the bed (its network and mount namespace)
+#   libvirt-env.sh down          tear the bed down: VMs, networks, pools, daemons, namespace, files
+#   libvirt-env.sh test          up, build or reuse the node image, run the libvirt e2e suite, down
+#                                (down also runs when a test fails or the script is interrupted)
+#
+# Isolation: the bed is a network namespace `clusterctl-bed-<pid>` (loopback only, no veth to the
+# host) plus a private mount namespace in which /etc/libvirt, /run/libvirt, /var/lib/libvirt,
+# /var/cache/libvirt and /var/log/libvirt are bind mounts of a per-bed directory. So the bed's
+# libvirtd shares no state, socket or config with any other libvirtd on the machine, its
+# `qemu:///system` socket exists only inside the bed, and libvirt's `default` network is removed
+# from the bed's config so it can never be autostarted. Bridges, dnsmasq and QEMU live in the
+# namespace; every process that talks to the VMs runs in it through `exec`.
+#
+# Must run as root (namespaces, libvirtd). Root is also needed by `test` for debootstrap.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+# CLUSTERCTL_BED_STATE_ROOT lets a second bed (e.g. cli-e2e.sh) run beside one that is up.
+state_root=${CLUSTERCTL_BED_STATE_ROOT:-/run/clusterctl-bed}
+current=$state_root/current
+
+die() { echo "libvirt-env: $*" >&2; exit 1; }
+log() { echo "libvirt-env: $*" >&2; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces and libvirtd need it)"
+
+load() {
+  [ -f "$current" ] || die "no bed is up (run: $0 up)"
+  # shellcheck disable=SC1090
+  . "$current"
+  [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null || die "bed $BED_NAME is broken (holder process gone); run: $0 down"
+}
+
+in_bed() {
+  # nsenter keeps the environment; the working directory is re-entered explicitly.
+  nsenter --target "$BED_HOLDER" --mount --net -- /bin/sh -c 'cd "$0" 2>/dev/null || cd /; exec "$@"' "$PWD" "$@"
+}
+
+up() {
+  [ ! -f "$current" ] || die "a bed is already up ($(grep BED_NAME "$current")); run: $0 down"
+  bash "$here/install-host-packages.sh" >&2
+  local name=clusterctl-bed-$$
+  local dir=/var/tmp/$name
+  mkdir -p "$state_root" "$dir"
+  chmod 0700 "$dir"
+  printf 'BED_NAME=%s\nBED_DIR=%s\n' "$name" "$dir" > "$current"
+
+  log "creating network namespace $name (loopback only)"
+  ip netns add "$name"
+  ip -n "$name" link set lo up
+
+  # Private copies of libvirt's config and state directories.
+  for d in etc/libvirt run/libvirt var/lib/libvirt var/cache/libvirt var/log/libvirt; do
+    mkdir -p "$dir/$d" "/$d"
+  done
+  cp -a /etc/libvirt/. "$dir/etc/libvirt/"
+  rm -f "$dir/etc/libvirt/qemu/networks/autostart/default.xml" "$dir/etc/libvirt/qemu/networks/default.xml"
+  # No systemd, no AppArmor profiles inside the bed: QEMU runs without a security driver here.
+  printf '\n# clusterctl test bed\nsecurity_driver = "none"\n' >> "$dir/etc/libvirt/qemu.conf"
+  mkdir -p "$dir/var/lib/libvirt/images" "$dir/var/log/libvirt/qemu"
+
+  # The holder keeps the namespaces alive; its mount namespace has the bind mounts.
+  ip netns exec "$name" unshare --mount --propagation private /bin/sh -c '
+    set -e
+    for d in etc/libvirt run/libvirt var/lib/libvirt var/cache/libvirt var/log/libvirt; do
+      mount --bind "$0/$d" "/$d"
+    done
+    exec sleep infinity' "$dir" &
+  local holder=$!
+  echo "BED_HOLDER=$holder" >> "$current"
+  # shellcheck disable=SC1090
+  . "$current"
+  local i=0
+  until in_bed test -d /etc/libvirt/qemu && in_bed sh -c "grep -q clusterctl /etc/libvirt/qemu.conf" 2>/dev/null; do
+    i=$((i + 1)); [ "$i" -lt 50 ] || die "the bed's mount namespace did not come up"
+    sleep 0.1
+  done
+
+  log "starting virtlogd and libvirtd inside $name"
+  in_bed virtlogd --pid-file "$dir/virtlogd.pid" > "$dir/virtlogd.out" 2>&1 &
+  echo "BED_VIRTLOGD=$!" >> "$current"
+  in_bed libvirtd --pid-file "$dir/libvirtd.pid" > "$dir/libvirtd.out" 2>&1 &
+  echo "BED_LIBVIRTD=$!" >> "$current"
+  local start=$SECONDS
+  i=0
+  until in_bed virsh -q -c qemu:///system uri > /dev/null 2>&1; do
+    i=$((i + 1)); [ "$i" -lt 600 ] || { tail -20 "$dir/libvirtd.out" >&2; die "libvirtd did not become ready within 60 s"; }
+    sleep 0.1
+  done
+  log "libvirtd ready after $((SECONDS - start)) s"
+  if in_bed virsh -q -c qemu:///system net-list --all --name | grep -qx default; then
+    die "libvirt's default network exists inside the bed; refusing to continue"
+  fi
+  echo "$name"
+}
+
+down() {
+  [ -f "$current" ] || { log "no bed is up"; return 0; }
+  # shellcheck disable=SC1090
+  . "$current"
+  log "tearing down $BED_NAME"
+  if [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null; then
+    # Orderly first, so libvirt cleans up cgroups, bridges and dnsmasq itself.
+    local v="virsh -q -c qemu:///system"
+    for d in $(in_bed $v list --all --name 2>/dev/null); do
+      in_bed $v destroy "$d" > /dev/null 2>&1 || true
+      in_bed $v undefine "$d" > /dev/null 2>&1 || true
+    done
+    for n in $(in_bed $v net-list --all --name 2>/dev/null); do
+      in_bed $v net-destroy "$n" > /dev/null 2>&1 || true
+      in_bed $v net-undefine "$n" > /dev/null 2>&1 || true
+    done
+    for p in $(in_bed $v pool-list --all --name 2>/dev/null); do
+      in_bed $v pool-destroy "$p" > /dev/null 2>&1 || true
+      in_bed $v pool-undefine "$p" > /dev/null 2>&1 || true
+    done
+  fi
+  # Every process left in the bed's network namespace was started by the bed (daemons, dnsmasq,
+  # QEMU, the holder): end them by PID.
+  local pids
+  pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
+  [ -z "$pids" ] || kill $pids 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
+    [ -n "$pids" ] || break
+    sleep 0.1
+  done
+  [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+  ip netns del "$BED_NAME" 2>/dev/null || true
+  rm -rf "$BED_DIR"
+  rm -f "$current"
+  log "bed $BED_NAME removed"
+}
+
+image() {
+  # The real node image when CLUSTERCTL_TEST_IMAGE names one (built by `clusterctl image build`),
+  # else the stopgap dev image.
+  if [ -n "${CLUSTERCTL_TEST_IMAGE:-}" ]; then
+    [ -f "$CLUSTERCTL_TEST_IMAGE/manifest.json" ] || die "CLUSTERCTL_TEST_IMAGE=$CLUSTERCTL_TEST_IMAGE has no manifest.json"
+    echo "$CLUSTERCTL_TEST_IMAGE"
+    return
+  fi
+  # `clusterctl image build` (nodeimage crate) caches images under /var/cache/clusterctl/images,
+  # keyed by the hash of their inputs; an unchanged rebuild is a no-op.
+  if (cd "$repo" && cargo run -q -p clusterctl -- image build --help > /dev/null 2>&1); then
+    log "building (or reusing) the node image with clusterctl image build"
+    (cd "$repo" && cargo run -q -p clusterctl -- image build) >&2
+    local newest
+    newest=$(ls -td /var/cache/clusterctl/images/*/manifest.json 2>/dev/null | head -n1)
+    [ -n "$newest" ] || die "clusterctl image build left no image under /var/cache/clusterctl/images"
+    dirname "$newest"
+    return
+  fi
+  log "WARNING: the node image builder is not available; using the dev image (no dm-verity, no read-only root checks)"
+  bash "$here/dev-image.sh" >&2
+  export CLUSTERCTL_E2E_DEV_IMAGE=1
+  echo /var/cache/clusterctl/dev-image
+}
+
+run_tests() {
+  local img
+  img=$(image)
+  [ -n "${CLUSTERCTL_E2E_DEV_IMAGE:-}" ] || { [ "$img" != /var/cache/clusterctl/dev-image ] || export CLUSTERCTL_E2E_DEV_IMAGE=1; }
+  log "node image: $img"
+  # Build outside the bed (crates.io is not reachable from inside it), run inside.
+  (cd "$repo" && cargo build -q -p providers --features libvirt --example libvirt_ensure \
+    && cargo test -q -p providers --features libvirt --no-run)
+  local start=$SECONDS
+  CLUSTERCTL_LIBVIRT_E2E=1 CLUSTERCTL_LIBVIRT_URI=qemu:///system CLUSTERCTL_TEST_IMAGE=$img \
+    CLUSTERCTL_E2E_STORAGE_ROOT=/var/lib/libvirt/images/clusterctl-e2e \
+    in_bed sh -c "cd '$repo' && cargo test --offline -p providers --features libvirt -- --nocapture --test-threads=1"
+  log "libvirt suite passed in $((SECONDS - start)) s"
+  # The clusterctl binary end to end (create/get/ssh/delete) in the same bed; it needs the real
+  # node image (its first-boot agent installs the host keys clusterctl pins).
+  if [ -z "${CLUSTERCTL_E2E_DEV_IMAGE:-}" ]; then
+    (cd "$repo" && cargo build -q -p clusterctl)
+    local target_dir
+    target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+    start=$SECONDS
+    CLUSTERCTL_BIN=$target_dir/debug/clusterctl CLUSTERCTL_TEST_IMAGE=$img \
+      in_bed bash "$here/cli-e2e.sh" --inside
+    log "clusterctl e2e passed in $((SECONDS - start)) s"
+  else
+    log "WARNING: clusterctl e2e (cli-e2e.sh) not run: it needs the real node image (set CLUSTERCTL_TEST_IMAGE)"
+  fi
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  exec)
+    shift
+    [ "$#" -gt 0 ] || die "usage: $0 exec CMD..."
+    load
+    in_bed "$@"
+    ;;
+  test)
+    trap down EXIT INT TERM
+    up > /dev/null
+    load
+    run_tests
+    ;;
+  *) die "usage: $0 up|down|exec CMD...|test" ;;
+esac
