@@ -4,9 +4,11 @@
 //! `cmd` (clap only) -> actions -> `engine` (plan + phases) over `spec`, `state`, `ssh` and the
 //! `providers` crate.
 
+pub mod bundle;
 pub mod cmd;
 pub mod engine;
 pub mod output;
+pub mod pki;
 pub mod provider;
 pub mod spec;
 pub mod ssh;

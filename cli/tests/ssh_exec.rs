@@ -165,7 +165,8 @@ async fn timeout_kills_the_command_and_names_it() {
         .exec_with(
             &command,
             ExecOptions {
-                timeout: Some(Duration::from_secs(1)),
+                // Long enough for the shell to start on a heavily loaded machine.
+                timeout: Some(Duration::from_secs(4)),
                 ..Default::default()
             },
         )
@@ -173,12 +174,13 @@ async fn timeout_kills_the_command_and_names_it() {
         .expect_err("must time out");
     let elapsed = start.elapsed();
     // Generous bound: the machine running the tests may be heavily loaded.
-    assert!(elapsed < Duration::from_secs(6), "timeout took {elapsed:?}");
+    assert!(elapsed >= Duration::from_secs(4), "returned early: {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(10), "timeout took {elapsed:?}");
     let msg = err.to_string();
     assert!(matches!(err, SshError::CommandTimeout { .. }), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{}", sshd.port)), "{msg}");
     assert!(msg.contains("sleep 30"), "{msg}");
-    assert!(msg.contains("timed out after 1s"), "{msg}");
+    assert!(msg.contains("timed out after 4s"), "{msg}");
 
     // The remote process was killed, and the connection is still usable.
     let pid: u32 = std::fs::read_to_string(&pidfile)
@@ -317,7 +319,7 @@ async fn connect_gives_up_with_a_clear_error() {
         .connect(&Target::new("127.0.0.1", port, fx.user.clone()))
         .await
         .expect_err("nothing listens");
-    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(start.elapsed() < Duration::from_secs(8), "gave up after {:?}", start.elapsed());
     let SshError::Connect { attempts, .. } = &err else {
         panic!("unexpected error: {err}");
     };

@@ -604,3 +604,25 @@ mod tests {
         assert!(matches!(validate(&o), Err(NodeImageError::InvalidOption { option: "package", .. })));
     }
 }
+
+#[cfg(test)]
+mod reuse_tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_inputs_are_a_no_op() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let opts = BuildOptions::new(tmp.path().to_path_buf());
+        let hash = input_hash(&opts);
+        crate::manifest::tests::fake_image(&tmp.path().join("bookworm-x"), "bookworm-x", &hash);
+        // No root, no debootstrap needed: the existing image is found by its input hash.
+        let outcome = build(&opts).expect("reuse");
+        assert!(outcome.reused);
+        assert_eq!(outcome.image.manifest.version, "bookworm-x");
+        assert!(outcome.timings.is_empty());
+
+        let mut changed = opts.clone();
+        changed.packages.push("strace".into());
+        assert_eq!(find_by_input_hash(tmp.path(), &input_hash(&changed)).expect("scan"), None);
+    }
+}

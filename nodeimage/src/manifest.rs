@@ -202,3 +202,95 @@ pub fn list(image_dir: &Path) -> Result<Vec<(PathBuf, Manifest, String)>, NodeIm
     images.sort_by(|a, b| (&a.1.created, &a.1.version).cmp(&(&b.1.created, &b.1.version)));
     Ok(images)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Writes a small but complete image directory (fake artifact contents) and returns its manifest.
+    pub(crate) fn fake_image(dir: &Path, version: &str, input_hash: &str) -> Manifest {
+        fs::create_dir_all(dir).expect("mkdir");
+        let mut arts = Vec::new();
+        for (name, body) in [("vmlinuz", "kernel"), ("initrd.img", "initrd"), ("root.qcow2", "root")] {
+            fs::write(dir.join(name), body).expect("write artifact");
+            let (sha256, size) = sha256_file(&dir.join(name)).expect("hash");
+            arts.push(Artifact { path: name.into(), sha256, size });
+        }
+        let m = Manifest {
+            schema: SCHEMA,
+            version: version.into(),
+            input_hash: input_hash.into(),
+            suite: "bookworm".into(),
+            created: "2026-11-26T00:00:00Z".into(),
+            kernel: arts[0].clone(),
+            initrd: arts[1].clone(),
+            root: RootDisk {
+                file: arts[2].clone(),
+                format: "qcow2".into(),
+                virtual_size: 4096,
+                verity: Verity { root_hash: "00".repeat(32), hash_offset: 4096, algorithm: "sha256".into(), block_size: 4096 },
+            },
+            cmdline: "ro".into(),
+            packages: vec![Package { name: "containerd".into(), version: "1.6.20~ds1-1".into(), installed_size_kib: 100 }],
+            installed_size_kib: 100,
+            rootfs_used_bytes: 1000,
+        };
+        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&m).expect("json")).expect("write manifest");
+        m
+    }
+
+    #[test]
+    fn load_verifies_and_digests() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("v1");
+        let m = fake_image(&dir, "v1", "h1");
+        let image = load(&dir).expect("load");
+        assert_eq!(image.manifest, m);
+        let bytes = fs::read(dir.join(MANIFEST_FILE)).expect("read");
+        assert_eq!(image.digest, hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(image.root_path(), dir.join("root.qcow2"));
+    }
+
+    #[test]
+    fn corrupt_artifact_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("v1");
+        fake_image(&dir, "v1", "h1");
+        fs::write(dir.join("root.qcow2"), "r00t").expect("tamper");
+        match load(&dir) {
+            Err(NodeImageError::Checksum { path, .. }) => assert_eq!(path, dir.join("root.qcow2")),
+            other => panic!("expected checksum error, got {other:?}"),
+        }
+        fs::remove_file(dir.join("vmlinuz")).expect("rm");
+        assert!(matches!(load(&dir), Err(NodeImageError::Io { .. })));
+    }
+
+    #[test]
+    fn bad_manifests_are_errors_not_panics() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("v1");
+        let mut m = fake_image(&dir, "v1", "h1");
+        m.schema = 99;
+        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).expect("json")).expect("write");
+        let e = load(&dir).expect_err("schema");
+        assert!(e.to_string().contains("schema 99 is not supported"), "{e}");
+        m.schema = SCHEMA;
+        m.kernel.path = "../../etc/passwd".into();
+        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).expect("json")).expect("write");
+        assert!(matches!(load(&dir), Err(NodeImageError::BadArtifactPath { .. })));
+        fs::write(dir.join(MANIFEST_FILE), "{\"schema\": 1, \"version\": ").expect("write");
+        assert!(matches!(load(&dir), Err(NodeImageError::Manifest { .. })));
+    }
+
+    #[test]
+    fn list_skips_unfinished_and_sorts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fake_image(&tmp.path().join("bookworm-b"), "bookworm-b", "h2");
+        fake_image(&tmp.path().join("a"), "a", "h1");
+        fs::create_dir_all(tmp.path().join(".work-123/rootfs")).expect("work dir");
+        fs::create_dir_all(tmp.path().join("cache")).expect("cache dir");
+        let names: Vec<String> = list(tmp.path()).expect("list").into_iter().map(|(_, m, _)| m.version).collect();
+        assert_eq!(names, ["a", "bookworm-b"]);
+        assert!(list(&tmp.path().join("missing")).expect("missing dir").is_empty());
+    }
+}

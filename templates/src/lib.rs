@@ -3,8 +3,9 @@
 //! No I/O happens here: callers write the results where they belong (over SSH, into a libvirt
 //! definition, into a seed image). Templates are embedded at compile time.
 
-pub mod libvirt;
 pub mod cloudinit;
+pub mod kubernetes;
+pub mod libvirt;
 
 /// Errors from rendering a template.
 #[derive(Debug, thiserror::Error)]
@@ -24,5 +25,15 @@ pub enum RenderError {
         field: String,
         /// What is wrong and what is expected.
         reason: String,
+    },
+    /// No template set exists for this Kubernetes version.
+    #[error(
+        "kubernetes version {version} is not supported (supported minor versions: {supported})"
+    )]
+    UnsupportedVersion {
+        /// The version asked for.
+        version: String,
+        /// The supported minor versions, comma-separated.
+        supported: String,
     },
 }

@@ -11,7 +11,8 @@ PKGS_MAIN=(openssh-server openssh-client debootstrap cryptsetup-bin e2fsprogs rs
   golang-go build-essential pkg-config busybox-static etcd-server etcd-client dpkg-dev
   iproute2 python3-venv containerd)
 PKGS_BPO=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network
-  libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base iptables nftables)
+  libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base iptables nftables
+  qemu-utils)
 
 missing=()
 for p in "${PKGS_MAIN[@]}" "${PKGS_BPO[@]}"; do

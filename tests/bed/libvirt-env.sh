@@ -145,6 +145,17 @@ image() {
     echo "$CLUSTERCTL_TEST_IMAGE"
     return
   fi
+  # `clusterctl image build` (nodeimage crate) caches images under /var/cache/clusterctl/images,
+  # keyed by the hash of their inputs; an unchanged rebuild is a no-op.
+  if (cd "$repo" && cargo run -q -p clusterctl -- image build --help > /dev/null 2>&1); then
+    log "building (or reusing) the node image with clusterctl image build"
+    (cd "$repo" && cargo run -q -p clusterctl -- image build) >&2
+    local newest
+    newest=$(ls -td /var/cache/clusterctl/images/*/manifest.json 2>/dev/null | head -n1)
+    [ -n "$newest" ] || die "clusterctl image build left no image under /var/cache/clusterctl/images"
+    dirname "$newest"
+    return
+  fi
   log "WARNING: the node image builder is not available; using the dev image (no dm-verity, no read-only root checks)"
   bash "$here/dev-image.sh" >&2
   export CLUSTERCTL_E2E_DEV_IMAGE=1

@@ -11,10 +11,10 @@ use crate::output::Format;
 pub mod create;
 pub mod delete;
 pub mod get;
+pub mod image;
 pub mod plan;
 pub mod ssh;
 pub mod validate;
-pub mod image;
 
 /// Exit code for a failed command.
 pub const EXIT_FAILURE: u8 = 1;

@@ -633,6 +633,15 @@ fn check_node_pools(ck: &mut Checker, spec: &ClusterSpec) {
             "worker machines",
         );
         check_labels(ck, &format!("{base}.labels"), &pool.labels);
+        for k in pool.labels.keys() {
+            if label_key_problem(k).is_none() && !templates::kubernetes::kubelet_may_set_label(k) {
+                ck.err(
+                    join_key(&format!("{base}.labels"), k),
+                    format!("label {k} cannot be set by a node: the kubernetes.io and k8s.io namespaces are reserved"),
+                    "use node.kubernetes.io/NAME or a prefix of your own, such as example.com/role",
+                );
+            }
+        }
         let mut taints = HashSet::new();
         for (j, t) in pool.taints.iter().enumerate() {
             let tp = join_index(&format!("{base}.taints"), j);

@@ -9,6 +9,8 @@
 //! one. The remote side needs a POSIX shell, `sha256sum`, `chmod`, `mv` and the SFTP subsystem.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use russh_sftp::client::{Config as SftpConfig, SftpSession};
@@ -106,10 +108,28 @@ impl Session {
         let (dir, name) = split_remote_path(remote_path)?;
         let mode = mode & 0o7777;
         let started = Instant::now();
-        let (size, sha256) = match &source {
-            Source::File(path) => hash_file(path).await?,
-            Source::Bytes(data) => (data.len() as u64, hex::encode(Sha256::digest(data))),
+        if let Source::File(path) = &source {
+            // Fail on a missing or unreadable local file before touching the remote side.
+            tokio::fs::File::open(path)
+                .await
+                .map_err(|source| SshError::LocalFile {
+                    path: path.to_path_buf(),
+                    op: "open",
+                    source,
+                })?;
+        }
+        // Hash the local file in the background while the server reports what it has; the
+        // hash is only needed if there is a remote file to compare with.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let pre_hash = match &source {
+            Source::File(path) => Some(tokio::task::spawn_blocking({
+                let path = path.to_path_buf();
+                let cancel = cancel.clone();
+                move || hash_file(&path, &cancel)
+            })),
+            Source::Bytes(_) => None,
         };
+        let _stop_hashing = CancelOnDrop(cancel.clone());
 
         // 1. What is there now? (Also creates the parent directory.)
         let probe = format!(
@@ -123,23 +143,34 @@ impl Session {
         let text = output.stdout_text();
         let mut lines = text.lines();
         if let (Some(remote_sum), Some(remote_mode)) = (lines.next(), lines.next()) {
-            if remote_sum.trim() == sha256 {
+            let local_sum = match (&source, pre_hash) {
+                (Source::Bytes(data), _) => hex::encode(Sha256::digest(data)),
+                (Source::File(path), Some(task)) => join_hash(path, task.await)?,
+                (Source::File(path), None) => join_hash(path, Ok(hash_file(path, &cancel)))?,
+            };
+            if remote_sum.trim() == local_sum {
                 if u32::from_str_radix(remote_mode.trim(), 8).ok() != Some(mode) {
                     self.run(&format!("chmod {mode:o} -- {}", shell_quote(remote_path)))
                         .await?;
                 }
                 tracing::debug!(node = %self.endpoint(), path = remote_path, "upload skipped: content unchanged");
-                return Ok(UploadOutcome::Unchanged { sha256 });
+                return Ok(UploadOutcome::Unchanged { sha256: local_sum });
             }
+        } else {
+            // Nothing to compare with: the transfer hashes what it sends instead.
+            cancel.store(true, Ordering::Relaxed);
         }
 
-        // 2. Stream into a temporary file beside the destination.
+        // 2. Stream into a temporary file beside the destination, hashing what is sent.
         let temp = format!("{dir}/.{name}.clusterctl-{:016x}.tmp", rand::random::<u64>());
-        tracing::debug!(node = %self.endpoint(), path = remote_path, bytes = size, "uploading file");
-        if let Err(error) = self.write_temp(&source, &temp).await {
-            let _ = self.exec(&format!("rm -f -- {}", shell_quote(&temp))).await;
-            return Err(error);
-        }
+        tracing::debug!(node = %self.endpoint(), path = remote_path, "uploading file");
+        let (size, sha256) = match self.write_temp(&source, &temp).await {
+            Ok(sent) => sent,
+            Err(error) => {
+                let _ = self.exec(&format!("rm -f -- {}", shell_quote(&temp))).await;
+                return Err(error);
+            }
+        };
 
         // 3. Verify on the server, then set the mode and rename into place.
         let finish = format!(
@@ -173,7 +204,8 @@ impl Session {
         })
     }
 
-    async fn write_temp(&self, source: &Source<'_>, temp: &str) -> Result<(), SshError> {
+    /// Writes the data to `temp` over SFTP; returns the size and sha256 of what was sent.
+    async fn write_temp(&self, source: &Source<'_>, temp: &str) -> Result<(u64, String), SshError> {
         let endpoint = self.endpoint().clone();
         let sftp_error = |op: String| {
             let endpoint = endpoint.clone();
@@ -219,8 +251,14 @@ impl Session {
             op: format!("write {temp}"),
             source: source.into(),
         };
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
         match source {
-            Source::Bytes(data) => file.write_all(data).await.map_err(write_error)?,
+            Source::Bytes(data) => {
+                hasher.update(data);
+                size = data.len() as u64;
+                file.write_all(data).await.map_err(write_error)?
+            }
             Source::File(path) => {
                 let mut local = tokio::fs::File::open(path).await.map_err(|source| {
                     SshError::LocalFile {
@@ -241,6 +279,8 @@ impl Session {
                     if n == 0 {
                         break;
                     }
+                    hasher.update(&buffer[..n]);
+                    size += n as u64;
                     file.write_all(&buffer[..n]).await.map_err(write_error)?;
                 }
             }
@@ -250,7 +290,7 @@ impl Session {
         file.flush().await.map_err(write_error)?;
         file.close().await.map_err(write_error)?;
         let _ = sftp.close().await;
-        Ok(())
+        Ok((size, hex::encode(hasher.finalize())))
     }
 }
 
@@ -273,38 +313,49 @@ fn split_remote_path(path: &str) -> Result<(&str, &str), SshError> {
     Ok((if dir.is_empty() { "/" } else { dir }, name))
 }
 
-/// Size and sha256 (hex) of a local file, read in chunks.
-async fn hash_file(path: &Path) -> Result<(u64, String), SshError> {
-    let owned = path.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
-        use std::io::Read;
-        let mut file = std::fs::File::open(&owned)?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buffer)?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            hasher.update(&buffer[..n]);
+/// Sets the flag when dropped, so a background hash stops when the upload ends early.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// sha256 (hex) of a local file, read in chunks; `Ok(None)` if cancelled.
+fn hash_file(path: &Path, cancel: &AtomicBool) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
         }
-        Ok((size, hex::encode(hasher.finalize())))
-    })
-    .await;
-    match result {
-        Ok(Ok(hashed)) => Ok(hashed),
-        Ok(Err(source)) => Err(SshError::LocalFile {
-            path: path.to_path_buf(),
-            op: "read",
-            source,
-        }),
-        Err(join) => Err(SshError::LocalFile {
-            path: path.to_path_buf(),
-            op: "hash",
-            source: std::io::Error::other(join.to_string()),
-        }),
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(Some(hex::encode(hasher.finalize())))
+}
+
+/// The result of a background [`hash_file`], as an error naming the file if it failed.
+fn join_hash(
+    path: &Path,
+    joined: Result<std::io::Result<Option<String>>, tokio::task::JoinError>,
+) -> Result<String, SshError> {
+    let error = |source| SshError::LocalFile {
+        path: path.to_path_buf(),
+        op: "read",
+        source,
+    };
+    match joined {
+        Ok(Ok(Some(sum))) => Ok(sum),
+        Ok(Ok(None)) => Err(error(std::io::Error::other("hashing was cancelled"))),
+        Ok(Err(source)) => Err(error(source)),
+        Err(join) => Err(error(std::io::Error::other(join.to_string()))),
     }
 }
 
