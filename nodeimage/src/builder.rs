@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::files::{CONFIGURE, FILES};
-use crate::manifest::{self, Artifact, Image, Manifest, Package, RootDisk, Verity, MANIFEST_FILE, SCHEMA};
+use crate::manifest::{
+    self, Artifact, Image, MANIFEST_FILE, Manifest, Package, RootDisk, SCHEMA, Verity,
+};
 use crate::{BuildOptions, NodeImageError};
 
 /// Bump when the build steps change in a way the embedded files do not show.
@@ -94,19 +96,29 @@ pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError>
     mkdir_private(&opts.image_dir)?;
     let _lock = lock(&opts.image_dir)?;
 
-    if !opts.force {
-        if let Some(dir) = find_by_input_hash(&opts.image_dir, &hash)? {
-            let image = manifest::load(&dir)?;
-            tracing::info!(version = %image.manifest.version, "image is up to date, nothing to build");
-            return Ok(BuildOutcome { image, reused: true, timings: Vec::new() });
-        }
+    if !opts.force
+        && let Some(dir) = find_by_input_hash(&opts.image_dir, &hash)?
+    {
+        let image = manifest::load(&dir)?;
+        tracing::info!(version = %image.manifest.version, "image is up to date, nothing to build");
+        return Ok(BuildOutcome {
+            image,
+            reused: true,
+            timings: Vec::new(),
+        });
     }
     check_tools()?;
     if !is_root() {
         return Err(NodeImageError::NotRoot);
     }
 
-    let mut b = Builder { opts, hash, timings: Vec::new(), log: PathBuf::new(), work: PathBuf::new() };
+    let mut b = Builder {
+        opts,
+        hash,
+        timings: Vec::new(),
+        log: PathBuf::new(),
+        work: PathBuf::new(),
+    };
     b.run()
 }
 
@@ -121,8 +133,16 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn run(&mut self) -> Result<BuildOutcome, NodeImageError> {
         let started = SystemTime::now();
-        let version = format!("{}-{}-{}", self.opts.suite, yyyymmdd(started), &self.hash[..12]);
-        self.work = self.opts.image_dir.join(format!(".work-{}", &self.hash[..12]));
+        let version = format!(
+            "{}-{}-{}",
+            self.opts.suite,
+            yyyymmdd(started),
+            &self.hash[..12]
+        );
+        self.work = self
+            .opts
+            .image_dir
+            .join(format!(".work-{}", &self.hash[..12]));
         remove_dir(&self.work)?;
         mkdir_private(&self.work)?;
         self.log = self.work.join("build.log");
@@ -145,7 +165,11 @@ impl Builder<'_> {
         remove_file(&raw)?;
 
         let cmdline = cmdline(&root_hash, fs_size);
-        let (kernel, initrd, root) = (artifact(&out, "vmlinuz")?, artifact(&out, "initrd.img")?, artifact(&out, "root.qcow2")?);
+        let (kernel, initrd, root) = (
+            artifact(&out, "vmlinuz")?,
+            artifact(&out, "initrd.img")?,
+            artifact(&out, "root.qcow2")?,
+        );
         let manifest = Manifest {
             schema: SCHEMA,
             version: version.clone(),
@@ -158,17 +182,23 @@ impl Builder<'_> {
                 file: root,
                 format: "qcow2".into(),
                 virtual_size,
-                verity: Verity { root_hash, hash_offset: fs_size, algorithm: "sha256".into(), block_size: BLOCK as u32 },
+                verity: Verity {
+                    root_hash,
+                    hash_offset: fs_size,
+                    algorithm: "sha256".into(),
+                    block_size: BLOCK as u32,
+                },
             },
             cmdline,
             installed_size_kib: packages.iter().map(|p| p.installed_size_kib).sum(),
             packages,
             rootfs_used_bytes: used,
         };
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|source| NodeImageError::Manifest {
-            path: out.join(MANIFEST_FILE),
-            source,
-        })?;
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|source| NodeImageError::Manifest {
+                path: out.join(MANIFEST_FILE),
+                source,
+            })?;
         write_file(&out.join(MANIFEST_FILE), &json, 0o644)?;
 
         let dest = self.opts.image_dir.join(&version);
@@ -179,10 +209,18 @@ impl Builder<'_> {
             remove_dir(&self.work)?;
         }
         let image = manifest::load(&dest)?;
-        Ok(BuildOutcome { image, reused: false, timings: std::mem::take(&mut self.timings) })
+        Ok(BuildOutcome {
+            image,
+            reused: false,
+            timings: std::mem::take(&mut self.timings),
+        })
     }
 
-    fn step<T>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<T, NodeImageError>) -> Result<T, NodeImageError> {
+    fn step<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut Self) -> Result<T, NodeImageError>,
+    ) -> Result<T, NodeImageError> {
         tracing::info!(step = name, "building image: {name}");
         let t = Instant::now();
         let r = f(self)?;
@@ -194,19 +232,34 @@ impl Builder<'_> {
 
     /// Runs a tool, appending its output to the build log.
     fn tool(&self, step: &str, cmd: &mut Command) -> Result<String, NodeImageError> {
-        let mut log = fs::OpenOptions::new().create(true).append(true).open(&self.log).map_err(|e| io(&self.log, e))?;
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| io(&self.log, e))?;
         let _ = writeln!(log, "==> {step}: {cmd:?}");
-        let output = cmd.stdin(Stdio::null()).output().map_err(|source| NodeImageError::Spawn {
-            step: step.to_string(),
-            program: format!("{:?}", cmd.get_program()),
-            source,
-        })?;
+        let output = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| NodeImageError::Spawn {
+                step: step.to_string(),
+                program: format!("{:?}", cmd.get_program()),
+                source,
+            })?;
         let _ = log.write_all(&output.stderr);
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             let _ = log.write_all(stdout.as_bytes());
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: String = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = stderr
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             return Err(NodeImageError::Tool {
                 step: step.to_string(),
                 status: output.status.to_string(),
@@ -218,7 +271,10 @@ impl Builder<'_> {
     }
 
     fn debootstrap_args(&self) -> Vec<String> {
-        vec!["--variant=minbase".into(), format!("--include={}", sorted_packages(self.opts).join(","))]
+        vec![
+            "--variant=minbase".into(),
+            format!("--include={}", sorted_packages(self.opts).join(",")),
+        ]
     }
 
     /// The debootstrap tarball holds every .deb the image needs: later builds with the same suite
@@ -233,7 +289,11 @@ impl Builder<'_> {
         let key = hex::encode(h.finalize());
         let cache = self.opts.image_dir.join("cache");
         mkdir_private(&cache)?;
-        let tarball = cache.join(format!("debootstrap-{}-{}.tgz", self.opts.suite, &key[..16]));
+        let tarball = cache.join(format!(
+            "debootstrap-{}-{}.tgz",
+            self.opts.suite,
+            &key[..16]
+        ));
         if tarball.is_file() {
             tracing::info!(tarball = %tarball.display(), "reusing cached debootstrap tarball");
             return Ok((tarball, key));
@@ -267,7 +327,13 @@ impl Builder<'_> {
             self.tool(
                 "extract installed tree",
                 Command::new("tar")
-                    .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xpf"])
+                    .args([
+                        "--numeric-owner",
+                        "--xattrs",
+                        "--xattrs-include=*",
+                        "--acls",
+                        "-xpf",
+                    ])
                     .arg(&tree)
                     .arg("-C")
                     .arg(rootfs),
@@ -287,7 +353,13 @@ impl Builder<'_> {
         self.tool(
             "cache installed tree",
             Command::new("tar")
-                .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-cf"])
+                .args([
+                    "--numeric-owner",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "--acls",
+                    "-cf",
+                ])
                 .arg(&partial)
                 .arg("-C")
                 .arg(rootfs)
@@ -306,14 +378,25 @@ impl Builder<'_> {
         }
         let script = rootfs.join("clusterctl-configure.sh");
         write_file(&script, CONFIGURE.as_bytes(), 0o755)?;
-        self.tool("configure", Command::new("chroot").arg(rootfs).arg("/bin/sh").arg("/clusterctl-configure.sh"))?;
+        self.tool(
+            "configure",
+            Command::new("chroot")
+                .arg(rootfs)
+                .arg("/bin/sh")
+                .arg("/clusterctl-configure.sh"),
+        )?;
         remove_file(&script)
     }
 
     fn packages(&mut self, rootfs: &Path) -> Result<Vec<Package>, NodeImageError> {
         let out = self.tool(
             "dpkg-query",
-            Command::new("chroot").arg(rootfs).args(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Installed-Size}\n"]),
+            Command::new("chroot").arg(rootfs).args([
+                "dpkg-query",
+                "-W",
+                "-f",
+                "${db:Status-Abbrev}\t${Package}\t${Version}\t${Installed-Size}\n",
+            ]),
         )?;
         let mut packages = Vec::new();
         for line in out.lines() {
@@ -328,7 +411,9 @@ impl Builder<'_> {
             });
         }
         if packages.is_empty() {
-            return Err(NodeImageError::Parse { what: "dpkg-query output (no installed packages)".into() });
+            return Err(NodeImageError::Parse {
+                what: "dpkg-query output (no installed packages)".into(),
+            });
         }
         packages.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(packages)
@@ -350,7 +435,9 @@ impl Builder<'_> {
             }
         }
         let (Some(kernel), Some(initrd)) = (kernel, initrd) else {
-            return Err(NodeImageError::Parse { what: format!("kernel and initrd in {}", boot.display()) });
+            return Err(NodeImageError::Parse {
+                what: format!("kernel and initrd in {}", boot.display()),
+            });
         };
         copy(&kernel, &out.join("vmlinuz"))?;
         copy(&initrd, &out.join("initrd.img"))?;
@@ -374,7 +461,21 @@ impl Builder<'_> {
         self.tool(
             "mkfs.ext4",
             Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "root", "-b", "4096", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d"])
+                .args([
+                    "-q",
+                    "-F",
+                    "-L",
+                    "root",
+                    "-b",
+                    "4096",
+                    "-m",
+                    "0",
+                    "-O",
+                    "^has_journal",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                ])
                 .arg(rootfs)
                 .arg(raw)
                 .arg(format!("{}k", size / 1024)),
@@ -392,21 +493,30 @@ impl Builder<'_> {
                 .arg(raw)
                 .arg(format!("--hash-offset={fs_size}"))
                 .arg(format!("--data-blocks={}", fs_size / BLOCK))
-                .args(["--data-block-size=4096", "--hash-block-size=4096", "--hash=sha256"]),
+                .args([
+                    "--data-block-size=4096",
+                    "--hash-block-size=4096",
+                    "--hash=sha256",
+                ]),
         )?;
         let hash = out
             .lines()
             .find_map(|l| l.strip_prefix("Root hash:"))
             .map(|h| h.trim().to_string())
             .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
-            .ok_or_else(|| NodeImageError::Parse { what: "root hash in veritysetup output".into() })?;
+            .ok_or_else(|| NodeImageError::Parse {
+                what: "root hash in veritysetup output".into(),
+            })?;
         Ok(hash)
     }
 
     fn qcow2(&mut self, raw: &Path, qcow: &Path) -> Result<(), NodeImageError> {
         self.tool(
             "qemu-img convert",
-            Command::new("qemu-img").args(["convert", "-c", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(qcow),
+            Command::new("qemu-img")
+                .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+                .arg(raw)
+                .arg(qcow),
         )?;
         Ok(())
     }
@@ -423,13 +533,23 @@ pub fn cmdline(root_hash: &str, hash_offset: u64) -> String {
 }
 
 fn validate(opts: &BuildOptions) -> Result<(), NodeImageError> {
-    let ok_name = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c));
+    let ok_name = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c))
+    };
     if !ok_name(&opts.suite) {
-        return Err(NodeImageError::InvalidOption { option: "suite", value: opts.suite.clone() });
+        return Err(NodeImageError::InvalidOption {
+            option: "suite",
+            value: opts.suite.clone(),
+        });
     }
     for p in &opts.packages {
         if !ok_name(p) {
-            return Err(NodeImageError::InvalidOption { option: "package", value: p.clone() });
+            return Err(NodeImageError::InvalidOption {
+                option: "package",
+                value: p.clone(),
+            });
         }
     }
     Ok(())
@@ -446,7 +566,9 @@ fn check_tools() -> Result<(), NodeImageError> {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false)
-            || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(tool).is_file());
+            || ["/usr/sbin", "/sbin"]
+                .iter()
+                .any(|d| Path::new(d).join(tool).is_file());
         if !found {
             return Err(NodeImageError::ToolMissing { tool, package });
         }
@@ -458,13 +580,22 @@ fn is_root() -> bool {
     // The build chroots and writes root-owned files; /proc/self/status avoids a libc dependency.
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn lock(image_dir: &Path) -> Result<fs::File, NodeImageError> {
     let path = image_dir.join(".lock");
-    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| io(&path, e))?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(&path, e))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => {
@@ -478,7 +609,11 @@ fn lock(image_dir: &Path) -> Result<fs::File, NodeImageError> {
 
 fn artifact(dir: &Path, name: &str) -> Result<Artifact, NodeImageError> {
     let (sha256, size) = manifest::sha256_file(&dir.join(name))?;
-    Ok(Artifact { path: name.to_string(), sha256, size })
+    Ok(Artifact {
+        path: name.to_string(),
+        sha256,
+        size,
+    })
 }
 
 /// Bytes used by regular files and symlinks under `dir` (hard links counted once per name).
@@ -501,7 +636,10 @@ fn dir_size(dir: &Path) -> Result<u64, NodeImageError> {
 }
 
 fn io(path: &Path, source: std::io::Error) -> NodeImageError {
-    NodeImageError::Io { path: path.to_path_buf(), source }
+    NodeImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn mkdir_private(dir: &Path) -> Result<(), NodeImageError> {
@@ -546,7 +684,9 @@ fn civil(days: i64) -> (i64, u32, u32) {
 }
 
 fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn yyyymmdd(t: SystemTime) -> String {
@@ -558,7 +698,12 @@ fn rfc3339(t: SystemTime) -> String {
     let s = unix_secs(t);
     let (y, m, d) = civil(s.div_euclid(86_400));
     let r = s.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", r / 3600, r % 3600 / 60, r % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        r / 3600,
+        r % 3600 / 60,
+        r % 60
+    )
 }
 
 #[cfg(test)]
@@ -585,7 +730,11 @@ mod tests {
         assert_ne!(input_hash(&a), input_hash(&b));
         let mut c = a.clone();
         c.image_dir = "/elsewhere".into();
-        assert_eq!(input_hash(&a), input_hash(&c), "the output location is not an input");
+        assert_eq!(
+            input_hash(&a),
+            input_hash(&c),
+            "the output location is not an input"
+        );
     }
 
     #[test]
@@ -601,7 +750,13 @@ mod tests {
     fn bad_package_name_is_rejected() {
         let mut o = BuildOptions::new("/x".into());
         o.packages.push("foo;rm".into());
-        assert!(matches!(validate(&o), Err(NodeImageError::InvalidOption { option: "package", .. })));
+        assert!(matches!(
+            validate(&o),
+            Err(NodeImageError::InvalidOption {
+                option: "package",
+                ..
+            })
+        ));
     }
 }
 
@@ -623,6 +778,9 @@ mod reuse_tests {
 
         let mut changed = opts.clone();
         changed.packages.push("strace".into());
-        assert_eq!(find_by_input_hash(tmp.path(), &input_hash(&changed)).expect("scan"), None);
+        assert_eq!(
+            find_by_input_hash(tmp.path(), &input_hash(&changed)).expect("scan"),
+            None
+        );
     }
 }

@@ -16,7 +16,7 @@ pub mod seed;
 
 use std::path::{Path, PathBuf};
 
-pub use builder::{cmdline, input_hash, BuildOutcome, DEFAULT_PACKAGES};
+pub use builder::{BuildOutcome, DEFAULT_PACKAGES, cmdline, input_hash};
 pub use manifest::{Artifact, Image, Manifest, Package, RootDisk, Verity};
 
 /// Default directory for built images.
@@ -59,7 +59,9 @@ impl BuildOptions {
 
 /// The image directory from `$CLUSTERCTL_IMAGE_DIR`, else [`DEFAULT_IMAGE_DIR`].
 pub fn default_image_dir() -> PathBuf {
-    std::env::var_os(IMAGE_DIR_ENV).filter(|v| !v.is_empty()).map_or_else(|| PathBuf::from(DEFAULT_IMAGE_DIR), PathBuf::from)
+    std::env::var_os(IMAGE_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_DIR), PathBuf::from)
 }
 
 /// Builds the image described by `opts`, or returns the existing one with the same input hash.
@@ -71,7 +73,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError> {
 pub fn list(image_dir: &Path) -> Result<Vec<Image>, NodeImageError> {
     Ok(manifest::list(image_dir)?
         .into_iter()
-        .map(|(dir, manifest, digest)| Image { dir, digest, manifest })
+        .map(|(dir, manifest, digest)| Image {
+            dir,
+            digest,
+            manifest,
+        })
         .collect())
 }
 
@@ -137,7 +143,9 @@ pub enum NodeImageError {
     #[error("building a node image needs root (chroot and root-owned files); run as root")]
     NotRoot,
     /// A required program is not installed.
-    #[error("{tool} not found; install the Debian package {package} (tests/bed/install-host-packages.sh does)")]
+    #[error(
+        "{tool} not found; install the Debian package {package} (tests/bed/install-host-packages.sh does)"
+    )]
     ToolMissing {
         /// Program name.
         tool: &'static str,

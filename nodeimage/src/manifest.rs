@@ -128,11 +128,21 @@ impl Image {
 /// Reads the manifest in `dir` without checking the artifacts (fast; for listings).
 pub fn read(dir: &Path) -> Result<(Manifest, String), NodeImageError> {
     let path = dir.join(MANIFEST_FILE);
-    let bytes = fs::read(&path).map_err(|source| NodeImageError::Io { path: path.clone(), source })?;
-    let manifest: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|source| NodeImageError::Manifest { path: path.clone(), source })?;
+    let bytes = fs::read(&path).map_err(|source| NodeImageError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|source| NodeImageError::Manifest {
+            path: path.clone(),
+            source,
+        })?;
     if manifest.schema != SCHEMA {
-        return Err(NodeImageError::Schema { path, found: manifest.schema, supported: SCHEMA });
+        return Err(NodeImageError::Schema {
+            path,
+            found: manifest.schema,
+            supported: SCHEMA,
+        });
     }
     Ok((manifest, hex::encode(Sha256::digest(&bytes))))
 }
@@ -143,12 +153,18 @@ pub fn load(dir: &Path) -> Result<Image, NodeImageError> {
     for artifact in [&manifest.kernel, &manifest.initrd, &manifest.root.file] {
         verify_artifact(dir, artifact)?;
     }
-    Ok(Image { dir: dir.to_path_buf(), digest, manifest })
+    Ok(Image {
+        dir: dir.to_path_buf(),
+        digest,
+        manifest,
+    })
 }
 
 fn verify_artifact(dir: &Path, artifact: &Artifact) -> Result<(), NodeImageError> {
     if artifact.path.contains('/') || artifact.path.starts_with('.') {
-        return Err(NodeImageError::BadArtifactPath { path: artifact.path.clone() });
+        return Err(NodeImageError::BadArtifactPath {
+            path: artifact.path.clone(),
+        });
     }
     let path = dir.join(&artifact.path);
     let (sha256, size) = sha256_file(&path)?;
@@ -164,7 +180,10 @@ fn verify_artifact(dir: &Path, artifact: &Artifact) -> Result<(), NodeImageError
 
 /// Hex sha256 and size of a file.
 pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64), NodeImageError> {
-    let io = |source| NodeImageError::Io { path: path.to_path_buf(), source };
+    let io = |source| NodeImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = fs::File::open(path).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -187,11 +206,19 @@ pub fn list(image_dir: &Path) -> Result<Vec<(PathBuf, Manifest, String)>, NodeIm
     let entries = match fs::read_dir(image_dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(NodeImageError::Io { path: image_dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(NodeImageError::Io {
+                path: image_dir.to_path_buf(),
+                source,
+            });
+        }
     };
     let mut images = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| NodeImageError::Io { path: image_dir.to_path_buf(), source })?;
+        let entry = entry.map_err(|source| NodeImageError::Io {
+            path: image_dir.to_path_buf(),
+            source,
+        })?;
         let dir = entry.path();
         if !dir.join(MANIFEST_FILE).is_file() {
             continue;
@@ -211,10 +238,18 @@ pub(crate) mod tests {
     pub(crate) fn fake_image(dir: &Path, version: &str, input_hash: &str) -> Manifest {
         fs::create_dir_all(dir).expect("mkdir");
         let mut arts = Vec::new();
-        for (name, body) in [("vmlinuz", "kernel"), ("initrd.img", "initrd"), ("root.qcow2", "root")] {
+        for (name, body) in [
+            ("vmlinuz", "kernel"),
+            ("initrd.img", "initrd"),
+            ("root.qcow2", "root"),
+        ] {
             fs::write(dir.join(name), body).expect("write artifact");
             let (sha256, size) = sha256_file(&dir.join(name)).expect("hash");
-            arts.push(Artifact { path: name.into(), sha256, size });
+            arts.push(Artifact {
+                path: name.into(),
+                sha256,
+                size,
+            });
         }
         let m = Manifest {
             schema: SCHEMA,
@@ -228,14 +263,27 @@ pub(crate) mod tests {
                 file: arts[2].clone(),
                 format: "qcow2".into(),
                 virtual_size: 4096,
-                verity: Verity { root_hash: "00".repeat(32), hash_offset: 4096, algorithm: "sha256".into(), block_size: 4096 },
+                verity: Verity {
+                    root_hash: "00".repeat(32),
+                    hash_offset: 4096,
+                    algorithm: "sha256".into(),
+                    block_size: 4096,
+                },
             },
             cmdline: "ro".into(),
-            packages: vec![Package { name: "containerd".into(), version: "1.6.20~ds1-1".into(), installed_size_kib: 100 }],
+            packages: vec![Package {
+                name: "containerd".into(),
+                version: "1.6.20~ds1-1".into(),
+                installed_size_kib: 100,
+            }],
             installed_size_kib: 100,
             rootfs_used_bytes: 1000,
         };
-        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&m).expect("json")).expect("write manifest");
+        fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_vec_pretty(&m).expect("json"),
+        )
+        .expect("write manifest");
         m
     }
 
@@ -271,13 +319,24 @@ pub(crate) mod tests {
         let dir = tmp.path().join("v1");
         let mut m = fake_image(&dir, "v1", "h1");
         m.schema = 99;
-        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).expect("json")).expect("write");
+        fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_vec(&m).expect("json"),
+        )
+        .expect("write");
         let e = load(&dir).expect_err("schema");
         assert!(e.to_string().contains("schema 99 is not supported"), "{e}");
         m.schema = SCHEMA;
         m.kernel.path = "../../etc/passwd".into();
-        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).expect("json")).expect("write");
-        assert!(matches!(load(&dir), Err(NodeImageError::BadArtifactPath { .. })));
+        fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_vec(&m).expect("json"),
+        )
+        .expect("write");
+        assert!(matches!(
+            load(&dir),
+            Err(NodeImageError::BadArtifactPath { .. })
+        ));
         fs::write(dir.join(MANIFEST_FILE), "{\"schema\": 1, \"version\": ").expect("write");
         assert!(matches!(load(&dir), Err(NodeImageError::Manifest { .. })));
     }
@@ -289,8 +348,16 @@ pub(crate) mod tests {
         fake_image(&tmp.path().join("a"), "a", "h1");
         fs::create_dir_all(tmp.path().join(".work-123/rootfs")).expect("work dir");
         fs::create_dir_all(tmp.path().join("cache")).expect("cache dir");
-        let names: Vec<String> = list(tmp.path()).expect("list").into_iter().map(|(_, m, _)| m.version).collect();
+        let names: Vec<String> = list(tmp.path())
+            .expect("list")
+            .into_iter()
+            .map(|(_, m, _)| m.version)
+            .collect();
         assert_eq!(names, ["a", "bookworm-b"]);
-        assert!(list(&tmp.path().join("missing")).expect("missing dir").is_empty());
+        assert!(
+            list(&tmp.path().join("missing"))
+                .expect("missing dir")
+                .is_empty()
+        );
     }
 }

@@ -19,16 +19,32 @@ const SEED_BYTES: u64 = 4 << 20;
 /// Writes the seed image to `path` (mode 0600: user-data carries the machine's private host key).
 /// `files` are (name, contents) pairs, typically `meta-data`, `user-data`, `network-config`.
 pub fn write_seed(path: &Path, files: &[(&str, &[u8])]) -> Result<(), NodeImageError> {
-    let err = |source| NodeImageError::Seed { path: path.to_path_buf(), source };
+    let err = |source| NodeImageError::Seed {
+        path: path.to_path_buf(),
+        source,
+    };
     let total: usize = files.iter().map(|(_, c)| c.len()).sum();
     if total as u64 > SEED_BYTES - (512 << 10) {
-        return Err(err(std::io::Error::other(format!("{total} bytes of seed data do not fit in {SEED_BYTES} bytes"))));
+        return Err(err(std::io::Error::other(format!(
+            "{total} bytes of seed data do not fit in {SEED_BYTES} bytes"
+        ))));
     }
-    let mut file = OpenOptions::new().create(true).truncate(true).read(true).write(true).mode(0o600).open(path).map_err(err)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
     file.set_len(SEED_BYTES).map_err(err)?;
     let mut label = [b' '; 11];
     label[..LABEL.len()].copy_from_slice(LABEL.as_bytes());
-    fatfs::format_volume(&mut file, fatfs::FormatVolumeOptions::new().volume_label(label)).map_err(err)?;
+    fatfs::format_volume(
+        &mut file,
+        fatfs::FormatVolumeOptions::new().volume_label(label),
+    )
+    .map_err(err)?;
     {
         let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).map_err(err)?;
         {
@@ -60,11 +76,22 @@ mod tests {
         let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).expect("read fat");
         assert_eq!(fs.volume_label().trim_end(), LABEL);
         let mut got = Vec::new();
-        fs.root_dir().open_file("user-data").expect("user-data").read_to_end(&mut got).expect("read");
+        fs.root_dir()
+            .open_file("user-data")
+            .expect("user-data")
+            .read_to_end(&mut got)
+            .expect("read");
         assert_eq!(got, user);
-        let names: Vec<String> = fs.root_dir().iter().filter_map(Result::ok).map(|e| e.file_name()).collect();
+        let names: Vec<String> = fs
+            .root_dir()
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
         assert!(names.contains(&"meta-data".to_string()), "{names:?}");
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).expect("meta").permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("meta").permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
     }
 

@@ -64,31 +64,65 @@ impl Drop for Vm {
 }
 
 impl Vm {
-    fn boot(image: &nodeimage::Image, work: &Path, name: &str, root: &Path, data: &Path, seed: &Path, ssh_port: Option<u16>) -> Vm {
+    fn boot(
+        image: &nodeimage::Image,
+        work: &Path,
+        name: &str,
+        root: &Path,
+        data: &Path,
+        seed: &Path,
+        ssh_port: Option<u16>,
+    ) -> Vm {
         let console = work.join(format!("{name}.console.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .arg("-kernel")
-            .arg(image.kernel_path())
-            .arg("-initrd")
-            .arg(image.initrd_path())
-            .arg("-append")
-            .arg(format!("{} panic=-1", image.manifest.cmdline))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", root.display()))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", data.display()))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()));
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(image.kernel_path())
+        .arg("-initrd")
+        .arg(image.initrd_path())
+        .arg("-append")
+        .arg(format!("{} panic=-1", image.manifest.cmdline))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", root.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", data.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,format=raw,readonly=on",
+            seed.display()
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()));
         match ssh_port {
             // restrict=on: the guest reaches nothing; only the forward from 127.0.0.1 exists.
-            Some(port) => cmd.arg("-nic").arg(format!("user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22")),
+            Some(port) => cmd.arg("-nic").arg(format!(
+                "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
+            )),
             None => cmd.args(["-nic", "none"]),
         };
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start qemu-system-x86_64");
-        Vm { child, console, started: Instant::now() }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        Vm {
+            child,
+            console,
+            started: Instant::now(),
+        }
     }
 
     fn log(&self) -> String {
@@ -111,10 +145,16 @@ impl Vm {
                 if self.log().contains(marker) {
                     return self.started.elapsed().as_secs_f64();
                 }
-                panic!("qemu exited ({status}) before {marker:?}; console:\n{}", tail(&self.log()));
+                panic!(
+                    "qemu exited ({status}) before {marker:?}; console:\n{}",
+                    tail(&self.log())
+                );
             }
             if self.started.elapsed() > MARKER_TIMEOUT {
-                panic!("no {marker:?} on the console after {MARKER_TIMEOUT:?}; console:\n{}", tail(&self.log()));
+                panic!(
+                    "no {marker:?} on the console after {MARKER_TIMEOUT:?}; console:\n{}",
+                    tail(&self.log())
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -127,21 +167,35 @@ fn tail(s: &str) -> String {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn keygen(path: &Path, comment: &str) {
-    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"]).arg(path));
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path));
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn qcow_overlay(base: &Path, path: &Path) {
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(base).arg(path));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(path));
 }
 
 fn json(s: &str) -> String {
@@ -151,7 +205,16 @@ fn json(s: &str) -> String {
 /// Runs a command on the VM as `core`, checking the host key against the pinned one.
 fn ssh(port: u16, key: &Path, known_hosts: &Path, command: &str) -> std::process::Output {
     Command::new("ssh")
-        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=20"])
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=20",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .arg("-i")
@@ -164,23 +227,44 @@ fn ssh(port: u16, key: &Path, known_hosts: &Path, command: &str) -> std::process
 #[test]
 fn boots_verified_read_only_with_persistent_data_disk() {
     if !enabled() {
-        eprintln!("skipping: set CLUSTERCTL_IMAGE_TEST=1 (needs root, debootstrap, qemu) to boot the node image");
+        eprintln!(
+            "skipping: set CLUSTERCTL_IMAGE_TEST=1 (needs root, debootstrap, qemu) to boot the node image"
+        );
         return;
     }
     let t = Instant::now();
-    let outcome = nodeimage::build(&nodeimage::BuildOptions::new(nodeimage::default_image_dir())).expect("build node image");
+    let outcome = nodeimage::build(&nodeimage::BuildOptions::new(nodeimage::default_image_dir()))
+        .expect("build node image");
     let image = outcome.image;
-    eprintln!("image {} ({}) in {:.1} s", image.manifest.version, if outcome.reused { "cached" } else { "built" }, t.elapsed().as_secs_f64());
+    eprintln!(
+        "image {} ({}) in {:.1} s",
+        image.manifest.version,
+        if outcome.reused { "cached" } else { "built" },
+        t.elapsed().as_secs_f64()
+    );
 
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();
     keygen(&w.join("host"), "boot-test-host");
     keygen(&w.join("admin"), "boot-test-admin");
     let host_priv = fs::read_to_string(w.join("host")).expect("host key");
-    let host_pub = fs::read_to_string(w.join("host.pub")).expect("host pub").trim().to_string();
-    let admin_pub = fs::read_to_string(w.join("admin.pub")).expect("admin pub").trim().to_string();
-    let host_fpr = run(Command::new("ssh-keygen").arg("-l").arg("-f").arg(w.join("host.pub")));
-    let host_fpr = host_fpr.split_whitespace().nth(1).expect("fingerprint").to_string();
+    let host_pub = fs::read_to_string(w.join("host.pub"))
+        .expect("host pub")
+        .trim()
+        .to_string();
+    let admin_pub = fs::read_to_string(w.join("admin.pub"))
+        .expect("admin pub")
+        .trim()
+        .to_string();
+    let host_fpr = run(Command::new("ssh-keygen")
+        .arg("-l")
+        .arg("-f")
+        .arg(w.join("host.pub")));
+    let host_fpr = host_fpr
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string();
 
     // A hand-written seed in the format templates::cloudinit renders (nodeimage does not depend on templates).
     let meta = r#"{"instance-id": "boot-test-1", "local-hostname": "boot-test"}"#;
@@ -193,21 +277,39 @@ fn boots_verified_read_only_with_persistent_data_disk() {
         json(&host_pub)
     );
     let seed = w.join("seed.img");
-    nodeimage::seed::write_seed(&seed, &[("meta-data", meta.as_bytes()), ("user-data", user.as_bytes())]).expect("seed");
+    nodeimage::seed::write_seed(
+        &seed,
+        &[
+            ("meta-data", meta.as_bytes()),
+            ("user-data", user.as_bytes()),
+        ],
+    )
+    .expect("seed");
     let data = w.join("data.qcow2");
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&data).arg("4G"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&data)
+        .arg("4G"));
     let root = w.join("root.qcow2");
     qcow_overlay(&image.root_path(), &root);
 
     // Boot 1: fresh data disk.
     let port = free_port();
-    fs::write(w.join("known_hosts"), format!("[127.0.0.1]:{port} {host_pub}\n")).expect("known_hosts");
+    fs::write(
+        w.join("known_hosts"),
+        format!("[127.0.0.1]:{port} {host_pub}\n"),
+    )
+    .expect("known_hosts");
     let mut vm = Vm::boot(&image, w, "boot1", &root, &data, &seed, Some(port));
     vm.wait_for("clusterctl-stateful: formatting blank data disk /dev/vdb");
     vm.wait_for("clusterctl-stateful: mounted /dev/vdb at /mnt/stateful boot=1");
-    vm.wait_for(&format!("clusterctl-firstboot: host key from seed: 256 {host_fpr}"));
+    vm.wait_for(&format!(
+        "clusterctl-firstboot: host key from seed: 256 {host_fpr}"
+    ));
     vm.wait_for("clusterctl-firstboot: seed applied from /dev/vdc instance-id=boot-test-1 hostname=boot-test");
-    vm.wait_for("clusterctl-firstboot: root=ro verity=verified data=/dev/vdb var=tmpfs etc=overlay");
+    vm.wait_for(
+        "clusterctl-firstboot: root=ro verity=verified data=/dev/vdb var=tmpfs etc=overlay",
+    );
     let ready = vm.wait_for("clusterctl-ready: sshd=active containerd=active");
     let login = vm.wait_for("boot-test login:");
     eprintln!("boot 1: ready {ready:.1} s, login prompt {login:.1} s");
@@ -222,23 +324,50 @@ fn boots_verified_read_only_with_persistent_data_disk() {
         std::thread::sleep(Duration::from_secs(3));
         out = ssh(port, &admin, &kh, "true");
     }
-    assert!(out.status.success(), "ssh as core with the pinned host key: {}", String::from_utf8_lossy(&out.stderr));
-    eprintln!("boot 1: ssh answered at {:.1} s", vm.started.elapsed().as_secs_f64());
+    assert!(
+        out.status.success(),
+        "ssh as core with the pinned host key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "boot 1: ssh answered at {:.1} s",
+        vm.started.elapsed().as_secs_f64()
+    );
     // One SSH session collects every observation as key=value lines (each session costs seconds
     // under a loaded TCG guest).
     let o = ssh(port, &admin, &kh, PROBE_SCRIPT);
-    assert!(o.status.success(), "probe script: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "probe script: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let facts: std::collections::BTreeMap<&str, &str> = out.lines().filter_map(|l| l.split_once('=')).collect();
-    let fact = |k: &str| *facts.get(k).unwrap_or_else(|| panic!("probe printed no {k}; output:\n{out}"));
+    let facts: std::collections::BTreeMap<&str, &str> =
+        out.lines().filter_map(|l| l.split_once('=')).collect();
+    let fact = |k: &str| {
+        *facts
+            .get(k)
+            .unwrap_or_else(|| panic!("probe printed no {k}; output:\n{out}"))
+    };
     assert_eq!(fact("root_opts"), "ro", "root mounted read-only");
     assert_eq!(fact("root_src"), "/dev/mapper/root");
     assert_eq!(fact("verity"), "verified");
-    assert!(fact("cmdline").contains(&format!("clusterctl.verity={}", image.manifest.root.verity.root_hash)));
+    assert!(fact("cmdline").contains(&format!(
+        "clusterctl.verity={}",
+        image.manifest.root.verity.root_hash
+    )));
     assert_eq!(fact("user_write_usr"), "refused");
-    assert_eq!(fact("root_write_usr"), "refused", "even root cannot write the verified root");
+    assert_eq!(
+        fact("root_write_usr"),
+        "refused",
+        "even root cannot write the verified root"
+    );
     for d in ["containerd", "kubelet", "etcd", "clusterctl"] {
-        assert_eq!(fact(&format!("data_{d}")), format!("/dev/vdb[/{d}]"), "/var/lib/{d} on the data disk");
+        assert_eq!(
+            fact(&format!("data_{d}")),
+            format!("/dev/vdb[/{d}]"),
+            "/var/lib/{d} on the data disk"
+        );
     }
     assert_eq!(fact("var"), "tmpfs");
     assert_eq!(fact("etc"), "overlay");
@@ -248,41 +377,70 @@ fn boots_verified_read_only_with_persistent_data_disk() {
     assert_eq!(fact("sshd_passwordauthentication"), "no");
     assert_eq!(fact("sshd_kbdinteractiveauthentication"), "no");
     assert_eq!(fact("sshd_permitrootlogin"), "no");
-    assert_eq!(fact("ssh_host_keys"), "1", "only the seed's ed25519 host key");
+    assert_eq!(
+        fact("ssh_host_keys"),
+        "1",
+        "only the seed's ed25519 host key"
+    );
     assert_eq!(fact("apt"), "absent");
     assert_eq!(fact("cgroup_v1"), "yes");
     assert_eq!(fact("ip_forward"), "1");
     assert_eq!(fact("bridge_nf"), "1");
-    for t in ["runc", "iptables", "ipset", "conntrack", "ctr", "containerd"] {
+    for t in [
+        "runc",
+        "iptables",
+        "ipset",
+        "conntrack",
+        "ctr",
+        "containerd",
+    ] {
         assert_ne!(fact(&format!("tool_{t}")), "missing", "{t} installed");
     }
     for p in ["bridge", "host-local", "loopback", "portmap"] {
         assert_eq!(fact(&format!("cni_{p}")), "yes", "CNI plugin {p}");
     }
     let pw = Command::new("ssh")
-        .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "PreferredAuthentications=password,keyboard-interactive"])
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", kh.display()))
         .args(["-p", &port.to_string(), "core@127.0.0.1", "true"])
         .output()
         .expect("ssh");
-    assert!(!pw.status.success(), "password authentication must be refused");
+    assert!(
+        !pw.status.success(),
+        "password authentication must be refused"
+    );
     drop(vm);
 
     // Boot 2: the same data disk survives.
     let mut vm = Vm::boot(&image, w, "boot2", &root, &data, &seed, None);
     vm.wait_for("clusterctl-stateful: mounted /dev/vdb at /mnt/stateful boot=2");
     vm.wait_for("clusterctl-firstboot: root=ro verity=verified data=/dev/vdb");
-    assert!(!vm.log().contains("formatting blank data disk"), "data disk was reformatted on the second boot");
+    assert!(
+        !vm.log().contains("formatting blank data disk"),
+        "data disk was reformatted on the second boot"
+    );
     drop(vm);
 
     // Boot 3: one flipped block in the root disk; verity must stop the boot.
     let bad = w.join("tampered.qcow2");
     qcow_overlay(&image.root_path(), &bad);
-    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x55 0 4096"]).arg(&bad));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x55 0 4096"])
+        .arg(&bad));
     let mut vm = Vm::boot(&image, w, "tampered", &bad, &data, &seed, None);
     vm.wait_for("clusterctl-verity: opening /dev/vda");
     vm.wait_for("is corrupted");
-    assert!(!vm.log().contains("clusterctl-firstboot:"), "a tampered root must not boot");
+    assert!(
+        !vm.log().contains("clusterctl-firstboot:"),
+        "a tampered root must not boot"
+    );
     eprintln!("boot test done in {:.1} s", t.elapsed().as_secs_f64());
 }

@@ -128,7 +128,10 @@ impl fmt::Debug for Seed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Seed")
             .field("meta_data", &self.meta_data)
-            .field("user_data", &format_args!("<{} bytes, redacted>", self.user_data.len()))
+            .field(
+                "user_data",
+                &format_args!("<{} bytes, redacted>", self.user_data.len()),
+            )
             .field("network_config", &self.network_config)
             .finish()
     }
@@ -137,7 +140,10 @@ impl fmt::Debug for Seed {
 impl Seed {
     /// The seed as (file name, contents) pairs, as they go onto the `cidata` disk.
     pub fn files(&self) -> Vec<(&'static str, &[u8])> {
-        let mut files = vec![("meta-data", self.meta_data.as_bytes()), ("user-data", self.user_data.as_bytes())];
+        let mut files = vec![
+            ("meta-data", self.meta_data.as_bytes()),
+            ("user-data", self.user_data.as_bytes()),
+        ];
         if let Some(n) = &self.network_config {
             files.push(("network-config", n.as_bytes()));
         }
@@ -150,27 +156,48 @@ pub fn render_seed(input: &SeedInput) -> Result<Seed, RenderError> {
     validate(input)?;
     let mut tera = tera::Tera::default();
     // JSON string quoting: the one escape every value in these documents goes through.
-    tera.register_filter("q", |s: &str, _: tera::Kwargs, _: &tera::State| serde_json::Value::String(s.to_string()).to_string());
-    for (name, src) in [("meta-data", META_DATA), ("user-data", USER_DATA), ("network-config", NETWORK_CONFIG)] {
-        tera.add_raw_template(name, src).map_err(|e| template_error(name, &e))?;
+    tera.register_filter("q", |s: &str, _: tera::Kwargs, _: &tera::State| {
+        serde_json::Value::String(s.to_string()).to_string()
+    });
+    for (name, src) in [
+        ("meta-data", META_DATA),
+        ("user-data", USER_DATA),
+        ("network-config", NETWORK_CONFIG),
+    ] {
+        tera.add_raw_template(name, src)
+            .map_err(|e| template_error(name, &e))?;
     }
     let ctx = tera::Context::from_serialize(input).map_err(|e| template_error("context", &e))?;
-    let render = |name: &str| tera.render(name, &ctx).map_err(|e| template_error(name, &e));
+    let render = |name: &str| {
+        tera.render(name, &ctx)
+            .map_err(|e| template_error(name, &e))
+    };
     let meta_data = render("meta-data")?;
     let user_data = render("user-data")?;
     let network_config = match &input.network {
         Some(net) => {
-            let ctx = tera::Context::from_serialize(net).map_err(|e| template_error("network-config", &e))?;
-            Some(tera.render("network-config", &ctx).map_err(|e| template_error("network-config", &e))?)
+            let ctx = tera::Context::from_serialize(net)
+                .map_err(|e| template_error("network-config", &e))?;
+            Some(
+                tera.render("network-config", &ctx)
+                    .map_err(|e| template_error("network-config", &e))?,
+            )
         }
         None => None,
     };
-    Ok(Seed { meta_data, user_data, network_config })
+    Ok(Seed {
+        meta_data,
+        user_data,
+        network_config,
+    })
 }
 
 fn template_error(template: &str, e: &tera::Error) -> RenderError {
     // Only the error kind: a rendering error must not echo context values (the private key).
-    RenderError::Template { template: template.to_string(), detail: first_line(&e.to_string()) }
+    RenderError::Template {
+        template: template.to_string(),
+        detail: first_line(&e.to_string()),
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -178,13 +205,17 @@ fn first_line(s: &str) -> String {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> RenderError {
-    RenderError::Invalid { field: field.into(), reason: reason.into() }
+    RenderError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -198,72 +229,135 @@ fn validate(input: &SeedInput) -> Result<(), RenderError> {
         return Err(invalid("instance_id", "must be a non-empty single line"));
     }
     if !is_dns_label(&input.hostname) {
-        return Err(invalid("hostname", format!("{:?} is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)", input.hostname)));
+        return Err(invalid(
+            "hostname",
+            format!(
+                "{:?} is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)",
+                input.hostname
+            ),
+        ));
     }
     if input.users.is_empty() {
-        return Err(invalid("users", "at least one login user is needed (root login is disabled)"));
+        return Err(invalid(
+            "users",
+            "at least one login user is needed (root login is disabled)",
+        ));
     }
     for (i, u) in input.users.iter().enumerate() {
         let name_ok = !u.name.is_empty()
             && u.name.len() <= 32
-            && u.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && u.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
             && !u.name.starts_with('-');
         if !name_ok || u.name == "root" {
-            return Err(invalid(format!("users[{i}].name"), format!("{:?} is not a valid login name (not root)", u.name)));
+            return Err(invalid(
+                format!("users[{i}].name"),
+                format!("{:?} is not a valid login name (not root)", u.name),
+            ));
         }
         if u.authorized_keys.is_empty() {
-            return Err(invalid(format!("users[{i}].authorized_keys"), "at least one key is needed: passwords are disabled"));
+            return Err(invalid(
+                format!("users[{i}].authorized_keys"),
+                "at least one key is needed: passwords are disabled",
+            ));
         }
         for (j, k) in u.authorized_keys.iter().enumerate() {
-            if !single_line(k) || !k.starts_with("ssh-") && !k.starts_with("ecdsa-") && !k.starts_with("sk-") {
-                return Err(invalid(format!("users[{i}].authorized_keys[{j}]"), "not an OpenSSH public key line"));
+            if !single_line(k)
+                || !k.starts_with("ssh-") && !k.starts_with("ecdsa-") && !k.starts_with("sk-")
+            {
+                return Err(invalid(
+                    format!("users[{i}].authorized_keys[{j}]"),
+                    "not an OpenSSH public key line",
+                ));
             }
         }
     }
     let hk = &input.host_key;
-    if !hk.ed25519_private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----") {
-        return Err(invalid("host_key.ed25519_private", "not an OpenSSH private key"));
+    if !hk
+        .ed25519_private
+        .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+    {
+        return Err(invalid(
+            "host_key.ed25519_private",
+            "not an OpenSSH private key",
+        ));
     }
     if !single_line(&hk.ed25519_public) || !hk.ed25519_public.starts_with("ssh-ed25519 ") {
-        return Err(invalid("host_key.ed25519_public", "not an ssh-ed25519 public key line"));
+        return Err(invalid(
+            "host_key.ed25519_public",
+            "not an ssh-ed25519 public key line",
+        ));
     }
     for (i, f) in input.write_files.iter().enumerate() {
-        if !f.path.starts_with('/') || f.path.contains("/../") || f.path.ends_with("/..") || f.path.chars().any(char::is_control) {
-            return Err(invalid(format!("write_files[{i}].path"), format!("{:?} must be an absolute path", f.path)));
+        if !f.path.starts_with('/')
+            || f.path.contains("/../")
+            || f.path.ends_with("/..")
+            || f.path.chars().any(char::is_control)
+        {
+            return Err(invalid(
+                format!("write_files[{i}].path"),
+                format!("{:?} must be an absolute path", f.path),
+            ));
         }
         let p = &f.permissions;
         if !(3..=4).contains(&p.len()) || !p.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-            return Err(invalid(format!("write_files[{i}].permissions"), format!("{p:?} is not an octal mode like 0644")));
+            return Err(invalid(
+                format!("write_files[{i}].permissions"),
+                format!("{p:?} is not an octal mode like 0644"),
+            ));
         }
         if !single_line(&f.owner) || f.owner.contains(' ') {
-            return Err(invalid(format!("write_files[{i}].owner"), "must be user:group"));
+            return Err(invalid(
+                format!("write_files[{i}].owner"),
+                "must be user:group",
+            ));
         }
     }
     if let Some(net) = &input.network {
         for (i, iface) in net.interfaces.iter().enumerate() {
             let mac_ok = iface.mac.len() == 17
                 && iface.mac.split(':').count() == 6
-                && iface.mac.split(':').all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+                && iface
+                    .mac
+                    .split(':')
+                    .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
             if !mac_ok {
-                return Err(invalid(format!("network.interfaces[{i}].mac"), format!("{:?} is not a MAC address", iface.mac)));
+                return Err(invalid(
+                    format!("network.interfaces[{i}].mac"),
+                    format!("{:?} is not a MAC address", iface.mac),
+                ));
             }
             if !is_dns_label(&iface.id.to_ascii_lowercase()) {
-                return Err(invalid(format!("network.interfaces[{i}].id"), "must be a short name like eth0"));
+                return Err(invalid(
+                    format!("network.interfaces[{i}].id"),
+                    "must be a short name like eth0",
+                ));
             }
             if !iface.dhcp4 && iface.addresses.is_empty() {
-                return Err(invalid(format!("network.interfaces[{i}]"), "needs dhcp4 or at least one address"));
+                return Err(invalid(
+                    format!("network.interfaces[{i}]"),
+                    "needs dhcp4 or at least one address",
+                ));
             }
             for a in &iface.addresses {
                 let ok = a.split_once('/').is_some_and(|(ip, len)| {
-                    ip.parse::<std::net::IpAddr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
+                    ip.parse::<std::net::IpAddr>().is_ok()
+                        && len.parse::<u8>().is_ok_and(|l| l <= 128)
                 });
                 if !ok {
-                    return Err(invalid(format!("network.interfaces[{i}].addresses"), format!("{a:?} is not an address in CIDR form")));
+                    return Err(invalid(
+                        format!("network.interfaces[{i}].addresses"),
+                        format!("{a:?} is not an address in CIDR form"),
+                    ));
                 }
             }
             for ip in iface.gateway4.iter().chain(&iface.nameservers) {
                 if ip.parse::<std::net::IpAddr>().is_err() {
-                    return Err(invalid(format!("network.interfaces[{i}]"), format!("{ip:?} is not an IP address")));
+                    return Err(invalid(
+                        format!("network.interfaces[{i}]"),
+                        format!("{ip:?} is not an IP address"),
+                    ));
                 }
             }
         }
@@ -283,10 +377,15 @@ mod tests {
             hostname: "c1-cp-0".into(),
             users: vec![SeedUser {
                 name: "core".into(),
-                authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ3 admin@laptop \"quoted\"".into()],
+                authorized_keys: vec![
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ3 admin@laptop \"quoted\"".into(),
+                ],
                 sudo: true,
             }],
-            host_key: HostKey { ed25519_private: PRIV.into(), ed25519_public: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHOST c1-cp-0".into() },
+            host_key: HostKey {
+                ed25519_private: PRIV.into(),
+                ed25519_public: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHOST c1-cp-0".into(),
+            },
             network: None,
             write_files: vec![WriteFile {
                 path: "/etc/clusterctl/node.env".into(),
@@ -311,12 +410,22 @@ mod tests {
         let mut i = input();
         i.write_files[0].content = "tab\t, quote \", backslash \\, unicode é\n".into();
         let seed = render_seed(&i).expect("render");
-        let body = seed.user_data.strip_prefix("#cloud-config\n").expect("header");
+        let body = seed
+            .user_data
+            .strip_prefix("#cloud-config\n")
+            .expect("header");
         let v: serde_json::Value = serde_json::from_str(body).expect("user-data is JSON");
-        assert_eq!(v["write_files"][0]["content"], i.write_files[0].content.as_str());
+        assert_eq!(
+            v["write_files"][0]["content"],
+            i.write_files[0].content.as_str()
+        );
         assert_eq!(v["ssh_keys"]["ed25519_private"], PRIV);
-        assert_eq!(v["users"][0]["ssh_authorized_keys"][0], i.users[0].authorized_keys[0].as_str());
-        let m: serde_json::Value = serde_json::from_str(&seed.meta_data).expect("meta-data is JSON");
+        assert_eq!(
+            v["users"][0]["ssh_authorized_keys"][0],
+            i.users[0].authorized_keys[0].as_str()
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&seed.meta_data).expect("meta-data is JSON");
         assert_eq!(m["local-hostname"], "c1-cp-0");
     }
 
@@ -351,17 +460,39 @@ mod tests {
 
     #[test]
     fn invalid_inputs() {
-        let cases: Vec<(Box<dyn Fn(&mut SeedInput)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut SeedInput)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|i| i.hostname = "Bad_Host".into()), "hostname"),
             (Box::new(|i| i.instance_id = "a\nb".into()), "instance_id"),
             (Box::new(|i| i.users.clear()), "users"),
-            (Box::new(|i| i.users[0].name = "root".into()), "users[0].name"),
-            (Box::new(|i| i.users[0].authorized_keys.clear()), "users[0].authorized_keys"),
-            (Box::new(|i| i.users[0].authorized_keys[0] = "ssh-ed25519 A\nssh-rsa B".into()), "users[0].authorized_keys[0]"),
-            (Box::new(|i| i.host_key.ed25519_private = "nope".into()), "host_key.ed25519_private"),
-            (Box::new(|i| i.host_key.ed25519_public = "ssh-rsa AAA".into()), "host_key.ed25519_public"),
-            (Box::new(|i| i.write_files[0].path = "relative".into()), "write_files[0].path"),
-            (Box::new(|i| i.write_files[0].permissions = "rw-".into()), "write_files[0].permissions"),
+            (
+                Box::new(|i| i.users[0].name = "root".into()),
+                "users[0].name",
+            ),
+            (
+                Box::new(|i| i.users[0].authorized_keys.clear()),
+                "users[0].authorized_keys",
+            ),
+            (
+                Box::new(|i| i.users[0].authorized_keys[0] = "ssh-ed25519 A\nssh-rsa B".into()),
+                "users[0].authorized_keys[0]",
+            ),
+            (
+                Box::new(|i| i.host_key.ed25519_private = "nope".into()),
+                "host_key.ed25519_private",
+            ),
+            (
+                Box::new(|i| i.host_key.ed25519_public = "ssh-rsa AAA".into()),
+                "host_key.ed25519_public",
+            ),
+            (
+                Box::new(|i| i.write_files[0].path = "relative".into()),
+                "write_files[0].path",
+            ),
+            (
+                Box::new(|i| i.write_files[0].permissions = "rw-".into()),
+                "write_files[0].permissions",
+            ),
             (
                 Box::new(|i| {
                     i.network = Some(NetworkConfig {

@@ -109,12 +109,19 @@ fn build(global: &Global, args: BuildArgs) -> anyhow::Result<()> {
     let image = &outcome.image;
     if !global.quiet {
         if outcome.reused {
-            eprintln!("image {} is up to date (inputs unchanged), nothing built", image.manifest.version);
+            eprintln!(
+                "image {} is up to date (inputs unchanged), nothing built",
+                image.manifest.version
+            );
         } else {
             for (step, took) in &outcome.timings {
                 eprintln!("    {step:<12} {:>7.1} s", took.as_secs_f64());
             }
-            eprintln!("built image {} in {:.1} s", image.manifest.version, started.elapsed().as_secs_f64());
+            eprintln!(
+                "built image {} in {:.1} s",
+                image.manifest.version,
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     let row = ImageRow::from(image);
@@ -144,7 +151,20 @@ fn list(format: Format, args: &DirArgs) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", output::table(&["VERSION", "CREATED", "PACKAGES", "INSTALLED", "DISK", "DIGEST"], &cells));
+            print!(
+                "{}",
+                output::table(
+                    &[
+                        "VERSION",
+                        "CREATED",
+                        "PACKAGES",
+                        "INSTALLED",
+                        "DISK",
+                        "DIGEST"
+                    ],
+                    &cells
+                )
+            );
         }
         format => print!("{}", output::to_string(format, &rows)?),
     }
