@@ -289,30 +289,13 @@ fn random_hex(n: usize) -> io::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ProviderError::Invalid(format!(
-            "machine name {name:?} is not a DNS-1123 label"
-        )))
-    }
-}
-
 impl Provider for FakeProvider {
     fn name(&self) -> &'static str {
         "fake"
     }
 
     fn ensure_machine(&self, cluster: &ClusterRef, spec: &MachineSpec) -> Result<Machine> {
-        validate_name(&spec.name)?;
+        crate::check_machine_name(&spec.name)?;
         if spec.role == MachineRole::Worker && spec.pool.is_none() {
             return Err(ProviderError::Invalid(format!(
                 "worker machine {:?} has no node pool",

@@ -168,6 +168,30 @@ pub enum ProviderError {
     },
 }
 
+/// Whether `s` is a DNS-1123 label: 1-63 lowercase letters, digits and '-', starting and ending
+/// with a letter or digit. Cluster, node pool and machine names all follow this rule (machine names
+/// become domain names and hostnames).
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Checks that a machine name is a DNS-1123 label, the error every provider returns otherwise.
+pub fn check_machine_name(name: &str) -> Result<()> {
+    if is_dns1123_label(name) {
+        Ok(())
+    } else {
+        Err(ProviderError::Invalid(format!(
+            "machine name {name:?} must be a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters)"
+        )))
+    }
+}
+
 /// Result type of provider calls.
 pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
 

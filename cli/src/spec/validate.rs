@@ -80,13 +80,7 @@ pub(crate) fn validate(c: &Cluster) -> Vec<Problem> {
 /// A DNS-1123 label: at most 63 lowercase letters, digits and '-', starting and ending with a
 /// letter or digit.
 pub fn is_dns1123_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
+    providers::is_dns1123_label(s)
 }
 
 /// A DNS-1123 subdomain: dot-separated DNS-1123 labels, at most 253 characters.

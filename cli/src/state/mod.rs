@@ -283,13 +283,7 @@ fn new_cluster_id() -> io::Result<String> {
 
 /// Whether `name` is a DNS-1123 label, the only names the store accepts as directory names.
 pub fn valid_cluster_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
+    providers::is_dns1123_label(name)
 }
 
 /// The state store: a root directory with one subdirectory per cluster.

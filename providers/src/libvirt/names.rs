@@ -30,23 +30,7 @@ pub(crate) fn check_cluster_id(id: &str) -> Result<(), ProviderError> {
     }
 }
 
-/// Checks that a machine name is a DNS-1123 label (it becomes the domain name and hostname).
-pub(crate) fn check_machine_name(name: &str) -> Result<(), ProviderError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ProviderError::Invalid(format!(
-            "machine name {name:?} must be a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters)"
-        )))
-    }
-}
+pub(crate) use crate::check_machine_name;
 
 /// Name of the cluster's network and storage pool.
 pub(crate) fn cluster_object_name(cluster_id: &str) -> String {
