@@ -16,12 +16,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 export CLUSTERCTL_BED_STATE_ROOT=/run/clusterctl-bed-local
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target}
-bin=$CARGO_TARGET_DIR/release/clusterctl
+bin=$CARGO_TARGET_DIR/debug/clusterctl
 
 case "${1:-}" in
   up)
     bash "$here/install-host-packages.sh" >&2
-    (cd "$repo" && cargo build --release --locked -p clusterctl)
+    (cd "$repo" && cargo build --locked -p clusterctl)
     "$bin" image build
     [ -f "$CLUSTERCTL_BED_STATE_ROOT/current" ] || bash "$here/libvirt-env.sh" up > /dev/null
     bash "$here/libvirt-env.sh" exec "$bin" create -f "$repo/examples/local.yaml"
