@@ -15,7 +15,10 @@ start=$(date +%s)
 stage() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "run-all: must run as root (apt, namespaces, libvirtd)" >&2; exit 1; }
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target}
+# One cargo target dir per checkout path: cargo keys workspace crates by their path relative to the
+# workspace, so a target dir shared by two checkouts can reuse test binaries whose compile-time paths
+# (insta snapshot dirs, CARGO_MANIFEST_DIR) point into the other checkout.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target/$(pwd -P | sha256sum | cut -c1-16)}
 mkdir -p "$CARGO_TARGET_DIR"
 
 stage "installing host packages"

@@ -15,7 +15,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 export CLUSTERCTL_BED_STATE_ROOT=/run/clusterctl-bed-local
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target/$(cd "$repo" && pwd -P | sha256sum | cut -c1-16)}  # as in tests/run-all.sh
 bin=$CARGO_TARGET_DIR/debug/clusterctl
 
 case "${1:-}" in
