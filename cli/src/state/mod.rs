@@ -181,6 +181,8 @@ pub enum ClusterStatus {
     Creating,
     /// All machines of the spec are provisioned; Kubernetes is not bootstrapped yet.
     Provisioned,
+    /// Kubernetes is bootstrapped and every node was Ready when `create` finished.
+    Running,
     /// `delete` has started; resources may be partly removed.
     Deleting,
 }
@@ -190,6 +192,7 @@ impl fmt::Display for ClusterStatus {
         f.write_str(match self {
             ClusterStatus::Creating => "creating",
             ClusterStatus::Provisioned => "provisioned",
+            ClusterStatus::Running => "running",
             ClusterStatus::Deleting => "deleting",
         })
     }
@@ -223,6 +226,39 @@ pub struct ClusterRecord {
     /// first-boot seed, so the very first connection is already verified (schema version 2).
     #[serde(default)]
     pub ssh_host_keys: BTreeMap<String, String>,
+    /// Index of each node's pod range (`/24` number N of the pod CIDR), by machine name; fixed
+    /// when the node is first bootstrapped and kept for its life.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_cidr_indexes: BTreeMap<String, u32>,
+    /// Kubernetes as last bootstrapped and checked; `None` before the first bootstrap finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesStatus>,
+}
+
+/// The cluster's Kubernetes as clusterctl last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesStatus {
+    /// Kubernetes version installed (`1.20.2`).
+    pub version: String,
+    /// API server URL clients use (`https://10.77.0.11:6443`).
+    pub api_server: String,
+    /// Nodes as last listed through the API.
+    pub nodes: Vec<NodeStatus>,
+    /// When `nodes` was listed.
+    pub checked_at: Timestamp,
+}
+
+/// One Kubernetes node as last listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeStatus {
+    /// Node name (the machine name).
+    pub name: String,
+    /// Whether its `Ready` condition was `True`.
+    pub ready: bool,
+    /// kubelet version it reported (`v1.20.2`).
+    pub kubelet_version: String,
 }
 
 impl ClusterRecord {
@@ -245,6 +281,8 @@ impl ClusterRecord {
             machines: Vec::new(),
             observed_at: None,
             ssh_host_keys: BTreeMap::new(),
+            pod_cidr_indexes: BTreeMap::new(),
+            kubernetes: None,
         })
     }
 
