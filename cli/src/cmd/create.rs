@@ -2,8 +2,11 @@
 //!
 //! Takes the cluster lock, creates or loads the state record (the cluster ID is generated and
 //! saved before any side effect, so everything a provider creates can be found again), plans
-//! against the provider's inventory and applies the machine steps. Re-running it after a failure
-//! or a kill resumes. Kubernetes bootstrap is not part of this build yet, and the command says so.
+//! against the provider's inventory and applies the machine steps, then bootstraps Kubernetes on
+//! the machines over SSH (`engine::bootstrap`). The Kubernetes artifacts are resolved and every
+//! file's checksum verified before anything is created. Re-running it after a failure or a kill
+//! resumes; on a complete cluster it changes nothing. The fake provider boots nothing, so with it
+//! `create` stops at machines and says so.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +15,8 @@ use anyhow::{Context as _, bail};
 
 use super::Global;
 use crate::engine::access::{self, SshAccess};
+use crate::engine::artifacts::{self, Artifacts};
+use crate::engine::bootstrap::{self, BootstrapContext};
 use crate::engine::{self, ApplyContext, Env, MachineTemplate, Reporter};
 use crate::provider;
 use crate::spec;
@@ -125,6 +130,31 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
     let image_dir = nodeimage::default_image_dir();
     let image = provider::node_image(&spec, &image_dir)?;
+    let boots = !matches!(spec.spec.provider, spec::Provider::Fake(_));
+    let rt = runtime()?;
+    // Kubernetes artifacts: the version is checked and every file verified (downloaded first for
+    // `upstream`) before any machine exists, so a bad bundle installs nothing.
+    let artifacts: Option<Arc<Artifacts>> = if boots {
+        report.phase("Verifying Kubernetes artifacts");
+        let started = std::time::Instant::now();
+        let a = rt
+            .block_on(artifacts::resolve(&spec, &download_dir()?))
+            .with_context(|| format!("checking the Kubernetes artifacts of {}", args.file.display()))?;
+        report.note(&format!(
+            "Kubernetes {} (etcd {}) from {}: {} binaries and {} image(s) verified in {:.1} s",
+            a.version,
+            a.etcd_version,
+            a.origin,
+            a.binaries.len(),
+            a.images.len(),
+            started.elapsed().as_secs_f64()
+        ));
+        Some(Arc::new(a))
+    } else {
+        artifacts::check_spec(&spec)
+            .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
+        None
+    };
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let guard = lock_cluster(&store, &name, args.wait, report)?;
 
@@ -148,7 +178,6 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     // The record, with the cluster ID, is durable before the first side effect.
     guard.save(&mut record)?;
 
-    let rt = runtime()?;
     let desired_names: Vec<String> = engine::desired_machines(&spec)
         .into_iter()
         .map(|m| m.name)
@@ -226,12 +255,19 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         record.machines = ctx.observed.clone();
         record.observed_at = Some(Timestamp::now());
     }
+    let mut result = result.map_err(anyhow::Error::new);
     if result.is_ok() {
         record.status = ClusterStatus::Provisioned;
         // Keys of machines that are gone and not wanted are of no use any more.
         let mut keep = desired_names.clone();
         keep.extend(record.machines.iter().map(|m| m.name.clone()));
         access::prune_host_keys(&guard, &mut record, &keep)?;
+        guard.save(&mut record)?;
+    }
+    if result.is_ok()
+        && let (Some(artifacts), Some(access)) = (artifacts, ctx.ssh.clone())
+    {
+        result = bootstrap_kubernetes(&rt, &ctx, &guard, &mut record, artifacts, access, report);
     }
     let saved = guard.save(&mut record);
     let finished = journal
@@ -239,7 +275,7 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .finish(result.is_ok() && saved.is_ok());
     if let Err(e) = result {
-        return Err(anyhow::Error::new(e)).with_context(|| {
+        return Err(e).with_context(|| {
             format!(
                 "creating cluster {name:?} stopped; run `clusterctl create -f {}` again to resume (finished steps are not redone)",
                 args.file.display()
@@ -248,20 +284,95 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     }
     saved?;
     finished?;
-    if !global.quiet {
-        let answering = if ctx.ssh_ready.is_empty() {
-            String::new()
-        } else {
-            format!(", {} answering ssh", ctx.ssh_ready.len())
-        };
-        eprintln!(
-            "Cluster {name:?}: {} machine(s) provisioned through the {} provider{answering}.",
-            record.machines.len(),
-            record.spec.spec.provider.name()
-        );
-        eprintln!(
-            "Kubernetes is NOT installed: this build of clusterctl provisions machines only; bootstrapping comes with a later version."
-        );
+    if global.output != crate::output::Format::Table {
+        crate::output::print(&crate::output::to_string(global.output, &record)?)?;
     }
+    if !global.quiet {
+        match &record.kubernetes {
+            Some(k) if record.status == ClusterStatus::Running => {
+                let ready = k.nodes.iter().filter(|n| n.ready).count();
+                eprintln!(
+                    "Cluster {name:?} is running: Kubernetes {}, {ready}/{} node(s) Ready, API server {}.",
+                    k.version,
+                    k.nodes.len(),
+                    k.api_server
+                );
+            }
+            _ => {
+                eprintln!(
+                    "Cluster {name:?}: {} machine(s) provisioned through the {} provider.",
+                    record.machines.len(),
+                    record.spec.spec.provider.name()
+                );
+                eprintln!(
+                    "Kubernetes is NOT installed: the fake provider boots no machines, so there is nothing to bootstrap."
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where `upstream` artifacts are downloaded and kept: `$XDG_CACHE_HOME/clusterctl/kubernetes`
+/// or `~/.cache/clusterctl/kubernetes`.
+fn download_dir() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("neither XDG_CACHE_HOME nor HOME is set; set one so clusterctl can keep downloaded Kubernetes releases"))?;
+            PathBuf::from(home).join(".cache")
+        }
+    };
+    Ok(base.join("clusterctl").join("kubernetes"))
+}
+
+/// Runs the bootstrap phases on the provisioned machines and records the outcome.
+fn bootstrap_kubernetes(
+    rt: &tokio::runtime::Runtime,
+    ctx: &ApplyContext,
+    guard: &ClusterGuard,
+    record: &mut ClusterRecord,
+    artifacts: Arc<Artifacts>,
+    access: SshAccess,
+    report: Reporter,
+) -> anyhow::Result<()> {
+    let machines = bootstrap::boot_machines(&ctx.desired, &ctx.observed)?;
+    let pins: Vec<(crate::ssh::Endpoint, String)> = machines
+        .iter()
+        .filter_map(|m| {
+            access.host_keys.get(&m.name).map(|k| {
+                (
+                    crate::ssh::Endpoint::new(m.ip.to_string(), access::SSH_PORT),
+                    k.clone(),
+                )
+            })
+        })
+        .collect();
+    let retry = crate::ssh::RetryPolicy::for_up_to(std::time::Duration::from_secs(60));
+    let client = access::pinned_client(&access.identity, &pins, retry)?;
+    let mut bctx = BootstrapContext::new(
+        report,
+        CONCURRENCY,
+        ctx.desired.clone(),
+        artifacts,
+        machines,
+        guard.dir().join("pki"),
+        record.pod_cidr_indexes.clone(),
+        client,
+        access.identity.user.clone(),
+    );
+    let result = rt.block_on(engine::run_phases(
+        &mut bctx,
+        report,
+        &bootstrap::bootstrap_phases(),
+    ));
+    record.pod_cidr_indexes = bctx.pod_cidr_indexes.clone();
+    if let Some(status) = bctx.status.take() {
+        record.kubernetes = Some(status);
+    }
+    result?;
+    record.status = ClusterStatus::Running;
     Ok(())
 }

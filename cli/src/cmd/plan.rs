@@ -41,6 +41,10 @@ struct PlanView<'a> {
 pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
     let spec = load_spec(&args.file)?;
     let name = &spec.metadata.name;
+    // An unsupported Kubernetes version (or a bundle of another version) is refused here,
+    // before anything would be created.
+    let kubernetes = crate::engine::artifacts::check_spec(&spec)
+        .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let record = store.load(name)?;
     let observed = match &record {
@@ -67,7 +71,7 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
     }
 
     let mut out = String::new();
-    writeln!(out, "Cluster {name:?}")?;
+    writeln!(out, "Cluster {name:?} (Kubernetes {kubernetes})")?;
     match &record {
         Some(r) => writeln!(
             out,

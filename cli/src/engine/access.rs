@@ -488,14 +488,18 @@ async fn wait_all(
 }
 
 /// One machine's progress: a spinner on a terminal, plain lines otherwise.
-struct MachineLine {
+pub(crate) struct MachineLine {
     report: Reporter,
     name: String,
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl MachineLine {
-    fn new(bars: Option<&indicatif::MultiProgress>, report: Reporter, name: &str) -> Self {
+    pub(crate) fn new(
+        bars: Option<&indicatif::MultiProgress>,
+        report: Reporter,
+        name: &str,
+    ) -> Self {
         let bar = bars.map(|m| {
             let bar = m.add(indicatif::ProgressBar::new_spinner());
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -514,7 +518,7 @@ impl MachineLine {
         }
     }
 
-    fn say(&self, message: &str) {
+    pub(crate) fn say(&self, message: &str) {
         match &self.bar {
             Some(bar) => {
                 tracing::info!(node = %self.name, "{message}");
@@ -524,7 +528,7 @@ impl MachineLine {
         }
     }
 
-    fn finish(&self, message: &str) {
+    pub(crate) fn finish(&self, message: &str) {
         match &self.bar {
             Some(bar) => {
                 tracing::info!(node = %self.name, "{message}");

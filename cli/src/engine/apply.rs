@@ -78,6 +78,19 @@ pub enum EngineError {
         /// Why (the SSH error chain).
         detail: String,
     },
+    /// A step on one node failed (bootstrap over SSH).
+    #[error("node {machine:?}: {step}: {detail}")]
+    Node {
+        /// The machine.
+        machine: String,
+        /// What was being done, e.g. `uploading kubelet`.
+        step: String,
+        /// Why (the error chain, or the command's output).
+        detail: String,
+    },
+    /// The cluster cannot be bootstrapped as specified (artifacts, certificates, templates).
+    #[error("{0}")]
+    Bootstrap(String),
     /// A phase failed.
     #[error("{title}")]
     Phase {
@@ -266,10 +279,14 @@ pub async fn run_phases<C: Send>(
             continue;
         }
         report.phase(&title);
+        let started = std::time::Instant::now();
         phase.run(ctx).await.map_err(|e| EngineError::Phase {
-            title,
+            title: title.clone(),
             source: Box::new(e),
         })?;
+        let took = started.elapsed();
+        tracing::info!(phase = %title, seconds = took.as_secs_f64(), "phase done");
+        report.note(&format!("done in {:.1} s", took.as_secs_f64()));
     }
     Ok(())
 }

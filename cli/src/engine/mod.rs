@@ -6,6 +6,8 @@
 
 pub mod access;
 pub mod apply;
+pub mod artifacts;
+pub mod bootstrap;
 pub mod plan;
 
 pub use apply::{

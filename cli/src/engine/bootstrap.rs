@@ -1,0 +1,1143 @@
+//! Kubernetes bootstrap over SSH, after the machines answer SSH: certificates, files, units,
+//! control plane first, then the node agents, then a wait until every node is Ready.
+//!
+//! Every phase is idempotent and converges: files are compared by checksum on the node and only
+//! changed ones are written; a node whose files changed gets a persistent restart marker
+//! (`/var/lib/clusterctl/restart-pending`), so a run killed between writing and restarting still
+//! restarts the units on the next run. Re-running on a complete cluster uploads nothing and
+//! restarts nothing.
+//!
+//! # Where things go on a node
+//! Binaries and image archives are uploaded straight to `/var/lib/clusterctl/{bin,images}`, owned
+//! by the login user (who has passwordless sudo anyway), so an unchanged file is never sent twice.
+//! Configuration, PKI and kubeconfigs are uploaded to `/var/lib/clusterctl/staging` (0700,
+//! 0600 files) and installed as root with their final mode by one script per node. `/etc` is a
+//! tmpfs overlay on the node image: after a reboot the next `create` finds the files missing,
+//! writes them again and restarts the units.
+//!
+//! # What is talked to
+//! clusterctl reaches the API server through SSH on the first control-plane node, running that
+//! node's `kubectl` with the admin kubeconfig kept there (`/var/lib/clusterctl/kubernetes/
+//! admin.conf`, root 0600, as kubeadm keeps `/etc/kubernetes/admin.conf`). So the bootstrap needs
+//! no route from the admin machine to the API server, only SSH (bastions included).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use providers::MachineRole;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use zeroize::Zeroizing;
+
+use super::access::{MachineLine, SSH_PORT, ssh_address};
+use super::apply::{BoxFuture, EngineError, Phase, Reporter, error_chain};
+use super::artifacts::Artifacts;
+use super::plan::{self, Inventory};
+use crate::pki::{NodeIdentity, Pki, PkiSpec};
+use crate::spec;
+use crate::ssh::{ExecOptions, Session, SshClient, Target, shell_quote};
+use crate::state::{KubernetesStatus, NodeStatus, Timestamp};
+use templates::kubernetes::{
+    self as k8s, ClusterInput, EtcdClusterState, Layout, NodeInput, Role, Source, Taint,
+    TaintEffect,
+};
+
+/// Where uploads of configuration and secrets wait before they are installed as root.
+const STAGING: &str = "/var/lib/clusterctl/staging";
+/// Where image archives are kept on a node.
+const IMAGES: &str = "/var/lib/clusterctl/images";
+/// Marker: files changed, units must be restarted (survives a killed run).
+const RESTART_PENDING: &str = "/var/lib/clusterctl/restart-pending";
+/// The node label naming a worker's pool.
+pub const POOL_LABEL: &str = "clusterctl.io/node-pool";
+/// How long the API server may take to answer `/readyz` after its units started.
+const API_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long nodes may take to become Ready after their agents started.
+const NODES_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A machine to bootstrap.
+#[derive(Debug, Clone)]
+pub struct BootMachine {
+    /// Machine (and node) name.
+    pub name: String,
+    /// Role.
+    pub role: MachineRole,
+    /// Node pool of a worker.
+    pub pool: Option<String>,
+    /// Address on the machine network (node IP, SSH target).
+    pub ip: Ipv4Addr,
+}
+
+/// Everything one node gets.
+struct NodePlan {
+    name: String,
+    role: MachineRole,
+    target: Target,
+    /// Binaries: (name, local file, remote path).
+    binaries: Vec<(String, PathBuf, String)>,
+    /// Small files staged then installed as root: (remote path, mode, content).
+    files: Vec<(String, u32, Zeroizing<Vec<u8>>)>,
+    /// Units to (re)start, in order.
+    units: Vec<String>,
+    /// Units clusterctl wrote and enables.
+    own_units: Vec<String>,
+}
+
+/// State of the bootstrap.
+pub struct BootstrapContext {
+    /// Progress output.
+    pub report: Reporter,
+    /// Nodes handled at once.
+    pub concurrency: usize,
+    /// The desired spec.
+    pub spec: spec::Cluster,
+    /// Verified Kubernetes artifacts.
+    pub artifacts: Arc<Artifacts>,
+    /// Machines, control plane first, in spec order.
+    pub machines: Vec<BootMachine>,
+    /// The cluster's PKI directory (in its state directory).
+    pub pki_dir: PathBuf,
+    /// Pod range index per machine; new machines get the lowest free index. Save it afterwards.
+    pub pod_cidr_indexes: BTreeMap<String, u32>,
+    /// SSH client trusting exactly the pinned host keys.
+    pub client: SshClient,
+    /// Login user.
+    pub user: String,
+    plans: Vec<Arc<NodePlan>>,
+    api_server: String,
+    /// Kubernetes as checked at the end (set by the last phase).
+    pub status: Option<KubernetesStatus>,
+}
+
+impl BootstrapContext {
+    /// A context for `machines` (from the provider's inventory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        report: Reporter,
+        concurrency: usize,
+        spec: spec::Cluster,
+        artifacts: Arc<Artifacts>,
+        machines: Vec<BootMachine>,
+        pki_dir: PathBuf,
+        pod_cidr_indexes: BTreeMap<String, u32>,
+        client: SshClient,
+        user: String,
+    ) -> Self {
+        BootstrapContext {
+            report,
+            concurrency,
+            spec,
+            artifacts,
+            machines,
+            pki_dir,
+            pod_cidr_indexes,
+            client,
+            user,
+            plans: Vec::new(),
+            api_server: String::new(),
+            status: None,
+        }
+    }
+
+    fn first_control_plane(&self) -> Result<Arc<NodePlan>, EngineError> {
+        self.plans
+            .iter()
+            .find(|p| p.role == MachineRole::ControlPlane)
+            .cloned()
+            .ok_or_else(|| EngineError::Bootstrap("the cluster has no control-plane machine".into()))
+    }
+}
+
+/// The machines of `desired` as observed, control plane first; errors name a machine without an
+/// IPv4 address.
+pub fn boot_machines(
+    desired: &spec::Cluster,
+    observed: &Inventory,
+) -> Result<Vec<BootMachine>, EngineError> {
+    let mut out = Vec::new();
+    for d in plan::desired_machines(desired) {
+        let m = observed.iter().find(|m| m.name == d.name);
+        let ip = match m.and_then(ssh_address) {
+            Some(IpAddr::V4(ip)) => ip,
+            _ => {
+                return Err(EngineError::Node {
+                    machine: d.name,
+                    step: "finding its address".into(),
+                    detail: "the provider reports no IPv4 address for it".into(),
+                });
+            }
+        };
+        out.push(BootMachine {
+            name: d.name,
+            role: d.role,
+            pool: d.pool,
+            ip,
+        });
+    }
+    out.sort_by_key(|m| m.role != MachineRole::ControlPlane);
+    Ok(out)
+}
+
+/// The bootstrap phases, in order.
+pub fn bootstrap_phases() -> Vec<Box<dyn Phase<BootstrapContext>>> {
+    vec![
+        Box::new(Prepare),
+        Box::new(Install),
+        Box::new(StartControlPlane),
+        Box::new(StartWorkers),
+        Box::new(WaitForNodes),
+    ]
+}
+
+fn bootstrap_err(what: &str, e: &dyn std::error::Error) -> EngineError {
+    EngineError::Bootstrap(format!("{what}: {}", error_chain(e)))
+}
+
+fn v4(net: &IpNet, field: &str) -> Result<Ipv4Net, EngineError> {
+    match net {
+        IpNet::V4(n) => Ok(*n),
+        IpNet::V6(_) => Err(EngineError::Bootstrap(format!(
+            "{field} {net} is IPv6; clusterctl bootstraps IPv4 clusters only so far: use an IPv4 range"
+        ))),
+    }
+}
+
+/// Assigns pod range indexes: kept ones stay, gone machines lose theirs, new ones get the lowest
+/// free index.
+fn assign_pod_indexes(indexes: &mut BTreeMap<String, u32>, machines: &[BootMachine]) {
+    let names: BTreeSet<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+    indexes.retain(|n, _| names.contains(n.as_str()));
+    for m in machines {
+        if !indexes.contains_key(&m.name) {
+            let used: BTreeSet<u32> = indexes.values().copied().collect();
+            let free = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+            indexes.insert(m.name.clone(), free);
+        }
+    }
+}
+
+fn taint_effect(e: spec::TaintEffect) -> TaintEffect {
+    match e {
+        spec::TaintEffect::NoSchedule => TaintEffect::NoSchedule,
+        spec::TaintEffect::PreferNoSchedule => TaintEffect::PreferNoSchedule,
+        spec::TaintEffect::NoExecute => TaintEffect::NoExecute,
+    }
+}
+
+/// Issues certificates and renders every node's files.
+struct Prepare;
+
+impl Phase<BootstrapContext> for Prepare {
+    fn title(&self) -> String {
+        "Issuing certificates and rendering node configuration".into()
+    }
+    fn should_run(&self, _: &BootstrapContext) -> bool {
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let k = &ctx.spec.spec.kubernetes;
+            let service_cidr = v4(&k.service_cidr, "kubernetes.serviceCIDR")?;
+            let pod_cidr = v4(&k.pod_cidr, "kubernetes.podCIDR")?;
+            assign_pod_indexes(&mut ctx.pod_cidr_indexes, &ctx.machines);
+            let identity = |m: &BootMachine| NodeIdentity {
+                name: m.name.clone(),
+                addresses: vec![IpAddr::V4(m.ip)],
+            };
+            let pki_spec = PkiSpec {
+                cluster_name: ctx.spec.metadata.name.clone(),
+                cluster_domain: k.cluster_domain.clone(),
+                service_cidr: k.service_cidr,
+                control_plane: ctx
+                    .machines
+                    .iter()
+                    .filter(|m| m.role == MachineRole::ControlPlane)
+                    .map(identity)
+                    .collect(),
+                workers: ctx
+                    .machines
+                    .iter()
+                    .filter(|m| m.role == MachineRole::Worker)
+                    .map(identity)
+                    .collect(),
+                extra_api_server_sans: Vec::new(),
+            };
+            let dir = ctx.pki_dir.clone();
+            let (pki, actions) =
+                tokio::task::spawn_blocking(move || Pki::ensure(&dir, &pki_spec))
+                    .await
+                    .map_err(|e| EngineError::Task(e.to_string()))?
+                    .map_err(|e| bootstrap_err("issuing certificates", &e))?;
+            let created = actions
+                .iter()
+                .filter(|a| !matches!(a.action, crate::pki::Action::Reused))
+                .count();
+            ctx.report.note(&format!(
+                "{} certificate(s) and keys in {}: {created} new or re-issued, {} kept",
+                actions.len(),
+                ctx.pki_dir.display(),
+                actions.len() - created
+            ));
+
+            let profile = k8s::check_version(&ctx.artifacts.version)
+                .map_err(|e| bootstrap_err("kubernetes version", &e))?;
+            let dns_ip = Ipv4Addr::from(u32::from(service_cidr.network()) + 10);
+            let schedulable = ctx.spec.spec.control_plane.schedulable;
+            let pools: BTreeMap<&str, &spec::NodePool> = ctx
+                .spec
+                .spec
+                .node_pools
+                .iter()
+                .map(|p| (p.name.as_str(), p))
+                .collect();
+            let mut nodes = Vec::new();
+            for m in &ctx.machines {
+                let mut labels = BTreeMap::new();
+                let mut taints = Vec::new();
+                let role = match m.role {
+                    MachineRole::ControlPlane => {
+                        if !schedulable {
+                            taints.push(Taint {
+                                key: profile.control_plane_taint_key.to_owned(),
+                                value: None,
+                                effect: TaintEffect::NoSchedule,
+                            });
+                        }
+                        Role::ControlPlane
+                    }
+                    MachineRole::Worker => {
+                        if let Some(pool) = m.pool.as_deref().and_then(|p| pools.get(p)) {
+                            labels.insert(POOL_LABEL.to_owned(), pool.name.clone());
+                            labels.extend(pool.labels.clone());
+                            taints.extend(pool.taints.iter().map(|t| Taint {
+                                key: t.key.clone(),
+                                value: t.value.clone(),
+                                effect: taint_effect(t.effect),
+                            }));
+                        }
+                        Role::Worker
+                    }
+                };
+                nodes.push(NodeInput {
+                    name: m.name.clone(),
+                    ip: m.ip,
+                    role,
+                    pod_cidr_index: ctx.pod_cidr_indexes.get(&m.name).copied().unwrap_or(0),
+                    labels,
+                    taints,
+                });
+            }
+            let input = ClusterInput {
+                kubernetes_version: ctx.artifacts.version.clone(),
+                cluster_name: ctx.spec.metadata.name.clone(),
+                service_cidr,
+                dns_service_ip: dns_ip,
+                pod_cidr,
+                cluster_domain: k.cluster_domain.clone(),
+                api_server_port: 6443,
+                api_server_host: None,
+                etcd_cluster_state: EtcdClusterState::New,
+                pause_image: ctx.artifacts.pause_image.clone(),
+                controller_manager_signs: false,
+                layout: Layout::default(),
+                nodes,
+            };
+            let first_cp = ctx
+                .machines
+                .iter()
+                .find(|m| m.role == MachineRole::ControlPlane)
+                .ok_or_else(|| EngineError::Bootstrap("the spec has no control plane".into()))?;
+            ctx.api_server = format!("https://{}:{}", first_cp.ip, input.api_server_port);
+
+            let mut plans = Vec::new();
+            for m in &ctx.machines {
+                plans.push(Arc::new(node_plan(ctx, &pki, &input, m)?));
+            }
+            ctx.plans = plans;
+            Ok(())
+        })
+    }
+}
+
+fn node_plan(
+    ctx: &BootstrapContext,
+    pki: &Pki,
+    input: &ClusterInput,
+    m: &BootMachine,
+) -> Result<NodePlan, EngineError> {
+    let rendered = k8s::render_node(input, &m.name).map_err(|e| EngineError::Node {
+        machine: m.name.clone(),
+        step: "rendering its configuration".into(),
+        detail: error_chain(&e),
+    })?;
+    let mut files: Vec<(String, u32, Zeroizing<Vec<u8>>)> = rendered
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.path.clone(),
+                f.mode,
+                Zeroizing::new(f.contents.clone().into_bytes()),
+            )
+        })
+        .collect();
+    for e in &rendered.external {
+        let content = match &e.source {
+            Source::Pki(rel) => {
+                let path = pki.dir().join(rel);
+                Zeroizing::new(std::fs::read(&path).map_err(|err| {
+                    bootstrap_err(&format!("reading {}", path.display()), &err)
+                })?)
+            }
+            Source::Kubeconfig { cert, server } => {
+                let text = pki
+                    .kubeconfig(cert, server)
+                    .map_err(|err| bootstrap_err(&format!("kubeconfig {cert}"), &err))?;
+                Zeroizing::new(text.as_bytes().to_vec())
+            }
+        };
+        files.push((e.path.clone(), 0o600, content));
+    }
+    let layout = &input.layout;
+    let mut binaries = vec!["kubelet", "kube-proxy"];
+    if m.role == MachineRole::ControlPlane {
+        binaries.extend([
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+        ]);
+        let admin = pki
+            .kubeconfig(
+                "admin",
+                &format!("https://127.0.0.1:{}", input.api_server_port),
+            )
+            .map_err(|err| bootstrap_err("kubeconfig admin", &err))?;
+        files.push((
+            format!("{}/admin.conf", layout.config_dir),
+            0o600,
+            Zeroizing::new(admin.as_bytes().to_vec()),
+        ));
+    }
+    let mut bins = Vec::new();
+    for b in binaries {
+        let file = ctx
+            .artifacts
+            .binary(b)
+            .map_err(|e| bootstrap_err("artifacts", &e))?;
+        bins.push((
+            b.to_owned(),
+            file.path.clone(),
+            format!("{}/{b}", layout.bin_dir),
+        ));
+    }
+    let own_units = rendered
+        .files
+        .iter()
+        .filter_map(|f| f.path.strip_prefix("/etc/systemd/system/"))
+        .filter(|u| u.ends_with(".service"))
+        .map(str::to_owned)
+        .collect();
+    Ok(NodePlan {
+        name: m.name.clone(),
+        role: m.role,
+        target: Target::new(m.ip.to_string(), SSH_PORT, ctx.user.clone()),
+        binaries: bins,
+        files,
+        units: rendered.units.clone(),
+        own_units,
+    })
+}
+
+/// Runs `f` on each plan, up to `concurrency` at once, one progress line per node. The first
+/// failure is returned (named by node and step); the others are reported.
+async fn for_nodes<F, Fut>(
+    ctx: &BootstrapContext,
+    plans: Vec<Arc<NodePlan>>,
+    f: F,
+) -> Result<(), EngineError>
+where
+    F: Fn(SshClient, Arc<NodePlan>, Arc<MachineLine>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, EngineError>> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(ctx.concurrency.max(1)));
+    let bars = ctx.report.fancy.then(indicatif::MultiProgress::new);
+    let mut set = JoinSet::new();
+    for (i, plan) in plans.into_iter().enumerate() {
+        let line = Arc::new(MachineLine::new(bars.as_ref(), ctx.report, &plan.name));
+        let fut = f(ctx.client.clone(), plan, line.clone());
+        let limit = limit.clone();
+        set.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let started = Instant::now();
+            let res = fut.await;
+            match &res {
+                Ok(msg) => line.finish(&format!("{msg} ({:.1} s)", started.elapsed().as_secs_f64())),
+                Err(e) => line.finish(&format!("failed: {}", error_chain(e))),
+            }
+            (i, res)
+        });
+    }
+    let mut errors = Vec::new();
+    while let Some(j) = set.join_next().await {
+        match j {
+            Ok((i, Err(e))) => errors.push((i, e)),
+            Ok((_, Ok(_))) => {}
+            Err(e) => errors.push((usize::MAX, EngineError::Task(e.to_string()))),
+        }
+    }
+    errors.sort_by_key(|(i, _)| *i);
+    let failed = errors.len();
+    match errors.into_iter().next() {
+        None => Ok(()),
+        Some((_, e)) if failed == 1 => Err(e),
+        Some((_, e)) => Err(EngineError::Several {
+            failed,
+            attempted: failed,
+            first: Box::new(e),
+        }),
+    }
+}
+
+fn node_err(node: &str, step: impl Into<String>, e: &dyn std::error::Error) -> EngineError {
+    EngineError::Node {
+        machine: node.to_owned(),
+        step: step.into(),
+        detail: error_chain(e),
+    }
+}
+
+async fn connect(client: &SshClient, plan: &NodePlan) -> Result<Session, EngineError> {
+    client
+        .connect(&plan.target)
+        .await
+        .map_err(|e| node_err(&plan.name, "connecting over ssh", &e))
+}
+
+/// Runs a root shell script (sent on stdin, never on a command line: it may name secrets' paths
+/// but holds no secret) and fails with its output.
+async fn root_script(
+    session: &Session,
+    node: &str,
+    step: &str,
+    script: &str,
+    timeout: Duration,
+) -> Result<String, EngineError> {
+    let out = session
+        .exec_with(
+            "sudo -n sh -s",
+            ExecOptions {
+                timeout: Some(timeout),
+                stdin: Some(script.as_bytes()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| node_err(node, step, &e))?;
+    if !out.success() {
+        let mut detail = out.stderr_text().trim().to_owned();
+        if detail.is_empty() {
+            detail = out.stdout_text().trim().to_owned();
+        }
+        return Err(EngineError::Node {
+            machine: node.to_owned(),
+            step: step.to_owned(),
+            detail: format!(
+                "exit status {}: {}",
+                out.exit_status.map_or("none".into(), |s| s.to_string()),
+                last_lines(&detail, 15)
+            ),
+        });
+    }
+    Ok(out.stdout_text())
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn staged_name(dest: &str) -> String {
+    dest.trim_start_matches('/').replace('/', "__")
+}
+
+/// Uploads binaries, images and files, installs changed files as root and imports images.
+struct Install;
+
+impl Phase<BootstrapContext> for Install {
+    fn title(&self) -> String {
+        "Installing Kubernetes on the machines".into()
+    }
+    fn should_run(&self, _: &BootstrapContext) -> bool {
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let images: Arc<Vec<(String, PathBuf)>> = Arc::new(
+                ctx.artifacts
+                    .images
+                    .iter()
+                    .map(|i| (i.reference.clone(), i.file.path.clone()))
+                    .collect(),
+            );
+            for_nodes(ctx, ctx.plans.clone(), move |client, plan, line| {
+                let images = images.clone();
+                async move { install_node(&client, &plan, &line, &images).await }
+            })
+            .await
+        })
+    }
+}
+
+async fn install_node(
+    client: &SshClient,
+    plan: &NodePlan,
+    line: &MachineLine,
+    images: &[(String, PathBuf)],
+) -> Result<String, EngineError> {
+    let node = plan.name.as_str();
+    let session = connect(client, plan).await?;
+    let result = async {
+        let dirs = format!(
+            "sudo -n install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0755 /var/lib/clusterctl/bin {IMAGES} && \
+             sudo -n install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0700 {STAGING}"
+        );
+        session
+            .run(&dirs)
+            .await
+            .map_err(|e| node_err(node, "preparing /var/lib/clusterctl", &e))?;
+        let (mut sent, mut kept) = (0u64, 0usize);
+        for (name, local, remote) in &plan.binaries {
+            line.say(&format!("uploading {name}"));
+            let outcome = session
+                .upload_file(local, remote, 0o755)
+                .await
+                .map_err(|e| node_err(node, format!("uploading {name}"), &e))?;
+            match outcome {
+                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => sent += bytes,
+                crate::ssh::UploadOutcome::Unchanged { .. } => kept += 1,
+            }
+        }
+        let mut image_paths = Vec::new();
+        for (reference, local) in images {
+            let file = local
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image.tar".into());
+            let remote = format!("{IMAGES}/{file}");
+            line.say(&format!("uploading image {reference}"));
+            let outcome = session
+                .upload_file(local, &remote, 0o644)
+                .await
+                .map_err(|e| node_err(node, format!("uploading image {reference}"), &e))?;
+            match outcome {
+                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => sent += bytes,
+                crate::ssh::UploadOutcome::Unchanged { .. } => kept += 1,
+            }
+            image_paths.push((reference.clone(), remote));
+        }
+        line.say("writing configuration and certificates");
+        let mut script = String::from(
+            "set -eu\numask 077\nchanged=0\n\
+             put() {\n\
+             \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; return 0; fi\n\
+             \x20 mkdir -p \"$(dirname \"$2\")\"\n\
+             \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
+             \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
+             \x20 sync \"$2.clusterctl-new\"\n\
+             \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
+             \x20 echo \"changed $2\"\n\
+             \x20 changed=1\n\
+             }\n",
+        );
+        for (dest, mode, content) in &plan.files {
+            let staged = format!("{STAGING}/{}", staged_name(dest));
+            session
+                .upload_bytes(content, &staged, 0o600)
+                .await
+                .map_err(|e| node_err(node, format!("uploading {dest}"), &e))?;
+            script.push_str(&format!(
+                "put {} {} {:o}\n",
+                shell_quote(&staged),
+                shell_quote(dest),
+                mode
+            ));
+        }
+        script.push_str(&format!(
+            "if [ \"$changed\" = 1 ]; then touch {RESTART_PENDING}; sync {RESTART_PENDING}; fi\n"
+        ));
+        let out = root_script(
+            &session,
+            node,
+            "installing configuration files",
+            &script,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let changed = out.lines().filter(|l| l.starts_with("changed ")).count();
+
+        line.say("importing images into containerd");
+        let mut import = String::from(
+            "set -eu\nsystemctl start containerd\n\
+             have=$(ctr -n k8s.io images ls -q)\n",
+        );
+        for (reference, remote) in &image_paths {
+            import.push_str(&format!(
+                "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; echo imported {r}; }}\n",
+                r = shell_quote(reference),
+                p = shell_quote(remote),
+            ));
+        }
+        let out = root_script(
+            &session,
+            node,
+            "importing images into containerd",
+            &import,
+            Duration::from_secs(300),
+        )
+        .await?;
+        let imported = out.lines().filter(|l| l.starts_with("imported ")).count();
+        Ok(format!(
+            "{:.0} MiB uploaded, {kept} artifact(s) already there, {changed} file(s) changed, {imported} image(s) imported",
+            sent as f64 / (1u64 << 20) as f64
+        ))
+    }
+    .await;
+    session.close().await;
+    result
+}
+
+/// The script that (re)starts a node's units: restarts everything in order when files changed
+/// (the marker), otherwise only starts what is not running.
+fn start_script(plan: &NodePlan) -> String {
+    let units: Vec<String> = plan.units.iter().map(|u| shell_quote(u)).collect();
+    let own: Vec<String> = plan.own_units.iter().map(|u| shell_quote(u)).collect();
+    format!(
+        "set -eu\n\
+         systemctl daemon-reload\n\
+         systemctl enable -q {own}\n\
+         if [ -e {RESTART_PENDING} ]; then\n\
+         \x20 for u in {units}; do systemctl restart \"$u\"; done\n\
+         \x20 rm -f {RESTART_PENDING}\n\
+         \x20 echo restarted\n\
+         else\n\
+         \x20 for u in {units}; do systemctl is-active -q \"$u\" || {{ systemctl start \"$u\"; echo \"started $u\"; }}; done\n\
+         fi\n",
+        own = own.join(" "),
+        units = units.join(" "),
+    )
+}
+
+async fn start_node(client: &SshClient, plan: &NodePlan) -> Result<String, EngineError> {
+    let session = connect(client, plan).await?;
+    let result = root_script(
+        &session,
+        &plan.name,
+        "starting its units",
+        &start_script(plan),
+        Duration::from_secs(300),
+    )
+    .await;
+    session.close().await;
+    let out = result?;
+    Ok(if out.contains("restarted") {
+        format!("{} unit(s) restarted in order", plan.units.len())
+    } else {
+        let started = out.lines().filter(|l| l.starts_with("started ")).count();
+        if started == 0 {
+            "all units already running".into()
+        } else {
+            format!("{started} unit(s) started")
+        }
+    })
+}
+
+const KUBECTL: &str =
+    "sudo -n /var/lib/clusterctl/bin/kubectl --kubeconfig /var/lib/clusterctl/kubernetes/admin.conf";
+
+/// Starts etcd and the control plane and waits for the API server.
+struct StartControlPlane;
+
+impl Phase<BootstrapContext> for StartControlPlane {
+    fn title(&self) -> String {
+        "Starting etcd and the control plane".into()
+    }
+    fn should_run(&self, _: &BootstrapContext) -> bool {
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let cps: Vec<Arc<NodePlan>> = ctx
+                .plans
+                .iter()
+                .filter(|p| p.role == MachineRole::ControlPlane)
+                .cloned()
+                .collect();
+            for_nodes(ctx, cps, |client, plan, line| async move {
+                line.say("starting units");
+                let msg = start_node(&client, &plan).await?;
+                line.say(&format!("{msg}; waiting for the API server"));
+                let session = connect(&client, &plan).await?;
+                let wait = format!(
+                    "i=0; while [ $i -lt {n} ]; do {KUBECTL} get --raw=/readyz >/dev/null 2>&1 && exit 0; i=$((i+1)); sleep 2; done; \
+                     echo 'the API server did not become ready; last log lines:' >&2; \
+                     sudo -n journalctl -u etcd -u kube-apiserver -n 25 --no-pager >&2; exit 1",
+                    n = API_TIMEOUT.as_secs() / 3
+                );
+                let res = session
+                    .exec_with(
+                        &wait,
+                        ExecOptions {
+                            timeout: Some(API_TIMEOUT + Duration::from_secs(60)),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                session.close().await;
+                let out = res.map_err(|e| node_err(&plan.name, "waiting for the API server", &e))?;
+                if !out.success() {
+                    return Err(EngineError::Node {
+                        machine: plan.name.clone(),
+                        step: "waiting for the API server".into(),
+                        detail: last_lines(out.stderr_text().trim(), 25),
+                    });
+                }
+                Ok(format!("{msg}; API server ready"))
+            })
+            .await
+        })
+    }
+}
+
+/// Starts kubelet and kube-proxy on the workers.
+struct StartWorkers;
+
+impl Phase<BootstrapContext> for StartWorkers {
+    fn title(&self) -> String {
+        "Starting kubelet and kube-proxy on the workers".into()
+    }
+    fn should_run(&self, ctx: &BootstrapContext) -> bool {
+        ctx.plans.iter().any(|p| p.role == MachineRole::Worker)
+    }
+    fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let workers: Vec<Arc<NodePlan>> = ctx
+                .plans
+                .iter()
+                .filter(|p| p.role == MachineRole::Worker)
+                .cloned()
+                .collect();
+            for_nodes(ctx, workers, |client, plan, line| async move {
+                line.say("starting units");
+                start_node(&client, &plan).await
+            })
+            .await
+        })
+    }
+}
+
+/// A node as `kubectl get nodes -o json` reports it.
+#[derive(Debug, serde::Deserialize)]
+struct NodeList {
+    items: Vec<NodeItem>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct NodeItem {
+    metadata: NodeMeta,
+    #[serde(default)]
+    status: NodeItemStatus,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct NodeMeta {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeItemStatus {
+    #[serde(default)]
+    conditions: Vec<Condition>,
+    #[serde(default)]
+    node_info: Option<NodeInfo>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Condition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeInfo {
+    kubelet_version: String,
+}
+
+fn parse_nodes(json: &str) -> Result<Vec<(NodeStatus, BTreeMap<String, String>)>, String> {
+    let list: NodeList =
+        serde_json::from_str(json).map_err(|e| format!("unexpected `kubectl get nodes` output: {e}"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|n| {
+            let ready = n
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.kind == "Ready" && c.status == "True");
+            (
+                NodeStatus {
+                    name: n.metadata.name,
+                    ready,
+                    kubelet_version: n
+                        .status
+                        .node_info
+                        .map(|i| i.kubelet_version)
+                        .unwrap_or_default(),
+                },
+                n.metadata.labels,
+            )
+        })
+        .collect())
+}
+
+/// Lists nodes through the first control-plane node.
+async fn list_nodes(
+    session: &Session,
+    node: &str,
+) -> Result<Vec<(NodeStatus, BTreeMap<String, String>)>, EngineError> {
+    let out = session
+        .exec_with(
+            &format!("{KUBECTL} get nodes -o json"),
+            ExecOptions {
+                timeout: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| node_err(node, "listing nodes", &e))?;
+    if !out.success() {
+        return Err(EngineError::Node {
+            machine: node.to_owned(),
+            step: "listing nodes".into(),
+            detail: last_lines(out.stderr_text().trim(), 5),
+        });
+    }
+    parse_nodes(&out.stdout_text()).map_err(|detail| EngineError::Node {
+        machine: node.to_owned(),
+        step: "listing nodes".into(),
+        detail,
+    })
+}
+
+/// Waits until every machine's node is Ready, labels control-plane nodes and removes Node
+/// objects of machines that are gone.
+struct WaitForNodes;
+
+impl Phase<BootstrapContext> for WaitForNodes {
+    fn title(&self) -> String {
+        "Waiting for every node to be Ready".into()
+    }
+    fn should_run(&self, _: &BootstrapContext) -> bool {
+        true
+    }
+    fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let cp = ctx.first_control_plane()?;
+            let session = connect(&ctx.client, &cp).await?;
+            let result = wait_for_nodes(ctx, &session, &cp.name).await;
+            session.close().await;
+            let nodes = result?;
+            ctx.status = Some(KubernetesStatus {
+                version: ctx.artifacts.version.clone(),
+                api_server: ctx.api_server.clone(),
+                nodes,
+                checked_at: Timestamp::now(),
+            });
+            Ok(())
+        })
+    }
+}
+
+async fn wait_for_nodes(
+    ctx: &BootstrapContext,
+    session: &Session,
+    cp: &str,
+) -> Result<Vec<NodeStatus>, EngineError> {
+    let wanted: BTreeSet<&str> = ctx.machines.iter().map(|m| m.name.as_str()).collect();
+    // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
+    let listed = list_nodes(session, cp).await?;
+    let stale: Vec<String> = listed
+        .iter()
+        .map(|(n, _)| n.name.clone())
+        .filter(|n| !wanted.contains(n.as_str()))
+        .collect();
+    if !stale.is_empty() {
+        let cmd = format!(
+            "{KUBECTL} delete node --ignore-not-found {}",
+            stale.iter().map(|s| shell_quote(s)).collect::<Vec<_>>().join(" ")
+        );
+        session
+            .run(&cmd)
+            .await
+            .map_err(|e| node_err(cp, "removing nodes of deleted machines", &e))?;
+        ctx.report
+            .note(&format!("removed node(s) of deleted machines: {}", stale.join(", ")));
+    }
+    let started = Instant::now();
+    let mut last_report = String::new();
+    loop {
+        let listed = list_nodes(session, cp).await?;
+        let ready: BTreeSet<&str> = listed
+            .iter()
+            .filter(|(n, _)| n.ready)
+            .map(|(n, _)| n.name.as_str())
+            .collect();
+        let missing: Vec<&str> = wanted.difference(&ready).copied().collect();
+        if missing.is_empty() {
+            // Role labels are set through the API: kubelet may not set node-role labels.
+            let mut label = Vec::new();
+            for m in ctx.machines.iter().filter(|m| m.role == MachineRole::ControlPlane) {
+                let has = listed.iter().any(|(n, l)| {
+                    n.name == m.name && l.contains_key("node-role.kubernetes.io/control-plane")
+                });
+                if !has {
+                    label.push(shell_quote(&m.name));
+                }
+            }
+            if !label.is_empty() {
+                let cmd = format!(
+                    "{KUBECTL} label node --overwrite {} node-role.kubernetes.io/control-plane= node-role.kubernetes.io/master=",
+                    label.join(" ")
+                );
+                session
+                    .run(&cmd)
+                    .await
+                    .map_err(|e| node_err(cp, "labelling control-plane nodes", &e))?;
+            }
+            let mut nodes: Vec<NodeStatus> = listed
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| wanted.contains(n.name.as_str()))
+                .collect();
+            nodes.sort_by(|a, b| a.name.cmp(&b.name));
+            for n in &nodes {
+                ctx.report
+                    .machine(&n.name, &format!("Ready, kubelet {}", n.kubelet_version));
+            }
+            return Ok(nodes);
+        }
+        let now = format!("waiting for {}", missing.join(", "));
+        if now != last_report {
+            ctx.report.note(&now);
+            last_report = now;
+        }
+        if started.elapsed() > NODES_TIMEOUT {
+            let first = missing[0];
+            let detail = match ctx.plans.iter().find(|p| p.name == first) {
+                Some(plan) => node_journal(&ctx.client, plan).await,
+                None => String::new(),
+            };
+            return Err(EngineError::Node {
+                machine: first.to_owned(),
+                step: "waiting for the node to be Ready".into(),
+                detail: format!(
+                    "not Ready after {} s (not Ready: {}); kubelet's last log lines:\n{detail}",
+                    NODES_TIMEOUT.as_secs(),
+                    missing.join(", ")
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+async fn node_journal(client: &SshClient, plan: &NodePlan) -> String {
+    let Ok(session) = client.connect(&plan.target).await else {
+        return "(cannot connect to read its log)".into();
+    };
+    let out = session
+        .exec("sudo -n journalctl -u kubelet -n 15 --no-pager")
+        .await
+        .map(|o| o.stdout_text())
+        .unwrap_or_default();
+    session.close().await;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(name: &str, role: MachineRole) -> BootMachine {
+        BootMachine {
+            name: name.into(),
+            role,
+            pool: None,
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+        }
+    }
+
+    #[test]
+    fn pod_indexes_are_kept_freed_and_reused_lowest_first() {
+        let mut idx = BTreeMap::new();
+        let machines = vec![
+            m("cp", MachineRole::ControlPlane),
+            m("w1", MachineRole::Worker),
+            m("w2", MachineRole::Worker),
+        ];
+        assign_pod_indexes(&mut idx, &machines);
+        assert_eq!(idx.get("cp"), Some(&0));
+        assert_eq!(idx.get("w1"), Some(&1));
+        assert_eq!(idx.get("w2"), Some(&2));
+        // w1 is replaced by w3: w2 keeps 2, w3 takes the freed 1.
+        let machines = vec![
+            m("cp", MachineRole::ControlPlane),
+            m("w2", MachineRole::Worker),
+            m("w3", MachineRole::Worker),
+        ];
+        assign_pod_indexes(&mut idx, &machines);
+        assert_eq!(idx.get("w2"), Some(&2));
+        assert_eq!(idx.get("w3"), Some(&1));
+        assert!(!idx.contains_key("w1"));
+    }
+
+    #[test]
+    fn node_list_parsing_reads_readiness_and_versions_and_refuses_garbage() {
+        let json = r#"{"items":[
+          {"metadata":{"name":"a","labels":{"x":"y"}},"status":{"conditions":[{"type":"Ready","status":"True"}],"nodeInfo":{"kubeletVersion":"v1.20.2"}}},
+          {"metadata":{"name":"b"},"status":{"conditions":[{"type":"Ready","status":"False"}]}},
+          {"metadata":{"name":"c"}}
+        ]}"#;
+        let nodes = parse_nodes(json).unwrap_or_default();
+        assert_eq!(nodes.len(), 3);
+        assert!(nodes[0].0.ready);
+        assert_eq!(nodes[0].0.kubelet_version, "v1.20.2");
+        assert!(!nodes[1].0.ready);
+        assert!(!nodes[2].0.ready);
+        assert!(parse_nodes("not json").is_err());
+        assert!(parse_nodes("{\"items\": 3}").is_err());
+    }
+
+    #[test]
+    fn staged_names_are_flat_and_distinct() {
+        assert_eq!(
+            staged_name("/etc/systemd/system/kubelet.service"),
+            "etc__systemd__system__kubelet.service"
+        );
+        assert_ne!(
+            staged_name("/var/lib/clusterctl/kubernetes/pki/ca.crt"),
+            staged_name("/var/lib/clusterctl/kubernetes/pki/etcd/ca.crt")
+        );
+    }
+}
