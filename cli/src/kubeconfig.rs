@@ -259,6 +259,22 @@ pub struct MergeOutcome {
     pub current: bool,
 }
 
+impl fmt::Display for MergeOutcome {
+    /// `kubeconfig entry "clusterctl-demo" written to /home/u/.kube/config (current context)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "kubeconfig entry {:?} ", self.context)?;
+        if self.changed {
+            write!(f, "written to {}", self.path.display())?;
+        } else {
+            write!(f, "in {} is up to date", self.path.display())?;
+        }
+        if self.current {
+            f.write_str(" (current context)")?;
+        }
+        Ok(())
+    }
+}
+
 /// Merges `entry` into the kubeconfig at `path`: creates the file (and its directory, 0700) if
 /// missing, replaces the cluster, user and context entries of the same names or appends them,
 /// and with `set_current` makes the context the current one. Everything else in the file is
@@ -645,18 +661,21 @@ fn item_name(item: &Node) -> Option<&str> {
 
 /// `- name: NAME` / `  FIELD: {fields}`, in kubectl's (alphabetical) order.
 fn named(name: &str, field: &str, fields: Vec<(&str, String)>) -> Node {
-    Node::Map(vec![
-        (
-            field.to_owned(),
-            Node::Map(
-                fields
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), Node::Str(v)))
-                    .collect(),
-            ),
+    let body = (
+        field.to_owned(),
+        Node::Map(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Node::Str(v)))
+                .collect(),
         ),
-        ("name".to_owned(), Node::Str(name.to_owned())),
-    ])
+    );
+    let name = ("name".to_owned(), Node::Str(name.to_owned()));
+    Node::Map(if body.0.as_str() < "name" {
+        vec![body, name]
+    } else {
+        vec![name, body]
+    })
 }
 
 /// The items of list `key` (empty if absent or not a list).

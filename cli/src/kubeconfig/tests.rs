@@ -214,6 +214,39 @@ fn merge_into_a_missing_file_makes_a_private_kubeconfig_and_directory() {
 }
 
 #[test]
+fn a_new_file_looks_like_one_kubectl_writes() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = tmp.path().join("config");
+    let e = entry("demo", "https://10.77.0.11:6443");
+    merge(&path, &e, true).unwrap_or_else(|e| panic!("{e}"));
+    let want = format!(
+        "apiVersion: v1\n\
+         clusters:\n\
+         - cluster:\n    \
+             certificate-authority-data: {ca}\n    \
+             server: https://10.77.0.11:6443\n  \
+           name: clusterctl-demo\n\
+         contexts:\n\
+         - context:\n    \
+             cluster: clusterctl-demo\n    \
+             user: clusterctl-demo-admin\n  \
+           name: clusterctl-demo\n\
+         current-context: clusterctl-demo\n\
+         kind: Config\n\
+         preferences: {{}}\n\
+         users:\n\
+         - name: clusterctl-demo-admin\n  \
+           user:\n    \
+             client-certificate-data: {cert}\n    \
+             client-key-data: {key}\n",
+        ca = STANDARD.encode(&e.ca_pem),
+        cert = STANDARD.encode(&e.client_cert_pem),
+        key = STANDARD.encode(e.client_key_pem.as_bytes()),
+    );
+    assert_eq!(fs::read_to_string(&path).unwrap_or_default(), want);
+}
+
+#[test]
 fn merge_keeps_every_other_entry_field_and_key_by_value_and_order() {
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = tmp.path().join("config");
