@@ -81,7 +81,7 @@ pub enum KubeconfigError {
     },
     /// The file is not valid YAML.
     #[error(
-        "kubeconfig {}{} is not valid YAML: {message}; clusterctl does not overwrite it: fix it or move it aside, or write another file with --kubeconfig",
+        "kubeconfig {} is not valid YAML{}: {message}; clusterctl does not overwrite it: fix it or move it aside, or write another file with --kubeconfig",
         path.display(),
         Position(*line, *column)
     )]
@@ -292,6 +292,7 @@ pub fn merge(
             .create(dir)
             .map_err(io_err("create directory", dir))?;
     }
+    tracing::info!(path = %target.display(), context = %entry.context, "merging kubeconfig entry");
     let _lock = LockFile::acquire(path)?;
     let existing = read(&target)?;
     let created = existing.is_none();
@@ -376,6 +377,7 @@ pub fn remove(path: &Path, cluster_name: &str) -> Result<bool, KubeconfigError> 
     if !target.exists() {
         return Ok(false);
     }
+    tracing::info!(path = %target.display(), cluster = cluster_name, "removing kubeconfig entries");
     let _lock = LockFile::acquire(path)?;
     let Some(node) = read(&target)? else {
         return Ok(false);

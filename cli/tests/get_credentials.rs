@@ -12,7 +12,9 @@ use anyhow::{Context, Result, ensure};
 use base64::Engine as _;
 use clusterctl::kubeconfig;
 use clusterctl::pki::{NodeIdentity, Pki, PkiSpec};
-use clusterctl::state::{ClusterRecord, KubernetesStatus, StateStore, Timestamp, WaitMode};
+use clusterctl::state::{
+    ClusterRecord, ClusterStatus, KubernetesStatus, StateStore, Timestamp, WaitMode,
+};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterctl");
@@ -347,6 +349,23 @@ fn get_credentials_fails_clearly_and_writes_nothing() -> Result<()> {
         stderr(&out)
     );
 
+    // A cluster being deleted has no credentials to hand out.
+    bed.cluster("going", true)?;
+    {
+        let store = StateStore::new(bed.state_dir());
+        let guard = store.lock("going", WaitMode::FailFast, &mut |_| {})?;
+        let mut record = guard.load()?.context("record")?;
+        record.status = ClusterStatus::Deleting;
+        guard.save(&mut record)?;
+    }
+    let out = bed.run(&["get-credentials", "going"], env)?;
+    ensure!(out.status.code() == Some(1));
+    ensure!(
+        stderr(&out).contains("cluster \"going\" is being deleted"),
+        "{}",
+        stderr(&out)
+    );
+
     bed.cluster("demo", true)?;
     std::fs::remove_file(bed.pki_file("demo", "admin.key"))?;
     let out = bed.run(&["get-credentials", "demo"], env)?;
@@ -367,9 +386,10 @@ fn get_credentials_fails_clearly_and_writes_nothing() -> Result<()> {
     ensure!(out.status.code() == Some(1));
     let err = stderr(&out);
     ensure!(
-        err.contains(&format!("kubeconfig {} at line", path.display()))
-            && err.contains("is not valid YAML")
-            && err.contains("move it aside"),
+        err.contains(&format!(
+            "kubeconfig {} is not valid YAML at line 3",
+            path.display()
+        )) && err.contains("move it aside"),
         "{err}"
     );
     ensure!(std::fs::read_to_string(&path)? == broken);

@@ -6,7 +6,7 @@ use anyhow::bail;
 
 use super::Global;
 use crate::kubeconfig;
-use crate::state::StateStore;
+use crate::state::{ClusterStatus, StateStore};
 
 /// Arguments of `clusterctl get-credentials`.
 #[derive(Debug, clap::Args)]
@@ -29,6 +29,11 @@ pub fn run(global: &Global, args: &GetCredentialsArgs) -> anyhow::Result<()> {
             store.root().display()
         );
     };
+    if record.status == ClusterStatus::Deleting {
+        bail!(
+            "cluster {name:?} is being deleted; run `clusterctl delete {name}` to finish, there are no credentials to get"
+        );
+    }
     let path = match &args.kubeconfig {
         Some(p) => p.clone(),
         None => kubeconfig::default_path()?,
