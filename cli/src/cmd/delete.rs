@@ -84,6 +84,7 @@ pub fn run(global: &Global, args: &DeleteArgs) -> anyhow::Result<()> {
     drop(journal);
     report.phase("Removing cluster state");
     guard.remove()?;
+    super::credentials::forget_context(name, global.quiet);
     if !global.quiet {
         eprintln!("Cluster {name:?} deleted.");
     }

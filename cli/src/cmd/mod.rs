@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::output::Format;
 
 pub mod create;
+pub mod credentials;
 pub mod delete;
 pub mod get;
 pub mod image;
@@ -61,6 +62,8 @@ pub enum Command {
     Delete(delete::DeleteArgs),
     /// List clusters, or show one cluster and its machines.
     Get(get::GetArgs),
+    /// Write a kubeconfig context for the cluster (merged into ~/.kube/config or $KUBECONFIG).
+    GetCredentials(credentials::GetCredentialsArgs),
     /// Print a shell completion script.
     Completions {
         /// Shell to generate completions for.
@@ -122,6 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Create(args) => create::run(&cli.global, &args),
         Command::Delete(args) => delete::run(&cli.global, &args),
         Command::Get(args) => get::run(&cli.global, &args),
+        Command::GetCredentials(args) => credentials::run(&cli.global, &args),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());
