@@ -35,6 +35,9 @@ CLUSTERCTL_BUNDLE_TEST=1 CLUSTERCTL_BUNDLE="$bundle" cargo test --workspace --lo
 
 stage "Kubernetes node templates: every rendered flag and config accepted by the real binaries"
 CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test kubernetes_bundle
+stage "kubeconfig files read back by the bundle's real kubectl"
+CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --lib kubeconfig
+CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --test get_credentials
 
 stage "node image: build or reuse, boot once under QEMU TCG"
 CLUSTERCTL_IMAGE_TEST=1 cargo test --workspace --locked --test boot -- --nocapture

@@ -52,6 +52,8 @@ impl Bed {
         c.args(args)
             .current_dir(&self.root)
             .env("CLUSTERCTL_STATE_DIR", self.state_dir())
+            // delete removes the cluster's kubeconfig context: never from the tester's own.
+            .env("KUBECONFIG", self.root.join("kubeconfig"))
             .env("CLUSTERCTL_FAKE_DELAY_MS", delay_ms.to_string())
             .env_remove("CLUSTERCTL_FAKE_FAIL_ENSURE")
             .env_remove("CLUSTERCTL_LOG")

@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# End-to-end test of the clusterctl binary on libvirt: create / get / ssh / delete of a cluster of
-# 1 control plane + 2 workers booted from clusterctl's own node image, inside the libvirt test bed.
+# End-to-end test of the clusterctl binary on libvirt: create / get / ssh / get-credentials /
+# delete of a real Kubernetes cluster (1 control plane + 2 workers booted from clusterctl's own node
+# image, Kubernetes from the test bundle), inside the libvirt test bed.
 #
 #   tests/bed/cli-e2e.sh            build clusterctl, bring up a bed of its own (libvirt-env.sh),
 #                                   run the test inside it, tear the bed down (also on failure)
 #   tests/bed/cli-e2e.sh --inside   run the test in the current bed (libvirt-env.sh test uses this;
-#                                   needs CLUSTERCTL_BIN and CLUSTERCTL_TEST_IMAGE)
+#                                   needs CLUSTERCTL_BIN, CLUSTERCTL_TEST_IMAGE, CLUSTERCTL_BUNDLE_DIR)
 #
 # Environment:
 #   CLUSTERCTL_TEST_IMAGE  node image directory (with manifest.json); default: the newest image in
 #                          $CLUSTERCTL_IMAGE_DIR or /var/cache/clusterctl/images, built with
 #                          `clusterctl image build` if there is none
-#   CLUSTERCTL_E2E_PHASES  which parts to run: `clean kill` (default, two boot cycles: ~6 min on an
-#                          idle 2-core host, far longer under load), or only `clean` or `kill`
+#   CLUSTERCTL_BUNDLE_DIR  Kubernetes bundle (tests/bed/build-k8s-bundle.sh builds or reuses one)
+#   CLUSTERCTL_E2E_PHASES  which parts to run: `clean kill` (default, two clusters), or only one
 #
-# What it proves, through the binary only (phase `clean`: 1-3, phase `kill`: 4, 2, 3):
+# What it proves, through the binary only (phase `clean`: 1-3, phase `kill`: 4, 5, 2, 3):
 #   1. `create` from nothing: 3 domains running, each answering SSH with the host key clusterctl
 #      generated and pinned (checked by `clusterctl ssh`, and the key read back from the machine);
-#      a machine presenting another key than the pinned one is refused
-#   2. `create` again changes nothing: same domains, volumes, networks, pools and host keys
-#   3. `delete` removes every domain, volume, network and pool carrying the cluster's ID and the
-#      cluster's state directory
-#   4. `create` SIGKILLed while machines are being created, then run again: exactly 3 machines,
-#      the same set of volumes as a clean create (nothing orphaned), all answering SSH; `delete`
-#      then cleans up completely again
+#      a machine presenting another key than the pinned one is refused. Kubernetes: all 3 nodes
+#      Ready through the kubeconfig context `create` merged into $KUBECONFIG; a 2-replica busybox
+#      Deployment runs one pod on each worker; a pod reaches the pod on the other worker and the
+#      ClusterIP Service backed by it
+#   2. `create` again changes nothing: same domains, volumes, networks, pools and host keys, no
+#      upload, no unit restarted; an unreachable node (its SSH port dropped in the bed) makes
+#      `create` fail with an error naming the node and the phase
+#   3. `delete` removes every domain, volume, network and pool carrying the cluster's ID, the
+#      cluster's state directory and its kubeconfig context
+#   4. `create` SIGKILLed while machines are being created, then SIGKILLed again while Kubernetes is
+#      being installed on them, then run again: a healthy cluster (as in 1), exactly 3 machines,
+#      the same set of volumes as a clean create (nothing orphaned)
 # Must run as root (the bed needs it).
 set -euo pipefail
 
@@ -48,6 +54,8 @@ if [ "${1:-}" != --inside ]; then
     CLUSTERCTL_TEST_IMAGE=$("$bin" image list --image-dir "$image_dir" -o json | jq -r '.[-1].dir')
   fi
   export CLUSTERCTL_TEST_IMAGE
+  CLUSTERCTL_BUNDLE_DIR=${CLUSTERCTL_BUNDLE_DIR:-$(bash "$here/build-k8s-bundle.sh")}
+  export CLUSTERCTL_BUNDLE_DIR
   # A bed of its own (own state root), so it never collides with a bed someone else has up.
   export CLUSTERCTL_BED_STATE_ROOT=/run/clusterctl-bed-cli-$$
   trap 'bash "$here/libvirt-env.sh" down; rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true' EXIT INT TERM
@@ -58,6 +66,9 @@ fi
 
 bin=${CLUSTERCTL_BIN:?CLUSTERCTL_BIN must name the clusterctl binary}
 image=${CLUSTERCTL_TEST_IMAGE:?CLUSTERCTL_TEST_IMAGE must name the node image directory}
+bundle=${CLUSTERCTL_BUNDLE_DIR:?CLUSTERCTL_BUNDLE_DIR must name the Kubernetes bundle}
+kubectl=$bundle/bin/kubectl
+[ -x "$kubectl" ] || die "$bundle has no bin/kubectl"
 [ -f "$image/manifest.json" ] || die "$image has no manifest.json"
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
@@ -65,6 +76,7 @@ $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (li
 work=$(mktemp -d /var/tmp/clusterctl-cli-e2e.XXXXXX)
 name=e2e-cli
 export CLUSTERCTL_STATE_DIR=$work/state
+export KUBECONFIG=$work/kubeconfig
 export CLUSTERCTL_IMAGE_DIR=$(dirname "$image")
 unset CLUSTERCTL_ACCELERATOR
 version=$(jq -r .version "$image/manifest.json")
@@ -96,7 +108,10 @@ spec:
   nodeImage:
     version: $version
   kubernetes:
-    channel: stable
+    version: "1.20.2"
+    artifacts:
+      bundle:
+        path: $bundle
   controlPlane:
     count: 1
     machine: {cpus: 2, memory: 1800Mi, disk: 4Gi}
@@ -159,7 +174,7 @@ check_running() {
     jq -e --arg m "$m" '.machines[] | select(.name == $m and .state == "running" and (.addresses | length) > 0)' <<< "$json" > /dev/null \
       || die "machine $m is not running with an address: $json"
   done
-  [ "$(jq -r .status <<< "$json")" = provisioned ] || die "cluster status is not provisioned: $json"
+  [ "$(jq -r .status <<< "$json")" = running ] || die "cluster status is not running: $json"
 }
 
 check_ssh() {
@@ -213,10 +228,94 @@ check_again() {
   keys=$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
   "$bin" create -f "$work/cluster.yaml" 2> "$work/again.log" || { cat "$work/again.log" >&2; die "create again failed"; }
   grep -q '0 to create or start, 0 to delete, 3 unchanged' "$work/again.log" || { cat "$work/again.log" >&2; die "create again planned changes"; }
+  [ "$(grep -c ': 0 MiB uploaded, [0-9]* artifact(s) already there, 0 file(s) changed, 0 image(s) imported' "$work/again.log")" -eq 3 ] \
+    || { cat "$work/again.log" >&2; die "create again uploaded, changed or imported something"; }
+  [ "$(grep -c ': all units already running' "$work/again.log")" -eq 3 ] \
+    || { cat "$work/again.log" >&2; die "create again restarted units"; }
   [ "$(inventory "$id")" = "$before" ] || die "create again changed libvirt objects"
   [ "$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$keys" ] || die "create again changed host keys"
   check_ssh
   log "create again changed nothing"
+}
+
+k() { "$kubectl" --request-timeout=60s "$@"; }
+
+# The cluster works, through the kubeconfig context `create` merged: nodes, scheduling, pod
+# network across nodes, Services.
+check_kubernetes() {
+  local nodes ready pods p1 p2 n1 n2 ip2 svc out i
+  [ "$(k config current-context)" = "clusterctl-$name" ] || die "current context is not clusterctl-$name"
+  nodes=$(k get nodes -o json) || die "kubectl get nodes failed"
+  ready=$(jq -r '[.items[] | select(any(.status.conditions[]; .type == "Ready" and .status == "True")) | .metadata.name] | sort | join(" ")' <<< "$nodes")
+  [ "$ready" = "$(tr ' ' '\n' <<< "$machines" | sort | xargs)" ] || die "Ready nodes: '$ready', want: $machines"
+  jq -e '[.items[].status.nodeInfo.kubeletVersion] | all(. == "v1.20.2")' <<< "$nodes" > /dev/null || die "kubelet versions: $nodes"
+  k get node "$name-cp-0" -o json | jq -e '.metadata.labels["node-role.kubernetes.io/control-plane"] == ""' > /dev/null \
+    || die "the control-plane node has no role label"
+  log "kubernetes: 3 nodes Ready (kubelet v1.20.2), control plane labelled"
+  k delete deployment web --ignore-not-found > /dev/null
+  k delete service web --ignore-not-found > /dev/null
+  k apply -f - > /dev/null <<YAML || die "kubectl apply failed"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - topologyKey: kubernetes.io/hostname
+            labelSelector: {matchLabels: {app: web}}
+      containers:
+      - name: web
+        image: localhost/clusterctl/busybox:1.35.0
+        imagePullPolicy: Never
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+YAML
+  k rollout status deployment/web --timeout=600s >&2 || { k get pods -o wide >&2; k describe pods >&2; die "deployment web did not become ready"; }
+  pods=$(k get pods -l app=web -o json)
+  [ "$(jq '.items | length' <<< "$pods")" -eq 2 ] || die "want 2 web pods: $pods"
+  p1=$(jq -r '.items[0].metadata.name' <<< "$pods"); n1=$(jq -r '.items[0].spec.nodeName' <<< "$pods")
+  p2=$(jq -r '.items[1].metadata.name' <<< "$pods"); n2=$(jq -r '.items[1].spec.nodeName' <<< "$pods")
+  ip2=$(jq -r '.items[1].status.podIP' <<< "$pods")
+  [ "$(printf '%s\n' "$n1" "$n2" | sort | xargs)" = "$name-workers-0 $name-workers-1" ] || die "web pods run on '$n1' and '$n2', want one on each worker"
+  log "kubernetes: busybox pods $p1 on $n1 and $p2 on $n2"
+  out=$(k exec "$p1" -- wget -q -T 10 -O - "http://$ip2:8080/") || die "pod $p1 on $n1 cannot reach pod $p2 at $ip2 on $n2"
+  [ "$out" = "$p2" ] || die "pod $ip2 answered '$out', want '$p2'"
+  log "kubernetes: pod on $n1 reached pod $p2 ($ip2) on $n2"
+  svc=$(k get service web -o jsonpath='{.spec.clusterIP}')
+  for i in $(seq 1 30); do
+    out=$(k exec "$p1" -- wget -q -T 5 -O - "http://$svc/" 2>/dev/null || true)
+    [ "$out" = "$p2" ] && break
+    out=""
+  done
+  [ -n "$out" ] || die "the ClusterIP Service $svc never answered from the pod $p2 on the other worker (30 tries)"
+  log "kubernetes: ClusterIP service $svc reached pod $p2 on the other worker"
+}
+
+# A node that does not answer: create fails naming the node and the phase, then works again.
+check_unreachable() {
+  local ip
+  ip=$(jq -r --arg m "$name-workers-1" '.machines[] | select(.name == $m) | .addresses[0]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  iptables -w -I OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
+  if "$bin" create -f "$work/cluster.yaml" --ssh-timeout 20 2> "$work/unreachable.log"; then
+    iptables -w -D OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
+    die "create succeeded with $name-workers-1 unreachable"
+  fi
+  iptables -w -D OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
+  grep -q "$name-workers-1" "$work/unreachable.log" && grep -q "Waiting for SSH" "$work/unreachable.log" \
+    || { cat "$work/unreachable.log" >&2; die "the error does not name the node and the phase"; }
+  log "unreachable node: $(grep '^error' "$work/unreachable.log" | head -c 300)"
 }
 
 phases=${CLUSTERCTL_E2E_PHASES:-clean kill}
@@ -236,10 +335,13 @@ id=$(cluster_id)
 check_inventory "$(inventory "$id")"
 check_secrets
 check_pinned_only
+check_kubernetes
 check_again "$id"
+check_unreachable
 log "clean 3. delete"
 "$bin" delete "$name" || die "delete failed"
 check_gone "$id"
+! "$kubectl" config get-contexts -o name 2>/dev/null | grep -qx "clusterctl-$name" || die "delete left the kubeconfig context"
 log "delete left nothing of cluster $id"
 fi
 
@@ -260,6 +362,20 @@ wait "$pid" 2>/dev/null || true
 cat "$work/create3.log" >&2
 log "killed create (pid $pid) while creating machines"
 id2=$(cluster_id)
+log "kill 1b. create again, SIGKILL while Kubernetes is being installed"
+"$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create3b.log" &
+pid=$!
+for _ in $(seq 1 30000); do
+  grep -q 'uploading kube-apiserver' "$work/create3b.log" 2>/dev/null && break
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.1
+done
+grep -q 'uploading kube-apiserver' "$work/create3b.log" || { cat "$work/create3b.log" >&2; die "create never reached 'uploading kube-apiserver'"; }
+sleep 5
+kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
+wait "$pid" 2>/dev/null || true
+cat "$work/create3b.log" >&2
+log "killed create (pid $pid) while installing Kubernetes"
 log "kill 2. create again (resumes)"
 start=$SECONDS
 "$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create4.log" || { cat "$work/create4.log" >&2; die "resumed create failed"; }
@@ -271,7 +387,8 @@ check_ssh
 check_inventory "$(inventory "$id2")"
 check_secrets
 check_pinned_only
-log "after kill and resume: exactly 3 machines, nothing orphaned"
+check_kubernetes
+log "after two kills and resume: a working cluster on exactly 3 machines, nothing orphaned"
 check_again "$id2"
 log "kill 4. delete"
 "$bin" delete "$name" || die "delete after resume failed"

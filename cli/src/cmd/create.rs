@@ -134,7 +134,13 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     // Kubernetes artifacts: the version is checked and every file verified (downloaded first for
     // `upstream`) before any machine exists, so a bad bundle installs nothing.
-    let artifacts: Option<Arc<Artifacts>> = if boots {
+    // A local bundle is verified with every provider, so a bad one is refused the same way.
+    let verify = boots
+        || matches!(
+            spec.spec.kubernetes.artifacts,
+            spec::ArtifactSource::Bundle(_)
+        );
+    let artifacts: Option<Arc<Artifacts>> = if verify {
         report.phase("Verifying Kubernetes artifacts");
         let started = std::time::Instant::now();
         let a = rt
@@ -149,7 +155,7 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
             a.images.len(),
             started.elapsed().as_secs_f64()
         ));
-        Some(Arc::new(a))
+        boots.then(|| Arc::new(a))
     } else {
         artifacts::check_spec(&spec)
             .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
@@ -284,6 +290,15 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     }
     saved?;
     finished?;
+    if record.status == ClusterStatus::Running {
+        // Like `gcloud container clusters create`: kubectl is configured for the new cluster.
+        let path = crate::kubeconfig::default_path()?;
+        let outcome = crate::kubeconfig::write_admin_context(&store, &record, &path)
+            .with_context(|| format!("writing the kubeconfig entry of cluster {name:?}; `clusterctl get-credentials {name}` tries again"))?;
+        if !global.quiet {
+            eprintln!("{outcome}");
+        }
+    }
     if global.output != crate::output::Format::Table {
         crate::output::print(&crate::output::to_string(global.output, &record)?)?;
     }
@@ -358,7 +373,7 @@ fn bootstrap_kubernetes(
         ctx.desired.clone(),
         artifacts,
         machines,
-        guard.dir().join("pki"),
+        guard.dir().join(crate::kubeconfig::PKI_DIR),
         record.pod_cidr_indexes.clone(),
         client,
         access.identity.user.clone(),

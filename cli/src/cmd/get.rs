@@ -10,7 +10,7 @@ use super::Global;
 use crate::engine::plan::{role_word, state_word};
 use crate::output::{self, Format};
 use crate::spec;
-use crate::state::{ClusterRecord, StateStore, Timestamp};
+use crate::state::{ClusterRecord, KubernetesStatus, StateStore, Timestamp};
 
 /// Arguments of `clusterctl get`.
 #[derive(Debug, clap::Args)]
@@ -38,10 +38,16 @@ struct ClusterView {
     /// Pinned SSH host key per machine.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     ssh_host_keys: std::collections::BTreeMap<String, String>,
+    /// Kubernetes as last checked by `create`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     spec: Option<spec::Cluster>,
+    /// The spec, for the node-pool table (not serialized: `spec` is, in JSON and YAML).
+    #[serde(skip)]
+    spec_for_pools: Option<spec::Cluster>,
 }
 
 impl ClusterView {
@@ -56,7 +62,9 @@ impl ClusterView {
             observed_at: r.observed_at,
             machines: r.machines,
             ssh_host_keys: r.ssh_host_keys,
+            kubernetes: r.kubernetes,
             error: None,
+            spec_for_pools: Some(r.spec.clone()),
             spec: with_spec.then_some(r.spec),
         }
     }
@@ -72,8 +80,10 @@ impl ClusterView {
             observed_at: None,
             machines: Vec::new(),
             ssh_host_keys: Default::default(),
+            kubernetes: None,
             error: Some(error),
             spec: None,
+            spec_for_pools: None,
         }
     }
 }
@@ -83,11 +93,12 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
         .map_or_else(|| "-".to_owned(), ToString::to_string)
 }
 
-fn machines_table(ms: &[Machine]) -> String {
+fn machines_table(ms: &[Machine], k8s: Option<&KubernetesStatus>) -> String {
     let rows: Vec<Vec<String>> = ms
         .iter()
         .map(|m| {
             let addrs: Vec<String> = m.addresses.iter().map(ToString::to_string).collect();
+            let node = k8s.and_then(|k| k.nodes.iter().find(|n| n.name == m.name));
             vec![
                 m.name.clone(),
                 role_word(m.role).to_owned(),
@@ -98,6 +109,11 @@ fn machines_table(ms: &[Machine]) -> String {
                 } else {
                     addrs.join(",")
                 },
+                node.map_or_else(
+                    || "-".to_owned(),
+                    |n| if n.ready { "Ready" } else { "NotReady" }.to_owned(),
+                ),
+                node.map_or_else(|| "-".to_owned(), |n| n.kubelet_version.clone()),
                 m.provider_id.clone(),
             ]
         })
@@ -109,8 +125,44 @@ fn machines_table(ms: &[Machine]) -> String {
             "POOL",
             "STATE",
             "ADDRESSES",
+            "NODE",
+            "VERSION",
             "PROVIDER-ID",
         ],
+        &rows,
+    )
+}
+
+/// The control plane and node pools: size, wanted count and machines that exist.
+fn pools_table(spec: &spec::Cluster, ms: &[Machine]) -> String {
+    let size = |m: &spec::MachineSize| format!("{} CPU, {}", m.cpus, m.memory);
+    let cp = &spec.spec.control_plane;
+    let mut rows = vec![vec![
+        "(control plane)".to_owned(),
+        size(&cp.machine),
+        cp.count.to_string(),
+        ms.iter()
+            .filter(|m| m.role == providers::MachineRole::ControlPlane)
+            .count()
+            .to_string(),
+        "-".to_owned(),
+    ]];
+    for p in &spec.spec.node_pools {
+        rows.push(vec![
+            p.name.clone(),
+            size(&p.machine),
+            p.count.to_string(),
+            ms.iter()
+                .filter(|m| m.pool.as_deref() == Some(p.name.as_str()))
+                .count()
+                .to_string(),
+            p.autoscaling
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |a| format!("{}-{}", a.min_count, a.max_count)),
+        ]);
+    }
+    output::table(
+        &["POOL", "MACHINE", "WANTED", "MACHINES", "AUTOSCALING"],
         &rows,
     )
 }
@@ -138,8 +190,25 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
         writeln!(out, "Created:   {}", opt(&view.created_at))?;
         writeln!(out, "Updated:   {}", opt(&view.updated_at))?;
         writeln!(out, "Observed:  {}", opt(&view.observed_at))?;
+        match &view.kubernetes {
+            Some(k) => {
+                let ready = k.nodes.iter().filter(|n| n.ready).count();
+                writeln!(out, "Kubernetes: {} (API server {})", k.version, k.api_server)?;
+                writeln!(
+                    out,
+                    "Nodes:     {ready}/{} Ready (checked {})",
+                    k.nodes.len(),
+                    k.checked_at
+                )?;
+            }
+            None => writeln!(out, "Kubernetes: not bootstrapped")?,
+        }
+        if let Some(spec) = &view.spec_for_pools {
+            writeln!(out)?;
+            out.push_str(&pools_table(spec, &view.machines));
+        }
         writeln!(out)?;
-        out.push_str(&machines_table(&view.machines));
+        out.push_str(&machines_table(&view.machines, view.kubernetes.as_ref()));
         output::print(&out)?;
         return Ok(());
     }
@@ -169,13 +238,28 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
                 v.status.clone(),
                 opt(&v.provider),
                 v.machines.len().to_string(),
+                v.kubernetes
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |k| k.version.clone()),
+                v.kubernetes.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |k| {
+                        format!(
+                            "{}/{}",
+                            k.nodes.iter().filter(|n| n.ready).count(),
+                            k.nodes.len()
+                        )
+                    },
+                ),
                 opt(&v.created_at),
                 opt(&v.id),
             ]
         })
         .collect();
     output::print(&output::table(
-        &["NAME", "STATUS", "PROVIDER", "MACHINES", "CREATED", "ID"],
+        &[
+            "NAME", "STATUS", "PROVIDER", "MACHINES", "VERSION", "READY", "CREATED", "ID",
+        ],
         &rows,
     ))?;
     for v in &views {

@@ -60,7 +60,8 @@ pub enum Command {
     Create(create::CreateArgs),
     /// Delete every machine of the cluster and its state.
     Delete(delete::DeleteArgs),
-    /// List clusters, or show one cluster and its machines.
+    /// List clusters, or show one cluster with its node pools, machines, nodes and versions.
+    #[command(visible_alias = "describe")]
     Get(get::GetArgs),
     /// Write a kubeconfig context for the cluster (merged into ~/.kube/config or $KUBECONFIG).
     GetCredentials(credentials::GetCredentialsArgs),

@@ -1,0 +1,202 @@
+//! Bad Kubernetes input is refused before anything exists, driven through the built binary with
+//! the fake provider: a bundle whose file does not match its checksum, a bundle of another
+//! version than the spec names, and a version clusterctl cannot bootstrap (refused by `plan`
+//! and by `create`). After each refusal no machine, no state and no kubeconfig entry exists.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const BINARIES: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+    "kubectl",
+    "etcd",
+    "etcdctl",
+];
+
+struct Bed {
+    root: tempfile::TempDir,
+}
+
+impl Bed {
+    fn new() -> Result<Bed> {
+        Ok(Bed {
+            root: tempfile::tempdir()?,
+        })
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    /// A small but well-formed bundle of `version` (binaries are a few bytes each).
+    fn bundle(&self, version: &str) -> Result<PathBuf> {
+        let dir = self.path("bundle");
+        fs::create_dir_all(dir.join("bin"))?;
+        fs::create_dir_all(dir.join("images"))?;
+        let mut files = Vec::new();
+        let mut add = |rel: &str, content: &[u8]| -> Result<()> {
+            fs::write(dir.join(rel), content)?;
+            files.push(serde_json::json!({
+                "path": rel,
+                "sha256": hex::encode(Sha256::digest(content)),
+                "size": content.len(),
+            }));
+            Ok(())
+        };
+        for b in BINARIES {
+            add(&format!("bin/{b}"), format!("#!/bin/sh\necho {b}\n").as_bytes())?;
+        }
+        add("images/pause.tar", b"not really a tar")?;
+        let manifest = serde_json::json!({
+            "formatVersion": 1,
+            "kubernetesVersion": version,
+            "etcdVersion": "3.4.23",
+            "pauseImage": "localhost/clusterctl/pause:3.4",
+            "images": [{"reference": "localhost/clusterctl/pause:3.4", "path": "images/pause.tar"}],
+            "files": files,
+        });
+        fs::write(
+            dir.join("bundle.json"),
+            serde_json::to_vec_pretty(&manifest)?,
+        )?;
+        Ok(dir)
+    }
+
+    fn spec(&self, kubernetes: &str) -> Result<PathBuf> {
+        let path = self.path("cluster.yaml");
+        let text = format!(
+            "apiVersion: clusterctl.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: refused\nspec:\n  provider:\n    fake:\n      directory: {}\n  kubernetes:\n{kubernetes}  nodePools:\n    - name: workers\n      count: 2\n",
+            self.path("fake").display()
+        );
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+            .args(args)
+            .current_dir(self.root.path())
+            .env("CLUSTERCTL_STATE_DIR", self.path("state"))
+            .env("KUBECONFIG", self.path("kubeconfig"))
+            .env("HOME", self.root.path())
+            .env_remove("CLUSTERCTL_LOG")
+            .output()?)
+    }
+
+    /// Nothing was made: no machine in the fake provider, no cluster state, no kubeconfig.
+    fn assert_nothing_made(&self) -> Result<()> {
+        let fake_entries = match fs::read_dir(self.path("fake")) {
+            Ok(d) => d.count(),
+            Err(_) => 0,
+        };
+        assert_eq!(fake_entries, 0, "the fake provider holds machines");
+        assert!(
+            !self.path("state/refused").exists(),
+            "a state directory was made"
+        );
+        assert!(!self.path("kubeconfig").exists(), "a kubeconfig was written");
+        Ok(())
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn bundle_spec(path: &Path, version: Option<&str>) -> String {
+    let mut s = String::new();
+    if let Some(v) = version {
+        s.push_str(&format!("    version: \"{v}\"\n"));
+    } else {
+        s.push_str("    channel: stable\n");
+    }
+    s.push_str(&format!(
+        "    artifacts:\n      bundle:\n        path: {}\n",
+        path.display()
+    ));
+    s
+}
+
+#[test]
+fn a_bundle_file_that_does_not_match_its_checksum_is_refused_before_anything_exists() -> Result<()>
+{
+    let bed = Bed::new()?;
+    let bundle = bed.bundle("1.20.2")?;
+    // Same size, different content: only the checksum can tell.
+    fs::write(bundle.join("bin/kubelet"), b"#!/bin/sh\necho kubelex\n")?;
+    let spec = bed.spec(&bundle_spec(&bundle, Some("1.20.2")))?;
+    let out = bed.run(&["create", "-f", spec.to_str().unwrap_or_default()])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bin/kubelet"), "the error names the file: {err}");
+    assert!(
+        err.to_lowercase().contains("sha256") || err.to_lowercase().contains("checksum"),
+        "the error says it is a checksum mismatch: {err}"
+    );
+    assert!(!err.contains("==> Creating machines"), "{err}");
+    bed.assert_nothing_made()?;
+
+    // The intact bundle passes the same check (the test can fail for the right reason only).
+    fs::write(bundle.join("bin/kubelet"), b"#!/bin/sh\necho kubelet\n")?;
+    let out = bed.run(&["plan", "-f", spec.to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn an_unsupported_version_is_refused_at_plan_time_and_by_create() -> Result<()> {
+    let bed = Bed::new()?;
+    let spec = bed.spec("    version: \"1.19.4\"\n")?;
+    let file = spec.to_str().unwrap_or_default();
+    for cmd in ["plan", "create"] {
+        let out = bed.run(&[cmd, "-f", file])?;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(err.contains("1.19.4"), "{cmd} names the version: {err}");
+        assert!(
+            err.contains("1.20"),
+            "{cmd} names the supported versions: {err}"
+        );
+        assert!(err.contains("cluster.yaml"), "{cmd} names the file: {err}");
+    }
+    bed.assert_nothing_made()?;
+
+    let ok = bed.spec("    version: \"1.20.2\"\n")?;
+    let out = bed.run(&["plan", "-f", ok.to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Kubernetes 1.20.2"),
+        "plan shows the version"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bundle_of_another_version_than_the_spec_is_refused() -> Result<()> {
+    let bed = Bed::new()?;
+    let bundle = bed.bundle("1.20.2")?;
+    let spec = bed.spec(&bundle_spec(&bundle, Some("1.20.3")))?;
+    let out = bed.run(&["create", "-f", spec.to_str().unwrap_or_default()])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("holds Kubernetes 1.20.2") && err.contains("1.20.3"),
+        "{err}"
+    );
+    bed.assert_nothing_made()?;
+    // With a channel the bundle's version is used.
+    let spec = bed.spec(&bundle_spec(&bundle, None))?;
+    let out = bed.run(&["plan", "-f", spec.to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Kubernetes 1.20.2"));
+    Ok(())
+}
