@@ -54,8 +54,9 @@ const IMAGES: &str = "/var/lib/clusterctl/images";
 const RESTART_PENDING: &str = "/var/lib/clusterctl/restart-pending";
 /// The node label naming a worker's pool.
 pub const POOL_LABEL: &str = "clusterctl.io/node-pool";
-/// How long the API server may take to answer `/readyz` after its units started.
-const API_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the API server may take to answer `/readyz` after its units started (under QEMU TCG
+/// on a busy 2-core host its first start, which creates the bootstrap RBAC roles, took over 7 min).
+const API_TIMEOUT: Duration = Duration::from_secs(1200);
 /// How long nodes may take to become Ready after their agents started.
 const NODES_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -784,10 +785,10 @@ impl Phase<BootstrapContext> for StartControlPlane {
                 line.say(&format!("{msg}; waiting for the API server"));
                 let session = connect(&client, &plan).await?;
                 let wait = format!(
-                    "i=0; while [ $i -lt {n} ]; do {KUBECTL} get --raw=/readyz >/dev/null 2>&1 && exit 0; i=$((i+1)); sleep 2; done; \
+                    "end=$(($(date +%s) + {n})); while [ \"$(date +%s)\" -lt \"$end\" ]; do {KUBECTL} --request-timeout=20s get --raw=/readyz >/dev/null 2>&1 && exit 0; sleep 2; done; \
                      echo 'the API server did not become ready; last log lines:' >&2; \
                      sudo -n journalctl -u etcd -u kube-apiserver -n 25 --no-pager >&2; exit 1",
-                    n = API_TIMEOUT.as_secs() / 3
+                    n = API_TIMEOUT.as_secs()
                 );
                 let res = session
                     .exec_with(
