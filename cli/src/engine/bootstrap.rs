@@ -75,6 +75,7 @@ pub struct BootMachine {
 
 /// Everything one node gets.
 struct NodePlan {
+    cluster: String,
     name: String,
     role: MachineRole,
     target: Target,
@@ -445,6 +446,7 @@ fn node_plan(
         .map(str::to_owned)
         .collect();
     Ok(NodePlan {
+        cluster: ctx.spec.metadata.name.clone(),
         name: m.name.clone(),
         role: m.role,
         target: Target::new(m.ip.to_string(), SSH_PORT, ctx.user.clone()),
@@ -713,18 +715,24 @@ async fn install_node(
     result
 }
 
-/// The script that (re)starts a node's units: restarts everything in order when files changed
-/// (the marker), otherwise only starts what is not running.
-fn start_script(plan: &NodePlan) -> String {
-    let units: Vec<String> = plan.units.iter().map(|u| shell_quote(u)).collect();
+/// The script that (re)starts `units` of a node: restarts them in order when its files changed
+/// (the marker), otherwise only starts what is not running. `last` removes the marker: the other
+/// units' stage is done.
+fn start_script(plan: &NodePlan, units: &[String], last: bool) -> String {
+    let units: Vec<String> = units.iter().map(|u| shell_quote(u)).collect();
     let own: Vec<String> = plan.own_units.iter().map(|u| shell_quote(u)).collect();
+    let done = if last {
+        format!("rm -f {RESTART_PENDING}")
+    } else {
+        ":".to_owned()
+    };
     format!(
         "set -eu\n\
          systemctl daemon-reload\n\
          systemctl enable -q {own}\n\
          if [ -e {RESTART_PENDING} ]; then\n\
          \x20 for u in {units}; do systemctl restart \"$u\"; done\n\
-         \x20 rm -f {RESTART_PENDING}\n\
+         \x20 {done}\n\
          \x20 echo restarted\n\
          else\n\
          \x20 for u in {units}; do systemctl is-active -q \"$u\" || {{ systemctl start \"$u\"; echo \"started $u\"; }}; done\n\
@@ -734,20 +742,37 @@ fn start_script(plan: &NodePlan) -> String {
     )
 }
 
-async fn start_node(client: &SshClient, plan: &NodePlan) -> Result<String, EngineError> {
+/// A control-plane node's units in two stages: through kube-apiserver, then the rest. The API
+/// server's first start (creating the bootstrap RBAC roles) is CPU-bound; under emulation the
+/// other components hammering it while it starts doubled the time.
+fn control_plane_stages(plan: &NodePlan) -> (Vec<String>, Vec<String>) {
+    let split = plan
+        .units
+        .iter()
+        .position(|u| u == "kube-apiserver.service")
+        .map_or(plan.units.len(), |i| i + 1);
+    (plan.units[..split].to_vec(), plan.units[split..].to_vec())
+}
+
+async fn start_node(
+    client: &SshClient,
+    plan: &NodePlan,
+    units: &[String],
+    last: bool,
+) -> Result<String, EngineError> {
     let session = connect(client, plan).await?;
     let result = root_script(
         &session,
         &plan.name,
         "starting its units",
-        &start_script(plan),
+        &start_script(plan, units, last),
         Duration::from_secs(300),
     )
     .await;
     session.close().await;
     let out = result?;
     Ok(if out.contains("restarted") {
-        format!("{} unit(s) restarted in order", plan.units.len())
+        format!("{} unit(s) restarted in order", units.len())
     } else {
         let started = out.lines().filter(|l| l.starts_with("started ")).count();
         if started == 0 {
@@ -780,8 +805,9 @@ impl Phase<BootstrapContext> for StartControlPlane {
                 .cloned()
                 .collect();
             for_nodes(ctx, cps, |client, plan, line| async move {
-                line.say("starting units");
-                let msg = start_node(&client, &plan).await?;
+                let (first, rest) = control_plane_stages(&plan);
+                line.say("starting etcd and the API server");
+                let msg = start_node(&client, &plan, &first, false).await?;
                 line.say(&format!("{msg}; waiting for the API server"));
                 let session = connect(&client, &plan).await?;
                 let wait = format!(
@@ -800,7 +826,19 @@ impl Phase<BootstrapContext> for StartControlPlane {
                     )
                     .await;
                 session.close().await;
-                let out = res.map_err(|e| node_err(&plan.name, "waiting for the API server", &e))?;
+                let out = res.map_err(|e| match e {
+                    crate::ssh::SshError::CommandTimeout { timeout, .. } => EngineError::Node {
+                        machine: plan.name.clone(),
+                        step: "waiting for the API server".into(),
+                        detail: format!(
+                            "/readyz did not answer ok within {} s; see `clusterctl ssh {} {} -- sudo journalctl -u kube-apiserver`",
+                            timeout.as_secs(),
+                            plan.cluster,
+                            plan.name
+                        ),
+                    },
+                    e => node_err(&plan.name, "waiting for the API server", &e),
+                })?;
                 if !out.success() {
                     return Err(EngineError::Node {
                         machine: plan.name.clone(),
@@ -808,7 +846,13 @@ impl Phase<BootstrapContext> for StartControlPlane {
                         detail: last_lines(out.stderr_text().trim(), 25),
                     });
                 }
-                Ok(format!("{msg}; API server ready"))
+                line.say("API server ready; starting the other components");
+                let rest_msg = start_node(&client, &plan, &rest, true).await?;
+                Ok(if msg == rest_msg {
+                    msg
+                } else {
+                    format!("{msg}, then {rest_msg}; API server ready")
+                })
             })
             .await
         })
@@ -835,7 +879,7 @@ impl Phase<BootstrapContext> for StartWorkers {
                 .collect();
             for_nodes(ctx, workers, |client, plan, line| async move {
                 line.say("starting units");
-                start_node(&client, &plan).await
+                start_node(&client, &plan, &plan.units, true).await
             })
             .await
         })
@@ -919,9 +963,9 @@ async fn list_nodes(
 ) -> Result<Vec<(NodeStatus, BTreeMap<String, String>)>, EngineError> {
     let out = session
         .exec_with(
-            &format!("{KUBECTL} get nodes -o json"),
+            &format!("{KUBECTL} --request-timeout=50s get nodes -o json"),
             ExecOptions {
-                timeout: Some(Duration::from_secs(60)),
+                timeout: Some(Duration::from_secs(90)),
                 ..Default::default()
             },
         )
@@ -976,29 +1020,24 @@ async fn wait_for_nodes(
     cp: &str,
 ) -> Result<Vec<NodeStatus>, EngineError> {
     let wanted: BTreeSet<&str> = ctx.machines.iter().map(|m| m.name.as_str()).collect();
-    // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
-    let listed = list_nodes(session, cp).await?;
-    let stale: Vec<String> = listed
-        .iter()
-        .map(|(n, _)| n.name.clone())
-        .filter(|n| !wanted.contains(n.as_str()))
-        .collect();
-    if !stale.is_empty() {
-        let cmd = format!(
-            "{KUBECTL} delete node --ignore-not-found {}",
-            stale.iter().map(|s| shell_quote(s)).collect::<Vec<_>>().join(" ")
-        );
-        session
-            .run(&cmd)
-            .await
-            .map_err(|e| node_err(cp, "removing nodes of deleted machines", &e))?;
-        ctx.report
-            .note(&format!("removed node(s) of deleted machines: {}", stale.join(", ")));
-    }
     let started = Instant::now();
     let mut last_report = String::new();
     loop {
-        let listed = list_nodes(session, cp).await?;
+        // A busy API server (every kubelet registering at once, under emulation) may not answer
+        // one listing in time: that is retried until the deadline, not a failure.
+        let listed = match list_nodes(session, cp).await {
+            Ok(listed) => listed,
+            Err(e) if started.elapsed() < NODES_TIMEOUT => {
+                let now = format!("listing nodes failed, retrying: {}", error_chain(&e));
+                if now != last_report {
+                    ctx.report.note(&now);
+                    last_report = now;
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let ready: BTreeSet<&str> = listed
             .iter()
             .filter(|(n, _)| n.ready)
@@ -1006,6 +1045,24 @@ async fn wait_for_nodes(
             .collect();
         let missing: Vec<&str> = wanted.difference(&ready).copied().collect();
         if missing.is_empty() {
+            // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
+            let stale: Vec<String> = listed
+                .iter()
+                .map(|(n, _)| n.name.clone())
+                .filter(|n| !wanted.contains(n.as_str()))
+                .collect();
+            if !stale.is_empty() {
+                let cmd = format!(
+                    "{KUBECTL} delete node --ignore-not-found {}",
+                    stale.iter().map(|s| shell_quote(s)).collect::<Vec<_>>().join(" ")
+                );
+                session
+                    .run(&cmd)
+                    .await
+                    .map_err(|e| node_err(cp, "removing nodes of deleted machines", &e))?;
+                ctx.report
+                    .note(&format!("removed node(s) of deleted machines: {}", stale.join(", ")));
+            }
             // Role labels are set through the API: kubelet may not set node-role labels.
             let mut label = Vec::new();
             for m in ctx.machines.iter().filter(|m| m.role == MachineRole::ControlPlane) {
