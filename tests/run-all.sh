@@ -6,7 +6,8 @@
 #      on 127.0.0.1, the engine and kill/resume tests with the fake provider, bundle and PKI tests
 #   3. the node image: built (or reused from its input-hash cache) and booted once under QEMU TCG
 #   4. real libvirt VMs inside a network namespace: the provider suite (conformance + e2e) and
-#      clusterctl create/get/ssh/delete through the binary (tests/bed/libvirt-env.sh test)
+#      a real Kubernetes cluster through the binary: create, workloads across nodes, kill and
+#      resume, delete (tests/bed/libvirt-env.sh test, tests/bed/cli-e2e.sh)
 # Big artifacts (cargo target dir, node image, Kubernetes bundle) are cached under
 # /var/cache/clusterctl, keyed by their inputs; a warm machine skips rebuilding them.
 set -euo pipefail
@@ -43,6 +44,6 @@ stage "node image: build or reuse, boot once under QEMU TCG"
 CLUSTERCTL_IMAGE_TEST=1 cargo test --workspace --locked --test boot -- --nocapture
 
 stage "real libvirt VMs in a network namespace (provider suite, clusterctl end to end)"
-./tests/bed/libvirt-env.sh test
+CLUSTERCTL_BUNDLE_DIR="$bundle" ./tests/bed/libvirt-env.sh test
 
 stage "all tests passed"

@@ -68,7 +68,10 @@ pub struct LibvirtConfig {
     pub network_cidr: Option<(Ipv4Addr, u8)>,
     /// Where the KVM probe verdict is cached on the admin machine; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
-    /// TCG translation-block cache in MiB (smaller than QEMU's default saves ~120 MiB per VM).
+    /// TCG translation-block cache in MiB. QEMU allocates it lazily, so RSS grows only with the code
+    /// actually translated. A Kubernetes control plane translates over 100 MiB of code: with a
+    /// 128 MiB cache QEMU flushed it 126 times in 30 minutes (every ~15 s, retranslating
+    /// everything), which starved the API server; 512 MiB holds it.
     pub tcg_tb_cache_mib: u32,
     /// How long the KVM probe may take before KVM is declared unusable.
     pub kvm_probe_timeout: Duration,
@@ -89,7 +92,7 @@ impl LibvirtConfig {
             accelerator: Accelerator::Auto,
             network_cidr: None,
             cache_dir,
-            tcg_tb_cache_mib: 128,
+            tcg_tb_cache_mib: 512,
             kvm_probe_timeout: Duration::from_secs(20),
         }
     }
