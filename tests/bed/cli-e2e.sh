@@ -85,6 +85,8 @@ version=$(jq -r .version "$image/manifest.json")
 storage=/var/lib/libvirt/images/clusterctl-cli-e2e
 
 cleanup() {
+  # A create still running in the background (a check failed meanwhile) must not hold the lock.
+  if [ -n "${pid:-}" ]; then kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   # Whatever happened: delete the cluster through clusterctl, then make sure nothing is left.
   if [ -d "$CLUSTERCTL_STATE_DIR/$name" ]; then
     "$bin" delete "$name" --wait -q || log "cleanup: clusterctl delete failed"
@@ -230,7 +232,7 @@ check_again() {
   keys=$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
   "$bin" create -f "$work/cluster.yaml" 2> "$work/again.log" || { cat "$work/again.log" >&2; die "create again failed"; }
   grep -q '0 to create or start, 0 to delete, 3 unchanged' "$work/again.log" || { cat "$work/again.log" >&2; die "create again planned changes"; }
-  [ "$(grep -c ': 0 MiB uploaded, [0-9]* artifact(s) already there, 0 file(s) changed, 0 image(s) imported' "$work/again.log")" -eq 3 ] \
+  [ "$(grep -c ': 0 file(s) uploaded (0 MiB), [0-9]* artifact(s) already there, 0 file(s) changed, 0 image(s) imported' "$work/again.log")" -eq 3 ] \
     || { cat "$work/again.log" >&2; die "create again uploaded, changed or imported something"; }
   # Nothing changed, so nothing is restarted (a unit that crashed on its own may be started).
   ! grep -q 'restarted in order' "$work/again.log" || { cat "$work/again.log" >&2; die "create again restarted units"; }
@@ -315,9 +317,11 @@ check_unreachable() {
     die "create succeeded with $name-workers-1 unreachable"
   fi
   iptables -w -D OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
-  grep -q "$name-workers-1" "$work/unreachable.log" && grep -q "Waiting for SSH" "$work/unreachable.log" \
+  local err
+  err=$(sed -n '/^error/,$p' "$work/unreachable.log")
+  grep -q "$name-workers-1" <<< "$err" && grep -q "Waiting for SSH" <<< "$err" \
     || { cat "$work/unreachable.log" >&2; die "the error does not name the node and the phase"; }
-  log "unreachable node: $(grep '^error' "$work/unreachable.log" | head -c 300)"
+  log "unreachable node: $(head -c 300 <<< "$err")"
 }
 
 phases=${CLUSTERCTL_E2E_PHASES:-kill}
@@ -343,7 +347,8 @@ check_unreachable
 log "clean 3. delete"
 "$bin" delete "$name" || die "delete failed"
 check_gone "$id"
-! "$kubectl" config get-contexts -o name 2>/dev/null | grep -qx "clusterctl-$name" || die "delete left the kubeconfig context"
+ctxs=$("$kubectl" config get-contexts -o name) || die "kubectl cannot read $KUBECONFIG after delete"
+! grep -qx "clusterctl-$name" <<< "$ctxs" || die "delete left the kubeconfig context"
 log "delete left nothing of cluster $id"
 fi
 
@@ -361,6 +366,7 @@ grep -q ': creating$' "$work/create3.log" || { cat "$work/create3.log" >&2; die 
 sleep 3
 kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
 wait "$pid" 2>/dev/null || true
+pid=
 cat "$work/create3.log" >&2
 log "killed create (pid $pid) while creating machines"
 id2=$(cluster_id)
@@ -376,6 +382,7 @@ grep -q 'uploading kube-apiserver' "$work/create3b.log" || { cat "$work/create3b
 sleep 5
 kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
 wait "$pid" 2>/dev/null || true
+pid=
 cat "$work/create3b.log" >&2
 log "killed create (pid $pid) while installing Kubernetes"
 log "kill 2. create again (resumes)"
@@ -396,7 +403,8 @@ check_unreachable
 log "kill 4. delete"
 "$bin" delete "$name" || die "delete after resume failed"
 check_gone "$id2"
-! "$kubectl" config get-contexts -o name 2>/dev/null | grep -qx "clusterctl-$name" || die "delete left the kubeconfig context"
+ctxs=$("$kubectl" config get-contexts -o name) || die "kubectl cannot read $KUBECONFIG after delete"
+! grep -qx "clusterctl-$name" <<< "$ctxs" || die "delete left the kubeconfig context"
 log "delete left nothing of cluster $id2"
 fi
 log "PASS (phases: $phases)"

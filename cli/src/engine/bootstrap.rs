@@ -287,7 +287,15 @@ impl Phase<BootstrapContext> for Prepare {
 
             let profile = k8s::check_version(&ctx.artifacts.version)
                 .map_err(|e| bootstrap_err("kubernetes version", &e))?;
-            let dns_ip = Ipv4Addr::from(u32::from(service_cidr.network()) + 10);
+            let dns_ip = u32::from(service_cidr.network())
+                .checked_add(10)
+                .map(Ipv4Addr::from)
+                .filter(|ip| service_cidr.contains(ip))
+                .ok_or_else(|| {
+                    EngineError::Bootstrap(format!(
+                        "kubernetes.serviceCIDR {service_cidr} is too small for the cluster DNS address (its 10th address); use a /12 to /24"
+                    ))
+                })?;
             let schedulable = ctx.spec.spec.control_plane.schedulable;
             let pools: BTreeMap<&str, &spec::NodePool> = ctx
                 .spec
@@ -470,6 +478,7 @@ where
 {
     let limit = Arc::new(Semaphore::new(ctx.concurrency.max(1)));
     let bars = ctx.report.fancy.then(indicatif::MultiProgress::new);
+    let attempted = plans.len();
     let mut set = JoinSet::new();
     for (i, plan) in plans.into_iter().enumerate() {
         let line = Arc::new(MachineLine::new(bars.as_ref(), ctx.report, &plan.name));
@@ -501,7 +510,7 @@ where
         Some((_, e)) if failed == 1 => Err(e),
         Some((_, e)) => Err(EngineError::Several {
             failed,
-            attempted: failed,
+            attempted,
             first: Box::new(e),
         }),
     }
@@ -614,7 +623,14 @@ async fn install_node(
             .run(&dirs)
             .await
             .map_err(|e| node_err(node, "preparing /var/lib/clusterctl", &e))?;
-        let (mut sent, mut kept) = (0u64, 0usize);
+        // Temporary files of uploads a killed run left behind (the cluster lock is ours).
+        session
+            .run(&format!(
+                "find /var/lib/clusterctl/bin {IMAGES} {STAGING} -maxdepth 1 -name '.*.clusterctl-*.tmp' -delete"
+            ))
+            .await
+            .map_err(|e| node_err(node, "removing partial uploads", &e))?;
+        let (mut sent, mut uploads, mut kept) = (0u64, 0usize, 0usize);
         for (name, local, remote) in &plan.binaries {
             line.say(&format!("uploading {name}"));
             let outcome = session
@@ -622,7 +638,15 @@ async fn install_node(
                 .await
                 .map_err(|e| node_err(node, format!("uploading {name}"), &e))?;
             match outcome {
-                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => sent += bytes,
+                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => {
+                    sent += bytes;
+                    uploads += 1;
+                    // A new binary needs its units restarted, also if this run is killed now.
+                    session
+                        .run(&format!("sudo -n touch {RESTART_PENDING}"))
+                        .await
+                        .map_err(|e| node_err(node, "marking units for restart", &e))?;
+                }
                 crate::ssh::UploadOutcome::Unchanged { .. } => kept += 1,
             }
         }
@@ -639,41 +663,25 @@ async fn install_node(
                 .await
                 .map_err(|e| node_err(node, format!("uploading image {reference}"), &e))?;
             match outcome {
-                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => sent += bytes,
+                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => {
+                    sent += bytes;
+                    uploads += 1;
+                }
                 crate::ssh::UploadOutcome::Unchanged { .. } => kept += 1,
             }
             image_paths.push((reference.clone(), remote));
         }
         line.say("writing configuration and certificates");
-        let mut script = String::from(
-            "set -eu\numask 077\nchanged=0\n\
-             put() {\n\
-             \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; return 0; fi\n\
-             \x20 mkdir -p \"$(dirname \"$2\")\"\n\
-             \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
-             \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
-             \x20 sync \"$2.clusterctl-new\"\n\
-             \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
-             \x20 echo \"changed $2\"\n\
-             \x20 changed=1\n\
-             }\n",
-        );
+        let mut staged_files = Vec::new();
         for (dest, mode, content) in &plan.files {
             let staged = format!("{STAGING}/{}", staged_name(dest));
             session
                 .upload_bytes(content, &staged, 0o600)
                 .await
                 .map_err(|e| node_err(node, format!("uploading {dest}"), &e))?;
-            script.push_str(&format!(
-                "put {} {} {:o}\n",
-                shell_quote(&staged),
-                shell_quote(dest),
-                mode
-            ));
+            staged_files.push((staged, dest.clone(), *mode));
         }
-        script.push_str(&format!(
-            "if [ \"$changed\" = 1 ]; then touch {RESTART_PENDING}; sync {RESTART_PENDING}; fi\n"
-        ));
+        let script = install_script(RESTART_PENDING, &staged_files);
         let out = root_script(
             &session,
             node,
@@ -691,7 +699,9 @@ async fn install_node(
         );
         for (reference, remote) in &image_paths {
             import.push_str(&format!(
-                "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; echo imported {r}; }}\n",
+                "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; \
+                 ctr -n k8s.io images ls -q | grep -qxF {r} || {{ echo \"the archive {p} does not hold the image {r}; rebuild the bundle\" >&2; exit 1; }}; \
+                 echo imported {r}; }}\n",
                 r = shell_quote(reference),
                 p = shell_quote(remote),
             ));
@@ -706,13 +716,45 @@ async fn install_node(
         .await?;
         let imported = out.lines().filter(|l| l.starts_with("imported ")).count();
         Ok(format!(
-            "{:.0} MiB uploaded, {kept} artifact(s) already there, {changed} file(s) changed, {imported} image(s) imported",
+            "{uploads} file(s) uploaded ({:.0} MiB), {kept} artifact(s) already there, {changed} file(s) changed, {imported} image(s) imported",
             sent as f64 / (1u64 << 20) as f64
         ))
     }
     .await;
     session.close().await;
     result
+}
+
+/// The root script that installs staged files: each one whose content differs from its
+/// destination is copied next to it, fsynced and renamed into place; the restart marker is
+/// written (and synced) before the first destination changes, so a run killed at any point still
+/// restarts the units next time. Staged copies are removed (they may hold keys). Prints
+/// `changed PATH` per changed file.
+fn install_script(marker: &str, files: &[(String, String, u32)]) -> String {
+    let marker = shell_quote(marker);
+    let mut script = format!(
+        "set -eu\numask 077\nchanged=0\n\
+         put() {{\n\
+         \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; rm -f \"$1\"; return 0; fi\n\
+         \x20 mkdir -p \"$(dirname \"$2\")\"\n\
+         \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
+         \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
+         \x20 sync \"$2.clusterctl-new\"\n\
+         \x20 [ \"$changed\" = 1 ] || {{ touch {marker}; sync {marker}; changed=1; }}\n\
+         \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
+         \x20 rm -f \"$1\"\n\
+         \x20 echo \"changed $2\"\n\
+         }}\n"
+    );
+    for (staged, dest, mode) in files {
+        script.push_str(&format!(
+            "put {} {} {:o}\n",
+            shell_quote(staged),
+            shell_quote(dest),
+            mode
+        ));
+    }
+    script
 }
 
 /// The script that (re)starts `units` of a node: restarts them in order when its files changed
@@ -1198,4 +1240,53 @@ mod tests {
             staged_name("/var/lib/clusterctl/kubernetes/pki/etcd/ca.crt")
         );
     }
+    #[test]
+    fn install_script_changes_only_what_differs_and_marks_before_the_first_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("no temp dir");
+        };
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let marker = d("restart-pending");
+        let stage = |content: &str, name: &str| {
+            std::fs::write(d(name), content).unwrap_or_default();
+        };
+        let files = vec![
+            (d("s1"), d("etc/a.conf"), 0o644),
+            (d("s2"), d("pki/b.key"), 0o600),
+        ];
+        let run = |script: &str| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .output()
+                .unwrap_or_else(|e| panic!("sh: {e}"));
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let script = install_script(&marker, &files);
+        stage("a", "s1");
+        stage("b", "s2");
+        let out = run(&script);
+        assert_eq!(out.lines().filter(|l| l.starts_with("changed ")).count(), 2, "{out}");
+        assert!(std::path::Path::new(&marker).exists(), "marker written");
+        assert_eq!(std::fs::read_to_string(d("etc/a.conf")).unwrap_or_default(), "a");
+        let mode = std::fs::metadata(d("pki/b.key")).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode.unwrap_or(0), 0o600);
+        assert!(!std::path::Path::new(&d("s2")).exists(), "staged secret removed");
+        // Same content again: nothing changes and no marker appears.
+        std::fs::remove_file(&marker).unwrap_or_default();
+        stage("a", "s1");
+        stage("b", "s2");
+        let out = run(&script);
+        assert!(!out.contains("changed"), "{out}");
+        assert!(!std::path::Path::new(&marker).exists(), "no marker without a change");
+        // One file differs: only it changes, and the marker is back.
+        stage("a2", "s1");
+        stage("b", "s2");
+        let out = run(&script);
+        assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
+        assert!(std::path::Path::new(&marker).exists());
+    }
+
 }
