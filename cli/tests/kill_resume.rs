@@ -502,7 +502,7 @@ fn plan_and_get_show_the_cluster() -> Result<()> {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.starts_with("NAME  STATUS       PROVIDER  MACHINES  CREATED"),
+        stdout.starts_with("NAME  STATUS       PROVIDER  MACHINES  VERSION  READY  CREATED"),
         "{stdout}"
     );
     assert!(
