@@ -463,10 +463,11 @@ fn machines_boot_persist_resume_and_delete() {
             &xml[..60.min(xml.len())]
         );
         if !verdict.kvm_works {
+            let mib = LibvirtConfig::new(uri()).tcg_tb_cache_mib;
             assert!(
-                xml.contains("<tb-cache unit='KiB'>131072</tb-cache>")
-                    || xml.contains("<tb-cache unit='MiB'>128</tb-cache>"),
-                "TCG guests get the smaller translation cache: {xml}"
+                xml.contains(&format!("<tb-cache unit='KiB'>{}</tb-cache>", mib * 1024))
+                    || xml.contains(&format!("<tb-cache unit='MiB'>{mib}</tb-cache>")),
+                "TCG guests get the configured translation cache ({mib} MiB): {xml}"
             );
         }
         // The verdict is cached per libvirt host, so the probe runs once.
