@@ -71,6 +71,7 @@ pub(crate) const FILES: &[ImageFile] = &[
         0o644,
         "systemd/clusterctl-ready.service"
     ),
+    file!("/etc/systemd/system/tmp.mount", 0o644, "systemd/tmp.mount"),
     file!(
         "/etc/systemd/system/ssh.service.d/clusterctl.conf",
         0o644,

@@ -31,6 +31,8 @@ if sudo touch /usr/x 2>/dev/null; then echo root_write_usr=allowed; else echo ro
 for d in containerd kubelet etcd clusterctl; do echo "data_$d=$(findmnt -n -o SOURCE /var/lib/$d)"; done
 echo "var=$(findmnt -n -o FSTYPE /var)"
 echo "etc=$(findmnt -n -o FSTYPE /etc)"
+echo "tmp=$(findmnt -n -o FSTYPE /tmp)"
+if touch /tmp/clusterctl-probe 2>/dev/null; then echo user_write_tmp=allowed; else echo user_write_tmp=refused; fi
 echo "containerd=$(systemctl is-active containerd)"
 echo "probe=$(sudo cat /etc/clusterctl/probe)"
 echo "hostname=$(hostname)"
@@ -350,6 +352,8 @@ fn boots_verified_read_only_with_persistent_data_disk() {
             .unwrap_or_else(|| panic!("probe printed no {k}; output:\n{out}"))
     };
     assert_eq!(fact("root_opts"), "ro", "root mounted read-only");
+    assert_eq!(fact("tmp"), "tmpfs", "/tmp is a tmpfs (runc writes there)");
+    assert_eq!(fact("user_write_tmp"), "allowed", "/tmp is writable");
     assert_eq!(fact("root_src"), "/dev/mapper/root");
     assert_eq!(fact("verity"), "verified");
     assert!(fact("cmdline").contains(&format!(

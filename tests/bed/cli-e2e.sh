@@ -366,9 +366,9 @@ grep -q ': creating$' "$work/create3.log" || { cat "$work/create3.log" >&2; die 
 sleep 3
 kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
 wait "$pid" 2>/dev/null || true
-pid=
 cat "$work/create3.log" >&2
 log "killed create (pid $pid) while creating machines"
+pid=
 id2=$(cluster_id)
 log "kill 1b. create again, SIGKILL while Kubernetes is being installed"
 "$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create3b.log" &
@@ -382,9 +382,9 @@ grep -q 'uploading kube-apiserver' "$work/create3b.log" || { cat "$work/create3b
 sleep 5
 kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
 wait "$pid" 2>/dev/null || true
-pid=
 cat "$work/create3b.log" >&2
 log "killed create (pid $pid) while installing Kubernetes"
+pid=
 log "kill 2. create again (resumes)"
 start=$SECONDS
 "$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create4.log" || { cat "$work/create4.log" >&2; die "resumed create failed"; }
