@@ -11,16 +11,6 @@ use sha2::{Digest, Sha256};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-const BINARIES: &[&str] = &[
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubelet",
-    "kube-proxy",
-    "kubectl",
-    "etcd",
-    "etcdctl",
-];
 
 struct Bed {
     root: tempfile::TempDir,
@@ -52,7 +42,7 @@ impl Bed {
             }));
             Ok(())
         };
-        for b in BINARIES {
+        for b in clusterctl::bundle::manifest::REQUIRED_BINARIES {
             add(&format!("bin/{b}"), format!("#!/bin/sh\necho {b}\n").as_bytes())?;
         }
         add("images/pause.tar", b"not really a tar")?;
