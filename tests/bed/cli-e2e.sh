@@ -286,7 +286,7 @@ spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
 YAML
-  k rollout status deployment/web --timeout=600s >&2 || { k get pods -o wide >&2; k describe pods >&2; die "deployment web did not become ready"; }
+  k rollout status deployment/web --timeout=900s >&2 || { k get pods -o wide >&2; k describe pods >&2; die "deployment web did not become ready"; }
   pods=$(k get pods -l app=web -o json)
   [ "$(jq '.items | length' <<< "$pods")" -eq 2 ] || die "want 2 web pods: $pods"
   p1=$(jq -r '.items[0].metadata.name' <<< "$pods"); n1=$(jq -r '.items[0].spec.nodeName' <<< "$pods")
