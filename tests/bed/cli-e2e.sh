@@ -354,37 +354,31 @@ fi
 
 # ---- kill: create SIGKILLed while machines are being created, create again, delete ----
 if [[ " $phases " == *" kill "* ]]; then
+# Runs `create` in the background with stderr to $1, SIGKILLs it $3 s after a line matching $2
+# appeared (waiting at most $4 tenths of a second for it), and says what was interrupted ($5).
+create_and_kill() {
+  local out=$1 pattern=$2 delay=$3 tries=$4 what=$5
+  "$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$out" &
+  pid=$!
+  for _ in $(seq 1 "$tries"); do
+    grep -q "$pattern" "$out" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  grep -q "$pattern" "$out" || { cat "$out" >&2; die "create never reached '$pattern'"; }
+  sleep "$delay"
+  kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
+  wait "$pid" 2>/dev/null || true
+  cat "$out" >&2
+  log "killed create (pid $pid) while $what"
+  pid=
+}
+
 log "kill 1. create from nothing, SIGKILL while machines are being created"
-"$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create3.log" &
-pid=$!
-for _ in $(seq 1 3000); do
-  grep -q ': creating$' "$work/create3.log" 2>/dev/null && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.1
-done
-grep -q ': creating$' "$work/create3.log" || { cat "$work/create3.log" >&2; die "create never reached 'creating'"; }
-sleep 3
-kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
-wait "$pid" 2>/dev/null || true
-cat "$work/create3.log" >&2
-log "killed create (pid $pid) while creating machines"
-pid=
+create_and_kill "$work/create3.log" ': creating$' 3 3000 "creating machines"
 id2=$(cluster_id)
 log "kill 1b. create again, SIGKILL while Kubernetes is being installed"
-"$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create3b.log" &
-pid=$!
-for _ in $(seq 1 30000); do
-  grep -q 'uploading kube-apiserver' "$work/create3b.log" 2>/dev/null && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.1
-done
-grep -q 'uploading kube-apiserver' "$work/create3b.log" || { cat "$work/create3b.log" >&2; die "create never reached 'uploading kube-apiserver'"; }
-sleep 5
-kill -9 "$pid" 2>/dev/null || die "create finished before it could be killed"
-wait "$pid" 2>/dev/null || true
-cat "$work/create3b.log" >&2
-log "killed create (pid $pid) while installing Kubernetes"
-pid=
+create_and_kill "$work/create3b.log" 'uploading kube-apiserver' 5 30000 "installing Kubernetes"
 log "kill 2. create again (resumes)"
 start=$SECONDS
 "$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create4.log" || { cat "$work/create4.log" >&2; die "resumed create failed"; }
