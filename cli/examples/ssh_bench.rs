@@ -112,11 +112,12 @@ async fn main() {
     let mux = |count: u32| {
         let start = Instant::now();
         for _ in 0..count {
-            run_ok(
-                Command::new("ssh")
-                    .args(&base)
-                    .args(["-S", control.to_str().expect("utf-8"), &dest, "true"]),
-            );
+            run_ok(Command::new("ssh").args(&base).args([
+                "-S",
+                control.to_str().expect("utf-8"),
+                &dest,
+                "true",
+            ]));
         }
         start.elapsed()
     };
@@ -142,13 +143,19 @@ async fn main() {
     let openssh_fresh = per_op(start.elapsed(), n_fresh);
 
     println!("exec round trip (`true`):");
-    println!("  ours, reused connection        {:>9.2?}  (n={n})", ours_reused);
+    println!(
+        "  ours, reused connection        {:>9.2?}  (n={n})",
+        ours_reused
+    );
     println!(
         "  ssh + ControlMaster (mux)      {:>9.2?}  (n={n_mux})  ratio {}",
         openssh_mux,
         ratio(ours_reused, openssh_mux)
     );
-    println!("  ours, fresh connection each    {:>9.2?}  (n={n_fresh})", ours_fresh);
+    println!(
+        "  ours, fresh connection each    {:>9.2?}  (n={n_fresh})",
+        ours_fresh
+    );
     println!(
         "  ssh, fresh connection each     {:>9.2?}  (n={n_fresh})  ratio {}",
         openssh_fresh,
@@ -192,7 +199,10 @@ async fn main() {
                 .args(["-q", "-i"])
                 .arg(&fx.client_key)
                 .args(["-P", &sshd.port.to_string(), "-F", "/dev/null"])
-                .args(["-o", &format!("UserKnownHostsFile={}", known_hosts.display())])
+                .args([
+                    "-o",
+                    &format!("UserKnownHostsFile={}", known_hosts.display()),
+                ])
                 .args(["-o", "BatchMode=yes"])
                 .arg(&local)
                 .arg(format!("{dest}:{}", remote.display())),
@@ -201,8 +211,11 @@ async fn main() {
 
         let remote = remote_dir.join(format!("sftp-{round}.bin"));
         let batch = fx.path().join("batch");
-        std::fs::write(&batch, format!("put {} {}\n", local.display(), remote.display()))
-            .expect("batch");
+        std::fs::write(
+            &batch,
+            format!("put {} {}\n", local.display(), remote.display()),
+        )
+        .expect("batch");
         let start = Instant::now();
         run_ok(
             Command::new("sftp")
@@ -211,7 +224,10 @@ async fn main() {
                 .arg("-i")
                 .arg(&fx.client_key)
                 .args(["-P", &sshd.port.to_string(), "-F", "/dev/null"])
-                .args(["-o", &format!("UserKnownHostsFile={}", known_hosts.display())])
+                .args([
+                    "-o",
+                    &format!("UserKnownHostsFile={}", known_hosts.display()),
+                ])
                 .arg(&dest),
         );
         sftp.push(start.elapsed());
@@ -224,7 +240,10 @@ async fn main() {
                 .args(["-q", "-i"])
                 .arg(&fx.client_key)
                 .args(["-P", &sshd.port.to_string(), "-F", "/dev/null"])
-                .args(["-o", &format!("UserKnownHostsFile={}", known_hosts.display())])
+                .args([
+                    "-o",
+                    &format!("UserKnownHostsFile={}", known_hosts.display()),
+                ])
                 .args(["-o", "BatchMode=yes"])
                 .arg(&local)
                 .arg(format!("{dest}:{}", remote.display())),
@@ -283,12 +302,17 @@ async fn main() {
     // 3. Twenty hosts.
     let servers: Vec<Sshd> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20).map(|_| scope.spawn(|| fx.sshd())).collect();
-        handles.into_iter().map(|h| h.join().expect("sshd")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sshd"))
+            .collect()
     });
     let mut known = KnownHosts::new();
     let mut known_lines = String::new();
     for s in &servers {
-        known.pin_line(s.endpoint(), &s.host_public_line()).expect("pin");
+        known
+            .pin_line(s.endpoint(), &s.host_public_line())
+            .expect("pin");
         known_lines.push_str(&KnownHosts::known_hosts_line(
             &s.endpoint(),
             &clusterctl::ssh::keys::parse_public_key(&s.host_public_line()).expect("key"),
@@ -304,7 +328,11 @@ async fn main() {
         let start = Instant::now();
         let results = client.run_on_all(&targets, "uname -n", 20).await;
         ours.push(start.elapsed());
-        assert!(results.iter().all(|r| r.result.as_ref().is_ok_and(|o| o.success())));
+        assert!(
+            results
+                .iter()
+                .all(|r| r.result.as_ref().is_ok_and(|o| o.success()))
+        );
 
         let start = Instant::now();
         let children: Vec<_> = servers
@@ -322,12 +350,19 @@ async fn main() {
             .collect();
         for child in children {
             let out = child.wait_with_output().expect("wait");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         theirs.push(start.elapsed());
     }
     println!("\n20 hosts (20 sshd processes), connect + `uname -n` + disconnect, best of 2:");
-    println!("  ours, run_on_all(max_parallel=20)   {:>8.2?}", best(&ours));
+    println!(
+        "  ours, run_on_all(max_parallel=20)   {:>8.2?}",
+        best(&ours)
+    );
     println!(
         "  20 parallel ssh processes           {:>8.2?}  ratio {}",
         best(&theirs),
@@ -336,5 +371,7 @@ async fn main() {
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

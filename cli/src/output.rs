@@ -79,7 +79,16 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["NAME", "STATE"], &[vec!["cp-0".into(), "running".into()], vec!["worker-long".into(), "x".into()]]);
-        assert_eq!(t, "NAME         STATE\ncp-0         running\nworker-long  x\n");
+        let t = table(
+            &["NAME", "STATE"],
+            &[
+                vec!["cp-0".into(), "running".into()],
+                vec!["worker-long".into(), "x".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME         STATE\ncp-0         running\nworker-long  x\n"
+        );
     }
 }

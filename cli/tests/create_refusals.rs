@@ -11,7 +11,6 @@ use sha2::{Digest, Sha256};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-
 struct Bed {
     root: tempfile::TempDir,
 }
@@ -43,7 +42,10 @@ impl Bed {
             Ok(())
         };
         for b in clusterctl::bundle::manifest::REQUIRED_BINARIES {
-            add(&format!("bin/{b}"), format!("#!/bin/sh\necho {b}\n").as_bytes())?;
+            add(
+                &format!("bin/{b}"),
+                format!("#!/bin/sh\necho {b}\n").as_bytes(),
+            )?;
         }
         add("images/pause.tar", b"not really a tar")?;
         let manifest = serde_json::json!({
@@ -93,7 +95,10 @@ impl Bed {
             !self.path("state/refused").exists(),
             "a state directory was made"
         );
-        assert!(!self.path("kubeconfig").exists(), "a kubeconfig was written");
+        assert!(
+            !self.path("kubeconfig").exists(),
+            "a kubeconfig was written"
+        );
         Ok(())
     }
 }
@@ -127,7 +132,10 @@ fn a_bundle_file_that_does_not_match_its_checksum_is_refused_before_anything_exi
     let out = bed.run(&["create", "-f", spec.to_str().unwrap_or_default()])?;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("bin/kubelet"), "the error names the file: {err}");
+    assert!(
+        err.contains("bin/kubelet"),
+        "the error names the file: {err}"
+    );
     assert!(
         err.to_lowercase().contains("sha256") || err.to_lowercase().contains("checksum"),
         "the error says it is a checksum mismatch: {err}"

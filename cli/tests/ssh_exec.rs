@@ -6,7 +6,6 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 use clusterctl::ssh::{ExecOptions, OutputLine, OutputStream, RetryPolicy, SshError, Target};
 use support::{Fixture, SshdOptions, free_port, kill_pid, pid_alive};
 
@@ -23,17 +22,25 @@ async fn exit_codes_stdout_and_stderr() {
     assert_eq!(ok.stdout_text(), "out\n");
     assert_eq!(ok.stderr_text(), "err\n");
 
-    let failed = session.exec("echo partial; echo boom >&2; exit 42").await.expect("exec");
+    let failed = session
+        .exec("echo partial; echo boom >&2; exit 42")
+        .await
+        .expect("exec");
     assert_eq!(failed.exit_status, Some(42));
     assert!(!failed.success());
     assert_eq!(failed.stdout_text(), "partial\n");
-    let err = failed.check().expect_err("non-zero exit is an error after check");
+    let err = failed
+        .check()
+        .expect_err("non-zero exit is an error after check");
     let msg = err.to_string();
     assert!(msg.contains("exit status 42"), "{msg}");
     assert!(msg.contains("boom"), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{}", sshd.port)), "{msg}");
 
-    let err = session.run("false").await.expect_err("run checks the status");
+    let err = session
+        .run("false")
+        .await
+        .expect_err("run checks the status");
     assert!(matches!(err, SshError::CommandFailed { .. }), "{err}");
 
     // A command killed by a signal reports the signal, not an exit status.
@@ -85,7 +92,9 @@ async fn one_connection_serves_many_concurrent_commands() {
     let mut tasks = Vec::new();
     for i in 0..16 {
         let session = session.clone();
-        tasks.push(tokio::spawn(async move { session.run(&format!("echo {i}")).await }));
+        tasks.push(tokio::spawn(async move {
+            session.run(&format!("echo {i}")).await
+        }));
     }
     for (i, task) in tasks.into_iter().enumerate() {
         let out = task.await.expect("join").expect("queued command");
@@ -95,7 +104,12 @@ async fn one_connection_serves_many_concurrent_commands() {
         session.run("true").await.expect("sequential command");
     }
     let accepted = sshd.log_text().matches("Accepted publickey").count();
-    assert_eq!(accepted, 1, "all commands must share one connection:\n{}", sshd.log_text());
+    assert_eq!(
+        accepted,
+        1,
+        "all commands must share one connection:\n{}",
+        sshd.log_text()
+    );
 }
 
 #[tokio::test]
@@ -174,8 +188,14 @@ async fn timeout_kills_the_command_and_names_it() {
         .expect_err("must time out");
     let elapsed = start.elapsed();
     // Generous bound: the machine running the tests may be heavily loaded.
-    assert!(elapsed >= Duration::from_secs(4), "returned early: {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(10), "timeout took {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_secs(4),
+        "returned early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "timeout took {elapsed:?}"
+    );
     let msg = err.to_string();
     assert!(matches!(err, SshError::CommandTimeout { .. }), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{}", sshd.port)), "{msg}");
@@ -194,8 +214,19 @@ async fn timeout_kills_the_command_and_names_it() {
     }
     let alive = pid_alive(pid);
     kill_pid(pid);
-    assert!(!alive, "remote command {pid} survived its timeout\n{}", sshd.log_text());
-    assert_eq!(session.run("echo still here").await.expect("reuse").stdout_text(), "still here\n");
+    assert!(
+        !alive,
+        "remote command {pid} survived its timeout\n{}",
+        sshd.log_text()
+    );
+    assert_eq!(
+        session
+            .run("echo still here")
+            .await
+            .expect("reuse")
+            .stdout_text(),
+        "still here\n"
+    );
 }
 
 #[tokio::test]
@@ -205,7 +236,10 @@ async fn server_killed_mid_command_gives_a_clear_error_quickly() {
     let client = fx.client(sshd.pinned());
     let session = client.connect(&fx.target(&sshd)).await.expect("connect");
     let pidfile = fx.path().join("killed.pid");
-    let command = format!("echo $$ > {}; echo started; exec sleep 30", pidfile.display());
+    let command = format!(
+        "echo $$ > {}; echo started; exec sleep 30",
+        pidfile.display()
+    );
 
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let task = {
@@ -249,9 +283,15 @@ async fn server_killed_mid_command_gives_a_clear_error_quickly() {
     let msg = err.to_string();
     assert_eq!(
         msg,
-        format!("connection to 127.0.0.1:{} lost while running {command:?}", sshd.port)
+        format!(
+            "connection to 127.0.0.1:{} lost while running {command:?}",
+            sshd.port
+        )
     );
-    assert!(elapsed < Duration::from_secs(5), "noticed after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "noticed after {elapsed:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(1);
     while !session.is_closed() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -298,7 +338,10 @@ async fn connect_retries_until_sshd_starts_late() {
     });
     let session = connect.await.expect("join").expect("connect after retries");
     assert!(start.elapsed() >= Duration::from_millis(1400));
-    assert_eq!(session.run("echo up").await.expect("run").stdout_text(), "up\n");
+    assert_eq!(
+        session.run("echo up").await.expect("run").stdout_text(),
+        "up\n"
+    );
 }
 
 #[tokio::test]
@@ -317,13 +360,20 @@ async fn connect_gives_up_with_a_clear_error() {
         .connect(&Target::new("127.0.0.1", port, fx.user.clone()))
         .await
         .expect_err("nothing listens");
-    assert!(start.elapsed() < Duration::from_secs(8), "gave up after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "gave up after {:?}",
+        start.elapsed()
+    );
     let SshError::Connect { attempts, .. } = &err else {
         panic!("unexpected error: {err}");
     };
     assert!(*attempts >= 3, "only {attempts} attempts");
     let msg = err.to_string();
-    assert!(msg.starts_with(&format!("cannot connect to 127.0.0.1:{port}")), "{msg}");
+    assert!(
+        msg.starts_with(&format!("cannot connect to 127.0.0.1:{port}")),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -332,7 +382,10 @@ async fn twenty_hosts_in_parallel_with_a_bound() {
     // Twenty real sshd processes, one per "host", each with its own host key.
     let servers: Vec<support::Sshd> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20).map(|_| scope.spawn(|| fx.sshd())).collect();
-        handles.into_iter().map(|h| h.join().expect("sshd thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sshd thread"))
+            .collect()
     });
     let mut known = clusterctl::ssh::KnownHosts::new();
     for sshd in &servers {
@@ -381,7 +434,10 @@ async fn twenty_hosts_in_parallel_with_a_bound() {
             out.stdout_text().trim().parse().expect("count")
         })
         .collect();
-    assert!(counts.iter().all(|&c| c <= 4), "more than 4 at once: {counts:?}");
+    assert!(
+        counts.iter().all(|&c| c <= 4),
+        "more than 4 at once: {counts:?}"
+    );
     eprintln!("20 hosts: all at once {unbounded:?}, 4 at a time {bounded:?}");
 
     // A dead host yields an error for that host only.
@@ -418,9 +474,18 @@ async fn frozen_server_is_detected_by_keepalives() {
     let result = tokio::time::timeout(Duration::from_secs(20), session.exec("echo hi")).await;
     let elapsed = start.elapsed();
     signal("-CONT");
-    let err = result.expect("must not hang").expect_err("server is frozen");
+    let err = result
+        .expect("must not hang")
+        .expect_err("server is frozen");
     assert!(matches!(err, SshError::ConnectionLost { .. }), "{err}");
-    assert!(err.to_string().contains(&format!("127.0.0.1:{}", sshd.port)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("127.0.0.1:{}", sshd.port)),
+        "{err}"
+    );
     // Three missed keepalives at 0.5 s, plus scheduling slack on a loaded machine.
-    assert!(elapsed < Duration::from_secs(10), "detected after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "detected after {elapsed:?}"
+    );
 }

@@ -69,7 +69,10 @@ async fn hundred_megabyte_upload_is_verified_and_skipped_when_unchanged() {
     let remote_s = remote.to_str().expect("utf-8");
 
     let start = Instant::now();
-    let outcome = session.upload_file(&local, remote_s, 0o755).await.expect("upload");
+    let outcome = session
+        .upload_file(&local, remote_s, 0o755)
+        .await
+        .expect("upload");
     let first = start.elapsed();
     assert_eq!(
         outcome,
@@ -80,7 +83,11 @@ async fn hundred_megabyte_upload_is_verified_and_skipped_when_unchanged() {
     );
     assert_eq!(sha256_of(&remote), sum);
     assert_eq!(mode_of(&remote), 0o755);
-    assert!(leftovers(&remote_dir).is_empty(), "temp files left: {:?}", leftovers(&remote_dir));
+    assert!(
+        leftovers(&remote_dir).is_empty(),
+        "temp files left: {:?}",
+        leftovers(&remote_dir)
+    );
     eprintln!(
         "100 MiB upload: {first:?} ({:.0} MiB/s)",
         100.0 / first.as_secs_f64()
@@ -88,32 +95,60 @@ async fn hundred_megabyte_upload_is_verified_and_skipped_when_unchanged() {
 
     // Same content again: nothing is transferred.
     let start = Instant::now();
-    let outcome = session.upload_file(&local, remote_s, 0o755).await.expect("re-upload");
+    let outcome = session
+        .upload_file(&local, remote_s, 0o755)
+        .await
+        .expect("re-upload");
     let second = start.elapsed();
-    assert_eq!(outcome, UploadOutcome::Unchanged { sha256: sum.clone() });
-    assert!(second < first, "skip ({second:?}) must be cheaper than upload ({first:?})");
+    assert_eq!(
+        outcome,
+        UploadOutcome::Unchanged {
+            sha256: sum.clone()
+        }
+    );
+    assert!(
+        second < first,
+        "skip ({second:?}) must be cheaper than upload ({first:?})"
+    );
     let inode = fs::metadata(&remote).expect("meta");
     use std::os::unix::fs::MetadataExt;
     let ino = inode.ino();
 
     // Same content, other mode: only the mode changes.
-    let outcome = session.upload_file(&local, remote_s, 0o640).await.expect("chmod");
+    let outcome = session
+        .upload_file(&local, remote_s, 0o640)
+        .await
+        .expect("chmod");
     assert!(matches!(outcome, UploadOutcome::Unchanged { .. }));
     assert_eq!(mode_of(&remote), 0o640);
-    assert_eq!(fs::metadata(&remote).expect("meta").ino(), ino, "file was not rewritten");
+    assert_eq!(
+        fs::metadata(&remote).expect("meta").ino(),
+        ino,
+        "file was not rewritten"
+    );
 
     // One byte changed: uploaded again, and replaced atomically (new inode, never truncated).
     {
-        let mut f = fs::OpenOptions::new().write(true).open(&local).expect("open");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&local)
+            .expect("open");
         f.write_all(b"X").expect("patch");
     }
     let new_sum = sha256_of(&local);
     assert_ne!(new_sum, sum);
-    let outcome = session.upload_file(&local, remote_s, 0o640).await.expect("upload change");
+    let outcome = session
+        .upload_file(&local, remote_s, 0o640)
+        .await
+        .expect("upload change");
     assert_eq!(outcome.sha256(), new_sum);
     assert!(matches!(outcome, UploadOutcome::Uploaded { .. }));
     assert_eq!(sha256_of(&remote), new_sum);
-    assert_ne!(fs::metadata(&remote).expect("meta").ino(), ino, "must be renamed into place");
+    assert_ne!(
+        fs::metadata(&remote).expect("meta").ino(),
+        ino,
+        "must be renamed into place"
+    );
     assert!(leftovers(&remote_dir).is_empty());
 }
 
@@ -124,14 +159,27 @@ async fn in_memory_upload_creates_directories_and_is_atomic() {
     let client = fx.client(sshd.pinned());
     let session = client.connect(&fx.target(&sshd)).await.expect("connect");
 
-    let remote = fx.path().join("etc").join("kubernetes").join("it's a config.yaml");
+    let remote = fx
+        .path()
+        .join("etc")
+        .join("kubernetes")
+        .join("it's a config.yaml");
     let remote_s = remote.to_str().expect("utf-8");
     let data = b"apiVersion: v1\nkind: Config\n";
-    let outcome = session.upload_bytes(data, remote_s, 0o600).await.expect("upload bytes");
-    assert!(matches!(outcome, UploadOutcome::Uploaded { bytes: 28, .. }), "{outcome:?}");
+    let outcome = session
+        .upload_bytes(data, remote_s, 0o600)
+        .await
+        .expect("upload bytes");
+    assert!(
+        matches!(outcome, UploadOutcome::Uploaded { bytes: 28, .. }),
+        "{outcome:?}"
+    );
     assert_eq!(fs::read(&remote).expect("read"), data);
     assert_eq!(mode_of(&remote), 0o600);
-    let again = session.upload_bytes(data, remote_s, 0o600).await.expect("again");
+    let again = session
+        .upload_bytes(data, remote_s, 0o600)
+        .await
+        .expect("again");
     assert!(matches!(again, UploadOutcome::Unchanged { .. }));
 
     // Empty content is a valid file too.

@@ -132,7 +132,9 @@ pub struct Machine {
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     /// The provider endpoint (libvirt URI, cloud API) could not be reached.
-    #[error("cannot connect to {endpoint}: {detail}; check that the service is running and the URI is right")]
+    #[error(
+        "cannot connect to {endpoint}: {detail}; check that the service is running and the URI is right"
+    )]
     Unreachable {
         /// The endpoint, e.g. `qemu:///system`.
         endpoint: String,
@@ -140,7 +142,9 @@ pub enum ProviderError {
         detail: String,
     },
     /// A resource with the wanted name exists but does not carry this cluster's labels.
-    #[error("{kind} {name:?} already exists and was not created by this cluster; rename the cluster or remove the {kind} yourself")]
+    #[error(
+        "{kind} {name:?} already exists and was not created by this cluster; rename the cluster or remove the {kind} yourself"
+    )]
     NameClash {
         /// Kind of resource: `domain`, `volume`, `network`, `instance`.
         kind: &'static str,

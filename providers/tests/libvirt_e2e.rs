@@ -600,7 +600,9 @@ fn machines_boot_persist_resume_and_delete() {
             );
             let status = keys.ssh_ok(&m.name, &ip, "sudo veritysetup status root");
             assert!(
-                status.lines().any(|l| l.contains("status:") && l.contains("verified")),
+                status
+                    .lines()
+                    .any(|l| l.contains("status:") && l.contains("verified")),
                 "{}: the verity root device is active and verified: {status}",
                 m.name
             );
@@ -718,7 +720,11 @@ fn conformance_suite_passes_against_real_libvirt() {
     let keys = Keys::new();
     let mut template = spec("template", MachineRole::Worker, &image, &keys);
     // The suite boots machines but does not log in: keep them small.
-    template.size = MachineSize { cpus: 1, memory_mib: 512, disk_gib: 1 };
+    template.size = MachineSize {
+        cpus: 1,
+        memory_mib: 512,
+        disk_gib: 1,
+    };
     let fixture = providers::conformance::Fixture::new("cf", template);
     let start = Instant::now();
     for (name, check) in providers::conformance::CHECKS {
@@ -726,7 +732,13 @@ fn conformance_suite_passes_against_real_libvirt() {
         if let Err(e) = check(&p, &fixture) {
             panic!("{e}");
         }
-        eprintln!("conformance {name}: ok in {:.1}s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "conformance {name}: ok in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
     }
-    eprintln!("FIGURE conformance suite against libvirt: {:.1}s", start.elapsed().as_secs_f64());
+    eprintln!(
+        "FIGURE conformance suite against libvirt: {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
 }

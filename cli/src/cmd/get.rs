@@ -156,9 +156,10 @@ fn pools_table(spec: &spec::Cluster, ms: &[Machine]) -> String {
                 .filter(|m| m.pool.as_deref() == Some(p.name.as_str()))
                 .count()
                 .to_string(),
-            p.autoscaling
-                .as_ref()
-                .map_or_else(|| "-".to_owned(), |a| format!("{}-{}", a.min_count, a.max_count)),
+            p.autoscaling.as_ref().map_or_else(
+                || "-".to_owned(),
+                |a| format!("{}-{}", a.min_count, a.max_count),
+            ),
         ]);
     }
     output::table(
@@ -193,7 +194,11 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
         match &view.kubernetes {
             Some(k) => {
                 let ready = k.nodes.iter().filter(|n| n.ready).count();
-                writeln!(out, "Kubernetes: {} (API server {})", k.version, k.api_server)?;
+                writeln!(
+                    out,
+                    "Kubernetes: {} (API server {})",
+                    k.version, k.api_server
+                )?;
                 writeln!(
                     out,
                     "Nodes:     {ready}/{} Ready (checked {})",

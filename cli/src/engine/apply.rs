@@ -732,7 +732,10 @@ mod tests {
                 provider,
                 journal: Arc::new(Mutex::new(journal)),
                 concurrency,
-                report: Reporter { quiet: true, fancy: false },
+                report: Reporter {
+                    quiet: true,
+                    fancy: false,
+                },
             },
             desired,
             template,
@@ -766,7 +769,15 @@ mod tests {
     async fn every_side_effect_is_journaled_and_a_second_run_does_nothing() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(&mut ctx, Reporter { quiet: true, fancy: false }, &provision_phases()).await?;
+        run_phases(
+            &mut ctx,
+            Reporter {
+                quiet: true,
+                fancy: false,
+            },
+            &provision_phases(),
+        )
+        .await?;
         let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
         let events = journal_events(tmp.path())?;
@@ -787,7 +798,15 @@ mod tests {
         );
 
         let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(&mut again, Reporter { quiet: true, fancy: false }, &provision_phases()).await?;
+        run_phases(
+            &mut again,
+            Reporter {
+                quiet: true,
+                fancy: false,
+            },
+            &provision_phases(),
+        )
+        .await?;
         assert!(again.plan.as_ref().is_some_and(Plan::is_empty));
         assert!(!EnsureMachines.should_run(&again));
         assert_eq!(
@@ -807,7 +826,16 @@ mod tests {
         };
         // One at a time, so the order is fixed: c1-cp-0, then c1-a-0 fails, c1-a-1 never starts.
         let mut ctx = context(tmp.path(), options, 1)?;
-        let err = match run_phases(&mut ctx, Reporter { quiet: true, fancy: false }, &provision_phases()).await {
+        let err = match run_phases(
+            &mut ctx,
+            Reporter {
+                quiet: true,
+                fancy: false,
+            },
+            &provision_phases(),
+        )
+        .await
+        {
             Ok(()) => anyhow::bail!("the injected failure did not fail the run"),
             Err(e) => error_chain(&e),
         };

@@ -125,10 +125,12 @@ impl std::fmt::Debug for Artifacts {
 impl Artifacts {
     /// A binary by name, or an error naming the bundle.
     pub fn binary(&self, name: &str) -> Result<&ArtifactFile, ArtifactError> {
-        self.binaries.get(name).ok_or_else(|| ArtifactError::Missing {
-            path: PathBuf::from(&self.origin),
-            what: format!("bin/{name}"),
-        })
+        self.binaries
+            .get(name)
+            .ok_or_else(|| ArtifactError::Missing {
+                path: PathBuf::from(&self.origin),
+                what: format!("bin/{name}"),
+            })
     }
 }
 
@@ -189,35 +191,35 @@ pub async fn resolve(
     download_root: &Path,
 ) -> Result<Artifacts, ArtifactError> {
     let version = check_spec(spec)?;
-    let (bundle, path) = match &spec.spec.kubernetes.artifacts {
-        ArtifactSource::Bundle(b) => (
-            Bundle::open(&b.path).map_err(|source| ArtifactError::Bundle {
-                path: b.path.clone(),
-                source,
-            })?,
-            b.path.clone(),
-        ),
-        ArtifactSource::Upstream => {
-            let dest = download_root.join(version.to_string());
-            let source = UpstreamSource::new(version).map_err(|e| ArtifactError::Unsupported {
-                version: version.to_string(),
-                reason: e.to_string(),
-            })?;
-            let client = bundle::upstream::client().map_err(|e| ArtifactError::Download {
-                version: version.to_string(),
-                source: Box::new(e),
-            })?;
-            let bundle = source
-                .plan()
-                .fetch(&client, &dest)
-                .await
-                .map_err(|e| ArtifactError::Download {
+    let (bundle, path) =
+        match &spec.spec.kubernetes.artifacts {
+            ArtifactSource::Bundle(b) => (
+                Bundle::open(&b.path).map_err(|source| ArtifactError::Bundle {
+                    path: b.path.clone(),
+                    source,
+                })?,
+                b.path.clone(),
+            ),
+            ArtifactSource::Upstream => {
+                let dest = download_root.join(version.to_string());
+                let source =
+                    UpstreamSource::new(version).map_err(|e| ArtifactError::Unsupported {
+                        version: version.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                let client = bundle::upstream::client().map_err(|e| ArtifactError::Download {
                     version: version.to_string(),
                     source: Box::new(e),
                 })?;
-            (bundle, dest)
-        }
-    };
+                let bundle = source.plan().fetch(&client, &dest).await.map_err(|e| {
+                    ArtifactError::Download {
+                        version: version.to_string(),
+                        source: Box::new(e),
+                    }
+                })?;
+                (bundle, dest)
+            }
+        };
     // Hashing half a gigabyte is CPU work: off the async threads.
     type Collected = (Bundle, BTreeMap<String, ArtifactFile>, Vec<ArtifactImage>);
     let (bundle, binaries, images) =

@@ -204,7 +204,10 @@ enum AttemptError {
     Tcp(std::io::Error),
     HandshakeTimeout,
     Handshake(russh::Error),
-    JumpForward { jump: Endpoint, source: russh::Error },
+    JumpForward {
+        jump: Endpoint,
+        source: russh::Error,
+    },
 }
 
 impl SshClient {
@@ -308,7 +311,9 @@ impl SshClient {
             }
             tracing::debug!(node = %endpoint, ?delay, "ssh connection attempt failed; retrying");
             tokio::time::sleep(jittered(delay)).await;
-            delay = (delay * 2).min(policy.max_delay).max(Duration::from_millis(10));
+            delay = (delay * 2)
+                .min(policy.max_delay)
+                .max(Duration::from_millis(10));
         }
     }
 
@@ -380,7 +385,12 @@ impl SshClient {
             Some(jump) => {
                 let channel = jump
                     .handle()
-                    .channel_open_direct_tcpip(endpoint.host.clone(), endpoint.port.into(), "127.0.0.1", 0)
+                    .channel_open_direct_tcpip(
+                        endpoint.host.clone(),
+                        endpoint.port.into(),
+                        "127.0.0.1",
+                        0,
+                    )
                     .await
                     .map_err(|source| {
                         if jump.is_closed() {
@@ -476,12 +486,19 @@ impl SshClient {
         match &self.inner.config.auth {
             Auth::Key(key) => {
                 let hash = if key.public_key().algorithm().is_rsa() {
-                    handle.best_supported_rsa_hash().await.map_err(protocol)?.flatten()
+                    handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .map_err(protocol)?
+                        .flatten()
                 } else {
                     None
                 };
                 let result = handle
-                    .authenticate_publickey(user, PrivateKeyWithHashAlg::new(key.private_key(), hash))
+                    .authenticate_publickey(
+                        user,
+                        PrivateKeyWithHashAlg::new(key.private_key(), hash),
+                    )
                     .await
                     .map_err(protocol)?;
                 if result.success() {
@@ -522,12 +539,14 @@ impl SshClient {
                         tracing::debug!(error = %e, "ssh-agent did not accept session-bind");
                     }
                 }
-                let identities = agent.request_identities().await.map_err(|source| {
-                    SshError::Agent {
-                        op: "listing its keys".to_string(),
-                        source: Box::new(source),
-                    }
-                })?;
+                let identities =
+                    agent
+                        .request_identities()
+                        .await
+                        .map_err(|source| SshError::Agent {
+                            op: "listing its keys".to_string(),
+                            source: Box::new(source),
+                        })?;
                 if identities.is_empty() {
                     return Err(SshError::AgentUnavailable {
                         socket: Some(socket),
@@ -538,11 +557,18 @@ impl SshClient {
                 for identity in identities {
                     let key = identity.public_key().into_owned();
                     let hash = if key.algorithm().is_rsa() {
-                        handle.best_supported_rsa_hash().await.map_err(protocol)?.flatten()
+                        handle
+                            .best_supported_rsa_hash()
+                            .await
+                            .map_err(protocol)?
+                            .flatten()
                     } else {
                         None
                     };
-                    match handle.authenticate_publickey_with(user, key, hash, &mut agent).await {
+                    match handle
+                        .authenticate_publickey_with(user, key, hash, &mut agent)
+                        .await
+                    {
                         Ok(result) if result.success() => return Ok(()),
                         Ok(_) => {}
                         Err(e) => tracing::debug!(error = %e, "ssh-agent could not sign"),
@@ -598,11 +624,14 @@ impl SshClient {
             let work = work.clone();
             tasks.spawn(async move {
                 let result = async {
-                    let _permit = limit.acquire_owned().await.map_err(|_| SshError::Internal {
-                        endpoint: target.endpoint.clone(),
-                        op: "waiting for a parallelism slot".to_string(),
-                        detail: "semaphore closed".to_string(),
-                    })?;
+                    let _permit = limit
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| SshError::Internal {
+                            endpoint: target.endpoint.clone(),
+                            op: "waiting for a parallelism slot".to_string(),
+                            detail: "semaphore closed".to_string(),
+                        })?;
                     let session = client.connect(&target).await?;
                     let result = (*work)(session.clone()).await;
                     session.close().await;

@@ -118,7 +118,9 @@ pub enum SshError {
     },
 
     /// A public key given as text (pinned key, key line) does not parse.
-    #[error("invalid ssh public key {input:?}: expected an OpenSSH line such as `ssh-ed25519 AAAA...`")]
+    #[error(
+        "invalid ssh public key {input:?}: expected an OpenSSH line such as `ssh-ed25519 AAAA...`"
+    )]
     InvalidPublicKey {
         /// The offending text (public keys are not secret).
         input: String,
@@ -236,7 +238,10 @@ pub enum SshError {
     },
 
     /// A command finished unsuccessfully (see [`super::ExecOutput::check`]).
-    #[error("command {command:?} on {endpoint} failed with {status}{}", stderr_suffix(stderr))]
+    #[error(
+        "command {command:?} on {endpoint} failed with {status}{}",
+        stderr_suffix(stderr)
+    )]
     CommandFailed {
         /// The server.
         endpoint: Endpoint,

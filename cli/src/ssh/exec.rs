@@ -338,7 +338,10 @@ impl Session {
             }
             Some(())
         };
-        if tokio::time::timeout(Duration::from_secs(5), kill).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), kill)
+            .await
+            .is_err()
+        {
             tracing::warn!(node = %self.inner.endpoint, pgid, "could not kill timed-out remote command");
         }
     }
@@ -421,7 +424,11 @@ impl Collector<'_> {
         };
         buffer.extend_from_slice(data);
         let Some(newline) = buffer.iter().position(|&b| b == b'\n') else {
-            if buffer.len() > 64 || !PID_MARKER.as_bytes().starts_with(&buffer[..buffer.len().min(PID_MARKER.len())]) {
+            if buffer.len() > 64
+                || !PID_MARKER
+                    .as_bytes()
+                    .starts_with(&buffer[..buffer.len().min(PID_MARKER.len())])
+            {
                 let pending = std::mem::take(buffer);
                 self.pid = PidState::Unknown;
                 self.push(OutputStream::Stdout, &pending);
@@ -473,7 +480,9 @@ impl Collector<'_> {
                 Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
                     self.push(OutputStream::Stderr, &data)
                 }
-                Some(ChannelMsg::ExitStatus { exit_status }) => ended.exit_status = Some(exit_status),
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    ended.exit_status = Some(exit_status)
+                }
                 Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
                     ended.exit_signal = Some(signal_name_text(&signal_name))
                 }
@@ -525,7 +534,11 @@ impl Collector<'_> {
     }
 }
 
-fn emit(on_line: &mut (dyn FnMut(OutputLine<'_>) + Send), stream: OutputStream, line: &mut Vec<u8>) {
+fn emit(
+    on_line: &mut (dyn FnMut(OutputLine<'_>) + Send),
+    stream: OutputStream,
+    line: &mut Vec<u8>,
+) {
     if line.last() == Some(&b'\r') {
         line.pop();
     }
@@ -598,7 +611,10 @@ mod tests {
 
     #[test]
     fn tail_keeps_the_last_lines() {
-        let text = (1..=20).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
+        let text = (1..=20)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let tail = tail_lines(&text, 3, 1000);
         assert_eq!(tail, "line 18\nline 19\nline 20");
         assert_eq!(tail_lines("abcdef", 3, 3), "def");

@@ -29,7 +29,11 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, SshError> {
     let mut fields = trimmed.split_whitespace();
     let first = fields.next().unwrap_or_default();
     // `ALGORITHM BASE64 [COMMENT]` or just `BASE64`.
-    let blob = if first.starts_with("AAAA") { first } else { fields.next().unwrap_or_default() };
+    let blob = if first.starts_with("AAAA") {
+        first
+    } else {
+        fields.next().unwrap_or_default()
+    };
     let mut key = russh::keys::parse_public_key_base64(blob).map_err(invalid)?;
     key.set_comment("");
     Ok(key)
@@ -70,12 +74,13 @@ impl ClientKey {
     /// it into ssh-agent instead.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SshError> {
         let path = path.as_ref();
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-            SshError::KeyFile {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?);
+        let text =
+            Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|source| SshError::KeyFile {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            );
         Self::parse(&text, path.to_path_buf())
     }
 

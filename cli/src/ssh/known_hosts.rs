@@ -85,7 +85,11 @@ impl KnownHosts {
     /// A known_hosts line for `key` at `endpoint` (`[host]:port ALGORITHM BASE64`, or `host ...`
     /// for port 22), to write into a known_hosts file.
     pub fn known_hosts_line(endpoint: &Endpoint, key: &PublicKey) -> String {
-        format!("{} {}", lookup_name(endpoint), super::keys::public_key_line(key))
+        format!(
+            "{} {}",
+            lookup_name(endpoint),
+            super::keys::public_key_line(key)
+        )
     }
 
     /// Algorithms of the keys on record for `endpoint`, so that the handshake can ask the server
@@ -142,7 +146,11 @@ impl KnownHosts {
                     Origin::Pinned => "pinned".to_string(),
                     Origin::File { path, line } => format!("{}:{line}", path.display()),
                 };
-                format!("{} {} ({origin})", c.key.algorithm().as_str(), fingerprint(&c.key))
+                format!(
+                    "{} {} ({origin})",
+                    c.key.algorithm().as_str(),
+                    fingerprint(&c.key)
+                )
             })
             .collect::<Vec<_>>()
             .join(", ");
@@ -255,7 +263,10 @@ fn parse_known_hosts(text: &str, name: &str) -> Vec<KnownHostEntry> {
             continue;
         }
         let Ok(key) = parse_public_key(&format!("{algorithm} {blob}")) else {
-            tracing::warn!(line = index + 1, "skipping known_hosts line with an unparsable key");
+            tracing::warn!(
+                line = index + 1,
+                "skipping known_hosts line with an unparsable key"
+            );
             continue;
         };
         out.push(KnownHostEntry {
@@ -334,7 +345,8 @@ fn glob_match(pattern: &str, text: &str) -> bool {
 mod tests {
     use super::*;
 
-    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
 
     fn ep(host: &str, port: u16) -> Endpoint {
         Endpoint::new(host, port)
@@ -385,7 +397,9 @@ mod tests {
         let mut kh = KnownHosts::new();
         kh.pin(ep("10.0.0.5", 22), key());
         assert!(kh.verify(&ep("10.0.0.5", 22), &key()).is_ok());
-        let err = kh.verify(&ep("10.0.0.5", 2222), &key()).expect_err("other port is unknown");
+        let err = kh
+            .verify(&ep("10.0.0.5", 2222), &key())
+            .expect_err("other port is unknown");
         assert!(matches!(err, SshError::UnknownHostKey { .. }), "{err}");
         let other = crate::ssh::keys::generate_host_key().expect("keygen");
         let err = kh

@@ -18,8 +18,8 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::exec::{ExecOptions, Session};
 use super::SshError;
+use super::exec::{ExecOptions, Session};
 
 /// Exit status of the finishing script when the remote checksum differs.
 const CORRUPT_STATUS: u32 = 91;
@@ -85,7 +85,8 @@ impl Session {
         remote_path: &str,
         mode: u32,
     ) -> Result<UploadOutcome, SshError> {
-        self.upload(Source::File(local_path), remote_path, mode).await
+        self.upload(Source::File(local_path), remote_path, mode)
+            .await
     }
 
     /// Uploads in-memory bytes (a rendered config, say) with the same semantics as
@@ -162,7 +163,10 @@ impl Session {
         }
 
         // 2. Stream into a temporary file beside the destination, hashing what is sent.
-        let temp = format!("{dir}/.{name}.clusterctl-{:016x}.tmp", rand::random::<u64>());
+        let temp = format!(
+            "{dir}/.{name}.clusterctl-{:016x}.tmp",
+            rand::random::<u64>()
+        );
         tracing::debug!(node = %self.endpoint(), path = remote_path, "uploading file");
         let (size, sha256) = match self.write_temp(&source, &temp).await {
             Ok(sent) => sent,
@@ -260,22 +264,25 @@ impl Session {
                 file.write_all(data).await.map_err(write_error)?
             }
             Source::File(path) => {
-                let mut local = tokio::fs::File::open(path).await.map_err(|source| {
-                    SshError::LocalFile {
-                        path: path.to_path_buf(),
-                        op: "open",
-                        source,
-                    }
-                })?;
+                let mut local =
+                    tokio::fs::File::open(path)
+                        .await
+                        .map_err(|source| SshError::LocalFile {
+                            path: path.to_path_buf(),
+                            op: "open",
+                            source,
+                        })?;
                 let mut buffer = vec![0u8; CHUNK];
                 loop {
-                    let n = local.read(&mut buffer).await.map_err(|source| {
-                        SshError::LocalFile {
-                            path: path.to_path_buf(),
-                            op: "read",
-                            source,
-                        }
-                    })?;
+                    let n =
+                        local
+                            .read(&mut buffer)
+                            .await
+                            .map_err(|source| SshError::LocalFile {
+                                path: path.to_path_buf(),
+                                op: "read",
+                                source,
+                            })?;
                     if n == 0 {
                         break;
                     }
@@ -306,7 +313,9 @@ fn split_remote_path(path: &str) -> Result<(&str, &str), SshError> {
     if path.contains('\0') || path.contains('\n') {
         return Err(invalid("it contains a NUL or newline character"));
     }
-    let (dir, name) = path.rsplit_once('/').ok_or_else(|| invalid("it must be absolute"))?;
+    let (dir, name) = path
+        .rsplit_once('/')
+        .ok_or_else(|| invalid("it must be absolute"))?;
     if name.is_empty() || name == "." || name == ".." {
         return Err(invalid("it must name a file"));
     }
@@ -371,7 +380,10 @@ mod tests {
 
     #[test]
     fn remote_paths_are_checked() {
-        assert_eq!(split_remote_path("/etc/k/x.conf").ok(), Some(("/etc/k", "x.conf")));
+        assert_eq!(
+            split_remote_path("/etc/k/x.conf").ok(),
+            Some(("/etc/k", "x.conf"))
+        );
         assert_eq!(split_remote_path("/x").ok(), Some(("/", "x")));
         assert!(split_remote_path("relative/x").is_err());
         assert!(split_remote_path("/etc/").is_err());

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clusterctl::ssh::{Auth, ClientConfig, ClientKey, Endpoint, KnownHosts, RetryPolicy, SshClient, Target};
+use clusterctl::ssh::{
+    Auth, ClientConfig, ClientKey, Endpoint, KnownHosts, RetryPolicy, SshClient, Target,
+};
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 
@@ -180,10 +182,21 @@ impl Sshd {
             command
                 .args(["-f", "/dev/null", "-D", "-e", "-p", &port.to_string()])
                 .args(["-o", "ListenAddress=127.0.0.1"])
-                .args(["-o", &format!("AuthorizedKeysFile={}", fixture.authorized_keys.display())])
-                .args(["-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no"])
+                .args([
+                    "-o",
+                    &format!("AuthorizedKeysFile={}", fixture.authorized_keys.display()),
+                ])
+                .args([
+                    "-o",
+                    "PasswordAuthentication=no",
+                    "-o",
+                    "KbdInteractiveAuthentication=no",
+                ])
                 .args(["-o", "StrictModes=no", "-o", "UseDNS=no"])
-                .args(["-o", &format!("PidFile={}", dir.join(format!("sshd-{port}.pid")).display())])
+                .args([
+                    "-o",
+                    &format!("PidFile={}", dir.join(format!("sshd-{port}.pid")).display()),
+                ])
                 .args(["-o", "Subsystem=sftp internal-sftp"])
                 // Many simultaneous handshakes in the 20-host tests; MaxSessions stays at
                 // OpenSSH's default (10 channels per connection), as on real machines.
@@ -220,7 +233,10 @@ impl Sshd {
                     eprintln!("sshd on port {port} did not start ({why}); trying another port");
                     sshd.kill();
                 }
-                Err(why) => panic!("sshd on port {port} did not start: {why}\n{}", sshd.log_text()),
+                Err(why) => panic!(
+                    "sshd on port {port} did not start: {why}\n{}",
+                    sshd.log_text()
+                ),
             }
         }
         unreachable!("loop returns or panics")
@@ -311,7 +327,12 @@ pub fn descendants(root: u32) -> Vec<u32> {
     let mut i = 0;
     while i < out.len() {
         let parent = out[i];
-        out.extend(parent_of.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        out.extend(
+            parent_of
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
         i += 1;
     }
     out
