@@ -127,6 +127,10 @@ fn is_code(e: &virt::error::Error, code: ErrorNumber) -> bool {
     e.code().is_known_and(|c| c == code)
 }
 
+/// How long a domain libvirt says exists but does not list may take to show up again (measured:
+/// 1-4 s after the client that was starting it was SIGKILLed).
+const DOMAIN_REAPPEAR_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Machine metadata attribute names.
 const ATTR_MACHINE: &str = "machine";
 const ATTR_ROLE: &str = "role";
@@ -171,6 +175,20 @@ impl LibvirtProvider {
     }
 
     // ----- domains -----
+
+    /// Looks the domain up until it is found or `timeout` has passed.
+    fn wait_for_domain(&self, name: &str, timeout: Duration) -> Result<Option<Domain>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(dom) = self.lookup_domain(name)? {
+                return Ok(Some(dom));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
 
     fn lookup_domain(&self, name: &str) -> Result<Option<Domain>> {
         match self.conn.lookup_domain_by_name(name) {
@@ -893,10 +911,25 @@ impl LibvirtProvider {
         }
         .render();
         tracing::info!(cluster = %cluster.name, node = %spec.name, "defining machine");
-        let dom = self
-            .conn
-            .define_domain_xml(&xml)
-            .map_err(|e| api(format!("defining domain {:?}", spec.name), &e))?;
+        let dom = match self.conn.define_domain_xml(&xml) {
+            Ok(dom) => dom,
+            Err(e) if is_code(&e, ErrorNumber::OperationFailed) => {
+                // "already exists": a run killed while libvirtd was starting this domain leaves it
+                // out of lookups and listings for a few seconds while libvirtd aborts the start.
+                let Some(dom) = self.wait_for_domain(&spec.name, DOMAIN_REAPPEAR_TIMEOUT)? else {
+                    return Err(api(format!("defining domain {:?}", spec.name), &e));
+                };
+                if !Self::is_ours(self.facts(&dom)?.label.as_ref(), cluster) {
+                    return Err(ProviderError::NameClash {
+                        kind: "domain",
+                        name: spec.name.clone(),
+                    });
+                }
+                tracing::info!(node = %spec.name, "the domain reappeared; using it");
+                dom
+            }
+            Err(e) => return Err(api(format!("defining domain {:?}", spec.name), &e)),
+        };
         Self::start_if_stopped(&dom, &spec.name)?;
         self.machine_by_domain(cluster, &dom)
     }
