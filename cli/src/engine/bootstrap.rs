@@ -150,7 +150,9 @@ impl BootstrapContext {
             .iter()
             .find(|p| p.role == MachineRole::ControlPlane)
             .cloned()
-            .ok_or_else(|| EngineError::Bootstrap("the cluster has no control-plane machine".into()))
+            .ok_or_else(|| {
+                EngineError::Bootstrap("the cluster has no control-plane machine".into())
+            })
     }
 }
 
@@ -269,11 +271,10 @@ impl Phase<BootstrapContext> for Prepare {
                 extra_api_server_sans: Vec::new(),
             };
             let dir = ctx.pki_dir.clone();
-            let (pki, actions) =
-                tokio::task::spawn_blocking(move || Pki::ensure(&dir, &pki_spec))
-                    .await
-                    .map_err(|e| EngineError::Task(e.to_string()))?
-                    .map_err(|e| bootstrap_err("issuing certificates", &e))?;
+            let (pki, actions) = tokio::task::spawn_blocking(move || Pki::ensure(&dir, &pki_spec))
+                .await
+                .map_err(|e| EngineError::Task(e.to_string()))?
+                .map_err(|e| bootstrap_err("issuing certificates", &e))?;
             let created = actions
                 .iter()
                 .filter(|a| !matches!(a.action, crate::pki::Action::Reused))
@@ -396,20 +397,21 @@ fn node_plan(
         })
         .collect();
     for e in &rendered.external {
-        let content = match &e.source {
-            Source::Pki(rel) => {
-                let path = pki.dir().join(rel);
-                Zeroizing::new(std::fs::read(&path).map_err(|err| {
-                    bootstrap_err(&format!("reading {}", path.display()), &err)
-                })?)
-            }
-            Source::Kubeconfig { cert, server } => {
-                let text = pki
-                    .kubeconfig(cert, server)
-                    .map_err(|err| bootstrap_err(&format!("kubeconfig {cert}"), &err))?;
-                Zeroizing::new(text.as_bytes().to_vec())
-            }
-        };
+        let content =
+            match &e.source {
+                Source::Pki(rel) => {
+                    let path = pki.dir().join(rel);
+                    Zeroizing::new(std::fs::read(&path).map_err(|err| {
+                        bootstrap_err(&format!("reading {}", path.display()), &err)
+                    })?)
+                }
+                Source::Kubeconfig { cert, server } => {
+                    let text = pki
+                        .kubeconfig(cert, server)
+                        .map_err(|err| bootstrap_err(&format!("kubeconfig {cert}"), &err))?;
+                    Zeroizing::new(text.as_bytes().to_vec())
+                }
+            };
         files.push((e.path.clone(), 0o600, content));
     }
     let layout = &input.layout;
@@ -489,7 +491,9 @@ where
             let started = Instant::now();
             let res = fut.await;
             match &res {
-                Ok(msg) => line.finish(&format!("{msg} ({:.1} s)", started.elapsed().as_secs_f64())),
+                Ok(msg) => {
+                    line.finish(&format!("{msg} ({:.1} s)", started.elapsed().as_secs_f64()))
+                }
                 Err(e) => line.finish(&format!("failed: {}", error_chain(e))),
             }
             (i, res)
@@ -590,13 +594,12 @@ impl Phase<BootstrapContext> for Install {
     }
     fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let images: Arc<Vec<(String, PathBuf)>> = Arc::new(
+            let images: Arc<Vec<(String, PathBuf, String)>> = Arc::new(remote_image_names(
                 ctx.artifacts
                     .images
                     .iter()
-                    .map(|i| (i.reference.clone(), i.file.path.clone()))
-                    .collect(),
-            );
+                    .map(|i| (i.reference.clone(), i.file.path.clone())),
+            ));
             for_nodes(ctx, ctx.plans.clone(), move |client, plan, line| {
                 let images = images.clone();
                 async move { install_node(&client, &plan, &line, &images).await }
@@ -606,11 +609,35 @@ impl Phase<BootstrapContext> for Install {
     }
 }
 
+/// Each image archive with the file name it gets in the node's image directory: its own name,
+/// or `<n>-<name>` when an earlier archive (from another bundle directory) has that name.
+fn remote_image_names(
+    images: impl Iterator<Item = (String, PathBuf)>,
+) -> Vec<(String, PathBuf, String)> {
+    let mut taken = BTreeSet::new();
+    let mut out = Vec::new();
+    for (n, (reference, local)) in images.enumerate() {
+        let base = local
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image.tar".into());
+        let mut name = base.clone();
+        let mut k = n;
+        while taken.contains(&name) {
+            name = format!("{k}-{base}");
+            k += 1;
+        }
+        taken.insert(name.clone());
+        out.push((reference, local, name));
+    }
+    out
+}
+
 async fn install_node(
     client: &SshClient,
     plan: &NodePlan,
     line: &MachineLine,
-    images: &[(String, PathBuf)],
+    images: &[(String, PathBuf, String)],
 ) -> Result<String, EngineError> {
     let node = plan.name.as_str();
     let session = connect(client, plan).await?;
@@ -651,11 +678,7 @@ async fn install_node(
             }
         }
         let mut image_paths = Vec::new();
-        for (reference, local) in images {
-            let file = local
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image.tar".into());
+        for (reference, local, file) in images {
             let remote = format!("{IMAGES}/{file}");
             line.say(&format!("uploading image {reference}"));
             let outcome = session
@@ -825,8 +848,7 @@ async fn start_node(
     })
 }
 
-const KUBECTL: &str =
-    "sudo -n /var/lib/clusterctl/bin/kubectl --kubeconfig /var/lib/clusterctl/kubernetes/admin.conf";
+const KUBECTL: &str = "sudo -n /var/lib/clusterctl/bin/kubectl --kubeconfig /var/lib/clusterctl/kubernetes/admin.conf";
 
 /// Starts etcd and the control plane and waits for the API server.
 struct StartControlPlane;
@@ -970,9 +992,12 @@ struct NodeInfo {
     kubelet_version: String,
 }
 
-fn parse_nodes(json: &str) -> Result<Vec<(NodeStatus, BTreeMap<String, String>)>, String> {
-    let list: NodeList =
-        serde_json::from_str(json).map_err(|e| format!("unexpected `kubectl get nodes` output: {e}"))?;
+/// A node as listed: its status and its labels.
+type ListedNode = (NodeStatus, BTreeMap<String, String>);
+
+fn parse_nodes(json: &str) -> Result<Vec<ListedNode>, String> {
+    let list: NodeList = serde_json::from_str(json)
+        .map_err(|e| format!("unexpected `kubectl get nodes` output: {e}"))?;
     Ok(list
         .items
         .into_iter()
@@ -999,10 +1024,7 @@ fn parse_nodes(json: &str) -> Result<Vec<(NodeStatus, BTreeMap<String, String>)>
 }
 
 /// Lists nodes through the first control-plane node.
-async fn list_nodes(
-    session: &Session,
-    node: &str,
-) -> Result<Vec<(NodeStatus, BTreeMap<String, String>)>, EngineError> {
+async fn list_nodes(session: &Session, node: &str) -> Result<Vec<ListedNode>, EngineError> {
     let out = session
         .exec_with(
             &format!("{KUBECTL} --request-timeout=50s get nodes -o json"),
@@ -1041,9 +1063,11 @@ impl Phase<BootstrapContext> for WaitForNodes {
     fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             let cp = ctx.first_control_plane()?;
-            let session = connect(&ctx.client, &cp).await?;
-            let result = wait_for_nodes(ctx, &session, &cp.name).await;
-            session.close().await;
+            let mut session = Some(connect(&ctx.client, &cp).await?);
+            let result = wait_for_nodes(ctx, &mut session, &cp).await;
+            if let Some(s) = session {
+                s.close().await;
+            }
             let nodes = result?;
             ctx.status = Some(KubernetesStatus {
                 version: ctx.artifacts.version.clone(),
@@ -1056,20 +1080,33 @@ impl Phase<BootstrapContext> for WaitForNodes {
     }
 }
 
+/// `session` is the connection to `cp_plan`'s machine; a listing that fails drops it and the next
+/// try connects again (a busy guest's sshd may drop a connection that waited minutes).
 async fn wait_for_nodes(
     ctx: &BootstrapContext,
-    session: &Session,
-    cp: &str,
+    session: &mut Option<Session>,
+    cp_plan: &NodePlan,
 ) -> Result<Vec<NodeStatus>, EngineError> {
+    let cp = cp_plan.name.as_str();
     let wanted: BTreeSet<&str> = ctx.machines.iter().map(|m| m.name.as_str()).collect();
     let started = Instant::now();
     let mut last_report = String::new();
     loop {
         // A busy API server (every kubelet registering at once, under emulation) may not answer
         // one listing in time: that is retried until the deadline, not a failure.
-        let listed = match list_nodes(session, cp).await {
+        let attempt = match session.as_ref() {
+            Some(s) => list_nodes(s, cp).await,
+            None => match connect(&ctx.client, cp_plan).await {
+                Ok(s) => list_nodes(session.insert(s), cp).await,
+                Err(e) => Err(e),
+            },
+        };
+        let listed = match attempt {
             Ok(listed) => listed,
             Err(e) if started.elapsed() < NODES_TIMEOUT => {
+                if let Some(s) = session.take() {
+                    s.close().await;
+                }
                 let now = format!("listing nodes failed, retrying: {}", error_chain(&e));
                 if now != last_report {
                     ctx.report.note(&now);
@@ -1087,6 +1124,10 @@ async fn wait_for_nodes(
             .collect();
         let missing: Vec<&str> = wanted.difference(&ready).copied().collect();
         if missing.is_empty() {
+            // (The listing just succeeded on it, so the session is there.)
+            let Some(session) = session.as_ref() else {
+                continue;
+            };
             // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
             let stale: Vec<String> = listed
                 .iter()
@@ -1096,18 +1137,28 @@ async fn wait_for_nodes(
             if !stale.is_empty() {
                 let cmd = format!(
                     "{KUBECTL} delete node --ignore-not-found {}",
-                    stale.iter().map(|s| shell_quote(s)).collect::<Vec<_>>().join(" ")
+                    stale
+                        .iter()
+                        .map(|s| shell_quote(s))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 );
                 session
                     .run(&cmd)
                     .await
                     .map_err(|e| node_err(cp, "removing nodes of deleted machines", &e))?;
-                ctx.report
-                    .note(&format!("removed node(s) of deleted machines: {}", stale.join(", ")));
+                ctx.report.note(&format!(
+                    "removed node(s) of deleted machines: {}",
+                    stale.join(", ")
+                ));
             }
             // Role labels are set through the API: kubelet may not set node-role labels.
             let mut label = Vec::new();
-            for m in ctx.machines.iter().filter(|m| m.role == MachineRole::ControlPlane) {
+            for m in ctx
+                .machines
+                .iter()
+                .filter(|m| m.role == MachineRole::ControlPlane)
+            {
                 let has = listed.iter().any(|(n, l)| {
                     n.name == m.name && l.contains_key("node-role.kubernetes.io/control-plane")
                 });
@@ -1241,6 +1292,25 @@ mod tests {
         );
     }
     #[test]
+    fn image_archives_with_the_same_file_name_get_distinct_remote_names() {
+        let images = [
+            ("a:1", "/b/images/pause.tar"),
+            ("b:1", "/b/other/pause.tar"),
+            ("c:1", "/b/images/busybox.tar"),
+            ("d:1", "/b/x/1-pause.tar"),
+            ("e:1", "/b/y/pause.tar"),
+        ]
+        .map(|(r, p)| (r.to_owned(), PathBuf::from(p)));
+        let names: Vec<String> = remote_image_names(images.into_iter())
+            .into_iter()
+            .map(|(_, _, n)| n)
+            .collect();
+        assert_eq!(names[..3], ["pause.tar", "1-pause.tar", "busybox.tar"]);
+        let unique: BTreeSet<&String> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+    }
+
+    #[test]
     fn install_script_changes_only_what_differs_and_marks_before_the_first_change() {
         use std::os::unix::fs::PermissionsExt;
         let Ok(dir) = tempfile::tempdir() else {
@@ -1261,26 +1331,43 @@ mod tests {
                 .arg(script)
                 .output()
                 .unwrap_or_else(|e| panic!("sh: {e}"));
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         let script = install_script(&marker, &files);
         stage("a", "s1");
         stage("b", "s2");
         let out = run(&script);
-        assert_eq!(out.lines().filter(|l| l.starts_with("changed ")).count(), 2, "{out}");
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("changed ")).count(),
+            2,
+            "{out}"
+        );
         assert!(std::path::Path::new(&marker).exists(), "marker written");
-        assert_eq!(std::fs::read_to_string(d("etc/a.conf")).unwrap_or_default(), "a");
+        assert_eq!(
+            std::fs::read_to_string(d("etc/a.conf")).unwrap_or_default(),
+            "a"
+        );
         let mode = std::fs::metadata(d("pki/b.key")).map(|m| m.permissions().mode() & 0o777);
         assert_eq!(mode.unwrap_or(0), 0o600);
-        assert!(!std::path::Path::new(&d("s2")).exists(), "staged secret removed");
+        assert!(
+            !std::path::Path::new(&d("s2")).exists(),
+            "staged secret removed"
+        );
         // Same content again: nothing changes and no marker appears.
         std::fs::remove_file(&marker).unwrap_or_default();
         stage("a", "s1");
         stage("b", "s2");
         let out = run(&script);
         assert!(!out.contains("changed"), "{out}");
-        assert!(!std::path::Path::new(&marker).exists(), "no marker without a change");
+        assert!(
+            !std::path::Path::new(&marker).exists(),
+            "no marker without a change"
+        );
         // One file differs: only it changes, and the marker is back.
         stage("a2", "s1");
         stage("b", "s2");
@@ -1288,5 +1375,4 @@ mod tests {
         assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
         assert!(std::path::Path::new(&marker).exists());
     }
-
 }
