@@ -145,7 +145,12 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let a = rt
             .block_on(artifacts::resolve(&spec, &download_dir()?))
-            .with_context(|| format!("checking the Kubernetes artifacts of {}", args.file.display()))?;
+            .with_context(|| {
+                format!(
+                    "checking the Kubernetes artifacts of {}",
+                    args.file.display()
+                )
+            })?;
         report.note(&format!(
             "Kubernetes {} (etcd {}) from {}: {} binaries and {} image(s) verified in {:.1} s",
             a.version,
@@ -172,7 +177,7 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
                 r.id, r.status
             ));
             r.spec = spec.clone();
-            r.status = ClusterStatus::Creating;
+            r.status = resumed_status(r.status);
             r
         }
         None => {
@@ -390,4 +395,38 @@ fn bootstrap_kubernetes(
     result?;
     record.status = ClusterStatus::Running;
     Ok(())
+}
+
+/// The status of an existing cluster while `create` runs on it again: a cluster that ran stays
+/// known as one, so a failed re-run leaves it `reconciling`, not `creating`.
+fn resumed_status(previous: ClusterStatus) -> ClusterStatus {
+    match previous {
+        ClusterStatus::Running | ClusterStatus::Reconciling => ClusterStatus::Reconciling,
+        _ => ClusterStatus::Creating,
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn a_rerun_on_a_running_cluster_reconciles_and_anything_else_creates() {
+        assert_eq!(
+            resumed_status(ClusterStatus::Running),
+            ClusterStatus::Reconciling
+        );
+        assert_eq!(
+            resumed_status(ClusterStatus::Reconciling),
+            ClusterStatus::Reconciling
+        );
+        assert_eq!(
+            resumed_status(ClusterStatus::Creating),
+            ClusterStatus::Creating
+        );
+        assert_eq!(
+            resumed_status(ClusterStatus::Provisioned),
+            ClusterStatus::Creating
+        );
+    }
 }

@@ -183,6 +183,9 @@ pub enum ClusterStatus {
     Provisioned,
     /// Kubernetes is bootstrapped and every node was Ready when `create` finished.
     Running,
+    /// `create` was run again on a running cluster and has not finished (it is running, or it
+    /// failed: the cluster may still serve, but it does not match its spec yet).
+    Reconciling,
     /// `delete` has started; resources may be partly removed.
     Deleting,
 }
@@ -193,6 +196,7 @@ impl fmt::Display for ClusterStatus {
             ClusterStatus::Creating => "creating",
             ClusterStatus::Provisioned => "provisioned",
             ClusterStatus::Running => "running",
+            ClusterStatus::Reconciling => "reconciling",
             ClusterStatus::Deleting => "deleting",
         })
     }
