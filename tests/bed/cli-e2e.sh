@@ -15,7 +15,10 @@
 #   CLUSTERCTL_BUNDLE_DIR  Kubernetes bundle (tests/bed/build-k8s-bundle.sh builds or reuses one)
 #   CLUSTERCTL_E2E_PHASES  which parts to run: `kill` (default: one cluster, every check below;
 #                          a cluster's first start takes 10-20 min under QEMU TCG on 2 cores), `clean`
-#                          (an uninterrupted create, same checks), or `clean kill` (both, two clusters)
+#                          (an uninterrupted create, same checks), `clean kill` (both, two clusters),
+#                          or `bench` (the benchmark, not a test: an uninterrupted create timed per
+#                          phase, then the floor: the same VMs reset and the same Kubernetes
+#                          started by a bare script, tests/bed/floor.sh; prints both and the ratios)
 #
 # What it proves, through the binary only (phase `clean`: 1-3, phase `kill`: 4, then 1-3's checks):
 #   1. `create` from nothing: 3 domains running, each answering SSH with the host key clusterctl
@@ -294,12 +297,13 @@ YAML
   ip2=$(jq -r '.items[1].status.podIP' <<< "$pods")
   [ "$(printf '%s\n' "$n1" "$n2" | sort | xargs)" = "$name-workers-0 $name-workers-1" ] || die "web pods run on '$n1' and '$n2', want one on each worker"
   log "kubernetes: busybox pods $p1 on $n1 and $p2 on $n2"
-  out=$(k exec "$p1" -- wget -q -T 10 -O - "http://$ip2:8080/") || die "pod $p1 on $n1 cannot reach pod $p2 at $ip2 on $n2"
+  # (`timeout`, not wget's -T: Debian's busybox-static 1.35 wget segfaults with -T, exit 139.)
+  out=$(k exec "$p1" -- timeout 10 wget -q -O - "http://$ip2:8080/") || die "pod $p1 on $n1 cannot reach pod $p2 at $ip2 on $n2"
   [ "$out" = "$p2" ] || die "pod $ip2 answered '$out', want '$p2'"
   log "kubernetes: pod on $n1 reached pod $p2 ($ip2) on $n2"
   svc=$(k get service web -o jsonpath='{.spec.clusterIP}')
   for i in $(seq 1 30); do
-    out=$(k exec "$p1" -- wget -q -T 5 -O - "http://$svc/" 2>/dev/null || true)
+    out=$(k exec "$p1" -- timeout 5 wget -q -O - "http://$svc/" 2>/dev/null || true)
     [ "$out" = "$p2" ] && break
     out=""
   done
@@ -321,6 +325,7 @@ check_unreachable() {
   err=$(sed -n '/^error/,$p' "$work/unreachable.log")
   grep -q "$name-workers-1" <<< "$err" && grep -q "Waiting for SSH" <<< "$err" \
     || { cat "$work/unreachable.log" >&2; die "the error does not name the node and the phase"; }
+  [ "$("$bin" get "$name" -o json | jq -r .status)" = reconciling ] || die "after the failed re-run the cluster is not 'reconciling'"
   log "unreachable node: $(head -c 300 <<< "$err")"
 }
 
@@ -400,5 +405,24 @@ check_gone "$id2"
 ctxs=$("$kubectl" config get-contexts -o name) || die "kubectl cannot read $KUBECONFIG after delete"
 ! grep -qx "clusterctl-$name" <<< "$ctxs" || die "delete left the kubeconfig context"
 log "delete left nothing of cluster $id2"
+fi
+# ---- bench: clusterctl create against the floor, in the same bed, on the same VMs ----
+if [[ " $phases " == *" bench "* ]]; then
+# shellcheck source=tests/bed/floor.sh
+. "$here/floor.sh"
+log "bench 1. create from nothing"
+t0=$(fl_now)
+"$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/bench.log" || { cat "$work/bench.log" >&2; die "create failed"; }
+create_secs=$(fl_secs "$t0" "$(fl_now)")
+cat "$work/bench.log" >&2
+check_running
+log "bench 2. the floor: same machines reset, same Kubernetes started by a bare script"
+floor_capture
+floor_reset
+floor_run
+floor_report "$work/bench.log" "$create_secs"
+id=$(cluster_id)
+"$bin" delete "$name" || die "delete failed"
+check_gone "$id"
 fi
 log "PASS (phases: $phases)"
