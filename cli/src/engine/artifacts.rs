@@ -157,7 +157,13 @@ fn spec_version(k: &spec::Kubernetes) -> Option<KubeVersion> {
 /// with a bundle, matches it. Reads only the bundle's manifest; hashes nothing, downloads
 /// nothing. Returns the version.
 pub fn check_spec(spec: &spec::Cluster) -> Result<KubeVersion, ArtifactError> {
+    checked_spec(spec).map(|(version, _)| version)
+}
+
+/// [`check_spec`], also returning the bundle it opened (a tarball is unpacked once per run).
+fn checked_spec(spec: &spec::Cluster) -> Result<(KubeVersion, Option<Bundle>), ArtifactError> {
     let k = &spec.spec.kubernetes;
+    let mut opened = None;
     let version = match &k.artifacts {
         ArtifactSource::Upstream => spec_version(k)
             .unwrap_or_else(|| channel_version(k.channel.unwrap_or(ReleaseChannel::Stable))),
@@ -176,11 +182,12 @@ pub fn check_spec(spec: &spec::Cluster) -> Result<KubeVersion, ArtifactError> {
                     spec: want.to_string(),
                 });
             }
+            opened = Some(bundle);
             have
         }
     };
     check_version(&version)?;
-    Ok(version)
+    Ok((version, opened))
 }
 
 /// Resolves and verifies the artifacts of `spec`: opens the bundle, or downloads the upstream
@@ -190,14 +197,17 @@ pub async fn resolve(
     spec: &spec::Cluster,
     download_root: &Path,
 ) -> Result<Artifacts, ArtifactError> {
-    let version = check_spec(spec)?;
+    let (version, opened) = checked_spec(spec)?;
     let (bundle, path) =
         match &spec.spec.kubernetes.artifacts {
             ArtifactSource::Bundle(b) => (
-                Bundle::open(&b.path).map_err(|source| ArtifactError::Bundle {
-                    path: b.path.clone(),
-                    source,
-                })?,
+                match opened {
+                    Some(bundle) => bundle,
+                    None => Bundle::open(&b.path).map_err(|source| ArtifactError::Bundle {
+                        path: b.path.clone(),
+                        source,
+                    })?,
+                },
                 b.path.clone(),
             ),
             ArtifactSource::Upstream => {
