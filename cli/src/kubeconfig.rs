@@ -419,7 +419,54 @@ pub fn write_admin_context(
     path: &Path,
 ) -> Result<MergeOutcome, KubeconfigError> {
     let entry = admin_entry(store, record)?;
-    merge(path, &entry, true)
+    let outcome = merge(path, &entry, true)?;
+    if let Err(e) = remember(store, &record.name, path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the kubeconfig file in the cluster's state; `delete` will not clean it");
+    }
+    Ok(outcome)
+}
+
+/// File in a cluster's state directory that lists the kubeconfig files clusterctl merged the
+/// cluster's context into (one absolute path per line), so `delete` takes it out of each.
+pub const WRITTEN_LIST: &str = "kubeconfigs";
+
+fn remember(store: &StateStore, cluster: &str, path: &Path) -> Result<(), StateError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let file = store.cluster_dir(cluster)?.join(WRITTEN_LIST);
+    let absolute = std::path::absolute(path).map_err(|source| StateError::Io {
+        action: "make absolute",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut list = remembered_in(&file)?;
+    // A path with a line break cannot be listed; its context is then left to the user.
+    if list.contains(&absolute) || absolute.as_os_str().as_bytes().contains(&b'\n') {
+        return Ok(());
+    }
+    list.push(absolute);
+    let mut content = Vec::new();
+    for p in &list {
+        content.extend_from_slice(p.as_os_str().as_bytes());
+        content.push(b'\n');
+    }
+    fsio::write_atomic(&file, &content, 0o600)
+}
+
+fn remembered_in(file: &Path) -> Result<Vec<PathBuf>, StateError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Some(content) = fsio::read_optional(file)? else {
+        return Ok(Vec::new());
+    };
+    Ok(content
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| PathBuf::from(OsStr::from_bytes(l)))
+        .collect())
+}
+
+/// The kubeconfig files clusterctl merged cluster `cluster`'s context into (see [`WRITTEN_LIST`]).
+pub fn remembered(store: &StateStore, cluster: &str) -> Result<Vec<PathBuf>, StateError> {
+    remembered_in(&store.cluster_dir(cluster)?.join(WRITTEN_LIST))
 }
 
 /// The admin [`Entry`] of cluster `record`, read and checked from its state directory: the CA

@@ -439,3 +439,45 @@ fn delete_removes_the_context_and_keeps_the_others() -> Result<()> {
     ensure!(std::fs::read_to_string(&path)? == "- not a kubeconfig\n");
     Ok(())
 }
+
+#[test]
+fn delete_removes_the_context_from_every_file_it_was_written_to() -> Result<()> {
+    let bed = Bed::new()?;
+    bed.cluster("demo", true)?;
+    let path = bed.kubeconfig();
+    std::fs::create_dir_all(path.parent().context("no parent")?)?;
+    std::fs::write(&path, OTHER)?;
+    let env = path.to_str().context("path")?;
+    let explicit = bed.root.join("elsewhere/demo.kubeconfig");
+    let explicit_arg = explicit.to_str().context("path")?;
+    for args in [
+        vec!["get-credentials", "demo"],
+        vec!["get-credentials", "demo", "--kubeconfig", explicit_arg],
+        // Twice: listed once.
+        vec!["get-credentials", "demo", "--kubeconfig", explicit_arg],
+    ] {
+        let out = bed.run(&args, env)?;
+        ensure!(out.status.success(), "{}", stderr(&out));
+    }
+    let listed = std::fs::read_to_string(bed.state_dir().join("demo/kubeconfigs"))?;
+    ensure!(
+        listed == format!("{}\n{}\n", path.display(), explicit.display()),
+        "{listed}"
+    );
+
+    let out = bed.run(&["delete", "demo"], env)?;
+    ensure!(out.status.success(), "delete failed: {}", stderr(&out));
+    let err = stderr(&out);
+    for p in [&path, &explicit] {
+        ensure!(
+            err.contains(&format!(
+                "Removed kubeconfig context \"clusterctl-demo\" from {}.",
+                p.display()
+            )),
+            "{err}"
+        );
+    }
+    ensure!(names(&read_config(&path)?, "contexts") == ["prod"]);
+    ensure!(names(&read_config(&explicit)?, "contexts").is_empty());
+    Ok(())
+}

@@ -46,25 +46,51 @@ pub fn run(global: &Global, args: &GetCredentialsArgs) -> anyhow::Result<()> {
 }
 
 /// After `clusterctl delete NAME` removed the cluster: takes its context, cluster and user out of
-/// the default kubeconfig. Failure is only a warning, since the cluster is gone already; the
-/// warning says how to remove the entries by hand.
-pub fn forget_context(name: &str, quiet: bool) {
-    let result = kubeconfig::default_path()
-        .and_then(|path| kubeconfig::remove(&path, name).map(|changed| (path, changed)));
+/// the default kubeconfig and out of every file `written` lists (where `create` and
+/// `get-credentials` merged them). Failure is only a warning, since the cluster is gone already;
+/// the warning says how to remove the entries by hand.
+pub fn forget_context(name: &str, written: &[std::path::PathBuf], quiet: bool) {
     let (context, cluster, user) = kubeconfig::names_for(name);
-    match result {
-        Ok((path, true)) => {
-            if !quiet {
-                eprintln!(
-                    "Removed kubeconfig context {context:?} from {}.",
-                    path.display()
-                );
-            }
-        }
-        Ok((_, false)) => {}
-        Err(e) => eprintln!(
-            "warning: cannot remove the kubeconfig entries of cluster {name:?}: {:#}; remove them with `kubectl config delete-context {context}`, `kubectl config delete-cluster {cluster}` and `kubectl config delete-user {user}`",
-            anyhow::Error::new(e)
-        ),
+    let mut paths = Vec::new();
+    match kubeconfig::default_path() {
+        Ok(p) => paths.push(p),
+        // Without HOME there is no default file; the listed ones are still cleaned.
+        Err(e) if written.is_empty() => warn_forget(name, e, &context, &cluster, &user),
+        Err(_) => {}
     }
+    for p in written {
+        let same = paths
+            .iter()
+            .any(|q| std::path::absolute(q).is_ok_and(|q| &q == p));
+        if !same {
+            paths.push(p.clone());
+        }
+    }
+    for path in paths {
+        match kubeconfig::remove(&path, name) {
+            Ok(true) => {
+                if !quiet {
+                    eprintln!(
+                        "Removed kubeconfig context {context:?} from {}.",
+                        path.display()
+                    );
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn_forget(name, e, &context, &cluster, &user),
+        }
+    }
+}
+
+fn warn_forget(
+    name: &str,
+    e: kubeconfig::KubeconfigError,
+    context: &str,
+    cluster: &str,
+    user: &str,
+) {
+    eprintln!(
+        "warning: cannot remove the kubeconfig entries of cluster {name:?}: {:#}; remove them with `kubectl config delete-context {context}`, `kubectl config delete-cluster {cluster}` and `kubectl config delete-user {user}`",
+        anyhow::Error::new(e)
+    );
 }

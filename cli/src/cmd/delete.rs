@@ -83,8 +83,12 @@ pub fn run(global: &Global, args: &DeleteArgs) -> anyhow::Result<()> {
     drop(ctx);
     drop(journal);
     report.phase("Removing cluster state");
+    let written = crate::kubeconfig::remembered(&store, name).unwrap_or_else(|e| {
+        eprintln!("warning: cannot read which kubeconfig files hold cluster {name:?}: {e}; only the default one is cleaned");
+        Vec::new()
+    });
     guard.remove()?;
-    super::credentials::forget_context(name, global.quiet);
+    super::credentials::forget_context(name, &written, global.quiet);
     if !global.quiet {
         eprintln!("Cluster {name:?} deleted.");
     }
