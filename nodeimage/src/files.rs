@@ -57,6 +57,16 @@ pub(crate) const FILES: &[ImageFile] = &[
         "bin/clusterctl-stateful"
     ),
     file!(
+        "/usr/local/sbin/clusterctl-restore",
+        0o755,
+        "bin/clusterctl-restore"
+    ),
+    file!(
+        "/etc/systemd/system/clusterctl-restore.service",
+        0o644,
+        "systemd/clusterctl-restore.service"
+    ),
+    file!(
         "/etc/systemd/system/clusterctl-firstboot.service",
         0o644,
         "systemd/clusterctl-firstboot.service"

@@ -421,12 +421,34 @@ fn boots_verified_read_only_with_persistent_data_disk() {
         !pw.status.success(),
         "password authentication must be refused"
     );
+    // Nothing saved yet; then save a file and a unit for /etc, as clusterctl's bootstrap does.
+    assert!(
+        vm.log()
+            .contains("clusterctl-restore: nothing saved in /var/lib/clusterctl/etc"),
+        "clusterctl-restore did not run on boot 1"
+    );
+    let save = "set -e; sudo mkdir -p /var/lib/clusterctl/etc/clusterctl-test /var/lib/clusterctl/etc/systemd/system; \
+        echo restored-from-the-data-disk | sudo tee /var/lib/clusterctl/etc/clusterctl-test/probe >/dev/null; \
+        printf '[Service]\\nType=oneshot\\nExecStart=/bin/sh -c \"echo clusterctl-probe: $$(cat /etc/clusterctl-test/probe)\"\\nStandardOutput=journal+console\\n' \
+          | sudo tee /var/lib/clusterctl/etc/systemd/system/clusterctl-probe.service >/dev/null; \
+        echo clusterctl-probe.service | sudo tee /var/lib/clusterctl/boot-units >/dev/null; sync";
+    let out = ssh(port, &admin, &kh, save);
+    assert!(
+        out.status.success(),
+        "saving /etc files: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(vm);
 
-    // Boot 2: the same data disk survives.
+    // Boot 2: the same data disk survives, and what was saved for /etc is back and started.
     let mut vm = Vm::boot(&image, w, "boot2", &root, &data, &seed, None);
     vm.wait_for("clusterctl-stateful: mounted /dev/vdb at /mnt/stateful boot=2");
     vm.wait_for("clusterctl-firstboot: root=ro verity=verified data=/dev/vdb");
+    vm.wait_for(
+        "clusterctl-restore: restored 2 file(s) into /etc; started: clusterctl-probe.service",
+    );
+    vm.wait_for("clusterctl-probe: restored-from-the-data-disk");
+    vm.wait_for("clusterctl-ready: sshd=active containerd=active");
     assert!(
         !vm.log().contains("formatting blank data disk"),
         "data disk was reformatted on the second boot"

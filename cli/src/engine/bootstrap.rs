@@ -52,6 +52,12 @@ const STAGING: &str = "/var/lib/clusterctl/staging";
 const IMAGES: &str = "/var/lib/clusterctl/images";
 /// Marker: files changed, units must be restarted (survives a killed run).
 const RESTART_PENDING: &str = "/var/lib/clusterctl/restart-pending";
+/// The node image's `/etc` starts afresh on every boot; every file installed under `/etc` is also
+/// kept here, on the data disk, and the image's `clusterctl-restore` puts it back at boot
+/// (nodeimage/files/bin/clusterctl-restore).
+const SAVED_ETC: &str = "/var/lib/clusterctl/etc";
+/// The units `clusterctl-restore` starts after a reboot, one per line.
+const BOOT_UNITS: &str = "/var/lib/clusterctl/boot-units";
 /// The node label naming a worker's pool.
 pub const POOL_LABEL: &str = "clusterctl.io/node-pool";
 /// How long the API server may take to answer `/readyz` after its units started (under QEMU TCG
@@ -704,7 +710,7 @@ async fn install_node(
                 .map_err(|e| node_err(node, format!("uploading {dest}"), &e))?;
             staged_files.push((staged, dest.clone(), *mode));
         }
-        let script = install_script(RESTART_PENDING, &staged_files);
+        let script = install_script(RESTART_PENDING, ("/etc", SAVED_ETC), &staged_files);
         let out = root_script(
             &session,
             node,
@@ -753,12 +759,26 @@ async fn install_node(
 /// written (and synced) before the first destination changes, so a run killed at any point still
 /// restarts the units next time. Staged copies are removed (they may hold keys). Prints
 /// `changed PATH` per changed file.
-fn install_script(marker: &str, files: &[(String, String, u32)]) -> String {
+/// `saved` is (`/etc`, where its copy lives): every file installed under the first is also
+/// copied below the second (silently: a copy is not a change), so it survives the reboot that
+/// resets `/etc`.
+fn install_script(marker: &str, saved: (&str, &str), files: &[(String, String, u32)]) -> String {
     let marker = shell_quote(marker);
+    let (etc, saved) = (shell_quote(saved.0), shell_quote(saved.1));
     let mut script = format!(
         "set -eu\numask 077\nchanged=0\n\
+         save() {{\n\
+         \x20 case \"$1\" in {etc}/*) ;; *) return 0 ;; esac\n\
+         \x20 s={saved}/\"${{1#{etc}/}}\"\n\
+         \x20 if [ -f \"$s\" ] && cmp -s \"$1\" \"$s\"; then chmod \"$2\" \"$s\"; return 0; fi\n\
+         \x20 (umask 022 && mkdir -p \"$(dirname \"$s\")\")\n\
+         \x20 cp \"$1\" \"$s.clusterctl-new\"\n\
+         \x20 chmod \"$2\" \"$s.clusterctl-new\"\n\
+         \x20 sync \"$s.clusterctl-new\"\n\
+         \x20 mv -f \"$s.clusterctl-new\" \"$s\"\n\
+         }}\n\
          put() {{\n\
-         \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; rm -f \"$1\"; return 0; fi\n\
+         \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; rm -f \"$1\"; save \"$2\" \"$3\"; return 0; fi\n\
          \x20 mkdir -p \"$(dirname \"$2\")\"\n\
          \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
          \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
@@ -766,6 +786,7 @@ fn install_script(marker: &str, files: &[(String, String, u32)]) -> String {
          \x20 [ \"$changed\" = 1 ] || {{ touch {marker}; sync {marker}; changed=1; }}\n\
          \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
          \x20 rm -f \"$1\"\n\
+         \x20 save \"$2\" \"$3\"\n\
          \x20 echo \"changed $2\"\n\
          }}\n"
     );
@@ -795,6 +816,7 @@ fn start_script(plan: &NodePlan, units: &[String], last: bool) -> String {
         "set -eu\n\
          systemctl daemon-reload\n\
          systemctl enable -q {own}\n\
+         printf '%s\\n' {own} > {BOOT_UNITS}.new && mv -f {BOOT_UNITS}.new {BOOT_UNITS}\n\
          if [ -e {RESTART_PENDING} ]; then\n\
          \x20 for u in {units}; do systemctl restart \"$u\"; done\n\
          \x20 {done}\n\
@@ -1338,7 +1360,8 @@ mod tests {
             );
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
-        let script = install_script(&marker, &files);
+        let (etc, saved) = (d("etc"), d("saved/etc"));
+        let script = install_script(&marker, (&etc, &saved), &files);
         stage("a", "s1");
         stage("b", "s2");
         let out = run(&script);
@@ -1358,8 +1381,17 @@ mod tests {
             !std::path::Path::new(&d("s2")).exists(),
             "staged secret removed"
         );
-        // Same content again: nothing changes and no marker appears.
+        // Files under /etc (here: etc/) are kept below saved/ for the reboot, nothing else.
+        assert_eq!(
+            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
+            "a"
+        );
+        assert!(!std::path::Path::new(&d("saved/etc/pki")).exists());
+        assert!(!std::path::Path::new(&d("saved/pki")).exists());
+        // Same content again: nothing changes and no marker appears; a lost copy comes back
+        // without counting as a change.
         std::fs::remove_file(&marker).unwrap_or_default();
+        std::fs::remove_file(d("saved/etc/a.conf")).unwrap_or_default();
         stage("a", "s1");
         stage("b", "s2");
         let out = run(&script);
@@ -1368,11 +1400,19 @@ mod tests {
             !std::path::Path::new(&marker).exists(),
             "no marker without a change"
         );
-        // One file differs: only it changes, and the marker is back.
+        assert_eq!(
+            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
+            "a"
+        );
+        // One file differs: only it changes, and the marker is back; the copy follows.
         stage("a2", "s1");
         stage("b", "s2");
         let out = run(&script);
         assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
         assert!(std::path::Path::new(&marker).exists());
+        assert_eq!(
+            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
+            "a2"
+        );
     }
 }
