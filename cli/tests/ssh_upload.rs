@@ -226,3 +226,89 @@ async fn upload_errors_are_clear() {
     assert!(msg.contains(&format!("127.0.0.1:{}", sshd.port)), "{msg}");
     assert!(matches!(err, SshError::CommandFailed { .. }), "{msg}");
 }
+
+#[tokio::test]
+async fn recorded_checksum_skips_hashing_only_while_the_file_is_untouched() {
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fixture::new();
+    let sshd = fx.sshd();
+    let client = fx.client(sshd.pinned());
+    let session = client.connect(&fx.target(&sshd)).await.expect("connect");
+
+    let local = fx.path().join("tool");
+    let sum = write_random_file(&local, 1 << 20);
+    let remote_dir = fx.path().join("remote");
+    let remote = remote_dir.join("tool");
+    let remote_s = remote.to_str().expect("utf-8");
+    let sidecar = remote_dir.join(format!(".tool{}", clusterctl::ssh::SUM_SUFFIX));
+
+    let outcome = session
+        .upload_file(&local, remote_s, 0o755)
+        .await
+        .expect("upload");
+    assert!(matches!(outcome, UploadOutcome::Uploaded { .. }));
+    let meta = fs::metadata(&remote).expect("meta");
+    let identity = format!(
+        "{} {} {}.{:09}",
+        meta.size(),
+        meta.ino(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let record = fs::read_to_string(&sidecar).expect("checksum recorded");
+    let fields: Vec<&str> = record.trim_end().splitn(3, ' ').collect();
+    assert_eq!(fields.len(), 3, "{record}");
+    assert_eq!(fields[0], sum);
+    assert_eq!(fields[2], identity);
+    let recorded_at: i64 = fields[1].parse().expect("recorded at");
+    assert!(recorded_at > meta.ctime(), "{record}");
+
+    // A record with the file's identity is believed without reading the file: a forged checksum
+    // in it makes clusterctl upload the (identical) file again.
+    fs::write(
+        &sidecar,
+        format!("{} {recorded_at} {identity}\n", "0".repeat(64)),
+    )
+    .expect("forge");
+    let outcome = session
+        .upload_file(&local, remote_s, 0o755)
+        .await
+        .expect("upload over a forged record");
+    assert!(
+        matches!(outcome, UploadOutcome::Uploaded { .. }),
+        "the record is read while the identity holds: {outcome:?}"
+    );
+    assert_eq!(sha256_of(&remote), sum);
+
+    // The file changed in place, same size, mtime put back: its ctime moved, so it is hashed
+    // and uploaded again.
+    let mtime = fs::metadata(&remote)
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&remote)
+            .expect("open remote");
+        f.write_all(b"tampered").expect("write");
+        f.set_modified(mtime).expect("restore mtime");
+    }
+    assert_ne!(sha256_of(&remote), sum);
+    let outcome = session
+        .upload_file(&local, remote_s, 0o755)
+        .await
+        .expect("upload after tampering");
+    assert!(
+        matches!(outcome, UploadOutcome::Uploaded { .. }),
+        "a changed file was taken as unchanged: {outcome:?}"
+    );
+    assert_eq!(sha256_of(&remote), sum);
+    // Untouched since: skipped.
+    let outcome = session
+        .upload_file(&local, remote_s, 0o755)
+        .await
+        .expect("upload unchanged");
+    assert!(matches!(outcome, UploadOutcome::Unchanged { .. }));
+    assert!(leftovers(&remote_dir).is_empty());
+}

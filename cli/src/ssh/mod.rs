@@ -32,7 +32,7 @@ pub use error::SshError;
 pub use exec::{ExecOptions, ExecOutput, OutputLine, OutputStream, Session};
 pub use keys::{ClientKey, GeneratedKey, KeyAlgorithm};
 pub use known_hosts::KnownHosts;
-pub use upload::{UploadOutcome, shell_quote};
+pub use upload::{SUM_SUFFIX, UploadOutcome, shell_quote};
 
 /// A server address: host name or IP address, and TCP port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -6,7 +6,14 @@
 //! compute the temporary file's sha256 and, only if it equals the local one, sets the mode and
 //! renames it over the destination (`mv -f`, an atomic `rename(2)` in the same directory).
 //! A reader of the destination thus sees the old file or the complete new one, never a partial
-//! one. The remote side needs a POSIX shell, `sha256sum`, `chmod`, `mv` and the SFTP subsystem.
+//! one. The remote side needs a POSIX shell, `sha256sum`, `stat`, `chmod`, `mv` and the SFTP
+//! subsystem.
+//!
+//! A file uploaded from disk gets `.<name>.clusterctl-sha256` beside it: its checksum, when it was
+//! recorded and the file's identity (size, inode, ctime). Step (2) reports that checksum without
+//! reading the file while the identity holds and the ctime is older than the record (as git does
+//! with racily clean files); any write, chmod or replacement moves the ctime, which no user can
+//! set, so a changed file is always hashed again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +30,10 @@ use super::exec::{ExecOptions, Session};
 
 /// Exit status of the finishing script when the remote checksum differs.
 const CORRUPT_STATUS: u32 = 91;
+/// Suffix of the file beside an upload (`.<name><suffix>`) that records its checksum and identity.
+pub const SUM_SUFFIX: &str = ".clusterctl-sha256";
+/// A file's identity for the recorded checksum: size, inode and ctime (nanoseconds, last).
+const IDENTITY: &str = "%s %i %.9Z";
 /// Read and write chunk size.
 const CHUNK: usize = 256 << 10;
 
@@ -132,13 +143,24 @@ impl Session {
         };
         let _stop_hashing = CancelOnDrop(cancel.clone());
 
-        // 1. What is there now? (Also creates the parent directory.)
+        // 1. What is there now? (Also creates the parent directory.) A file uploaded from disk
+        // has its checksum recorded beside it with its identity (size, inode, ctime); while that
+        // identity holds, the file was not written to, so the recorded checksum is reported
+        // without reading it (hashing 450 MB under emulation took minutes). A stale record is
+        // brought up to date when the file is hashed.
+        let sidecar = format!("{dir}/.{name}{SUM_SUFFIX}");
         let probe = format!(
-            "d={dir}; p={path}; [ -d \"$d\" ] || mkdir -p -- \"$d\" || exit 1; \
-             if [ -f \"$p\" ]; then s=$(sha256sum < \"$p\") || exit 1; echo \"${{s%% *}}\"; \
+            "d={dir}; p={path}; q={sidecar}; [ -d \"$d\" ] || mkdir -p -- \"$d\" || exit 1; \
+             if [ -f \"$p\" ]; then id=$(stat -c '{IDENTITY}' -- \"$p\") || exit 1; c=${{id##* }}; \
+             if [ -f \"$q\" ] && read -r rs rat rid < \"$q\" && [ \"$rid\" = \"$id\" ] \
+             && [ \"${{c%.*}}\" -lt \"$rat\" ]; then echo \"$rs\"; \
+             else s=$(sha256sum < \"$p\") || exit 1; s=${{s%% *}}; echo \"$s\"; \
+             if [ -f \"$q\" ]; then printf '%s %s %s\\n' \"$s\" \"$(date +%s)\" \"$id\" > \"$q.tmp\" \
+             && mv -f -- \"$q.tmp\" \"$q\" || rm -f -- \"$q\" \"$q.tmp\"; fi; fi; \
              stat -c %a -- \"$p\"; fi",
             dir = shell_quote(dir),
             path = shell_quote(remote_path),
+            sidecar = shell_quote(&sidecar),
         );
         let output = self.run(&probe).await?;
         let text = output.stdout_text();
@@ -176,12 +198,25 @@ impl Session {
             }
         };
 
-        // 3. Verify on the server, then set the mode and rename into place.
+        // 3. Verify on the server, then set the mode and rename into place; a file from disk
+        // gets its checksum recorded (see step 1; the identity is taken after the rename).
+        let record = match source {
+            // The record is written in a later second than the file's ctime, so any later write
+            // to the file gives it another ctime, however coarse the clock.
+            Source::File(_) => format!(
+                "; q={sidecar}; id=$(stat -c '{IDENTITY}' -- \"$p\") && c=${{id##* }} && \
+                 while [ \"$(date +%s)\" -le \"${{c%.*}}\" ]; do sleep 0.2; done && \
+                 printf '%s %s %s\\n' \"$s\" \"$(date +%s)\" \"$id\" > \"$q.tmp\" && mv -f -- \"$q.tmp\" \"$q\" \
+                 || rm -f -- \"$q\" \"$q.tmp\"",
+                sidecar = shell_quote(&sidecar),
+            ),
+            Source::Bytes(_) => String::new(),
+        };
         let finish = format!(
             "t={temp}; p={path}; s=$(sha256sum < \"$t\") || {{ rm -f -- \"$t\"; exit 1; }}; \
              s=${{s%% *}}; if [ \"$s\" != {sha256} ]; then rm -f -- \"$t\"; echo \"$s\"; \
              exit {CORRUPT_STATUS}; fi; chmod {mode:o} -- \"$t\" && mv -f -- \"$t\" \"$p\" \
-             || {{ rm -f -- \"$t\"; exit 1; }}",
+             || {{ rm -f -- \"$t\"; exit 1; }}{record}",
             temp = shell_quote(&temp),
             path = shell_quote(remote_path),
         );
