@@ -54,6 +54,15 @@ impl Bed {
         Ok(Bed { _tmp: tmp, root })
     }
 
+    /// Cluster "demo" and a `$KUBECONFIG` that holds [`OTHER`]; returns the kubeconfig's path.
+    fn demo_with_other_kubeconfig(&self) -> Result<PathBuf> {
+        self.cluster("demo", true)?;
+        let path = self.kubeconfig();
+        std::fs::create_dir_all(path.parent().context("no parent")?)?;
+        std::fs::write(&path, OTHER)?;
+        Ok(path)
+    }
+
     fn state_dir(&self) -> PathBuf {
         self.root.join("state")
     }
@@ -399,10 +408,7 @@ fn get_credentials_fails_clearly_and_writes_nothing() -> Result<()> {
 #[test]
 fn delete_removes_the_context_and_keeps_the_others() -> Result<()> {
     let bed = Bed::new()?;
-    bed.cluster("demo", true)?;
-    let path = bed.kubeconfig();
-    std::fs::create_dir_all(path.parent().context("no parent")?)?;
-    std::fs::write(&path, OTHER)?;
+    let path = bed.demo_with_other_kubeconfig()?;
     let env = path.to_str().context("path")?;
     let out = bed.run(&["get-credentials", "demo"], env)?;
     ensure!(out.status.success(), "{}", stderr(&out));
@@ -443,10 +449,7 @@ fn delete_removes_the_context_and_keeps_the_others() -> Result<()> {
 #[test]
 fn delete_removes_the_context_from_every_file_it_was_written_to() -> Result<()> {
     let bed = Bed::new()?;
-    bed.cluster("demo", true)?;
-    let path = bed.kubeconfig();
-    std::fs::create_dir_all(path.parent().context("no parent")?)?;
-    std::fs::write(&path, OTHER)?;
+    let path = bed.demo_with_other_kubeconfig()?;
     let env = path.to_str().context("path")?;
     let explicit = bed.root.join("elsewhere/demo.kubeconfig");
     let explicit_arg = explicit.to_str().context("path")?;

@@ -412,21 +412,14 @@ mod status_tests {
 
     #[test]
     fn a_rerun_on_a_running_cluster_reconciles_and_anything_else_creates() {
-        assert_eq!(
-            resumed_status(ClusterStatus::Running),
-            ClusterStatus::Reconciling
-        );
-        assert_eq!(
-            resumed_status(ClusterStatus::Reconciling),
-            ClusterStatus::Reconciling
-        );
-        assert_eq!(
-            resumed_status(ClusterStatus::Creating),
-            ClusterStatus::Creating
-        );
-        assert_eq!(
-            resumed_status(ClusterStatus::Provisioned),
-            ClusterStatus::Creating
-        );
+        use ClusterStatus::{Creating, Provisioned, Reconciling, Running};
+        for (before, during) in [
+            (Running, Reconciling),
+            (Reconciling, Reconciling),
+            (Creating, Creating),
+            (Provisioned, Creating),
+        ] {
+            assert_eq!(resumed_status(before), during, "after {before}");
+        }
     }
 }
