@@ -27,8 +27,9 @@
 #      Ready through the kubeconfig context `create` merged into $KUBECONFIG; a 2-replica busybox
 #      Deployment runs one pod on each worker; a pod reaches the pod on the other worker and the
 #      ClusterIP Service backed by it
-#   2. `create` again changes nothing: same domains, volumes, networks, pools and host keys, no
-#      upload, no unit restarted; an unreachable node (its SSH port dropped in the bed) makes
+#   2. a worker rebooted comes back by itself (units and /etc restored from its data disk) and
+#      its pod serves again; `create` again then changes nothing: same domains, volumes, networks,
+#      pools and host keys, no upload, no file changed (so the restore was exact), no unit restarted; an unreachable node (its SSH port dropped in the bed) makes
 #      `create` fail with an error naming the node and the phase
 #   3. `delete` removes every domain, volume, network and pool carrying the cluster's ID, the
 #      cluster's state directory and its kubeconfig context
@@ -311,6 +312,41 @@ YAML
   log "kubernetes: ClusterIP service $svc reached pod $p2 on the other worker"
 }
 
+# A worker rebooted comes back as a node by itself: its /etc files and units restored from the
+# data disk (clusterctl-restore), its web pod serving again, reached from the other worker.
+check_reboot() {
+  local m=$name-workers-0 before after="" out="" pods p_m ip_m p_other started
+  before=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count) || die "cannot read the boot count of $m"
+  "$bin" ssh "$name" "$m" -- sudo -n systemctl --no-block reboot || true
+  started=$SECONDS
+  log "reboot: $m rebooting (boot $before)"
+  for _ in $(seq 1 120); do
+    sleep 10
+    after=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count 2> /dev/null || true)
+    [ -n "$after" ] && [ "$after" -gt "$before" ] && break
+  done
+  [ -n "$after" ] && [ "$after" -gt "$before" ] || die "$m did not come back from the reboot"
+  for _ in $(seq 1 90); do
+    pods=$(k get pods -l app=web -o json 2> /dev/null || echo '{"items":[]}')
+    p_m=$(jq -r --arg n "$m" '[.items[] | select(.spec.nodeName == $n and .status.phase == "Running")][0].metadata.name // ""' <<< "$pods")
+    ip_m=$(jq -r --arg n "$m" '[.items[] | select(.spec.nodeName == $n and .status.phase == "Running")][0].status.podIP // ""' <<< "$pods")
+    p_other=$(jq -r --arg n "$m" '[.items[] | select(.spec.nodeName != $n and .status.phase == "Running")][0].metadata.name // ""' <<< "$pods")
+    if [ -n "$p_m" ] && [ -n "$ip_m" ] && [ -n "$p_other" ]; then
+      out=$(k exec "$p_other" -- timeout 5 wget -q -O - "http://$ip_m:8080/" 2> /dev/null || true)
+      [ "$out" = "$p_m" ] && break
+    fi
+    out=""
+    sleep 10
+  done
+  if [ -z "$out" ]; then
+    "$bin" ssh "$name" "$m" -- sudo -n journalctl -b -u clusterctl-restore -u kubelet --no-pager -n 40 >&2 || true
+    k get pods -o wide >&2 || true
+    die "after the reboot no web pod on $m answered from the other worker"
+  fi
+  "$bin" ssh "$name" "$m" -- systemctl is-active -q kubelet kube-proxy containerd || die "kubelet, kube-proxy or containerd is not active on $m after the reboot"
+  log "reboot: $m came back (boot $after) after $((SECONDS - started)) s with its units; pod $p_m serves again"
+}
+
 # A node that does not answer: create fails naming the node and the phase, then works again.
 check_unreachable() {
   local ip
@@ -347,6 +383,7 @@ check_inventory "$(inventory "$id")"
 check_secrets
 check_pinned_only
 check_kubernetes
+check_reboot
 check_again "$id"
 check_unreachable
 log "clean 3. delete"
@@ -397,6 +434,7 @@ check_secrets
 check_pinned_only
 check_kubernetes
 log "after two kills and resume: a working cluster on exactly 3 machines, nothing orphaned"
+check_reboot
 check_again "$id2"
 check_unreachable
 log "kill 4. delete"
