@@ -54,7 +54,7 @@ floor_capture() {
       fl_ssh "$ip" test -f "/etc/systemd/system/$u.service" && units="$units etc/systemd/system/$u.service"
     done
     # shellcheck disable=SC2086 # word lists
-    fl_ssh "$ip" sudo -n tar -C / -cf - $FLOOR_TREE $units > "$work/floor/$m-tree.tar" \
+    fl_ssh "$ip" sudo -n tar --ignore-failed-read -C / -cf - $FLOOR_TREE $units > "$work/floor/$m-tree.tar" \
       || die "floor: cannot read what clusterctl wrote on $m"
     fl_ssh "$ip" ls /var/lib/clusterctl/bin > "$work/floor/$m-bins" || die "floor: no binaries on $m"
     fl_ssh "$ip" ls /var/lib/clusterctl/images > "$work/floor/$m-images" || die "floor: no image archives on $m"
@@ -64,12 +64,14 @@ floor_capture() {
 }
 
 floor_reset() {
-  local m root data info
+  local m root data info pool
+  # The machines' disks are volumes of the cluster's pool (providers/src/libvirt/names.rs).
+  pool=clusterctl-$(cluster_id)
   for m in $machines; do
     $virsh destroy "$m" > /dev/null
-    root=$($virsh domblklist "$m" --details | awk '$3 == "vda" {print $4}')
-    data=$($virsh domblklist "$m" --details | awk '$3 == "vdb" {print $4}')
-    [ -f "$root" ] && [ -f "$data" ] || die "floor: cannot find the disks of $m"
+    root=$($virsh vol-path --pool "$pool" "$m-root.qcow2")
+    data=$($virsh vol-path --pool "$pool" "$m-data.qcow2")
+    [ -f "$root" ] && [ -f "$data" ] || die "floor: cannot find the disks of $m in pool $pool"
     info=$(qemu-img info -U --output=json "$root")
     qemu-img create -q -f qcow2 -F "$(jq -r '."backing-filename-format"' <<< "$info")" \
       -b "$(jq -r '."backing-filename"' <<< "$info")" "$root" "$(jq -r '."virtual-size"' <<< "$info")"
@@ -101,7 +103,7 @@ fl_install() {
     [ -f "$bundle/images/$f" ] || { echo "floor: $bundle/images/$f not found" >&2; return 1; }
     files+=("images/$f")
   done
-  tar -C "$bundle" -cf - "${files[@]}" | fl_ssh "$ip" 'sudo -n mkdir -p /var/lib/clusterctl && sudo -n tar -C /var/lib/clusterctl -xf -' || return 1
+  tar -h -C "$bundle" -cf - "${files[@]}" | fl_ssh "$ip" 'sudo -n mkdir -p /var/lib/clusterctl && sudo -n tar -C /var/lib/clusterctl -xf -' || return 1
   fl_ssh "$ip" 'sudo -n tar -C / -xf -' < "$work/floor/$m-tree.tar" || return 1
   fl_ssh "$ip" 'sudo -n sh -c "for f in /var/lib/clusterctl/images/*; do ctr -n k8s.io images import \$f > /dev/null || exit 1; done"'
 }
