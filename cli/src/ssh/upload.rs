@@ -34,6 +34,10 @@ const CORRUPT_STATUS: u32 = 91;
 pub const SUM_SUFFIX: &str = ".clusterctl-sha256";
 /// A file's identity for the recorded checksum: size, inode and ctime (nanoseconds, last).
 const IDENTITY: &str = "%s %i %.9Z";
+/// Shell that writes the record of checksum `$s` for identity `$id` to `$q`, atomically; a
+/// record that cannot be written is removed (the file is then hashed next time).
+const WRITE_RECORD: &str = "{ printf '%s %s %s\\n' \"$s\" \"$(date +%s)\" \"$id\" > \"$q.tmp\" \
+     && mv -f -- \"$q.tmp\" \"$q\"; } || rm -f -- \"$q\" \"$q.tmp\"";
 /// Read and write chunk size.
 const CHUNK: usize = 256 << 10;
 
@@ -155,8 +159,7 @@ impl Session {
              if [ -f \"$q\" ] && read -r rs rat rid < \"$q\" && [ \"$rid\" = \"$id\" ] \
              && [ \"${{c%.*}}\" -lt \"$rat\" ]; then echo \"$rs\"; \
              else s=$(sha256sum < \"$p\") || exit 1; s=${{s%% *}}; echo \"$s\"; \
-             if [ -f \"$q\" ]; then printf '%s %s %s\\n' \"$s\" \"$(date +%s)\" \"$id\" > \"$q.tmp\" \
-             && mv -f -- \"$q.tmp\" \"$q\" || rm -f -- \"$q\" \"$q.tmp\"; fi; fi; \
+             if [ -f \"$q\" ]; then {WRITE_RECORD}; fi; fi; \
              stat -c %a -- \"$p\"; fi",
             dir = shell_quote(dir),
             path = shell_quote(remote_path),
@@ -205,9 +208,7 @@ impl Session {
             // to the file gives it another ctime, however coarse the clock.
             Source::File(_) => format!(
                 "; q={sidecar}; id=$(stat -c '{IDENTITY}' -- \"$p\") && c=${{id##* }} && \
-                 while [ \"$(date +%s)\" -le \"${{c%.*}}\" ]; do sleep 0.2; done && \
-                 printf '%s %s %s\\n' \"$s\" \"$(date +%s)\" \"$id\" > \"$q.tmp\" && mv -f -- \"$q.tmp\" \"$q\" \
-                 || rm -f -- \"$q\" \"$q.tmp\"",
+                 while [ \"$(date +%s)\" -le \"${{c%.*}}\" ]; do sleep 0.2; done && {WRITE_RECORD}",
                 sidecar = shell_quote(&sidecar),
             ),
             Source::Bytes(_) => String::new(),
