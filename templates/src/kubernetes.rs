@@ -780,6 +780,20 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
         let cidr = node_pod_cidr(cluster.pod_cidr, other.pod_cidr_index)?;
         commands.push(format!("{ip} route replace {cidr} via {}", other.ip));
     }
+    // Service IPs from the node itself. kube-proxy rewrites a connection to a Service IP in the
+    // nat OUTPUT chain, but the kernel routes a locally made packet before that chain runs: with
+    // no route covering the service CIDR (an isolated machine network has no default route) the
+    // connect fails with "network is unreachable" before kube-proxy's rules are reached. So the
+    // API server could not call an admission or conversion webhook through its Service, and no
+    // process on a node could use a ClusterIP. Route the service CIDR out of the interface that
+    // holds the node's address, from that address; after the DNAT the packet is routed again to
+    // the backing pod (pod routes above). The interface name is looked up on the node: the image
+    // does not promise one, and DHCP may not have brought the address yet (the unit retries).
+    // (`$$` is systemd's escape for `$`.)
+    let (node_ip, svc) = (node.ip, cluster.service_cidr);
+    commands.push(format!(
+        "/bin/sh -c 'dev=$$({ip} -o -4 addr show to {node_ip}/32 | /usr/bin/cut -d\" \" -f2) && [ -n \"$$dev\" ] && {ip} route replace {svc} dev \"$$dev\" src {node_ip}'"
+    ));
     // Pods reach each other with their own addresses (the Kubernetes network model: no NAT
     // between pods); traffic leaving the pod network is masqueraded behind the node's address.
     let rule = format!(
@@ -790,7 +804,7 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
         "/bin/sh -c '/usr/sbin/iptables -w -t nat -C {rule} 2>/dev/null || /usr/sbin/iptables -w -t nat -A {rule}'"
     ));
     let mut net = base_unit(format!(
-        "Pod network of node {}: routes to other nodes' pods (clusterctl)",
+        "Pod network of node {}: routes to other nodes' pods and to Service IPs (clusterctl)",
         node.name
     ));
     net.documentation = "https://kubernetes.io/docs/concepts/cluster-administration/networking/";

@@ -145,11 +145,17 @@ fn every_config_parses_and_says_what_it_should() {
                 assert_eq!(head, ["[Unit]", "[Service]", "[Install]"], "{}", f.path);
                 // A continued line ends with " \" and the last flag line does not.
                 assert!(!f.contents.contains("\\\n\n"), "{}", f.path);
-                assert!(
-                    !f.contents.contains('%') && !f.contents.contains('$'),
-                    "{}",
-                    f.path
-                );
+                // No systemd specifiers or variable expansion: `%` never, `$` only as `$$`
+                // (systemd's escape for a literal `$`) inside a `/bin/sh -c` command.
+                assert!(!f.contents.contains('%'), "{}", f.path);
+                for line in f.contents.lines().filter(|l| l.contains('$')) {
+                    assert!(
+                        line.starts_with("ExecStart=/bin/sh -c ")
+                            && !line.replace("$$", "").contains('$'),
+                        "{}: unescaped $ or $ outside a shell command: {line}",
+                        f.path
+                    );
+                }
             }
         }
         let kubelet: serde_json::Value = serde_saphyr::from_str(file(
@@ -283,6 +289,17 @@ fn pod_ranges_and_routes_between_nodes() {
         "no route to itself:\n{net}"
     );
     assert!(net.contains("-s 10.244.2.0/24 ! -d 10.244.0.0/16"));
+    // The node itself reaches Service IPs (webhooks called by the API server): the service CIDR
+    // is routed out of the interface holding the node's address, from that address.
+    let svc = c.service_cidr.to_string();
+    let route = net
+        .lines()
+        .find(|l| l.contains(&format!("route replace {svc} dev")))
+        .unwrap_or_else(|| panic!("no route for the service CIDR {svc}:\n{net}"));
+    assert!(
+        route.contains("addr show to 10.77.0.13/32") && route.ends_with("src 10.77.0.13'"),
+        "{route}"
+    );
     let cni = file(&w2, "/etc/cni/net.d/10-clusterctl.conflist");
     assert!(
         cni.contains("\"subnet\": \"10.244.2.0/24\", \"gateway\": \"10.244.2.1\""),
