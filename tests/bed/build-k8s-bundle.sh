@@ -4,7 +4,9 @@
 #     tree with vendor/; see /work/shared/TESTBED.md), built with Debian's Go;
 #   - Debian's etcd (package etcd-server: /usr/bin/etcd, /usr/bin/etcdctl);
 #   - the pause image, compiled from build/pause/linux/pause.c of the same tree (gcc -Os -static);
-#   - a busybox workload image from Debian's busybox-static.
+#   - a busybox workload image from Debian's busybox-static;
+#   - vendored Go modules that break on the Go Debian ships replaced by Debian's packaged sources
+#     (VENDOR_OVERRIDES below; recorded in bundle.json `source.vendorOverrides`).
 #
 # usage: build-k8s-bundle.sh [--kube-version vX.Y.Z] [--cache DIR]
 #   --kube-version  version string stamped into the Kubernetes binaries (default: the tree's own,
@@ -23,14 +25,26 @@
 #
 # Needs (tests/bed/install-host-packages.sh installs them): deb-src for bookworm, golang-go, rsync
 # (without it code generation fails with a misleading "Permission denied"), jq, dpkg-dev, gcc,
-# etcd-server, busybox-static.
+# etcd-server, busybox-static, and the golang-*-dev packages named in VENDOR_OVERRIDES.
 set -euo pipefail
 
 # Bump when the script's output changes for the same inputs: it is part of the cache key.
-SCRIPT_VERSION=1
+SCRIPT_VERSION=2
 # Debian's upstream version of the one real server release reachable offline (TESTBED.md).
 DEB_UPSTREAM=1.20.5+really1.20.2
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubeadm kubectl)
+# Vendored modules of the 1.20.2 tree replaced by Debian's packaged sources, as "vendor path=package".
+# The tree vendors github.com/modern-go/reflect2 v1.0.1, whose unsafe map iteration breaks on Go 1.18
+# and later: kube-apiserver built with Go 1.19 dies with `fatal error: fault` (SIGSEGV in
+# reflect2.(*UnsafeMapType).UnsafeIterate) when json-iterator encodes a map, e.g. while decoding a
+# custom resource. reflect2 v1.0.2 fixed it; json-iterator v1.1.12 is the release that requires it
+# (upstream Kubernetes moved both together), and modern-go/concurrent is json-iterator's dependency
+# at the version its go.mod names. Same packages, same import paths: only the vendored copy changes.
+VENDOR_OVERRIDES=(
+  "github.com/modern-go/reflect2=golang-github-modern-go-reflect2-dev"
+  "github.com/json-iterator/go=golang-github-json-iterator-go-dev"
+  "github.com/modern-go/concurrent=golang-github-modern-go-concurrent-dev"
+)
 PAUSE_REPO=localhost/clusterctl/pause
 BUSYBOX_REPO=localhost/clusterctl/busybox
 
@@ -80,10 +94,16 @@ go_version=$(go env GOVERSION)
 etcd_pkg=$(pkg_version etcd-server)
 busybox_pkg=$(pkg_version busybox-static)
 gcc_version=$(gcc -dumpfullversion)
+overrides_key=
+for o in "${VENDOR_OVERRIDES[@]}"; do
+  pkg=${o#*=}
+  [ -d "/usr/share/gocode/src/${o%%=*}" ] || die "/usr/share/gocode/src/${o%%=*} not found: install $pkg (tests/bed/install-host-packages.sh does)"
+  overrides_key+="$pkg=$(pkg_version "$pkg");"
+done
 
 key=$(printf '%s\n' "script=$SCRIPT_VERSION" "kubernetes=$deb_version" "dsc-sha256=$dsc_sha" \
   "go=$go_version" "etcd-server=$etcd_pkg" "busybox-static=$busybox_pkg" "gcc=$gcc_version" \
-  "kube-version=${kube_version:-tree}" | sha256sum | cut -c1-32)
+  "vendor-overrides=$overrides_key" "kube-version=${kube_version:-tree}" | sha256sum | cut -c1-32)
 out=$cache/bundles/$key
 
 if [ -f "$out/bundle.json" ]; then
@@ -118,6 +138,24 @@ if [ ! -f "$src/.unpacked" ]; then
   touch "$src/.unpacked"
 fi
 tree=$src/tree
+# Vendor overrides: the vendored copy replaced by Debian's, every run (idempotent; the tree is shared
+# by every version string built from it). The 1.20 build runs in GOPATH mode (hack/lib/init.sh sets
+# GO111MODULE=off), where vendor/ is used by import path and go.mod / vendor/modules.txt are not
+# read: they still name the old versions, and bundle.json records what replaced them.
+overrides_json='[]'
+for o in "${VENDOR_OVERRIDES[@]}"; do
+  mod=${o%%=*}; pkg=${o#*=}
+  [ -d "$tree/vendor/$mod" ] || die "the tree does not vendor $mod: VENDOR_OVERRIDES is out of date"
+  if [ ! -f "$src/.vendor-orig-$pkg" ]; then
+    awk -v m="$mod" '$1 == "#" && $2 == m { print $3; exit }' "$tree/vendor/modules.txt" > "$src/.vendor-orig-$pkg"
+  fi
+  orig=$(cat "$src/.vendor-orig-$pkg")
+  new=v$(pkg_version "$pkg" | sed 's/-[^-]*$//; s/^[0-9]*://')
+  rsync -a --delete --exclude '*_test.go' --exclude 'debian/' "/usr/share/gocode/src/$mod/" "$tree/vendor/$mod/"
+  log "vendor override: $mod $orig -> $new (Debian $pkg $(pkg_version "$pkg"))"
+  overrides_json=$(jq -c --arg m "$mod" --arg from "$orig" --arg to "$new" --arg pkg "$pkg $(pkg_version "$pkg")" \
+    '. + [{module: $m, vendored: $from, replacedBy: $to, debianPackage: $pkg}]' <<< "$overrides_json")
+done
 tree_version=$(sed -n "s/^.*'tag: \(v[0-9.]*\)'.*$/\1/p" "$tree/hack/lib/version.sh" | head -n1)
 tree_commit=$(sed -n "s/^ *KUBE_GIT_COMMIT='\([0-9a-f]*\)'.*$/\1/p" "$tree/hack/lib/version.sh" | head -n1)
 [ -n "$tree_version" ] && [ -n "$tree_commit" ] || die "cannot read the tree's version from hack/lib/version.sh"
@@ -200,7 +238,7 @@ jq -n --argjson files "$files_json" --arg kv "${version#v}" --arg ev "$etcd_vers
   --arg pause "$pause_ref" --arg busybox "$busybox_ref" --arg key "$key" \
   --arg debv "$deb_version" --arg dsc "$dsc_sha" --arg go "$go_version" --arg etcdpkg "$etcd_pkg" \
   --arg bbpkg "$busybox_pkg" --arg gcc "$gcc_version" --arg commit "$tree_commit" \
-  --argjson same "$same_code" '{
+  --argjson same "$same_code" --argjson overrides "$overrides_json" '{
   formatVersion: 1,
   kubernetesVersion: $kv,
   etcdVersion: $ev,
@@ -221,7 +259,8 @@ jq -n --argjson files "$files_json" --arg kv "${version#v}" --arg ev "$etcd_vers
     etcdPackage: ("etcd-server " + $etcdpkg),
     busyboxPackage: ("busybox-static " + $bbpkg),
     gcc: $gcc,
-    sameCodeAs: $same
+    sameCodeAs: $same,
+    vendorOverrides: $overrides
   }
 }' >"$stage/bundle.json"
 chmod -R a+rX,go-w "$stage"
