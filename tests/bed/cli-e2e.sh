@@ -13,29 +13,43 @@
 #                          $CLUSTERCTL_IMAGE_DIR or /var/cache/clusterctl/images, built with
 #                          `clusterctl image build` if there is none
 #   CLUSTERCTL_BUNDLE_DIR  Kubernetes bundle (tests/bed/build-k8s-bundle.sh builds or reuses one)
-#   CLUSTERCTL_E2E_PHASES  which parts to run: `kill` (default: one cluster, every check below;
-#                          a cluster's first start takes 10-20 min under QEMU TCG on 2 cores), `clean`
-#                          (an uninterrupted create, same checks), `clean kill` (both, two clusters),
-#                          or `bench` (the benchmark, not a test: an uninterrupted create timed per
-#                          phase, then the floor: the same VMs reset and the same Kubernetes
-#                          started by a bare script, tests/bed/floor.sh; prints both and the ratios)
+#   CLUSTERCTL_E2E_PHASES  which phases to run, in this order, all on ONE cluster (default: all but
+#                          `bench`; CI runs the default). Later issues add their phases here.
+#   CLUSTERCTL_E2E_WORK    work directory (state, kubeconfig, logs) to use and keep; with it, a
+#                          local run can `create` once (CLUSTERCTL_E2E_PHASES=create) and then run
+#                          any later phase again against the same cluster (phases without `delete`
+#                          leave the cluster up). Default: a fresh temporary directory, removed and
+#                          the cluster deleted at the end.
+#   CLUSTERCTL_DIAG_DIR    if set, the file $CLUSTERCTL_DIAG_DIR/e2e always says the phase, what
+#                          the test is waiting for and the state directory (read by run-all.sh
+#                          when a stage overruns its budget)
 #
-# What it proves, through the binary only (phase `clean`: 1-3, phase `kill`: 4, then 1-3's checks):
-#   1. `create` from nothing: 3 domains running, each answering SSH with the host key clusterctl
-#      generated and pinned (checked by `clusterctl ssh`, and the key read back from the machine);
-#      a machine presenting another key than the pinned one is refused. Kubernetes: all 3 nodes
-#      Ready through the kubeconfig context `create` merged into $KUBECONFIG; a 2-replica busybox
-#      Deployment runs one pod on each worker; a pod reaches the pod on the other worker and the
-#      ClusterIP Service backed by it
-#   2. a worker rebooted comes back by itself (units and /etc restored from its data disk) and
-#      its pod serves again; `create` again then changes nothing: same domains, volumes, networks,
-#      pools and host keys, no upload, no file changed (so the restore was exact), no unit restarted; an unreachable node (its SSH port dropped in the bed) makes
-#      `create` fail with an error naming the node and the phase
-#   3. `delete` removes every domain, volume, network and pool carrying the cluster's ID, the
-#      cluster's state directory and its kubeconfig context
-#   4. `create` SIGKILLed while machines are being created, then SIGKILLed again while Kubernetes is
-#      being installed on them, then run again: a healthy cluster (as in 1), exactly 3 machines,
-#      the same set of volumes as a clean create (nothing orphaned)
+# Phases (each a function `phase_<name>` below; a phase leaves the cluster as it found it):
+#   create            `create` SIGKILLed while machines are being created, then SIGKILLed again
+#                     while Kubernetes is being installed, then run again: 3 domains running, each
+#                     answering SSH with the host key clusterctl generated and pinned (another key
+#                     is refused), exactly the libvirt objects of a clean create (nothing
+#                     orphaned), secrets 0600
+#   workloads         3 nodes Ready through the kubeconfig context `create` merged; a 2-replica
+#                     busybox Deployment runs one pod on each worker; a pod reaches the pod on the
+#                     other worker and the ClusterIP Service backed by it
+#   node-services     every node reaches a ClusterIP Service from its own network namespace (what
+#                     the API server does to call an admission or conversion webhook)
+#   webhooks          an admission webhook (agnhost from the bundle, TLS) called by the real API
+#                     server through its Service's ClusterIP denies one ConfigMap, admits another
+#   custom-resources  a CRD whose objects are nested maps: objects written, listed, patched and
+#                     watched through the real API server, which keeps running (no restart)
+#   reboot            a worker rebooted comes back by itself (units and /etc restored from its
+#                     data disk) and its pod serves again
+#   again             `create` again changes nothing: same domains, volumes, networks, pools and
+#                     host keys, no upload, no file changed, no unit restarted
+#   unreachable       a node that does not answer (its SSH port dropped in the bed) makes `create`
+#                     fail with an error naming the node and the phase; status `reconciling`
+#   delete            `delete` removes every domain, volume, network and pool carrying the
+#                     cluster's ID, the cluster's state directory and its kubeconfig context
+#   bench             (not a test, not in the default) an uninterrupted create timed per phase,
+#                     then the floor: the same VMs reset and the same Kubernetes started by a bare
+#                     script, tests/bed/floor.sh; prints both and the ratios
 # Must run as root (the bed needs it).
 set -euo pipefail
 
@@ -79,7 +93,15 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-work=$(mktemp -d /var/tmp/clusterctl-cli-e2e.XXXXXX)
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot again unreachable delete}
+if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
+  work=$CLUSTERCTL_E2E_WORK
+  mkdir -p "$work"
+  keep_work=1
+else
+  work=$(mktemp -d /var/tmp/clusterctl-cli-e2e.XXXXXX)
+  keep_work=
+fi
 name=e2e-cli
 export CLUSTERCTL_STATE_DIR=$work/state
 export KUBECONFIG=$work/kubeconfig
@@ -88,9 +110,20 @@ unset CLUSTERCTL_ACCELERATOR
 version=$(jq -r .version "$image/manifest.json")
 storage=/var/lib/libvirt/images/clusterctl-cli-e2e
 
+# What the test is doing now, for run-all.sh's diagnostics when a stage overruns its budget.
+phase=setup
+waiting() {
+  log "$phase: $*"
+  [ -n "${CLUSTERCTL_DIAG_DIR:-}" ] || return 0
+  printf 'phase: %s\nwaiting for: %s\nstate dir: %s\nwork dir: %s\n' "$phase" "$*" "$CLUSTERCTL_STATE_DIR" "$work" \
+    > "$CLUSTERCTL_DIAG_DIR/e2e.tmp" && mv "$CLUSTERCTL_DIAG_DIR/e2e.tmp" "$CLUSTERCTL_DIAG_DIR/e2e"
+}
+
 cleanup() {
   # A create still running in the background (a check failed meanwhile) must not hold the lock.
   if [ -n "${pid:-}" ]; then kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  # A kept work directory keeps its cluster (the developer asked for it).
+  [ -z "$keep_work" ] || return 0
   # Whatever happened: delete the cluster through clusterctl, then make sure nothing is left.
   if [ -d "$CLUSTERCTL_STATE_DIR/$name" ]; then
     "$bin" delete "$name" --wait -q || log "cleanup: clusterctl delete failed"
@@ -232,6 +265,7 @@ check_pinned_only() {
 # `create` again: plans nothing, changes no libvirt object and no host key.
 check_again() {
   local id=$1 before keys
+  waiting "create again (must change nothing)"
   before=$(inventory "$id")
   keys=$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
   "$bin" create -f "$work/cluster.yaml" 2> "$work/again.log" || { cat "$work/again.log" >&2; die "create again failed"; }
@@ -290,6 +324,7 @@ spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
 YAML
+  waiting "deployment web rolled out (2 busybox pods, one per worker)"
   k rollout status deployment/web --timeout=900s >&2 || { k get pods -o wide >&2; k describe pods >&2; die "deployment web did not become ready"; }
   pods=$(k get pods -l app=web -o json)
   [ "$(jq '.items | length' <<< "$pods")" -eq 2 ] || die "want 2 web pods: $pods"
@@ -317,6 +352,7 @@ YAML
 check_reboot() {
   local m=$name-workers-0 before after="" out="" pods p_m ip_m p_other started
   before=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count) || die "cannot read the boot count of $m"
+  waiting "$m rebooting and its web pod serving again (up to 30 min)"
   "$bin" ssh "$name" "$m" -- sudo -n systemctl --no-block reboot || true
   started=$SECONDS
   log "reboot: $m rebooting (boot $before)"
@@ -351,6 +387,7 @@ check_reboot() {
 check_unreachable() {
   local ip
   ip=$(jq -r --arg m "$name-workers-1" '.machines[] | select(.name == $m) | .addresses[0]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  waiting "create with $name-workers-1 unreachable (must fail naming it)"
   iptables -w -I OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
   if "$bin" create -f "$work/cluster.yaml" --ssh-timeout 20 2> "$work/unreachable.log"; then
     iptables -w -D OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
@@ -365,37 +402,6 @@ check_unreachable() {
   log "unreachable node: $(head -c 300 <<< "$err")"
 }
 
-phases=${CLUSTERCTL_E2E_PHASES:-kill}
-
-# ---- clean: create from nothing, create again, delete ----
-if [[ " $phases " == *" clean "* ]]; then
-log "clean 1. create from nothing"
-start=$SECONDS
-"$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create1.log" || { cat "$work/create1.log" >&2; die "create failed"; }
-create_secs=$((SECONDS - start))
-cat "$work/create1.log" >&2
-grep -q '^==> Waiting for SSH' "$work/create1.log" || die "no 'Waiting for SSH' phase in the output"
-log "create from nothing took ${create_secs} s"
-check_running
-check_ssh
-id=$(cluster_id)
-check_inventory "$(inventory "$id")"
-check_secrets
-check_pinned_only
-check_kubernetes
-check_reboot
-check_again "$id"
-check_unreachable
-log "clean 3. delete"
-"$bin" delete "$name" || die "delete failed"
-check_gone "$id"
-ctxs=$("$kubectl" config get-contexts -o name) || die "kubectl cannot read $KUBECONFIG after delete"
-! grep -qx "clusterctl-$name" <<< "$ctxs" || die "delete left the kubeconfig context"
-log "delete left nothing of cluster $id"
-fi
-
-# ---- kill: create SIGKILLed while machines are being created, create again, delete ----
-if [[ " $phases " == *" kill "* ]]; then
 # Runs `create` in the background with stderr to $1, SIGKILLs it $3 s after a line matching $2
 # appeared (waiting at most $4 tenths of a second for it), and says what was interrupted ($5).
 create_and_kill() {
@@ -416,36 +422,242 @@ create_and_kill() {
   pid=
 }
 
-log "kill 1. create from nothing, SIGKILL while machines are being created"
-create_and_kill "$work/create3.log" ': creating$' 3 3000 "creating machines"
-id2=$(cluster_id)
-log "kill 1b. create again, SIGKILL while Kubernetes is being installed"
-create_and_kill "$work/create3b.log" 'uploading kube-apiserver' 5 30000 "installing Kubernetes"
-log "kill 2. create again (resumes)"
-start=$SECONDS
-"$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create4.log" || { cat "$work/create4.log" >&2; die "resumed create failed"; }
-cat "$work/create4.log" >&2
-log "resumed create took $((SECONDS - start)) s"
-[ "$(cluster_id)" = "$id2" ] || die "the resumed create changed the cluster ID"
-check_running
-check_ssh
-check_inventory "$(inventory "$id2")"
-check_secrets
-check_pinned_only
-check_kubernetes
-log "after two kills and resume: a working cluster on exactly 3 machines, nothing orphaned"
-check_reboot
-check_again "$id2"
-check_unreachable
-log "kill 4. delete"
-"$bin" delete "$name" || die "delete after resume failed"
-check_gone "$id2"
-ctxs=$("$kubectl" config get-contexts -o name) || die "kubectl cannot read $KUBECONFIG after delete"
-! grep -qx "clusterctl-$name" <<< "$ctxs" || die "delete left the kubeconfig context"
-log "delete left nothing of cluster $id2"
-fi
+phase_create() {
+  waiting "create from nothing, SIGKILL while machines are being created"
+  create_and_kill "$work/create-kill1.log" ': creating$' 3 3000 "creating machines"
+  local id
+  id=$(cluster_id)
+  waiting "create again, SIGKILL while Kubernetes is being installed"
+  create_and_kill "$work/create-kill2.log" 'uploading kube-apiserver' 5 30000 "installing Kubernetes"
+  waiting "create again: resumes and finishes (nodes Ready; 10-20 min under TCG)"
+  local start=$SECONDS
+  "$bin" create -f "$work/cluster.yaml" --ssh-timeout 1500 2> "$work/create-resume.log" || { cat "$work/create-resume.log" >&2; die "resumed create failed"; }
+  cat "$work/create-resume.log" >&2
+  log "resumed create took $((SECONDS - start)) s"
+  [ "$(cluster_id)" = "$id" ] || die "the resumed create changed the cluster ID"
+  check_running
+  check_ssh
+  check_inventory "$(inventory "$id")"
+  check_secrets
+  check_pinned_only
+  log "after two kills and a resume: exactly 3 machines, nothing orphaned"
+}
+
+phase_workloads() {
+  check_kubernetes
+}
+
+# Every node reaches a ClusterIP Service from its own network namespace. The API server calls
+# admission and conversion webhooks this way (through the webhook Service's ClusterIP): without
+# a route for the service CIDR the kernel says "network is unreachable" before kube-proxy's
+# rules can rewrite the address.
+phase_node_services() {
+  local svc pods m out route
+  svc=$(k get service web -o jsonpath='{.spec.clusterIP}') || die "no Service web (phase workloads makes it)"
+  pods=$(k get pods -l app=web -o json)
+  for m in $machines; do
+    waiting "$m reaching the ClusterIP $svc:80 from the node itself"
+    route=$("$bin" ssh "$name" "$m" -- ip route get "$svc") || die "$m has no route to the Service IP $svc"
+    out=""
+    for _ in $(seq 1 10); do
+      out=$("$bin" ssh "$name" "$m" -- "timeout 10 bash -c 'exec 3<>/dev/tcp/$svc/80 && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'" 2>&1 | tail -n1 || true)
+      jq -e --arg o "$out" '[.items[].metadata.name] | index($o)' <<< "$pods" > /dev/null && break
+      out=""
+      sleep 3
+    done
+    [ -n "$out" ] || die "$m cannot reach the ClusterIP Service $svc:80 from its own namespace (route: $route)"
+    log "node-services: $m reached $svc:80 (answered by pod $out); route: $(head -n1 <<< "$route")"
+  done
+}
+
+# A CRD whose objects are nested maps. The bundle's kube-apiserver once died on these (reflect2
+# v1.0.1 under Go >= 1.18: SIGSEGV while encoding an unstructured map); it must keep running.
+phase_custom_resources() {
+  local cp=$name-cp-0 before after i list
+  before=$("$bin" ssh "$name" "$cp" -- systemctl show kube-apiserver -p NRestarts --value) || die "cannot read kube-apiserver's restart count"
+  waiting "CRD widgets.e2e.clusterctl.io established"
+  k apply -f - > /dev/null <<'YAML' || die "cannot create the CRD"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.e2e.clusterctl.io}
+spec:
+  group: e2e.clusterctl.io
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, listKind: WidgetList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              labels: {type: object, additionalProperties: {type: string}}
+              nested: {type: object, x-kubernetes-preserve-unknown-fields: true}
+YAML
+  k wait --for=condition=Established crd/widgets.e2e.clusterctl.io --timeout=120s > /dev/null || die "the CRD was not established"
+  waiting "custom resources written, listed, patched"
+  for i in 0 1 2; do
+    k apply -f - > /dev/null <<YAML || die "cannot create widget w$i"
+apiVersion: e2e.clusterctl.io/v1
+kind: Widget
+metadata: {name: w$i, labels: {app: w$i}, annotations: {a: b}}
+spec:
+  labels: {tier: t$i, owner: clusterctl}
+  nested: {a: {b: {c: [1, 2, {d: e}]}}, m: {x: "1"}}
+YAML
+  done
+  list=$(k get widgets -o json) || die "cannot list widgets"
+  [ "$(jq '.items | length' <<< "$list")" -eq 3 ] || die "want 3 widgets: $list"
+  [ "$(jq -r '.items[2].spec.nested.a.b.c[2].d' <<< "$list")" = e ] || die "widget w2 came back changed: $list"
+  k patch widget w1 --type=merge -p '{"spec":{"labels":{"patched":"yes"}}}' > /dev/null || die "cannot patch widget w1"
+  [ "$(k get widget w1 -o jsonpath='{.spec.labels.patched}')" = yes ] || die "the patch of w1 was lost"
+  k delete crd widgets.e2e.clusterctl.io > /dev/null || die "cannot delete the CRD"
+  after=$("$bin" ssh "$name" "$cp" -- systemctl show kube-apiserver -p NRestarts --value) || die "cannot read kube-apiserver's restart count"
+  [ "$after" = "$before" ] || die "kube-apiserver restarted during the custom-resource checks ($before -> $after restarts)"
+  k get --raw /readyz > /dev/null || die "kube-apiserver is not ready after the custom-resource checks"
+  log "custom-resources: 3 widgets written, listed, patched; kube-apiserver kept running ($after restarts)"
+}
+
+# An admission webhook called by the real API server through its Service's ClusterIP, over TLS,
+# served by agnhost (built from the same Kubernetes tree, in the bundle): a ConfigMap the webhook
+# rejects is refused with the webhook's reason, another is admitted. This is how cert-manager,
+# ingress controllers and policy engines work; it failed while Service IPs were unreachable from
+# the nodes ("dial tcp ...: connect: network is unreachable").
+phase_webhooks() {
+  local ns=e2e-webhook agnhost certs out i denied=""
+  agnhost=$(jq -r '.images[].reference | select(test("/agnhost:"))' "$bundle/bundle.json")
+  [ -n "$agnhost" ] || die "the bundle has no agnhost image"
+  certs=$work/webhook-certs
+  rm -rf "$certs"; mkdir -p "$certs"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=e2e-webhook-ca \
+    -keyout "$certs/ca.key" -out "$certs/ca.crt" 2> /dev/null || die "openssl: webhook CA"
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=e2e-webhook.$ns.svc" \
+    -keyout "$certs/tls.key" -out "$certs/tls.csr" 2> /dev/null || die "openssl: webhook key"
+  printf 'subjectAltName=DNS:e2e-webhook.%s.svc,DNS:e2e-webhook.%s.svc.cluster.local\n' "$ns" "$ns" > "$certs/ext"
+  openssl x509 -req -in "$certs/tls.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial \
+    -days 1 -extfile "$certs/ext" -out "$certs/tls.crt" 2> /dev/null || die "openssl: webhook certificate"
+  k delete validatingwebhookconfiguration e2e-webhook --ignore-not-found > /dev/null
+  k delete namespace "$ns" --ignore-not-found --wait=true > /dev/null
+  k create namespace "$ns" > /dev/null || die "cannot create namespace $ns"
+  k label namespace "$ns" e2e-webhook=on > /dev/null
+  k -n "$ns" create secret tls e2e-webhook --cert "$certs/tls.crt" --key "$certs/tls.key" > /dev/null || die "cannot create the webhook's secret"
+  k -n "$ns" apply -f - > /dev/null <<YAML || die "cannot create the webhook's deployment"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: e2e-webhook}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: e2e-webhook}}
+  template:
+    metadata: {labels: {app: e2e-webhook}}
+    spec:
+      containers:
+      - name: webhook
+        image: $agnhost
+        imagePullPolicy: Never
+        args: ["webhook", "--tls-cert-file=/certs/tls.crt", "--tls-private-key-file=/certs/tls.key", "--port=8443", "-v=2"]
+        ports: [{containerPort: 8443}]
+        readinessProbe:
+          httpGet: {scheme: HTTPS, port: 8443, path: /readyz}
+          periodSeconds: 5
+          timeoutSeconds: 5
+        volumeMounts: [{name: certs, mountPath: /certs, readOnly: true}]
+      volumes: [{name: certs, secret: {secretName: e2e-webhook}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: e2e-webhook}
+spec:
+  selector: {app: e2e-webhook}
+  ports: [{port: 443, targetPort: 8443}]
+YAML
+  waiting "the agnhost webhook pod ready"
+  k -n "$ns" rollout status deployment/e2e-webhook --timeout=600s >&2 \
+    || { k -n "$ns" get pods -o wide >&2; k -n "$ns" describe pods >&2; die "the webhook pod did not become ready"; }
+  k apply -f - > /dev/null <<YAML || die "cannot register the webhook"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {name: e2e-webhook}
+webhooks:
+- name: deny-configmaps.e2e.clusterctl.io
+  admissionReviewVersions: ["v1", "v1beta1"]
+  sideEffects: None
+  failurePolicy: Fail
+  timeoutSeconds: 10
+  namespaceSelector: {matchLabels: {e2e-webhook: "on"}}
+  rules:
+  - {operations: ["CREATE", "UPDATE"], apiGroups: [""], apiVersions: ["v1"], resources: ["configmaps"]}
+  clientConfig:
+    service: {namespace: $ns, name: e2e-webhook, path: /configmaps, port: 443}
+    caBundle: $(base64 -w0 < "$certs/ca.crt")
+YAML
+  waiting "the API server calling the webhook through its ClusterIP"
+  # The API server picks up a new webhook configuration within a few seconds.
+  for i in $(seq 1 30); do
+    k -n "$ns" delete configmap e2e-denied --ignore-not-found > /dev/null 2>&1 || true
+    if out=$(k -n "$ns" create configmap e2e-denied --from-literal=webhook-e2e-test=webhook-disallow 2>&1); then
+      sleep 2
+      continue
+    fi
+    case $out in
+      *"the configmap contains unwanted key and value"*) denied=$out; break ;;
+      *) log "webhooks: try $i: $out"; sleep 2 ;;
+    esac
+  done
+  [ -n "$denied" ] || die "the webhook never denied the ConfigMap (last answer: $out)"
+  k -n "$ns" create configmap e2e-allowed --from-literal=ok=yes > /dev/null \
+    || die "the webhook refused a ConfigMap it must admit"
+  k delete validatingwebhookconfiguration e2e-webhook > /dev/null
+  k delete namespace "$ns" --wait=false > /dev/null
+  log "webhooks: the API server called the webhook through its Service: '$(head -c 200 <<< "$denied")'"
+}
+
+phase_reboot() {
+  check_reboot
+}
+
+phase_again() {
+  check_again "$(cluster_id)"
+}
+
+phase_unreachable() {
+  check_unreachable
+}
+
+phase_delete() {
+  local id
+  id=$(cluster_id)
+  waiting "delete"
+  "$bin" delete "$name" || die "delete failed"
+  check_gone "$id"
+  local ctxs
+  ctxs=$("$kubectl" config get-contexts -o name) || die "kubectl cannot read $KUBECONFIG after delete"
+  ! grep -qx "clusterctl-$name" <<< "$ctxs" || die "delete left the kubeconfig context"
+  log "delete left nothing of cluster $id"
+}
+
+times=()
+for phase in $phases; do
+  [ "$phase" != bench ] || continue
+  fn=phase_${phase//-/_}
+  declare -F "$fn" > /dev/null || die "unknown phase '$phase' (see the phase list at the top of $0)"
+  if [ "$phase" != create ] && [ ! -f "$CLUSTERCTL_STATE_DIR/$name/cluster.json" ]; then
+    die "phase $phase needs the cluster: run phase create first (or keep a work dir with CLUSTERCTL_E2E_WORK)"
+  fi
+  log "==> phase $phase"
+  t=$SECONDS
+  "$fn"
+  times+=("$phase $((SECONDS - t))")
+  log "phase $phase passed in $((SECONDS - t)) s"
+done
+
 # ---- bench: clusterctl create against the floor, in the same bed, on the same VMs ----
 if [[ " $phases " == *" bench "* ]]; then
+phase=bench
 # shellcheck source=tests/bed/floor.sh
 . "$here/floor.sh"
 log "bench 1. create from nothing"
@@ -462,5 +674,9 @@ floor_report "$work/bench.log" "$create_secs"
 id=$(cluster_id)
 "$bin" delete "$name" || die "delete failed"
 check_gone "$id"
+fi
+if [ "${#times[@]}" -gt 0 ]; then
+  log "phase times (s):"
+  for t in "${times[@]}"; do printf '  %-18s %6s\n' ${t% *} ${t##* } >&2; done
 fi
 log "PASS (phases: $phases)"
