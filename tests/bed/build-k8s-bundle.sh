@@ -5,6 +5,8 @@
 #   - Debian's etcd (package etcd-server: /usr/bin/etcd, /usr/bin/etcdctl);
 #   - the pause image, compiled from build/pause/linux/pause.c of the same tree (gcc -Os -static);
 #   - a busybox workload image from Debian's busybox-static;
+#   - agnhost, the Kubernetes e2e suite's test server (webhooks, netexec, ...), built from
+#     test/images/agnhost of the same tree (the e2e tests' admission-webhook check uses it);
 #   - vendored Go modules that break on the Go Debian ships replaced by Debian's packaged sources
 #     (VENDOR_OVERRIDES below; recorded in bundle.json `source.vendorOverrides`).
 #
@@ -29,7 +31,7 @@
 set -euo pipefail
 
 # Bump when the script's output changes for the same inputs: it is part of the cache key.
-SCRIPT_VERSION=2
+SCRIPT_VERSION=3
 # Debian's upstream version of the one real server release reachable offline (TESTBED.md).
 DEB_UPSTREAM=1.20.5+really1.20.2
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubeadm kubectl)
@@ -47,6 +49,7 @@ VENDOR_OVERRIDES=(
 )
 PAUSE_REPO=localhost/clusterctl/pause
 BUSYBOX_REPO=localhost/clusterctl/busybox
+AGNHOST_REPO=localhost/clusterctl/agnhost
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${CLUSTERCTL_CACHE_DIR:-/var/cache/clusterctl}
@@ -178,6 +181,15 @@ t_go=$(date +%s)
 (cd "$tree" && KUBE_GIT_VERSION_FILE="$src/version-$version" KUBE_STATIC_OVERRIDES=kubelet \
   nice -n 19 make WHAT="${what% }" >&2)
 log "Go build took $(( $(date +%s) - t_go )) s"
+# The canary (tests/bed/k8s-canary): the tree's vendored json-iterator + reflect2, with this Go,
+# round-trip an unstructured object. It dies with "fatal error: fault" where kube-apiserver would
+# die on custom resources (the reason for VENDOR_OVERRIDES).
+canary=$tree/_output/local/go/src/k8s.io/kubernetes/hack/clusterctl-canary
+rm -rf "$canary"; mkdir -p "$canary"
+cp "$here/k8s-canary/main.go" "$canary/main.go"
+(cd "$canary" && GO111MODULE=off GOPATH=$tree/_output/local/go GOCACHE=$tree/_output/local/go/cache \
+  go run . >&2) || die "the canary failed: the vendored json-iterator/reflect2 cannot encode maps under $go_version (see VENDOR_OVERRIDES)"
+rm -rf "$canary"
 bindir=$tree/_output/local/bin/linux/amd64
 [ -d "$bindir" ] || bindir=$tree/_output/bin
 
@@ -225,6 +237,25 @@ done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$bb/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$bb/etc/group"
 "$here/make-image-tar.sh" "$bb" "$busybox_ref" "$stage/images/busybox.tar" null '["sh"]'
+# agnhost from the same tree, built as make builds the tree (GOPATH mode, the tree's vendor/ with
+# the overrides above, its Go cache and make's flags, so the packages it shares with the server
+# binaries come from the cache), static like them. Only the binary: upstream's
+# image adds Alpine tools (curl, nc, dig) that the webhook, netexec and serve-hostname modes do
+# not use. Tagged with the tree's agnhost VERSION.
+agnhost_tag=$(cat "$tree/test/images/agnhost/VERSION")
+[ -n "$agnhost_tag" ] || die "cannot read test/images/agnhost/VERSION"
+agnhost_ref=$AGNHOST_REPO:$agnhost_tag
+log "building $agnhost_ref from test/images/agnhost"
+gopath=$tree/_output/local/go
+[ -d "$gopath/src/k8s.io/kubernetes" ] || die "$gopath/src/k8s.io/kubernetes missing: the tree's make did not set up its GOPATH"
+mkdir -p "$work/agnhost/etc" "$work/agnhost/tmp"
+chmod 1777 "$work/agnhost/tmp"
+(cd "$gopath/src/k8s.io/kubernetes" && GO111MODULE=off GOPATH=$gopath GOCACHE=$gopath/cache CGO_ENABLED=0 \
+  nice -n 19 go build -installsuffix static -gcflags "-trimpath=$tree" -asmflags "-trimpath=$tree"     -ldflags "-s -w -buildid=" -tags selinux,notest -o "$work/agnhost/agnhost" ./test/images/agnhost >&2)
+"$work/agnhost/agnhost" --help 2>&1 | grep -q webhook || die "the agnhost built has no webhook command"
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$work/agnhost/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$work/agnhost/etc/group"
+"$here/make-image-tar.sh" "$work/agnhost" "$agnhost_ref" "$stage/images/agnhost.tar" '["/agnhost"]' null
 rm -rf "$work"
 
 # --- 6. Manifest ---------------------------------------------------------------------------------
@@ -235,7 +266,7 @@ done | jq -cs .)
 same_code=null
 [ "$version" = "$tree_version" ] || same_code="\"${tree_version#v}\""
 jq -n --argjson files "$files_json" --arg kv "${version#v}" --arg ev "$etcd_version" \
-  --arg pause "$pause_ref" --arg busybox "$busybox_ref" --arg key "$key" \
+  --arg pause "$pause_ref" --arg busybox "$busybox_ref" --arg agnhost "$agnhost_ref" --arg key "$key" \
   --arg debv "$deb_version" --arg dsc "$dsc_sha" --arg go "$go_version" --arg etcdpkg "$etcd_pkg" \
   --arg bbpkg "$busybox_pkg" --arg gcc "$gcc_version" --arg commit "$tree_commit" \
   --argjson same "$same_code" --argjson overrides "$overrides_json" '{
@@ -245,7 +276,8 @@ jq -n --argjson files "$files_json" --arg kv "${version#v}" --arg ev "$etcd_vers
   pauseImage: $pause,
   images: [
     {reference: $pause, path: "images/pause.tar"},
-    {reference: $busybox, path: "images/busybox.tar"}
+    {reference: $busybox, path: "images/busybox.tar"},
+    {reference: $agnhost, path: "images/agnhost.tar"}
   ],
   files: $files,
   source: {
