@@ -721,6 +721,12 @@ fn reach(
 /// answers within 30 s, and ensuring again converges to exactly the cluster's objects.
 /// (`create` is killed only once, mid-provisioning, in the cluster e2e; this walks the kill
 /// points one by one on a halt image, a fresh cluster each.)
+///
+/// be3efeb parked the first version of this test after libvirtd once stopped answering
+/// (`virsh list` hung) after such a kill. Not reproduced since: 50 kills over the 10 points
+/// (64 MiB and 512 MiB image roots, libvirt 11.3, host load 8-10), `virsh list` answered within
+/// 0.34 s every time and every cluster converged. Should it happen again, the bounds above turn
+/// it into a failure that says so, with what `virsh list` answered.
 #[test]
 fn killed_ensure_leaves_libvirtd_answering_and_resumes_without_orphans() {
     if !enabled() {
