@@ -2,31 +2,51 @@
 //!
 //! Selected by `CLUSTERCTL_LIBVIRT_E2E=1`, which `tests/bed/libvirt-env.sh test` sets after it has
 //! started libvirtd inside a network namespace and built (or found) the node image. Everything
-//! here runs inside that namespace: SSH goes only to guests on the bed's isolated network.
+//! here runs inside that namespace.
+//!
+//! What these tests prove is the provider's contract with libvirt, not the node image: no test
+//! here logs in to a guest. Booting the real image, SSH with pinned host keys, a reboot, a killed
+//! and resumed `create`, the exact libvirt inventory of a cluster and its deletion are proven
+//! once, by the cluster e2e (`tests/bed/cli-e2e.sh`); the image's own properties (read-only
+//! verified root, data disk kept across boots) by `nodeimage/tests/boot.rs`. Machines here boot
+//! a "halt image" made on the fly: a 36-byte multiboot kernel that halts its CPU, so a domain
+//! reaches libvirt's "running" state at no CPU cost and the upload is a few MiB instead of the
+//! real image's ~175 MiB per cluster.
+//!
+//! Every libvirt call a test makes runs under a watchdog, and libvirtd is asked with a bounded
+//! `virsh`: a wedged libvirtd fails the test with a message saying so instead of hanging it.
 //!
 //! Environment:
 //! - `CLUSTERCTL_LIBVIRT_URI` (default `qemu:///system`)
-//! - `CLUSTERCTL_TEST_IMAGE`: node image directory (with `manifest.json`), required
+//! - `CLUSTERCTL_TEST_IMAGE`: node image directory (with `manifest.json`); only its kernel and
+//!   initrd are used, by the KVM probe test (the probe needs a kernel that prints)
 //! - `CLUSTERCTL_E2E_STORAGE_ROOT` (default `/var/lib/libvirt/images/clusterctl-e2e`)
-//! - `CLUSTERCTL_E2E_DEV_IMAGE=1`: the image is the bed's stopgap dev image (no dm-verity, writable
-//!   overlay root); the read-only-root and verity assertions are then reported as not checked.
+//! - `CLUSTERCTL_E2E_KILL_REPEAT` (default 1): how many times the kill test goes through its
+//!   kill points
+//! - `CLUSTERCTL_E2E_KILL_ROOT_MIB` (default 64): size of the kill test's image root, i.e. how
+//!   long its upload stream is open
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use providers::libvirt::{Accelerator, LibvirtConfig, LibvirtProvider};
 use providers::{
-    ClusterRef, ImageRef, Machine, MachineRole, MachineSize, MachineSpec, MachineState, Provider,
+    ClusterRef, ImageRef, MachineRole, MachineSize, MachineSpec, MachineState, Provider,
     ProviderError,
 };
 use sha2::{Digest, Sha256};
 
 const NS: &str = "https://clusterctl.io/xmlns/v1";
-const SSH_USER: &str = "core";
-// TCG on a loaded 2-core host: one boot was measured at 220 s, three in parallel at 500 s.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
+/// Longest any single provider or libvirt call of these tests may take before libvirtd counts as
+/// wedged. The slowest legitimate call is an ensure that waits for a domain whose start was
+/// interrupted to reappear (up to 60 s) on a loaded 2-core host.
+const CALL_LIMIT: Duration = Duration::from_secs(300);
+/// How long `virsh list` may take to answer.
+const VIRSH_LIMIT: Duration = Duration::from_secs(30);
 
 fn enabled() -> bool {
     std::env::var("CLUSTERCTL_LIBVIRT_E2E").is_ok_and(|v| v == "1")
@@ -41,39 +61,146 @@ fn storage_root() -> String {
         .unwrap_or_else(|_| "/var/lib/libvirt/images/clusterctl-e2e".into())
 }
 
-fn dev_image() -> bool {
-    std::env::var("CLUSTERCTL_E2E_DEV_IMAGE").is_ok_and(|v| v == "1")
+/// Runs `virsh ARGS` against the bed's libvirtd, killed after [`VIRSH_LIMIT`].
+fn virsh(args: &[&str]) -> Result<String, String> {
+    let start = Instant::now();
+    let out = Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            &VIRSH_LIMIT.as_secs().to_string(),
+            "virsh",
+            "-q",
+            "-c",
+        ])
+        .arg(uri())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run virsh: {e}"))?;
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        Some(124 | 137) => Err(format!(
+            "`virsh {}` did not answer within {VIRSH_LIMIT:?}: libvirtd is wedged",
+            args.join(" ")
+        )),
+        _ => Err(format!(
+            "`virsh {}` failed after {:.1}s: {}",
+            args.join(" "),
+            start.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
 }
 
-fn image() -> (ImageRef, serde_json::Value) {
-    let dir = PathBuf::from(
+/// Ends the test process if `what` has not returned within `limit`: a libvirt call blocked on a
+/// wedged daemon cannot be cancelled, and a clear failure beats a CI job that hangs.
+struct Watchdog {
+    _cancel: mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    fn new(what: &str, limit: Duration) -> Self {
+        let (cancel, wait) = mpsc::channel::<()>();
+        let what = what.to_string();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+                let state = virsh(&["list", "--all"]).unwrap_or_else(|e| e);
+                eprintln!(
+                    "FAIL: {what} did not return within {limit:?}: libvirtd looks wedged; \
+                     `virsh list --all` says: {state}"
+                );
+                std::process::exit(3);
+            }
+        });
+        Self { _cancel: cancel }
+    }
+}
+
+/// Runs `f` under a [`Watchdog`] of [`CALL_LIMIT`].
+fn bounded<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let _w = Watchdog::new(what, CALL_LIMIT);
+    f()
+}
+
+/// The node image of the bed (only its kernel and initrd are used).
+fn real_image_dir() -> PathBuf {
+    PathBuf::from(
         std::env::var("CLUSTERCTL_TEST_IMAGE")
             .expect("CLUSTERCTL_TEST_IMAGE must name the node image directory"),
-    );
-    let bytes =
-        std::fs::read(dir.join("manifest.json")).expect("the test image has a manifest.json");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&bytes).expect("manifest.json is JSON");
+    )
+}
+
+/// Writes `manifest` into `dir` and returns the image reference the provider gets for it.
+fn image_ref(dir: &Path, manifest: &serde_json::Value) -> ImageRef {
+    let bytes = serde_json::to_vec_pretty(manifest).expect("json");
+    std::fs::write(dir.join("manifest.json"), &bytes).expect("write manifest");
     let digest = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
-    let version = manifest["version"].as_str().unwrap_or("dev").to_string();
-    (
-        ImageRef {
-            version,
-            dir,
-            digest: format!("sha256:{digest}"),
-        },
-        manifest,
-    )
+    ImageRef {
+        version: manifest["version"].as_str().unwrap_or("test").to_string(),
+        dir: dir.to_path_buf(),
+        digest: format!("sha256:{digest}"),
+    }
+}
+
+/// A multiboot kernel (QEMU loads it like a Linux one from `<kernel>`) whose code is
+/// `cli; hlt; jmp hlt`: the guest stops at its first instruction and QEMU stays up, idle.
+fn halt_kernel() -> Vec<u8> {
+    const MAGIC: u32 = 0x1BAD_B002;
+    // Bit 16: the load addresses below are valid (no ELF needed).
+    const FLAGS: u32 = 0x0001_0000;
+    const LOAD: u32 = 0x0010_0000;
+    let mut k = Vec::new();
+    for word in [
+        MAGIC,
+        FLAGS,
+        0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)),
+        LOAD,      // header_addr: the header is the first byte loaded
+        LOAD,      // load_addr
+        0,         // load_end_addr: the whole file
+        0,         // bss_end_addr: no bss
+        LOAD + 32, // entry_addr: right after this header
+    ] {
+        k.extend_from_slice(&word.to_le_bytes());
+    }
+    k.extend_from_slice(&[0xFA, 0xF4, 0xEB, 0xFD]);
+    k
+}
+
+/// A halt image: the halt kernel, a 512-byte initrd and a raw root of `root_mib` MiB of zeros
+/// (only ever read as the overlays' backing file). Its digest is unique to this test process, so
+/// every cluster uploads it afresh.
+fn halt_image(root_mib: u64) -> (tempfile::TempDir, ImageRef) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("halt.bin"), halt_kernel()).expect("write kernel");
+    std::fs::write(dir.path().join("initrd.img"), [0u8; 512]).expect("write initrd");
+    std::fs::File::create(dir.path().join("root.raw"))
+        .and_then(|f| f.set_len(root_mib << 20))
+        .expect("write root");
+    let image = image_ref(
+        dir.path(),
+        &serde_json::json!({
+            "version": format!("halt-{}-{root_mib}m", std::process::id()),
+            "kernel": "halt.bin",
+            "initrd": "initrd.img",
+            "root": { "file": "root.raw", "format": "raw" },
+            "cmdline": "console=ttyS0",
+        }),
+    );
+    (dir, image)
 }
 
 fn provider() -> LibvirtProvider {
     let mut config = LibvirtConfig::new(uri());
     config.storage_root = storage_root();
     config.accelerator = Accelerator::Tcg;
-    LibvirtProvider::connect(config).expect("libvirtd of the test bed is reachable")
+    bounded("connecting to libvirtd", || {
+        LibvirtProvider::connect(config)
+    })
+    .expect("libvirtd of the test bed is reachable")
 }
 
 fn unique_id(tag: &str) -> String {
@@ -92,164 +219,33 @@ struct ClusterGuard<'a> {
 
 impl Drop for ClusterGuard<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.provider.delete_cluster(&self.cluster) {
+        if let Err(e) = bounded("deleting the cluster", || {
+            self.provider.delete_cluster(&self.cluster)
+        }) {
             eprintln!("cleanup of cluster {} failed: {e}", self.cluster.id);
         }
     }
 }
 
-/// SSH material for one test run: a client key and one pinned host key per machine.
-struct Keys {
-    dir: tempfile::TempDir,
-    client_pub: String,
-}
-
-impl Keys {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        keygen(&dir.path().join("client"));
-        let client_pub = std::fs::read_to_string(dir.path().join("client.pub"))
-            .expect("client key")
-            .trim()
-            .to_string();
-        Self { dir, client_pub }
-    }
-
-    fn host_key(&self, machine: &str) -> (String, String) {
-        let path = self.dir.path().join(format!("host-{machine}"));
-        if !path.exists() {
-            keygen(&path);
-        }
-        let private = std::fs::read_to_string(&path).expect("host key");
-        let public = std::fs::read_to_string(path.with_extension("pub"))
-            .expect("host pub")
-            .trim()
-            .to_string();
-        (private, public)
-    }
-
-    fn user_data(&self, machine: &str) -> String {
-        let (private, public) = self.host_key(machine);
-        let doc = serde_json::json!({
-            "hostname": machine,
-            "users": [{
-                "name": SSH_USER,
-                "ssh_authorized_keys": [self.client_pub],
-                "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                "shell": "/bin/bash",
-            }],
-            "ssh_keys": { "ed25519_private": private, "ed25519_public": public },
-            "ssh_deletekeys": true,
-            "disable_root": true,
-            "ssh_pwauth": false,
-        });
-        format!("#cloud-config\n{doc}\n")
-    }
-
-    /// Runs a command on the machine over OpenSSH, trusting only its pinned host key.
-    fn ssh(&self, machine: &str, ip: &str, command: &str) -> std::io::Result<std::process::Output> {
-        let (_, public) = self.host_key(machine);
-        let key_type_and_data: Vec<&str> = public.split_whitespace().take(2).collect();
-        let known_hosts = self.dir.path().join(format!("known_hosts-{machine}"));
-        std::fs::write(
-            &known_hosts,
-            format!("{ip} {}\n", key_type_and_data.join(" ")),
-        )?;
-        Command::new("ssh")
-            .args(["-F", "/dev/null", "-i"])
-            .arg(self.dir.path().join("client"))
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "GlobalKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "ConnectTimeout=5",
-                "-o",
-                "ServerAliveInterval=5",
-                "-o",
-                "ServerAliveCountMax=2",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .arg(format!("{SSH_USER}@{ip}"))
-            .arg(command)
-            .stdin(Stdio::null())
-            .output()
-    }
-
-    fn ssh_ok(&self, machine: &str, ip: &str, command: &str) -> String {
-        let out = self.ssh(machine, ip, command).expect("ssh runs");
-        assert!(
-            out.status.success(),
-            "`{command}` on {machine} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// Waits until the machine answers SSH with its pinned key; returns the time it took.
-    fn wait_ssh(&self, machine: &str, ip: &str, since: Instant) -> Duration {
-        let mut last = String::new();
-        while since.elapsed() < BOOT_TIMEOUT {
-            match self.ssh(machine, ip, "true") {
-                Ok(o) if o.status.success() => return since.elapsed(),
-                Ok(o) => last = String::from_utf8_lossy(&o.stderr).trim().to_string(),
-                Err(e) => last = e.to_string(),
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        panic!("{machine} ({ip}) did not answer SSH within {BOOT_TIMEOUT:?}; last error: {last}");
-    }
-}
-
-fn keygen(path: &Path) {
-    let status = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "clusterctl-e2e",
-            "-f",
-        ])
-        .arg(path)
-        .status()
-        .expect("ssh-keygen runs");
-    assert!(status.success(), "ssh-keygen failed");
-}
-
-fn spec(name: &str, role: MachineRole, image: &ImageRef, keys: &Keys) -> MachineSpec {
+/// A machine of the test size. The guests never read their user data.
+fn spec(name: &str, role: MachineRole, image: &ImageRef) -> MachineSpec {
     MachineSpec {
         name: name.into(),
         role,
         pool: (role == MachineRole::Worker).then(|| "default".to_string()),
         size: MachineSize {
-            cpus: 2,
-            memory_mib: 1024,
-            disk_gib: 2,
+            cpus: 1,
+            memory_mib: 128,
+            disk_gib: 1,
         },
         image: image.clone(),
-        user_data: keys.user_data(name),
+        user_data: "#cloud-config\n{}\n".into(),
         labels: BTreeMap::from([("clusterctl.io/test".to_string(), "e2e".to_string())]),
     }
 }
 
-fn ip_of(m: &Machine) -> String {
-    m.addresses
-        .first()
-        .map(ToString::to_string)
-        .unwrap_or_else(|| panic!("{} has no address: {m:?}", m.name))
-}
-
 /// Direct libvirt view, to count what carries the cluster's label independently of the provider.
+#[derive(Debug)]
 struct Inventory {
     domains: Vec<String>,
     networks: Vec<String>,
@@ -257,10 +253,25 @@ struct Inventory {
     volumes: Vec<String>,
 }
 
+impl Inventory {
+    fn is_empty(&self) -> bool {
+        self.domains.is_empty()
+            && self.networks.is_empty()
+            && self.pools.is_empty()
+            && self.volumes.is_empty()
+    }
+}
+
 fn inventory(cluster_id: &str) -> Inventory {
+    bounded("reading the libvirt inventory", || {
+        inventory_unbounded(cluster_id)
+    })
+}
+
+fn inventory_unbounded(cluster_id: &str) -> Inventory {
     let conn = virt::connect::Connect::open(Some(&uri())).expect("connect");
     let label = format!("id=\"{cluster_id}\"");
-    let domains = conn
+    let mut domains: Vec<String> = conn
         .list_all_domains(0)
         .expect("domains")
         .into_iter()
@@ -270,6 +281,7 @@ fn inventory(cluster_id: &str) -> Inventory {
         })
         .filter_map(|d| d.name().ok())
         .collect();
+    domains.sort();
     let networks = conn
         .list_all_networks(0)
         .expect("networks")
@@ -302,19 +314,6 @@ fn inventory(cluster_id: &str) -> Inventory {
     }
 }
 
-fn qemu_rss_mib(domain: &str) -> Option<u64> {
-    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid")).ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kib / 1024)
-}
-
 #[test]
 fn bad_input_gives_clear_errors() {
     if !enabled() {
@@ -337,8 +336,7 @@ fn bad_input_gives_clear_errors() {
     }
 
     let p = provider();
-    let (image, _) = image();
-    let keys = Keys::new();
+    let (_dir, image) = halt_image(1);
     let cluster = ClusterRef {
         name: "bad".into(),
         id: unique_id("bad"),
@@ -349,11 +347,12 @@ fn bad_input_gives_clear_errors() {
     };
 
     // A missing image.
-    let mut missing = spec("e2e-missing-0", MachineRole::Worker, &image, &keys);
+    let mut missing = spec("e2e-missing-0", MachineRole::Worker, &image);
     missing.image.dir = PathBuf::from("/nonexistent/clusterctl-image");
-    let err = p
-        .ensure_machine(&cluster, &missing)
-        .expect_err("missing image");
+    let err = bounded("ensure with a missing image", || {
+        p.ensure_machine(&cluster, &missing)
+    })
+    .expect_err("missing image");
     assert!(matches!(err, ProviderError::ImageMissing { .. }), "{err}");
     assert!(
         err.to_string()
@@ -373,10 +372,7 @@ fn bad_input_gives_clear_errors() {
         .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
         .expect("xml");
     let err = p
-        .ensure_machine(
-            &cluster,
-            &spec(&foreign_name, MachineRole::Worker, &image, &keys),
-        )
+        .ensure_machine(&cluster, &spec(&foreign_name, MachineRole::Worker, &image))
         .expect_err("clash");
     assert!(
         matches!(err, ProviderError::NameClash { kind: "domain", .. }),
@@ -407,51 +403,85 @@ fn bad_input_gives_clear_errors() {
     );
 }
 
+/// What the cluster e2e does not exercise: accelerator `auto` (the cluster e2e asks for `tcg`),
+/// a machine stopped behind the provider's back and started again by `ensure`, and the removal
+/// of one machine (domain, its three volumes, its address reservation) from a cluster that stays.
 #[test]
-fn machines_boot_persist_resume_and_delete() {
+fn auto_accelerator_stopped_machine_and_single_delete() {
     if !enabled() {
         eprintln!("skipped: set CLUSTERCTL_LIBVIRT_E2E=1 (tests/bed/libvirt-env.sh test does)");
         return;
     }
     let suite_start = Instant::now();
-    let p = provider();
-    let (image, manifest) = image();
-    let keys = Keys::new();
 
-    // --- one machine with accelerator `auto`: the KVM probe decides, then boot-to-SSH ---
+    // --- accelerator `auto`: the KVM probe decides, once, and its verdict is used ---
+    // The probe boots the image's kernel and waits for it to print, so this image has the real
+    // kernel and initrd; its root is a few MiB of zeros (the machine is deleted before it could
+    // get anywhere).
+    let real = real_image_dir();
+    let real_manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(real.join("manifest.json")).expect("the test image has a manifest.json"),
+    )
+    .expect("manifest.json is JSON");
+    let file_of = |field: &str| -> PathBuf {
+        let v = &real_manifest[field];
+        real.join(
+            v.as_str()
+                .or_else(|| v["path"].as_str())
+                .or_else(|| v["file"].as_str())
+                .unwrap_or_else(|| panic!("the manifest names no {field}")),
+        )
+    };
+    let probe_dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(file_of("kernel"), probe_dir.path().join("vmlinuz"))
+        .expect("link kernel");
+    std::os::unix::fs::symlink(file_of("initrd"), probe_dir.path().join("initrd.img"))
+        .expect("link initrd");
+    std::fs::File::create(probe_dir.path().join("root.raw"))
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("write root");
+    let probe_image = image_ref(
+        probe_dir.path(),
+        &serde_json::json!({
+            "version": format!("probe-{}", std::process::id()),
+            "kernel": "vmlinuz",
+            "initrd": "initrd.img",
+            "root": { "file": "root.raw", "format": "raw" },
+            "cmdline": "console=ttyS0 panic=-1",
+        }),
+    );
     let solo = ClusterRef {
         name: "solo".into(),
         id: unique_id("solo"),
     };
     {
+        let cache = tempfile::tempdir().expect("tempdir");
         let mut config = LibvirtConfig::new(uri());
         config.storage_root = storage_root();
         config.accelerator = Accelerator::Auto;
-        config.cache_dir = Some(keys.dir.path().join("cache"));
-        let auto = LibvirtProvider::connect(config).expect("connect");
+        config.cache_dir = Some(cache.path().to_path_buf());
+        let auto = bounded("connecting", || LibvirtProvider::connect(config)).expect("connect");
         let _guard = ClusterGuard {
             provider: &auto,
             cluster: solo.clone(),
         };
         let start = Instant::now();
-        let m = auto
-            .ensure_machine(
+        let m = bounded("ensure with accelerator auto", || {
+            auto.ensure_machine(
                 &solo,
-                &spec("e2e-solo-0", MachineRole::ControlPlane, &image, &keys),
+                &spec("e2e-solo-0", MachineRole::ControlPlane, &probe_image),
             )
-            .expect("ensure solo");
-        let ensured = start.elapsed();
+        })
+        .expect("ensure solo");
         let verdict = auto.probe_verdict().expect("auto ran the KVM probe");
         eprintln!(
-            "FIGURE kvm probe: kvm_works={} in {} ms ({})",
-            verdict.kvm_works, verdict.probe_ms, verdict.detail
+            "FIGURE kvm probe: kvm_works={} in {} ms ({}); ensure {:.1}s",
+            verdict.kvm_works,
+            verdict.probe_ms,
+            verdict.detail,
+            start.elapsed().as_secs_f64()
         );
-        let conn = virt::connect::Connect::open(Some(&uri())).expect("connect");
-        let xml = conn
-            .lookup_domain_by_name(&m.name)
-            .expect("domain")
-            .xml_desc(0)
-            .expect("xml");
+        let xml = virsh(&["dumpxml", &m.name]).expect("dumpxml");
         let expected_type = if verdict.kvm_works {
             "type='kvm'"
         } else {
@@ -471,7 +501,7 @@ fn machines_boot_persist_resume_and_delete() {
             );
         }
         // The verdict is cached per libvirt host, so the probe runs once.
-        let cached: Vec<_> = std::fs::read_dir(keys.dir.path().join("cache"))
+        let cached: Vec<_> = std::fs::read_dir(cache.path())
             .expect("cache dir")
             .filter_map(Result::ok)
             .collect();
@@ -481,230 +511,94 @@ fn machines_boot_persist_resume_and_delete() {
             text.contains(&format!("\"kvm_works\": {}", verdict.kvm_works)),
             "{text}"
         );
-        let ssh = keys.wait_ssh(&m.name, &ip_of(&m), start);
-        eprintln!(
-            "FIGURE one machine: ensure {:.1}s (includes image upload and probe), boot-to-SSH {:.1}s",
-            ensured.as_secs_f64(),
-            ssh.as_secs_f64()
-        );
-        eprintln!(
-            "FIGURE qemu RSS of one idle VM (1 GiB guest): {:?} MiB",
-            qemu_rss_mib(&m.name)
-        );
     }
     let inv = inventory(&solo.id);
-    assert!(
-        inv.domains.is_empty()
-            && inv.networks.is_empty()
-            && inv.pools.is_empty()
-            && inv.volumes.is_empty()
-    );
+    assert!(inv.is_empty(), "{inv:?}");
 
-    // --- three machines in parallel ---
+    // --- a stopped machine, and deleting one machine of a cluster ---
+    let p = provider();
+    let (_dir, image) = halt_image(4);
     let cluster = ClusterRef {
-        name: "trio".into(),
-        id: unique_id("trio"),
+        name: "pair".into(),
+        id: unique_id("pair"),
     };
     let guard = ClusterGuard {
         provider: &p,
         cluster: cluster.clone(),
     };
-    let specs = vec![
-        spec("e2e-cp-0", MachineRole::ControlPlane, &image, &keys),
-        spec("e2e-w-0", MachineRole::Worker, &image, &keys),
-        spec("e2e-w-1", MachineRole::Worker, &image, &keys),
+    let specs = [
+        spec("e2e-pair-cp-0", MachineRole::ControlPlane, &image),
+        spec("e2e-pair-w-0", MachineRole::Worker, &image),
     ];
-    let start = Instant::now();
-    let machines: Vec<Machine> = std::thread::scope(|s| {
-        let handles: Vec<_> = specs
-            .iter()
-            .map(|sp| s.spawn(|| p.ensure_machine(&cluster, sp)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("thread").expect("ensure"))
-            .collect()
-    });
-    let ensured = start.elapsed();
-    let mut ips = Vec::new();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = machines
-            .iter()
-            .map(|m| s.spawn(|| keys.wait_ssh(&m.name, &ip_of(m), start)))
-            .collect();
-        for (m, h) in machines.iter().zip(handles) {
-            let t = h.join().expect("thread");
-            eprintln!(
-                "FIGURE three in parallel: {} SSH after {:.1}s",
-                m.name,
-                t.as_secs_f64()
-            );
-        }
-    });
-    eprintln!(
-        "FIGURE three in parallel: all ensured {:.1}s, all SSH-ready {:.1}s",
-        ensured.as_secs_f64(),
-        start.elapsed().as_secs_f64()
-    );
-    for m in &machines {
-        eprintln!(
-            "FIGURE qemu RSS {}: {:?} MiB",
-            m.name,
-            qemu_rss_mib(&m.name)
-        );
-        ips.push(ip_of(m));
-    }
-    let mut distinct = ips.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(distinct.len(), 3, "distinct addresses: {ips:?}");
-
-    let listed = p.list_machines(&cluster).expect("list");
-    assert_eq!(
-        listed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
-        ["e2e-cp-0", "e2e-w-0", "e2e-w-1"]
-    );
-    assert!(listed.iter().all(|m| m.state == MachineState::Running
-        && m.image_digest.as_deref() == Some(image.digest.as_str())));
-    assert_eq!(listed[0].role, MachineRole::ControlPlane);
-    assert_eq!(listed[1].pool.as_deref(), Some("default"));
-
-    // --- node properties ---
-    let root_hash = manifest["root"]["verity"]["root_hash"]
-        .as_str()
-        .map(str::to_string);
-    for m in &machines {
-        let ip = ip_of(m);
-        assert_eq!(keys.ssh_ok(&m.name, &ip, "hostname"), m.name);
-        assert_eq!(
-            keys.ssh_ok(&m.name, &ip, "systemctl is-active containerd"),
-            "active"
-        );
-        let opts = keys.ssh_ok(&m.name, &ip, "findmnt -no OPTIONS /");
-        assert!(
-            opts.split(',').any(|o| o == "ro"),
-            "/ is mounted read-only on {}: {opts}",
-            m.name
-        );
-        if dev_image() {
-            eprintln!("NOT CHECKED on the dev image: dm-verity (the dev image has none)");
-        } else {
-            let hash = root_hash
-                .as_deref()
-                .expect("the image manifest has root.verity.root_hash");
-            let cmdline = keys.ssh_ok(&m.name, &ip, "cat /proc/cmdline");
-            assert!(
-                cmdline.contains(hash),
-                "{}: root hash on the kernel command line: {cmdline}",
-                m.name
-            );
-            let status = keys.ssh_ok(&m.name, &ip, "sudo veritysetup status root");
-            assert!(
-                status
-                    .lines()
-                    .any(|l| l.contains("status:") && l.contains("verified")),
-                "{}: the verity root device is active and verified: {status}",
-                m.name
-            );
-            let source = keys.ssh_ok(&m.name, &ip, "findmnt -no SOURCE /");
-            assert!(
-                source.starts_with("/dev/mapper/") || source.starts_with("/dev/dm-"),
-                "{}: / comes from the verity device: {source}",
-                m.name
-            );
-        }
-    }
-
-    // --- the data disk survives a reboot ---
-    let m = &machines[1];
-    let ip = ip_of(m);
-    let target = keys.ssh_ok(&m.name, &ip, "findmnt -rno TARGET -S /dev/vdb | head -n1");
-    assert!(!target.is_empty(), "the data disk /dev/vdb is mounted");
-    let token = format!("e2e-{}", std::process::id());
-    keys.ssh_ok(
-        &m.name,
-        &ip,
-        &format!("echo {token} | sudo tee {target}/clusterctl-e2e-marker >/dev/null && sync"),
-    );
-    let boot_id = keys.ssh_ok(&m.name, &ip, "cat /proc/sys/kernel/random/boot_id");
-    let _ = keys.ssh(&m.name, &ip, "sudo systemctl reboot");
-    let reboot_start = Instant::now();
-    loop {
-        assert!(
-            reboot_start.elapsed() < BOOT_TIMEOUT,
-            "{} did not come back after reboot",
-            m.name
-        );
-        std::thread::sleep(Duration::from_secs(3));
-        if let Ok(o) = keys.ssh(&m.name, &ip, "cat /proc/sys/kernel/random/boot_id")
-            && o.status.success()
-            && String::from_utf8_lossy(&o.stdout).trim() != boot_id
-        {
-            break;
-        }
-    }
-    eprintln!(
-        "FIGURE reboot to SSH: {:.1}s",
-        reboot_start.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        keys.ssh_ok(&m.name, &ip, &format!("cat {target}/clusterctl-e2e-marker")),
-        token
-    );
-
-    // --- ensure again: nothing new ---
-    let before = inventory(&cluster.id);
     for sp in &specs {
-        let again = p.ensure_machine(&cluster, sp).expect("ensure again");
-        assert_eq!(again.state, MachineState::Running);
+        let m = bounded("ensure", || p.ensure_machine(&cluster, sp)).expect("ensure");
+        assert_eq!(m.state, MachineState::Running, "{m:?}");
     }
-    let after = inventory(&cluster.id);
-    assert_eq!(after.domains.len(), 3);
-    assert_eq!(
-        (&after.domains, &after.volumes),
-        (&before.domains, &before.volumes),
-        "ensure again creates nothing"
-    );
-    // 3 machines x (root, data, seed) + image (kernel, initrd, root, complete marker) + owner marker.
-    assert_eq!(after.volumes.len(), 3 * 3 + 4 + 1, "{:?}", after.volumes);
-
-    // --- a stopped machine is started by ensure ---
-    let conn = virt::connect::Connect::open(Some(&uri())).expect("connect");
-    conn.lookup_domain_by_name("e2e-w-1")
-        .expect("domain")
-        .destroy()
-        .expect("stop");
-    assert_eq!(
-        p.list_machines(&cluster).expect("list")[2].state,
-        MachineState::Stopped
-    );
-    assert_eq!(
-        p.ensure_machine(&cluster, &specs[2])
-            .expect("restart")
-            .state,
-        MachineState::Running
-    );
-
-    // --- delete one machine, then the cluster ---
-    p.delete_machine(&cluster, "e2e-w-1")
-        .expect("delete machine");
-    p.delete_machine(&cluster, "e2e-w-1")
-        .expect("delete machine again");
-    let inv = inventory(&cluster.id);
-    assert_eq!(inv.domains.len(), 2);
+    let listed = bounded("list", || p.list_machines(&cluster)).expect("list");
     assert!(
-        !inv.volumes.iter().any(|v| v.starts_with("e2e-w-1-")),
+        listed
+            .iter()
+            .all(|m| m.image_digest.as_deref() == Some(image.digest.as_str())),
+        "the image digest is read back from the label: {listed:?}"
+    );
+    virsh(&["destroy", "e2e-pair-w-0"]).expect("stop e2e-pair-w-0 behind the provider's back");
+    let listed = bounded("list", || p.list_machines(&cluster)).expect("list");
+    assert_eq!(listed[1].state, MachineState::Stopped, "{listed:?}");
+    assert!(
+        listed[1].addresses.is_empty(),
+        "a stopped machine has no address: {listed:?}"
+    );
+    let again = bounded("ensure a stopped machine", || {
+        p.ensure_machine(&cluster, &specs[1])
+    })
+    .expect("restart");
+    assert_eq!(again.state, MachineState::Running);
+    assert_eq!(
+        again.provider_id, listed[1].provider_id,
+        "started, not recreated"
+    );
+
+    let reservations =
+        || virsh(&["net-dumpxml", &format!("clusterctl-{}", cluster.id)]).expect("net-dumpxml");
+    assert!(
+        reservations().contains("name='e2e-pair-w-0'"),
+        "{}",
+        reservations()
+    );
+    bounded("delete machine", || {
+        p.delete_machine(&cluster, "e2e-pair-w-0")
+    })
+    .expect("delete machine");
+    bounded("delete machine again", || {
+        p.delete_machine(&cluster, "e2e-pair-w-0")
+    })
+    .expect("delete machine again");
+    let inv = inventory(&cluster.id);
+    assert_eq!(inv.domains, ["e2e-pair-cp-0"]);
+    assert!(
+        !inv.volumes.iter().any(|v| v.starts_with("e2e-pair-w-0-")),
         "{:?}",
         inv.volumes
     );
+    assert!(
+        inv.volumes
+            .iter()
+            .filter(|v| v.starts_with("e2e-pair-cp-0-"))
+            .count()
+            == 3,
+        "the other machine keeps its volumes: {:?}",
+        inv.volumes
+    );
+    let xml = reservations();
+    assert!(
+        !xml.contains("name='e2e-pair-w-0'") && xml.contains("name='e2e-pair-cp-0'"),
+        "only the deleted machine's address reservation is gone: {xml}"
+    );
     drop(guard);
     let inv = inventory(&cluster.id);
-    assert!(inv.domains.is_empty(), "{:?}", inv.domains);
-    assert!(inv.networks.is_empty(), "{:?}", inv.networks);
-    assert!(inv.pools.is_empty(), "{:?}", inv.pools);
-    assert!(inv.volumes.is_empty(), "{:?}", inv.volumes);
+    assert!(inv.is_empty(), "{inv:?}");
     eprintln!(
-        "FIGURE boot/persist/delete suite: {:.1}s",
+        "FIGURE auto accelerator, stopped machine, single delete: {:.1}s",
         suite_start.elapsed().as_secs_f64()
     );
 }
@@ -716,20 +610,14 @@ fn conformance_suite_passes_against_real_libvirt() {
         return;
     }
     let p = provider();
-    let (image, _) = image();
-    let keys = Keys::new();
-    let mut template = spec("template", MachineRole::Worker, &image, &keys);
-    // The suite boots machines but does not log in: keep them small.
-    template.size = MachineSize {
-        cpus: 1,
-        memory_mib: 512,
-        disk_gib: 1,
-    };
+    // The contract needs machines that reach "running", not machines that boot an OS.
+    let (_dir, image) = halt_image(4);
+    let template = spec("template", MachineRole::Worker, &image);
     let fixture = providers::conformance::Fixture::new("cf", template);
     let start = Instant::now();
     for (name, check) in providers::conformance::CHECKS {
         let t = Instant::now();
-        if let Err(e) = check(&p, &fixture) {
+        if let Err(e) = bounded(name, || check(&p, &fixture)) {
             panic!("{e}");
         }
         eprintln!(
@@ -740,5 +628,239 @@ fn conformance_suite_passes_against_real_libvirt() {
     eprintln!(
         "FIGURE conformance suite against libvirt: {:.1}s",
         start.elapsed().as_secs_f64()
+    );
+}
+
+/// Where the kill test SIGKILLs the helper that is ensuring three machines one after another.
+#[derive(Debug, Clone, Copy)]
+enum KillPoint {
+    /// This long after it was started (connecting, creating the network).
+    AfterMs(u64),
+    /// This long after the cluster's pool holds a volume whose name contains this.
+    Volume(&'static str, u64),
+    /// As soon as this machine's domain is defined (its start may be under way).
+    Domain(&'static str),
+    /// This long after the helper reported this many machines ensured.
+    AfterEnsured(usize, u64),
+}
+
+const KILL_POINTS: &[KillPoint] = &[
+    KillPoint::AfterMs(0),
+    // The pool's owner marker: the image upload is next.
+    KillPoint::Volume("clusterctl-owner-", 0),
+    // The image root is being streamed (virStorageVolUpload): at its start and in its middle.
+    KillPoint::Volume("-root", 0),
+    KillPoint::Volume("-root", 250),
+    // The image is complete; the first machine's disks are being made.
+    KillPoint::Volume(".complete", 0),
+    // The first machine's seed is being streamed.
+    KillPoint::Volume("e2e-kill-0-seed.img", 0),
+    // The first machine is defined and being started (virDomainCreate).
+    KillPoint::Domain("e2e-kill-0"),
+    KillPoint::AfterEnsured(1, 0),
+    KillPoint::Domain("e2e-kill-1"),
+    KillPoint::AfterEnsured(2, 30),
+];
+
+fn helper_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| {
+            e.parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("examples/libvirt_ensure"))
+        })
+        .filter(|p| p.exists())
+        .expect("build the helper first: cargo build -p providers --features libvirt --example libvirt_ensure")
+}
+
+/// Waits until the kill point is reached; false if the helper finished first.
+fn reach(
+    point: KillPoint,
+    cluster_id: &str,
+    started: Instant,
+    lines: &mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    child: &mut std::process::Child,
+) -> bool {
+    let conn =
+        bounded("connecting", || virt::connect::Connect::open(Some(&uri()))).expect("connect");
+    let pool_name = format!("clusterctl-{cluster_id}");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let _w = Watchdog::new("polling libvirt for the kill point", CALL_LIMIT);
+    let reached = loop {
+        while let Ok(l) = lines.try_recv() {
+            seen.push(l);
+        }
+        let hit = match point {
+            KillPoint::AfterMs(ms) => started.elapsed() >= Duration::from_millis(ms),
+            KillPoint::AfterEnsured(n, _) => seen.len() >= n,
+            KillPoint::Volume(part, _) => conn
+                .lookup_storage_pool_by_name(&pool_name)
+                .ok()
+                .and_then(|p| p.list_volumes().ok())
+                .is_some_and(|vs| vs.iter().any(|v| v.contains(part))),
+            KillPoint::Domain(name) => conn.lookup_domain_by_name(name).is_ok(),
+        };
+        if hit {
+            break true;
+        }
+        if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if let KillPoint::AfterEnsured(_, ms) | KillPoint::Volume(_, ms) = point {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    reached
+}
+
+/// A process SIGKILLed while it ensures machines (mid-upload, mid-start, between machines) leaves
+/// libvirtd answering and nothing that a re-run cannot finish: after each kill `virsh list`
+/// answers within 30 s, and ensuring again converges to exactly the cluster's objects.
+/// (`create` is killed only once, mid-provisioning, in the cluster e2e; this walks the kill
+/// points one by one on a halt image, a fresh cluster each.)
+///
+/// be3efeb parked the first version of this test after libvirtd once stopped answering
+/// (`virsh list` hung) after such a kill. Not reproduced since: 50 kills over the 10 points
+/// (64 MiB and 512 MiB image roots, libvirt 11.3, host load 8-10), `virsh list` answered within
+/// 0.34 s every time and every cluster converged. Should it happen again, the bounds above turn
+/// it into a failure that says so, with what `virsh list` answered.
+#[test]
+fn killed_ensure_leaves_libvirtd_answering_and_resumes_without_orphans() {
+    if !enabled() {
+        eprintln!("skipped: set CLUSTERCTL_LIBVIRT_E2E=1 (tests/bed/libvirt-env.sh test does)");
+        return;
+    }
+    let repeat: usize = std::env::var("CLUSTERCTL_E2E_KILL_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let p = provider();
+    let helper = helper_path();
+    // A root large enough that its upload takes a while, so the kill lands inside the stream.
+    let root_mib: u64 = std::env::var("CLUSTERCTL_E2E_KILL_ROOT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let (dir, image) = halt_image(root_mib);
+    let specs: Vec<MachineSpec> = (0..3)
+        .map(|i| spec(&format!("e2e-kill-{i}"), MachineRole::Worker, &image))
+        .collect();
+    let test_start = Instant::now();
+    let mut round = 0;
+    for _ in 0..repeat {
+        for &point in KILL_POINTS {
+            round += 1;
+            let cluster = ClusterRef {
+                name: "kill".into(),
+                id: unique_id(&format!("kill{round}")),
+            };
+            let guard = ClusterGuard {
+                provider: &p,
+                cluster: cluster.clone(),
+            };
+            let request = dir.path().join("request.json");
+            std::fs::write(
+                &request,
+                serde_json::to_vec(&serde_json::json!({
+                    "uri": uri(), "storage_root": storage_root(), "cluster": cluster, "machines": specs,
+                }))
+                .expect("json"),
+            )
+            .expect("write request");
+            let started = Instant::now();
+            let mut child = Command::new(&helper)
+                .arg(&request)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn helper");
+            let stdout = child.stdout.take().expect("stdout");
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut seen = Vec::new();
+            let reached = reach(point, &cluster.id, started, &lines, &mut seen, &mut child);
+            let killed_at = started.elapsed();
+            let _ = child.kill();
+            let status = child.wait().expect("wait");
+            assert!(
+                reached,
+                "round {round}: the helper finished ({status}) before kill point {point:?}"
+            );
+            assert!(
+                status.code().is_none(),
+                "round {round}: the helper exited ({status}) before it was killed at {point:?}"
+            );
+            let t = Instant::now();
+            let listed = virsh(&["list", "--all"])
+                .unwrap_or_else(|e| panic!("round {round}, killed at {point:?}: {e}"));
+            let answered = t.elapsed();
+            let before = inventory(&cluster.id);
+            eprintln!(
+                "round {round}: killed at {point:?} after {:.2}s ({} ensured); virsh list answered in {:.2}s ({} domains); left: {:?} {:?}",
+                killed_at.as_secs_f64(),
+                seen.len(),
+                answered.as_secs_f64(),
+                listed.lines().count(),
+                before.domains,
+                before.volumes
+            );
+
+            let t = Instant::now();
+            for sp in &specs {
+                let m = bounded("ensure after the kill", || p.ensure_machine(&cluster, sp))
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "round {round}, killed at {point:?}: ensure {}: {e}",
+                            sp.name
+                        )
+                    });
+                assert_eq!(m.state, MachineState::Running, "round {round}: {m:?}");
+            }
+            let inv = inventory(&cluster.id);
+            assert_eq!(
+                inv.domains,
+                ["e2e-kill-0", "e2e-kill-1", "e2e-kill-2"],
+                "round {round}"
+            );
+            // 3 machines x (root, data, seed) + image (kernel, initrd, root, complete) + owner marker.
+            assert_eq!(
+                inv.volumes.len(),
+                3 * 3 + 4 + 1,
+                "round {round}, killed at {point:?}: no orphaned volumes: {:?}",
+                inv.volumes
+            );
+            assert_eq!(inv.networks.len(), 1, "round {round}");
+            let machines = bounded("list", || p.list_machines(&cluster)).expect("list");
+            let mut ips: Vec<String> = machines
+                .iter()
+                .filter_map(|m| m.addresses.first().map(ToString::to_string))
+                .collect();
+            ips.sort();
+            ips.dedup();
+            assert_eq!(
+                ips.len(),
+                3,
+                "round {round}: distinct reserved addresses: {ips:?}"
+            );
+            eprintln!(
+                "round {round}: converged in {:.1}s",
+                t.elapsed().as_secs_f64()
+            );
+            drop(guard);
+            let inv = inventory(&cluster.id);
+            assert!(inv.is_empty(), "round {round}: {inv:?}");
+        }
+    }
+    eprintln!(
+        "FIGURE kill test: {round} kills, all converged, in {:.1}s",
+        test_start.elapsed().as_secs_f64()
     );
 }
