@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The libvirt test bed: libvirtd and virtlogd inside a network namespace with no uplink.
 #
-#   libvirt-env.sh up            create the bed, print its name (state in /run/clusterctl-bed/current)
+#   libvirt-env.sh up            create the bed, print its name (state in /run/clusterctl-bed/current);
+#                                a bed left at this state root by a killed run is reaped first
+#   libvirt-env.sh reap          reap the bed at this state root if its holder is gone (else no-op)
 #   libvirt-env.sh exec CMD...   run CMD inside the bed (its network and mount namespace)
 #   libvirt-env.sh down          tear the bed down: VMs, networks, pools, daemons, namespace, files
 #   libvirt-env.sh test          up, build or reuse the node image, run the libvirt e2e suite, down
@@ -33,7 +35,43 @@ load() {
   [ -f "$current" ] || die "no bed is up (run: $0 up)"
   # shellcheck disable=SC1090
   . "$current"
-  [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null || die "bed $BED_NAME is broken (holder process gone); run: $0 down"
+  bed_alive || die "bed $BED_NAME is broken (holder process gone); run: $0 down (or $0 up, which reaps it)"
+}
+
+# True if the bed in $current is alive: its holder is still the bed's `sleep infinity` inside the
+# bed's network namespace (a PID alone could have been reused by an unrelated process).
+bed_alive() {
+  local BED_NAME='' BED_HOLDER='' BED_CREATOR=''
+  # shellcheck disable=SC1090
+  . "$current"
+  if [ -z "$BED_HOLDER" ]; then
+    # Still being made (the holder is recorded a moment after the file is written) while the
+    # `up` that writes it runs.
+    [ -n "$BED_CREATOR" ] && tr '\0' ' ' < "/proc/$BED_CREATOR/cmdline" 2>/dev/null | grep -q 'libvirt-env\.sh'
+    return
+  fi
+  [ -r "/proc/$BED_HOLDER/cmdline" ] || return 1
+  [ "$(tr '\0' ' ' < "/proc/$BED_HOLDER/cmdline" 2>/dev/null)" = "sleep infinity " ] || return 1
+  ip netns identify "$BED_HOLDER" 2>/dev/null | grep -qxF "$BED_NAME"
+}
+
+# A bed whose holder is gone was left by a killed run: nothing can enter it any more, but its
+# namespace, daemons and VMs may still run. Reap it: end exactly the processes inside its network
+# namespace (they are all the bed's), delete the namespace, its directory and the current file.
+reap() {
+  [ -f "$current" ] || return 0
+  if bed_alive; then return 0; fi
+  (
+    BED_NAME='' BED_DIR='' BED_HOLDER=''
+    # shellcheck disable=SC1090
+    . "$current"
+    local pids
+    pids=$(ip netns pids "$BED_NAME" 2>/dev/null | tr '\n' ' ' || true)
+    log "reaping bed ${BED_NAME:-?} left by a killed run (holder ${BED_HOLDER:-none} gone): \
+namespace ${BED_NAME:-?}, processes [${pids% }], directory ${BED_DIR:-?}"
+    for p in $pids; do log "  reaping pid $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-100)"; done
+  )
+  teardown
 }
 
 in_bed() {
@@ -42,13 +80,14 @@ in_bed() {
 }
 
 up() {
+  reap
   [ ! -f "$current" ] || die "a bed is already up ($(grep BED_NAME "$current")); run: $0 down"
   bash "$here/install-host-packages.sh" >&2
   local name=clusterctl-bed-$$
   local dir=/var/tmp/$name
   mkdir -p "$state_root" "$dir"
   chmod 0700 "$dir"
-  printf 'BED_NAME=%s\nBED_DIR=%s\n' "$name" "$dir" > "$current"
+  printf 'BED_NAME=%s\nBED_DIR=%s\nBED_CREATOR=%s\n' "$name" "$dir" "$$" > "$current"
 
   log "creating network namespace $name (loopback only)"
   ip netns add "$name"
@@ -101,10 +140,15 @@ up() {
 
 down() {
   [ -f "$current" ] || { log "no bed is up"; return 0; }
+  teardown
+}
+
+teardown() {
+  BED_NAME='' BED_DIR='' BED_HOLDER=''
   # shellcheck disable=SC1090
   . "$current"
-  log "tearing down $BED_NAME"
-  if [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null; then
+  log "tearing down ${BED_NAME:-a half-made bed}"
+  if bed_alive; then
     # Orderly first, so libvirt cleans up cgroups, bridges and dnsmasq itself.
     # A wedged libvirtd must not stop the teardown: every call is bounded.
     local v="timeout 20 virsh -q -c qemu:///system"
@@ -123,17 +167,22 @@ down() {
   fi
   # Every process left in the bed's network namespace was started by the bed (daemons, dnsmasq,
   # QEMU, the holder): end them by PID.
-  local pids
-  pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
-  [ -z "$pids" ] || kill $pids 2>/dev/null || true
-  for _ in $(seq 1 50); do
+  local pids=''
+  if [ -n "$BED_NAME" ]; then
     pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
-    [ -n "$pids" ] || break
-    sleep 0.1
-  done
-  [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
-  ip netns del "$BED_NAME" 2>/dev/null || true
-  rm -rf "$BED_DIR"
+    # shellcheck disable=SC2086 # one PID per word
+    [ -z "$pids" ] || kill $pids 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
+      [ -n "$pids" ] || break
+      sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || { log "killing what did not end on TERM: $pids"; kill -9 $pids 2>/dev/null || true; }
+    ip netns del "$BED_NAME" 2>/dev/null || true
+  fi
+  # Only ever a directory this script made.
+  case "$BED_DIR" in /var/tmp/clusterctl-bed-[0-9]*) rm -rf "$BED_DIR" ;; esac
   rm -f "$current"
   log "bed $BED_NAME removed"
 }
@@ -184,6 +233,7 @@ run_tests() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  reap) reap ;;
   exec)
     shift
     [ "$#" -gt 0 ] || die "usage: $0 exec CMD..."
@@ -196,5 +246,5 @@ case "${1:-}" in
     load
     run_tests
     ;;
-  *) die "usage: $0 up|down|exec CMD...|test" ;;
+  *) die "usage: $0 up|down|reap|exec CMD...|test" ;;
 esac
