@@ -91,7 +91,14 @@ stage_boot() {
     cargo test --workspace --locked --test boot -- --nocapture
 }
 stage_libvirt() {
-  CLUSTERCTL_TEST_IMAGE=$(test_image) CLUSTERCTL_BUNDLE_DIR=$(bundle_dir) ./tests/bed/libvirt-env.sh test "$1"
+  CLUSTERCTL_TEST_IMAGE=$(test_image)
+  export CLUSTERCTL_TEST_IMAGE
+  # Only the cluster e2e needs the Kubernetes bundle.
+  if [ "$1" = e2e ]; then
+    CLUSTERCTL_BUNDLE_DIR=$(bundle_dir)
+    export CLUSTERCTL_BUNDLE_DIR
+  fi
+  ./tests/bed/libvirt-env.sh test "$1"
 }
 export out
 export -f bundle_dir test_image stage_bundle stage_k8s stage_image stage_boot stage_libvirt

@@ -25,7 +25,7 @@
 
 run_dir=${run_dir:?tests/bed/stage.sh: set run_dir before sourcing}
 run_t0=${run_t0:-$SECONDS}
-stage_names=() stage_budgets=() stage_secs=() stage_results=() stage_current='' stage_stopped=''
+stage_names=() stage_budgets=() stage_secs=() stage_results=() stage_current='' stage_stopped='' stage_t0=0
 stage_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 # The budget of stage $1 (default $2), or its CLUSTERCTL_STAGE_BUDGET_<NAME> override.
@@ -55,6 +55,7 @@ run_stage() {
   [ "${CLUSTERCTL_STAGE_HANG:-}" != "$name" ] || hang=1
   : > "$log"
   stage_current=$name
+  stage_t0=$SECONDS
   local t0=$SECONDS
   # The session leader records its PID, which is the stage's process group ID.
   # shellcheck disable=SC2016 # expanded by the stage's shell
@@ -79,11 +80,12 @@ run_stage() {
     local rc=0
     wait "$pid" || rc=$?
     if [ "$rc" -eq 0 ]; then result=ok; else result="failed (exit $rc)"; fi
-    # A stage leaves nothing running behind it.
+    # A stage leaves nothing running behind it, and a failed one no test bed.
     if pgrep -g "$pg" > /dev/null 2>&1; then
       echo "run-all: stage $name left processes behind; ending them: $(pgrep -g "$pg" | tr '\n' ' ')"
       stage_kill_group "$pg"
     fi
+    [ "$rc" -eq 0 ] || stage_teardown_beds
   fi
   stage_current=''
   stage_secs+=($((SECONDS - t0)))
@@ -226,7 +228,12 @@ stage_reap_dead_runs() {
 stage_interrupted() {
   trap - INT TERM
   echo "run-all: interrupted; ending the current stage and tearing down this run's beds" >&2
-  [ -z "$stage_current" ] || stage_kill_group "$(cat "$run_dir/$stage_current.pgid" 2>/dev/null)"
+  if [ -n "$stage_current" ]; then
+    stage_kill_group "$(cat "$run_dir/$stage_current.pgid" 2>/dev/null)"
+    stage_secs+=($((SECONDS - stage_t0)))
+    stage_results+=(interrupted)
+    stage_stopped=$stage_current
+  fi
   stage_teardown_beds
   stage_table
   exit 130
