@@ -114,6 +114,7 @@ run_stage provider 360 "real libvirt VMs in a network namespace: provider confor
 run_stage e2e 2400 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
 trap - INT TERM
+rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true
 stage_table
 if [ -n "$stage_stopped" ]; then
   echo "run-all: FAILED at stage $stage_stopped (stage logs in $run_dir)" >&2

@@ -152,10 +152,18 @@ stage_diagnose() {
       else
         echo "(the bed's holder is gone)"
       fi
-      for c in "$BED_DIR"/var/log/libvirt/qemu/*.log; do
-        [ -f "$c" ] || continue
+      # What each VM printed on its serial console, then the end of QEMU's own log (its command
+      # line left out: how it ended, e.g. killed or crashed).
+      for c in "$BED_DIR"/var/log/libvirt/qemu/*console*.log; do
+        [ -s "$c" ] || continue
         echo "--- last 40 lines of $c"
         tail -n 40 "$c"
+      done
+      for c in "$BED_DIR"/var/log/libvirt/qemu/*.log; do
+        case "$c" in *console*.log) continue ;; esac
+        [ -s "$c" ] || continue
+        echo "--- end of $c"
+        grep -v -e ' \\$' -e '^-' "$c" | tail -n 5
       done
     )
   done
@@ -169,6 +177,8 @@ stage_teardown_beds() {
     CLUSTERCTL_BED_STATE_ROOT=$root bash "$stage_repo/tests/bed/libvirt-env.sh" down || true
     case "$root" in /run/clusterctl-bed-ci-*) rmdir "$root" 2>/dev/null || true ;; esac
   done
+  # This run's own state root, also when its bed was already torn down by the stage itself.
+  case "${CLUSTERCTL_BED_STATE_ROOT:-}" in /run/clusterctl-bed-ci-*) rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true ;; esac
 }
 
 # The start time of process $1 (field 22 of /proc/PID/stat), empty if it is gone or a zombie: a
