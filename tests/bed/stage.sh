@@ -117,8 +117,28 @@ stage_beds() {
   return 0
 }
 
+# The last records of every operation journal under state dir $1. A script inside a bed names
+# the directory as the bed sees it, so it is read through each bed's mount namespace too.
+stage_journals() {
+  local d=$1 f holder bed
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  local show='find "$0" -maxdepth 3 -name "journal*.jsonl" 2>/dev/null | sort | while IFS= read -r j; do
+      echo "--- last journal records: $j"; tail -n 20 "$j"; done'
+  if [ -d "$d" ]; then
+    sh -c "$show" "$d"
+    return
+  fi
+  for f in $(stage_beds); do
+    # shellcheck disable=SC1090
+    read -r bed holder < <(. "$f"; echo "${BED_NAME:-?} ${BED_HOLDER:-0}")
+    if [ "$holder" = 0 ] || ! kill -0 "$holder" 2>/dev/null; then continue; fi
+    echo "--- (state dir $d as seen inside bed $bed)"
+    timeout 20 nsenter --target "$holder" --mount -- sh -c "$show" "$d" || true
+  done
+}
+
 stage_diagnose() {
-  local name=$1 budget=$2 log=$3 f d j
+  local name=$1 budget=$2 log=$3 f d
   echo
   echo "!!! stage $name exceeded its budget of $budget s; what it was doing (nothing killed yet):"
   echo "--- last 20 lines of its output ($log)"
@@ -128,11 +148,7 @@ stage_diagnose() {
     echo "--- waiting for (${f}):"
     head -n 50 "$f"
     while IFS= read -r d; do
-      [ -d "$d" ] || continue
-      while IFS= read -r j; do
-        echo "--- last journal records: $j"
-        tail -n 20 "$j"
-      done < <(find "$d" -maxdepth 3 -name 'journal*.jsonl' 2>/dev/null | sort)
+      stage_journals "$d"
     done < <(sed -n 's/^state dir: *//p' "$f")
   done
   local beds
