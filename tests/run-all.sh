@@ -20,7 +20,7 @@
 #   e2e      2400  a real Kubernetes cluster through the binary: create, workloads across nodes,
 #                  reboot, kill and resume, delete (tests/bed/libvirt-env.sh test e2e, which runs
 #                  tests/bed/cli-e2e.sh) [~15 min, growing]
-# Total 5070 s = 84.5 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
+# Total 5040 s = 84 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
 # budget is diagnosed (what it waited for, operation journals, virsh list and VM console logs),
 # killed, and the run's test beds torn down (tests/bed/stage.sh). The run ends with a table of
 # stage times, pass or fail.
