@@ -1,49 +1,124 @@
 #!/usr/bin/env bash
 # Runs every test of clusterctl on this machine, installing what a fresh Debian 12 machine lacks.
-# Needs root (apt, debootstrap, network namespaces, libvirtd). Stages:
-#   1. host packages (tests/bed/install-host-packages.sh)
-#   2. cargo test --workspace: unit tests, the spec corpus, the SSH executor against real OpenSSH sshd
-#      on 127.0.0.1, the engine and kill/resume tests with the fake provider, bundle and PKI tests
-#   3. the node image: built (or reused from its input-hash cache) and booted once under QEMU TCG
-#   4. real libvirt VMs inside a network namespace: the provider suite (conformance + e2e) and
-#      a real Kubernetes cluster through the binary: create, workloads across nodes, kill and
-#      resume, delete (tests/bed/libvirt-env.sh test, tests/bed/cli-e2e.sh)
+# Needs root (apt, debootstrap, network namespaces, libvirtd) and a Rust toolchain (rustup; the
+# version is pinned in rust-toolchain.toml). Stages, each under a time budget (seconds; cold times
+# measured on an idle 2-core machine in brackets):
+#   packages  300  host packages (tests/bed/install-host-packages.sh) [30 s; up to 5 min on a new
+#                  machine with backports]
+#   cargo     690  cargo test --workspace: unit tests, the spec corpus, the SSH executor against
+#                  real OpenSSH sshd on 127.0.0.1, the engine and kill/resume tests with the fake
+#                  provider, bundle and PKI tests [456 s]
+#   bundle    720  the offline Kubernetes test bundle (tests/bed/build-k8s-bundle.sh) [307 s]
+#   k8s       180  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI,
+#                  the node templates' flags and configs accepted by the real binaries, kubeconfig
+#                  files read back by the real kubectl
+#   image     240  the node image: `clusterctl image build` (or reuse), whose printed directory
+#                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s]
+#   boot      150  that image booted under QEMU TCG (nodeimage's boot test) [~50 s]
+#   provider  360  real libvirt VMs in a network namespace: the provider suite, conformance + e2e
+#                  (tests/bed/libvirt-env.sh test provider) [186 s]
+#   e2e      2400  a real Kubernetes cluster through the binary: create, workloads across nodes,
+#                  reboot, kill and resume, delete (tests/bed/libvirt-env.sh test e2e, which runs
+#                  tests/bed/cli-e2e.sh) [~15 min, growing]
+# Total 5040 s = 84 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
+# budget is diagnosed (what it waited for, operation journals, virsh list and VM console logs),
+# killed, and the run's test beds torn down (tests/bed/stage.sh). The run ends with a table of
+# stage times, pass or fail.
+# For local runs: CLUSTERCTL_STAGES="image boot" runs only those stages; CLUSTERCTL_STAGE_BUDGET_<NAME>
+# overrides a budget; CLUSTERCTL_STAGE_HANG=NAME makes a stage hang on purpose (.ci/run ignores all three).
 # Big artifacts (cargo target dir, node image, Kubernetes bundle) are cached under
 # /var/cache/clusterctl, keyed by their inputs; a warm machine skips rebuilding them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-start=$(date +%s)
-stage() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "run-all: must run as root (apt, namespaces, libvirtd)" >&2; exit 1; }
+command -v cargo > /dev/null || { echo "run-all: no cargo: install Rust with rustup (see README, Prerequisites)" >&2; exit 1; }
 # One cargo target dir per checkout path: cargo keys workspace crates by their path relative to the
 # workspace, so a target dir shared by two checkouts can reuse test binaries whose compile-time paths
 # (insta snapshot dirs, CARGO_MANIFEST_DIR) point into the other checkout.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/clusterctl/cargo-target/$(pwd -P | sha256sum | cut -c1-16)}
 mkdir -p "$CARGO_TARGET_DIR"
 
-stage "installing host packages"
-./tests/bed/install-host-packages.sh
+# This run's directory: stage logs, process groups, and CLUSTERCTL_DIAG_DIR, where scripts say what
+# they are waiting for (cli-e2e.sh writes `e2e`: phase, waiting for, state dir).
+run_dir=/run/clusterctl-ci/$$
+rm -rf "$run_dir"
+mkdir -p "$run_dir/diag" "$run_dir/out"
+CLUSTERCTL_RUN_ID=$$-$(date +%s)
+export CLUSTERCTL_RUN_ID CLUSTERCTL_DIAG_DIR=$run_dir/diag
+# The run's own bed state root: never collides with a bed someone has up at the default root.
+export CLUSTERCTL_BED_STATE_ROOT=/run/clusterctl-bed-ci-$$
+out=$run_dir/out
+run_t0=$SECONDS
+# shellcheck source=tests/bed/stage.sh
+. tests/bed/stage.sh
+stage_register_run
 
-stage "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)"
-cargo test --workspace --locked
+# An interrupted run (CI cancel, Ctrl-C) still ends its stage, tears down its beds and prints the table.
+trap stage_interrupted INT TERM
 
-stage "Kubernetes test bundle (cached by input checksum; cold 6-18 min, warm 1 s)"
-bundle=$(./tests/bed/build-k8s-bundle.sh)
+# What a killed earlier run left behind (its stage still running, its beds, dead beds anywhere).
+stage_reap_dead_runs
 
-stage "bundle proof: etcd + kube-apiserver from the bundle with clusterctl's PKI, images in containerd"
-CLUSTERCTL_BUNDLE_TEST=1 CLUSTERCTL_BUNDLE="$bundle" cargo test --workspace --locked --test bundle_control_plane
+# Stage bodies run in the stage's own shell (exported functions, set -euo pipefail); values for
+# later stages go through files in $out, so a stage selected alone can also find or make them.
+bundle_dir() {
+  if [ -s "$out/bundle" ]; then cat "$out/bundle"; else ./tests/bed/build-k8s-bundle.sh; fi
+}
+test_image() {
+  if [ -s "$out/image" ]; then cat "$out/image"; else cargo run -q --locked -p clusterctl -- image build | tail -n1; fi
+}
+stage_bundle() { ./tests/bed/build-k8s-bundle.sh > "$out/bundle"; echo "bundle: $(cat "$out/bundle")"; }
+stage_k8s() {
+  local bundle
+  bundle=$(bundle_dir)
+  echo "etcd + kube-apiserver from the bundle with clusterctl's PKI, images in containerd"
+  CLUSTERCTL_BUNDLE_TEST=1 CLUSTERCTL_BUNDLE="$bundle" cargo test --workspace --locked --test bundle_control_plane
+  echo "node templates: every rendered flag and config accepted by the real binaries"
+  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test kubernetes_bundle
+  echo "kubeconfig files read back by the bundle's real kubectl"
+  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --lib kubeconfig
+  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --test get_credentials
+}
+stage_image() {
+  # The directory `image build` prints is this checkout's image, not "the newest in the cache".
+  cargo run -q --locked -p clusterctl -- image build | tail -n1 > "$out/image"
+  [ -f "$(cat "$out/image")/manifest.json" ] || { echo "image build printed '$(cat "$out/image")': no manifest.json"; exit 1; }
+  echo "node image: $(cat "$out/image")"
+}
+stage_boot() {
+  CLUSTERCTL_TEST_IMAGE=$(test_image) CLUSTERCTL_IMAGE_TEST=1 \
+    cargo test --workspace --locked --test boot -- --nocapture
+}
+stage_libvirt() {
+  CLUSTERCTL_TEST_IMAGE=$(test_image)
+  export CLUSTERCTL_TEST_IMAGE
+  # Only the cluster e2e needs the Kubernetes bundle.
+  if [ "$1" = e2e ]; then
+    CLUSTERCTL_BUNDLE_DIR=$(bundle_dir)
+    export CLUSTERCTL_BUNDLE_DIR
+  fi
+  ./tests/bed/libvirt-env.sh test "$1"
+}
+export out
+export -f bundle_dir test_image stage_bundle stage_k8s stage_image stage_boot stage_libvirt
 
-stage "Kubernetes node templates: every rendered flag and config accepted by the real binaries"
-CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test kubernetes_bundle
-stage "kubeconfig files read back by the bundle's real kubectl"
-CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --lib kubeconfig
-CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --test get_credentials
+run_stage packages 300 "host packages" ./tests/bed/install-host-packages.sh
+run_stage cargo 690 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
+  cargo test --workspace --locked
+run_stage bundle 720 "Kubernetes test bundle (cached by input checksum; cold 5-18 min, warm 1 s)" stage_bundle
+run_stage k8s 180 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
+run_stage image 240 "node image: build or reuse" stage_image
+run_stage boot 150 "node image booted once under QEMU TCG" stage_boot
+run_stage provider 360 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
+run_stage e2e 2400 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
-stage "node image: build or reuse, boot once under QEMU TCG"
-CLUSTERCTL_IMAGE_TEST=1 cargo test --workspace --locked --test boot -- --nocapture
-
-stage "real libvirt VMs in a network namespace (provider suite, clusterctl end to end)"
-CLUSTERCTL_BUNDLE_DIR="$bundle" ./tests/bed/libvirt-env.sh test
-
-stage "all tests passed"
+trap - INT TERM
+rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true
+stage_table
+if [ -n "$stage_stopped" ]; then
+  echo "run-all: FAILED at stage $stage_stopped (stage logs in $run_dir)" >&2
+  exit 1
+fi
+rm -rf "$run_dir"
+echo "run-all: all tests passed"

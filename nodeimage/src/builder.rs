@@ -15,7 +15,7 @@ use crate::files::{CONFIGURE, FILES};
 use crate::manifest::{
     self, Artifact, Image, MANIFEST_FILE, Manifest, Package, RootDisk, SCHEMA, Verity,
 };
-use crate::{BuildOptions, NodeImageError};
+use crate::{BuildOptions, NodeImageError, mirror};
 
 /// Bump when the build steps change in a way the embedded files do not show.
 const BUILD_SCRIPT_VERSION: &str = "nodeimage-build/1";
@@ -118,6 +118,7 @@ pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError>
         timings: Vec::new(),
         log: PathBuf::new(),
         work: PathBuf::new(),
+        mirror: None,
     };
     b.run()
 }
@@ -128,6 +129,7 @@ struct Builder<'a> {
     timings: Vec<(String, Duration)>,
     log: PathBuf,
     work: PathBuf,
+    mirror: Option<String>,
 }
 
 impl Builder<'_> {
@@ -270,6 +272,16 @@ impl Builder<'_> {
         Ok(stdout)
     }
 
+    /// The Debian mirror, resolved once (only a build that runs debootstrap needs it).
+    fn mirror(&mut self) -> String {
+        if self.mirror.is_none() {
+            let m = mirror::resolve(&self.opts.mirror);
+            tracing::info!(mirror = %m.url, from = %m.source, "using Debian mirror");
+            self.mirror = Some(m.url);
+        }
+        self.mirror.clone().unwrap_or_default()
+    }
+
     fn debootstrap_args(&self) -> Vec<String> {
         vec![
             "--variant=minbase".into(),
@@ -301,6 +313,7 @@ impl Builder<'_> {
         let partial = cache.join(format!(".partial-{}.tgz", &key[..16]));
         let scratch = self.work.join("debootstrap-download");
         remove_file(&partial)?;
+        let mirror = self.mirror();
         self.tool(
             "debootstrap --make-tarball",
             Command::new("debootstrap")
@@ -308,7 +321,7 @@ impl Builder<'_> {
                 .arg(format!("--make-tarball={}", partial.display()))
                 .arg(&self.opts.suite)
                 .arg(&scratch)
-                .arg(&self.opts.mirror),
+                .arg(&mirror),
         )?;
         fs::rename(&partial, &tarball).map_err(|e| io(&tarball, e))?;
         remove_dir(&scratch)?;
@@ -340,6 +353,7 @@ impl Builder<'_> {
             )?;
             return Ok(());
         }
+        let mirror = self.mirror();
         self.tool(
             "debootstrap --unpack-tarball",
             Command::new("debootstrap")
@@ -347,7 +361,7 @@ impl Builder<'_> {
                 .arg(format!("--unpack-tarball={}", tarball.display()))
                 .arg(&self.opts.suite)
                 .arg(rootfs)
-                .arg(&self.opts.mirror),
+                .arg(&mirror),
         )?;
         let partial = cache.join(format!(".partial-rootfs-{}.tar", &key[..16]));
         self.tool(

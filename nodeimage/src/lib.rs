@@ -12,6 +12,7 @@
 mod builder;
 mod files;
 pub mod manifest;
+pub mod mirror;
 pub mod seed;
 
 use std::path::{Path, PathBuf};
@@ -23,8 +24,9 @@ pub use manifest::{Artifact, Image, Manifest, Package, RootDisk, Verity};
 pub const DEFAULT_IMAGE_DIR: &str = "/var/cache/clusterctl/images";
 /// Environment variable overriding [`DEFAULT_IMAGE_DIR`].
 pub const IMAGE_DIR_ENV: &str = "CLUSTERCTL_IMAGE_DIR";
-/// Default Debian mirror for debootstrap.
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// Default Debian mirror for debootstrap: [`mirror::AUTO_MIRROR`], the mirror the machine's apt
+/// uses, else [`mirror::FALLBACK_MIRROR`] (see [`mirror`]).
+pub const DEFAULT_MIRROR: &str = mirror::AUTO_MIRROR;
 
 /// What to build and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +35,8 @@ pub struct BuildOptions {
     pub image_dir: PathBuf,
     /// Debian suite.
     pub suite: String,
-    /// Debian mirror. Not part of the input hash: a mirror serves the same packages.
+    /// Debian mirror, or [`mirror::AUTO_MIRROR`]. Not part of the input hash: a mirror serves the
+    /// same packages.
     pub mirror: String,
     /// Packages to install on top of debootstrap's `minbase`.
     pub packages: Vec<String>,
@@ -44,7 +47,7 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
-    /// Defaults: bookworm, Debian's main mirror, [`DEFAULT_PACKAGES`].
+    /// Defaults: bookworm, the machine's Debian mirror, [`DEFAULT_PACKAGES`].
     pub fn new(image_dir: PathBuf) -> Self {
         Self {
             image_dir,

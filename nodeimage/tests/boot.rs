@@ -1,8 +1,9 @@
 //! Boots the real node image under QEMU (TCG) and checks its container-optimized properties.
 //!
 //! Selected by `CLUSTERCTL_IMAGE_TEST=1` (needs root, debootstrap, cryptsetup-bin, qemu-utils,
-//! qemu-system-x86, openssh-client). Builds the image into `$CLUSTERCTL_IMAGE_DIR` (default
-//! /var/cache/clusterctl/images) or reuses the cached one, then boots it:
+//! qemu-system-x86, openssh-client). Boots the image in `$CLUSTERCTL_TEST_IMAGE` when set (the
+//! directory `clusterctl image build` printed), else builds the image into `$CLUSTERCTL_IMAGE_DIR`
+//! (default /var/cache/clusterctl/images) or reuses the cached one, then boots it:
 //! 1. fresh data disk + seed: seed applied, pinned host key, root ro, verity verified, data disk
 //!    formatted and mounted, /var tmpfs, /etc overlay, sshd and containerd active; then over SSH
 //!    (QEMU user networking restricted to a 127.0.0.1 port forward): key login as `core`, host key
@@ -235,15 +236,31 @@ fn boots_verified_read_only_with_persistent_data_disk() {
         return;
     }
     let t = Instant::now();
-    let outcome = nodeimage::build(&nodeimage::BuildOptions::new(nodeimage::default_image_dir()))
-        .expect("build node image");
-    let image = outcome.image;
-    eprintln!(
-        "image {} ({}) in {:.1} s",
-        image.manifest.version,
-        if outcome.reused { "cached" } else { "built" },
-        t.elapsed().as_secs_f64()
-    );
+    // The image the caller built (tests/run-all.sh passes the directory `clusterctl image build`
+    // printed), so every stage tests the same image; else build (or reuse) one here.
+    let image = match std::env::var_os("CLUSTERCTL_TEST_IMAGE").filter(|v| !v.is_empty()) {
+        Some(dir) => {
+            let image = nodeimage::load(Path::new(&dir)).expect("load CLUSTERCTL_TEST_IMAGE");
+            eprintln!(
+                "image {} (CLUSTERCTL_TEST_IMAGE={})",
+                image.manifest.version,
+                image.dir.display()
+            );
+            image
+        }
+        None => {
+            let outcome =
+                nodeimage::build(&nodeimage::BuildOptions::new(nodeimage::default_image_dir()))
+                    .expect("build node image");
+            eprintln!(
+                "image {} ({}) in {:.1} s",
+                outcome.image.manifest.version,
+                if outcome.reused { "cached" } else { "built" },
+                t.elapsed().as_secs_f64()
+            );
+            outcome.image
+        }
+    };
 
     let work = tempfile::tempdir().expect("tempdir");
     let w = work.path();

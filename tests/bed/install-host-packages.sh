@@ -55,7 +55,27 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # policy-rc.d keeps package scripts from starting daemons in the host namespace (network rule).
-printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+# A policy-rc.d the machine already has (container images ship one) is put back afterwards, not
+# deleted. The saved copy has a fixed name (runs are serialised by the lock above), so a run killed
+# before it could restore leaves it for the next run to put back; ours carries a marker line, so a
+# leftover of ours is never mistaken for the machine's.
+policy=/usr/sbin/policy-rc.d
+saved=/usr/sbin/.policy-rc.d.clusterctl-saved
+marker='# written by clusterctl install-host-packages.sh'
+if [ -e "$saved" ] || [ -L "$saved" ]; then
+  echo "host packages: restoring $policy saved by an interrupted run"
+  mv -f "$saved" "$policy"
+elif grep -qxF "$marker" "$policy" 2>/dev/null; then
+  rm -f "$policy"
+fi
+if [ -e "$policy" ] || [ -L "$policy" ]; then
+  cp -a "$policy" "$saved.tmp" && mv -f "$saved.tmp" "$saved"
+fi
+restore_policy() {
+  if [ -e "$saved" ] || [ -L "$saved" ]; then mv -f "$saved" "$policy"; else rm -f "$policy"; fi
+}
+trap restore_policy EXIT
+rm -f "$policy"
+printf '#!/bin/sh\n%s\nexit 101\n' "$marker" > "$policy"; chmod +x "$policy"
 apt-get install -y -qq --no-install-recommends "${PKGS_MAIN[@]}"
 apt-get install -y -qq --no-install-recommends -t bookworm-backports "${PKGS_BPO[@]}"

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The libvirt test bed: libvirtd and virtlogd inside a network namespace with no uplink.
 #
-#   libvirt-env.sh up            create the bed, print its name (state in /run/clusterctl-bed/current)
+#   libvirt-env.sh up            create the bed, print its name (state in /run/clusterctl-bed/current);
+#                                a bed left at this state root by a killed run is reaped first
+#   libvirt-env.sh reap          reap the bed at this state root if its holder is gone (else no-op)
 #   libvirt-env.sh exec CMD...   run CMD inside the bed (its network and mount namespace)
 #   libvirt-env.sh down          tear the bed down: VMs, networks, pools, daemons, namespace, files
-#   libvirt-env.sh test          up, build or reuse the node image, run the libvirt e2e suite, down
-#                                (down also runs when a test fails or the script is interrupted)
+#   libvirt-env.sh test [PART]   up, build or reuse the node image, run the tests, down (down also
+#                                runs when a test fails or the script is interrupted). PART:
+#                                `provider` (the providers crate's libvirt suite), `e2e`
+#                                (tests/bed/cli-e2e.sh), `all` (default: both, in one bed)
 #
 # Isolation: the bed is a network namespace `clusterctl-bed-<pid>` (loopback only, no veth to the
 # host) plus a private mount namespace in which /etc/libvirt, /run/libvirt, /var/lib/libvirt,
@@ -33,7 +37,40 @@ load() {
   [ -f "$current" ] || die "no bed is up (run: $0 up)"
   # shellcheck disable=SC1090
   . "$current"
-  [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null || die "bed $BED_NAME is broken (holder process gone); run: $0 down"
+  bed_alive || die "bed $BED_NAME is broken (holder process gone); run: $0 down (or $0 up, which reaps it)"
+}
+
+# True if the bed in $current is alive: its holder is still the bed's `sleep infinity` inside the
+# bed's network namespace (a PID alone could have been reused by an unrelated process).
+bed_alive() {
+  local BED_NAME='' BED_HOLDER='' BED_CREATOR=''
+  # shellcheck disable=SC1090
+  . "$current"
+  if [ -z "$BED_HOLDER" ]; then
+    # Still being made (the holder is recorded a moment after the file is written) while the
+    # `up` that writes it runs.
+    [ -n "$BED_CREATOR" ] && tr '\0' ' ' 2>/dev/null < "/proc/$BED_CREATOR/cmdline" | grep -q 'libvirt-env\.sh'
+    return
+  fi
+  [ -r "/proc/$BED_HOLDER/cmdline" ] || return 1
+  [ "$(tr '\0' ' ' 2>/dev/null < "/proc/$BED_HOLDER/cmdline")" = "sleep infinity " ] || return 1
+  ip netns identify "$BED_HOLDER" 2>/dev/null | grep -qxF "$BED_NAME"
+}
+
+# A bed whose holder is gone was left by a killed run: nothing can enter it any more, but its
+# namespace, daemons and VMs may still run. Reap it: end exactly the processes inside its network
+# namespace (they are all the bed's), delete the namespace, its directory and the current file.
+reap() {
+  [ -f "$current" ] || return 0
+  if bed_alive; then return 0; fi
+  local name dir holder pids
+  # shellcheck disable=SC1090
+  read -r name dir holder < <(. "$current"; echo "${BED_NAME:-?} ${BED_DIR:-?} ${BED_HOLDER:-none}")
+  pids=$(ip netns pids "$name" 2>/dev/null | tr '\n' ' ' || true)
+  log "reaping bed $name left by a killed run (holder $holder gone): namespace $name, \
+processes [${pids% }], directory $dir"
+  for p in $pids; do log "  reaping pid $p: $(tr '\0' ' ' 2>/dev/null < "/proc/$p/cmdline" | cut -c1-100)"; done
+  teardown
 }
 
 in_bed() {
@@ -42,13 +79,15 @@ in_bed() {
 }
 
 up() {
+  reap
   [ ! -f "$current" ] || die "a bed is already up ($(grep BED_NAME "$current")); run: $0 down"
   bash "$here/install-host-packages.sh" >&2
   local name=clusterctl-bed-$$
   local dir=/var/tmp/$name
   mkdir -p "$state_root" "$dir"
   chmod 0700 "$dir"
-  printf 'BED_NAME=%s\nBED_DIR=%s\n' "$name" "$dir" > "$current"
+  # BED_RUN: the tests/run-all.sh run that made it (torn down by that run's stage budgets).
+  printf 'BED_NAME=%s\nBED_DIR=%s\nBED_CREATOR=%s\nBED_RUN=%s\n' "$name" "$dir" "$$" "${CLUSTERCTL_RUN_ID:-}" > "$current"
 
   log "creating network namespace $name (loopback only)"
   ip netns add "$name"
@@ -101,10 +140,15 @@ up() {
 
 down() {
   [ -f "$current" ] || { log "no bed is up"; return 0; }
+  teardown
+}
+
+teardown() {
+  BED_NAME='' BED_DIR='' BED_HOLDER=''
   # shellcheck disable=SC1090
   . "$current"
-  log "tearing down $BED_NAME"
-  if [ -n "${BED_HOLDER:-}" ] && kill -0 "$BED_HOLDER" 2>/dev/null; then
+  log "tearing down ${BED_NAME:-a half-made bed}"
+  if bed_alive; then
     # Orderly first, so libvirt cleans up cgroups, bridges and dnsmasq itself.
     # A wedged libvirtd must not stop the teardown: every call is bounded.
     local v="timeout 20 virsh -q -c qemu:///system"
@@ -123,17 +167,22 @@ down() {
   fi
   # Every process left in the bed's network namespace was started by the bed (daemons, dnsmasq,
   # QEMU, the holder): end them by PID.
-  local pids
-  pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
-  [ -z "$pids" ] || kill $pids 2>/dev/null || true
-  for _ in $(seq 1 50); do
+  local pids=''
+  if [ -n "$BED_NAME" ]; then
     pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
-    [ -n "$pids" ] || break
-    sleep 0.1
-  done
-  [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
-  ip netns del "$BED_NAME" 2>/dev/null || true
-  rm -rf "$BED_DIR"
+    # shellcheck disable=SC2086 # one PID per word
+    [ -z "$pids" ] || kill $pids 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      pids=$(ip netns pids "$BED_NAME" 2>/dev/null || true)
+      [ -n "$pids" ] || break
+      sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    [ -z "$pids" ] || { log "killing what did not end on TERM: $pids"; kill -9 $pids 2>/dev/null || true; }
+    ip netns del "$BED_NAME" 2>/dev/null || true
+  fi
+  # Only ever a directory this script made.
+  case "$BED_DIR" in /var/tmp/clusterctl-bed-[0-9]*) rm -rf "$BED_DIR" ;; esac
   rm -f "$current"
   log "bed $BED_NAME removed"
 }
@@ -148,21 +197,25 @@ image() {
   fi
   # `clusterctl image build` (nodeimage crate) caches images under /var/cache/clusterctl/images,
   # keyed by the hash of their inputs; an unchanged rebuild is a no-op.
+  # The image is the one this checkout's build printed (its directory, on stdout), never "the newest
+  # in the cache", which may come from another checkout.
   log "building (or reusing) the node image with clusterctl image build"
-  (cd "$repo" && cargo run -q -p clusterctl -- image build) >&2
-  local newest
-  newest=$(ls -td /var/cache/clusterctl/images/*/manifest.json 2>/dev/null | head -n1)
-  [ -n "$newest" ] || die "clusterctl image build left no image under /var/cache/clusterctl/images"
-  dirname "$newest"
+  local built
+  built=$(cd "$repo" && cargo run -q -p clusterctl -- image build | tail -n1) || die "clusterctl image build failed"
+  [ -f "$built/manifest.json" ] || die "clusterctl image build printed '$built', which has no manifest.json"
+  echo "$built"
 }
 
 run_tests() {
-  local img bundle
+  local parts=$1 img
   img=$(image)
   log "node image: $img"
-  # The Kubernetes bundle the clusterctl e2e bootstraps from (cached by input checksum).
-  bundle=${CLUSTERCTL_BUNDLE_DIR:-$(bash "$here/build-k8s-bundle.sh")}
-  log "kubernetes bundle: $bundle"
+  case "$parts" in all | provider) run_provider "$img" ;; esac
+  case "$parts" in all | e2e) run_e2e "$img" ;; esac
+}
+
+run_provider() {
+  local img=$1
   # Build outside the bed (crates.io is not reachable from inside it), run inside.
   (cd "$repo" && cargo build -q -p providers --features libvirt --example libvirt_ensure \
     && cargo test -q -p providers --features libvirt --no-run)
@@ -171,11 +224,18 @@ run_tests() {
     CLUSTERCTL_E2E_STORAGE_ROOT=/var/lib/libvirt/images/clusterctl-e2e \
     in_bed sh -c "cd '$repo' && cargo test --offline -p providers --features libvirt -- --nocapture --test-threads=1"
   log "libvirt suite passed in $((SECONDS - start)) s"
-  # The clusterctl binary end to end in the same bed: a real Kubernetes cluster on 3 VMs.
+}
+
+run_e2e() {
+  local img=$1 bundle
+  # The Kubernetes bundle the clusterctl e2e bootstraps from (cached by input checksum).
+  bundle=${CLUSTERCTL_BUNDLE_DIR:-$(bash "$here/build-k8s-bundle.sh")}
+  log "kubernetes bundle: $bundle"
+  # The clusterctl binary end to end: a real Kubernetes cluster on 3 VMs.
   (cd "$repo" && cargo build -q -p clusterctl)
   local target_dir
   target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-  start=$SECONDS
+  local start=$SECONDS
   CLUSTERCTL_BIN=$target_dir/debug/clusterctl CLUSTERCTL_TEST_IMAGE=$img CLUSTERCTL_BUNDLE_DIR=$bundle \
     in_bed bash "$here/cli-e2e.sh" --inside
   log "clusterctl e2e passed in $((SECONDS - start)) s"
@@ -184,6 +244,7 @@ run_tests() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  reap) reap ;;
   exec)
     shift
     [ "$#" -gt 0 ] || die "usage: $0 exec CMD..."
@@ -191,10 +252,12 @@ case "${1:-}" in
     in_bed "$@"
     ;;
   test)
+    parts=${2:-all}
+    case "$parts" in all | provider | e2e) ;; *) die "usage: $0 test [all|provider|e2e]" ;; esac
     trap down EXIT INT TERM
     up > /dev/null
     load
-    run_tests
+    run_tests "$parts"
     ;;
-  *) die "usage: $0 up|down|exec CMD...|test" ;;
+  *) die "usage: $0 up|down|reap|exec CMD...|test [all|provider|e2e]" ;;
 esac

@@ -27,13 +27,19 @@ case "${1:-}" in
   up)
     bash "$here/install-host-packages.sh" >&2
     (cd "$repo" && cargo build --locked -p clusterctl)
-    "$bin" image build
+    # The image this checkout built (the directory `image build` prints), pinned in the spec by
+    # version: `create` would otherwise boot the newest image in the cache, maybe another checkout's.
+    image=$("$bin" image build | tail -n1)
+    version=$(jq -r .version "$image/manifest.json")
     bundle=$(bash "$here/build-k8s-bundle.sh")
     mkdir -p "$(dirname "$spec")"
-    sed "s|^    channel: stable\$|    version: \"1.20.2\"\n    artifacts:\n      bundle:\n        path: $bundle|" \
-      "$repo/examples/local.yaml" > "$spec"
+    { sed "s|^    channel: stable\$|    version: \"1.20.2\"\n    artifacts:\n      bundle:\n        path: $bundle|" \
+        "$repo/examples/local.yaml"
+      printf '  nodeImage:\n    version: "%s"\n' "$version"; } > "$spec"
     grep -q "path: $bundle" "$spec" || { echo "local-cluster: cannot point $spec at the bundle" >&2; exit 1; }
-    [ -f "$CLUSTERCTL_BED_STATE_ROOT/current" ] || bash "$here/libvirt-env.sh" up > /dev/null
+    export CLUSTERCTL_IMAGE_DIR=${image%/*}
+    # A bed that is up is reused; one left by a killed run is reaped by `up`.
+    bash "$here/libvirt-env.sh" exec true 2> /dev/null || bash "$here/libvirt-env.sh" up > /dev/null
     bash "$here/libvirt-env.sh" exec "$bin" create -f "$spec"
     bash "$here/libvirt-env.sh" exec "$bin" get local
     ;;
