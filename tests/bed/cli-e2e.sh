@@ -226,8 +226,12 @@ check_ssh() {
     pinned=$(jq -r --arg m "$m" '.ssh_host_keys[$m]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | awk '{print $1, $2}')
     actual=$("$bin" ssh "$name" "$m" -- cat /etc/ssh/ssh_host_ed25519_key.pub | awk '{print $1, $2}')
     [ -n "$pinned" ] && [ "$pinned" = "$actual" ] || die "machine $m has host key '$actual', pinned '$pinned'"
+    # The root the provider booted is the image's dm-verity device, verified and read-only.
+    out=$("$bin" ssh "$name" "$m" -- sudo -n veritysetup status root) || die "machine $m: veritysetup status root failed"
+    grep -q 'is active' <<< "$out" && grep -Eq 'status: *verified' <<< "$out" || die "machine $m: root is not a verified dm-verity device: $out"
+    "$bin" ssh "$name" "$m" -- findmnt -no OPTIONS / | grep -q '^ro' || die "machine $m: / is not mounted read-only"
   done
-  log "all 3 machines answer ssh as themselves with the pinned host key"
+  log "all 3 machines answer ssh as themselves with the pinned host key, on a verified read-only dm-verity root"
 }
 
 check_gone() {
