@@ -9,9 +9,9 @@
 #                                   needs CLUSTERCTL_BIN, CLUSTERCTL_TEST_IMAGE, CLUSTERCTL_BUNDLE_DIR)
 #
 # Environment:
-#   CLUSTERCTL_TEST_IMAGE  node image directory (with manifest.json); default: the newest image in
-#                          $CLUSTERCTL_IMAGE_DIR or /var/cache/clusterctl/images, built with
-#                          `clusterctl image build` if there is none
+#   CLUSTERCTL_TEST_IMAGE  node image directory (with manifest.json); default: the one
+#                          `clusterctl image build` prints for this checkout (built, or reused from
+#                          $CLUSTERCTL_IMAGE_DIR or /var/cache/clusterctl/images)
 #   CLUSTERCTL_BUNDLE_DIR  Kubernetes bundle (tests/bed/build-k8s-bundle.sh builds or reuses one)
 #   CLUSTERCTL_E2E_PHASES  which phases to run, in this order, all on ONE cluster (default: all but
 #                          `bench`; CI runs the default). Later issues add their phases here.
@@ -66,12 +66,12 @@ if [ "${1:-}" != --inside ]; then
   target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
   bin=$target_dir/debug/clusterctl
   if [ -z "${CLUSTERCTL_TEST_IMAGE:-}" ]; then
+    # This checkout's image: the directory `image build` prints (a no-op when its inputs are
+    # cached; several minutes otherwise), not the newest image in the cache.
     image_dir=${CLUSTERCTL_IMAGE_DIR:-/var/cache/clusterctl/images}
-    if ! "$bin" image list --image-dir "$image_dir" -o json | jq -e 'length > 0' > /dev/null; then
-      log "no node image built yet: building one (several minutes)"
-      nice -n 10 "$bin" image build --image-dir "$image_dir" >&2
-    fi
-    CLUSTERCTL_TEST_IMAGE=$("$bin" image list --image-dir "$image_dir" -o json | jq -r '.[-1].dir')
+    log "building (or reusing) this checkout's node image"
+    CLUSTERCTL_TEST_IMAGE=$(nice -n 10 "$bin" image build --image-dir "$image_dir" | tail -n1)
+    [ -f "$CLUSTERCTL_TEST_IMAGE/manifest.json" ] || die "image build printed '$CLUSTERCTL_TEST_IMAGE', which has no manifest.json"
   fi
   export CLUSTERCTL_TEST_IMAGE
   CLUSTERCTL_BUNDLE_DIR=${CLUSTERCTL_BUNDLE_DIR:-$(bash "$here/build-k8s-bundle.sh")}
