@@ -14,9 +14,12 @@
 //! - [`KubeError`] with [`KubeError::disposition`]: one policy for every error: retry
 //!   (connection refused while the API server starts, 5xx), wait (429) or fail (401/403,
 //!   certificate mismatch, host key mismatch).
+//! - [`drain`]: the drain simulation, a pure function of the listed pods, PodDisruptionBudgets
+//!   (small serde types: k8s-openapi no longer has `policy/v1beta1`) and replica counts.
 //!
 //! Nothing here prints: progress goes to a callback, diagnostics to `tracing`.
 
+pub mod drain;
 mod error;
 pub mod readiness;
 mod tunnel;
