@@ -16,6 +16,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use clusterctl::kube::drain::{self, Blocker, PodRef, Replicas};
 use clusterctl::kube::{
     Credentials, Disposition, KubeClient, KubeError, PolicyApi, TokioClock, TunnelFailure,
     WaitPolicy,
@@ -23,6 +24,7 @@ use clusterctl::kube::{
 use clusterctl::pki::{NodeIdentity, Pki, PkiSpec};
 use clusterctl::ssh::{Endpoint, KnownHosts};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use support::control_plane::{self, ControlPlane};
 use support::{Fixture, SshdOptions, keygen};
@@ -91,10 +93,31 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
         "API server ready through ssh after {:?}; statuses seen: {lines:#?}",
         t_api.elapsed()
     );
+    // Whether the first look found nothing listening yet or a server still starting (500)
+    // depends on timing; either is a transient state the wait went through.
     assert!(
-        lines.iter().any(|l| l.contains("not listening yet")),
-        "the wait saw the API server before it listened: {lines:#?}"
+        lines
+            .iter()
+            .any(|l| l.starts_with("API server not ready, retrying")),
+        "the wait never saw the API server starting: {lines:#?}"
     );
+    // Nothing listening at the address (as the API server before it binds): transient.
+    let nowhere = KubeClient::new(
+        ssh.clone(),
+        fx.target(&sshd),
+        Endpoint::new("127.0.0.1", control_plane::free_port()),
+        &creds,
+    )
+    .expect("client");
+    let err = nowhere.readyz().await.expect_err("nothing listens");
+    assert_eq!(
+        err.connect_failure(),
+        Some(TunnelFailure::Refused),
+        "{err:?}"
+    );
+    assert_eq!(err.disposition(), Disposition::Retry);
+    assert!(err.to_string().contains("cannot connect to the API server"));
+    nowhere.close().await;
 
     let version = client.server_version().await.expect("version");
     assert_eq!(version.git_version, format!("v{}", cp.version));
@@ -162,6 +185,11 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
     assert!(ready[0].ready);
     assert_eq!(ready[0].kubelet_version, "v1.20.2");
     eprintln!("node wait saw node-a Ready in {:?}", t_wait.elapsed());
+
+    // Drain's calls on 1.20: cordon, the simulation from listed pods and v1beta1 budgets,
+    // eviction through policy/v1beta1 (a free pod goes; a budget with no disruption allowed
+    // answers 429, which the error policy calls Wait), uncordon.
+    drain_calls(&client, &version.policy_api()).await;
 
     // Many requests, one SSH connection, a few channels (hyper's pool reuses connections).
     let t_many = Instant::now();
@@ -287,4 +315,153 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
     client.close().await;
     cp.procs.check_alive();
     eprintln!("total {:?}", t0.elapsed());
+}
+
+async fn drain_calls(client: &KubeClient, policy: &PolicyApi) {
+    let policy = *policy;
+    let t = Instant::now();
+    client
+        .set_unschedulable("node-a", true)
+        .await
+        .expect("cordon");
+    let listed = client.list_nodes().await.expect("list");
+    assert!(listed.iter().any(|n| n.name == "node-a" && n.unschedulable));
+
+    // Two bare pods bound to node-a (no kubelet runs them: their status is set by hand to
+    // Running and Ready, since the API server lets Pending pods, and unready ones while the
+    // budget is met, go regardless of budgets).
+    // Without a controller-manager nobody makes the namespace's default ServiceAccount (which
+    // pod admission wants) or its token (not mounted, then).
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.client(), "default");
+    let account: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}))
+    .expect("service account");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .map_err(|e| KubeClient::error("creating the default service account", e))
+        .expect("service account");
+    let pods: Api<Pod> = Api::namespaced(client.client(), "default");
+    for (name, app) in [("free", "free"), ("guarded", "guarded")] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+            "spec": {"nodeName": "node-a", "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "busybox"}]},
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .map_err(|e| KubeClient::error("creating a pod", e))
+            .expect("create pod");
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": {"phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .map_err(|e| KubeClient::error("setting a pod Running", e))
+        .expect("pod status");
+    }
+
+    // A policy/v1beta1 budget allowing no disruption for app=guarded. No controller-manager
+    // runs here, so its status is written the way the disruption controller would.
+    let pdb = serde_json::json!({
+        "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "guarded", "namespace": "default"},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "guarded"}}},
+    });
+    let raw = client.client();
+    let created: serde_json::Value = raw
+        .request(
+            http::Request::post("/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&pdb).expect("json"))
+                .expect("request"),
+        )
+        .await
+        .expect("create pdb");
+    let generation = created["metadata"]["generation"].as_i64().unwrap_or(1);
+    let status = serde_json::json!({"status": {
+        "observedGeneration": generation, "disruptionsAllowed": 0, "currentHealthy": 1,
+        "desiredHealthy": 1, "expectedPods": 1}});
+    let _: serde_json::Value = raw
+        .request(
+            http::Request::patch(
+                "/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets/guarded/status",
+            )
+            .header("content-type", "application/merge-patch+json")
+            .body(serde_json::to_vec(&status).expect("json"))
+            .expect("request"),
+        )
+        .await
+        .expect("pdb status");
+
+    let on_node = client.pods_on("node-a").await.expect("pods on node-a");
+    let budgets = client.disruption_budgets(policy).await.expect("pdbs");
+    let sim = drain::simulate("node-a", &on_node, &budgets, &Replicas::new(), policy);
+    eprintln!("drain simulation for node-a: {sim:?}");
+
+    let blockers = |name: &str| {
+        sim.evict
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_else(|| panic!("{name} in the simulation"))
+    };
+    assert!(blockers("guarded").contains(&Blocker::Budget {
+        pdb: "default/guarded".into()
+    }));
+    assert!(
+        !blockers("free")
+            .iter()
+            .any(|b| matches!(b, Blocker::Budget { .. }))
+    );
+    assert!(!sim.clear());
+
+    let free = PodRef {
+        namespace: "default".into(),
+        name: "free".into(),
+    };
+    let guarded = PodRef {
+        namespace: "default".into(),
+        name: "guarded".into(),
+    };
+    client
+        .evict(&free, policy)
+        .await
+        .expect("evict the free pod");
+    let err = client
+        .evict(&guarded, policy)
+        .await
+        .expect_err("the budget forbids it");
+    eprintln!("evicting the guarded pod: {err}");
+    assert_eq!(err.status_code(), Some(429), "{err}");
+    assert_eq!(err.disposition(), Disposition::Wait);
+    let left: Vec<String> = client
+        .pods_on("node-a")
+        .await
+        .expect("pods")
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert_eq!(
+        left,
+        ["guarded"],
+        "the free pod is evicted, the guarded one stays"
+    );
+
+    client
+        .set_unschedulable("node-a", false)
+        .await
+        .expect("uncordon");
+    let listed = client.list_nodes().await.expect("list");
+    assert!(
+        listed
+            .iter()
+            .any(|n| n.name == "node-a" && !n.unschedulable)
+    );
+    eprintln!("cordon, simulate, evict x2, uncordon in {:?}", t.elapsed());
 }

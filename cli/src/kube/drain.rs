@@ -19,11 +19,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 
-use super::PolicyApi;
+use super::{KubeClient, KubeError, PolicyApi};
 
 /// A PodDisruptionBudget as both `policy/v1beta1` and `policy/v1` serve it (the fields drain
 /// reads have the same names and shapes in both; k8s-openapi no longer carries v1beta1).
@@ -304,6 +305,82 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
         }
     });
     by_labels && by_expressions
+}
+
+/// Drain's API calls.
+impl KubeClient {
+    /// Cordons (`true`) or uncordons (`false`) a node: `spec.unschedulable`.
+    pub async fn set_unschedulable(
+        &self,
+        node: &str,
+        unschedulable: bool,
+    ) -> Result<(), KubeError> {
+        let nodes: Api<Node> = Api::all(self.client());
+        let patch = serde_json::json!({"spec": {"unschedulable": unschedulable}});
+        let op = format!(
+            "{} node {node}",
+            if unschedulable {
+                "cordoning"
+            } else {
+                "uncordoning"
+            }
+        );
+        self.call(
+            &op,
+            nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The pods bound to `node`, in every namespace.
+    pub async fn pods_on(&self, node: &str) -> Result<Vec<Pod>, KubeError> {
+        let pods: Api<Pod> = Api::all(self.client());
+        let params = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        let op = format!("listing the pods of node {node}");
+        Ok(self.call(&op, pods.list(&params)).await?.items)
+    }
+
+    /// Every PodDisruptionBudget, from the `policy` version `policy` serves.
+    pub async fn disruption_budgets(
+        &self,
+        policy: PolicyApi,
+    ) -> Result<Vec<PodDisruptionBudget>, KubeError> {
+        let op = format!("listing {policy} PodDisruptionBudgets");
+        let request = http::Request::get(format!("/apis/{policy}/poddisruptionbudgets"))
+            .body(Vec::new())
+            .map_err(|e| KubeError::Unexpected {
+                op: op.clone(),
+                detail: e.to_string(),
+            })?;
+        let list: PdbList = self.call(&op, self.client().request(request)).await?;
+        Ok(list.items)
+    }
+
+    /// Evicts a pod through the Eviction API of `policy`'s version, so PodDisruptionBudgets
+    /// are honoured: a budget that allows no disruption now makes this fail with a 429
+    /// ([`KubeError::disposition`] says `Wait`: try again later).
+    pub async fn evict(&self, pod: &PodRef, policy: PolicyApi) -> Result<(), KubeError> {
+        let op = format!("evicting pod {pod}");
+        let body = serde_json::json!({
+            "apiVersion": policy.api_version(),
+            "kind": "Eviction",
+            "metadata": {"name": pod.name, "namespace": pod.namespace},
+        });
+        let request = http::Request::post(format!(
+            "/api/v1/namespaces/{}/pods/{}/eviction",
+            pod.namespace, pod.name
+        ))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&body).unwrap_or_default())
+        .map_err(|e| KubeError::Unexpected {
+            op: op.clone(),
+            detail: e.to_string(),
+        })?;
+        self.call(&op, self.client().request_text(request))
+            .await
+            .map(|_| ())
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! A real etcd + kube-apiserver from the offline Kubernetes bundle on 127.0.0.1, with
 //! certificates from `clusterctl::pki` (the flags of `bundle_control_plane.rs`, which proves
-//! them), and optionally kube-controller-manager. Every process is killed by PID on drop.
+//! them). Every process is killed by PID on drop.
 //!
 //! Heavy: selected by `CLUSTERCTL_BUNDLE_TEST=1`; the bundle is `$CLUSTERCTL_BUNDLE`, else what
 //! `tests/bed/build-k8s-bundle.sh` prints.
@@ -110,7 +110,7 @@ pub fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// etcd and kube-apiserver (and on request kube-controller-manager) for one test.
+/// etcd and kube-apiserver for one test.
 pub struct ControlPlane {
     pub procs: Procs,
     pub pki: Pki,
@@ -243,37 +243,5 @@ impl ControlPlane {
         let api_log = self.dir.join("kube-apiserver.log");
         self.procs.spawn("etcd", &mut etcd, etcd_log);
         self.procs.spawn("kube-apiserver", &mut api, api_log);
-    }
-
-    /// Starts kube-controller-manager (the disruption controller computes PDB status), with
-    /// the controller-manager kubeconfig rendered by the PKI.
-    pub fn start_controller_manager(&mut self) {
-        let kubeconfig = self.dir.join("controller-manager.kubeconfig");
-        let rendered = self
-            .pki
-            .kubeconfig(
-                "controller-manager",
-                &format!("https://127.0.0.1:{}", self.api_port),
-            )
-            .expect("kubeconfig");
-        std::fs::write(&kubeconfig, rendered.as_bytes()).expect("write kubeconfig");
-        let mut cm = Command::new(self.bin("kube-controller-manager"));
-        cm.args([
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            &format!("--authentication-kubeconfig={}", kubeconfig.display()),
-            &format!("--authorization-kubeconfig={}", kubeconfig.display()),
-            "--bind-address=127.0.0.1",
-            "--secure-port=0",
-            "--port=0",
-            "--leader-elect=false",
-            "--use-service-account-credentials=false",
-            &format!("--cluster-signing-cert-file={}", self.p("ca.crt")),
-            &format!("--cluster-signing-key-file={}", self.p("ca.key")),
-            &format!("--root-ca-file={}", self.p("ca.crt")),
-            &format!("--service-account-private-key-file={}", self.p("sa.key")),
-            "--controllers=disruption,replicaset,deployment",
-        ]);
-        let log = self.dir.join("kube-controller-manager.log");
-        self.procs.spawn("kube-controller-manager", &mut cm, log);
     }
 }
