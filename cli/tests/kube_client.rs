@@ -5,7 +5,8 @@
 //! Proves: the readiness wait rides out an API server that is still starting (tunnel refused,
 //! then 5xx) and then sees it ready; `/version` is read (1.20.2 -> policy/v1beta1); a Node
 //! created and patched Ready through the client is seen by the node wait, which also times out
-//! while it is not Ready; many requests share one SSH connection; an sshd that forbids
+//! while it is not Ready; many requests share one SSH connection; a bastion in between works;
+//! drain's calls (cordon, eviction with a PodDisruptionBudget: 429); an sshd that forbids
 //! forwarding, a wrong host key pin, a client certificate from another CA and a server
 //! certificate from another CA each fail at once with a message saying what to do.
 //!
@@ -209,6 +210,35 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
         "{}",
         client.channels_opened()
     );
+
+    // Through a bastion: the SSH connection to the control plane is itself tunnelled through
+    // a jump host (both host keys pinned); the API requests then ride on it as before.
+    let bastion = fx.sshd();
+    let mut both = sshd.pinned();
+    both.pin_line(bastion.endpoint(), &bastion.host_public_line())
+        .expect("pin bastion");
+    let via_bastion = KubeClient::new(
+        fx.client(both),
+        fx.target(&sshd).via(fx.target(&bastion)),
+        api.clone(),
+        &creds,
+    )
+    .expect("client");
+    let seen = via_bastion
+        .list_nodes()
+        .await
+        .expect("list through the bastion");
+    assert!(seen.iter().any(|n| n.name == "node-a" && n.ready));
+    assert_eq!(
+        via_bastion.server_version().await.expect("version").minor,
+        20
+    );
+    eprintln!(
+        "through a bastion: ssh connections {}, channels {}",
+        via_bastion.ssh_connections(),
+        via_bastion.channels_opened()
+    );
+    via_bastion.close().await;
 
     // The only way in is sshd's forwarding: with forwarding off, the same client setup fails
     // at once, for good, and says what to change.
