@@ -244,8 +244,9 @@ impl KubeClient {
         self.tunnel.close().await;
     }
 
-    /// Runs one request with [`REQUEST_TIMEOUT`], converting its error.
-    async fn call<T>(
+    /// Runs one kube-rs request (e.g. an `Api<K>` call on [`KubeClient::client`]) for `op`
+    /// with [`REQUEST_TIMEOUT`] (a timeout is a 408, retried by waits), converting its error.
+    pub async fn call<T>(
         &self,
         op: &str,
         request: impl Future<Output = Result<T, kube::Error>>,
