@@ -74,6 +74,8 @@ stage_k8s() {
   bundle=$(bundle_dir)
   echo "etcd + kube-apiserver from the bundle with clusterctl's PKI, images in containerd"
   CLUSTERCTL_BUNDLE_TEST=1 CLUSTERCTL_BUNDLE="$bundle" cargo test --workspace --locked --test bundle_control_plane
+  echo "the API client through a real sshd to the bundle's kube-apiserver: readiness, version, nodes, cordon, eviction with a PDB, refusals"
+  CLUSTERCTL_BUNDLE_TEST=1 CLUSTERCTL_BUNDLE="$bundle" cargo test --workspace --locked --test kube_client
   echo "node templates: every rendered flag and config accepted by the real binaries"
   CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test kubernetes_bundle
   echo "kubeconfig files read back by the bundle's real kubectl"

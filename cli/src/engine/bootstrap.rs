@@ -16,10 +16,11 @@
 //! writes them again and restarts the units.
 //!
 //! # What is talked to
-//! clusterctl reaches the API server through SSH on the first control-plane node, running that
-//! node's `kubectl` with the admin kubeconfig kept there (`/var/lib/clusterctl/kubernetes/
-//! admin.conf`, root 0600, as kubeadm keeps `/etc/kubernetes/admin.conf`). So the bootstrap needs
-//! no route from the admin machine to the API server, only SSH (bastions included).
+//! clusterctl reaches the API server with its own API client ([`crate::kube`]) through SSH:
+//! each HTTP connection is a `direct-tcpip` channel on the pinned SSH connection to a
+//! control-plane node, to `127.0.0.1:6443` as that node sees it, TLS end to end with the state's
+//! CA and admin certificate. So the bootstrap needs no route from the admin machine to the API
+//! server, only SSH (bastions included), and starts no kubectl on the control plane.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,6 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use providers::MachineRole;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -37,9 +40,12 @@ use super::access::{MachineLine, SSH_PORT, ssh_address};
 use super::apply::{BoxFuture, EngineError, Phase, Reporter, error_chain};
 use super::artifacts::Artifacts;
 use super::plan::{self, Inventory};
+use crate::kube::{
+    API_SERVER_PORT, Credentials, KubeClient, KubeError, NodeState, TokioClock, WaitPolicy,
+};
 use crate::pki::{NodeIdentity, Pki, PkiSpec};
 use crate::spec;
-use crate::ssh::{ExecOptions, Session, SshClient, Target, shell_quote};
+use crate::ssh::{Endpoint, ExecOptions, Session, SshClient, Target, shell_quote};
 use crate::state::{KubernetesStatus, NodeStatus, Timestamp};
 use templates::kubernetes::{
     self as k8s, ClusterInput, EtcdClusterState, Layout, NodeInput, Role, Source, Taint,
@@ -870,7 +876,27 @@ async fn start_node(
     })
 }
 
-const KUBECTL: &str = "sudo -n /var/lib/clusterctl/bin/kubectl --kubeconfig /var/lib/clusterctl/kubernetes/admin.conf";
+/// An API client for the cluster through SSH to `plan`'s machine (a control plane), to the API
+/// server on that machine's loopback.
+fn kube_client(
+    client: &SshClient,
+    plan: &NodePlan,
+    credentials: &Credentials,
+) -> Result<KubeClient, EngineError> {
+    KubeClient::new(
+        client.clone(),
+        plan.target.clone(),
+        Endpoint::new("127.0.0.1", API_SERVER_PORT),
+        credentials,
+    )
+    .map_err(|e| node_err(&plan.name, "setting up the API client", &e))
+}
+
+fn admin_credentials(ctx: &BootstrapContext) -> Result<Arc<Credentials>, EngineError> {
+    Credentials::from_pki_dir(&ctx.pki_dir)
+        .map(Arc::new)
+        .map_err(|e| bootstrap_err("reading the admin credential", &e))
+}
 
 /// Starts etcd and the control plane and waits for the API server.
 struct StartControlPlane;
@@ -890,55 +916,47 @@ impl Phase<BootstrapContext> for StartControlPlane {
                 .filter(|p| p.role == MachineRole::ControlPlane)
                 .cloned()
                 .collect();
-            for_nodes(ctx, cps, |client, plan, line| async move {
-                let (first, rest) = control_plane_stages(&plan);
-                line.say("starting etcd and the API server");
-                let msg = start_node(&client, &plan, &first, false).await?;
-                line.say(&format!("{msg}; waiting for the API server"));
-                let session = connect(&client, &plan).await?;
-                let wait = format!(
-                    "end=$(($(date +%s) + {n})); while [ \"$(date +%s)\" -lt \"$end\" ]; do {KUBECTL} --request-timeout=20s get --raw=/readyz >/dev/null 2>&1 && exit 0; sleep 2; done; \
-                     echo 'the API server did not become ready; last log lines:' >&2; \
-                     sudo -n journalctl -u etcd -u kube-apiserver -n 25 --no-pager >&2; exit 1",
-                    n = API_TIMEOUT.as_secs()
-                );
-                let res = session
-                    .exec_with(
-                        &wait,
-                        ExecOptions {
-                            timeout: Some(API_TIMEOUT + Duration::from_secs(60)),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                session.close().await;
-                let out = res.map_err(|e| match e {
-                    crate::ssh::SshError::CommandTimeout { timeout, .. } => EngineError::Node {
-                        machine: plan.name.clone(),
-                        step: "waiting for the API server".into(),
-                        detail: format!(
-                            "/readyz did not answer ok within {} s; see `clusterctl ssh {} {} -- sudo journalctl -u kube-apiserver`",
-                            timeout.as_secs(),
-                            plan.cluster,
-                            plan.name
-                        ),
-                    },
-                    e => node_err(&plan.name, "waiting for the API server", &e),
-                })?;
-                if !out.success() {
-                    return Err(EngineError::Node {
-                        machine: plan.name.clone(),
-                        step: "waiting for the API server".into(),
-                        detail: last_lines(out.stderr_text().trim(), 25),
-                    });
+            let credentials = admin_credentials(ctx)?;
+            for_nodes(ctx, cps, move |client, plan, line| {
+                let credentials = credentials.clone();
+                async move {
+                    let (first, rest) = control_plane_stages(&plan);
+                    line.say("starting etcd and the API server");
+                    let msg = start_node(&client, &plan, &first, false).await?;
+                    line.say(&format!("{msg}; waiting for the API server"));
+                    let kube = kube_client(&client, &plan, &credentials)?;
+                    let progress_line = line.clone();
+                    let waited = kube
+                        .wait_for_api_ready(
+                            &WaitPolicy::for_up_to(API_TIMEOUT),
+                            &TokioClock,
+                            &mut move |s: &str| progress_line.say(s),
+                        )
+                        .await;
+                    kube.close().await;
+                    if let Err(e) = waited {
+                        let journal =
+                            unit_journal(&client, &plan, &["etcd", "kube-apiserver"], 25).await;
+                        return Err(EngineError::Node {
+                            machine: plan.name.clone(),
+                            step: "waiting for the API server".into(),
+                            detail: format!(
+                                "{}; see `clusterctl ssh {} {} -- sudo journalctl -u \
+                                 kube-apiserver`; last log lines:\n{journal}",
+                                error_chain(&e),
+                                plan.cluster,
+                                plan.name
+                            ),
+                        });
+                    }
+                    line.say("API server ready; starting the other components");
+                    let rest_msg = start_node(&client, &plan, &rest, true).await?;
+                    Ok(if msg == rest_msg {
+                        msg
+                    } else {
+                        format!("{msg}, then {rest_msg}; API server ready")
+                    })
                 }
-                line.say("API server ready; starting the other components");
-                let rest_msg = start_node(&client, &plan, &rest, true).await?;
-                Ok(if msg == rest_msg {
-                    msg
-                } else {
-                    format!("{msg}, then {rest_msg}; API server ready")
-                })
             })
             .await
         })
@@ -972,105 +990,6 @@ impl Phase<BootstrapContext> for StartWorkers {
     }
 }
 
-/// A node as `kubectl get nodes -o json` reports it.
-#[derive(Debug, serde::Deserialize)]
-struct NodeList {
-    items: Vec<NodeItem>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct NodeItem {
-    metadata: NodeMeta,
-    #[serde(default)]
-    status: NodeItemStatus,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct NodeMeta {
-    name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NodeItemStatus {
-    #[serde(default)]
-    conditions: Vec<Condition>,
-    #[serde(default)]
-    node_info: Option<NodeInfo>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Condition {
-    #[serde(rename = "type")]
-    kind: String,
-    status: String,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NodeInfo {
-    kubelet_version: String,
-}
-
-/// A node as listed: its status and its labels.
-type ListedNode = (NodeStatus, BTreeMap<String, String>);
-
-fn parse_nodes(json: &str) -> Result<Vec<ListedNode>, String> {
-    let list: NodeList = serde_json::from_str(json)
-        .map_err(|e| format!("unexpected `kubectl get nodes` output: {e}"))?;
-    Ok(list
-        .items
-        .into_iter()
-        .map(|n| {
-            let ready = n
-                .status
-                .conditions
-                .iter()
-                .any(|c| c.kind == "Ready" && c.status == "True");
-            (
-                NodeStatus {
-                    name: n.metadata.name,
-                    ready,
-                    kubelet_version: n
-                        .status
-                        .node_info
-                        .map(|i| i.kubelet_version)
-                        .unwrap_or_default(),
-                },
-                n.metadata.labels,
-            )
-        })
-        .collect())
-}
-
-/// Lists nodes through the first control-plane node.
-async fn list_nodes(session: &Session, node: &str) -> Result<Vec<ListedNode>, EngineError> {
-    let out = session
-        .exec_with(
-            &format!("{KUBECTL} --request-timeout=50s get nodes -o json"),
-            ExecOptions {
-                timeout: Some(Duration::from_secs(90)),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| node_err(node, "listing nodes", &e))?;
-    if !out.success() {
-        return Err(EngineError::Node {
-            machine: node.to_owned(),
-            step: "listing nodes".into(),
-            detail: last_lines(out.stderr_text().trim(), 5),
-        });
-    }
-    parse_nodes(&out.stdout_text()).map_err(|detail| EngineError::Node {
-        machine: node.to_owned(),
-        step: "listing nodes".into(),
-        detail,
-    })
-}
-
 /// Waits until every machine's node is Ready, labels control-plane nodes and removes Node
 /// objects of machines that are gone.
 struct WaitForNodes;
@@ -1085,11 +1004,10 @@ impl Phase<BootstrapContext> for WaitForNodes {
     fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             let cp = ctx.first_control_plane()?;
-            let mut session = Some(connect(&ctx.client, &cp).await?);
-            let result = wait_for_nodes(ctx, &mut session, &cp).await;
-            if let Some(s) = session {
-                s.close().await;
-            }
+            let credentials = admin_credentials(ctx)?;
+            let kube = kube_client(&ctx.client, &cp, &credentials)?;
+            let result = wait_for_nodes(ctx, &kube, &cp).await;
+            kube.close().await;
             let nodes = result?;
             ctx.status = Some(KubernetesStatus {
                 version: ctx.artifacts.version.clone(),
@@ -1102,150 +1020,138 @@ impl Phase<BootstrapContext> for WaitForNodes {
     }
 }
 
-/// `session` is the connection to `cp_plan`'s machine; a listing that fails drops it and the next
-/// try connects again (a busy guest's sshd may drop a connection that waited minutes).
+/// Waits through `kube` (via `cp_plan`'s machine) until every machine's node is Ready, then
+/// removes Node objects of machines that are gone and labels control-plane nodes.
 async fn wait_for_nodes(
     ctx: &BootstrapContext,
-    session: &mut Option<Session>,
+    kube: &KubeClient,
     cp_plan: &NodePlan,
 ) -> Result<Vec<NodeStatus>, EngineError> {
     let cp = cp_plan.name.as_str();
-    let wanted: BTreeSet<&str> = ctx.machines.iter().map(|m| m.name.as_str()).collect();
-    let started = Instant::now();
-    let mut last_report = String::new();
-    loop {
-        // A busy API server (every kubelet registering at once, under emulation) may not answer
-        // one listing in time: that is retried until the deadline, not a failure.
-        let attempt = match session.as_ref() {
-            Some(s) => list_nodes(s, cp).await,
-            None => match connect(&ctx.client, cp_plan).await {
-                Ok(s) => list_nodes(session.insert(s), cp).await,
-                Err(e) => Err(e),
-            },
-        };
-        let listed = match attempt {
-            Ok(listed) => listed,
-            Err(e) if started.elapsed() < NODES_TIMEOUT => {
-                if let Some(s) = session.take() {
-                    s.close().await;
-                }
-                let now = format!("listing nodes failed, retrying: {}", error_chain(&e));
-                if now != last_report {
-                    ctx.report.note(&now);
-                    last_report = now;
-                }
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let ready: BTreeSet<&str> = listed
-            .iter()
-            .filter(|(n, _)| n.ready)
-            .map(|(n, _)| n.name.as_str())
-            .collect();
-        let missing: Vec<&str> = wanted.difference(&ready).copied().collect();
-        if missing.is_empty() {
-            // (The listing just succeeded on it, so the session is there.)
-            let Some(session) = session.as_ref() else {
-                continue;
-            };
-            // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
-            let stale: Vec<String> = listed
+    let wanted: BTreeSet<String> = ctx.machines.iter().map(|m| m.name.clone()).collect();
+    let report = ctx.report;
+    let waited = kube
+        .wait_for_nodes_ready(
+            &wanted,
+            &WaitPolicy::for_up_to(NODES_TIMEOUT),
+            &TokioClock,
+            &mut move |s: &str| report.note(s),
+        )
+        .await;
+    let ready = match waited {
+        Ok(ready) => ready,
+        Err(e @ KubeError::Timeout { .. }) => {
+            // Name the first node that is not Ready and show its kubelet's log.
+            let listed = kube.list_nodes().await.unwrap_or_default();
+            let first = wanted
                 .iter()
-                .map(|(n, _)| n.name.clone())
-                .filter(|n| !wanted.contains(n.as_str()))
-                .collect();
-            if !stale.is_empty() {
-                let cmd = format!(
-                    "{KUBECTL} delete node --ignore-not-found {}",
-                    stale
-                        .iter()
-                        .map(|s| shell_quote(s))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
-                session
-                    .run(&cmd)
-                    .await
-                    .map_err(|e| node_err(cp, "removing nodes of deleted machines", &e))?;
-                ctx.report.note(&format!(
-                    "removed node(s) of deleted machines: {}",
-                    stale.join(", ")
-                ));
-            }
-            // Role labels are set through the API: kubelet may not set node-role labels.
-            let mut label = Vec::new();
-            for m in ctx
-                .machines
-                .iter()
-                .filter(|m| m.role == MachineRole::ControlPlane)
-            {
-                let has = listed.iter().any(|(n, l)| {
-                    n.name == m.name && l.contains_key("node-role.kubernetes.io/control-plane")
-                });
-                if !has {
-                    label.push(shell_quote(&m.name));
-                }
-            }
-            if !label.is_empty() {
-                let cmd = format!(
-                    "{KUBECTL} label node --overwrite {} node-role.kubernetes.io/control-plane= node-role.kubernetes.io/master=",
-                    label.join(" ")
-                );
-                session
-                    .run(&cmd)
-                    .await
-                    .map_err(|e| node_err(cp, "labelling control-plane nodes", &e))?;
-            }
-            let mut nodes: Vec<NodeStatus> = listed
-                .into_iter()
-                .map(|(n, _)| n)
-                .filter(|n| wanted.contains(n.name.as_str()))
-                .collect();
-            nodes.sort_by(|a, b| a.name.cmp(&b.name));
-            for n in &nodes {
-                ctx.report
-                    .machine(&n.name, &format!("Ready, kubelet {}", n.kubelet_version));
-            }
-            return Ok(nodes);
-        }
-        let now = format!("waiting for {}", missing.join(", "));
-        if now != last_report {
-            ctx.report.note(&now);
-            last_report = now;
-        }
-        if started.elapsed() > NODES_TIMEOUT {
-            let first = missing[0];
+                .find(|w| !listed.iter().any(|n| &n.name == *w && n.ready))
+                .cloned()
+                .unwrap_or_else(|| cp.to_owned());
             let detail = match ctx.plans.iter().find(|p| p.name == first) {
                 Some(plan) => node_journal(&ctx.client, plan).await,
                 None => String::new(),
             };
             return Err(EngineError::Node {
-                machine: first.to_owned(),
+                machine: first,
                 step: "waiting for the node to be Ready".into(),
-                detail: format!(
-                    "not Ready after {} s (not Ready: {}); kubelet's last log lines:\n{detail}",
-                    NODES_TIMEOUT.as_secs(),
-                    missing.join(", ")
-                ),
+                detail: format!("{}; kubelet's last log lines:\n{detail}", error_chain(&e)),
             });
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        Err(e) => return Err(node_err(cp, "waiting for nodes to be Ready", &e)),
+    };
+    let nodes: Api<Node> = Api::all(kube.client());
+    let listed = kube
+        .call("listing nodes", nodes.list(&ListParams::default()))
+        .await
+        .map_err(|e| node_err(cp, "listing nodes", &e))?;
+    // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
+    let stale: Vec<String> = listed
+        .items
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .filter(|n| !wanted.contains(n))
+        .collect();
+    for name in &stale {
+        let op = format!("deleting node {name}");
+        match kube
+            .call(&op, nodes.delete(name, &DeleteParams::default()))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                if e.status_code() != Some(404) {
+                    return Err(node_err(cp, "removing nodes of deleted machines", &e));
+                }
+            }
+        }
+    }
+    if !stale.is_empty() {
+        ctx.report.note(&format!(
+            "removed node(s) of deleted machines: {}",
+            stale.join(", ")
+        ));
+    }
+    // Role labels are set through the API: kubelet may not set node-role labels.
+    let roles = serde_json::json!({"metadata": {"labels": {
+        "node-role.kubernetes.io/control-plane": "",
+        "node-role.kubernetes.io/master": "",
+    }}});
+    for m in ctx
+        .machines
+        .iter()
+        .filter(|m| m.role == MachineRole::ControlPlane)
+    {
+        let has = listed.items.iter().any(|n| {
+            n.metadata.name.as_deref() == Some(m.name.as_str())
+                && n.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key("node-role.kubernetes.io/control-plane"))
+        });
+        if !has {
+            let op = format!("labelling node {}", m.name);
+            kube.call(
+                &op,
+                nodes.patch(&m.name, &PatchParams::default(), &Patch::Merge(&roles)),
+            )
+            .await
+            .map_err(|e| node_err(cp, "labelling control-plane nodes", &e))?;
+        }
+    }
+    let nodes: Vec<NodeStatus> = ready.into_iter().map(node_status).collect();
+    for n in &nodes {
+        ctx.report
+            .machine(&n.name, &format!("Ready, kubelet {}", n.kubelet_version));
+    }
+    Ok(nodes)
+}
+
+fn node_status(n: NodeState) -> NodeStatus {
+    NodeStatus {
+        name: n.name,
+        ready: n.ready,
+        kubelet_version: n.kubelet_version,
     }
 }
 
-async fn node_journal(client: &SshClient, plan: &NodePlan) -> String {
+/// The last `lines` lines of the given units' journal on `plan`'s machine (for error details).
+async fn unit_journal(client: &SshClient, plan: &NodePlan, units: &[&str], lines: u32) -> String {
     let Ok(session) = client.connect(&plan.target).await else {
-        return "(cannot connect to read its log)".into();
+        return "(cannot connect to read the log)".into();
     };
+    let units: String = units.iter().map(|u| format!(" -u {u}")).collect();
     let out = session
-        .exec("sudo -n journalctl -u kubelet -n 15 --no-pager")
+        .exec(&format!("sudo -n journalctl{units} -n {lines} --no-pager"))
         .await
         .map(|o| o.stdout_text())
         .unwrap_or_default();
     session.close().await;
     out
+}
+
+async fn node_journal(client: &SshClient, plan: &NodePlan) -> String {
+    unit_journal(client, plan, &["kubelet"], 15).await
 }
 
 #[cfg(test)]
@@ -1283,23 +1189,6 @@ mod tests {
         assert_eq!(idx.get("w2"), Some(&2));
         assert_eq!(idx.get("w3"), Some(&1));
         assert!(!idx.contains_key("w1"));
-    }
-
-    #[test]
-    fn node_list_parsing_reads_readiness_and_versions_and_refuses_garbage() {
-        let json = r#"{"items":[
-          {"metadata":{"name":"a","labels":{"x":"y"}},"status":{"conditions":[{"type":"Ready","status":"True"}],"nodeInfo":{"kubeletVersion":"v1.20.2"}}},
-          {"metadata":{"name":"b"},"status":{"conditions":[{"type":"Ready","status":"False"}]}},
-          {"metadata":{"name":"c"}}
-        ]}"#;
-        let nodes = parse_nodes(json).unwrap_or_default();
-        assert_eq!(nodes.len(), 3);
-        assert!(nodes[0].0.ready);
-        assert_eq!(nodes[0].0.kubelet_version, "v1.20.2");
-        assert!(!nodes[1].0.ready);
-        assert!(!nodes[2].0.ready);
-        assert!(parse_nodes("not json").is_err());
-        assert!(parse_nodes("{\"items\": 3}").is_err());
     }
 
     #[test]

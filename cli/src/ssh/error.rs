@@ -323,6 +323,19 @@ pub enum SshError {
         source: Box<russh::Error>,
     },
 
+    /// The server could not open a TCP connection to `to` for a tunnel (`direct-tcpip`).
+    #[error("{endpoint} cannot open a tunnel to {to}")]
+    Tunnel {
+        /// The SSH server asked to connect.
+        endpoint: Endpoint,
+        /// Where it was asked to connect, as seen from the server.
+        to: Endpoint,
+        /// The protocol error (`ChannelOpenFailure(ConnectFailed)`: nothing listens there;
+        /// `AdministrativelyProhibited`: the server forbids TCP forwarding).
+        #[source]
+        source: Box<russh::Error>,
+    },
+
     /// Generating a key pair failed.
     #[error("cannot generate {algorithm} key pair")]
     KeyGeneration {
@@ -365,6 +378,10 @@ impl SshError {
                 | SshError::Handshake { .. }
                 | SshError::JumpForward { .. }
                 | SshError::ConnectionLost { .. }
+        ) || matches!(
+            self,
+            SshError::Tunnel { source, .. }
+                if matches!(**source, russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))
         )
     }
 
@@ -385,6 +402,7 @@ impl SshError {
             | SshError::NoExitStatus { endpoint, .. }
             | SshError::Sftp { endpoint, .. }
             | SshError::UploadCorrupt { endpoint, .. }
+            | SshError::Tunnel { endpoint, .. }
             | SshError::Internal { endpoint, .. } => Some(endpoint),
             SshError::JumpForward { target, .. } => Some(target),
             _ => None,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client::{Handle, Msg};
-use russh::{Channel, ChannelMsg, Disconnect, Sig};
+use russh::{Channel, ChannelMsg, ChannelStream, Disconnect, Sig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::client::ClientHandler;
@@ -184,6 +184,33 @@ impl Session {
     /// Whether the connection has ended (closed, lost, or failed keepalives).
     pub fn is_closed(&self) -> bool {
         self.inner.handle.is_closed()
+    }
+
+    /// Opens a TCP connection from the server to `to` over this connection (an SSH
+    /// `direct-tcpip` channel, as `ssh -L` uses) and returns it as a byte stream. Many tunnels
+    /// share the one connection; they do not count against the command slots (OpenSSH's
+    /// `MaxSessions` does not cover them).
+    pub async fn open_tunnel(&self, to: &Endpoint) -> Result<ChannelStream<Msg>, SshError> {
+        let channel = self
+            .inner
+            .handle
+            .channel_open_direct_tcpip(to.host.clone(), to.port.into(), "127.0.0.1", 0)
+            .await
+            .map_err(|source| {
+                if self.is_closed() {
+                    SshError::ConnectionLost {
+                        endpoint: self.endpoint().clone(),
+                        during: format!("opening a tunnel to {to}"),
+                    }
+                } else {
+                    SshError::Tunnel {
+                        endpoint: self.endpoint().clone(),
+                        to: to.clone(),
+                        source: Box::new(source),
+                    }
+                }
+            })?;
+        Ok(channel.into_stream())
     }
 
     /// Closes the connection for all clones of this session. Commands still running fail with

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod control_plane;
+
 use std::fs;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};

@@ -1,0 +1,497 @@
+//! The Kubernetes API client against real parts: etcd + kube-apiserver 1.20 from the offline
+//! bundle on 127.0.0.1, reached only through a real OpenSSH sshd's `direct-tcpip` forwarding,
+//! with the PKI's admin certificate.
+//!
+//! Proves: the readiness wait rides out an API server that is still starting (tunnel refused,
+//! then 5xx) and then sees it ready; `/version` is read (1.20.2 -> policy/v1beta1); a Node
+//! created and patched Ready through the client is seen by the node wait, which also times out
+//! while it is not Ready; many requests share one SSH connection; a bastion in between works;
+//! drain's calls (cordon, eviction with a PodDisruptionBudget: 429); an sshd that forbids
+//! forwarding, a wrong host key pin, a client certificate from another CA and a server
+//! certificate from another CA each fail at once with a message saying what to do.
+//!
+//! Heavy: selected by `CLUSTERCTL_BUNDLE_TEST=1` (see `support/control_plane.rs`).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use clusterctl::kube::drain::{self, Blocker, PodRef, Replicas};
+use clusterctl::kube::{
+    Credentials, Disposition, KubeClient, KubeError, PolicyApi, TokioClock, TunnelFailure,
+    WaitPolicy,
+};
+use clusterctl::pki::{NodeIdentity, Pki, PkiSpec};
+use clusterctl::ssh::{Endpoint, KnownHosts};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use support::control_plane::{self, ControlPlane};
+use support::{Fixture, SshdOptions, keygen};
+
+fn other_pki(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki_dir = dir.join("other-pki");
+    let spec = PkiSpec {
+        cluster_name: "other".to_string(),
+        cluster_domain: "cluster.local".to_string(),
+        service_cidr: "10.96.0.0/12".parse().expect("cidr"),
+        control_plane: vec![NodeIdentity {
+            name: "cp-1".to_string(),
+            addresses: vec!["127.0.0.1".parse().expect("ip")],
+        }],
+        workers: vec![],
+        extra_api_server_sans: vec![],
+    };
+    Pki::ensure(&pki_dir, &spec).expect("other pki");
+    pki_dir
+}
+
+fn read(path: std::path::PathBuf) -> String {
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_client_through_ssh_against_a_real_apiserver() {
+    if !control_plane::selected() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let t0 = Instant::now();
+    let mut cp = ControlPlane::start(tmp.path());
+    eprintln!("control plane starting (bundle {})", cp.version);
+
+    let fx = Fixture::new();
+    let sshd = fx.sshd();
+    let ssh = fx.client(sshd.pinned());
+    let api = Endpoint::new("127.0.0.1", cp.api_port);
+    let creds = Credentials::from_pki_dir(&cp.pki_dir).expect("credentials");
+    let client =
+        KubeClient::new(ssh.clone(), fx.target(&sshd), api.clone(), &creds).expect("client");
+
+    // Readiness wait from the moment the API server process started: it must ride out the
+    // refused tunnel (nothing listening yet) and the 5xx of a starting server.
+    let mut lines = Vec::new();
+    let t_api = Instant::now();
+    client
+        .wait_for_api_ready(
+            &WaitPolicy::for_up_to(Duration::from_secs(300)),
+            &TokioClock,
+            &mut |s: &str| {
+                eprintln!("  {s}");
+                lines.push(s.to_owned());
+            },
+        )
+        .await
+        .unwrap_or_else(|e| {
+            cp.procs.check_alive();
+            panic!(
+                "API server not ready: {}",
+                clusterctl::engine::apply::error_chain(&e)
+            )
+        });
+    eprintln!(
+        "API server ready through ssh after {:?}; statuses seen: {lines:#?}",
+        t_api.elapsed()
+    );
+    // Whether the first look found nothing listening yet or a server still starting (500)
+    // depends on timing; either is a transient state the wait went through.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("API server not ready, retrying")),
+        "the wait never saw the API server starting: {lines:#?}"
+    );
+    // Nothing listening at the address (as the API server before it binds): transient.
+    let nowhere = KubeClient::new(
+        ssh.clone(),
+        fx.target(&sshd),
+        Endpoint::new("127.0.0.1", control_plane::free_port()),
+        &creds,
+    )
+    .expect("client");
+    let err = nowhere.readyz().await.expect_err("nothing listens");
+    assert_eq!(
+        err.connect_failure(),
+        Some(TunnelFailure::Refused),
+        "{err:?}"
+    );
+    assert_eq!(err.disposition(), Disposition::Retry);
+    assert!(err.to_string().contains("cannot connect to the API server"));
+    nowhere.close().await;
+
+    let version = client.server_version().await.expect("version");
+    assert_eq!(version.git_version, format!("v{}", cp.version));
+    assert_eq!((version.major, version.minor), (1, 20));
+    assert_eq!(version.policy_api(), PolicyApi::V1beta1);
+
+    // A Node made through the client; without a kubelet it stays not Ready until its status
+    // says so.
+    let nodes: Api<Node> = Api::all(client.client());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"clusterctl.io/test": "kube-client"}},
+    }))
+    .expect("node");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .map_err(|e| KubeClient::error("creating node-a", e))
+        .expect("create node");
+    let wanted: BTreeSet<String> = ["node-a".to_string()].into();
+    let short = WaitPolicy {
+        timeout: Duration::from_secs(4),
+        poll: Duration::from_secs(1),
+        backoff: Duration::from_secs(1),
+    };
+    let mut seen = Vec::new();
+    let err = client
+        .wait_for_nodes_ready(&wanted, &short, &TokioClock, &mut |s: &str| {
+            seen.push(s.to_owned())
+        })
+        .await
+        .expect_err("node-a is not Ready yet");
+    assert!(matches!(err, KubeError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("not Ready: node-a"), "{err}");
+
+    let now = "2026-01-01T00:00:00Z";
+    let status = serde_json::json!({
+        "status": {"conditions": [{
+            "type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "set by the kube_client test", "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }], "nodeInfo": {
+            "kubeletVersion": "v1.20.2", "machineID": "", "systemUUID": "", "bootID": "",
+            "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "",
+            "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
+        }}
+    });
+    nodes
+        .patch_status("node-a", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(|e| KubeClient::error("patching node-a's status", e))
+        .expect("patch status");
+    let t_wait = Instant::now();
+    let ready = client
+        .wait_for_nodes_ready(
+            &wanted,
+            &WaitPolicy::for_up_to(Duration::from_secs(30)),
+            &TokioClock,
+            &mut |_: &str| {},
+        )
+        .await
+        .expect("node-a Ready");
+    assert_eq!(ready.len(), 1);
+    assert!(ready[0].ready);
+    assert_eq!(ready[0].kubelet_version, "v1.20.2");
+    eprintln!("node wait saw node-a Ready in {:?}", t_wait.elapsed());
+
+    // Drain's calls on 1.20: cordon, the simulation from listed pods and v1beta1 budgets,
+    // eviction through policy/v1beta1 (a free pod goes; a budget with no disruption allowed
+    // answers 429, which the error policy calls Wait), uncordon.
+    drain_calls(&client, &version.policy_api()).await;
+
+    // Many requests, one SSH connection, a few channels (hyper's pool reuses connections).
+    let t_many = Instant::now();
+    for _ in 0..50 {
+        client.list_nodes().await.expect("list");
+    }
+    let per_request = t_many.elapsed() / 50;
+    eprintln!(
+        "50 node listings in {:?} ({per_request:?} each); ssh connections {}, channels {}",
+        t_many.elapsed(),
+        client.ssh_connections(),
+        client.channels_opened()
+    );
+    assert_eq!(client.ssh_connections(), 1);
+    assert!(
+        (1..=8).contains(&client.channels_opened()),
+        "{}",
+        client.channels_opened()
+    );
+
+    // Through a bastion: the SSH connection to the control plane is itself tunnelled through
+    // a jump host (both host keys pinned); the API requests then ride on it as before.
+    let bastion = fx.sshd();
+    let mut both = sshd.pinned();
+    both.pin_line(bastion.endpoint(), &bastion.host_public_line())
+        .expect("pin bastion");
+    let via_bastion = KubeClient::new(
+        fx.client(both),
+        fx.target(&sshd).via(fx.target(&bastion)),
+        api.clone(),
+        &creds,
+    )
+    .expect("client");
+    let seen = via_bastion
+        .list_nodes()
+        .await
+        .expect("list through the bastion");
+    assert!(seen.iter().any(|n| n.name == "node-a" && n.ready));
+    assert_eq!(
+        via_bastion.server_version().await.expect("version").minor,
+        20
+    );
+    eprintln!(
+        "through a bastion: ssh connections {}, channels {}",
+        via_bastion.ssh_connections(),
+        via_bastion.channels_opened()
+    );
+    via_bastion.close().await;
+
+    // The only way in is sshd's forwarding: with forwarding off, the same client setup fails
+    // at once, for good, and says what to change.
+    let closed = fx.sshd_with(SshdOptions {
+        extra: vec!["AllowTcpForwarding=no".into()],
+        ..Default::default()
+    });
+    let no_fwd = KubeClient::new(
+        fx.client(closed.pinned()),
+        fx.target(&closed),
+        api.clone(),
+        &creds,
+    )
+    .expect("client");
+    let t = Instant::now();
+    let err = no_fwd.readyz().await.expect_err("forwarding is off");
+    eprintln!(
+        "forwarding off: {:?}: {}",
+        t.elapsed(),
+        clusterctl::engine::apply::error_chain(&err)
+    );
+    assert_eq!(
+        err.connect_failure(),
+        Some(TunnelFailure::Prohibited),
+        "{err:?}"
+    );
+    assert_eq!(err.disposition(), Disposition::Fail);
+    assert!(
+        clusterctl::engine::apply::error_chain(&err).contains("AllowTcpForwarding"),
+        "{err}"
+    );
+
+    // A wrong host key pin: refused before any request.
+    let stranger = keygen(fx.path(), "stranger_host_key", "ed25519", &[]);
+    let mut wrong_pin = KnownHosts::new();
+    wrong_pin
+        .pin_line(sshd.endpoint(), &read(stranger.with_extension("pub")))
+        .expect("pin");
+    let pinned_wrong = KubeClient::new(fx.client(wrong_pin), fx.target(&sshd), api.clone(), &creds)
+        .expect("client");
+    let err = pinned_wrong.readyz().await.expect_err("wrong pin");
+    let text = clusterctl::engine::apply::error_chain(&err);
+    eprintln!("wrong pin: {text}");
+    assert_eq!(
+        err.connect_failure(),
+        Some(TunnelFailure::SshFatal),
+        "{text}"
+    );
+    assert!(text.to_lowercase().contains("host key"), "{text}");
+    assert_eq!(pinned_wrong.channels_opened(), 0);
+
+    // A client certificate from another cluster's CA: the API server refuses it (401), the
+    // wait fails at once and says what to do.
+    let other = other_pki(tmp.path());
+    let foreign_cert = Credentials::from_pem(
+        &read(cp.pki_dir.join("ca.crt")),
+        &read(other.join("admin.crt")),
+        &read(other.join("admin.key")),
+        other.clone(),
+    );
+    let wrong_client =
+        KubeClient::new(ssh.clone(), fx.target(&sshd), api.clone(), &foreign_cert).expect("client");
+    let t = Instant::now();
+    let err = wrong_client
+        .wait_for_nodes_ready(
+            &wanted,
+            &WaitPolicy::for_up_to(Duration::from_secs(120)),
+            &TokioClock,
+            &mut |_: &str| {},
+        )
+        .await
+        .expect_err("foreign client certificate");
+    let took = t.elapsed();
+    let text = clusterctl::engine::apply::error_chain(&err);
+    eprintln!("foreign client certificate: failed in {took:?}: {text}");
+    assert_eq!(err.disposition(), Disposition::Fail, "{text}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        err.status_code() == Some(401)
+            || err.connect_failure() == Some(TunnelFailure::HandshakeRejected),
+        "{text}"
+    );
+    assert!(text.contains("admin client certificate"), "{text}");
+
+    // The state's CA does not vouch for the server: TLS mismatch, fail fast.
+    let foreign_ca = Credentials::from_pem(
+        &read(other.join("ca.crt")),
+        &read(cp.pki_dir.join("admin.crt")),
+        &read(cp.pki_dir.join("admin.key")),
+        other.clone(),
+    );
+    let wrong_ca =
+        KubeClient::new(ssh.clone(), fx.target(&sshd), api.clone(), &foreign_ca).expect("client");
+    let err = wrong_ca.readyz().await.expect_err("foreign CA");
+    let text = clusterctl::engine::apply::error_chain(&err);
+    eprintln!("foreign CA: {text}");
+    assert_eq!(
+        err.connect_failure(),
+        Some(TunnelFailure::ServerCertificate),
+        "{text}"
+    );
+    assert_eq!(err.disposition(), Disposition::Fail);
+
+    client.close().await;
+    cp.procs.check_alive();
+    eprintln!("total {:?}", t0.elapsed());
+}
+
+async fn drain_calls(client: &KubeClient, policy: &PolicyApi) {
+    let policy = *policy;
+    let t = Instant::now();
+    client
+        .set_unschedulable("node-a", true)
+        .await
+        .expect("cordon");
+    let listed = client.list_nodes().await.expect("list");
+    assert!(listed.iter().any(|n| n.name == "node-a" && n.unschedulable));
+
+    // Two bare pods bound to node-a (no kubelet runs them: their status is set by hand to
+    // Running and Ready, since the API server lets Pending pods, and unready ones while the
+    // budget is met, go regardless of budgets).
+    // Without a controller-manager nobody makes the namespace's default ServiceAccount (which
+    // pod admission wants) or its token (not mounted, then).
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.client(), "default");
+    let account: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}))
+    .expect("service account");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .map_err(|e| KubeClient::error("creating the default service account", e))
+        .expect("service account");
+    let pods: Api<Pod> = Api::namespaced(client.client(), "default");
+    for (name, app) in [("free", "free"), ("guarded", "guarded")] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
+            "spec": {"nodeName": "node-a", "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "busybox"}]},
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .map_err(|e| KubeClient::error("creating a pod", e))
+            .expect("create pod");
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": {"phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .map_err(|e| KubeClient::error("setting a pod Running", e))
+        .expect("pod status");
+    }
+
+    // A policy/v1beta1 budget allowing no disruption for app=guarded. No controller-manager
+    // runs here, so its status is written the way the disruption controller would.
+    let pdb = serde_json::json!({
+        "apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "guarded", "namespace": "default"},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "guarded"}}},
+    });
+    let raw = client.client();
+    let created: serde_json::Value = raw
+        .request(
+            http::Request::post("/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&pdb).expect("json"))
+                .expect("request"),
+        )
+        .await
+        .expect("create pdb");
+    let generation = created["metadata"]["generation"].as_i64().unwrap_or(1);
+    let status = serde_json::json!({"status": {
+        "observedGeneration": generation, "disruptionsAllowed": 0, "currentHealthy": 1,
+        "desiredHealthy": 1, "expectedPods": 1}});
+    let _: serde_json::Value = raw
+        .request(
+            http::Request::patch(
+                "/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets/guarded/status",
+            )
+            .header("content-type", "application/merge-patch+json")
+            .body(serde_json::to_vec(&status).expect("json"))
+            .expect("request"),
+        )
+        .await
+        .expect("pdb status");
+
+    let on_node = client.pods_on("node-a").await.expect("pods on node-a");
+    let budgets = client.disruption_budgets(policy).await.expect("pdbs");
+    let sim = drain::simulate("node-a", &on_node, &budgets, &Replicas::new(), policy);
+    eprintln!("drain simulation for node-a: {sim:?}");
+
+    let blockers = |name: &str| {
+        sim.evict
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_else(|| panic!("{name} in the simulation"))
+    };
+    assert!(blockers("guarded").contains(&Blocker::Budget {
+        pdb: "default/guarded".into()
+    }));
+    assert!(
+        !blockers("free")
+            .iter()
+            .any(|b| matches!(b, Blocker::Budget { .. }))
+    );
+    assert!(!sim.clear());
+
+    let free = PodRef {
+        namespace: "default".into(),
+        name: "free".into(),
+    };
+    let guarded = PodRef {
+        namespace: "default".into(),
+        name: "guarded".into(),
+    };
+    client
+        .evict(&free, policy)
+        .await
+        .expect("evict the free pod");
+    let err = client
+        .evict(&guarded, policy)
+        .await
+        .expect_err("the budget forbids it");
+    eprintln!("evicting the guarded pod: {err}");
+    assert_eq!(err.status_code(), Some(429), "{err}");
+    assert_eq!(err.disposition(), Disposition::Wait);
+    let left: Vec<String> = client
+        .pods_on("node-a")
+        .await
+        .expect("pods")
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert_eq!(
+        left,
+        ["guarded"],
+        "the free pod is evicted, the guarded one stays"
+    );
+
+    client
+        .set_unschedulable("node-a", false)
+        .await
+        .expect("uncordon");
+    let listed = client.list_nodes().await.expect("list");
+    assert!(
+        listed
+            .iter()
+            .any(|n| n.name == "node-a" && !n.unschedulable)
+    );
+    eprintln!("cordon, simulate, evict x2, uncordon in {:?}", t.elapsed());
+}
