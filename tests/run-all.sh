@@ -81,8 +81,9 @@ stage_k8s() {
   echo "node templates: every rendered flag and config accepted by the real binaries"
   CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test kubernetes_bundle
   echo "kubeconfig files read back by the bundle's real kubectl"
-  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --lib kubeconfig
-  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test -p clusterctl --locked --test get_credentials
+  # --workspace like the cargo stage: the same features, so nothing is compiled again here.
+  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --lib kubeconfig
+  CLUSTERCTL_BUNDLE_DIR="$bundle" cargo test --workspace --locked --test get_credentials
 }
 stage_image() {
   # The directory `image build` prints is this checkout's image, not "the newest in the cache".
