@@ -8,105 +8,15 @@
 //! `tests/bed/build-k8s-bundle.sh` prints (a no-op when the bundle is cached, a 6-18 min build
 //! otherwise). Every process started here is killed by PID when the test ends, also on failure.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use clusterctl::bundle::Bundle;
 use clusterctl::pki::{NodeIdentity, Pki, PkiSpec};
-
-fn selected() -> bool {
-    if std::env::var("CLUSTERCTL_BUNDLE_TEST").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!("CLUSTERCTL_BUNDLE_TEST is not 1: bundle tests not selected");
-    false
-}
-
-fn bundle_path() -> PathBuf {
-    if let Ok(path) = std::env::var("CLUSTERCTL_BUNDLE") {
-        return PathBuf::from(path);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/bed/build-k8s-bundle.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("bash runs");
-    assert!(out.status.success(), "{} failed", script.display());
-    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-/// Processes started by the test, killed by PID on drop (TERM, then KILL after 5 s).
-struct Procs {
-    children: Vec<(String, Child, PathBuf)>,
-}
-
-impl Procs {
-    fn spawn(&mut self, name: &str, cmd: &mut Command, log: PathBuf) {
-        let file = std::fs::File::create(&log).expect("log file");
-        let err = file.try_clone().expect("log file");
-        let child = cmd
-            .stdout(file)
-            .stderr(err)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        eprintln!("started {name} pid {}", child.id());
-        self.children.push((name.to_string(), child, log));
-    }
-
-    /// Panics with the process's log tail if it has exited.
-    fn check_alive(&mut self) {
-        for (name, child, log) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("{name} exited with {status}:\n{}", tail(log));
-            }
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (name, child, log) in self.children.iter_mut().rev() {
-            if std::thread::panicking() {
-                eprintln!("--- {name} log tail ---\n{}", tail(log));
-            }
-            // kill(2) through libc needs `unsafe`, which the workspace denies; the `kill` command
-            // sends SIGTERM to exactly this PID (Child::kill would send SIGKILL at once).
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<_> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
+use support::control_plane::{Procs, bundle_path, free_port, selected};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
@@ -173,9 +83,7 @@ fn etcd_and_apiserver_from_the_bundle_serve_with_our_pki() {
     let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
     let etcd_url = format!("https://127.0.0.1:{etcd_port}");
     let peer_url = format!("https://127.0.0.1:{peer_port}");
-    let mut procs = Procs {
-        children: Vec::new(),
-    };
+    let mut procs = Procs::default();
 
     let t_etcd = Instant::now();
     procs.spawn(
@@ -478,9 +386,7 @@ fn bundle_images_import_into_containerd_and_run() {
         ),
     )
     .expect("config");
-    let mut procs = Procs {
-        children: Vec::new(),
-    };
+    let mut procs = Procs::default();
     procs.spawn(
         "containerd",
         Command::new("containerd").arg("--config").arg(&config),

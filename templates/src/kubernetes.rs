@@ -9,7 +9,7 @@
 //!
 //! # What runs where
 //! Every node runs containerd (already in the node image), kubelet and kube-proxy as systemd
-//! units, a CNI bridge network on its own `/24` of the pod CIDR ([`node_pod_cidr`]) and a oneshot
+//! units, a CNI bridge network on its own `/24` of the pod CIDR ([`node_pod_cidr`]) and a
 //! unit that routes every other node's pod `/24` via that node's address. Control-plane nodes add
 //! etcd, kube-apiserver, kube-controller-manager and kube-scheduler, also as systemd units:
 //! services rather than static pods, so the control plane needs no image pull (works offline).
@@ -596,7 +596,8 @@ struct UnitCtx<'a> {
     after: Vec<&'a str>,
     wants: Vec<&'a str>,
     before: Vec<&'a str>,
-    oneshot: bool,
+    /// Steps run once in order (ExecStartPre), then `exec` keeps them applied.
+    reconciler: bool,
     exec: String,
     flags: Vec<String>,
     commands: Vec<String>,
@@ -727,7 +728,7 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
         after: vec!["network.target"],
         wants: Vec::new(),
         before: Vec::new(),
-        oneshot: false,
+        reconciler: false,
         exec: String::new(),
         flags: Vec::new(),
         commands: Vec::new(),
@@ -774,11 +775,21 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
     });
 
     // -- pod network: routes to every other node's pods, masquerade for the rest -------------
+    // Each step is a shell snippet: run once, in order, before kubelet starts (ExecStartPre: a
+    // step that fails, e.g. before DHCP gave the node its address, fails the unit, which is
+    // started again), then again every 15 s for the life of the node (ExecStart). The routes are
+    // not networkd's own, and something on the node (systemd-networkd dropping routes it did not
+    // configure when it reconfigures a link is the usual suspect) removed the service route from
+    // a control-plane node minutes after it was set, in a CI run: re-applying them is what
+    // route-programming daemons (flannel's host-gw, kube-proxy's resync) do as well. A route
+    // found gone is logged to the unit's journal.
     let ip = "/usr/sbin/ip";
-    let mut commands = Vec::new();
+    let mut steps = Vec::new();
+    let mut destinations = Vec::new();
     for other in cluster.nodes.iter().filter(|n| n.name != node.name) {
         let cidr = node_pod_cidr(cluster.pod_cidr, other.pod_cidr_index)?;
-        commands.push(format!("{ip} route replace {cidr} via {}", other.ip));
+        steps.push(format!("{ip} route replace {cidr} via {}", other.ip));
+        destinations.push(cidr.to_string());
     }
     // Service IPs from the node itself. kube-proxy rewrites a connection to a Service IP in the
     // nat OUTPUT chain, but the kernel routes a locally made packet before that chain runs: with
@@ -788,21 +799,37 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
     // process on a node could use a ClusterIP. Route the service CIDR out of the interface that
     // holds the node's address, from that address; after the DNAT the packet is routed again to
     // the backing pod (pod routes above). The interface name is looked up on the node: the image
-    // does not promise one, and DHCP may not have brought the address yet (the unit retries).
-    // (`$$` is systemd's escape for `$`.)
+    // does not promise one. (`$$` is systemd's escape for `$`.)
     let (node_ip, svc) = (node.ip, cluster.service_cidr);
-    commands.push(format!(
-        "/bin/sh -c 'dev=$$({ip} -o -4 addr show to {node_ip}/32 | /usr/bin/cut -d\" \" -f2) && [ -n \"$$dev\" ] && {ip} route replace {svc} dev \"$$dev\" src {node_ip}'"
+    steps.push(format!(
+        "dev=$$({ip} -o -4 addr show to {node_ip}/32 | /usr/bin/cut -d\" \" -f2) && [ -n \"$$dev\" ] && {ip} route replace {svc} dev \"$$dev\" src {node_ip}"
     ));
+    destinations.push(svc.to_string());
     // Pods reach each other with their own addresses (the Kubernetes network model: no NAT
     // between pods); traffic leaving the pod network is masqueraded behind the node's address.
     let rule = format!(
         "POSTROUTING -s {own_pods} ! -d {} -m comment --comment clusterctl-pod-egress -j MASQUERADE",
         cluster.pod_cidr
     );
-    commands.push(format!(
-        "/bin/sh -c '/usr/sbin/iptables -w -t nat -C {rule} 2>/dev/null || /usr/sbin/iptables -w -t nat -A {rule}'"
+    steps.push(format!(
+        "/usr/sbin/iptables -w -t nat -C {rule} 2>/dev/null || /usr/sbin/iptables -w -t nat -A {rule}"
     ));
+    // Plain commands run as they are; the others through the shell.
+    let commands: Vec<String> = steps
+        .iter()
+        .map(|s| {
+            if s.contains(['$', '|', '&', '>']) {
+                format!("/bin/sh -c '{s}'")
+            } else {
+                s.clone()
+            }
+        })
+        .collect();
+    let watch = format!(
+        "/bin/sh -c 'while sleep 15; do for r in {}; do {ip} route show $$r | /bin/grep -q . || echo \"route $$r was gone: restoring it\"; done; {}; done'",
+        destinations.join(" "),
+        steps.join("; ")
+    );
     let mut net = base_unit(format!(
         "Pod network of node {}: routes to other nodes' pods and to Service IPs (clusterctl)",
         node.name
@@ -810,8 +837,9 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
     net.documentation = "https://kubernetes.io/docs/concepts/cluster-administration/networking/";
     net.after = vec!["network.target", "systemd-networkd.service"];
     net.before = vec!["kubelet.service"];
-    net.oneshot = true;
+    net.reconciler = true;
     net.commands = commands;
+    net.exec = watch;
     files.push(File {
         path: unit_path("clusterctl-pod-network.service"),
         mode: 0o644,

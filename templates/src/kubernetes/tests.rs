@@ -150,7 +150,8 @@ fn every_config_parses_and_says_what_it_should() {
                 assert!(!f.contents.contains('%'), "{}", f.path);
                 for line in f.contents.lines().filter(|l| l.contains('$')) {
                     assert!(
-                        line.starts_with("ExecStart=/bin/sh -c ")
+                        (line.starts_with("ExecStart=/bin/sh -c ")
+                            || line.starts_with("ExecStartPre=/bin/sh -c "))
                             && !line.replace("$$", "").contains('$'),
                         "{}: unescaped $ or $ outside a shell command: {line}",
                         f.path
@@ -282,8 +283,8 @@ fn pod_ranges_and_routes_between_nodes() {
     let c = cluster();
     let w2 = render(&c, "local-workers-2");
     let net = file(&w2, "/etc/systemd/system/clusterctl-pod-network.service");
-    assert!(net.contains("ExecStart=/usr/sbin/ip route replace 10.244.0.0/24 via 10.77.0.11\n"));
-    assert!(net.contains("ExecStart=/usr/sbin/ip route replace 10.244.1.0/24 via 10.77.0.12\n"));
+    assert!(net.contains("ExecStartPre=/usr/sbin/ip route replace 10.244.0.0/24 via 10.77.0.11\n"));
+    assert!(net.contains("ExecStartPre=/usr/sbin/ip route replace 10.244.1.0/24 via 10.77.0.12\n"));
     assert!(
         !net.contains("via 10.77.0.13"),
         "no route to itself:\n{net}"
@@ -294,12 +295,30 @@ fn pod_ranges_and_routes_between_nodes() {
     let svc = c.service_cidr.to_string();
     let route = net
         .lines()
-        .find(|l| l.contains(&format!("route replace {svc} dev")))
+        .find(|l| l.starts_with("ExecStartPre=") && l.contains(&format!("route replace {svc} dev")))
         .unwrap_or_else(|| panic!("no route for the service CIDR {svc}:\n{net}"));
     assert!(
         route.contains("addr show to 10.77.0.13/32") && route.ends_with("src 10.77.0.13'"),
         "{route}"
     );
+    // The unit keeps every route and the masquerade rule applied: its ExecStart re-runs each
+    // ExecStartPre step every 15 s and says in the journal when a route had gone.
+    let watch = net
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap_or_else(|| panic!("no ExecStart:\n{net}"));
+    assert!(watch.starts_with("/bin/sh -c 'while sleep 15; do "), "{watch}");
+    for pre in net.lines().filter_map(|l| l.strip_prefix("ExecStartPre=")) {
+        let step = pre
+            .strip_prefix("/bin/sh -c '")
+            .and_then(|s| s.strip_suffix('\''))
+            .unwrap_or(pre);
+        assert!(watch.contains(step), "ExecStart does not re-apply {step}: {watch}");
+    }
+    for dst in ["10.244.0.0/24", "10.244.1.0/24", "10.96.0.0/12"] {
+        assert!(watch.contains(&format!(" {dst}")), "{dst} not checked: {watch}");
+    }
+    assert!(net.contains("Restart=always\n"), "{net}");
     let cni = file(&w2, "/etc/cni/net.d/10-clusterctl.conflist");
     assert!(
         cni.contains("\"subnet\": \"10.244.2.0/24\", \"gateway\": \"10.244.2.1\""),
