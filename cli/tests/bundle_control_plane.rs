@@ -286,16 +286,21 @@ spec:
               nested: {type: object, x-kubernetes-preserve-unknown-fields: true}
 "#,
     );
-    wait_for("CRD established", Duration::from_secs(60), &mut procs, || {
-        let out = kubectl(&[
-            "get",
-            "crd",
-            "widgets.e2e.clusterctl.io",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-        ]);
-        String::from_utf8_lossy(&out.stdout).trim() == "True"
-    });
+    wait_for(
+        "CRD established",
+        Duration::from_secs(60),
+        &mut procs,
+        || {
+            let out = kubectl(&[
+                "get",
+                "crd",
+                "widgets.e2e.clusterctl.io",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+            ]);
+            String::from_utf8_lossy(&out.stdout).trim() == "True"
+        },
+    );
     let watch = Command::new(bin("kubectl"))
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .args(["get", "widgets", "-A", "--watch", "-o", "name"])
@@ -318,11 +323,18 @@ spec:
         wanted.push(format!("widget.e2e.clusterctl.io/w{i}"));
     }
     let out = kubectl(&["get", "widgets", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("widget list json");
     assert_eq!(list["items"].as_array().map(Vec::len), Some(5), "{list}");
     assert_eq!(list["items"][3]["spec"]["labels"]["zone"], "z3", "{list}");
-    assert_eq!(list["items"][3]["spec"]["nested"]["a"]["b"]["c"][2]["d"], "e", "{list}");
+    assert_eq!(
+        list["items"][3]["spec"]["nested"]["a"]["b"]["c"][2]["d"], "e",
+        "{list}"
+    );
     let out = kubectl(&[
         "patch",
         "widget",
@@ -331,8 +343,18 @@ spec:
         "-p",
         r#"{"spec":{"labels":{"patched":"yes"}},"metadata":{"labels":{"x":"y"}}}"#,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = kubectl(&["get", "widget", "w1", "-o", "jsonpath={.spec.labels.patched}"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kubectl(&[
+        "get",
+        "widget",
+        "w1",
+        "-o",
+        "jsonpath={.spec.labels.patched}",
+    ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "yes");
     // The watch saw every object (its stream is encoded by the same code path).
     std::thread::sleep(Duration::from_secs(2));
@@ -340,7 +362,10 @@ spec:
     let watched = watch.wait_with_output().expect("kubectl watch output");
     let seen = String::from_utf8_lossy(&watched.stdout);
     for w in &wanted {
-        assert!(seen.lines().any(|l| l == w), "watch did not see {w}: {seen}");
+        assert!(
+            seen.lines().any(|l| l == w),
+            "watch did not see {w}: {seen}"
+        );
     }
     procs.check_alive();
     eprintln!("custom resources: 5 written, listed, patched and watched; kube-apiserver alive");

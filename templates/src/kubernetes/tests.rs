@@ -307,16 +307,25 @@ fn pod_ranges_and_routes_between_nodes() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .unwrap_or_else(|| panic!("no ExecStart:\n{net}"));
-    assert!(watch.starts_with("/bin/sh -c 'while sleep 15; do "), "{watch}");
+    assert!(
+        watch.starts_with("/bin/sh -c 'while sleep 15; do "),
+        "{watch}"
+    );
     for pre in net.lines().filter_map(|l| l.strip_prefix("ExecStartPre=")) {
         let step = pre
             .strip_prefix("/bin/sh -c '")
             .and_then(|s| s.strip_suffix('\''))
             .unwrap_or(pre);
-        assert!(watch.contains(step), "ExecStart does not re-apply {step}: {watch}");
+        assert!(
+            watch.contains(step),
+            "ExecStart does not re-apply {step}: {watch}"
+        );
     }
     for dst in ["10.244.0.0/24", "10.244.1.0/24", "10.96.0.0/12"] {
-        assert!(watch.contains(&format!(" {dst}")), "{dst} not checked: {watch}");
+        assert!(
+            watch.contains(&format!(" {dst}")),
+            "{dst} not checked: {watch}"
+        );
     }
     assert!(net.contains("Restart=always\n"), "{net}");
     let cni = file(&w2, "/etc/cni/net.d/10-clusterctl.conflist");
