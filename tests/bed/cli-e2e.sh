@@ -34,7 +34,8 @@
 #                     busybox Deployment runs one pod on each worker; a pod reaches the pod on the
 #                     other worker and the ClusterIP Service backed by it
 #   node-services     every node reaches a ClusterIP Service from its own network namespace (what
-#                     the API server does to call an admission or conversion webhook)
+#                     the API server does to call an admission or conversion webhook); the service
+#                     route deleted on a worker is put back by the pod-network unit
 #   webhooks          an admission webhook (agnhost from the bundle, TLS) called by the real API
 #                     server through its Service's ClusterIP denies one ConfigMap, admits another
 #   custom-resources  a CRD whose objects are nested maps: objects written, listed, patched and
@@ -472,6 +473,22 @@ phase_node_services() {
     [ -n "$out" ] || die "$m cannot reach the ClusterIP Service $svc:80 from its own namespace (route: $route)"
     log "node-services: $m reached $svc:80 (answered by pod $out); route: $(head -n1 <<< "$route")"
   done
+  # The pod-network unit keeps the route applied: deleted behind its back, it is put back (the
+  # unit re-applies its steps every 15 s) and the unit's journal says so.
+  local svc_cidr=10.96.0.0/12 # the spec's default serviceCIDR (this cluster.yaml sets none)
+  m=$name-workers-1
+  waiting "the service route on $m put back by clusterctl-pod-network after it was deleted"
+  "$bin" ssh "$name" "$m" -- sudo -n ip route del "$svc_cidr" || die "cannot delete the service route on $m"
+  route=""
+  for _ in $(seq 1 12); do
+    sleep 5
+    route=$("$bin" ssh "$name" "$m" -- ip route show "$svc_cidr") || die "cannot list routes on $m"
+    [ -z "$route" ] || break
+  done
+  [ -n "$route" ] || die "the service route on $m was not put back within 60 s"
+  out=$("$bin" ssh "$name" "$m" -- sudo -n journalctl -u clusterctl-pod-network --no-pager) || die "cannot read the pod-network journal on $m"
+  grep -q "route $svc_cidr was gone: restoring it" <<< "$out" || die "the pod-network unit on $m did not log the restored route: $(tail -n 5 <<< "$out")"
+  log "node-services: the service route deleted on $m was put back: $route"
 }
 
 # A CRD whose objects are nested maps. The bundle's kube-apiserver once died on these (reflect2
