@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod cmd;
 pub mod engine;
+pub mod error;
 pub mod kube;
 pub mod kubeconfig;
 pub mod output;

@@ -244,17 +244,7 @@ fn describe(action: &str) -> String {
     }
 }
 
-/// The error and its sources joined with `: `.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error::error_chain;
 
 /// A step of execution with a title, a check whether it still needs to run, and the run.
 pub trait Phase<C>: Send + Sync {

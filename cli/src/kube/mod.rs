@@ -345,17 +345,7 @@ impl KubeClient {
     }
 }
 
-/// An error with its causes, `: `-separated (for status lines and `detail` texts).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use crate::error::error_chain as chain;
 
 #[cfg(test)]
 mod tests {
