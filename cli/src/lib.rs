@@ -4,6 +4,7 @@
 //! `cmd` (clap only) -> actions -> `engine` (plan + phases) over `spec`, `state`, `ssh` and the
 //! `providers` crate.
 
+pub mod action;
 pub mod bundle;
 pub mod cmd;
 pub mod engine;

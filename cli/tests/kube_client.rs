@@ -6,7 +6,9 @@
 //! then 5xx) and then sees it ready; `/version` is read (1.20.2 -> policy/v1beta1); a Node
 //! created and patched Ready through the client is seen by the node wait, which also times out
 //! while it is not Ready; many requests share one SSH connection; a bastion in between works;
-//! drain's calls (cordon, eviction with a PodDisruptionBudget: 429); an sshd that forbids
+//! drain's calls (cordon, eviction with a PodDisruptionBudget: 429) and the drain loop (held by
+//! the budget until its timeout, which names the pod and why; with force, the pods left deleted
+//! at once); an sshd that forbids
 //! forwarding, a wrong host key pin, a client certificate from another CA and a server
 //! certificate from another CA each fail at once with a message saying what to do.
 //!
@@ -18,6 +20,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use clusterctl::kube::drain::{self, Blocker, PodRef, Replicas};
+use clusterctl::kube::drainer::{self, DrainError, DrainEvent, DrainOptions};
 use clusterctl::kube::{
     Credentials, Disposition, KubeClient, KubeError, PolicyApi, TokioClock, TunnelFailure,
     WaitPolicy,
@@ -482,6 +485,78 @@ async fn drain_calls(client: &KubeClient, policy: &PolicyApi) {
         ["guarded"],
         "the free pod is evicted, the guarded one stays"
     );
+
+    // The drain loop against the real server. First: the pods have no controller, so a drain
+    // without force refuses before it evicts anything, naming them.
+    let opts = DrainOptions {
+        timeout: Duration::from_secs(4),
+        force: false,
+        poll: Duration::from_millis(500),
+    };
+    let err = drainer::drain_node(client, "node-a", policy, &opts, &TokioClock, &mut |_| {})
+        .await
+        .expect_err("bare pods refused");
+    match &err {
+        DrainError::Refused { pods, .. } => {
+            let names: Vec<&str> = pods.iter().map(|(p, _)| p.name.as_str()).collect();
+            assert_eq!(names, ["free", "guarded"], "{err}");
+        }
+        other => panic!("want a refusal, got {other}"),
+    }
+    assert!(err.to_string().contains("--force"), "{err}");
+    // Given a controller (a ReplicaSet, as a Deployment's pods have): `free` is terminating
+    // (no kubelet confirms its end), `guarded` is held by its budget until the timeout, which
+    // names it and why.
+    for name in ["free", "guarded"] {
+        pods.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{name}-rs"),
+                "uid": "00000000-0000-0000-0000-000000000001", "controller": true}]}})),
+        )
+        .await
+        .map_err(|e| KubeClient::error("giving a pod a controller", e))
+        .expect("owner");
+    }
+    let mut events = Vec::new();
+    let err = drainer::drain_node(client, "node-a", policy, &opts, &TokioClock, &mut |e| {
+        events.push(e)
+    })
+    .await
+    .expect_err("held by the budget");
+    eprintln!("drain with a 4 s timeout: {err}");
+    match &err {
+        DrainError::TimedOut { pods, .. } => {
+            let names: Vec<&str> = pods.iter().map(|(p, _)| p.name.as_str()).collect();
+            assert_eq!(names, ["free", "guarded"], "{err}");
+            assert!(pods[0].1.contains("terminating"), "{err}");
+            assert!(
+                pods[1].1.contains("PodDisruptionBudget default/guarded"),
+                "{err}"
+            );
+        }
+        other => panic!("want a timeout, got {other}"),
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, DrainEvent::Held { pod, .. } if pod.name == "guarded")),
+        "{events:?}"
+    );
+    // Forced, after the timeout: every pod left is deleted at once, the node is empty.
+    let forced = DrainOptions {
+        timeout: Duration::ZERO,
+        force: true,
+        ..opts
+    };
+    let report = drainer::drain_node(client, "node-a", policy, &forced, &TokioClock, &mut |_| {})
+        .await
+        .expect("forced drain");
+    let mut deleted: Vec<&str> = report.deleted.iter().map(|p| p.name.as_str()).collect();
+    deleted.sort_unstable();
+    assert_eq!(deleted, ["free", "guarded"], "{report}");
+    assert!(client.pods_on("node-a").await.expect("pods").is_empty());
 
     client
         .set_unschedulable("node-a", false)

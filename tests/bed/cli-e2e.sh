@@ -120,7 +120,21 @@ waiting() {
     > "$CLUSTERCTL_DIAG_DIR/e2e.tmp" && mv "$CLUSTERCTL_DIAG_DIR/e2e.tmp" "$CLUSTERCTL_DIAG_DIR/e2e"
 }
 
+# On failure, what the control plane was doing: load and memory of the control-plane VM, the
+# restart counts and last journal records of etcd and kube-apiserver (whether it crashed, or was
+# only slow, is the first question after a timeout).
+diagnose() {
+  [ -f "$CLUSTERCTL_STATE_DIR/$name/cluster.json" ] || return 0
+  log "diagnostics of $name-cp-0 (phase $phase):"
+  timeout 90 "$bin" ssh "$name" "$name-cp-0" -- \
+    "uptime; free -m; systemctl show etcd kube-apiserver -p Id -p ActiveState -p NRestarts -p ExecMainStartTimestamp; sudo -n journalctl -u etcd -u kube-apiserver --no-pager -n 60 -o short-monotonic" >&2 \
+    || log "diagnostics: cannot reach $name-cp-0"
+  log "host: $(cat /proc/loadavg) (load average)"
+}
+
 cleanup() {
+  local rc=$?
+  [ "$rc" -eq 0 ] || diagnose || true
   # A create still running in the background (a check failed meanwhile) must not hold the lock.
   if [ -n "${pid:-}" ]; then kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   # A kept work directory keeps its cluster (the developer asked for it).
@@ -286,6 +300,27 @@ check_again() {
 }
 
 k() { "$kubectl" --request-timeout=60s "$@"; }
+# For idempotent requests only (apply, get, wait): a request the API server did not answer within
+# the client's timeout is sent again, at most 3 times, each retry logged. Under software emulation
+# on a loaded host one write can take longer than 60 s (seen in CI); a crash is caught elsewhere
+# (the phases that care compare kube-apiserver's restart count).
+k_retry() {
+  local attempt out input=/dev/null a
+  # A manifest on stdin (-f -) is kept, to be sent again.
+  for a in "$@"; do [ "$a" != - ] || { cat > "$work/k_retry.in"; input=$work/k_retry.in; }; done
+  for attempt in 1 2 3; do
+    if out=$(k "$@" < "$input" 2> "$work/k_retry.err"); then
+      printf '%s' "$out"; [ -z "$out" ] || echo
+      return 0
+    fi
+    if ! grep -qE 'Client.Timeout exceeded|context deadline exceeded|TLS handshake timeout|the server was unable to return a response in the time allotted' "$work/k_retry.err"; then
+      cat "$work/k_retry.err" >&2
+      return 1
+    fi
+    log "$phase: kubectl $1 timed out (attempt $attempt of 3): $(tr '\n' ' ' < "$work/k_retry.err")"
+  done
+  return 1
+}
 
 # The cluster works, through the kubeconfig context `create` merged: nodes, scheduling, pod
 # network across nodes, Services.
@@ -497,7 +532,7 @@ phase_custom_resources() {
   local cp=$name-cp-0 before after i list
   before=$("$bin" ssh "$name" "$cp" -- systemctl show kube-apiserver -p NRestarts --value) || die "cannot read kube-apiserver's restart count"
   waiting "CRD widgets.e2e.clusterctl.io established"
-  k apply -f - > /dev/null <<'YAML' || die "cannot create the CRD"
+  k_retry apply -f - > /dev/null <<'YAML' || die "cannot create the CRD"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: widgets.e2e.clusterctl.io}
@@ -522,7 +557,7 @@ YAML
   k wait --for=condition=Established crd/widgets.e2e.clusterctl.io --timeout=120s > /dev/null || die "the CRD was not established"
   waiting "custom resources written, listed, patched"
   for i in 0 1 2; do
-    k apply -f - > /dev/null <<YAML || die "cannot create widget w$i"
+    k_retry apply -f - > /dev/null <<YAML || die "cannot create widget w$i"
 apiVersion: e2e.clusterctl.io/v1
 kind: Widget
 metadata: {name: w$i, labels: {app: w$i}, annotations: {a: b}}
@@ -531,12 +566,12 @@ spec:
   nested: {a: {b: {c: [1, 2, {d: e}]}}, m: {x: "1"}}
 YAML
   done
-  list=$(k get widgets -o json) || die "cannot list widgets"
+  list=$(k_retry get widgets -o json) || die "cannot list widgets"
   [ "$(jq '.items | length' <<< "$list")" -eq 3 ] || die "want 3 widgets: $list"
   [ "$(jq -r '.items[2].spec.nested.a.b.c[2].d' <<< "$list")" = e ] || die "widget w2 came back changed: $list"
-  k patch widget w1 --type=merge -p '{"spec":{"labels":{"patched":"yes"}}}' > /dev/null || die "cannot patch widget w1"
-  [ "$(k get widget w1 -o jsonpath='{.spec.labels.patched}')" = yes ] || die "the patch of w1 was lost"
-  k delete crd widgets.e2e.clusterctl.io > /dev/null || die "cannot delete the CRD"
+  k_retry patch widget w1 --type=merge -p '{"spec":{"labels":{"patched":"yes"}}}' > /dev/null || die "cannot patch widget w1"
+  [ "$(k_retry get widget w1 -o jsonpath='{.spec.labels.patched}')" = yes ] || die "the patch of w1 was lost"
+  k_retry delete crd widgets.e2e.clusterctl.io --ignore-not-found > /dev/null || die "cannot delete the CRD"
   after=$("$bin" ssh "$name" "$cp" -- systemctl show kube-apiserver -p NRestarts --value) || die "cannot read kube-apiserver's restart count"
   [ "$after" = "$before" ] || die "kube-apiserver restarted during the custom-resource checks ($before -> $after restarts)"
   k get --raw /readyz > /dev/null || die "kube-apiserver is not ready after the custom-resource checks"

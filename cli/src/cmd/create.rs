@@ -20,9 +20,7 @@ use crate::engine::bootstrap::{self, BootstrapContext};
 use crate::engine::{self, ApplyContext, Env, MachineTemplate, Reporter};
 use crate::provider;
 use crate::spec;
-use crate::state::{
-    ClusterGuard, ClusterRecord, ClusterStatus, LockHolder, Replay, StateStore, Timestamp, WaitMode,
-};
+use crate::state::{ClusterGuard, ClusterRecord, ClusterStatus, StateStore, Timestamp};
 
 /// Most provider calls in flight at once.
 pub const CONCURRENCY: usize = 4;
@@ -48,54 +46,7 @@ pub(crate) fn load_spec(file: &Path) -> anyhow::Result<spec::Cluster> {
     Ok(spec)
 }
 
-/// Takes the cluster lock, telling the user when it has to wait.
-pub(crate) fn lock_cluster(
-    store: &StateStore,
-    name: &str,
-    wait: bool,
-    report: Reporter,
-) -> anyhow::Result<ClusterGuard> {
-    let mode = if wait {
-        WaitMode::Wait
-    } else {
-        WaitMode::FailFast
-    };
-    let guard = store.lock(name, mode, &mut |holder: Option<&LockHolder>| {
-        let who = match holder {
-            Some(h) => format!("pid {} ({}) since {}", h.pid, h.command, h.since),
-            None => "another process".to_owned(),
-        };
-        report.note(&format!("cluster {name:?} is locked by {who}; waiting"));
-    })?;
-    Ok(guard)
-}
-
-/// Opens the journal for this run and reports a torn record left by a crash.
-pub(crate) fn open_journal(
-    guard: &ClusterGuard,
-    report: Reporter,
-) -> anyhow::Result<(crate::state::Journal, Replay)> {
-    let command = LockHolder::current().command;
-    let (journal, replay) = guard.open_journal(&command)?;
-    if let Some(t) = &replay.torn_tail {
-        report.note(&format!(
-            "journal {} ended in a record torn by a crash (line {}, {} bytes); dropped it",
-            journal.path().display(),
-            t.line,
-            t.bytes
-        ));
-    }
-    Ok((journal, replay))
-}
-
-/// A tokio runtime for the engine: provider calls run on its blocking pool.
-pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
+pub(crate) use crate::action::{lock_cluster, open_journal, runtime};
 
 /// Checks that an existing cluster can be created again from `spec`: same provider settings
 /// (otherwise its machines would be orphaned) and not half deleted.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, bail};
 
 use super::Global;
-use super::create::{lock_cluster, open_journal, runtime};
+use crate::action::{lock_cluster, open_journal, runtime};
 use crate::engine::{self, DeleteContext, Env, Reporter};
 use crate::provider;
 use crate::state::{ClusterStatus, StateStore};

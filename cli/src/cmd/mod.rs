@@ -11,6 +11,7 @@ use crate::output::Format;
 pub mod create;
 pub mod credentials;
 pub mod delete;
+pub mod drain;
 pub mod get;
 pub mod image;
 pub mod plan;
@@ -72,6 +73,11 @@ pub enum Command {
     },
     /// Check a cluster spec: strict parsing and every semantic rule, all problems at once.
     Validate(validate::ValidateArgs),
+    /// Cordon a node and evict its pods, honouring PodDisruptionBudgets (`--dry-run`: only
+    /// show what would be evicted and what blocks it).
+    Drain(drain::DrainArgs),
+    /// Make a node schedulable again.
+    Uncordon(drain::UncordonArgs),
     /// Run a command on a machine of a cluster (host key verified against the pinned one).
     Ssh(ssh::SshArgs),
     /// Build and list container-optimized node images.
@@ -135,5 +141,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate(args) => validate::run(&args, cli.global.output),
         Command::Image(command) => image::run(&cli.global, command),
         Command::Ssh(args) => ssh::run(&cli.global, &args),
+        Command::Drain(args) => drain::run(&cli.global, &args),
+        Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
     }
 }

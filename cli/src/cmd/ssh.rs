@@ -7,7 +7,7 @@ use std::io::Write as _;
 use anyhow::{Context as _, bail};
 
 use super::Global;
-use super::create::runtime;
+use crate::action::runtime;
 use crate::engine::access;
 use crate::ssh::{Endpoint, ExecOptions, OutputStream, RetryPolicy, Target};
 use crate::state::StateStore;

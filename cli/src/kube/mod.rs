@@ -20,6 +20,7 @@
 //! Nothing here prints: progress goes to a callback, diagnostics to `tracing`.
 
 pub mod drain;
+pub mod drainer;
 mod error;
 pub mod readiness;
 mod tunnel;

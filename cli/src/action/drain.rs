@@ -1,0 +1,385 @@
+//! `clusterctl drain` and `clusterctl uncordon`: take a node out of service safely, and put it
+//! back.
+//!
+//! A drain takes the cluster lock (the one lock of everything that takes nodes down), checks the
+//! node exists, cordons it unless it already is (journaled: `cordon-node`), then evicts its pods
+//! ([`kube::drainer`](crate::kube::drainer)) under a journaled `drain-node`. When the drain fails
+//! or is interrupted (Ctrl-C, SIGTERM), the node is uncordoned again if, and only if, clusterctl
+//! cordoned it (the journal says so: see [`cordoned_by_clusterctl`]); a node an operator had
+//! cordoned stays as it was. A drain that finishes leaves the node cordoned and empty (that is
+//! what it is for); `uncordon` puts it back in service. A drain killed outright is finished by
+//! running it again.
+//!
+//! `--dry-run` touches nothing and takes no lock: it lists what draining would evict, what it
+//! would leave alone and what will block or hurt (PodDisruptionBudgets allowing no disruption,
+//! pods without a controller, local storage, single replicas).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use super::{cluster_api, load_cluster, lock_cluster, open_journal, runtime};
+use crate::engine::Reporter;
+use crate::kube::drain::DrainSimulation;
+use crate::kube::drainer::{self, DrainEvent, DrainOptions, DrainReport};
+use crate::kube::{KubeClient, PolicyApi, TokioClock};
+use crate::state::{Event, Journal, Replay, StateStore};
+
+/// Journal action: a node was cordoned by clusterctl.
+pub const CORDON: &str = "cordon-node";
+/// Journal action: a node was uncordoned by clusterctl.
+pub const UNCORDON: &str = "uncordon-node";
+/// Journal action: a node's pods were evicted.
+pub const DRAIN: &str = "drain-node";
+
+/// What `drain` is asked to do.
+#[derive(Debug, Clone)]
+pub struct DrainRequest {
+    /// The node (its machine's name).
+    pub node: String,
+    /// Timeout, force, pace.
+    pub options: DrainOptions,
+    /// Only say what would happen.
+    pub dry_run: bool,
+    /// Wait for the cluster lock instead of failing at once.
+    pub wait_lock: bool,
+}
+
+/// What `drain` did.
+#[derive(Debug, Clone)]
+pub enum DrainOutcome {
+    /// `--dry-run`: what a drain would do now.
+    Simulated {
+        /// The node.
+        node: String,
+        /// Evictions, skips and findings.
+        simulation: DrainSimulation,
+        /// The node is cordoned already.
+        cordoned: bool,
+    },
+    /// The node is cordoned and has no pod left to move.
+    Drained {
+        /// The node.
+        node: String,
+        /// What the drain did.
+        report: DrainReport,
+    },
+}
+
+/// Whether the journal says clusterctl cordoned `node` and has not uncordoned it since. An
+/// interrupted cordon counts as done (the API call may have happened).
+pub fn cordoned_by_clusterctl(replay: &Replay, node: &str) -> bool {
+    let mut intents = std::collections::BTreeMap::new();
+    let mut state = false;
+    for record in &replay.records {
+        match &record.event {
+            Event::Intent { op, action, target } if target == node => {
+                intents.insert(op.clone(), action.clone());
+            }
+            Event::Done { op } | Event::Interrupted { op, .. } => match intents.get(op) {
+                Some(a) if a == CORDON => state = true,
+                Some(a) if a == UNCORDON => state = false,
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    state
+}
+
+/// Runs `clusterctl drain`.
+pub fn drain(
+    store: &StateStore,
+    name: &str,
+    request: &DrainRequest,
+    report: Reporter,
+) -> anyhow::Result<DrainOutcome> {
+    let record = load_cluster(store, name)?;
+    let node = request.node.as_str();
+    let rt = runtime()?;
+    if request.dry_run {
+        return rt.block_on(async {
+            let api = cluster_api(store, &record).await?;
+            let result = async {
+                let policy = policy(&api).await?;
+                let cordoned = node_cordoned(&api, name, node).await?;
+                let simulation = api.simulate_drain(node, policy).await?;
+                Ok(DrainOutcome::Simulated {
+                    node: node.to_owned(),
+                    simulation,
+                    cordoned,
+                })
+            }
+            .await;
+            api.close().await;
+            result
+        });
+    }
+    let guard = lock_cluster(store, name, request.wait_lock, report)?;
+    let (mut journal, replay) = open_journal(&guard, report)?;
+    for found in replay.in_flight() {
+        report.note(&format!(
+            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
+            found.action, found.target
+        ));
+        journal.interrupted(&found)?;
+    }
+    let ours_before = cordoned_by_clusterctl(&replay, node);
+    let result = rt.block_on(async {
+        let api = cluster_api(store, &record).await?;
+        let result = drain_with(&api, &mut journal, name, node, request, ours_before, report).await;
+        api.close().await;
+        result
+    });
+    journal.finish(result.is_ok())?;
+    result
+}
+
+async fn drain_with(
+    api: &KubeClient,
+    journal: &mut Journal,
+    name: &str,
+    node: &str,
+    request: &DrainRequest,
+    ours_before: bool,
+    report: Reporter,
+) -> anyhow::Result<DrainOutcome> {
+    let policy = policy(api).await?;
+    let was_cordoned = node_cordoned(api, name, node).await?;
+    // Ours to uncordon on failure: cordoned now, or by an earlier run of clusterctl.
+    let ours = if was_cordoned {
+        if ours_before {
+            report.machine(node, "cordoned by an earlier clusterctl run; draining on");
+        } else {
+            report.machine(
+                node,
+                "already cordoned (not by clusterctl: it stays cordoned)",
+            );
+        }
+        ours_before
+    } else {
+        journaled(journal, CORDON, node, async {
+            api.set_unschedulable(node, true).await
+        })
+        .await?;
+        report.machine(node, "cordoned");
+        true
+    };
+    let op = journal.intent(DRAIN, node)?;
+    let clock = TokioClock;
+    let mut on_event = |event: DrainEvent| match event {
+        DrainEvent::Evicted(pod) => report.machine(node, &format!("evicted {pod}")),
+        DrainEvent::Deleted(pod) => {
+            report.machine(node, &format!("deleted {pod} (--force, after the timeout)"))
+        }
+        DrainEvent::Held { pod, reason } => {
+            report.machine(node, &format!("waiting to evict {pod}: {reason}"))
+        }
+        DrainEvent::Retrying(why) => report.machine(node, &format!("retrying: {why}")),
+    };
+    let drained = tokio::select! {
+        r = drainer::drain_node(api, node, policy, &request.options, &clock, &mut on_event) => r.map_err(anyhow::Error::from),
+        _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match drained {
+        Ok(done) => {
+            journal.done(&op)?;
+            report.machine(node, &format!("drained: {done}"));
+            Ok(DrainOutcome::Drained {
+                node: node.to_owned(),
+                report: done,
+            })
+        }
+        Err(err) => {
+            journal.failed(&op, &crate::error::error_chain(err.as_ref()))?;
+            if ours {
+                match journaled(journal, UNCORDON, node, async {
+                    api.set_unschedulable(node, false).await
+                })
+                .await
+                {
+                    Ok(()) => report.machine(
+                        node,
+                        "uncordoned again: the drain did not finish, and clusterctl had cordoned it",
+                    ),
+                    Err(e) => {
+                        return Err(err.context(format!(
+                            "and node {node} could not be uncordoned ({e:#}): run `clusterctl uncordon {name} {node}`"
+                        )));
+                    }
+                }
+            }
+            Err(err.context(format!("draining node {node} of cluster {name:?}")))
+        }
+    }
+}
+
+/// Runs `clusterctl uncordon`: the node is schedulable again (whoever cordoned it). Returns
+/// whether it was cordoned.
+pub fn uncordon(
+    store: &StateStore,
+    name: &str,
+    node: &str,
+    wait_lock: bool,
+    report: Reporter,
+) -> anyhow::Result<bool> {
+    let record = load_cluster(store, name)?;
+    let guard = lock_cluster(store, name, wait_lock, report)?;
+    let (mut journal, _) = open_journal(&guard, report)?;
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let api = cluster_api(store, &record).await?;
+        let result = async {
+            let cordoned = node_cordoned(&api, name, node).await?;
+            if cordoned {
+                journaled(&mut journal, UNCORDON, node, async {
+                    api.set_unschedulable(node, false).await
+                })
+                .await?;
+                report.machine(node, "uncordoned");
+            } else {
+                report.machine(node, "not cordoned: nothing to do");
+            }
+            Ok(cordoned)
+        }
+        .await;
+        api.close().await;
+        result
+    });
+    journal.finish(result.is_ok())?;
+    result
+}
+
+/// One journaled API side effect: intent, call, outcome.
+async fn journaled(
+    journal: &mut Journal,
+    action: &str,
+    target: &str,
+    call: impl std::future::Future<Output = Result<(), crate::kube::KubeError>>,
+) -> anyhow::Result<()> {
+    let op = journal.intent(action, target)?;
+    match call.await {
+        Ok(()) => {
+            journal.done(&op)?;
+            Ok(())
+        }
+        Err(e) => {
+            journal.failed(&op, &crate::error::error_chain(&e))?;
+            Err(e.into())
+        }
+    }
+}
+
+async fn policy(api: &KubeClient) -> anyhow::Result<PolicyApi> {
+    Ok(api.server_version().await?.policy_api())
+}
+
+/// Whether the node is cordoned; an unknown node is an error naming the known ones.
+async fn node_cordoned(api: &KubeClient, cluster: &str, node: &str) -> anyhow::Result<bool> {
+    let nodes = api
+        .list_nodes()
+        .await
+        .with_context(|| format!("listing the nodes of cluster {cluster:?}"))?;
+    match nodes.iter().find(|n| n.name == node) {
+        Some(n) => Ok(n.unschedulable),
+        None => bail!(
+            "cluster {cluster:?} has no node {node:?} (nodes: {}); `clusterctl get {cluster}` lists them",
+            nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, so that an interrupted drain can uncordon what it cordoned.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The default per-node timeout, for the CLI's help.
+pub const DEFAULT_TIMEOUT: Duration = drainer::DEFAULT_DRAIN_TIMEOUT;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Record, Timestamp};
+
+    fn replay(events: Vec<Event>) -> Replay {
+        let mut replay = Replay::default();
+        replay.records = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| Record {
+                seq: i as u64,
+                at: Timestamp::now(),
+                run: "r".into(),
+                event,
+            })
+            .collect();
+        replay
+    }
+
+    fn intent(op: &str, action: &str, target: &str) -> Event {
+        Event::Intent {
+            op: op.into(),
+            action: action.into(),
+            target: target.into(),
+        }
+    }
+
+    fn done(op: &str) -> Event {
+        Event::Done { op: op.into() }
+    }
+
+    #[test]
+    fn the_journal_says_which_nodes_clusterctl_cordoned() {
+        let r = replay(vec![
+            intent("r.1", CORDON, "w1"),
+            done("r.1"),
+            intent("r.2", DRAIN, "w1"),
+            intent("r.3", CORDON, "w2"),
+            done("r.3"),
+            intent("r.4", UNCORDON, "w2"),
+            done("r.4"),
+            // A cordon that failed never happened.
+            intent("r.5", CORDON, "w3"),
+            Event::Failed {
+                op: "r.5".into(),
+                error: "x".into(),
+            },
+            // One killed mid-call may have happened.
+            intent("r.6", CORDON, "w4"),
+            Event::Interrupted {
+                op: "r.6".into(),
+                action: CORDON.into(),
+                target: "w4".into(),
+                started_by: "r".into(),
+            },
+        ]);
+        assert!(cordoned_by_clusterctl(&r, "w1"));
+        assert!(!cordoned_by_clusterctl(&r, "w2"));
+        assert!(!cordoned_by_clusterctl(&r, "w3"));
+        assert!(cordoned_by_clusterctl(&r, "w4"));
+        assert!(!cordoned_by_clusterctl(&r, "cp"));
+    }
+}

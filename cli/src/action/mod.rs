@@ -1,0 +1,122 @@
+//! Actions: one module per command that changes a cluster. An action takes the cluster lock,
+//! opens the journal, runs its steps through the engine and the API client, and reports through
+//! a [`Reporter`]; `cmd/` only parses arguments and prints results.
+//!
+//! `create` and `delete` still orchestrate from `cmd/` (moving them here is part of issue 9's
+//! layering work); [`drain`] is the first action written this way.
+
+pub mod drain;
+
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+
+use crate::engine::Reporter;
+use crate::engine::access;
+use crate::kube::{API_SERVER_PORT, Credentials, KubeClient};
+use crate::ssh::{Endpoint, RetryPolicy, Target};
+use crate::state::{ClusterGuard, ClusterRecord, LockHolder, Replay, StateStore, WaitMode};
+use providers::MachineRole;
+
+/// Takes the cluster lock, telling the user when it has to wait.
+pub fn lock_cluster(
+    store: &StateStore,
+    name: &str,
+    wait: bool,
+    report: Reporter,
+) -> anyhow::Result<ClusterGuard> {
+    let mode = if wait {
+        WaitMode::Wait
+    } else {
+        WaitMode::FailFast
+    };
+    let guard = store.lock(name, mode, &mut |holder: Option<&LockHolder>| {
+        let who = match holder {
+            Some(h) => format!("pid {} ({}) since {}", h.pid, h.command, h.since),
+            None => "another process".to_owned(),
+        };
+        report.note(&format!("cluster {name:?} is locked by {who}; waiting"));
+    })?;
+    Ok(guard)
+}
+
+/// Opens the journal for this run and reports a torn record left by a crash.
+pub fn open_journal(
+    guard: &ClusterGuard,
+    report: Reporter,
+) -> anyhow::Result<(crate::state::Journal, Replay)> {
+    let command = LockHolder::current().command;
+    let (journal, replay) = guard.open_journal(&command)?;
+    if let Some(t) = &replay.torn_tail {
+        report.note(&format!(
+            "journal {} ended in a record torn by a crash (line {}, {} bytes); dropped it",
+            journal.path().display(),
+            t.line,
+            t.bytes
+        ));
+    }
+    Ok((journal, replay))
+}
+
+/// A tokio runtime for the engine: provider calls run on its blocking pool.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Loads a cluster's record, or says how to find the known clusters.
+pub fn load_cluster(store: &StateStore, name: &str) -> anyhow::Result<ClusterRecord> {
+    store.load(name)?.ok_or_else(|| {
+        anyhow!(
+            "cluster {name:?} not found in {}; `clusterctl get` lists the known clusters",
+            store.root().display()
+        )
+    })
+}
+
+/// An API client for the cluster: through SSH to its first control-plane machine (host key
+/// pinned from the state), to the API server on that machine's loopback, as the cluster admin.
+pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::Result<KubeClient> {
+    let name = record.name.as_str();
+    let Some(cp) = record
+        .machines
+        .iter()
+        .filter(|m| m.role == MachineRole::ControlPlane)
+        .min_by(|a, b| a.name.cmp(&b.name))
+    else {
+        bail!(
+            "cluster {name:?} has no control-plane machine in its state; run `clusterctl create` for it first"
+        );
+    };
+    let Some(key) = record.ssh_host_keys.get(&cp.name) else {
+        bail!(
+            "no ssh host key is pinned for machine {:?} in the cluster state, so its identity cannot be verified; run `clusterctl create` for the cluster again",
+            cp.name
+        );
+    };
+    let Some(addr) = access::ssh_address(cp) else {
+        bail!(
+            "machine {:?} has no known address yet; run `clusterctl create` for the cluster again",
+            cp.name
+        );
+    };
+    let identity = access::client_identity(&record.spec.spec.ssh, store, name, None).await?;
+    let endpoint = Endpoint::new(addr.to_string(), access::SSH_PORT);
+    let client = access::pinned_client(
+        &identity,
+        &[(endpoint.clone(), key.clone())],
+        RetryPolicy::for_up_to(Duration::from_secs(30)),
+    )?;
+    let target = Target::new(endpoint.host.clone(), endpoint.port, identity.user.clone());
+    let credentials =
+        Credentials::from_pki_dir(&store.cluster_dir(name)?.join(crate::kubeconfig::PKI_DIR))?;
+    Ok(KubeClient::new(
+        client,
+        target,
+        Endpoint::new("127.0.0.1", API_SERVER_PORT),
+        &credentials,
+    )?)
+}
