@@ -44,6 +44,11 @@
 #                     data disk) and its pod serves again
 #   again             `create` again changes nothing: same domains, volumes, networks, pools and
 #                     host keys, no upload, no file changed, no unit restarted
+#   drain             `clusterctl drain` of a worker: a budget allowing no disruption reported by
+#                     --dry-run before the node is touched, then a drain stopped by it at its
+#                     timeout, node uncordoned; a 2-replica Deployment with a budget
+#                     (minAvailable 1) drained: waits for the budget, finishes, node left
+#                     cordoned and empty; `clusterctl uncordon`
 #   unreachable       a node that does not answer (its SSH port dropped in the bed) makes `create`
 #                     fail with an error naming the node and the phase; status `reconciling`
 #   delete            `delete` removes every domain, volume, network and pool carrying the
@@ -94,7 +99,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot again unreachable delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot again drain unreachable delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
@@ -670,6 +675,104 @@ YAML
   k delete validatingwebhookconfiguration e2e-webhook > /dev/null
   k delete namespace "$ns" --wait=false > /dev/null
   log "webhooks: the API server called the webhook through its Service: '$(head -c 200 <<< "$denied")'"
+}
+
+# `clusterctl drain` on a worker, through the API client over SSH (no kubectl in the product):
+#  1. a PodDisruptionBudget with maxUnavailable 0 is reported as a blocker by --dry-run, which
+#     leaves the node untouched; a real drain with a short timeout stops naming that budget and
+#     uncordons the node it cordoned; the guarded pod still runs;
+#  2. a 2-replica Deployment with a budget minAvailable 1, both replicas on the node: the drain
+#     evicts one, waits for the budget (its replacement must be Ready elsewhere first), then
+#     evicts the other and finishes; the node stays cordoned and empty until `uncordon`.
+# The `web` Deployment of `workloads` (one pod per worker) is whole again at the end.
+phase_drain() {
+  local ns=e2e-drain w0=$name-workers-0 w1=$name-workers-1 out left
+  k delete namespace "$ns" --ignore-not-found --wait=true > /dev/null
+  k create namespace "$ns" > /dev/null || die "cannot create namespace $ns"
+  drain_workload() { # name replicas budget-spec
+    k -n "$ns" apply -f - > /dev/null <<YAML || die "cannot create deployment $1"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: $1}
+spec:
+  replicas: $2
+  selector: {matchLabels: {app: $1}}
+  template:
+    metadata: {labels: {app: $1}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: c
+        image: localhost/clusterctl/busybox:1.35.0
+        imagePullPolicy: Never
+        command: ["sleep", "36000"]
+---
+apiVersion: policy/v1beta1
+kind: PodDisruptionBudget
+metadata: {name: $1}
+spec:
+  $3
+  selector: {matchLabels: {app: $1}}
+YAML
+  }
+  unschedulable() { k get node "$1" -o jsonpath='{.spec.unschedulable}'; }
+  # Workloads land on w1 only: w0 is cordoned (with kubectl: test set-up) while they start.
+  k cordon "$w0" > /dev/null || die "cannot cordon $w0"
+  waiting "deployment frozen (budget maxUnavailable 0) running on $w1"
+  drain_workload frozen 1 "maxUnavailable: 0"
+  k -n "$ns" rollout status deployment/frozen --timeout=600s >&2 || die "deployment frozen did not become ready"
+  k uncordon "$w0" > /dev/null || die "cannot uncordon $w0"
+  # The disruption controller has to see the budget first (disruptionsAllowed computed).
+  for i in $(seq 60); do
+    [ "$(k -n "$ns" get pdb frozen -o jsonpath='{.status.expectedPods}')" = 1 ] && break
+    sleep 2
+  done
+  waiting "drain --dry-run of $w1 reporting the budget"
+  out=$("$bin" drain "$name" "$w1" --dry-run) || die "drain --dry-run failed: $out"
+  echo "$out" >&2
+  grep -q "BLOCKS: PodDisruptionBudget $ns/frozen allows no disruption now" <<< "$out" || die "drain --dry-run did not report the frozen budget"
+  out=$("$bin" -o json drain "$name" "$w1" --dry-run) || die "drain --dry-run -o json failed"
+  jq -e '.clear == false and .cordoned == false and .dryRun == true' <<< "$out" > /dev/null || die "drain --dry-run -o json: $out"
+  [ -z "$(unschedulable "$w1")" ] || die "drain --dry-run cordoned $w1"
+  waiting "drain of $w1 with a 45 s timeout stopping on the budget"
+  if "$bin" drain "$name" "$w1" --timeout 45 2> "$work/drain-fail.log"; then
+    cat "$work/drain-fail.log" >&2; die "the drain finished despite a budget allowing no disruption"
+  fi
+  cat "$work/drain-fail.log" >&2
+  grep -q "PodDisruptionBudget $ns/frozen allows no disruption now" "$work/drain-fail.log" || die "the failed drain did not name the budget"
+  grep -q "uncordoned again" "$work/drain-fail.log" || die "the failed drain did not say it uncordoned $w1"
+  [ -z "$(unschedulable "$w1")" ] || die "the failed drain left $w1 cordoned"
+  [ "$(k -n "$ns" get pods -l app=frozen -o jsonpath='{.items[0].spec.nodeName}')" = "$w1" ] || die "the guarded pod left $w1"
+  log "drain: the budget was reported before the node was touched; the drain stopped on it and uncordoned $w1"
+  k -n "$ns" delete deployment frozen > /dev/null; k -n "$ns" delete pdb frozen > /dev/null
+
+  k cordon "$w0" > /dev/null || die "cannot cordon $w0"
+  waiting "deployment app (2 replicas, budget minAvailable 1) running on $w1"
+  drain_workload app 2 "minAvailable: 1"
+  k -n "$ns" rollout status deployment/app --timeout=600s >&2 || die "deployment app did not become ready"
+  k uncordon "$w0" > /dev/null || die "cannot uncordon $w0"
+  for i in $(seq 60); do
+    [ "$(k -n "$ns" get pdb app -o jsonpath='{.status.disruptionsAllowed}')" = 1 ] && break
+    sleep 2
+  done
+  waiting "drain of $w1 (waits for the budget, then finishes)"
+  out=$("$bin" drain "$name" "$w1" 2> "$work/drain.log") || { cat "$work/drain.log" >&2; die "drain of $w1 failed"; }
+  cat "$work/drain.log" >&2
+  grep -q "waiting to evict $ns/app-" "$work/drain.log" || die "the drain did not wait for the budget of app"
+  [ "$(grep -c "evicted $ns/app-" "$work/drain.log")" -ge 2 ] || die "the drain did not evict both app pods"
+  [ "$(unschedulable "$w1")" = true ] || die "$w1 is not cordoned after the drain"
+  left=$(k get pods -A --field-selector "spec.nodeName=$w1" -o json \
+    | jq -r '[.items[] | select(.metadata.deletionTimestamp == null) | select(all(.metadata.ownerReferences[]?; .kind != "DaemonSet")) | .metadata.namespace + "/" + .metadata.name] | join(" ")')
+  [ -z "$left" ] || die "pods left on $w1 after the drain: $left"
+  [ "$(k -n "$ns" get pods -l app=app -o json | jq -r '[.items[] | select(.status.phase == "Running") | .spec.nodeName] | unique | join(" ")')" = "$w0" ] \
+    || die "the app pods do not run on $w0 after the drain"
+  log "drain: $out"
+  "$bin" uncordon "$name" "$w1" || die "uncordon failed"
+  [ -z "$(unschedulable "$w1")" ] || die "$w1 is still cordoned after uncordon"
+  k delete namespace "$ns" --wait=false > /dev/null
+  # web's pod for w1 (required anti-affinity: one per worker) schedules back.
+  k rollout status deployment/web --timeout=600s >&2 || die "deployment web did not recover after the drain"
+  log "drain: $w1 drained with the budget honoured, then back in service"
 }
 
 phase_reboot() {
