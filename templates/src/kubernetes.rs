@@ -77,6 +77,24 @@ const LEADER_LEASE: &str = "60s";
 const LEADER_RENEW: &str = "40s";
 const LEADER_RETRY: &str = "5s";
 
+/// Leader-election flags of the controller-manager and scheduler: with one control plane there
+/// is no standby to elect, and a renewal that times out on a starved API server makes the
+/// component exit (`leaderelection lost`) and then wait out the old lease before it works again
+/// (measured under QEMU TCG on a loaded host: a ReplicaSet made no pods for 10 minutes), so
+/// election is off; with several, on with the lease above.
+fn leader_election_flags(control_planes: usize) -> Vec<String> {
+    if control_planes > 1 {
+        vec![
+            flag("leader-elect", "true"),
+            flag("leader-elect-lease-duration", LEADER_LEASE),
+            flag("leader-elect-renew-deadline", LEADER_RENEW),
+            flag("leader-elect-retry-period", LEADER_RETRY),
+        ]
+    } else {
+        vec![flag("leader-elect", "false")]
+    }
+}
+
 /// One supported Kubernetes minor version and what differs in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionProfile {
@@ -984,10 +1002,6 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
             flag("authentication-kubeconfig", &cm_kubeconfig),
             flag("authorization-kubeconfig", &cm_kubeconfig),
             flag("bind-address", "127.0.0.1"),
-            flag("leader-elect", "true"),
-            flag("leader-elect-lease-duration", LEADER_LEASE),
-            flag("leader-elect-renew-deadline", LEADER_RENEW),
-            flag("leader-elect-retry-period", LEADER_RETRY),
             flag("cluster-name", &cluster.cluster_name),
             flag("client-ca-file", &ca),
             flag("requestheader-client-ca-file", &front_proxy_ca),
@@ -998,6 +1012,7 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
             // clusterctl assigns each node's pod range itself (module documentation).
             flag("allocate-node-cidrs", "false"),
         ];
+        cm.flags.extend(leader_election_flags(control_planes.len()));
         if cluster.controller_manager_signs {
             cm.flags.push(flag("cluster-signing-cert-file", &ca));
             cm.flags
@@ -1021,11 +1036,10 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
             flag("authentication-kubeconfig", &sched_kubeconfig),
             flag("authorization-kubeconfig", &sched_kubeconfig),
             flag("bind-address", "127.0.0.1"),
-            flag("leader-elect", "true"),
-            flag("leader-elect-lease-duration", LEADER_LEASE),
-            flag("leader-elect-renew-deadline", LEADER_RENEW),
-            flag("leader-elect-retry-period", LEADER_RETRY),
         ];
+        sched
+            .flags
+            .extend(leader_election_flags(control_planes.len()));
         if profile.insecure_port_flag {
             sched.flags.push(flag("port", 0));
         }

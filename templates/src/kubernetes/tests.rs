@@ -390,6 +390,21 @@ fn three_control_planes_form_one_etcd_cluster() {
     assert!(api.contains(
         "--etcd-servers=https://10.77.0.11:2379,https://10.77.0.21:2379,https://10.77.0.22:2379 "
     ));
+    // Several control planes: one controller-manager and one scheduler lead, by lease.
+    for unit in ["kube-controller-manager", "kube-scheduler"] {
+        let text = file(&cp2, &format!("/etc/systemd/system/{unit}.service"));
+        assert!(text.contains("--leader-elect=true "), "{text}");
+        assert!(
+            text.contains("--leader-elect-renew-deadline=40s "),
+            "{text}"
+        );
+    }
+    let cp1 = render(&cluster(), "local-cp-1");
+    for unit in ["kube-controller-manager", "kube-scheduler"] {
+        let text = file(&cp1, &format!("/etc/systemd/system/{unit}.service"));
+        assert!(text.contains("--leader-elect=false"), "{text}");
+        assert!(!text.contains("--leader-elect-lease"), "{text}");
+    }
     c.etcd_cluster_state = EtcdClusterState::Existing;
     let cp3 = render(&c, "local-cp-3");
     assert!(
