@@ -316,6 +316,86 @@ async fn interrupted() {
     }
 }
 
+/// Drain and Node removal on the API client, for machines `create` deletes on a scale-down
+/// (see [`crate::engine::apply::NodeRemoval`]; the engine journals both steps). A drain that
+/// fails uncordons the node again if it was schedulable before.
+pub struct ApiNodeRemoval {
+    api: KubeClient,
+    options: DrainOptions,
+    report: Reporter,
+}
+
+impl ApiNodeRemoval {
+    /// Over `api`, with `options` for every drain.
+    pub fn new(api: KubeClient, options: DrainOptions, report: Reporter) -> Self {
+        ApiNodeRemoval {
+            api,
+            options,
+            report,
+        }
+    }
+
+    async fn drain_one(&self, node: &str) -> anyhow::Result<String> {
+        let api = &self.api;
+        let nodes = api.list_nodes().await?;
+        let Some(state) = nodes.iter().find(|n| n.name == node) else {
+            return Ok("not a node of the cluster (never joined): nothing to drain".into());
+        };
+        let policy = policy(api).await?;
+        if !state.unschedulable {
+            api.set_unschedulable(node, true).await?;
+            self.report.machine(node, "cordoned");
+        }
+        let report = self.report;
+        let mut on_event = |event: DrainEvent| match event {
+            DrainEvent::Evicted(pod) => report.machine(node, &format!("evicted {pod}")),
+            DrainEvent::Deleted(pod) => report.machine(node, &format!("deleted {pod}")),
+            DrainEvent::Held { pod, reason } => {
+                report.machine(node, &format!("waiting to evict {pod}: {reason}"))
+            }
+            DrainEvent::Retrying(why) => report.machine(node, &format!("retrying: {why}")),
+        };
+        let clock = TokioClock;
+        match drainer::drain_node(api, node, policy, &self.options, &clock, &mut on_event).await {
+            Ok(done) => Ok(done.to_string()),
+            Err(err) => {
+                if !state.unschedulable {
+                    match api.set_unschedulable(node, false).await {
+                        Ok(()) => self
+                            .report
+                            .machine(node, "uncordoned again: the drain did not finish"),
+                        Err(e) => {
+                            return Err(anyhow::Error::from(err).context(format!(
+                                "and node {node} could not be uncordoned ({})",
+                                crate::error::error_chain(&e)
+                            )));
+                        }
+                    }
+                }
+                Err(err.into())
+            }
+        }
+    }
+}
+
+impl crate::engine::apply::NodeRemoval for ApiNodeRemoval {
+    fn drain<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> crate::engine::apply::BoxFuture<'a, Result<String, Box<dyn std::error::Error + Send + Sync>>>
+    {
+        Box::pin(async move { self.drain_one(node).await.map_err(Into::into) })
+    }
+
+    fn forget<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> crate::engine::apply::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
+    {
+        Box::pin(async move { self.api.delete_node(node).await.map_err(Into::into) })
+    }
+}
+
 /// The default per-node timeout, for the CLI's help.
 pub const DEFAULT_TIMEOUT: Duration = drainer::DEFAULT_DRAIN_TIMEOUT;
 

@@ -37,6 +37,11 @@ pub struct CreateArgs {
     /// Seconds each machine may take to answer SSH after it was started.
     #[arg(long, value_name = "SECONDS", default_value_t = access::DEFAULT_SSH_TIMEOUT.as_secs())]
     pub ssh_timeout: u64,
+    /// When the spec has fewer workers than the running cluster: seconds each node being
+    /// removed may take to drain (PodDisruptionBudgets honoured) before `create` stops with a
+    /// report and the node uncordoned (default: one hour, as GKE).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::action::drain::DEFAULT_TIMEOUT.as_secs())]
+    pub drain_timeout: u64,
 }
 
 /// Loads and validates a spec and makes its provider paths absolute.
@@ -188,6 +193,23 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         (template, Some(ssh))
     };
 
+    // A cluster that runs Kubernetes: machines it deletes (a smaller pool) are drained first
+    // and their Node objects removed, through the API client.
+    let nodes: Option<Arc<dyn engine::apply::NodeRemoval>> = if record.kubernetes.is_some() {
+        let api = rt
+            .block_on(crate::action::cluster_api(&store, &record))
+            .with_context(|| format!("preparing the API client of cluster {name:?}"))?;
+        Some(Arc::new(crate::action::drain::ApiNodeRemoval::new(
+            api,
+            crate::kube::drainer::DrainOptions {
+                timeout: std::time::Duration::from_secs(args.drain_timeout),
+                ..Default::default()
+            },
+            report,
+        )))
+    } else {
+        None
+    };
     let (journal, replay) = open_journal(&guard, report)?;
     let journal = Arc::new(Mutex::new(journal));
     let mut ctx = ApplyContext {
@@ -205,6 +227,7 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         plan: None,
         ssh,
         ssh_ready: Default::default(),
+        nodes,
     };
     let result = rt.block_on(engine::run_phases(
         &mut ctx,

@@ -88,6 +88,21 @@ pub enum EngineError {
         /// Why (the error chain, or the command's output).
         detail: String,
     },
+    /// Taking a Kubernetes node out before its machine is deleted failed (drain), or removing
+    /// its Node object after.
+    #[error("{action} node {node:?}")]
+    NodeRemoval {
+        /// `draining` or `removing the Node object of`.
+        action: &'static str,
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The spec asks for a change that would break the running cluster.
+    #[error("{0}")]
+    Refused(String),
     /// The cluster cannot be bootstrapped as specified (artifacts, certificates, templates).
     #[error("{0}")]
     Bootstrap(String),
@@ -323,6 +338,23 @@ impl std::fmt::Debug for MachineTemplate {
     }
 }
 
+/// What deleting a machine that is a Kubernetes node needs: drained first (cordon, evictions
+/// honouring PodDisruptionBudgets), its Node object removed after. Given by the caller when the
+/// cluster runs Kubernetes (`action` builds it on the API client); without it machines are
+/// deleted as machines only.
+pub trait NodeRemoval: Send + Sync {
+    /// Cordons and drains `node`; returns a summary line.
+    fn drain<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<String, Box<dyn std::error::Error + Send + Sync>>>;
+    /// Removes the Node object of `node` (gone already is fine).
+    fn forget<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+}
+
 /// State of `clusterctl create` (and later commands that converge machines to the spec).
 pub struct ApplyContext {
     /// Cluster, provider, journal.
@@ -341,6 +373,9 @@ pub struct ApplyContext {
     pub ssh: Option<super::access::SshAccess>,
     /// Time from the start of the SSH wait until each machine answered (set by the wait).
     pub ssh_ready: BTreeMap<String, std::time::Duration>,
+    /// Drain and Node removal for machines that are nodes of a running cluster (`None`: the
+    /// cluster runs no Kubernetes yet).
+    pub nodes: Option<Arc<dyn NodeRemoval>>,
 }
 
 /// The phases of `clusterctl create` as far as this build goes: machines only.
@@ -478,8 +513,58 @@ impl Phase<ApplyContext> for DeleteUnwanted {
                 .as_ref()
                 .map(|p| p.delete_steps().map(str::to_owned).collect())
                 .unwrap_or_default();
+            if let Some(nodes) = ctx.nodes.clone() {
+                // A running cluster: its etcd members live on the control-plane machines, and
+                // nothing removes a member yet (HA is not built), so none is deleted.
+                let control_planes: Vec<&str> = ctx
+                    .plan
+                    .iter()
+                    .flat_map(|p| p.steps.iter())
+                    .filter_map(|s| match s {
+                        Step::DeleteMachine {
+                            name,
+                            role: providers::MachineRole::ControlPlane,
+                            ..
+                        } => Some(name.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                if !control_planes.is_empty() {
+                    return Err(EngineError::Refused(format!(
+                        "the spec no longer has control-plane machine(s) {} of the running cluster; deleting one would lose its etcd member, and changing the number of control-plane machines is not supported yet: keep controlPlane as it was",
+                        control_planes.join(", ")
+                    )));
+                }
+                // Workers leave one at a time (one disruption at a time), each drained first.
+                for name in &names {
+                    let op = ctx
+                        .env
+                        .journal()
+                        .intent("drain-node", name)
+                        .map_err(EngineError::Journal)?;
+                    ctx.env
+                        .report
+                        .machine(name, "draining before it is deleted");
+                    match nodes.drain(name).await {
+                        Ok(summary) => {
+                            ctx.env.journal().done(&op).map_err(EngineError::Journal)?;
+                            ctx.env.report.machine(name, &format!("drained: {summary}"));
+                        }
+                        Err(source) => {
+                            let err = EngineError::NodeRemoval {
+                                action: "draining",
+                                node: name.clone(),
+                                source,
+                            };
+                            let _ = ctx.env.journal().failed(&op, &error_chain(&err));
+                            return Err(err);
+                        }
+                    }
+                }
+            }
             let cluster = ctx.env.cluster.clone();
             let work = names
+                .clone()
                 .into_iter()
                 .map(|name| {
                     let cluster = cluster.clone();
@@ -490,7 +575,32 @@ impl Phase<ApplyContext> for DeleteUnwanted {
                     })
                 })
                 .collect();
-            run_bounded(&ctx.env, "delete-machine", work).await
+            run_bounded(&ctx.env, "delete-machine", work).await?;
+            if let Some(nodes) = ctx.nodes.clone() {
+                for name in &names {
+                    let op = ctx
+                        .env
+                        .journal()
+                        .intent("delete-node", name)
+                        .map_err(EngineError::Journal)?;
+                    match nodes.forget(name).await {
+                        Ok(()) => {
+                            ctx.env.journal().done(&op).map_err(EngineError::Journal)?;
+                            ctx.env.report.machine(name, "Node object removed");
+                        }
+                        Err(source) => {
+                            let err = EngineError::NodeRemoval {
+                                action: "removing the Node object of",
+                                node: name.clone(),
+                                source,
+                            };
+                            let _ = ctx.env.journal().failed(&op, &error_chain(&err));
+                            return Err(err);
+                        }
+                    }
+                }
+            }
+            Ok(())
         })
     }
 }
@@ -714,6 +824,7 @@ mod tests {
             labels: BTreeMap::new(),
         };
         Ok(ApplyContext {
+            nodes: None,
             env: Env {
                 cluster: ClusterRef {
                     name: "c1".into(),

@@ -252,6 +252,20 @@ impl KubeClient {
         Ok(simulate(node, &pods, &budgets, &replicas, policy))
     }
 
+    /// Deletes the Node object `node` (gone already is fine).
+    pub async fn delete_node(&self, node: &str) -> Result<(), KubeError> {
+        let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client());
+        let op = format!("deleting node {node}");
+        match self
+            .call(&op, api.delete(node, &DeleteParams::default()))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status_code() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes a pod at once (grace period 0: the API object goes without waiting for the
     /// kubelet); a pod already gone is fine.
     pub async fn force_delete_pod(&self, pod: &PodRef) -> Result<(), KubeError> {
