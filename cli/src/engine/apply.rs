@@ -955,6 +955,168 @@ mod tests {
         Ok(())
     }
 
+    /// Records what it was asked, in order; fails the drain of `fail`.
+    struct RecordingNodes {
+        calls: Mutex<Vec<String>>,
+        fail: Option<String>,
+    }
+
+    impl NodeRemoval for RecordingNodes {
+        fn drain<'a>(
+            &'a self,
+            node: &'a str,
+        ) -> BoxFuture<'a, Result<String, Box<dyn std::error::Error + Send + Sync>>> {
+            Box::pin(async move {
+                self.calls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("drain {node}"));
+                if self.fail.as_deref() == Some(node) {
+                    return Err("held by a budget".into());
+                }
+                Ok("1 pod(s) evicted".into())
+            })
+        }
+        fn forget<'a>(
+            &'a self,
+            node: &'a str,
+        ) -> BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+            Box::pin(async move {
+                self.calls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("forget {node}"));
+                Ok(())
+            })
+        }
+    }
+
+    fn quiet() -> Reporter {
+        Reporter {
+            quiet: true,
+            fancy: false,
+        }
+    }
+
+    fn smaller(ctx: &mut ApplyContext, workers: u32) {
+        if let Some(pool) = ctx.desired.spec.node_pools.first_mut() {
+            pool.count = workers;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scale_down_drains_each_node_before_its_machine_goes_then_removes_the_node()
+    -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        run_phases(
+            &mut context(tmp.path(), FakeOptions::default(), 4)?,
+            quiet(),
+            &provision_phases(),
+        )
+        .await?;
+
+        // A drain that fails stops the run before any machine is deleted.
+        let failing = Arc::new(RecordingNodes {
+            calls: Mutex::new(Vec::new()),
+            fail: Some("c1-a-1".into()),
+        });
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        smaller(&mut ctx, 0);
+        ctx.nodes = Some(failing.clone());
+        let err = match run_phases(&mut ctx, quiet(), &provision_phases()).await {
+            Ok(()) => anyhow::bail!("a failed drain did not stop the run"),
+            Err(e) => error_chain(&e),
+        };
+        assert!(
+            err.contains("draining node \"c1-a-1\": held by a budget"),
+            "{err}"
+        );
+        assert_eq!(
+            *failing.calls.lock().unwrap_or_else(|p| p.into_inner()),
+            ["drain c1-a-1"]
+        );
+        let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
+        again.plan = None;
+        run_phases(&mut again, quiet(), &[Box::new(ObserveAndPlan)]).await?;
+        assert_eq!(again.observed.len(), 3, "nothing was deleted");
+
+        // Drains pass: newest first, every drain before any deletion, Node objects after.
+        let nodes = Arc::new(RecordingNodes {
+            calls: Mutex::new(Vec::new()),
+            fail: None,
+        });
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 1)?;
+        smaller(&mut ctx, 0);
+        ctx.nodes = Some(nodes.clone());
+        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        assert_eq!(
+            *nodes.calls.lock().unwrap_or_else(|p| p.into_inner()),
+            [
+                "drain c1-a-1",
+                "drain c1-a-0",
+                "forget c1-a-1",
+                "forget c1-a-0"
+            ]
+        );
+        let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["c1-cp-0"]);
+        let events = journal_events(tmp.path())?;
+        let actions: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Intent { action, target, .. } if action.ends_with("-node") => {
+                    Some(format!("{action} {target}"))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                "drain-node c1-a-1",
+                "drain-node c1-a-1",
+                "drain-node c1-a-0",
+                "delete-node c1-a-1",
+                "delete-node c1-a-0"
+            ]
+        );
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_cluster_never_loses_a_control_plane_machine() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        run_phases(
+            &mut context(tmp.path(), FakeOptions::default(), 4)?,
+            quiet(),
+            &provision_phases(),
+        )
+        .await?;
+        let nodes = Arc::new(RecordingNodes {
+            calls: Mutex::new(Vec::new()),
+            fail: None,
+        });
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        ctx.desired.spec.control_plane.count = 0;
+        ctx.nodes = Some(nodes.clone());
+        let err = match run_phases(&mut ctx, quiet(), &provision_phases()).await {
+            Ok(()) => anyhow::bail!("a control-plane deletion was not refused"),
+            Err(e) => error_chain(&e),
+        };
+        assert!(
+            err.contains("c1-cp-0") && err.contains("etcd member"),
+            "{err}"
+        );
+        assert!(
+            nodes
+                .calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        );
+        Ok(())
+    }
+
     #[test]
     fn actions_read_as_words() {
         assert_eq!(describe("ensure-machine"), "ensuring machine");
