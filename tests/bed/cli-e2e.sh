@@ -51,6 +51,8 @@
 #                     cordoned and empty; `clusterctl uncordon`
 #   unreachable       a node that does not answer (its SSH port dropped in the bed) makes `create`
 #                     fail with an error naming the node and the phase; status `reconciling`
+#   scale-down        `create` re-run with one worker fewer: the worker is drained before its
+#                     machine is deleted, its Node object removed; 2 nodes left
 #   delete            `delete` removes every domain, volume, network and pool carrying the
 #                     cluster's ID, the cluster's state directory and its kubeconfig context
 #   bench             (not a test, not in the default) an uninterrupted create timed per phase,
@@ -99,7 +101,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot again drain unreachable delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot again drain unreachable scale-down delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
@@ -785,6 +787,35 @@ phase_again() {
 
 phase_unreachable() {
   check_unreachable
+}
+
+# `create` re-run with one worker fewer on the running cluster: the worker leaving is drained
+# through the API client before its machine is deleted (its pods move), then its Node object is
+# removed; the rest of the cluster keeps running.
+phase_scale_down() {
+  local w1=$name-workers-1 drained deleted nodes json
+  sed 's/^      count: 2$/      count: 1/' "$work/cluster.yaml" > "$work/cluster-1w.yaml"
+  ! cmp -s "$work/cluster.yaml" "$work/cluster-1w.yaml" || die "cannot make the one-worker spec"
+  waiting "create with one worker fewer: $w1 drained, deleted, its Node removed"
+  "$bin" create -f "$work/cluster-1w.yaml" --ssh-timeout 600 2> "$work/scale-down.log" \
+    || { cat "$work/scale-down.log" >&2; die "create with one worker fewer failed"; }
+  cat "$work/scale-down.log" >&2
+  drained=$(grep -n "$w1: drained:" "$work/scale-down.log" | head -n1 | cut -d: -f1)
+  deleted=$(grep -n "$w1: deleted" "$work/scale-down.log" | head -n1 | cut -d: -f1)
+  [ -n "$drained" ] || die "create did not drain $w1"
+  [ -n "$deleted" ] && [ "$drained" -lt "$deleted" ] || die "create did not drain $w1 before deleting it"
+  grep -q "$w1: Node object removed" "$work/scale-down.log" || die "create did not remove the Node object of $w1"
+  nodes=$(k get nodes -o jsonpath='{.items[*].metadata.name}')
+  [ "$nodes" = "$name-cp-0 $name-workers-0" ] || die "nodes after the scale-down: '$nodes'"
+  json=$("$bin" get "$name" -o json)
+  [ "$(jq -r '[.machines[].name] | sort | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0" ] \
+    || die "machines after the scale-down: $json"
+  ! $virsh list --all --name | grep -q -- "$w1" || die "the domain of $w1 is still there"
+  # web's pod that ran on $w1 was evicted; the one on $name-workers-0 still serves.
+  [ "$(k get pods -l app=web -o json | jq -r '[.items[] | select(.status.phase == "Running") | .spec.nodeName] | join(" ")')" = "$name-workers-0" ] \
+    || die "web does not run on $name-workers-0 alone after the scale-down"
+  machines="$name-cp-0 $name-workers-0"
+  log "scale-down: $w1 drained (line $drained) before it was deleted (line $deleted), its Node removed; 2 nodes left"
 }
 
 phase_delete() {
