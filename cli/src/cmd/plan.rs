@@ -1,7 +1,9 @@
 //! `clusterctl plan -f FILE`: shows the spec with its defaults and what `create` would do.
 //!
 //! Read-only: takes no lock and changes nothing. For a cluster that exists in the state store the
-//! plan is made against what its provider lists now; for a new cluster, against nothing.
+//! plan is made against what its provider lists now; for a new cluster, against nothing. When a
+//! running cluster would lose workers, each is drained first: the plan shows that drain as the
+//! API server sees it now (pods to evict, what blocks them), from a drain simulation.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -25,6 +27,23 @@ pub struct PlanArgs {
     pub file: PathBuf,
 }
 
+/// A drain `create` would run before deleting a worker, as simulated now.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DrainView {
+    /// The node.
+    node: String,
+    /// Pods the drain would evict.
+    evict: Vec<String>,
+    /// What blocks the drain (`pod: reason`); empty: nothing.
+    blockers: Vec<String>,
+    /// Warnings (single replicas).
+    warnings: Vec<String>,
+    /// Why the simulation could not be made (the API server unreachable), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
 /// What `plan -o json|yaml` prints.
 #[derive(Debug, Serialize)]
 struct PlanView<'a> {
@@ -35,6 +54,91 @@ struct PlanView<'a> {
     cluster_id: Option<String>,
     /// The plan.
     plan: &'a Plan,
+    /// Drains before worker deletions on a running cluster.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    drains: Vec<DrainView>,
+}
+
+/// The drains of the workers `plan` deletes from a running cluster, simulated through the API.
+fn simulate_drains(
+    store: &StateStore,
+    record: &crate::state::ClusterRecord,
+    plan: &Plan,
+) -> Vec<DrainView> {
+    let workers: Vec<String> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            planner::Step::DeleteMachine {
+                name,
+                role: providers::MachineRole::Worker,
+                ..
+            } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    if workers.is_empty() || record.kubernetes.is_none() {
+        return Vec::new();
+    }
+    let failed = |e: &anyhow::Error| {
+        workers
+            .iter()
+            .map(|w| DrainView {
+                node: w.clone(),
+                evict: Vec::new(),
+                blockers: Vec::new(),
+                warnings: Vec::new(),
+                error: Some(format!("{e:#}")),
+            })
+            .collect()
+    };
+    let rt = match crate::action::runtime() {
+        Ok(rt) => rt,
+        Err(e) => return failed(&e),
+    };
+    rt.block_on(async {
+        let api = match crate::action::cluster_api(store, record).await {
+            Ok(api) => api,
+            Err(e) => return failed(&e),
+        };
+        let policy = match api.server_version().await {
+            Ok(v) => v.policy_api(),
+            Err(e) => {
+                api.close().await;
+                return failed(&e.into());
+            }
+        };
+        let mut out = Vec::new();
+        for node in &workers {
+            let view = match api.simulate_drain(node, policy).await {
+                Ok(sim) => DrainView {
+                    node: node.clone(),
+                    evict: sim.evict.iter().map(|(p, _)| p.to_string()).collect(),
+                    blockers: sim
+                        .findings()
+                        .filter(|(_, b)| b.blocks())
+                        .map(|(p, b)| format!("{p}: {b}"))
+                        .collect(),
+                    warnings: sim
+                        .findings()
+                        .filter(|(_, b)| !b.blocks())
+                        .map(|(p, b)| format!("{p}: {b}"))
+                        .collect(),
+                    error: None,
+                },
+                Err(e) => DrainView {
+                    node: node.clone(),
+                    evict: Vec::new(),
+                    blockers: Vec::new(),
+                    warnings: Vec::new(),
+                    error: Some(crate::error::error_chain(&e)),
+                },
+            };
+            out.push(view);
+        }
+        api.close().await;
+        out
+    })
 }
 
 /// Runs `clusterctl plan`.
@@ -60,11 +164,16 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let plan = planner::plan(&spec, &observed)?;
+    let drains = record
+        .as_ref()
+        .map(|r| simulate_drains(&store, r, &plan))
+        .unwrap_or_default();
     if global.output != Format::Table {
         let view = PlanView {
             spec: &spec,
             cluster_id: record.as_ref().map(|r| r.id.clone()),
             plan: &plan,
+            drains,
         };
         output::print(&output::to_string(global.output, &view)?)?;
         return Ok(());
@@ -115,6 +224,37 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
         plan.unchanged.len()
     )?;
     out.push_str(&planner::render_table(&plan));
+    for d in &drains {
+        writeln!(out)?;
+        match &d.error {
+            Some(e) => writeln!(
+                out,
+                "Drain of node {} before its deletion: cannot be simulated now ({e})",
+                d.node
+            )?,
+            None => {
+                writeln!(
+                    out,
+                    "Drain of node {} before its deletion: {} pod(s) to evict{}",
+                    d.node,
+                    d.evict.len(),
+                    if d.blockers.is_empty() {
+                        ", nothing blocks it".to_owned()
+                    } else {
+                        format!(
+                            "; BLOCKED until these allow it (create waits up to --drain-timeout):"
+                        )
+                    }
+                )?;
+                for b in &d.blockers {
+                    writeln!(out, "  blocks:  {b}")?;
+                }
+                for w in &d.warnings {
+                    writeln!(out, "  warning: {w}")?;
+                }
+            }
+        }
+    }
     output::print(&out)?;
     Ok(())
 }
