@@ -35,7 +35,7 @@ pub fn provider_for(spec: &spec::Cluster) -> Result<Box<dyn Provider>, ProviderE
                 .into(),
         )),
         spec::Provider::Gce(_) => Err(ProviderError::Invalid(
-            "the gce provider is not available in this version of clusterctl (only the cluster file accepts it so far); use `provider: {libvirt: ...}`".into(),
+            "the gce provider is not implemented yet (validation refuses it); use `provider: {libvirt: ...}`".into(),
         )),
     }
 }

@@ -1,7 +1,9 @@
 //! Bad Kubernetes input is refused before anything exists, driven through the built binary with
 //! the fake provider: a bundle whose file does not match its checksum, a bundle of another
 //! version than the spec names, and a version clusterctl cannot bootstrap (refused by `plan`
-//! and by `create`). After each refusal no machine, no state and no kubeconfig entry exists.
+//! and by `create`), and a spec asking for something not implemented yet (refused by `plan` and
+//! `create` as an invalid spec). After each refusal no machine, no state and no kubeconfig
+//! entry exists.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -196,5 +198,31 @@ fn a_bundle_of_another_version_than_the_spec_is_refused() -> Result<()> {
     let out = bed.run(&["plan", "-f", spec.to_str().unwrap_or_default()])?;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Kubernetes 1.20.2"));
+    Ok(())
+}
+
+#[test]
+fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec() -> Result<()> {
+    let bed = Bed::new()?;
+    let path = bed.spec("    version: \"1.20.2\"\n")?;
+    let text = fs::read_to_string(&path)?;
+    fs::write(&path, format!("{text}  autoRepair:\n    enabled: true\n"))?;
+    let file = path.to_str().unwrap_or_default();
+    for cmd in ["plan", "create"] {
+        let out = bed.run(&[cmd, "-f", file])?;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("cluster.yaml:15:14: spec.autoRepair.enabled: automatic repair is not implemented yet"),
+            "{cmd}: {err}"
+        );
+        assert!(!err.contains("==> Creating machines"), "{err}");
+    }
+    bed.assert_nothing_made()?;
+
+    // Off is honest: the same spec with enabled: false is planned.
+    fs::write(&path, format!("{text}  autoRepair:\n    enabled: false\n"))?;
+    let out = bed.run(&["plan", "-f", file])?;
+    assert!(out.status.success(), "{}", stderr(&out));
     Ok(())
 }

@@ -40,7 +40,7 @@ fn invalid_spec_exits_two_with_every_problem_located() {
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with("error: 8 problems in 88-many-problems.yaml\n"),
+        stderr.starts_with("error: 10 problems in 88-many-problems.yaml\n"),
         "{stderr}"
     );
     for needle in [
@@ -48,6 +48,7 @@ fn invalid_spec_exits_two_with_every_problem_located() {
         "88-many-problems.yaml:15:12: spec.controlPlane.count: control plane count must be 1, 3 or 5, got 4",
         "88-many-problems.yaml:22:13: spec.nodePools[1].name: duplicate node pool name \"a\"",
         "88-many-problems.yaml:27:11: spec.ssh.user: invalid ssh user \"Core\"",
+        "88-many-problems.yaml:19:7: spec.nodePools[0].autoscaling: node pool autoscaling is not implemented yet",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
@@ -94,27 +95,84 @@ fn json_output_lists_errors_on_stdout() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
     assert_eq!(report["valid"], false);
     let errors = report["errors"].as_array().expect("errors array");
-    assert_eq!(errors.len(), 2);
-    assert_eq!(errors[0]["line"], 20);
-    assert_eq!(errors[0]["column"], 18);
+    assert_eq!(errors.len(), 3);
+    // Exclusions are not implemented yet: that comes first (document order), then the
+    // problems of the exclusions themselves, all at once.
+    assert_eq!(errors[0]["path"], "spec.maintenancePolicy.exclusions");
     assert_eq!(
-        errors[0]["path"],
-        "spec.maintenancePolicy.exclusions[0].endTime"
+        errors[0]["message"],
+        "a maintenance exclusion is not implemented yet"
     );
-    assert_eq!(errors[0]["kind"], "semantic");
+    assert_eq!(errors[1]["line"], 20);
+    assert_eq!(errors[1]["column"], 18);
     assert_eq!(
         errors[1]["path"],
+        "spec.maintenancePolicy.exclusions[0].endTime"
+    );
+    assert_eq!(errors[1]["kind"], "semantic");
+    assert_eq!(
+        errors[2]["path"],
         "spec.maintenancePolicy.exclusions[1].name"
     );
 
     let ok = clusterctl(
         &examples_dir(),
-        &["validate", "-o", "json", "-f", "gce.yaml"],
+        &["validate", "-o", "json", "-f", "libvirt-pools.yaml"],
     );
     assert_eq!(ok.status.code(), Some(0));
     let report: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("json on stdout");
     assert_eq!(report["valid"], true);
     assert_eq!(report["errors"].as_array().map(Vec::len), Some(0));
+}
+
+/// A field that nothing implements is an invalid spec like any other: exit code 2, every
+/// refusal located and saying "not implemented yet", collected with the other problems.
+#[test]
+fn unimplemented_fields_are_refused_with_exit_two_and_positions() {
+    let out = clusterctl(
+        &corpus_dir(),
+        &[
+            "validate",
+            "-f",
+            "101-not-implemented-maintenance-policy.yaml",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "error: 2 problems in 101-not-implemented-maintenance-policy.yaml\n",
+        "101-not-implemented-maintenance-policy.yaml:17:5: spec.maintenancePolicy.window: a maintenance window is not implemented yet",
+        "101-not-implemented-maintenance-policy.yaml:21:5: spec.maintenancePolicy.exclusions: a maintenance exclusion is not implemented yet",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+
+    let out = clusterctl(
+        &corpus_dir(),
+        &[
+            "validate",
+            "-o",
+            "json",
+            "-f",
+            "97-not-implemented-ha-control-plane.yaml",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    let errors = report["errors"].as_array().expect("errors array");
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["path"], "spec.controlPlane.count");
+    assert_eq!(
+        (errors[0]["line"].as_u64(), errors[0]["column"].as_u64()),
+        (Some(12), Some(12))
+    );
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("is not implemented yet")),
+        "{report}"
+    );
 }
 
 #[test]

@@ -145,7 +145,6 @@ fn pools_table(spec: &spec::Cluster, ms: &[Machine]) -> String {
             .filter(|m| m.role == providers::MachineRole::ControlPlane)
             .count()
             .to_string(),
-        "-".to_owned(),
     ]];
     for p in &spec.spec.node_pools {
         rows.push(vec![
@@ -156,16 +155,10 @@ fn pools_table(spec: &spec::Cluster, ms: &[Machine]) -> String {
                 .filter(|m| m.pool.as_deref() == Some(p.name.as_str()))
                 .count()
                 .to_string(),
-            p.autoscaling.as_ref().map_or_else(
-                || "-".to_owned(),
-                |a| format!("{}-{}", a.min_count, a.max_count),
-            ),
         ]);
     }
-    output::table(
-        &["POOL", "MACHINE", "WANTED", "MACHINES", "AUTOSCALING"],
-        &rows,
-    )
+    // No AUTOSCALING column: nothing implements autoscaling (the spec refuses it).
+    output::table(&["POOL", "MACHINE", "WANTED", "MACHINES"], &rows)
 }
 
 /// Runs `clusterctl get`.

@@ -20,7 +20,8 @@
 //! each HTTP connection is a `direct-tcpip` channel on the pinned SSH connection to a
 //! control-plane node, to `127.0.0.1:6443` as that node sees it, TLS end to end with the state's
 //! CA and admin certificate. So the bootstrap needs no route from the admin machine to the API
-//! server, only SSH (bastions included), and starts no kubectl on the control plane.
+//! server, only SSH (through a jump host too, once `ssh.bastion` is built), and starts no
+//! kubectl on the control plane.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};

@@ -78,16 +78,19 @@ pub struct ClusterSpec {
     /// How clusterctl reaches machines over SSH.
     #[serde(default)]
     pub ssh: Ssh,
-    /// When automatic maintenance may happen.
+    /// When automatic maintenance may happen. Not implemented yet: validation refuses a window
+    /// or an exclusion; the empty policy is accepted.
     #[serde(default)]
     pub maintenance_policy: MaintenancePolicy,
-    /// Automatic upgrades along the release channel.
+    /// Automatic upgrades along the release channel. Not implemented yet: off by default, and
+    /// validation refuses `enabled: true`.
     #[serde(default)]
     pub auto_upgrade: AutoUpgrade,
-    /// Automatic repair of unhealthy nodes.
+    /// Automatic repair of unhealthy nodes. Not implemented yet: off by default, and validation
+    /// refuses `enabled: true`.
     #[serde(default)]
     pub auto_repair: AutoRepair,
-    /// Who may do what in the cluster.
+    /// Who may do what in the cluster. Not implemented yet: validation refuses bindings.
     #[serde(default)]
     pub access: Access,
 }
@@ -106,7 +109,7 @@ impl ClusterSpec {
 pub enum Provider {
     /// VMs on a libvirt/QEMU host, local or over SSH.
     Libvirt(LibvirtProvider),
-    /// Google Compute Engine instances.
+    /// Google Compute Engine instances. Not implemented yet: validation refuses it.
     Gce(GceProvider),
     /// In-memory provider that keeps its state in a file; for tests.
     Fake(FakeProvider),
@@ -169,7 +172,8 @@ impl Default for LibvirtProvider {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LibvirtNetwork {
-    /// How the network reaches the outside.
+    /// How the network reaches the outside. Only `isolated` is implemented; validation refuses
+    /// `nat` and `bridge`.
     #[serde(default)]
     pub mode: NetworkMode,
     /// Existing host bridge to attach to; required with `mode: bridge`, not allowed otherwise.
@@ -387,7 +391,8 @@ impl Default for MachineSize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ControlPlane {
-    /// Number of control plane machines: 1, 3 or 5.
+    /// Number of control plane machines: 1, 3 or 5. Only 1 is implemented (workers and clients
+    /// reach the API server at one machine's address); validation refuses 3 and 5.
     #[serde(default = "default_control_plane_count")]
     pub count: u32,
     /// Size of each control plane machine.
@@ -430,12 +435,13 @@ pub struct NodePool {
     /// Taints put on the pool's nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taints: Vec<Taint>,
-    /// Autoscaling bounds; absent means a fixed size.
+    /// Autoscaling bounds; absent means a fixed size. Not implemented yet: validation refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
-    /// How nodes are replaced during upgrades.
-    #[serde(default)]
-    pub upgrade_settings: UpgradeSettings,
+    /// How nodes are replaced during upgrades. Not implemented yet (nothing upgrades a pool):
+    /// absent by default, and validation refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_settings: Option<UpgradeSettings>,
 }
 
 /// A Kubernetes node taint.
@@ -540,7 +546,8 @@ pub struct Ssh {
     /// machine needs no prearranged key. Read the choice with [`Ssh::key_source`].
     #[serde(default, skip_serializing_if = "is_false")]
     pub generated_key: bool,
-    /// Jump host between clusterctl and the machines.
+    /// Jump host between clusterctl and the machines. Not implemented yet: the SSH client can
+    /// use a jump host, but no command connects through this one; validation refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bastion: Option<Bastion>,
 }
@@ -678,7 +685,8 @@ pub enum ExclusionScope {
     NoMinorOrNodeUpgrades,
 }
 
-/// Automatic upgrades.
+/// Automatic upgrades. Not implemented yet: off by default, and validation refuses
+/// `enabled: true`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutoUpgrade {
@@ -687,12 +695,14 @@ pub struct AutoUpgrade {
     pub enabled: bool,
 }
 
-/// Automatic repair of unhealthy nodes (cluster-api MachineHealthCheck semantics).
+/// Automatic repair of unhealthy nodes (cluster-api MachineHealthCheck semantics). Not
+/// implemented yet, so it is off by default and validation refuses `enabled: true`; the
+/// threshold settings are checked but have no effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutoRepair {
-    /// Repair unhealthy nodes.
-    #[serde(default = "default_true")]
+    /// Repair unhealthy nodes. Off by default: nothing repairs nodes yet.
+    #[serde(default)]
     pub enabled: bool,
     /// How long a node must be unhealthy before it is repaired.
     #[serde(default = "default_unhealthy_threshold")]
@@ -700,10 +710,6 @@ pub struct AutoRepair {
     /// Stop repairing when more nodes than this are unhealthy (count or percent like `40%`).
     #[serde(default = "default_max_unhealthy")]
     pub max_unhealthy: MaxUnhealthy,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 fn default_unhealthy_threshold() -> Duration {
@@ -717,7 +723,7 @@ fn default_max_unhealthy() -> MaxUnhealthy {
 impl Default for AutoRepair {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: false,
             unhealthy_threshold: default_unhealthy_threshold(),
             max_unhealthy: default_max_unhealthy(),
         }

@@ -53,7 +53,17 @@ impl Checker {
             hint: if hint.is_empty() { None } else { Some(hint) },
         });
     }
+
+    /// A field the spec accepts but nothing in clusterctl implements yet. `what` names the
+    /// feature as the subject of "is not implemented yet"; the hint says how to do without it.
+    fn not_implemented(&mut self, path: impl Into<String>, what: &str, hint: impl Into<String>) {
+        self.err(path, format!("{what} is {NOT_IMPLEMENTED}"), hint);
+    }
 }
+
+/// The words every refusal of an unimplemented field carries, so a user (and a test) can tell
+/// "not built" from "wrong".
+pub const NOT_IMPLEMENTED: &str = "not implemented yet";
 
 /// Runs every semantic check on `c`.
 pub(crate) fn validate(c: &Cluster) -> Vec<Problem> {
@@ -74,6 +84,14 @@ pub(crate) fn validate(c: &Cluster) -> Vec<Problem> {
     check_access(&mut ck, &spec.access);
     ck.problems
 }
+
+// Fields that nothing implements are refused where they are checked below (each with
+// `Checker::not_implemented`), so a spec never asks for something `create` would silently
+// skip: `provider.gce`, `provider.libvirt.network.mode` other than isolated, IPv6 networks,
+// `controlPlane.count` above 1, `nodePools[].autoscaling`, `nodePools[].upgradeSettings`,
+// `ssh.bastion`, `maintenancePolicy.window` and `.exclusions`, `autoUpgrade.enabled: true`,
+// `autoRepair.enabled: true` and `access.bindings`. Their other checks still run, so every
+// problem is reported at once.
 
 // ---- name syntax -------------------------------------------------------------------------
 
@@ -184,7 +202,14 @@ fn check_metadata(ck: &mut Checker, m: &Metadata) {
 fn check_provider(ck: &mut Checker, p: &Provider) {
     match p {
         Provider::Libvirt(l) => check_libvirt(ck, l),
-        Provider::Gce(g) => check_gce(ck, g),
+        Provider::Gce(g) => {
+            ck.not_implemented(
+                "spec.provider.gce",
+                "the gce provider",
+                "use provider: {libvirt: {}} (machines on a libvirt host)",
+            );
+            check_gce(ck, g);
+        }
         Provider::Fake(f) => {
             if f.directory.as_os_str().is_empty() {
                 ck.err(
@@ -247,6 +272,13 @@ fn check_libvirt(ck: &mut Checker, l: &LibvirtProvider) {
         );
     }
     let net = format!("{base}.network");
+    if l.network.mode != NetworkMode::Isolated {
+        ck.not_implemented(
+            format!("{net}.mode"),
+            &format!("network mode {}", network_mode_name(l.network.mode)),
+            "use mode: isolated (the default), the only mode the libvirt provider builds",
+        );
+    }
     match (l.network.mode, &l.network.bridge) {
         (NetworkMode::Bridge, None) => ck.err(
             format!("{net}.mode"),
@@ -272,11 +304,7 @@ fn check_libvirt(ck: &mut Checker, l: &LibvirtProvider) {
             format!("{net}.bridge"),
             format!(
                 "bridge is only used with mode bridge, not {}",
-                match mode {
-                    NetworkMode::Isolated => "isolated",
-                    NetworkMode::Nat => "nat",
-                    NetworkMode::Bridge => "bridge",
-                }
+                network_mode_name(mode)
             ),
             "remove bridge or set mode: bridge",
         ),
@@ -291,6 +319,14 @@ fn check_libvirt(ck: &mut Checker, l: &LibvirtProvider) {
             ),
             "use an absolute path on the libvirt host, such as /var/lib/clusterctl/storage",
         );
+    }
+}
+
+fn network_mode_name(mode: NetworkMode) -> &'static str {
+    match mode {
+        NetworkMode::Isolated => "isolated",
+        NetworkMode::Nat => "nat",
+        NetworkMode::Bridge => "bridge",
     }
 }
 
@@ -378,6 +414,13 @@ fn check_kubernetes(ck: &mut Checker, spec: &ClusterSpec) {
             "use a version such as \"1.30.2\"",
         );
     }
+    if spec.auto_upgrade.enabled {
+        ck.not_implemented(
+            "spec.autoUpgrade.enabled",
+            "automatic upgrade",
+            "remove autoUpgrade or set enabled: false",
+        );
+    }
     if spec.auto_upgrade.enabled && k.channel.is_none() {
         ck.err(
             "spec.autoUpgrade.enabled",
@@ -414,13 +457,21 @@ pub fn max_machines(spec: &ClusterSpec) -> u64 {
         .iter()
         .map(|p| {
             let top = p.autoscaling.map_or(p.count, |a| a.max_count.max(p.count));
-            u64::from(top) + u64::from(p.upgrade_settings.max_surge)
+            u64::from(top) + u64::from(p.upgrade_settings.map_or(0, |u| u.max_surge))
         })
         .sum();
     u64::from(spec.control_plane.count) + pools
 }
 
 fn check_cidr(ck: &mut Checker, path: &str, what: &str, net: &IpNet) -> bool {
+    if let IpNet::V6(_) = net {
+        // The bootstrap renders IPv4 node networking only; refuse before any machine exists.
+        ck.not_implemented(
+            path,
+            &format!("an IPv6 {what} ({net})"),
+            "use an IPv4 range",
+        );
+    }
     if net.trunc() != *net {
         ck.err(
             path,
@@ -570,11 +621,23 @@ fn check_machine(
 }
 
 fn check_control_plane(ck: &mut Checker, cp: &ControlPlane) {
+    let path = "spec.controlPlane.count";
     if ![1, 3, 5].contains(&cp.count) {
         ck.err(
-            "spec.controlPlane.count",
+            path,
             format!("control plane count must be 1, 3 or 5, got {}", cp.count),
-            "use 1 for a test cluster, 3 or 5 for an etcd quorum that survives failures",
+            "use 1: more control planes (3 or 5, an etcd quorum that survives failures) are not implemented yet",
+        );
+    } else if cp.count > 1 {
+        // The machines and etcd members could be made, but workers, kubeconfigs and clusterctl
+        // reach the API server at the first control plane's address: no failover.
+        ck.not_implemented(
+            path,
+            &format!(
+                "a highly available control plane ({} machines)",
+                cp.count
+            ),
+            "use count: 1; the API server address is one machine, so more control planes would not survive its failure",
         );
     }
     check_machine(
@@ -665,6 +728,11 @@ fn check_node_pools(ck: &mut Checker, spec: &ClusterSpec) {
         }
         if let Some(a) = pool.autoscaling {
             let ap = format!("{base}.autoscaling");
+            ck.not_implemented(
+                &ap,
+                "node pool autoscaling",
+                "remove autoscaling: the pool keeps count nodes",
+            );
             if a.max_count == 0 {
                 ck.err(
                     format!("{ap}.maxCount"),
@@ -692,13 +760,19 @@ fn check_node_pools(ck: &mut Checker, spec: &ClusterSpec) {
                 );
             }
         }
-        let u = pool.upgrade_settings;
-        if u.max_surge == 0 && u.max_unavailable == 0 {
-            ck.err(
+        if let Some(u) = pool.upgrade_settings {
+            ck.not_implemented(
+                format!("{base}.upgradeSettings"),
+                "upgrading node pools (upgradeSettings)",
+                "remove upgradeSettings: clusterctl does not upgrade node pools",
+            );
+            if u.max_surge == 0 && u.max_unavailable == 0 {
+                ck.err(
                 format!("{base}.upgradeSettings"),
                 "maxSurge and maxUnavailable are both 0, so an upgrade could never replace a node",
                 "set maxSurge: 1 (add a node first) or maxUnavailable: 1 (replace in place)",
             );
+            }
         }
     }
 }
@@ -767,6 +841,11 @@ fn check_ssh(ck: &mut Checker, s: &Ssh) {
         );
     }
     if let Some(b) = &s.bastion {
+        ck.not_implemented(
+            "spec.ssh.bastion",
+            "connecting through a bastion",
+            "remove bastion: clusterctl connects to the machines directly",
+        );
         let ok = !b.host.is_empty()
             && !b
                 .host
@@ -802,6 +881,20 @@ fn check_ssh(ck: &mut Checker, s: &Ssh) {
 
 fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
     let base = "spec.maintenancePolicy";
+    if m.window.is_some() {
+        ck.not_implemented(
+            format!("{base}.window"),
+            "a maintenance window",
+            "remove maintenancePolicy: nothing runs automatic maintenance yet",
+        );
+    }
+    if !m.exclusions.is_empty() {
+        ck.not_implemented(
+            format!("{base}.exclusions"),
+            "a maintenance exclusion",
+            "remove maintenancePolicy: nothing runs automatic maintenance yet",
+        );
+    }
     if let Some(w) = &m.window {
         let wp = format!("{base}.window");
         match (&w.duration, &w.end_time) {
@@ -884,6 +977,13 @@ fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
 
 fn check_auto_repair(ck: &mut Checker, r: &AutoRepair) {
     let base = "spec.autoRepair";
+    if r.enabled {
+        ck.not_implemented(
+            format!("{base}.enabled"),
+            "automatic repair",
+            "remove autoRepair or set enabled: false",
+        );
+    }
     if r.unhealthy_threshold.as_secs() < MIN_UNHEALTHY_THRESHOLD_SECS {
         ck.err(
             format!("{base}.unhealthyThreshold"),
@@ -905,6 +1005,13 @@ fn check_auto_repair(ck: &mut Checker, r: &AutoRepair) {
 }
 
 fn check_access(ck: &mut Checker, a: &Access) {
+    if !a.bindings.is_empty() {
+        ck.not_implemented(
+            "spec.access.bindings",
+            "granting roles with access bindings",
+            "remove access: get-credentials gives the cluster administrator's credentials",
+        );
+    }
     for (i, b) in a.bindings.iter().enumerate() {
         let bp = join_index("spec.access.bindings", i);
         if b.members.is_empty() {
