@@ -389,6 +389,8 @@ fn second_create_fails_fast_naming_the_holder_and_waits_with_wait() -> Result<()
     let started = Instant::now();
     let out = bed.run(&["create", "-f", &spec_s], 0)?;
     assert!(!out.status.success(), "{}", text(&out));
+    // "Busy" has its own exit code (3), apart from "failed" (1) and "invalid input" (2).
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the second create did not fail fast"

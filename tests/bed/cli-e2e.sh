@@ -737,10 +737,11 @@ YAML
   jq -e '.clear == false and .cordoned == false and .dryRun == true' <<< "$out" > /dev/null || die "drain --dry-run -o json: $out"
   [ -z "$(unschedulable "$w1")" ] || die "drain --dry-run cordoned $w1"
   waiting "drain of $w1 with a 45 s timeout stopping on the budget"
-  if "$bin" drain "$name" "$w1" --timeout 45 2> "$work/drain-fail.log"; then
-    cat "$work/drain-fail.log" >&2; die "the drain finished despite a budget allowing no disruption"
-  fi
+  local rc=0
+  "$bin" drain "$name" "$w1" --timeout 45 2> "$work/drain-fail.log" || rc=$?
   cat "$work/drain-fail.log" >&2
+  [ "$rc" -ne 0 ] || die "the drain finished despite a budget allowing no disruption"
+  [ "$rc" -eq 4 ] || die "a drain held by a budget exited with $rc, want 4 (drain blocked)"
   grep -q "PodDisruptionBudget $ns/frozen allows no disruption now" "$work/drain-fail.log" || die "the failed drain did not name the budget"
   grep -q "uncordoned again" "$work/drain-fail.log" || die "the failed drain did not say it uncordoned $w1"
   [ -z "$(unschedulable "$w1")" ] || die "the failed drain left $w1 cordoned"

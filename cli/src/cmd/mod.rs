@@ -22,6 +22,12 @@ pub mod validate;
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or invalid input (a bad cluster file).
 pub const EXIT_INVALID: u8 = 2;
+/// Exit code when another clusterctl command holds the cluster's lock (try again later, or pass
+/// `--wait`): a timer or a loop can tell "busy" from "failed".
+pub const EXIT_LOCKED: u8 = 3;
+/// Exit code when a drain stopped with pods still on the node (a PodDisruptionBudget held them
+/// past the timeout) or refused pods it would lose for good; the node is as it was before.
+pub const EXIT_DRAIN_BLOCKED: u8 = 4;
 
 /// clusterctl: GKE-style managed Kubernetes on machines you own and on clouds.
 #[derive(Debug, Parser)]
@@ -121,6 +127,23 @@ fn exit_code_for(err: &anyhow::Error) -> u8 {
     }
     if err.downcast_ref::<crate::spec::SpecErrors>().is_some() {
         return EXIT_INVALID;
+    }
+    for cause in err.chain() {
+        if matches!(
+            cause.downcast_ref::<crate::state::StateError>(),
+            Some(crate::state::StateError::Locked { .. })
+        ) {
+            return EXIT_LOCKED;
+        }
+        if matches!(
+            cause.downcast_ref::<crate::kube::drainer::DrainError>(),
+            Some(
+                crate::kube::drainer::DrainError::TimedOut { .. }
+                    | crate::kube::drainer::DrainError::Refused { .. }
+            )
+        ) {
+            return EXIT_DRAIN_BLOCKED;
+        }
     }
     EXIT_FAILURE
 }
