@@ -524,6 +524,17 @@ fn plan_and_get_show_the_cluster() -> Result<()> {
     let v: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["machines"].as_array().map(Vec::len), Some(5));
     assert_eq!(v["machines"][0]["state"], "running");
+    // A stable interface in camelCase, like the spec and kubectl.
+    assert!(v["machines"][0]["providerId"].is_string(), "{v}");
+    assert!(v["createdAt"].is_string(), "{v}");
+    assert!(
+        v["sshHostKeys"].is_null() || v["sshHostKeys"].is_object(),
+        "{v}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for snake in ["provider_id", "created_at", "updated_at", "ssh_host_keys"] {
+        assert!(!text.contains(snake), "{snake} in get -o json:\n{text}");
+    }
     Ok(())
 }
 

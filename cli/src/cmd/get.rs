@@ -19,8 +19,10 @@ pub struct GetArgs {
     pub name: Option<String>,
 }
 
-/// A cluster as `get` shows it.
+/// A cluster as `get` shows it. `-o json|yaml` prints it in camelCase, like the spec and
+/// kubectl: a documented, stable interface (the state file keeps its own field names).
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct ClusterView {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,12 +36,16 @@ struct ClusterView {
     updated_at: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
     observed_at: Option<Timestamp>,
+    #[serde(serialize_with = "machines_camel")]
     machines: Vec<Machine>,
     /// Pinned SSH host key per machine.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     ssh_host_keys: std::collections::BTreeMap<String, String>,
     /// Kubernetes as last checked by `create`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "kubernetes_camel"
+    )]
     kubernetes: Option<KubernetesStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
@@ -85,6 +91,77 @@ impl ClusterView {
             spec: None,
             spec_for_pools: None,
         }
+    }
+}
+
+/// A machine in `-o json|yaml` (camelCase).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MachineDoc<'a> {
+    name: &'a str,
+    provider_id: &'a str,
+    role: &'a providers::MachineRole,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: &'a Option<String>,
+    state: &'a providers::MachineState,
+    addresses: &'a [std::net::IpAddr],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_domain: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_digest: &'a Option<String>,
+}
+
+fn machines_camel<S: serde::Serializer>(ms: &[Machine], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ms.iter().map(|m| MachineDoc {
+        name: &m.name,
+        provider_id: &m.provider_id,
+        role: &m.role,
+        pool: &m.pool,
+        state: &m.state,
+        addresses: &m.addresses,
+        failure_domain: &m.failure_domain,
+        image_digest: &m.image_digest,
+    }))
+}
+
+/// Kubernetes in `-o json|yaml` (camelCase).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KubernetesDoc<'a> {
+    version: &'a str,
+    api_server: &'a str,
+    nodes: Vec<NodeDoc<'a>>,
+    checked_at: &'a Timestamp,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeDoc<'a> {
+    name: &'a str,
+    ready: bool,
+    kubelet_version: &'a str,
+}
+
+fn kubernetes_camel<S: serde::Serializer>(
+    k: &Option<KubernetesStatus>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match k {
+        None => s.serialize_none(),
+        Some(k) => s.serialize_some(&KubernetesDoc {
+            version: &k.version,
+            api_server: &k.api_server,
+            nodes: k
+                .nodes
+                .iter()
+                .map(|n| NodeDoc {
+                    name: &n.name,
+                    ready: n.ready,
+                    kubelet_version: &n.kubelet_version,
+                })
+                .collect(),
+            checked_at: &k.checked_at,
+        }),
     }
 }
 
