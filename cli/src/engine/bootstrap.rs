@@ -57,8 +57,13 @@ use templates::kubernetes::{
 const STAGING: &str = "/var/lib/clusterctl/staging";
 /// Where image archives are kept on a node.
 const IMAGES: &str = "/var/lib/clusterctl/images";
-/// Marker: files changed, units must be restarted (survives a killed run).
+/// Marker: files changed, units must be restarted (survives a killed run). One line per change,
+/// written before the change: the unit whose own unit file changed, or `*` for anything else
+/// (a binary, a certificate, a config several units read): every unit. An empty marker (from an
+/// older clusterctl) also means every unit.
 const RESTART_PENDING: &str = "/var/lib/clusterctl/restart-pending";
+/// The marker line that restarts every unit of a node.
+const RESTART_ALL: &str = "*";
 /// The node image's `/etc` starts afresh on every boot; every file installed under `/etc` is also
 /// kept here, on the data disk, and the image's `clusterctl-restore` puts it back at boot
 /// (nodeimage/files/bin/clusterctl-restore).
@@ -683,7 +688,9 @@ async fn install_node(
                     uploads += 1;
                     // A new binary needs its units restarted, also if this run is killed now.
                     session
-                        .run(&format!("sudo -n touch {RESTART_PENDING}"))
+                        .run(&format!(
+                            "echo '{RESTART_ALL}' | sudo -n tee -a {RESTART_PENDING} > /dev/null && sudo -n sync {RESTART_PENDING}"
+                        ))
                         .await
                         .map_err(|e| node_err(node, "marking units for restart", &e))?;
                 }
@@ -715,7 +722,7 @@ async fn install_node(
                 .upload_bytes(content, &staged, 0o600)
                 .await
                 .map_err(|e| node_err(node, format!("uploading {dest}"), &e))?;
-            staged_files.push((staged, dest.clone(), *mode));
+            staged_files.push((staged, dest.clone(), *mode, restart_key(plan, dest)));
         }
         let script = install_script(RESTART_PENDING, ("/etc", SAVED_ETC), &staged_files);
         let out = root_script(
@@ -769,7 +776,20 @@ async fn install_node(
 /// `saved` is (`/etc`, where its copy lives): every file installed under the first is also
 /// copied below the second (silently: a copy is not a change), so it survives the reboot that
 /// resets `/etc`.
-fn install_script(marker: &str, saved: (&str, &str), files: &[(String, String, u32)]) -> String {
+/// What a change of `dest` restarts: its unit if `dest` is the unit file of one of the node's
+/// units (nothing else reads a unit file), else every unit ([`RESTART_ALL`]).
+fn restart_key(plan: &NodePlan, dest: &str) -> String {
+    dest.strip_prefix("/etc/systemd/system/")
+        .filter(|u| plan.units.iter().any(|x| x == u))
+        .map_or_else(|| RESTART_ALL.to_owned(), str::to_owned)
+}
+
+/// `files`: (staged path, destination, mode, restart key: a unit name or [`RESTART_ALL`]).
+fn install_script(
+    marker: &str,
+    saved: (&str, &str),
+    files: &[(String, String, u32, String)],
+) -> String {
     let marker = shell_quote(marker);
     let (etc, saved) = (shell_quote(saved.0), shell_quote(saved.1));
     let mut script = format!(
@@ -790,19 +810,20 @@ fn install_script(marker: &str, saved: (&str, &str), files: &[(String, String, u
          \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
          \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
          \x20 sync \"$2.clusterctl-new\"\n\
-         \x20 [ \"$changed\" = 1 ] || {{ touch {marker}; sync {marker}; changed=1; }}\n\
+         \x20 printf '%s\\n' \"$4\" >> {marker}; sync {marker}; changed=1\n\
          \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
          \x20 rm -f \"$1\"\n\
          \x20 save \"$2\" \"$3\"\n\
          \x20 echo \"changed $2\"\n\
          }}\n"
     );
-    for (staged, dest, mode) in files {
+    for (staged, dest, mode, key) in files {
         script.push_str(&format!(
-            "put {} {} {:o}\n",
+            "put {} {} {:o} {}\n",
             shell_quote(staged),
             shell_quote(dest),
-            mode
+            mode,
+            shell_quote(key)
         ));
     }
     script
@@ -812,10 +833,21 @@ fn install_script(marker: &str, saved: (&str, &str), files: &[(String, String, u
 /// (the marker), otherwise only starts what is not running. `last` removes the marker: the other
 /// units' stage is done.
 fn start_script(plan: &NodePlan, units: &[String], last: bool) -> String {
+    start_script_with(&plan.own_units, units, last, RESTART_PENDING, BOOT_UNITS)
+}
+
+fn start_script_with(
+    own_units: &[String],
+    units: &[String],
+    last: bool,
+    marker: &str,
+    boot_units: &str,
+) -> String {
     let units: Vec<String> = units.iter().map(|u| shell_quote(u)).collect();
-    let own: Vec<String> = plan.own_units.iter().map(|u| shell_quote(u)).collect();
+    let own: Vec<String> = own_units.iter().map(|u| shell_quote(u)).collect();
+    let (marker, boot_units) = (shell_quote(marker), shell_quote(boot_units));
     let done = if last {
-        format!("rm -f {RESTART_PENDING}")
+        format!("rm -f {marker}")
     } else {
         ":".to_owned()
     };
@@ -823,11 +855,15 @@ fn start_script(plan: &NodePlan, units: &[String], last: bool) -> String {
         "set -eu\n\
          systemctl daemon-reload\n\
          systemctl enable -q {own}\n\
-         printf '%s\\n' {own} > {BOOT_UNITS}.new && mv -f {BOOT_UNITS}.new {BOOT_UNITS}\n\
-         if [ -e {RESTART_PENDING} ]; then\n\
-         \x20 for u in {units}; do systemctl restart \"$u\"; done\n\
+         printf '%s\\n' {own} > {boot_units}.new && mv -f {boot_units}.new {boot_units}\n\
+         if [ -e {marker} ]; then\n\
+         \x20 all=0; [ -s {marker} ] || all=1; ! grep -qxF '{RESTART_ALL}' {marker} || all=1\n\
+         \x20 n=0\n\
+         \x20 for u in {units}; do\n\
+         \x20   if [ \"$all\" = 1 ] || grep -qxF \"$u\" {marker}; then systemctl restart \"$u\"; n=$((n+1)); else systemctl is-active -q \"$u\" || systemctl start \"$u\"; fi\n\
+         \x20 done\n\
          \x20 {done}\n\
-         \x20 echo restarted\n\
+         \x20 echo \"restarted $n\"\n\
          else\n\
          \x20 for u in {units}; do systemctl is-active -q \"$u\" || {{ systemctl start \"$u\"; echo \"started $u\"; }}; done\n\
          fi\n",
@@ -865,8 +901,16 @@ async fn start_node(
     .await;
     session.close().await;
     let out = result?;
-    Ok(if out.contains("restarted") {
-        format!("{} unit(s) restarted in order", units.len())
+    let restarted = out
+        .lines()
+        .find_map(|l| l.strip_prefix("restarted "))
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    Ok(if let Some(n) = restarted {
+        if n == 0 {
+            "no unit of this stage changed".into()
+        } else {
+            format!("{n} of {} unit(s) restarted in order", units.len())
+        }
     } else {
         let started = out.lines().filter(|l| l.starts_with("started ")).count();
         if started == 0 {
@@ -1222,6 +1266,85 @@ mod tests {
         assert_eq!(unique.len(), names.len(), "{names:?}");
     }
 
+    /// Runs the start script with a `systemctl` that logs its calls (every unit active).
+    fn started(marker: Option<&str>, last: bool) -> (Vec<String>, String, bool) {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("no temp dir");
+        };
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        std::fs::write(
+            d("systemctl"),
+            format!("#!/bin/sh\necho \"$*\" >> {}\nexit 0\n", d("calls")),
+        )
+        .unwrap_or_default();
+        let _ = std::process::Command::new("chmod")
+            .args(["+x", &d("systemctl")])
+            .status();
+        if let Some(content) = marker {
+            std::fs::write(d("marker"), content).unwrap_or_default();
+        }
+        let units: Vec<String> = [
+            "etcd.service",
+            "kube-apiserver.service",
+            "pod-network.service",
+        ]
+        .iter()
+        .map(|u| (*u).to_owned())
+        .collect();
+        let script = start_script_with(&units, &units, last, &d("marker"), &d("boot-units"));
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+            .output()
+            .unwrap_or_else(|e| panic!("sh: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let calls = std::fs::read_to_string(d("calls")).unwrap_or_default();
+        let restarts = calls
+            .lines()
+            .filter_map(|l| l.strip_prefix("restart "))
+            .map(str::to_owned)
+            .collect();
+        (
+            restarts,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            std::path::Path::new(&d("marker")).exists(),
+        )
+    }
+
+    #[test]
+    fn only_the_units_the_marker_names_restart_unless_it_says_all() {
+        // A unit file alone changed: that unit restarts, nothing else.
+        let (r, out, left) = started(Some("pod-network.service\n"), true);
+        assert_eq!(r, ["pod-network.service"]);
+        assert_eq!(out.trim(), "restarted 1");
+        assert!(!left, "the last stage removes the marker");
+        // A binary or shared file: every unit, in order.
+        let (r, _, _) = started(Some("pod-network.service\n*\n"), true);
+        assert_eq!(
+            r,
+            [
+                "etcd.service",
+                "kube-apiserver.service",
+                "pod-network.service"
+            ]
+        );
+        // An empty marker (an older clusterctl's): every unit.
+        let (r, _, _) = started(Some(""), false);
+        assert_eq!(r.len(), 3);
+        // Not the last stage: the marker stays for the next one.
+        let (_, _, left) = started(Some("etcd.service\n"), false);
+        assert!(left);
+        // No marker: nothing restarts (only what is not running would be started).
+        let (r, out, _) = started(None, true);
+        assert!(r.is_empty(), "{r:?}");
+        assert!(!out.contains("restarted"), "{out}");
+    }
+
     #[test]
     fn install_script_changes_only_what_differs_and_marks_before_the_first_change() {
         use std::os::unix::fs::PermissionsExt;
@@ -1234,8 +1357,13 @@ mod tests {
             std::fs::write(d(name), content).unwrap_or_default();
         };
         let files = vec![
-            (d("s1"), d("etc/a.conf"), 0o644),
-            (d("s2"), d("pki/b.key"), 0o600),
+            (
+                d("s1"),
+                d("etc/a.conf"),
+                0o644,
+                "kubelet.service".to_owned(),
+            ),
+            (d("s2"), d("pki/b.key"), 0o600, RESTART_ALL.to_owned()),
         ];
         let run = |script: &str| {
             let out = std::process::Command::new("sh")
@@ -1294,12 +1422,16 @@ mod tests {
             std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
             "a"
         );
-        // One file differs: only it changes, and the marker is back; the copy follows.
+        // One file differs: only it changes, and the marker is back naming what it restarts;
+        // the copy follows.
         stage("a2", "s1");
         stage("b", "s2");
         let out = run(&script);
         assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
-        assert!(std::path::Path::new(&marker).exists());
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap_or_default(),
+            "kubelet.service\n"
+        );
         assert_eq!(
             std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
             "a2"
