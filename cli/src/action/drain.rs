@@ -167,16 +167,7 @@ async fn drain_with(
     };
     let op = journal.intent(DRAIN, node)?;
     let clock = TokioClock;
-    let mut on_event = |event: DrainEvent| match event {
-        DrainEvent::Evicted(pod) => report.machine(node, &format!("evicted {pod}")),
-        DrainEvent::Deleted(pod) => {
-            report.machine(node, &format!("deleted {pod} (--force, after the timeout)"))
-        }
-        DrainEvent::Held { pod, reason } => {
-            report.machine(node, &format!("waiting to evict {pod}: {reason}"))
-        }
-        DrainEvent::Retrying(why) => report.machine(node, &format!("retrying: {why}")),
-    };
+    let mut on_event = |event: DrainEvent| report_event(report, node, event);
     let drained = tokio::select! {
         r = drainer::drain_node(api, node, policy, &request.options, &clock, &mut on_event) => r.map_err(anyhow::Error::from),
         _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
@@ -248,6 +239,20 @@ pub fn uncordon(
     });
     journal.finish(result.is_ok())?;
     result
+}
+
+/// A drain's progress line.
+fn report_event(report: Reporter, node: &str, event: DrainEvent) {
+    match event {
+        DrainEvent::Evicted(pod) => report.machine(node, &format!("evicted {pod}")),
+        DrainEvent::Deleted(pod) => {
+            report.machine(node, &format!("deleted {pod} (--force, after the timeout)"))
+        }
+        DrainEvent::Held { pod, reason } => {
+            report.machine(node, &format!("waiting to evict {pod}: {reason}"))
+        }
+        DrainEvent::Retrying(why) => report.machine(node, &format!("retrying: {why}")),
+    }
 }
 
 /// One journaled API side effect: intent, call, outcome.
@@ -347,14 +352,7 @@ impl ApiNodeRemoval {
             self.report.machine(node, "cordoned");
         }
         let report = self.report;
-        let mut on_event = |event: DrainEvent| match event {
-            DrainEvent::Evicted(pod) => report.machine(node, &format!("evicted {pod}")),
-            DrainEvent::Deleted(pod) => report.machine(node, &format!("deleted {pod}")),
-            DrainEvent::Held { pod, reason } => {
-                report.machine(node, &format!("waiting to evict {pod}: {reason}"))
-            }
-            DrainEvent::Retrying(why) => report.machine(node, &format!("retrying: {why}")),
-        };
+        let mut on_event = |event: DrainEvent| report_event(report, node, event);
         let clock = TokioClock;
         match drainer::drain_node(api, node, policy, &self.options, &clock, &mut on_event).await {
             Ok(done) => Ok(done.to_string()),

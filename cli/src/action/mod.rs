@@ -77,6 +77,29 @@ pub fn load_cluster(store: &StateStore, name: &str) -> anyhow::Result<ClusterRec
     })
 }
 
+/// Where a machine of the cluster answers SSH, and its pinned host key (from the state).
+pub fn pinned_endpoint(
+    record: &ClusterRecord,
+    machine: &providers::Machine,
+) -> anyhow::Result<(Endpoint, String)> {
+    let Some(key) = record.ssh_host_keys.get(&machine.name) else {
+        bail!(
+            "no ssh host key is pinned for machine {:?} in the cluster state, so its identity cannot be verified; run `clusterctl create` for the cluster again",
+            machine.name
+        );
+    };
+    let Some(addr) = access::ssh_address(machine) else {
+        bail!(
+            "machine {:?} has no known address yet; run `clusterctl create` for the cluster again",
+            machine.name
+        );
+    };
+    Ok((
+        Endpoint::new(addr.to_string(), access::SSH_PORT),
+        key.clone(),
+    ))
+}
+
 /// An API client for the cluster: through SSH to its first control-plane machine (host key
 /// pinned from the state), to the API server on that machine's loopback, as the cluster admin.
 pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::Result<KubeClient> {
@@ -91,23 +114,11 @@ pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::
             "cluster {name:?} has no control-plane machine in its state; run `clusterctl create` for it first"
         );
     };
-    let Some(key) = record.ssh_host_keys.get(&cp.name) else {
-        bail!(
-            "no ssh host key is pinned for machine {:?} in the cluster state, so its identity cannot be verified; run `clusterctl create` for the cluster again",
-            cp.name
-        );
-    };
-    let Some(addr) = access::ssh_address(cp) else {
-        bail!(
-            "machine {:?} has no known address yet; run `clusterctl create` for the cluster again",
-            cp.name
-        );
-    };
+    let (endpoint, key) = pinned_endpoint(record, cp)?;
     let identity = access::client_identity(&record.spec.spec.ssh, store, name, None).await?;
-    let endpoint = Endpoint::new(addr.to_string(), access::SSH_PORT);
     let client = access::pinned_client(
         &identity,
-        &[(endpoint.clone(), key.clone())],
+        &[(endpoint.clone(), key)],
         RetryPolicy::for_up_to(Duration::from_secs(30)),
     )?;
     let target = Target::new(endpoint.host.clone(), endpoint.port, identity.user.clone());

@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 use super::Global;
 use crate::action::runtime;
 use crate::engine::access;
-use crate::ssh::{Endpoint, ExecOptions, OutputStream, RetryPolicy, Target};
+use crate::ssh::{ExecOptions, OutputStream, RetryPolicy, Target};
 use crate::state::StateStore;
 
 /// Arguments of `clusterctl ssh`.
@@ -56,18 +56,7 @@ pub fn run(global: &Global, args: &SshArgs) -> anyhow::Result<()> {
             }
         );
     };
-    let Some(key) = record.ssh_host_keys.get(&machine.name) else {
-        bail!(
-            "no ssh host key is pinned for machine {:?} in the cluster state, so its identity cannot be verified; run `clusterctl create` for the cluster again",
-            machine.name
-        );
-    };
-    let Some(addr) = access::ssh_address(machine) else {
-        bail!(
-            "machine {:?} has no known address yet; run `clusterctl create` for the cluster again",
-            machine.name
-        );
-    };
+    let (endpoint, key) = crate::action::pinned_endpoint(&record, machine)?;
     let rt = runtime()?;
     let identity = rt.block_on(access::client_identity(
         &record.spec.spec.ssh,
@@ -75,10 +64,9 @@ pub fn run(global: &Global, args: &SshArgs) -> anyhow::Result<()> {
         name,
         None,
     ))?;
-    let endpoint = Endpoint::new(addr.to_string(), access::SSH_PORT);
     let client = access::pinned_client(
         &identity,
-        &[(endpoint.clone(), key.clone())],
+        &[(endpoint.clone(), key)],
         RetryPolicy::for_up_to(std::time::Duration::from_secs(10)),
     )?;
     let command = args.command.join(" ");
