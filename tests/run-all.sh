@@ -3,26 +3,27 @@
 # Needs root (apt, debootstrap, network namespaces, libvirtd) and a Rust toolchain (rustup; the
 # version is pinned in rust-toolchain.toml). Stages, each under a time budget (seconds; cold times
 # measured on an idle 2-core machine in brackets):
-#   packages  280  host packages (tests/bed/install-host-packages.sh) [30 s; up to 5 min on a new
+#   packages  240  host packages (tests/bed/install-host-packages.sh) [30 s; up to 5 min on a new
 #                  machine with backports]
-#   cargo     890  cargo test --workspace: unit tests, the spec corpus, the SSH executor against
+#   cargo     870  cargo test --workspace: unit tests, the spec corpus, the SSH executor against
 #                  real OpenSSH sshd on 127.0.0.1, the engine and kill/resume tests with the fake
 #                  provider, bundle and PKI tests [456 s before kube-rs and k8s-openapi joined; 772 s in CI]
-#   bundle    660  the offline Kubernetes test bundle (tests/bed/build-k8s-bundle.sh) [307 s]
+#   bundle    540  the offline Kubernetes test bundle (tests/bed/build-k8s-bundle.sh) [307 s]
 #   k8s       180  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI
 #                  (custom resources included), clusterctl's API client through a real sshd,
 #                  the node templates' flags and configs accepted by the real binaries, kubeconfig
 #                  files read back by the real kubectl
-#   image     240  the node image: `clusterctl image build` (or reuse), whose printed directory
+#   image     200  the node image: `clusterctl image build` (or reuse), whose printed directory
 #                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s]
-#   boot      150  that image booted under QEMU TCG (nodeimage's boot test) [~50 s]
+#   boot      130  that image booted under QEMU TCG (nodeimage's boot test) [~50 s]
 #   provider  300  real libvirt VMs in a network namespace: the provider suite, conformance + e2e
 #                  (tests/bed/libvirt-env.sh test provider) [186 s; 256 s in CI]
-#   e2e      2400  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
+#   e2e      2800  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
 #                  custom-resources, reboot, again, drain, unreachable, scale-down, delete)
-#                  (tests/bed/libvirt-env.sh test e2e) [~22 min before drain and scale-down]
-# Total 5100 s = 85 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
+#                  (tests/bed/libvirt-env.sh test e2e) [~22 min before drain and scale-down; ~42 min with
+#                  them on an idle host]
+# Total 5260 s = 87.7 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
 # budget is diagnosed (what it waited for, operation journals, virsh list and VM console logs),
 # killed, and the run's test beds torn down (tests/bed/stage.sh). The run ends with a table of
 # stage times, pass or fail.
@@ -108,15 +109,15 @@ stage_libvirt() {
 export out
 export -f bundle_dir test_image stage_bundle stage_k8s stage_image stage_boot stage_libvirt
 
-run_stage packages 280 "host packages" ./tests/bed/install-host-packages.sh
-run_stage cargo 890 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
+run_stage packages 240 "host packages" ./tests/bed/install-host-packages.sh
+run_stage cargo 870 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
   cargo test --workspace --locked
-run_stage bundle 660 "Kubernetes test bundle (cached by input checksum; cold 5-18 min, warm 1 s)" stage_bundle
+run_stage bundle 540 "Kubernetes test bundle (cached by input checksum; cold 5-18 min, warm 1 s)" stage_bundle
 run_stage k8s 180 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
-run_stage image 240 "node image: build or reuse" stage_image
-run_stage boot 150 "node image booted once under QEMU TCG" stage_boot
+run_stage image 200 "node image: build or reuse" stage_image
+run_stage boot 130 "node image booted once under QEMU TCG" stage_boot
 run_stage provider 300 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
-run_stage e2e 2400 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
+run_stage e2e 2800 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
 trap - INT TERM
 rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true
