@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use super::{cluster_api, load_cluster, lock_cluster, open_journal, runtime};
 use crate::engine::Reporter;
 use crate::kube::drain::DrainSimulation;
-use crate::kube::drainer::{self, DrainEvent, DrainOptions, DrainReport};
+use crate::kube::drainer::{self, DrainError, DrainEvent, DrainOptions, DrainReport};
 use crate::kube::{KubeClient, PolicyApi, TokioClock};
 use crate::state::{Event, Journal, Replay, StateStore};
 
@@ -382,7 +382,20 @@ impl crate::engine::apply::NodeRemoval for ApiNodeRemoval {
         node: &'a str,
     ) -> crate::engine::apply::BoxFuture<'a, Result<String, Box<dyn std::error::Error + Send + Sync>>>
     {
-        Box::pin(async move { self.drain_one(node).await.map_err(Into::into) })
+        Box::pin(async move {
+            // A drain stopped by a budget or a refusal stays a DrainError in the chain, so the
+            // exit code says "drain blocked" for `create` too.
+            // (Only a bare one: a context, "could not be uncordoned", must not be dropped.)
+            self.drain_one(node).await.map_err(|e| {
+                if e.chain().count() == 1 {
+                    match e.downcast::<DrainError>() {
+                        Ok(d) => return Box::new(d) as Box<dyn std::error::Error + Send + Sync>,
+                        Err(e) => return e.into(),
+                    }
+                }
+                e.into()
+            })
+        })
     }
 
     fn forget<'a>(

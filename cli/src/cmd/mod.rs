@@ -168,3 +168,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::drainer::DrainError;
+
+    #[test]
+    fn exit_codes_follow_the_error_kind_through_the_chain() {
+        let blocked = || DrainError::TimedOut {
+            node: "w1".into(),
+            waited: std::time::Duration::from_secs(3600),
+            pods: Vec::new(),
+        };
+        // `clusterctl drain`: the DrainError under context.
+        let direct = anyhow::Error::from(blocked()).context("draining node w1");
+        assert_eq!(exit_code_for(&direct), EXIT_DRAIN_BLOCKED);
+        // `create`'s scale-down: the DrainError boxed in the engine's error, under a phase.
+        let engine = crate::engine::EngineError::Phase {
+            title: "Deleting machines no longer in the spec".into(),
+            source: Box::new(crate::engine::EngineError::NodeRemoval {
+                action: "draining",
+                node: "w1".into(),
+                source: Box::new(blocked()),
+            }),
+        };
+        let via_create = anyhow::Error::from(engine).context("creating cluster");
+        assert_eq!(exit_code_for(&via_create), EXIT_DRAIN_BLOCKED);
+        let other = anyhow::anyhow!("something else");
+        assert_eq!(exit_code_for(&other), EXIT_FAILURE);
+    }
+}
