@@ -694,7 +694,11 @@ phase_drain() {
   local ns=e2e-drain w0=$name-workers-0 w1=$name-workers-1 out left
   k delete namespace "$ns" --ignore-not-found --wait=true > /dev/null
   k create namespace "$ns" > /dev/null || die "cannot create namespace $ns"
-  drain_workload() { # name replicas budget-spec
+  # drain_workload NAME REPLICAS BUDGET-SPEC STATUS-FIELD VALUE: a Deployment and its budget, all
+  # replicas on $w1 ($w0 cordoned with kubectl, test set-up, while they start), returned once the
+  # disruption controller shows the budget's STATUS-FIELD at VALUE.
+  drain_workload() {
+    k cordon "$w0" > /dev/null || die "cannot cordon $w0"
     k -n "$ns" apply -f - > /dev/null <<YAML || die "cannot create deployment $1"
 apiVersion: apps/v1
 kind: Deployment
@@ -719,19 +723,16 @@ spec:
   $3
   selector: {matchLabels: {app: $1}}
 YAML
+    k -n "$ns" rollout status "deployment/$1" --timeout=600s >&2 || die "deployment $1 did not become ready"
+    k uncordon "$w0" > /dev/null || die "cannot uncordon $w0"
+    for i in $(seq 60); do
+      [ "$(k -n "$ns" get pdb "$1" -o jsonpath="{.status.$4}")" = "$5" ] && break
+      sleep 2
+    done
   }
   unschedulable() { k get node "$1" -o jsonpath='{.spec.unschedulable}'; }
-  # Workloads land on w1 only: w0 is cordoned (with kubectl: test set-up) while they start.
-  k cordon "$w0" > /dev/null || die "cannot cordon $w0"
   waiting "deployment frozen (budget maxUnavailable 0) running on $w1"
-  drain_workload frozen 1 "maxUnavailable: 0"
-  k -n "$ns" rollout status deployment/frozen --timeout=600s >&2 || die "deployment frozen did not become ready"
-  k uncordon "$w0" > /dev/null || die "cannot uncordon $w0"
-  # The disruption controller has to see the budget first (disruptionsAllowed computed).
-  for i in $(seq 60); do
-    [ "$(k -n "$ns" get pdb frozen -o jsonpath='{.status.expectedPods}')" = 1 ] && break
-    sleep 2
-  done
+  drain_workload frozen 1 "maxUnavailable: 0" expectedPods 1
   waiting "drain --dry-run of $w1 reporting the budget"
   out=$("$bin" drain "$name" "$w1" --dry-run) || die "drain --dry-run failed: $out"
   echo "$out" >&2
@@ -752,15 +753,8 @@ YAML
   log "drain: the budget was reported before the node was touched; the drain stopped on it and uncordoned $w1"
   k -n "$ns" delete deployment frozen > /dev/null; k -n "$ns" delete pdb frozen > /dev/null
 
-  k cordon "$w0" > /dev/null || die "cannot cordon $w0"
   waiting "deployment app (2 replicas, budget minAvailable 1) running on $w1"
-  drain_workload app 2 "minAvailable: 1"
-  k -n "$ns" rollout status deployment/app --timeout=600s >&2 || die "deployment app did not become ready"
-  k uncordon "$w0" > /dev/null || die "cannot uncordon $w0"
-  for i in $(seq 60); do
-    [ "$(k -n "$ns" get pdb app -o jsonpath='{.status.disruptionsAllowed}')" = 1 ] && break
-    sleep 2
-  done
+  drain_workload app 2 "minAvailable: 1" disruptionsAllowed 1
   waiting "drain of $w1 (waits for the budget, then finishes)"
   out=$("$bin" drain "$name" "$w1" 2> "$work/drain.log") || { cat "$work/drain.log" >&2; die "drain of $w1 failed"; }
   cat "$work/drain.log" >&2

@@ -14,6 +14,7 @@
 //! would leave alone and what will block or hurt (PodDisruptionBudgets allowing no disruption,
 //! pods without a controller, local storage, single replicas).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -116,37 +117,82 @@ pub fn drain(
         });
     }
     let guard = lock_cluster(store, name, request.wait_lock, report)?;
-    let (mut journal, replay) = open_journal(&guard, report)?;
+    let (journal, replay) = open_journal(&guard, report)?;
+    let journal = Mutex::new(journal);
     for found in replay.in_flight() {
         report.note(&format!(
             "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
             found.action, found.target
         ));
-        journal.interrupted(&found)?;
+        lock(&journal).interrupted(&found)?;
     }
     let ours_before = cordoned_by_clusterctl(&replay, node);
     let result = rt.block_on(async {
         let api = cluster_api(store, &record).await?;
-        let result = drain_with(&api, &mut journal, name, node, request, ours_before, report).await;
+        let result = drain_with(&api, &journal, name, node, request, ours_before, report).await;
         api.close().await;
         result
     });
-    journal.finish(result.is_ok())?;
+    lock(&journal).finish(result.is_ok())?;
     result
+}
+
+fn lock(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+    journal.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn drain_with(
     api: &KubeClient,
-    journal: &mut Journal,
+    journal: &Mutex<Journal>,
     name: &str,
     node: &str,
     request: &DrainRequest,
     ours_before: bool,
     report: Reporter,
 ) -> anyhow::Result<DrainOutcome> {
-    let policy = policy(api).await?;
     let was_cordoned = node_cordoned(api, name, node).await?;
-    // Ours to uncordon on failure: cordoned now, or by an earlier run of clusterctl.
+    let op = lock(journal).intent(DRAIN, node)?;
+    match cordon_and_drain(
+        api,
+        journal,
+        node,
+        was_cordoned,
+        ours_before,
+        &request.options,
+        report,
+    )
+    .await
+    {
+        Ok(done) => {
+            lock(journal).done(&op)?;
+            Ok(DrainOutcome::Drained {
+                node: node.to_owned(),
+                report: done,
+            })
+        }
+        Err(err) => {
+            lock(journal).failed(&op, &crate::error::error_chain(err.as_ref()))?;
+            Err(err.context(format!("draining node {node} of cluster {name:?}")))
+        }
+    }
+}
+
+/// The drain both `clusterctl drain` and `create`'s scale-down run: cordons the node unless it
+/// is (journaled `cordon-node`), evicts its pods, and when that fails or is interrupted
+/// (Ctrl-C, SIGTERM) uncordons it again (journaled `uncordon-node`) if clusterctl cordoned it:
+/// now, or by an earlier run (`ours_before`, from the journal). A node an operator cordoned
+/// stays cordoned. The error is the bare [`DrainError`] (for the exit code), unless the
+/// uncordon failed too.
+async fn cordon_and_drain(
+    api: &KubeClient,
+    journal: &Mutex<Journal>,
+    node: &str,
+    was_cordoned: bool,
+    ours_before: bool,
+    options: &DrainOptions,
+    report: Reporter,
+) -> anyhow::Result<DrainReport> {
+    let policy = policy(api).await?;
     let ours = if was_cordoned {
         if ours_before {
             report.machine(node, "cordoned by an earlier clusterctl run; draining on");
@@ -165,44 +211,37 @@ async fn drain_with(
         report.machine(node, "cordoned");
         true
     };
-    let op = journal.intent(DRAIN, node)?;
     let clock = TokioClock;
     let mut on_event = |event: DrainEvent| report_event(report, node, event);
     let drained = tokio::select! {
-        r = drainer::drain_node(api, node, policy, &request.options, &clock, &mut on_event) => r.map_err(anyhow::Error::from),
+        r = drainer::drain_node(api, node, policy, options, &clock, &mut on_event) => r.map_err(anyhow::Error::from),
         _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
-    match drained {
+    let err = match drained {
         Ok(done) => {
-            journal.done(&op)?;
             report.machine(node, &format!("drained: {done}"));
-            Ok(DrainOutcome::Drained {
-                node: node.to_owned(),
-                report: done,
-            })
+            return Ok(done);
         }
-        Err(err) => {
-            journal.failed(&op, &crate::error::error_chain(err.as_ref()))?;
-            if ours {
-                match journaled(journal, UNCORDON, node, async {
-                    api.set_unschedulable(node, false).await
-                })
-                .await
-                {
-                    Ok(()) => report.machine(
-                        node,
-                        "uncordoned again: the drain did not finish, and clusterctl had cordoned it",
-                    ),
-                    Err(e) => {
-                        return Err(err.context(format!(
-                            "and node {node} could not be uncordoned ({e:#}): run `clusterctl uncordon {name} {node}`"
-                        )));
-                    }
-                }
+        Err(err) => err,
+    };
+    if ours {
+        match journaled(journal, UNCORDON, node, async {
+            api.set_unschedulable(node, false).await
+        })
+        .await
+        {
+            Ok(()) => report.machine(
+                node,
+                "uncordoned again: the drain did not finish, and clusterctl had cordoned it",
+            ),
+            Err(e) => {
+                return Err(err.context(format!(
+                    "and node {node} could not be uncordoned ({e:#}): run `clusterctl uncordon` for it"
+                )));
             }
-            Err(err.context(format!("draining node {node} of cluster {name:?}")))
         }
     }
+    Err(err)
 }
 
 /// Runs `clusterctl uncordon`: the node is schedulable again (whoever cordoned it). Returns
@@ -216,14 +255,15 @@ pub fn uncordon(
 ) -> anyhow::Result<bool> {
     let record = load_cluster(store, name)?;
     let guard = lock_cluster(store, name, wait_lock, report)?;
-    let (mut journal, _) = open_journal(&guard, report)?;
+    let (journal, _) = open_journal(&guard, report)?;
+    let journal = Mutex::new(journal);
     let rt = runtime()?;
     let result = rt.block_on(async {
         let api = cluster_api(store, &record).await?;
         let result = async {
             let cordoned = node_cordoned(&api, name, node).await?;
             if cordoned {
-                journaled(&mut journal, UNCORDON, node, async {
+                journaled(&journal, UNCORDON, node, async {
                     api.set_unschedulable(node, false).await
                 })
                 .await?;
@@ -237,7 +277,7 @@ pub fn uncordon(
         api.close().await;
         result
     });
-    journal.finish(result.is_ok())?;
+    lock(&journal).finish(result.is_ok())?;
     result
 }
 
@@ -257,19 +297,19 @@ fn report_event(report: Reporter, node: &str, event: DrainEvent) {
 
 /// One journaled API side effect: intent, call, outcome.
 async fn journaled(
-    journal: &mut Journal,
+    journal: &Mutex<Journal>,
     action: &str,
     target: &str,
     call: impl std::future::Future<Output = Result<(), crate::kube::KubeError>>,
 ) -> anyhow::Result<()> {
-    let op = journal.intent(action, target)?;
+    let op = lock(journal).intent(action, target)?;
     match call.await {
         Ok(()) => {
-            journal.done(&op)?;
+            lock(journal).done(&op)?;
             Ok(())
         }
         Err(e) => {
-            journal.failed(&op, &crate::error::error_chain(&e))?;
+            lock(journal).failed(&op, &crate::error::error_chain(&e))?;
             Err(e.into())
         }
     }
@@ -322,57 +362,54 @@ async fn interrupted() {
 }
 
 /// Drain and Node removal on the API client, for machines `create` deletes on a scale-down
-/// (see [`crate::engine::apply::NodeRemoval`]; the engine journals both steps). A drain that
-/// fails uncordons the node again if it was schedulable before.
+/// (see [`crate::engine::apply::NodeRemoval`]; the engine journals `drain-node` and
+/// `delete-node`). Each drain is [`cordon_and_drain`], journaled in `create`'s journal like
+/// `clusterctl drain`'s.
 pub struct ApiNodeRemoval {
     api: KubeClient,
+    journal: Arc<Mutex<Journal>>,
+    /// The journal as this run found it: which nodes earlier runs cordoned.
+    replay: Replay,
     options: DrainOptions,
     report: Reporter,
 }
 
 impl ApiNodeRemoval {
-    /// Over `api`, with `options` for every drain.
-    pub fn new(api: KubeClient, options: DrainOptions, report: Reporter) -> Self {
+    /// Over `api`, recording in `create`'s `journal` (found as `replay`), with `options` for
+    /// every drain.
+    pub fn new(
+        api: KubeClient,
+        journal: Arc<Mutex<Journal>>,
+        replay: Replay,
+        options: DrainOptions,
+        report: Reporter,
+    ) -> Self {
         ApiNodeRemoval {
             api,
+            journal,
+            replay,
             options,
             report,
         }
     }
 
     async fn drain_one(&self, node: &str) -> anyhow::Result<String> {
-        let api = &self.api;
-        let nodes = api.list_nodes().await?;
+        let nodes = self.api.list_nodes().await?;
         let Some(state) = nodes.iter().find(|n| n.name == node) else {
             return Ok("not a node of the cluster (never joined): nothing to drain".into());
         };
-        let policy = policy(api).await?;
-        if !state.unschedulable {
-            api.set_unschedulable(node, true).await?;
-            self.report.machine(node, "cordoned");
-        }
-        let report = self.report;
-        let mut on_event = |event: DrainEvent| report_event(report, node, event);
-        let clock = TokioClock;
-        match drainer::drain_node(api, node, policy, &self.options, &clock, &mut on_event).await {
-            Ok(done) => Ok(done.to_string()),
-            Err(err) => {
-                if !state.unschedulable {
-                    match api.set_unschedulable(node, false).await {
-                        Ok(()) => self
-                            .report
-                            .machine(node, "uncordoned again: the drain did not finish"),
-                        Err(e) => {
-                            return Err(anyhow::Error::from(err).context(format!(
-                                "and node {node} could not be uncordoned ({})",
-                                crate::error::error_chain(&e)
-                            )));
-                        }
-                    }
-                }
-                Err(err.into())
-            }
-        }
+        let ours_before = cordoned_by_clusterctl(&self.replay, node);
+        cordon_and_drain(
+            &self.api,
+            &self.journal,
+            node,
+            state.unschedulable,
+            ours_before,
+            &self.options,
+            self.report,
+        )
+        .await
+        .map(|done| done.to_string())
     }
 }
 

@@ -193,6 +193,8 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         (template, Some(ssh))
     };
 
+    let (journal, replay) = open_journal(&guard, report)?;
+    let journal = Arc::new(Mutex::new(journal));
     // A cluster that runs Kubernetes: machines it deletes (a smaller pool) are drained first
     // and their Node objects removed, through the API client.
     let nodes: Option<Arc<dyn engine::apply::NodeRemoval>> = if record.kubernetes.is_some() {
@@ -201,6 +203,8 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("preparing the API client of cluster {name:?}"))?;
         Some(Arc::new(crate::action::drain::ApiNodeRemoval::new(
             api,
+            journal.clone(),
+            replay.clone(),
             crate::kube::drainer::DrainOptions {
                 timeout: std::time::Duration::from_secs(args.drain_timeout),
                 ..Default::default()
@@ -210,8 +214,6 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (journal, replay) = open_journal(&guard, report)?;
-    let journal = Arc::new(Mutex::new(journal));
     let mut ctx = ApplyContext {
         env: Env {
             cluster: record.cluster_ref(),
