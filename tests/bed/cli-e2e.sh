@@ -51,8 +51,8 @@
 #                     cordoned and empty; `clusterctl uncordon`
 #   unreachable       a node that does not answer (its SSH port dropped in the bed) makes `create`
 #                     fail with an error naming the node and the phase; status `reconciling`
-#   scale-down        `create` re-run with one worker fewer: the worker is drained before its
-#                     machine is deleted, its Node object removed; 2 nodes left
+#   scale-down        `plan` with one worker fewer shows the drain it implies; `create` then
+#                     drains the worker before its machine is deleted, removes its Node; 2 nodes left
 #   delete            `delete` removes every domain, volume, network and pool carrying the
 #                     cluster's ID, the cluster's state directory and its kubeconfig context
 #   bench             (not a test, not in the default) an uninterrupted create timed per phase,
@@ -791,9 +791,15 @@ phase_unreachable() {
 # through the API client before its machine is deleted (its pods move), then its Node object is
 # removed; the rest of the cluster keeps running.
 phase_scale_down() {
-  local w1=$name-workers-1 drained deleted nodes json
+  local w1=$name-workers-1 drained deleted nodes json out
   sed 's/^      count: 2$/      count: 1/' "$work/cluster.yaml" > "$work/cluster-1w.yaml"
   ! cmp -s "$work/cluster.yaml" "$work/cluster-1w.yaml" || die "cannot make the one-worker spec"
+  waiting "plan with one worker fewer showing the drain of $w1"
+  out=$("$bin" plan -f "$work/cluster-1w.yaml") || die "plan with one worker fewer failed: $out"
+  grep -q "Drain of node $w1 before its deletion: [0-9]* pod(s) to evict" <<< "$out" || { echo "$out" >&2; die "plan does not show the drain of $w1"; }
+  out=$("$bin" -o json plan -f "$work/cluster-1w.yaml") || die "plan -o json failed"
+  jq -e --arg n "$w1" '.drains | length == 1 and .[0].node == $n and (.[0].evict | length) >= 1 and (.[0] | has("error") | not)' <<< "$out" > /dev/null \
+    || die "plan -o json does not show the drain of $w1: $(jq -c .drains <<< "$out")"
   waiting "create with one worker fewer: $w1 drained, deleted, its Node removed"
   "$bin" create -f "$work/cluster-1w.yaml" --ssh-timeout 600 2> "$work/scale-down.log" \
     || { cat "$work/scale-down.log" >&2; die "create with one worker fewer failed"; }
