@@ -241,9 +241,8 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
                     if d.blockers.is_empty() {
                         ", nothing blocks it".to_owned()
                     } else {
-                        format!(
-                            "; BLOCKED until these allow it (create waits up to --drain-timeout):"
-                        )
+                        "; BLOCKED until these allow it (create waits up to --drain-timeout):"
+                            .to_owned()
                     }
                 )?;
                 for b in &d.blockers {
