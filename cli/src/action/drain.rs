@@ -165,6 +165,7 @@ async fn drain_with(
     {
         Ok(done) => {
             lock(journal).done(&op)?;
+            report.machine(node, &format!("drained: {done}"));
             Ok(DrainOutcome::Drained {
                 node: node.to_owned(),
                 report: done,
@@ -218,10 +219,7 @@ async fn cordon_and_drain(
         _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
     let err = match drained {
-        Ok(done) => {
-            report.machine(node, &format!("drained: {done}"));
-            return Ok(done);
-        }
+        Ok(done) => return Ok(done),
         Err(err) => err,
     };
     if ours {
