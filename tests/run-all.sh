@@ -16,14 +16,15 @@
 #   image     200  the node image: `clusterctl image build` (or reuse), whose printed directory
 #                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s]
 #   boot      130  that image booted under QEMU TCG (nodeimage's boot test) [~50 s]
-#   provider  300  real libvirt VMs in a network namespace: the provider suite, conformance + e2e
-#                  (tests/bed/libvirt-env.sh test provider) [186 s; 256 s in CI]
-#   e2e      2800  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
+#   provider  330  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
+#                  included: stop, reset, boot-disk replacement) + e2e
+#                  (tests/bed/libvirt-env.sh test provider) [197 s; 256 s in CI before day 2]
+#   e2e      2500  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
 #                  custom-resources, reboot, again, drain, unreachable, scale-down, delete)
-#                  (tests/bed/libvirt-env.sh test e2e) [~22 min before drain and scale-down; ~42 min with
-#                  them on an idle host]
-# Total 5260 s = 87.7 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
+#                  (tests/bed/libvirt-env.sh test e2e) [1138 s with drain and scale-down on an
+#                  idle host; up to ~40 min on a loaded one]
+# Total 4990 s = 83.2 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
 # budget is diagnosed (what it waited for, operation journals, virsh list and VM console logs),
 # killed, and the run's test beds torn down (tests/bed/stage.sh). The run ends with a table of
 # stage times, pass or fail.
@@ -116,8 +117,8 @@ run_stage bundle 540 "Kubernetes test bundle (cached by input checksum; cold 5-1
 run_stage k8s 180 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
 run_stage image 200 "node image: build or reuse" stage_image
 run_stage boot 130 "node image booted once under QEMU TCG" stage_boot
-run_stage provider 300 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
-run_stage e2e 2800 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
+run_stage provider 330 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
+run_stage e2e 2500 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
 trap - INT TERM
 rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true

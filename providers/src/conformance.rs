@@ -7,7 +7,8 @@
 //! # use providers::{MachineSpec, Provider};
 //! # use providers::conformance::{self, ConformanceError, Fixture};
 //! # fn check(provider: &dyn Provider, machine_template: MachineSpec) -> Result<(), ConformanceError> {
-//! let fixture = Fixture::new("cf", machine_template);
+//! let other_image = machine_template.image.clone(); // a second image, in reality
+//! let fixture = Fixture::new("cf", machine_template, other_image);
 //! conformance::run_all(provider, &fixture)?;
 //! // or one check at a time, e.g. as separate #[test]s:
 //! for (_name, check) in conformance::CHECKS {
@@ -18,14 +19,53 @@
 //! ```
 //!
 //! The fixture supplies a [`MachineSpec`] template (a real image, size and user data for the
-//! provider at hand) and a short name prefix; each check derives its own machine names and fresh
-//! random cluster IDs from them, so checks never see each other's machines or anything left over
-//! from earlier runs. Each check deletes what it created, also when it fails.
+//! provider at hand), a second image to replace boot disks with, a short name prefix and,
+//! optionally, a [`MachineProbe`] that looks inside machines (data disk, boot count) the way only
+//! a test of that provider can. Each check derives its own machine names and fresh random cluster
+//! IDs, so checks never see each other's machines or anything left over from earlier runs. Each
+//! check deletes what it created, also when it fails.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::{ClusterRef, Machine, MachineRole, MachineSpec, MachineState, Provider, ProviderError};
+use crate::{
+    AddressKind, ClusterRef, ErrorKind, ImageRef, Machine, MachineRole, MachineSpec, MachineState,
+    Provider, ProviderError,
+};
+
+/// Looks inside a provider's machines, as only a test of that provider can: the conformance
+/// checks of boot-disk replacement and reset use it to see that data survived and that the
+/// machine really booted again.
+pub trait MachineProbe: Send + Sync {
+    /// Writes the byte `marker` on the machine's data disk. It may stop the machine to do so (and
+    /// leave it stopped).
+    fn write_data_marker(
+        &self,
+        provider: &dyn Provider,
+        cluster: &ClusterRef,
+        machine: &str,
+        marker: u8,
+    ) -> Result<(), String>;
+
+    /// The byte [`MachineProbe::write_data_marker`] wrote, or `None` if the disk holds none.
+    fn read_data_marker(
+        &self,
+        provider: &dyn Provider,
+        cluster: &ClusterRef,
+        machine: &str,
+    ) -> Result<Option<u8>, String>;
+
+    /// A count that grows by one each time the machine boots.
+    fn boot_count(
+        &self,
+        provider: &dyn Provider,
+        cluster: &ClusterRef,
+        machine: &str,
+    ) -> Result<u64, String>;
+}
 
 /// A failed conformance check.
 #[derive(Debug)]
@@ -59,22 +99,49 @@ impl fmt::Display for ConformanceError {
 impl std::error::Error for ConformanceError {}
 
 /// What the suite needs from the caller.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Fixture {
     /// Prefix of every machine and cluster name the suite creates (a short DNS-1123 label).
     pub prefix: String,
     /// Template for the machines: image, size, user data and extra labels are taken from it;
     /// name, role and pool are set by each check.
     pub template: MachineSpec,
+    /// A second image (another digest) that boot disks are replaced with.
+    pub other_image: ImageRef,
+    /// Looks inside machines; without one the data-disk and boot-count parts are not checked.
+    pub probe: Option<Arc<dyn MachineProbe>>,
+    /// How long a machine may take to show a boot to the probe.
+    pub boot_timeout: Duration,
+}
+
+impl fmt::Debug for Fixture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fixture")
+            .field("prefix", &self.prefix)
+            .field("template", &self.template)
+            .field("other_image", &self.other_image)
+            .field("probe", &self.probe.is_some())
+            .finish()
+    }
 }
 
 impl Fixture {
-    /// A fixture with the given name prefix and machine template.
-    pub fn new(prefix: impl Into<String>, template: MachineSpec) -> Self {
+    /// A fixture with the given name prefix, machine template and second image, without a probe.
+    pub fn new(prefix: impl Into<String>, template: MachineSpec, other_image: ImageRef) -> Self {
         Fixture {
             prefix: prefix.into(),
             template,
+            other_image,
+            probe: None,
+            boot_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// The same fixture with a probe.
+    #[must_use]
+    pub fn with_probe(mut self, probe: Arc<dyn MachineProbe>) -> Self {
+        self.probe = Some(probe);
+        self
     }
 
     fn cluster(&self, check: &'static str, suffix: &str) -> Result<ClusterRef, ConformanceError> {
@@ -116,6 +183,20 @@ pub const CHECKS: &[(&str, Check)] = &[
     (
         "name_clash_leaves_the_foreign_machine_untouched",
         name_clash_leaves_the_foreign_machine_untouched,
+    ),
+    (
+        "running_machines_have_addresses_labels_and_a_failure_domain",
+        running_machines_have_addresses_labels_and_a_failure_domain,
+    ),
+    ("parallel_ensures", parallel_ensures),
+    (
+        "stop_and_ensure_starts_a_stopped_machine",
+        stop_and_ensure_starts_a_stopped_machine,
+    ),
+    ("reset_reboots", reset_reboots),
+    (
+        "replace_boot_disk_keeps_data_and_identity",
+        replace_boot_disk_keeps_data_and_identity,
     ),
 ];
 
@@ -363,10 +444,24 @@ pub fn delete_cluster_leaves_nothing(
         "ensure other cluster's machine",
         p.ensure_machine(&other, &survivor),
     )?;
+    let made = call(C, "inventory before delete_cluster", p.inventory(&doomed))?;
+    if made.len() < 3 {
+        return Err(fail(
+            C,
+            format!("the inventory of a cluster with 3 machines lists only {made:?}"),
+        ));
+    }
     call(C, "delete_cluster", p.delete_cluster(&doomed))?;
     let left = call(C, "list after delete_cluster", p.list_machines(&doomed))?;
     if !left.is_empty() {
         return Err(fail(C, format!("delete_cluster left {:?}", names(&left))));
+    }
+    let left = call(C, "inventory after delete_cluster", p.inventory(&doomed))?;
+    if !left.is_empty() {
+        return Err(fail(
+            C,
+            format!("delete_cluster left these resources: {left:?}"),
+        ));
     }
     call(C, "second delete_cluster", p.delete_cluster(&doomed))?;
     let others = call(C, "list other cluster", p.list_machines(&other))?;
@@ -456,4 +551,441 @@ pub fn name_clash_leaves_the_foreign_machine_untouched(
         ));
     }
     Ok(())
+}
+
+fn find<'m>(
+    check: &'static str,
+    listed: &'m [Machine],
+    name: &str,
+) -> Result<&'m Machine, ConformanceError> {
+    listed.iter().find(|m| m.name == name).ok_or_else(|| {
+        fail(
+            check,
+            format!("{name:?} is not listed: {:?}", names(listed)),
+        )
+    })
+}
+
+fn expect_kind<T: fmt::Debug>(
+    check: &'static str,
+    what: &str,
+    r: Result<T, ProviderError>,
+    want: &[ErrorKind],
+) -> Result<(), ConformanceError> {
+    match r {
+        Err(e) if want.contains(&e.kind()) => Ok(()),
+        Err(e) => Err(fail(
+            check,
+            format!(
+                "{what} failed with {e} (kind {:?}); want {want:?}",
+                e.kind()
+            ),
+        )),
+        Ok(v) => Err(fail(
+            check,
+            format!("{what} succeeded ({v:?}); want an error of kind {want:?}"),
+        )),
+    }
+}
+
+/// Waits until the probe's boot count of `machine` reaches `want`.
+fn wait_for_boots(
+    check: &'static str,
+    p: &dyn Provider,
+    fx: &Fixture,
+    cluster: &ClusterRef,
+    machine: &str,
+    want: u64,
+) -> Result<u64, ConformanceError> {
+    let Some(probe) = &fx.probe else {
+        return Ok(want);
+    };
+    let deadline = Instant::now() + fx.boot_timeout;
+    loop {
+        let n = probe
+            .boot_count(p, cluster, machine)
+            .map_err(|e| fail(check, format!("probe: boot count of {machine:?}: {e}")))?;
+        if n >= want {
+            return Ok(n);
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(
+                check,
+                format!(
+                    "{machine:?} booted {n} time(s) within {:?}; want {want}",
+                    fx.boot_timeout
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn internal_addresses(m: &Machine) -> Vec<std::net::IpAddr> {
+    m.addresses_of(AddressKind::Internal).collect()
+}
+
+/// A running machine has an internal address, carries the extra labels it was ensured with (keys
+/// with `.` and `/` included, read back decoded) and reports a failure domain.
+pub fn running_machines_have_addresses_labels_and_a_failure_domain(
+    p: &dyn Provider,
+    fx: &Fixture,
+) -> Result<(), ConformanceError> {
+    const C: &str = "running_machines_have_addresses_labels_and_a_failure_domain";
+    let cluster = fx.cluster(C, "addr")?;
+    let _cleanup = Cleanup {
+        provider: p,
+        clusters: vec![cluster.clone()],
+    };
+    let mut spec = fx.machine("addr-w-0", MachineRole::Worker, Some("w"));
+    let extra = BTreeMap::from([
+        ("example.com/team".to_string(), "blue".to_string()),
+        ("tier".to_string(), "batch-1".to_string()),
+    ]);
+    spec.labels.extend(extra.clone());
+    let ensured = call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
+    let listed = call(C, "list", p.list_machines(&cluster))?;
+    let m = find(C, &listed, &spec.name)?;
+    if m.state == MachineState::Running && internal_addresses(m).is_empty() {
+        return Err(fail(
+            C,
+            format!(
+                "running machine {:?} has no internal address: {:?}",
+                m.name, m.addresses
+            ),
+        ));
+    }
+    for (k, v) in &spec.labels {
+        if m.labels.get(k) != Some(v) {
+            return Err(fail(
+                C,
+                format!(
+                    "label {k:?}={v:?} is not read back: the machine lists {:?}",
+                    m.labels
+                ),
+            ));
+        }
+    }
+    if m.labels
+        .keys()
+        .any(|k| k.starts_with("clusterctl.io/cluster-"))
+    {
+        return Err(fail(
+            C,
+            format!(
+                "the cluster's own labels are listed as extra labels: {:?}",
+                m.labels
+            ),
+        ));
+    }
+    if m.failure_domain.as_deref().is_none_or(str::is_empty) {
+        return Err(fail(C, format!("{:?} reports no failure domain", m.name)));
+    }
+    if ensured.labels != m.labels {
+        return Err(fail(
+            C,
+            format!(
+                "ensure returns labels {:?} but list reads {:?}",
+                ensured.labels, m.labels
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Machines of one cluster ensured from several threads at once are all created, each once, with
+/// distinct addresses.
+pub fn parallel_ensures(p: &dyn Provider, fx: &Fixture) -> Result<(), ConformanceError> {
+    const C: &str = "parallel_ensures";
+    let cluster = fx.cluster(C, "par")?;
+    let _cleanup = Cleanup {
+        provider: p,
+        clusters: vec![cluster.clone()],
+    };
+    let specs: Vec<MachineSpec> = (0..3)
+        .map(|i| fx.machine(&format!("par-w-{i}"), MachineRole::Worker, Some("w")))
+        .collect();
+    let results: Vec<Result<Machine, ProviderError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = specs
+            .iter()
+            .map(|spec| s.spawn(|| p.ensure_machine(&cluster, spec)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ProviderError::Invalid("an ensure thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    for (spec, r) in specs.iter().zip(results) {
+        call(C, &format!("parallel ensure of {:?}", spec.name), r)?;
+    }
+    let listed = call(C, "list", p.list_machines(&cluster))?;
+    let mut want: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    want.sort_unstable();
+    if names(&listed) != want {
+        return Err(fail(
+            C,
+            format!(
+                "after parallel ensures the cluster lists {:?}; want {want:?}",
+                names(&listed)
+            ),
+        ));
+    }
+    let mut addrs: Vec<std::net::IpAddr> = listed.iter().flat_map(internal_addresses).collect();
+    let running = listed
+        .iter()
+        .filter(|m| m.state == MachineState::Running)
+        .count();
+    addrs.sort_unstable();
+    addrs.dedup();
+    if addrs.len() < running {
+        return Err(fail(
+            C,
+            format!("{running} running machines share addresses: {listed:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `stop_machine` stops a machine (twice is fine, a missing one is not found) and `ensure`
+/// starts it again: the same machine, booted once more.
+pub fn stop_and_ensure_starts_a_stopped_machine(
+    p: &dyn Provider,
+    fx: &Fixture,
+) -> Result<(), ConformanceError> {
+    const C: &str = "stop_and_ensure_starts_a_stopped_machine";
+    let cluster = fx.cluster(C, "stop")?;
+    let _cleanup = Cleanup {
+        provider: p,
+        clusters: vec![cluster.clone()],
+    };
+    let spec = fx.machine("stop-w-0", MachineRole::Worker, Some("w"));
+    let first = call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, 1)?;
+    let stopped = call(C, "stop", p.stop_machine(&cluster, &spec.name))?;
+    call(C, "second stop", p.stop_machine(&cluster, &spec.name))?;
+    let listed = call(C, "list after stop", p.list_machines(&cluster))?;
+    let m = find(C, &listed, &spec.name)?;
+    if stopped.state != MachineState::Stopped || m.state != MachineState::Stopped {
+        return Err(fail(
+            C,
+            format!(
+                "after stop the machine is {:?} (stop returned {:?}); want stopped",
+                m.state, stopped.state
+            ),
+        ));
+    }
+    let again = call(
+        C,
+        "ensure of the stopped machine",
+        p.ensure_machine(&cluster, &spec),
+    )?;
+    if again.provider_id != first.provider_id {
+        return Err(fail(
+            C,
+            format!(
+                "ensure of a stopped machine made a new one ({:?} -> {:?}); want it started",
+                first.provider_id, again.provider_id
+            ),
+        ));
+    }
+    expect_booting(C, &again)?;
+    wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    expect_kind(
+        C,
+        "stop of a machine that does not exist",
+        p.stop_machine(&cluster, &format!("{}-never", fx.prefix)),
+        &[ErrorKind::NotFound],
+    )
+}
+
+/// `reset_machine` power-cycles a running machine (it boots again, same machine), starts a
+/// stopped one, and names a missing one as not found.
+pub fn reset_reboots(p: &dyn Provider, fx: &Fixture) -> Result<(), ConformanceError> {
+    const C: &str = "reset_reboots";
+    let cluster = fx.cluster(C, "rst")?;
+    let _cleanup = Cleanup {
+        provider: p,
+        clusters: vec![cluster.clone()],
+    };
+    let spec = fx.machine("rst-w-0", MachineRole::Worker, Some("w"));
+    let first = call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, 1)?;
+    let reset = call(C, "reset", p.reset_machine(&cluster, &spec.name))?;
+    if reset.provider_id != first.provider_id {
+        return Err(fail(
+            C,
+            format!(
+                "reset changed the provider ID {:?} -> {:?}",
+                first.provider_id, reset.provider_id
+            ),
+        ));
+    }
+    expect_booting(C, &reset)?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    call(C, "stop", p.stop_machine(&cluster, &spec.name))?;
+    let started = call(
+        C,
+        "reset of a stopped machine",
+        p.reset_machine(&cluster, &spec.name),
+    )?;
+    expect_booting(C, &started)?;
+    wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    expect_kind(
+        C,
+        "reset of a machine that does not exist",
+        p.reset_machine(&cluster, &format!("{}-never", fx.prefix)),
+        &[ErrorKind::NotFound],
+    )
+}
+
+/// `replace_boot_disk` boots a machine from the other image while its data disk, addresses and
+/// provider ID stay; repeating it changes nothing; replacing back (the rollback) works the same
+/// way; a missing machine is not found and another cluster's machine is left untouched.
+pub fn replace_boot_disk_keeps_data_and_identity(
+    p: &dyn Provider,
+    fx: &Fixture,
+) -> Result<(), ConformanceError> {
+    const C: &str = "replace_boot_disk_keeps_data_and_identity";
+    if fx.other_image.digest == fx.template.image.digest {
+        return Err(ConformanceError::setup(
+            "the fixture's other image has the template image's digest; give it a different image",
+        ));
+    }
+    let cluster = fx.cluster(C, "rpl")?;
+    let other = fx.cluster(C, "rplx")?;
+    let _cleanup = Cleanup {
+        provider: p,
+        clusters: vec![cluster.clone(), other.clone()],
+    };
+    let spec = fx.machine("rpl-w-0", MachineRole::Worker, Some("w"));
+    call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, 1)?;
+    let before = find(C, &call(C, "list", p.list_machines(&cluster))?, &spec.name)?.clone();
+    if let Some(probe) = &fx.probe {
+        probe
+            .write_data_marker(p, &cluster, &spec.name, 0x5a)
+            .map_err(|e| fail(C, format!("probe: writing the data disk: {e}")))?;
+    }
+    let replaced = call(
+        C,
+        "replace with the other image",
+        p.replace_boot_disk(&cluster, &spec.name, &fx.other_image),
+    )?;
+    let check_machine = |m: &Machine, image: &ImageRef, what: &str| {
+        if m.image_digest.as_deref() != Some(image.digest.as_str()) {
+            return Err(fail(
+                C,
+                format!(
+                    "{what}: the machine boots {:?}; want {:?}",
+                    m.image_digest, image.digest
+                ),
+            ));
+        }
+        if m.provider_id != before.provider_id {
+            return Err(fail(
+                C,
+                format!(
+                    "{what}: the provider ID changed {:?} -> {:?}",
+                    before.provider_id, m.provider_id
+                ),
+            ));
+        }
+        if m.state == MachineState::Running
+            && before.state == MachineState::Running
+            && internal_addresses(m) != internal_addresses(&before)
+        {
+            return Err(fail(
+                C,
+                format!(
+                    "{what}: the addresses changed {:?} -> {:?}",
+                    before.addresses, m.addresses
+                ),
+            ));
+        }
+        expect_booting(C, m)
+    };
+    check_machine(&replaced, &fx.other_image, "after replacement")?;
+    let listed = call(C, "list after replacement", p.list_machines(&cluster))?;
+    check_machine(
+        find(C, &listed, &spec.name)?,
+        &fx.other_image,
+        "listed after replacement",
+    )?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    if let Some(probe) = &fx.probe {
+        let got = probe
+            .read_data_marker(p, &cluster, &spec.name)
+            .map_err(|e| fail(C, format!("probe: reading the data disk: {e}")))?;
+        if got != Some(0x5a) {
+            return Err(fail(
+                C,
+                format!("the data disk holds {got:?} after the replacement; want Some(0x5a)"),
+            ));
+        }
+    }
+    let again = call(
+        C,
+        "second replacement with the same image",
+        p.replace_boot_disk(&cluster, &spec.name, &fx.other_image),
+    )?;
+    check_machine(&again, &fx.other_image, "after a repeated replacement")?;
+    if let Some(probe) = &fx.probe {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = probe
+            .boot_count(p, &cluster, &spec.name)
+            .map_err(|e| fail(C, format!("probe: boot count: {e}")))?;
+        if n != boots {
+            return Err(fail(
+                C,
+                format!(
+                    "a repeated replacement with the same image rebooted the machine ({boots} -> {n} boots)"
+                ),
+            ));
+        }
+    }
+    let back = call(
+        C,
+        "rollback to the first image",
+        p.replace_boot_disk(&cluster, &spec.name, &fx.template.image),
+    )?;
+    check_machine(&back, &fx.template.image, "after the rollback")?;
+    wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    if let Some(probe) = &fx.probe {
+        let got = probe
+            .read_data_marker(p, &cluster, &spec.name)
+            .map_err(|e| fail(C, format!("probe: reading the data disk: {e}")))?;
+        if got != Some(0x5a) {
+            return Err(fail(
+                C,
+                format!("the data disk holds {got:?} after the rollback; want Some(0x5a)"),
+            ));
+        }
+    }
+    expect_kind(
+        C,
+        "replacement of a machine that does not exist",
+        p.replace_boot_disk(&cluster, &format!("{}-never", fx.prefix), &fx.other_image),
+        &[ErrorKind::NotFound],
+    )?;
+    // Another cluster naming this machine: refused, and the machine is untouched.
+    expect_kind(
+        C,
+        "replacement by another cluster",
+        p.replace_boot_disk(&other, &spec.name, &fx.other_image),
+        &[ErrorKind::NotFound, ErrorKind::AlreadyExists],
+    )?;
+    let listed = call(
+        C,
+        "list after the foreign replacement",
+        p.list_machines(&cluster),
+    )?;
+    check_machine(
+        find(C, &listed, &spec.name)?,
+        &fx.template.image,
+        "after a foreign replacement",
+    )
 }

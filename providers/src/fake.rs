@@ -26,8 +26,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ClusterRef, LABEL_CLUSTER_ID, LABEL_CLUSTER_NAME, LABEL_POOL, LABEL_ROLE, Machine, MachineRole,
-    MachineSize, MachineSpec, MachineState, Provider, ProviderError, Result,
+    ClusterRef, ImageRef, LABEL_CLUSTER_ID, LABEL_CLUSTER_NAME, LABEL_POOL, LABEL_ROLE, Machine,
+    MachineAddress, MachineRole, MachineSize, MachineSpec, MachineState, Provider, ProviderError,
+    Resource, Result,
 };
 
 /// File holding the machines.
@@ -83,7 +84,19 @@ pub struct FakeMachine {
     pub image_digest: String,
     /// Lifecycle state.
     pub state: MachineState,
+    /// Failure domain it was placed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_domain: Option<String>,
+    /// How many times it has booted (create, start, reset and boot-disk replacement each count).
+    #[serde(default)]
+    pub boots: u32,
+    /// What was written on its data disk (kept by a boot-disk replacement, gone with the machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_disk: Option<String>,
 }
+
+/// Label keys the fake stores for the provider's own use; everything else is a user label.
+const OWN_LABELS: [&str; 4] = [LABEL_CLUSTER_ID, LABEL_CLUSTER_NAME, LABEL_ROLE, LABEL_POOL];
 
 impl FakeMachine {
     fn cluster_id(&self) -> Option<&str> {
@@ -101,12 +114,40 @@ impl FakeMachine {
             role,
             pool: self.labels.get(LABEL_POOL).cloned(),
             state: self.state,
-            addresses: Vec::new(),
-            failure_domain: None,
+            addresses: if self.state == MachineState::Running {
+                vec![MachineAddress::internal(self.loopback_address())]
+            } else {
+                Vec::new()
+            },
+            failure_domain: Some(
+                self.failure_domain
+                    .clone()
+                    .unwrap_or_else(|| FAKE_ZONE.to_string()),
+            ),
             image_digest: Some(self.image_digest.clone()),
+            labels: self
+                .labels
+                .iter()
+                .filter(|(k, _)| !OWN_LABELS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
+
+    /// A loopback address derived from the provider ID: distinct per machine, never routed
+    /// anywhere (the engine does not connect to fake machines).
+    fn loopback_address(&self) -> std::net::IpAddr {
+        let h = self
+            .provider_id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let [_, a, b, c] = h.to_be_bytes();
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, a, b, c.max(2)))
+    }
 }
+
+/// The failure domain of a machine placed without one.
+pub const FAKE_ZONE: &str = "fake-zone-a";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,6 +212,70 @@ impl FakeProvider {
                 .ok_or_else(|| ProviderError::Invalid(format!("no fake machine {name:?}")))?;
             m.state = state;
             Ok(((), true))
+        })
+    }
+
+    /// Writes `content` on the data disk of machine `name` (for tests and the conformance probe).
+    pub fn write_data_disk(&self, name: &str, content: &str) -> Result<()> {
+        self.with_machine(name, |m| {
+            m.data_disk = Some(content.to_string());
+            Ok(((), true))
+        })
+    }
+
+    /// What the data disk of machine `name` holds (for tests and the conformance probe).
+    pub fn read_data_disk(&self, name: &str) -> Result<Option<String>> {
+        self.with_machine(name, |m| Ok((m.data_disk.clone(), false)))
+    }
+
+    /// How many times machine `name` has booted (for tests and the conformance probe).
+    pub fn boot_count(&self, name: &str) -> Result<u32> {
+        self.with_machine(name, |m| Ok((m.boots, false)))
+    }
+
+    fn with_machine<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut FakeMachine) -> Result<(T, bool)>,
+    ) -> Result<T> {
+        self.transact(format!("reading fake machine {name:?}"), |s| {
+            let m = s
+                .machines
+                .iter_mut()
+                .find(|m| m.name == name)
+                .ok_or_else(|| ProviderError::NotFound {
+                    kind: "machine",
+                    name: name.to_string(),
+                })?;
+            f(m)
+        })
+    }
+
+    /// Runs `f` on this cluster's machine `name`: not found, or a name clash if another
+    /// cluster's machine has that name.
+    fn with_own_machine<T>(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        operation: &str,
+        f: impl FnOnce(&mut FakeMachine) -> Result<(T, bool)>,
+    ) -> Result<T> {
+        self.transact(format!("{operation} fake machine {name:?}"), |s| {
+            let m = s
+                .machines
+                .iter_mut()
+                .find(|m| m.name == name)
+                .ok_or_else(|| ProviderError::NotFound {
+                    kind: "machine",
+                    name: name.to_string(),
+                })?;
+            if m.cluster_id() != Some(cluster.id.as_str()) {
+                return Err(ProviderError::NameClash {
+                    kind: "machine",
+                    name: name.to_string(),
+                });
+            }
+            f(m)
         })
     }
 
@@ -329,6 +434,7 @@ impl Provider for FakeProvider {
                 );
                 if changed {
                     m.state = MachineState::Running;
+                    m.boots += 1;
                 }
                 return Ok((m.to_machine(), changed));
             }
@@ -354,6 +460,9 @@ impl Provider for FakeProvider {
                 size: spec.size.clone(),
                 image_digest: spec.image.digest.clone(),
                 state: MachineState::Running,
+                failure_domain: spec.failure_domain.clone(),
+                boots: 1,
+                data_disk: None,
             };
             let out = m.to_machine();
             s.machines.push(m);
@@ -400,6 +509,61 @@ impl Provider for FakeProvider {
             self.delete_machine(cluster, &name)?;
         }
     }
+
+    fn inventory(&self, cluster: &ClusterRef) -> Result<Vec<Resource>> {
+        self.transact("listing fake machines", |s| {
+            let list = s
+                .machines
+                .iter()
+                .filter(|m| m.cluster_id() == Some(cluster.id.as_str()))
+                .map(|m| Resource {
+                    kind: "machine".into(),
+                    name: m.name.clone(),
+                })
+                .collect();
+            Ok((list, false))
+        })
+    }
+
+    fn stop_machine(&self, cluster: &ClusterRef, name: &str) -> Result<Machine> {
+        self.with_own_machine(cluster, name, "stopping", |m| {
+            let changed = m.state != MachineState::Stopped;
+            m.state = MachineState::Stopped;
+            Ok((m.to_machine(), changed))
+        })
+    }
+
+    fn reset_machine(&self, cluster: &ClusterRef, name: &str) -> Result<Machine> {
+        self.pause();
+        self.with_own_machine(cluster, name, "resetting", |m| {
+            m.state = MachineState::Running;
+            m.boots += 1;
+            Ok((m.to_machine(), true))
+        })
+    }
+
+    fn replace_boot_disk(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        image: &ImageRef,
+    ) -> Result<Machine> {
+        self.pause();
+        self.with_own_machine(cluster, name, "replacing the boot disk of", |m| {
+            if m.image_digest == image.digest {
+                let start = m.state != MachineState::Running;
+                if start {
+                    m.state = MachineState::Running;
+                    m.boots += 1;
+                }
+                return Ok((m.to_machine(), start));
+            }
+            m.image_digest = image.digest.clone();
+            m.state = MachineState::Running;
+            m.boots += 1;
+            Ok((m.to_machine(), true))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -424,6 +588,47 @@ mod tests {
             },
             user_data: "#cloud-config\n".into(),
             labels: BTreeMap::new(),
+            failure_domain: None,
+        }
+    }
+
+    /// Looks inside fake machines through a second provider instance on the same directory.
+    struct FakeProbe(FakeProvider);
+
+    impl crate::conformance::MachineProbe for FakeProbe {
+        fn write_data_marker(
+            &self,
+            _: &dyn Provider,
+            _: &ClusterRef,
+            machine: &str,
+            marker: u8,
+        ) -> std::result::Result<(), String> {
+            self.0
+                .write_data_disk(machine, &format!("{marker:02x}"))
+                .map_err(|e| e.to_string())
+        }
+
+        fn read_data_marker(
+            &self,
+            _: &dyn Provider,
+            _: &ClusterRef,
+            machine: &str,
+        ) -> std::result::Result<Option<u8>, String> {
+            let data = self.0.read_data_disk(machine).map_err(|e| e.to_string())?;
+            data.map(|d| u8::from_str_radix(&d, 16).map_err(|e| e.to_string()))
+                .transpose()
+        }
+
+        fn boot_count(
+            &self,
+            _: &dyn Provider,
+            _: &ClusterRef,
+            machine: &str,
+        ) -> std::result::Result<u64, String> {
+            self.0
+                .boot_count(machine)
+                .map(u64::from)
+                .map_err(|e| e.to_string())
         }
     }
 
@@ -505,7 +710,16 @@ mod tests {
         let p = FakeProvider::new(tmp.path(), FakeOptions::default())
             .map_err(crate::conformance::ConformanceError::setup)?;
         let template = spec("unused", MachineRole::Worker, Some("p"));
-        crate::conformance::run_all(&p, &crate::conformance::Fixture::new("fk", template))?;
+        let mut other = template.image.clone();
+        other.version = "v2".into();
+        other.digest = "sha256:def".into();
+        let probe = FakeProbe(
+            FakeProvider::new(tmp.path(), FakeOptions::default())
+                .map_err(crate::conformance::ConformanceError::setup)?,
+        );
+        let fixture = crate::conformance::Fixture::new("fk", template, other)
+            .with_probe(std::sync::Arc::new(probe));
+        crate::conformance::run_all(&p, &fixture)?;
         // Every check cleaned up after itself.
         assert_eq!(
             p.all_machines()

@@ -2,8 +2,13 @@
 //!
 //! A provider turns a [`MachineSpec`] into a running virtual machine and finds the machines of a
 //! cluster again by the labels it put on them, never by guessing names. The verb set is small on
-//! purpose (ensure, list, delete, plus cluster-wide cleanup) so that every provider, local or cloud,
-//! can pass the same conformance suite.
+//! purpose so that every provider, local or cloud, can pass the same conformance suite:
+//! - day 1: ensure, list, delete, and cluster-wide cleanup with an inventory to prove it;
+//! - day 2: stop, reset (power-cycle a hung machine) and boot-disk replacement (the immutable-node
+//!   upgrade path: a new OS image on a fresh boot disk, the data disk, address and host identity
+//!   kept; rollback is the same call with the old image).
+//!
+//! Errors carry a kind ([`ErrorKind`]) a control loop can act on: retry, wait, or stop.
 //!
 //! The trait is synchronous: libvirt's C API blocks, and cloud APIs are called with a blocking
 //! client too. The engine calls providers from `tokio::task::spawn_blocking`.
@@ -60,6 +65,74 @@ pub struct MachineSize {
     pub disk_gib: u64,
 }
 
+/// Kind of a machine address, named as Kubernetes names node addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AddressKind {
+    /// Reachable inside the cluster's network (and from the admin machine on a local provider).
+    #[serde(rename = "InternalIP")]
+    Internal,
+    /// Reachable from outside the cluster's network (a cloud's public address).
+    #[serde(rename = "ExternalIP")]
+    External,
+}
+
+/// A typed machine address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct MachineAddress {
+    /// Internal or external.
+    #[serde(rename = "type")]
+    pub kind: AddressKind,
+    /// The IP address.
+    pub address: IpAddr,
+}
+
+impl MachineAddress {
+    /// An internal address.
+    #[must_use]
+    pub fn internal(address: IpAddr) -> Self {
+        MachineAddress {
+            kind: AddressKind::Internal,
+            address,
+        }
+    }
+}
+
+/// Parses an IP address as an internal address.
+impl std::str::FromStr for MachineAddress {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(MachineAddress::internal)
+    }
+}
+
+impl std::fmt::Display for MachineAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.address.fmt(f)
+    }
+}
+
+/// Reads `{"type": "InternalIP", "address": "10.0.0.2"}`, and a bare `"10.0.0.2"` as an internal
+/// address (state files written before addresses were typed).
+impl<'de> Deserialize<'de> for MachineAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Bare(IpAddr),
+            Typed {
+                #[serde(rename = "type")]
+                kind: AddressKind,
+                address: IpAddr,
+            },
+        }
+        Ok(match Repr::deserialize(d)? {
+            Repr::Bare(address) => MachineAddress::internal(address),
+            Repr::Typed { kind, address } => MachineAddress { kind, address },
+        })
+    }
+}
+
 /// A reference to a built node image that a provider can boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRef {
@@ -87,8 +160,13 @@ pub struct MachineSpec {
     /// First-boot configuration (cloud-init NoCloud `user-data`), rendered by the `templates` crate.
     /// It carries the SSH host key clusterctl generated, so the key is pinned before first contact.
     pub user_data: String,
-    /// Extra labels to attach besides the cluster labels.
+    /// Extra labels to attach besides the cluster labels. Keys may hold `.` and `/`
+    /// (`example.com/team`); each provider encodes them as its API allows and reads them back.
     pub labels: BTreeMap<String, String>,
+    /// Zone or failure domain to place the machine in; `None` lets the provider choose (a
+    /// provider with a single failure domain refuses any other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_domain: Option<String>,
 }
 
 /// Observed lifecycle state of a machine.
@@ -120,12 +198,75 @@ pub struct Machine {
     pub pool: Option<String>,
     /// Lifecycle state.
     pub state: MachineState,
-    /// Addresses the admin machine can reach it on (may be empty while booting).
-    pub addresses: Vec<IpAddr>,
+    /// Typed addresses (may be empty while booting or stopped).
+    pub addresses: Vec<MachineAddress>,
     /// Failure domain (zone, host) if the provider has one.
     pub failure_domain: Option<String>,
-    /// Digest of the image the machine was created from.
+    /// Digest of the image the machine boots (after a boot-disk replacement, the new one).
     pub image_digest: Option<String>,
+    /// Extra labels, read back and decoded (the cluster labels are not repeated here).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Machine {
+    /// Addresses of one kind, in the provider's order.
+    pub fn addresses_of(&self, kind: AddressKind) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses
+            .iter()
+            .filter(move |a| a.kind == kind)
+            .map(|a| a.address)
+    }
+}
+
+/// One resource a provider made for a cluster (for inventories: `delete_cluster` must leave none).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Resource {
+    /// Kind: `domain`, `volume`, `network`, `storage-pool`, `instance`, `disk`, ...
+    pub kind: String,
+    /// Name (volumes as `pool/volume`).
+    pub name: String,
+}
+
+/// What a control loop does about a provider error: the error-to-action policy every caller shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The machine (or other resource) does not exist: re-plan, do not retry the same call.
+    NotFound,
+    /// The name is taken (by something not this cluster's): stop, a person must rename or remove.
+    AlreadyExists,
+    /// Out of quota or capacity: wait (minutes), then try again; report it.
+    Quota,
+    /// Transient (service unreachable, timeout, busy): retry with backoff.
+    Retryable,
+    /// Anything else (bad input, missing image, API refusal): stop and report.
+    Permanent,
+}
+
+/// What to do about an error of a [`ErrorKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    /// Call again after a short backoff (seconds).
+    Retry,
+    /// Call again after a long pause (minutes): capacity may come back.
+    Wait,
+    /// Stop and report.
+    Fail,
+}
+
+impl ErrorKind {
+    /// The one error-to-action policy.
+    #[must_use]
+    pub fn action(self) -> ErrorAction {
+        match self {
+            ErrorKind::Retryable => ErrorAction::Retry,
+            ErrorKind::Quota => ErrorAction::Wait,
+            ErrorKind::NotFound | ErrorKind::AlreadyExists | ErrorKind::Permanent => {
+                ErrorAction::Fail
+            }
+        }
+    }
 }
 
 /// Errors a provider returns. Each names the resource and what to do.
@@ -162,6 +303,34 @@ pub enum ProviderError {
     /// The request is invalid for this provider.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The machine the call names does not exist (in this cluster).
+    #[error(
+        "{kind} {name:?} does not exist in this cluster; run `clusterctl get` to see its machines"
+    )]
+    NotFound {
+        /// Kind of resource: `machine`, `domain`, `instance`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// Out of quota or capacity (disk space, memory, a cloud quota).
+    #[error(
+        "{operation} failed: out of capacity: {detail}; free capacity or raise the quota, then run the command again"
+    )]
+    Quota {
+        /// What was being done.
+        operation: String,
+        /// What the underlying API said.
+        detail: String,
+    },
+    /// A transient failure: the same call may well succeed shortly.
+    #[error("{operation} failed for now: {detail}; it is retried, or run the command again")]
+    Retryable {
+        /// What was being done.
+        operation: String,
+        /// What the underlying API said.
+        detail: String,
+    },
     /// Any other failure of the provider's API.
     #[error("{operation} failed: {detail}")]
     Api {
@@ -170,6 +339,24 @@ pub enum ProviderError {
         /// What the underlying API said.
         detail: String,
     },
+}
+
+impl ProviderError {
+    /// The kind of this error, for [`ErrorKind::action`].
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ProviderError::Unreachable { .. } | ProviderError::Retryable { .. } => {
+                ErrorKind::Retryable
+            }
+            ProviderError::NameClash { .. } => ErrorKind::AlreadyExists,
+            ProviderError::NotFound { .. } => ErrorKind::NotFound,
+            ProviderError::Quota { .. } => ErrorKind::Quota,
+            ProviderError::ImageMissing { .. }
+            | ProviderError::Invalid(_)
+            | ProviderError::Api { .. } => ErrorKind::Permanent,
+        }
+    }
 }
 
 /// Whether `s` is a DNS-1123 label: 1-63 lowercase letters, digits and '-', starting and ending
@@ -218,4 +405,110 @@ pub trait Provider: Send + Sync {
     /// Deletes every resource carrying the cluster's ID label (machines, disks, networks, base
     /// images). Succeeds if nothing is left. Used by `clusterctl delete` and after a crash.
     fn delete_cluster(&self, cluster: &ClusterRef) -> Result<()>;
+
+    /// Everything the provider made for the cluster (machines, disks, images, networks, pools):
+    /// empty exactly when `delete_cluster` has nothing left to do.
+    fn inventory(&self, cluster: &ClusterRef) -> Result<Vec<Resource>>;
+
+    /// Powers the machine off: a graceful shutdown first (the provider's grace period), then a
+    /// hard stop. Succeeds if it is already stopped. [`ProviderError::NotFound`] if it does not
+    /// exist.
+    fn stop_machine(&self, cluster: &ClusterRef, name: &str) -> Result<Machine>;
+
+    /// Power-cycles the machine (a hard reset, as a hung guest needs); starts it if it is stopped.
+    /// [`ProviderError::NotFound`] if it does not exist.
+    fn reset_machine(&self, cluster: &ClusterRef, name: &str) -> Result<Machine>;
+
+    /// Boots the machine from a fresh boot disk made from `image`, keeping its data disk, its
+    /// addresses, its provider ID and its host identity (first-boot seed, host keys). The machine
+    /// is stopped (as [`Provider::stop_machine`]) and started again. Idempotent: a machine that
+    /// already boots `image` is only started if it is stopped; a call interrupted at any point
+    /// can be repeated. Rollback is the same call with the previous image.
+    fn replace_boot_disk(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        image: &ImageRef,
+    ) -> Result<Machine>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_typed_and_old_bare_addresses_still_read() {
+        let typed: Vec<MachineAddress> =
+            serde_json::from_str(r#"[{"type":"ExternalIP","address":"203.0.113.7"},"10.0.0.2"]"#)
+                .expect("both forms parse");
+        assert_eq!(typed[0].kind, AddressKind::External);
+        assert_eq!(typed[1], "10.0.0.2".parse().expect("ip"));
+        assert_eq!(
+            serde_json::to_string(&typed[1]).expect("json"),
+            r#"{"type":"InternalIP","address":"10.0.0.2"}"#
+        );
+    }
+
+    #[test]
+    fn every_error_has_a_kind_and_one_action() {
+        let cases = [
+            (
+                ProviderError::Unreachable {
+                    endpoint: "qemu:///system".into(),
+                    detail: "refused".into(),
+                },
+                ErrorKind::Retryable,
+                ErrorAction::Retry,
+            ),
+            (
+                ProviderError::Retryable {
+                    operation: "resetting domain".into(),
+                    detail: "timed out".into(),
+                },
+                ErrorKind::Retryable,
+                ErrorAction::Retry,
+            ),
+            (
+                ProviderError::Quota {
+                    operation: "creating volume".into(),
+                    detail: "No space left on device".into(),
+                },
+                ErrorKind::Quota,
+                ErrorAction::Wait,
+            ),
+            (
+                ProviderError::NameClash {
+                    kind: "domain",
+                    name: "x".into(),
+                },
+                ErrorKind::AlreadyExists,
+                ErrorAction::Fail,
+            ),
+            (
+                ProviderError::NotFound {
+                    kind: "machine",
+                    name: "x".into(),
+                },
+                ErrorKind::NotFound,
+                ErrorAction::Fail,
+            ),
+            (
+                ProviderError::Invalid("bad".into()),
+                ErrorKind::Permanent,
+                ErrorAction::Fail,
+            ),
+            (
+                ProviderError::ImageMissing {
+                    image: "v1".into(),
+                    detail: "gone".into(),
+                },
+                ErrorKind::Permanent,
+                ErrorAction::Fail,
+            ),
+        ];
+        for (e, kind, action) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(e.kind().action(), action, "{e}");
+        }
+    }
 }

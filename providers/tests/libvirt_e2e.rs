@@ -9,9 +9,10 @@
 //! and resumed `create`, the exact libvirt inventory of a cluster and its deletion are proven
 //! once, by the cluster e2e (`tests/bed/cli-e2e.sh`); the image's own properties (read-only
 //! verified root, data disk kept across boots) by `nodeimage/tests/boot.rs`. Machines here boot
-//! a "halt image" made on the fly: a 36-byte multiboot kernel that halts its CPU, so a domain
-//! reaches libvirt's "running" state at no CPU cost and the upload is a few MiB instead of the
-//! real image's ~175 MiB per cluster.
+//! a "halt image" made on the fly: a 45-byte multiboot kernel that prints `B` on the serial
+//! console (so a test counts boots in the console log) and halts its CPU, so a domain reaches
+//! libvirt's "running" state at no CPU cost and the upload is a few MiB instead of the real
+//! image's ~175 MiB per cluster. The conformance suite looks at data disks with `qemu-io`.
 //!
 //! Every libvirt call a test makes runs under a watchdog, and libvirtd is asked with a bounded
 //! `virsh`: a wedged libvirtd fails the test with a message saying so instead of hanging it.
@@ -146,8 +147,9 @@ fn image_ref(dir: &Path, manifest: &serde_json::Value) -> ImageRef {
     }
 }
 
-/// A multiboot kernel (QEMU loads it like a Linux one from `<kernel>`) whose code is
-/// `cli; hlt; jmp hlt`: the guest stops at its first instruction and QEMU stays up, idle.
+/// A multiboot kernel (QEMU loads it like a Linux one from `<kernel>`) whose code writes `B\n` to
+/// the first serial port, then `cli; hlt; jmp hlt`: the guest announces each boot and stops, and
+/// QEMU stays up, idle.
 fn halt_kernel() -> Vec<u8> {
     const MAGIC: u32 = 0x1BAD_B002;
     // Bit 16: the load addresses below are valid (no ELF needed).
@@ -166,7 +168,12 @@ fn halt_kernel() -> Vec<u8> {
     ] {
         k.extend_from_slice(&word.to_le_bytes());
     }
-    k.extend_from_slice(&[0xFA, 0xF4, 0xEB, 0xFD]);
+    k.extend_from_slice(&[
+        0x66, 0xBA, 0xF8, 0x03, // mov dx, 0x3f8 (COM1)
+        0xB0, b'B', 0xEE, // mov al, 'B'; out dx, al
+        0xB0, b'\n', 0xEE, // mov al, '\n'; out dx, al
+        0xFA, 0xF4, 0xEB, 0xFD, // cli; hlt; jmp hlt
+    ]);
     k
 }
 
@@ -241,6 +248,7 @@ fn spec(name: &str, role: MachineRole, image: &ImageRef) -> MachineSpec {
         image: image.clone(),
         user_data: "#cloud-config\n{}\n".into(),
         labels: BTreeMap::from([("clusterctl.io/test".to_string(), "e2e".to_string())]),
+        failure_domain: None,
     }
 }
 
@@ -609,11 +617,23 @@ fn conformance_suite_passes_against_real_libvirt() {
         eprintln!("skipped: set CLUSTERCTL_LIBVIRT_E2E=1 (tests/bed/libvirt-env.sh test does)");
         return;
     }
-    let p = provider();
+    let mut config = LibvirtConfig::new(uri());
+    config.storage_root = storage_root();
+    config.accelerator = Accelerator::Tcg;
+    // The halt kernel ignores ACPI: do not wait the default two minutes for it to power off.
+    config.shutdown_grace = Duration::from_secs(2);
+    let p = bounded("connecting to libvirtd", || {
+        LibvirtProvider::connect(config)
+    })
+    .expect("libvirtd of the test bed is reachable");
     // The contract needs machines that reach "running", not machines that boot an OS.
     let (_dir, image) = halt_image(4);
+    let (_dir2, other) = halt_image(5);
     let template = spec("template", MachineRole::Worker, &image);
-    let fixture = providers::conformance::Fixture::new("cf", template);
+    // Machine names unique to this run, so console logs of earlier runs do not count as boots.
+    let prefix = format!("cf{:x}", std::process::id() % 0xfffff);
+    let fixture = providers::conformance::Fixture::new(prefix, template, other)
+        .with_probe(std::sync::Arc::new(LibvirtProbe));
     let start = Instant::now();
     for (name, check) in providers::conformance::CHECKS {
         let t = Instant::now();
@@ -629,6 +649,95 @@ fn conformance_suite_passes_against_real_libvirt() {
         "FIGURE conformance suite against libvirt: {:.1}s",
         start.elapsed().as_secs_f64()
     );
+}
+
+/// Looks inside libvirt machines: the data disk with `qemu-io` on its volume (written while the
+/// machine is stopped, read with shared locks while it runs), boots by the halt kernel's `B` in
+/// the console log.
+struct LibvirtProbe;
+
+impl LibvirtProbe {
+    fn data_volume(cluster: &ClusterRef, machine: &str) -> Result<String, String> {
+        virsh(&[
+            "vol-path",
+            "--pool",
+            &format!("clusterctl-{}", cluster.id),
+            &format!("{machine}-data.qcow2"),
+        ])
+    }
+
+    fn qemu_io(args: &[&str]) -> Result<String, String> {
+        let out = Command::new("timeout")
+            .args(["60", "qemu-io"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run qemu-io: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && !stdout.contains("failed") {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "`qemu-io {}` failed: {stdout} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl providers::conformance::MachineProbe for LibvirtProbe {
+    fn write_data_marker(
+        &self,
+        provider: &dyn Provider,
+        cluster: &ClusterRef,
+        machine: &str,
+        marker: u8,
+    ) -> Result<(), String> {
+        provider
+            .stop_machine(cluster, machine)
+            .map_err(|e| e.to_string())?;
+        let path = Self::data_volume(cluster, machine)?;
+        Self::qemu_io(&[
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P 0x{marker:02x} 0 4096"),
+            &path,
+        ])
+        .map(|_| ())
+    }
+
+    fn read_data_marker(
+        &self,
+        _: &dyn Provider,
+        cluster: &ClusterRef,
+        machine: &str,
+    ) -> Result<Option<u8>, String> {
+        let path = Self::data_volume(cluster, machine)?;
+        let out = Self::qemu_io(&["-f", "qcow2", "-U", "-r", "-c", "read -v 0 16", &path])?;
+        // "00000000:  5a 5a 5a ...  ZZZ..."
+        let first = out
+            .lines()
+            .find_map(|l| l.strip_prefix("00000000:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .ok_or_else(|| format!("unexpected qemu-io output: {out}"))?;
+        let byte = u8::from_str_radix(first, 16)
+            .map_err(|e| format!("unexpected qemu-io output {first:?}: {e}"))?;
+        Ok((byte != 0).then_some(byte))
+    }
+
+    fn boot_count(&self, _: &dyn Provider, _: &ClusterRef, machine: &str) -> Result<u64, String> {
+        let log = format!("/var/log/libvirt/qemu/{machine}-console.log");
+        match std::fs::read(&log) {
+            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter(|l| l.trim() == "B")
+                .count() as u64),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(format!("cannot read {log}: {e}")),
+        }
+    }
 }
 
 /// Where the kill test SIGKILLs the helper that is ensuring three machines one after another.

@@ -134,6 +134,9 @@ pub struct DomainDisk {
 pub struct DomainXml {
     /// Domain name.
     pub name: String,
+    /// Domain UUID; `None` lets libvirt choose one. Redefining an existing domain must repeat its
+    /// UUID.
+    pub uuid: Option<String>,
     /// Accelerator.
     pub accel: DomainAccel,
     /// Virtual CPUs.
@@ -171,6 +174,9 @@ impl DomainXml {
         };
         let _ = writeln!(s, "<domain type='{kind}'>");
         let _ = writeln!(s, "  <name>{}</name>", xml_escape(&self.name));
+        if let Some(uuid) = &self.uuid {
+            let _ = writeln!(s, "  <uuid>{}</uuid>", xml_escape(uuid));
+        }
         let _ = writeln!(s, "  <metadata>{}</metadata>", self.label.to_xml());
         let _ = writeln!(s, "  <memory unit='MiB'>{}</memory>", self.memory_mib);
         let _ = writeln!(s, "  <vcpu placement='static'>{}</vcpu>", self.vcpus);
@@ -458,6 +464,7 @@ mod tests {
     #[test]
     fn tcg_domain() {
         let d = DomainXml {
+            uuid: None,
             name: "demo-cp-0".into(),
             accel: DomainAccel::Tcg { tb_cache_mib: 128 },
             vcpus: 2,
@@ -495,6 +502,7 @@ mod tests {
     #[test]
     fn kvm_domain_has_no_tcg_features() {
         let d = DomainXml {
+            uuid: None,
             name: "probe".into(),
             accel: DomainAccel::Kvm,
             vcpus: 1,

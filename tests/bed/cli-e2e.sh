@@ -436,7 +436,7 @@ check_reboot() {
 # A node that does not answer: create fails naming the node and the phase, then works again.
 check_unreachable() {
   local ip
-  ip=$(jq -r --arg m "$name-workers-1" '.machines[] | select(.name == $m) | .addresses[0]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  ip=$(jq -r --arg m "$name-workers-1" '.machines[] | select(.name == $m) | .addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
   waiting "create with $name-workers-1 unreachable (must fail naming it)"
   iptables -w -I OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
   if "$bin" create -f "$work/cluster.yaml" --ssh-timeout 20 2> "$work/unreachable.log"; then

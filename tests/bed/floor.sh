@@ -28,7 +28,7 @@ fl_now() { date +%s.%N; }
 fl_secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
 fl_ip() {
-  jq -r --arg m "$1" '.machines[] | select(.name == $m) | .addresses[0]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json"
+  jq -r --arg m "$1" '.machines[] | select(.name == $m) | .addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json"
 }
 
 # Plain OpenSSH with clusterctl's client key and the pinned host keys, never trust-on-first-use.

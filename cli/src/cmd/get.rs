@@ -104,11 +104,13 @@ struct MachineDoc<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pool: &'a Option<String>,
     state: &'a providers::MachineState,
-    addresses: &'a [std::net::IpAddr],
+    addresses: &'a [providers::MachineAddress],
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_domain: &'a Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     image_digest: &'a Option<String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    labels: &'a std::collections::BTreeMap<String, String>,
 }
 
 fn machines_camel<S: serde::Serializer>(ms: &[Machine], s: S) -> Result<S::Ok, S::Error> {
@@ -121,6 +123,7 @@ fn machines_camel<S: serde::Serializer>(ms: &[Machine], s: S) -> Result<S::Ok, S
         addresses: &m.addresses,
         failure_domain: &m.failure_domain,
         image_digest: &m.image_digest,
+        labels: &m.labels,
     }))
 }
 

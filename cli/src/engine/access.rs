@@ -301,12 +301,15 @@ pub fn render_user_data(
         })
 }
 
-/// The address clusterctl reaches a machine on: its first IPv4 address, else its first address.
+/// The address clusterctl reaches a machine on: its first internal IPv4 address, else its first
+/// internal address (the admin machine reaches a local provider's machines on their internal
+/// network; a cloud provider's through a bastion or an external address comes with that provider).
 pub fn ssh_address(m: &Machine) -> Option<IpAddr> {
-    m.addresses
+    let internal: Vec<IpAddr> = m.addresses_of(providers::AddressKind::Internal).collect();
+    internal
         .iter()
         .find(|a| a.is_ipv4())
-        .or_else(|| m.addresses.first())
+        .or_else(|| internal.first())
         .copied()
 }
 

@@ -325,6 +325,7 @@ impl MachineTemplate {
             image: self.image.clone(),
             user_data,
             labels: self.labels.clone(),
+            failure_domain: None,
         })
     }
 }

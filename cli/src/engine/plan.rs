@@ -334,6 +334,7 @@ mod tests {
                 addresses: vec![],
                 failure_domain: None,
                 image_digest: None,
+                labels: Default::default(),
             })
             .collect();
         let first = plan(&desired, &observed);

@@ -115,6 +115,7 @@ pub(crate) fn probe(
     let host = conn.hostname().unwrap_or_default();
     let name = format!("clusterctl-kvm-probe-{}", std::process::id());
     let xml = DomainXml {
+        uuid: None,
         name: name.clone(),
         accel: DomainAccel::Kvm,
         vcpus: 1,

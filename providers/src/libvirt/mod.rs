@@ -24,6 +24,16 @@
 //! Every step checks before it acts, and the domain definition is the commit point of a machine:
 //! until a labelled domain exists, leftover volumes of that machine (from a killed run) are
 //! deleted and recreated; an image upload counts only once its `.complete` marker volume exists.
+//!
+//! # Day 2
+//! - **Stop**: an ACPI shutdown, then a hard stop after the configured grace period.
+//! - **Reset**: `virDomainReset` (a hard reset, what a hung guest needs); a stopped domain is started.
+//! - **Boot-disk replacement**: the domain is stopped, the image uploaded (once per digest), the
+//!   root overlay deleted and made afresh on the new image's root, and the domain redefined with
+//!   the same UUID, MAC, data disk and seed disk (so the same address, host key and kubelet state)
+//!   but the new image's kernel, initrd and command line; the label's `image-digest` is the
+//!   commit point. Interrupted anywhere, the same call finishes it; rollback is the same call
+//!   with the old image, whose volumes stay in the pool until the cluster is deleted.
 
 mod accel;
 mod image;
@@ -50,7 +60,8 @@ use virt::stream::Stream;
 pub use accel::{ACCELERATOR_ENV, Accelerator, ProbeVerdict};
 
 use crate::{
-    ClusterRef, Machine, MachineRole, MachineSpec, MachineState, Provider, ProviderError, Result,
+    ClusterRef, ImageRef, Machine, MachineAddress, MachineRole, MachineSpec, MachineState,
+    Provider, ProviderError, Resource, Result,
 };
 use image::ImageArtifacts;
 use xmlread::{DomainFacts, Label};
@@ -75,6 +86,9 @@ pub struct LibvirtConfig {
     pub tcg_tb_cache_mib: u32,
     /// How long the KVM probe may take before KVM is declared unusable.
     pub kvm_probe_timeout: Duration,
+    /// How long a stop (and a boot-disk replacement) waits for the guest to power off after an
+    /// ACPI shutdown request before it stops the domain hard.
+    pub shutdown_grace: Duration,
 }
 
 impl LibvirtConfig {
@@ -94,6 +108,7 @@ impl LibvirtConfig {
             cache_dir,
             tcg_tb_cache_mib: 512,
             kvm_probe_timeout: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(120),
         }
     }
 }
@@ -116,10 +131,25 @@ impl std::fmt::Debug for LibvirtProvider {
     }
 }
 
+/// A libvirt error as a provider error of the kind a control loop acts on.
 fn api(operation: impl Into<String>, e: &virt::error::Error) -> ProviderError {
-    ProviderError::Api {
-        operation: operation.into(),
-        detail: e.message().to_string(),
+    let operation = operation.into();
+    let detail = e.message().to_string();
+    let transient = [
+        ErrorNumber::OperationTimeout,
+        ErrorNumber::Rpc,
+        ErrorNumber::NoConnect,
+        ErrorNumber::AgentUnresponsive,
+        ErrorNumber::ResourceBusy,
+    ];
+    if transient.iter().any(|c| is_code(e, *c)) {
+        ProviderError::Retryable { operation, detail }
+    } else if detail.contains("No space left on device")
+        || detail.contains("Cannot allocate memory")
+    {
+        ProviderError::Quota { operation, detail }
+    } else {
+        ProviderError::Api { operation, detail }
     }
 }
 
@@ -258,7 +288,7 @@ impl LibvirtProvider {
             reservations
                 .iter()
                 .filter(|h| facts.macs.iter().any(|m| m.eq_ignore_ascii_case(&h.mac)))
-                .map(|h| IpAddr::V4(h.ip))
+                .map(|h| MachineAddress::internal(IpAddr::V4(h.ip)))
                 .collect()
         } else {
             Vec::new()
@@ -278,6 +308,7 @@ impl LibvirtProvider {
             addresses,
             failure_domain: Some(self.host()),
             image_digest: label.attr(ATTR_IMAGE).map(str::to_string),
+            labels: label.labels.clone(),
         })
     }
 
@@ -672,20 +703,20 @@ impl LibvirtProvider {
         &self,
         cluster: &ClusterRef,
         pool: &StoragePool,
-        spec: &MachineSpec,
+        image: &ImageRef,
         art: &ImageArtifacts,
     ) -> Result<ImageVolumes> {
-        let n = names::image_volumes(&spec.image.digest);
+        let n = names::image_volumes(&image.digest);
         if self.lookup_volume(pool, &n.complete)?.is_none() {
             // Anything from an interrupted upload is discarded and uploaded again.
             for v in [&n.kernel, &n.initrd, &n.root] {
                 self.delete_volume_if_present(pool, v)?;
             }
-            tracing::info!(cluster = %cluster.name, image = %spec.image.version, "uploading node image");
+            tracing::info!(cluster = %cluster.name, image = %image.version, "uploading node image");
             self.upload_volume(pool, &n.kernel, &[], Some(&art.kernel))?;
             self.upload_volume(pool, &n.initrd, &[], Some(&art.initrd))?;
             self.upload_volume(pool, &n.root, &[], Some(&art.root))?;
-            self.upload_volume(pool, &n.complete, spec.image.digest.as_bytes(), None)?;
+            self.upload_volume(pool, &n.complete, image.digest.as_bytes(), None)?;
         }
         let path_of = |name: &str| -> Result<String> {
             let v = self
@@ -698,7 +729,7 @@ impl LibvirtProvider {
         };
         let virtual_size = image::virtual_size(&art.root, &art.root_format).map_err(|e| {
             ProviderError::ImageMissing {
-                image: spec.image.version.clone(),
+                image: image.version.clone(),
                 detail: format!("cannot read {}: {e}", art.root.display()),
             }
         })?;
@@ -771,6 +802,96 @@ impl LibvirtProvider {
 
     // ----- machines -----
 
+    /// The domain XML of a machine: direct kernel boot of its image, root overlay, data disk and
+    /// seed disk from the cluster's pool, one NIC with the reserved MAC, console logged.
+    fn machine_domain_xml(&self, d: &MachineDomain<'_>) -> String {
+        let pool_name = names::cluster_object_name(&d.cluster.id);
+        let vols = names::machine_volumes(d.name);
+        let disk =
+            |volume: &str, target: &str, format: &str, readonly: bool, serial: &str| DomainDisk {
+                pool: pool_name.clone(),
+                volume: volume.to_string(),
+                format: format.to_string(),
+                target: target.to_string(),
+                readonly,
+                serial: Some(serial.to_string()),
+            };
+        DomainXml {
+            name: d.name.to_string(),
+            uuid: d.uuid.clone(),
+            accel: d.accel,
+            vcpus: d.vcpus.max(1),
+            memory_mib: d.memory_mib.max(128),
+            kernel: d.image.kernel.clone(),
+            initrd: Some(d.image.initrd.clone()),
+            cmdline: format!("{} systemd.hostname={}", d.art.cmdline.trim(), d.name),
+            disks: vec![
+                disk(&vols.root, "vda", "qcow2", false, "root"),
+                disk(&vols.data, "vdb", "qcow2", false, "data"),
+                disk(&vols.seed, "vdc", "raw", true, "cidata"),
+            ],
+            network: Some(d.network.clone()),
+            mac: Some(d.mac.clone()),
+            console_log: Some(format!("/var/log/libvirt/qemu/{}-console.log", d.name)),
+            on_reboot: "restart",
+            label: d.label.clone(),
+        }
+        .render()
+    }
+
+    /// This cluster's domain `name`: not found, or a name clash if it is another's.
+    fn own_domain(&self, cluster: &ClusterRef, name: &str) -> Result<(Domain, DomainFacts)> {
+        names::check_cluster_id(&cluster.id)?;
+        names::check_machine_name(name)?;
+        let Some(dom) = self.lookup_domain(name)? else {
+            return Err(ProviderError::NotFound {
+                kind: "machine",
+                name: name.to_string(),
+            });
+        };
+        let facts = self.facts(&dom)?;
+        if !Self::is_ours(facts.label.as_ref(), cluster) {
+            return Err(ProviderError::NameClash {
+                kind: "domain",
+                name: name.to_string(),
+            });
+        }
+        Ok((dom, facts))
+    }
+
+    /// Powers a domain off: ACPI shutdown, up to the grace period, then a hard stop.
+    fn power_off(&self, dom: &Domain, name: &str) -> Result<()> {
+        let active = |d: &Domain| {
+            d.is_active()
+                .map_err(|e| api(format!("reading the state of domain {name:?}"), &e))
+        };
+        if !active(dom)? {
+            return Ok(());
+        }
+        if !self.config.shutdown_grace.is_zero() {
+            tracing::info!(node = %name, grace_s = self.config.shutdown_grace.as_secs(), "shutting the machine down");
+            match dom.shutdown() {
+                Ok(()) => {
+                    let deadline = std::time::Instant::now() + self.config.shutdown_grace;
+                    while active(dom)? && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                }
+                Err(e) if is_code(&e, ErrorNumber::OperationInvalid) => {}
+                Err(e) => return Err(api(format!("shutting down domain {name:?}"), &e)),
+            }
+        }
+        if active(dom)? {
+            tracing::info!(node = %name, "stopping the machine hard");
+            if let Err(e) = dom.destroy()
+                && !is_code(&e, ErrorNumber::OperationInvalid)
+            {
+                return Err(api(format!("stopping domain {name:?}"), &e));
+            }
+        }
+        Ok(())
+    }
+
     fn start_if_stopped(dom: &Domain, name: &str) -> Result<()> {
         let (state, _) = dom
             .state()
@@ -821,7 +942,7 @@ impl LibvirtProvider {
                 .map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
             let (net, _) = self.ensure_network(cluster)?;
             let pool = self.ensure_pool(cluster)?;
-            let image = self.ensure_image(cluster, &pool, spec, &art)?;
+            let image = self.ensure_image(cluster, &pool, &spec.image, &art)?;
             let host = self.ensure_reservation(cluster, &net, &spec.name)?;
             (
                 net.name()
@@ -832,7 +953,6 @@ impl LibvirtProvider {
             )
         };
         let accel = self.resolve_accel(cluster, &image.kernel)?;
-        let pool_name = names::cluster_object_name(&cluster.id);
         let vols = names::machine_volumes(&spec.name);
         // No labelled domain exists, so these are leftovers of an interrupted run: start over.
         for v in vols.all() {
@@ -881,35 +1001,19 @@ impl LibvirtProvider {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let disk =
-            |volume: &str, target: &str, format: &str, readonly: bool, serial: &str| DomainDisk {
-                pool: pool_name.clone(),
-                volume: volume.to_string(),
-                format: format.to_string(),
-                target: target.to_string(),
-                readonly,
-                serial: Some(serial.to_string()),
-            };
-        let xml = DomainXml {
-            name: spec.name.clone(),
+        let xml = self.machine_domain_xml(&MachineDomain {
+            cluster,
+            name: &spec.name,
+            uuid: None,
+            vcpus: spec.size.cpus,
+            memory_mib: spec.size.memory_mib,
+            network: net_name,
+            mac: host.mac.clone(),
+            image: &image,
+            art: &art,
             accel,
-            vcpus: spec.size.cpus.max(1),
-            memory_mib: spec.size.memory_mib.max(128),
-            kernel: image.kernel.clone(),
-            initrd: Some(image.initrd.clone()),
-            cmdline: format!("{} systemd.hostname={}", art.cmdline.trim(), spec.name),
-            disks: vec![
-                disk(&vols.root, "vda", "qcow2", false, "root"),
-                disk(&vols.data, "vdb", "qcow2", false, "data"),
-                disk(&vols.seed, "vdc", "raw", true, "cidata"),
-            ],
-            network: Some(net_name),
-            mac: Some(host.mac.clone()),
-            console_log: Some(format!("/var/log/libvirt/qemu/{}-console.log", spec.name)),
-            on_reboot: "restart",
             label,
-        }
-        .render();
+        });
         tracing::info!(cluster = %cluster.name, node = %spec.name, "defining machine");
         let dom = match self.conn.define_domain_xml(&xml) {
             Ok(dom) => dom,
@@ -935,6 +1039,21 @@ impl LibvirtProvider {
     }
 }
 
+/// What a machine's domain definition is made of.
+struct MachineDomain<'a> {
+    cluster: &'a ClusterRef,
+    name: &'a str,
+    uuid: Option<String>,
+    vcpus: u32,
+    memory_mib: u64,
+    network: String,
+    mac: String,
+    image: &'a ImageVolumes,
+    art: &'a ImageArtifacts,
+    accel: DomainAccel,
+    label: ClusterLabel,
+}
+
 /// Paths of an image's volumes on the libvirt host.
 struct ImageVolumes {
     kernel: String,
@@ -952,6 +1071,15 @@ impl Provider for LibvirtProvider {
     fn ensure_machine(&self, cluster: &ClusterRef, spec: &MachineSpec) -> Result<Machine> {
         names::check_cluster_id(&cluster.id)?;
         names::check_machine_name(&spec.name)?;
+        if let Some(fd) = &spec.failure_domain {
+            let host = self.host();
+            if *fd != host {
+                return Err(ProviderError::Invalid(format!(
+                    "machine {:?} asks for failure domain {fd:?}, but the libvirt provider has one, the host {host:?}; leave it unset",
+                    spec.name
+                )));
+            }
+        }
         if let Some(dom) = self.lookup_domain(&spec.name)? {
             let facts = self.facts(&dom)?;
             if !Self::is_ours(facts.label.as_ref(), cluster) {
@@ -1082,6 +1210,158 @@ impl Provider for LibvirtProvider {
             }
         }
         Ok(())
+    }
+
+    fn inventory(&self, cluster: &ClusterRef) -> Result<Vec<Resource>> {
+        names::check_cluster_id(&cluster.id)?;
+        let mut out = Vec::new();
+        for (dom, _) in self.cluster_domains(cluster)? {
+            out.push(Resource {
+                kind: "domain".into(),
+                name: dom.name().unwrap_or_default(),
+            });
+        }
+        let pool_name = names::cluster_object_name(&cluster.id);
+        if let Some(pool) = self.lookup_pool(&pool_name)? {
+            let vols = Self::pool_volume_names(&pool)?;
+            let marker = names::owner_marker_volume(&cluster.id);
+            // A same-named pool with other volumes and no marker is not ours (see the module docs).
+            if vols.is_empty() || vols.contains(&marker) {
+                out.push(Resource {
+                    kind: "storage-pool".into(),
+                    name: pool_name.clone(),
+                });
+                out.extend(vols.into_iter().map(|v| Resource {
+                    kind: "volume".into(),
+                    name: format!("{pool_name}/{v}"),
+                }));
+            }
+        }
+        for net in self
+            .conn
+            .list_all_networks(0)
+            .map_err(|e| api("listing networks", &e))?
+        {
+            if let Ok(facts) = Self::network_facts(&net)
+                && Self::is_ours(facts.label.as_ref(), cluster)
+            {
+                out.push(Resource {
+                    kind: "network".into(),
+                    name: net.name().unwrap_or_default(),
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn stop_machine(&self, cluster: &ClusterRef, name: &str) -> Result<Machine> {
+        let (dom, _) = self.own_domain(cluster, name)?;
+        self.power_off(&dom, name)?;
+        self.machine_by_domain(cluster, &dom)
+    }
+
+    fn reset_machine(&self, cluster: &ClusterRef, name: &str) -> Result<Machine> {
+        let (dom, _) = self.own_domain(cluster, name)?;
+        let active = dom
+            .is_active()
+            .map_err(|e| api(format!("reading the state of domain {name:?}"), &e))?;
+        if active {
+            tracing::info!(cluster = %cluster.name, node = %name, "resetting machine");
+            dom.reset()
+                .map_err(|e| api(format!("resetting domain {name:?}"), &e))?;
+        }
+        // A paused domain resumes; a stopped one starts.
+        Self::start_if_stopped(&dom, name)?;
+        self.machine_by_domain(cluster, &dom)
+    }
+
+    fn replace_boot_disk(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        image: &ImageRef,
+    ) -> Result<Machine> {
+        let (dom, facts) = self.own_domain(cluster, name)?;
+        let art = ImageArtifacts::load(image)?;
+        let label = facts.label.clone().unwrap_or_default();
+        let vols = names::machine_volumes(name);
+        let pool = self.our_pool(cluster)?.ok_or_else(|| ProviderError::Api {
+            operation: format!("replacing the boot disk of {name:?}"),
+            detail: format!(
+                "the cluster's storage pool {:?} is missing",
+                names::cluster_object_name(&cluster.id)
+            ),
+        })?;
+        if label.attr(ATTR_IMAGE) == Some(image.digest.as_str())
+            && self.lookup_volume(&pool, &vols.root)?.is_some()
+        {
+            // Already done (or done by an interrupted call up to the definition): start it.
+            Self::start_if_stopped(&dom, name)?;
+            return self.machine_by_domain(cluster, &dom);
+        }
+        let image_vols = {
+            let _guard = self
+                .setup
+                .lock()
+                .map_err(|_| ProviderError::Invalid("internal lock poisoned".into()))?;
+            self.ensure_image(cluster, &pool, image, &art)?
+        };
+        let mac = facts
+            .macs
+            .first()
+            .cloned()
+            .ok_or_else(|| ProviderError::Api {
+                operation: format!("replacing the boot disk of {name:?}"),
+                detail: "the domain has no network interface to keep".into(),
+            })?;
+        let info = dom
+            .info()
+            .map_err(|e| api(format!("reading domain {name:?}"), &e))?;
+        let uuid = dom
+            .uuid_string()
+            .map_err(|e| api("reading a domain uuid", &e))?;
+        let accel = self.resolve_accel(cluster, &image_vols.kernel)?;
+        tracing::info!(cluster = %cluster.name, node = %name, image = %image.version, "replacing the boot disk");
+        self.power_off(&dom, name)?;
+        self.delete_volume_if_present(&pool, &vols.root)?;
+        self.create_volume(
+            &pool,
+            &VolumeXml {
+                name: vols.root.clone(),
+                capacity_bytes: image_vols.root_virtual_size,
+                format: "qcow2".into(),
+                backing: Some((image_vols.root.clone(), image_vols.root_format.clone())),
+            },
+        )?;
+        let mut attributes: Vec<(String, String)> = label
+            .attributes
+            .iter()
+            .filter(|(k, _)| k.as_str() != ATTR_IMAGE)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        attributes.push((ATTR_IMAGE.to_string(), image.digest.clone()));
+        let mut new_label = self.label(cluster, attributes);
+        new_label.labels = label.labels.into_iter().collect();
+        let xml = self.machine_domain_xml(&MachineDomain {
+            cluster,
+            name,
+            uuid: Some(uuid),
+            vcpus: info.nr_virt_cpu,
+            memory_mib: info.max_mem / 1024,
+            network: names::cluster_object_name(&cluster.id),
+            mac,
+            image: &image_vols,
+            art: &art,
+            accel,
+            label: new_label,
+        });
+        let dom = self
+            .conn
+            .define_domain_xml(&xml)
+            .map_err(|e| api(format!("redefining domain {name:?}"), &e))?;
+        Self::start_if_stopped(&dom, name)?;
+        self.machine_by_domain(cluster, &dom)
     }
 }
 

@@ -37,11 +37,13 @@ fn spec(name: &str, image_dir: &std::path::Path) -> MachineSpec {
         },
         user_data: "#cloud-config\n".into(),
         labels: BTreeMap::new(),
+        failure_domain: None,
     }
 }
 
 fn labelled_domain(p: &LibvirtProvider, c: &ClusterRef, name: &str, role: &str) -> Domain {
     let xml = DomainXml {
+        uuid: None,
         name: name.into(),
         accel: DomainAccel::Tcg { tb_cache_mib: 128 },
         vcpus: 1,

@@ -203,6 +203,7 @@ mod tests {
     #[test]
     fn domain_round_trip() {
         let xml = DomainXml {
+            uuid: None,
             name: "m".into(),
             accel: DomainAccel::Tcg { tb_cache_mib: 128 },
             vcpus: 1,
