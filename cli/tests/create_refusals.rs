@@ -3,7 +3,9 @@
 //! version than the spec names, and a version clusterctl cannot bootstrap (refused by `plan`
 //! and by `create`), and a spec asking for something not implemented yet (refused by `plan` and
 //! `create` as an invalid spec). After each refusal no machine, no state and no kubeconfig
-//! entry exists.
+//! entry exists. On an existing cluster, a re-apply that changes a field fixed for the cluster's
+//! life (pod network) or one only a future command may change (control-plane count) is refused
+//! by `plan` and `create` naming the field's line, and the cluster is left as it was.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -222,6 +224,55 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
 
     // Off is honest: the same spec with enabled: false is planned.
     fs::write(&path, format!("{text}  autoRepair:\n    enabled: false\n"))?;
+    let out = bed.run(&["plan", "-f", file])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() -> Result<()> {
+    let bed = Bed::new()?;
+    let path = bed.spec("    version: \"1.20.2\"\n")?;
+    let file = path.to_str().unwrap_or_default();
+    let out = bed.run(&["create", "-f", file])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let state = bed.path("state/refused/cluster.json");
+    let before = fs::read_to_string(&state)?;
+    let machines = fs::read_to_string(bed.path("fake/machines.json"))?;
+    let text = fs::read_to_string(&path)?;
+    let changed = text
+        .replace(
+            "    version: \"1.20.2\"\n",
+            "    version: \"1.20.2\"\n    podCIDR: 10.250.0.0/16\n",
+        )
+        .replace(
+            "      count: 2\n",
+            "      count: 3\n      machine:\n        cpus: 8\n",
+        );
+    fs::write(&path, &changed)?;
+    for cmd in ["plan", "create"] {
+        let out = bed.run(&[cmd, "-f", file])?;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("cluster.yaml:11:14: spec.kubernetes.podCIDR: cannot change from 10.244.0.0/16 to 10.250.0.0/16"),
+            "{cmd}: {err}"
+        );
+        assert!(
+            err.contains("spec.nodePools[0].machine: cannot change the size of the machines of node pool \"workers\""),
+            "{cmd}: {err}"
+        );
+        assert!(err.contains("hint: keep the stored value"), "{cmd}: {err}");
+        assert!(!err.contains("==> Creating machines"), "{err}");
+    }
+    assert_eq!(fs::read_to_string(&state)?, before, "the state changed");
+    assert_eq!(
+        fs::read_to_string(bed.path("fake/machines.json"))?,
+        machines,
+        "machines changed"
+    );
+    // A count change alone is what a re-apply is for.
+    fs::write(&path, text.replace("      count: 2\n", "      count: 3\n"))?;
     let out = bed.run(&["plan", "-f", file])?;
     assert!(out.status.success(), "{}", stderr(&out));
     Ok(())

@@ -53,21 +53,14 @@ pub(crate) fn load_spec(file: &Path) -> anyhow::Result<spec::Cluster> {
 
 pub(crate) use crate::action::{lock_cluster, open_journal, runtime};
 
-/// Checks that an existing cluster can be created again from `spec`: same provider settings
-/// (otherwise its machines would be orphaned) and not half deleted.
-fn check_existing(record: &ClusterRecord, spec: &spec::Cluster) -> anyhow::Result<()> {
+/// Checks that an existing cluster is not half deleted (what the spec may change is
+/// [`spec::changes::check_reapply`]'s).
+fn check_existing(record: &ClusterRecord) -> anyhow::Result<()> {
     if record.status == ClusterStatus::Deleting {
         bail!(
             "cluster {:?} is being deleted (an earlier `clusterctl delete` did not finish); run `clusterctl delete {}` to finish, then create it again",
             record.name,
             record.name
-        );
-    }
-    if record.spec.spec.provider != spec.spec.provider {
-        bail!(
-            "cluster {:?} exists with different provider settings ({} in the stored spec); delete it first or keep the provider block unchanged",
-            record.name,
-            record.spec.spec.provider.name()
         );
     }
     Ok(())
@@ -127,7 +120,8 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
 
     let mut record = match guard.load()? {
         Some(mut r) => {
-            check_existing(&r, &spec)?;
+            check_existing(&r)?;
+            spec::changes::check_reapply(&args.file, &r.spec, &spec)?;
             report.note(&format!(
                 "cluster {name:?} exists (id {}, {}); resuming",
                 r.id, r.status

@@ -151,6 +151,9 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
         .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let record = store.load(name)?;
+    if let Some(r) = &record {
+        crate::spec::changes::check_reapply(&args.file, &r.spec, &spec)?;
+    }
     let observed = match &record {
         Some(r) => {
             let p = provider::provider_for(&r.spec)

@@ -5,6 +5,7 @@
 //! and returns either the [`Cluster`] with all defaults filled in or all problems at once, each
 //! with file, line, column and field path. The reference is docs/spec.md.
 
+pub mod changes;
 mod error;
 pub mod locate;
 mod types;
