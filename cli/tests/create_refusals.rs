@@ -277,3 +277,45 @@ fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() ->
     assert!(out.status.success(), "{}", stderr(&out));
     Ok(())
 }
+
+#[test]
+fn reset_power_cycles_through_the_provider_and_is_journaled() -> Result<()> {
+    let bed = Bed::new()?;
+    let path = bed.spec("    version: \"1.20.2\"\n")?;
+    let file = path.to_str().unwrap_or_default();
+    let out = bed.run(&["create", "-f", file])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bed.run(&["reset", "refused", "refused-nosuch"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cluster \"refused\" has no machine \"refused-nosuch\"; its machines are refused-cp-0, refused-workers-0, refused-workers-1"),
+        "{}",
+        stderr(&out)
+    );
+    let boots = |machines: &str| -> Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(machines)?;
+        Ok(v["machines"]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["name"] == "refused-workers-0"))
+            .and_then(|m| m["boots"].as_u64())
+            .unwrap_or(0))
+    };
+    let before = boots(&fs::read_to_string(bed.path("fake/machines.json"))?)?;
+    // The fake provider's machines boot nothing, so no kubelet ever reports a new boot ID: the
+    // reset happens, and the wait for the node ends at its timeout with an error saying so.
+    let out = bed.run(&["reset", "refused", "refused-workers-0", "--timeout", "1"])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("machine refused-workers-0 was reset, but its node was not Ready with a new boot id within 1 s"),
+        "{err}"
+    );
+    let after = boots(&fs::read_to_string(bed.path("fake/machines.json"))?)?;
+    assert_eq!(after, before + 1, "the machine was not power-cycled");
+    let journal = fs::read_to_string(bed.path("state/refused/journal.jsonl"))?;
+    assert!(
+        journal.contains("\"action\":\"reset-machine\",\"target\":\"refused-workers-0\""),
+        "{journal}"
+    );
+    Ok(())
+}

@@ -42,6 +42,9 @@
 #                     watched through the real API server, which keeps running (no restart)
 #   reboot            a worker rebooted comes back by itself (units and /etc restored from its
 #                     data disk) and its pod serves again
+#   reset             `clusterctl reset` of a worker: a hard power-cycle through the provider;
+#                     the command returns when the kubelet reports a new boot ID (checked with
+#                     kubectl and the node's boot counter), journaled; an unknown node is refused
 #   again             `create` again changes nothing: same domains, volumes, networks, pools and
 #                     host keys, no upload, no file changed, no unit restarted
 #   drain             `clusterctl drain` of a worker: a budget allowing no disruption reported by
@@ -101,7 +104,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot again drain unreachable scale-down delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot reset again drain unreachable scale-down delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
@@ -781,6 +784,30 @@ phase_reboot() {
 
 phase_again() {
   check_again "$(cluster_id)"
+}
+
+# `clusterctl reset`: a hard power-cycle of a worker through the provider (virDomainReset), no
+# drain; the command returns once the kubelet reports a new boot ID with the node Ready. Checked
+# against the real kubectl's view, the node's own boot counter and the journal; the web pod on it
+# runs again.
+phase_reset() {
+  local m=$name-workers-0 before after json id_before id_after kubectl_id err
+  err=$("$bin" reset "$name" "$name-nosuch" 2>&1) && die "reset of an unknown node succeeded"
+  grep -q "has no machine \"$name-nosuch\"; its machines are" <<< "$err" || die "reset of an unknown node: $err"
+  before=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count) || die "cannot read the boot count of $m"
+  waiting "clusterctl reset $m until it is Ready with a new boot id"
+  json=$("$bin" -o json reset "$name" "$m" --timeout 1200) || die "clusterctl reset $m failed"
+  id_before=$(jq -r .bootIdBefore <<< "$json")
+  id_after=$(jq -r .bootIdAfter <<< "$json")
+  [ -n "$id_after" ] && [ "$id_after" != null ] && [ "$id_after" != "$id_before" ] || die "reset: boot id did not change: $json"
+  kubectl_id=$(k get node "$m" -o jsonpath='{.status.nodeInfo.bootID}')
+  [ "$kubectl_id" = "$id_after" ] || die "reset: kubectl says boot id $kubectl_id, clusterctl $id_after"
+  after=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count) || die "cannot read the boot count of $m after the reset"
+  [ "$after" -gt "$before" ] || die "reset: the node's boot count stayed $before"
+  grep -q "\"action\":\"reset-machine\",\"target\":\"$m\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl" \
+    || die "reset: no reset-machine record for $m in the journal"
+  k_retry wait --for=condition=Ready pod -l app=web --timeout=600s > /dev/null || die "reset: web pods are not Ready again"
+  log "reset: $m booted again (boot $before -> $after, boot id $id_before -> $id_after), Ready $(jq -r .readyAfterSeconds <<< "$json") s after the reset"
 }
 
 phase_unreachable() {

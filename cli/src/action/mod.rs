@@ -6,6 +6,7 @@
 //! layering work); [`drain`] is the first action written this way.
 
 pub mod drain;
+pub mod reset;
 
 use std::time::Duration;
 

@@ -15,6 +15,7 @@ pub mod drain;
 pub mod get;
 pub mod image;
 pub mod plan;
+pub mod reset;
 pub mod ssh;
 pub mod validate;
 
@@ -84,6 +85,9 @@ pub enum Command {
     Drain(drain::DrainArgs),
     /// Make a node schedulable again.
     Uncordon(drain::UncordonArgs),
+    /// Power-cycle a hung node's machine (a hard reset, no drain) and wait until it has booted
+    /// again and is Ready.
+    Reset(reset::ResetArgs),
     /// Run a command on a machine of a cluster (host key verified against the pinned one).
     Ssh(ssh::SshArgs),
     /// Build and list container-optimized node images.
@@ -166,6 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ssh(args) => ssh::run(&cli.global, &args),
         Command::Drain(args) => drain::run(&cli.global, &args),
         Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
+        Command::Reset(args) => reset::run(&cli.global, &args),
     }
 }
 

@@ -146,6 +146,8 @@ pub struct NodeState {
     pub kubelet_version: String,
     /// Whether it is cordoned (`spec.unschedulable`).
     pub unschedulable: bool,
+    /// The kubelet's boot ID (`status.nodeInfo.bootID`): changes exactly when the machine boots.
+    pub boot_id: String,
 }
 
 impl From<&Node> for NodeState {
@@ -165,6 +167,10 @@ impl From<&Node> for NodeState {
                 .as_ref()
                 .and_then(|s| s.unschedulable)
                 .unwrap_or(false),
+            boot_id: status
+                .and_then(|s| s.node_info.as_ref())
+                .map(|i| i.boot_id.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -374,19 +380,22 @@ mod tests {
                     name: "a".into(),
                     ready: true,
                     kubelet_version: "v1.20.2".into(),
-                    unschedulable: true
+                    unschedulable: true,
+                    boot_id: String::new(),
                 },
                 NodeState {
                     name: "b".into(),
                     ready: false,
                     kubelet_version: String::new(),
-                    unschedulable: false
+                    unschedulable: false,
+                    boot_id: String::new(),
                 },
                 NodeState {
                     name: "c".into(),
                     ready: false,
                     kubelet_version: String::new(),
-                    unschedulable: false
+                    unschedulable: false,
+                    boot_id: String::new(),
                 },
             ]
         );

@@ -223,6 +223,7 @@ mod tests {
             ready,
             kubelet_version: "v1.20.2".into(),
             unschedulable: false,
+            boot_id: String::new(),
         }
     }
 

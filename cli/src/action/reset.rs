@@ -1,0 +1,147 @@
+//! `clusterctl reset NAME NODE`: power-cycle a hung machine through its provider, then wait until
+//! its node has booted again (a new kubelet boot ID) and is Ready.
+//!
+//! This is the repair verb for a machine that no longer answers (a kernel hang, a wedged kubelet
+//! or SSH): a hard reset, as `gcloud compute instances reset` does, without a drain (a hung node
+//! cannot be drained; its pods are already unreachable). It takes the cluster lock like
+//! everything else that takes nodes down, and journals `reset-machine`. Run again after a kill,
+//! it resets again (a reset is safe to repeat) and waits.
+//!
+//! The boot is proven, not assumed: the node's `status.nodeInfo.bootID` is read before the reset
+//! (when the API answers) and the wait ends only when the kubelet reports another one with the
+//! node Ready. The API is reached through the first control plane, so when that machine is the
+//! one reset, the client is made afresh on each poll until it answers again.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use super::{cluster_api, load_cluster, lock_cluster, open_journal, runtime};
+use crate::engine::Reporter;
+use crate::error::error_chain;
+use crate::kube::NodeState;
+use crate::state::{ClusterRecord, StateStore};
+
+/// Journal action: a machine was reset through its provider.
+pub const RESET: &str = "reset-machine";
+
+/// How long `reset` waits by default for the node to be Ready again.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+
+const POLL: Duration = Duration::from_secs(3);
+
+/// What `reset` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetOutcome {
+    /// The node (its machine's name).
+    pub node: String,
+    /// Its boot ID before the reset, if the API answered.
+    pub boot_id_before: Option<String>,
+    /// Its boot ID once Ready again.
+    pub boot_id_after: String,
+    /// Seconds from the reset until the node was Ready with a new boot ID.
+    pub ready_after: Duration,
+}
+
+/// Runs `clusterctl reset`.
+pub fn reset(
+    store: &StateStore,
+    name: &str,
+    node: &str,
+    timeout: Duration,
+    wait_lock: bool,
+    report: Reporter,
+) -> anyhow::Result<ResetOutcome> {
+    let record = load_cluster(store, name)?;
+    if !record.machines.iter().any(|m| m.name == node) {
+        let known: Vec<&str> = record.machines.iter().map(|m| m.name.as_str()).collect();
+        bail!(
+            "cluster {name:?} has no machine {node:?}; its machines are {}",
+            known.join(", ")
+        );
+    }
+    let provider: std::sync::Arc<dyn providers::Provider> =
+        std::sync::Arc::from(crate::provider::provider_for(&record.spec)?);
+    let guard = lock_cluster(store, name, wait_lock, report)?;
+    let (mut journal, replay) = open_journal(&guard, report)?;
+    for found in replay.in_flight() {
+        report.note(&format!(
+            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
+            found.action, found.target
+        ));
+        journal.interrupted(&found)?;
+    }
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let before = node_state(store, &record, node).await.ok().flatten();
+        match &before {
+            Some(n) => report.note(&format!(
+                "node {node} boot id {} ({})",
+                n.boot_id,
+                if n.ready { "Ready" } else { "NotReady" }
+            )),
+            None => report.note(&format!(
+                "the API did not report node {node} before the reset; waiting for it to be Ready after"
+            )),
+        }
+        report.phase(&format!("Resetting {node}"));
+        let op = journal.intent(RESET, node)?;
+        let cluster = record.cluster_ref();
+        let machine = node.to_owned();
+        let p = provider.clone();
+        let reset = tokio::task::spawn_blocking(move || p.reset_machine(&cluster, &machine))
+            .await
+            .context("the provider call panicked")?;
+        match reset {
+            Ok(_) => journal.done(&op)?,
+            Err(e) => {
+                journal.failed(&op, &e.to_string())?;
+                return Err(anyhow::Error::from(e).context(format!("resetting machine {node}")));
+            }
+        }
+        report.machine(node, "reset; waiting for it to boot and be Ready");
+        let started = Instant::now();
+        let before_id = before.as_ref().map(|n| n.boot_id.clone());
+        loop {
+            let last = match node_state(store, &record, node).await {
+                Ok(Some(n)) if n.ready && Some(&n.boot_id) != before_id.as_ref() => {
+                    return Ok(ResetOutcome {
+                        node: node.to_owned(),
+                        boot_id_before: before_id,
+                        boot_id_after: n.boot_id,
+                        ready_after: started.elapsed(),
+                    });
+                }
+                Ok(Some(n)) => format!(
+                    "node {node} {} with boot id {}",
+                    if n.ready { "Ready" } else { "NotReady" },
+                    n.boot_id
+                ),
+                Ok(None) => format!("node {node} is not registered"),
+                Err(e) => format!("the API did not answer: {}", error_chain(e.as_ref())),
+            };
+            if started.elapsed() >= timeout {
+                bail!(
+                    "machine {node} was reset, but its node was not Ready with a new boot id within {} s (last: {last}); look at the machine's console log, or run `clusterctl reset {name} {node}` again",
+                    timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    });
+    journal.finish(result.is_ok())?;
+    result
+}
+
+/// The node's state, through a fresh API client (the control plane may be the machine reset).
+async fn node_state(
+    store: &StateStore,
+    record: &ClusterRecord,
+    node: &str,
+) -> anyhow::Result<Option<NodeState>> {
+    let api = cluster_api(store, record).await?;
+    let nodes = tokio::time::timeout(Duration::from_secs(30), api.list_nodes()).await;
+    api.close().await;
+    let nodes = nodes.context("listing nodes timed out after 30 s")??;
+    Ok(nodes.into_iter().find(|n| n.name == node))
+}
