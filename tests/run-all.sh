@@ -13,18 +13,21 @@
 #                  (custom resources included), clusterctl's API client through a real sshd,
 #                  the node templates' flags and configs accepted by the real binaries, kubeconfig
 #                  files read back by the real kubectl
-#   image     200  the node image: `clusterctl image build` (or reuse), whose printed directory
-#                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s]
+#   image     300  the node image: `clusterctl image build` (or reuse), whose printed directory
+#                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s], and a second one with
+#                  one more package (`--add-package less`) the e2e upgrades to
+#                  (CLUSTERCTL_TEST_IMAGE_V2)
 #   boot      130  that image booted under QEMU TCG (nodeimage's boot test) [~50 s]
 #   provider  330  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
 #                  included: stop, reset, boot-disk replacement) + e2e
 #                  (tests/bed/libvirt-env.sh test provider) [197 s; 256 s in CI before day 2]
 #   e2e      2500  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
-#                  custom-resources, reboot, again, drain, unreachable, scale-down, delete)
+#                  custom-resources, reboot, reset, again, upgrade, drain, unreachable, scale-down,
+#                  delete)
 #                  (tests/bed/libvirt-env.sh test e2e) [1138 s with drain and scale-down on an
 #                  idle host; up to ~40 min on a loaded one]
-# Total 4990 s = 83.2 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
+# Total 5090 s = 84.8 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
 # budget is diagnosed (what it waited for, operation journals, virsh list and VM console logs),
 # killed, and the run's test beds torn down (tests/bed/stage.sh). The run ends with a table of
 # stage times, pass or fail.
@@ -72,6 +75,10 @@ bundle_dir() {
 test_image() {
   if [ -s "$out/image" ]; then cat "$out/image"; else cargo run -q --locked -p clusterctl -- image build | tail -n1; fi
 }
+# The second image the e2e upgrades to: the first plus one Debian package (a real, different image).
+test_image_v2() {
+  if [ -s "$out/image2" ]; then cat "$out/image2"; else cargo run -q --locked -p clusterctl -- image build --add-package less | tail -n1; fi
+}
 stage_bundle() { ./tests/bed/build-k8s-bundle.sh > "$out/bundle"; echo "bundle: $(cat "$out/bundle")"; }
 stage_k8s() {
   local bundle
@@ -92,6 +99,9 @@ stage_image() {
   cargo run -q --locked -p clusterctl -- image build | tail -n1 > "$out/image"
   [ -f "$(cat "$out/image")/manifest.json" ] || { echo "image build printed '$(cat "$out/image")': no manifest.json"; exit 1; }
   echo "node image: $(cat "$out/image")"
+  cargo run -q --locked -p clusterctl -- image build --add-package less | tail -n1 > "$out/image2"
+  [ -f "$(cat "$out/image2")/manifest.json" ] || { echo "image build printed '$(cat "$out/image2")': no manifest.json"; exit 1; }
+  echo "second node image (for the upgrade): $(cat "$out/image2")"
 }
 stage_boot() {
   CLUSTERCTL_TEST_IMAGE=$(test_image) CLUSTERCTL_IMAGE_TEST=1 \
@@ -103,19 +113,20 @@ stage_libvirt() {
   # Only the cluster e2e needs the Kubernetes bundle.
   if [ "$1" = e2e ]; then
     CLUSTERCTL_BUNDLE_DIR=$(bundle_dir)
-    export CLUSTERCTL_BUNDLE_DIR
+    CLUSTERCTL_TEST_IMAGE_V2=$(test_image_v2)
+    export CLUSTERCTL_BUNDLE_DIR CLUSTERCTL_TEST_IMAGE_V2
   fi
   ./tests/bed/libvirt-env.sh test "$1"
 }
 export out
-export -f bundle_dir test_image stage_bundle stage_k8s stage_image stage_boot stage_libvirt
+export -f bundle_dir test_image test_image_v2 stage_bundle stage_k8s stage_image stage_boot stage_libvirt
 
 run_stage packages 240 "host packages" ./tests/bed/install-host-packages.sh
 run_stage cargo 870 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
   cargo test --workspace --locked
 run_stage bundle 540 "Kubernetes test bundle (cached by input checksum; cold 5-18 min, warm 1 s)" stage_bundle
 run_stage k8s 180 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
-run_stage image 200 "node image: build or reuse" stage_image
+run_stage image 300 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 130 "node image booted once under QEMU TCG" stage_boot
 run_stage provider 330 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
 run_stage e2e 2500 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e

@@ -116,6 +116,40 @@ pub enum ImageError {
         /// The image directory searched.
         dir: PathBuf,
     },
+    /// An upgrade names an image that is not built.
+    #[error(
+        "node image {version:?} is not built in {}; `clusterctl image list` shows the built ones, `clusterctl image build` builds one",
+        dir.display()
+    )]
+    NotBuilt {
+        /// The version asked for.
+        version: String,
+        /// The image directory searched.
+        dir: PathBuf,
+    },
+    /// The spec names another image than the one the cluster runs.
+    #[error(
+        "spec.nodeImage.version is {spec:?}, but the cluster's machines boot {pinned:?} (pinned at create, changed only by an upgrade); remove the field or set it to {pinned:?}, or run `clusterctl upgrade NAME --node-image {spec}`"
+    )]
+    PinnedDiffers {
+        /// The version the spec names.
+        spec: String,
+        /// The cluster's image.
+        pinned: String,
+    },
+    /// The cluster's image is gone or was rebuilt with other content.
+    #[error(
+        "the cluster's node image {version:?} (digest {digest}) is not in {}; new machines must boot the same image as the others: restore it there, or upgrade the cluster to a built image with `clusterctl upgrade NAME --node-image VERSION`",
+        dir.display()
+    )]
+    PinnedMissing {
+        /// Its version.
+        version: String,
+        /// Its digest.
+        digest: String,
+        /// The image directory searched.
+        dir: PathBuf,
+    },
     /// Listing or verifying images failed.
     #[error("checking node image in {}", dir.display())]
     Image {
@@ -127,10 +161,16 @@ pub enum ImageError {
     },
 }
 
-/// The node image a spec's machines boot: `spec.nodeImage.version` if given, else the newest
-/// image built in `image_dir`. Every artifact is verified against the manifest's checksums, so a
-/// damaged image is refused before any machine is created.
-pub fn node_image(spec: &spec::Cluster, image_dir: &Path) -> Result<ImageRef, ImageError> {
+/// The node image a spec's machines boot. For an existing cluster, the image pinned in its
+/// record (`pinned`): a spec naming another version is refused (that is an upgrade). For a new
+/// one, `spec.nodeImage.version` if given, else the newest image built in `image_dir`. Every
+/// artifact is verified against the manifest's checksums, so a damaged image is refused before
+/// any machine is created.
+pub fn node_image(
+    spec: &spec::Cluster,
+    pinned: Option<&crate::state::PinnedImage>,
+    image_dir: &Path,
+) -> Result<ImageRef, ImageError> {
     if let spec::Provider::Fake(f) = &spec.spec.provider {
         // The fake provider boots nothing.
         return Ok(ImageRef {
@@ -144,6 +184,26 @@ pub fn node_image(spec: &spec::Cluster, image_dir: &Path) -> Result<ImageRef, Im
         source,
     };
     let images = nodeimage::list(image_dir).map_err(wrap)?;
+    if let Some(p) = pinned {
+        if let Some(v) = &spec.spec.node_image.version
+            && *v != p.version
+        {
+            return Err(ImageError::PinnedDiffers {
+                spec: v.clone(),
+                pinned: p.version.clone(),
+            });
+        }
+        let missing = || ImageError::PinnedMissing {
+            version: p.version.clone(),
+            digest: p.digest.clone(),
+            dir: image_dir.to_path_buf(),
+        };
+        return match load_version(&images, &p.version, image_dir) {
+            Ok(i) if i.digest == p.digest => Ok(i),
+            Ok(_) | Err(ImageError::VersionMissing { .. }) => Err(missing()),
+            Err(e) => Err(e),
+        };
+    }
     let chosen = match &spec.spec.node_image.version {
         Some(version) => images
             .iter()
@@ -158,6 +218,41 @@ pub fn node_image(spec: &spec::Cluster, image_dir: &Path) -> Result<ImageRef, Im
         })?,
     };
     let image = nodeimage::load(&chosen.dir).map_err(wrap)?;
+    Ok(ImageRef {
+        version: image.manifest.version.clone(),
+        dir: image.dir.clone(),
+        digest: image.digest.clone(),
+    })
+}
+
+/// A built node image by version (for an upgrade's target), every artifact verified.
+pub fn built_image(version: &str, image_dir: &Path) -> Result<ImageRef, ImageError> {
+    let images = nodeimage::list(image_dir).map_err(|source| ImageError::Image {
+        dir: image_dir.to_path_buf(),
+        source,
+    })?;
+    load_version(&images, version, image_dir).map_err(|e| match e {
+        ImageError::VersionMissing { version, dir } => ImageError::NotBuilt { version, dir },
+        other => other,
+    })
+}
+
+fn load_version(
+    images: &[nodeimage::Image],
+    version: &str,
+    image_dir: &Path,
+) -> Result<ImageRef, ImageError> {
+    let found = images
+        .iter()
+        .find(|i| i.manifest.version == version)
+        .ok_or_else(|| ImageError::VersionMissing {
+            version: version.to_owned(),
+            dir: image_dir.to_path_buf(),
+        })?;
+    let image = nodeimage::load(&found.dir).map_err(|source| ImageError::Image {
+        dir: image_dir.to_path_buf(),
+        source,
+    })?;
     Ok(ImageRef {
         version: image.manifest.version.clone(),
         dir: image.dir.clone(),

@@ -84,6 +84,7 @@ impl Bed {
             .env("CLUSTERCTL_STATE_DIR", self.path("state"))
             .env("KUBECONFIG", self.path("kubeconfig"))
             .env("HOME", self.root.path())
+            .env("CLUSTERCTL_IMAGE_DIR", self.path("images"))
             .env_remove("CLUSTERCTL_LOG")
             .output()?)
     }
@@ -307,7 +308,8 @@ fn reset_power_cycles_through_the_provider_and_is_journaled() -> Result<()> {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("machine refused-workers-0 was reset, but its node was not Ready with a new boot id within 1 s"),
+        err.contains("machine refused-workers-0 was reset, but its node did not come back")
+            && err.contains("node refused-workers-0 was not Ready within 1 s"),
         "{err}"
     );
     let after = boots(&fs::read_to_string(bed.path("fake/machines.json"))?)?;
@@ -317,5 +319,44 @@ fn reset_power_cycles_through_the_provider_and_is_journaled() -> Result<()> {
         journal.contains("\"action\":\"reset-machine\",\"target\":\"refused-workers-0\""),
         "{journal}"
     );
+    Ok(())
+}
+
+#[test]
+fn upgrade_refuses_bad_input_and_changes_nothing() -> Result<()> {
+    let bed = Bed::new()?;
+    fs::create_dir_all(bed.path("images"))?;
+    let path = bed.spec("    version: \"1.20.2\"\n")?;
+    let file = path.to_str().unwrap_or_default();
+    let out = bed.run(&["create", "-f", file])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let state = bed.path("state/refused/cluster.json");
+    let before = fs::read_to_string(&state)?;
+    let record: serde_json::Value = serde_json::from_str(&before)?;
+    assert_eq!(
+        record["node_image"]["version"], "fake-no-image",
+        "create pins the image: {record}"
+    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["upgrade", "refused"],
+            "say which node image to roll out: `clusterctl upgrade refused --node-image VERSION`",
+        ),
+        (
+            &["upgrade", "refused", "--node-image", "nope"],
+            "node image \"nope\" is not built in",
+        ),
+        (
+            &["upgrade", "nosuch", "--node-image", "nope"],
+            "cluster \"nosuch\" not found",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = bed.run(args)?;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(fs::read_to_string(&state)?, before, "the state changed");
     Ok(())
 }

@@ -13,6 +13,8 @@
 #                          `clusterctl image build` prints for this checkout (built, or reused from
 #                          $CLUSTERCTL_IMAGE_DIR or /var/cache/clusterctl/images)
 #   CLUSTERCTL_BUNDLE_DIR  Kubernetes bundle (tests/bed/build-k8s-bundle.sh builds or reuses one)
+#   CLUSTERCTL_TEST_IMAGE_V2  a second node image in the same directory (phase upgrade); run-all.sh
+#                          builds it with `clusterctl image build --add-package less`
 #   CLUSTERCTL_E2E_PHASES  which phases to run, in this order, all on ONE cluster (default: all but
 #                          `bench`; CI runs the default). Later issues add their phases here.
 #   CLUSTERCTL_E2E_WORK    work directory (state, kubeconfig, logs) to use and keep; with it, a
@@ -45,6 +47,9 @@
 #   reset             `clusterctl reset` of a worker: a hard power-cycle through the provider;
 #                     the command returns when the kubelet reports a new boot ID (checked with
 #                     kubectl and the node's boot counter), journaled; an unknown node is refused
+#   upgrade           `clusterctl upgrade --node-image` to a second image (CLUSTERCTL_TEST_IMAGE_V2)
+#                     under a continuous client; data, names, addresses, keys kept; a failed
+#                     health gate rolls back by itself
 #   again             `create` again changes nothing: same domains, volumes, networks, pools and
 #                     host keys, no upload, no file changed, no unit restarted
 #   drain             `clusterctl drain` of a worker: a budget allowing no disruption reported by
@@ -104,7 +109,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot reset again drain unreachable scale-down delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot reset again upgrade drain unreachable scale-down delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
@@ -784,6 +789,124 @@ phase_reboot() {
 
 phase_again() {
   check_again "$(cluster_id)"
+}
+
+# `clusterctl upgrade --node-image`: every machine boots a second, different node image (the
+# first plus the Debian package `less`, built by run-all's image stage), control plane first, one
+# machine at a time, while a client in the bed sends requests through a NodePort to the web
+# Deployment (2 replicas, a PodDisruptionBudget minAvailable 1) the whole time, like a load
+# balancer that tries the next node when one does not answer. etcd's data (a ConfigMap),
+# node names, addresses and pinned host keys survive; nothing is left cordoned; a re-run
+# replaces nothing. Then an upgrade made to fail on purpose (back to the first image with a
+# health gate of 5 s, which no boot meets) rolls its first node back by itself and stops, and
+# `upgrade --node-image <first>` finishes that rollback.
+phase_upgrade() {
+  local v2dir=${CLUSTERCTL_TEST_IMAGE_V2:-} v2 v2digest err out json m ips before_ids after_ids
+  local client_pid client_log=$work/upgrade-client.log served failed retried started
+  [ -n "$v2dir" ] && [ -f "$v2dir/manifest.json" ] || die "upgrade: CLUSTERCTL_TEST_IMAGE_V2 must name a second node image (run-all.sh's image stage builds it)"
+  [ "$(dirname "$v2dir")" = "$CLUSTERCTL_IMAGE_DIR" ] || die "upgrade: the second image must be in $CLUSTERCTL_IMAGE_DIR"
+  v2=$(jq -r .version "$v2dir/manifest.json")
+  [ "$v2" != "$version" ] || die "upgrade: the second image is the first one ($v2)"
+  err=$("$bin" upgrade "$name" --node-image no-such-image 2>&1) && die "upgrade to an unbuilt image succeeded"
+  grep -q 'node image "no-such-image"' <<< "$err" || die "upgrade to an unbuilt image: $err"
+  err=$("$bin" upgrade "$name" 2>&1) && die "upgrade without a target succeeded"
+  grep -q "say which node image to roll out" <<< "$err" || die "upgrade without a target: $err"
+
+  k create configmap upgrade-witness --from-literal=written=before-the-upgrade > /dev/null || die "cannot write the witness ConfigMap"
+  k apply -f - > /dev/null <<YAML || die "kubectl apply of the NodePort and the budget failed"
+apiVersion: v1
+kind: Service
+metadata: {name: web-np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: policy/v1beta1
+kind: PodDisruptionBudget
+metadata: {name: web}
+spec:
+  minAvailable: 1
+  selector: {matchLabels: {app: web}}
+YAML
+  k rollout status deployment/web --timeout=600s >&2 || die "upgrade: deployment web is not ready before the upgrade"
+  ips=$(jq -r '.machines[].addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | xargs)
+  before_ids=$(k get nodes -o json | jq -r '[.items[] | "\(.metadata.name)=\(.status.nodeInfo.bootID)"] | sort | join(" ")')
+  cp "$CLUSTERCTL_STATE_DIR/$name/cluster.json" "$work/cluster.json.before-upgrade"
+
+  # The client: one request every 0.5 s, sent to the nodes in turn; a node that does not answer
+  # within 2 s is skipped for the next (as a load balancer's retry does). "ok" = served (first
+  # try or a retry), "retried" = the first node did not answer, "fail" = no node answered.
+  (
+    i=0
+    while :; do
+      set -- $ips; n=$#; ok=
+      for j in $(seq 0 $((n - 1))); do
+        idx=$(( (i + j) % n + 1 )); eval "ip=\${$idx}"
+        if curl -fsS -m 2 -o /dev/null "http://$ip:30080/" 2> /dev/null; then ok=1; [ "$j" -eq 0 ] && echo ok || echo "ok retried"; break; fi
+      done
+      [ -n "$ok" ] || echo fail
+      i=$((i + 1)); sleep 0.5
+    done
+  ) > "$client_log" &
+  client_pid=$!
+
+  out=$("$bin" upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade --dry-run failed: $out"; }
+  grep -q "3 machine(s) to replace" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not plan 3 replacements"; }
+  json=$("$bin" -o json upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade -o json --dry-run failed"; }
+  [ "$(jq -r '[.nodes[].name] | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0 $name-workers-1" ] \
+    || { kill "$client_pid"; die "upgrade --dry-run order: $json"; }
+  waiting "clusterctl upgrade $name --node-image $v2 (3 machines, one at a time)"
+  started=$SECONDS
+  json=$("$bin" -o json upgrade "$name" --node-image "$v2" --drain-timeout 900) || { kill "$client_pid"; die "clusterctl upgrade to $v2 failed"; }
+  sleep 5
+  kill "$client_pid" 2> /dev/null; wait "$client_pid" 2> /dev/null || true
+  log "upgrade: took $((SECONDS - started)) s: $(jq -c '[.nodes[] | {name, seconds}]' <<< "$json")"
+  served=$(grep -c '^ok' "$client_log" || true); retried=$(grep -c 'retried' "$client_log" || true); failed=$(grep -c '^fail' "$client_log" || true)
+  log "upgrade: requests served $served (of them $retried after a node did not answer), failed $failed"
+  [ "$served" -gt 0 ] || die "upgrade: the client was never served"
+
+  v2digest=$(jq -r '.node_image.digest' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  [ "$(jq -r '.node_image.version' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$v2" ] || die "upgrade: the cluster's pinned image is not $v2"
+  jq -e '.upgrade == null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade: the record still holds an unfinished upgrade"
+  for m in $machines; do
+    jq -e --arg m "$m" --arg d "$v2digest" '.machines[] | select(.name == $m) | .image_digest == $d' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+      || die "upgrade: the state says $m does not boot $v2"
+    $virsh dumpxml "$m" | grep -q "image-digest=[\"']$v2digest[\"']" || die "upgrade: libvirt's domain $m is not labelled with $v2digest"
+    "$bin" ssh "$name" "$m" -- dpkg-query -W less > /dev/null || die "upgrade: $m does not run the new image (no package less)"
+  done
+  after_ids=$(k get nodes -o json | jq -r '[.items[] | "\(.metadata.name)=\(.status.nodeInfo.bootID)"] | sort | join(" ")')
+  for m in $machines; do
+    grep -q "$m=" <<< "$after_ids" || die "upgrade: node $m is gone: $after_ids"
+    ! grep -q "$(grep -o "$m=[^ ]*" <<< "$before_ids")" <<< "$after_ids" || die "upgrade: $m did not boot again: $after_ids"
+  done
+  [ "$(jq -r '.machines[].addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | xargs)" = "$ips" ] || die "upgrade: machine addresses changed"
+  [ "$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S .ssh_host_keys "$work/cluster.json.before-upgrade")" ] || die "upgrade: pinned host keys changed"
+  [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap written before the upgrade is gone (etcd's data disk)"
+  [ -z "$(k get nodes -o json | jq -r '.items[] | select(.spec.unschedulable == true) | .metadata.name')" ] || die "upgrade: a node is left cordoned"
+  k get nodes -o json | jq -e '[.items[] | .status.conditions[] | select(.type == "Ready") | .status] | all(. == "True")' > /dev/null || die "upgrade: a node is not Ready"
+  json=$("$bin" -o json upgrade "$name" --node-image "$v2") || die "upgrade re-run failed"
+  jq -e '[.nodes[].replace] | all(. == false)' <<< "$json" > /dev/null || die "upgrade re-run replaced machines again: $json"
+  # Later phases re-run `create` with the spec: it names the image the cluster boots now.
+  sed -i "s/^    version: $version\$/    version: $v2/" "$work/cluster.yaml"
+  grep -q "^    version: $v2\$" "$work/cluster.yaml" || die "upgrade: cannot point the spec at $v2"
+
+  # A failed health gate: back to the first image with 5 s for a node to boot (none does).
+  waiting "an upgrade made to fail on purpose (health gate of 5 s) rolling itself back"
+  err=$("$bin" upgrade "$name" --node-image "$version" --node-timeout 5 2>&1) && die "an upgrade whose health gate cannot be met succeeded"
+  grep -q "node $name-cp-0 did not come back healthy on node image $version: it was rolled back to node image $v2 and is Ready again" <<< "$err" \
+    || die "upgrade with a failed gate: $err"
+  jq -e --arg d "$v2digest" --arg m "$name-cp-0" '.machines[] | select(.name == $m) | .image_digest == $d' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "upgrade with a failed gate: $name-cp-0 was not rolled back to $v2"
+  jq -e '.upgrade.stopped != null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade with a failed gate: the record does not say it stopped"
+  [ -z "$(k get nodes -o json | jq -r '.items[] | select(.spec.unschedulable == true) | .metadata.name')" ] || die "upgrade with a failed gate: a node is left cordoned"
+  err=$("$bin" create -f "$work/cluster.yaml" 2>&1) && die "create ran during an unfinished upgrade"
+  grep -q "unfinished node-image upgrade" <<< "$err" || die "create during an unfinished upgrade: $err"
+  json=$("$bin" -o json upgrade "$name" --node-image "$v2") || die "rolling the stopped upgrade back to $v2 failed"
+  jq -e '.upgrade == null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade: the rollback did not close the unfinished upgrade"
+  [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap is gone after the rollback"
+  k delete service web-np > /dev/null; k delete pdb web > /dev/null; k delete configmap upgrade-witness > /dev/null
+  log "upgrade: every machine boots $v2 with its data, names, addresses and keys; a failed gate rolled back by itself"
 }
 
 # `clusterctl reset`: a hard power-cycle of a worker through the provider (virDomainReset), no

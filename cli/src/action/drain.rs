@@ -137,7 +137,7 @@ pub fn drain(
     result
 }
 
-fn lock(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+pub(crate) fn lock(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
     journal.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -184,7 +184,7 @@ async fn drain_with(
 /// now, or by an earlier run (`ours_before`, from the journal). A node an operator cordoned
 /// stays cordoned. The error is the bare [`DrainError`] (for the exit code), unless the
 /// uncordon failed too.
-async fn cordon_and_drain(
+pub(crate) async fn cordon_and_drain(
     api: &KubeClient,
     journal: &Mutex<Journal>,
     node: &str,
@@ -294,7 +294,7 @@ fn report_event(report: Reporter, node: &str, event: DrainEvent) {
 }
 
 /// One journaled API side effect: intent, call, outcome.
-async fn journaled(
+pub(crate) async fn journaled(
     journal: &Mutex<Journal>,
     action: &str,
     target: &str,

@@ -7,6 +7,7 @@
 
 pub mod drain;
 pub mod reset;
+pub mod upgrade;
 
 use std::time::Duration;
 
@@ -131,4 +132,67 @@ pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::
         Endpoint::new("127.0.0.1", API_SERVER_PORT),
         &credentials,
     )?)
+}
+
+/// How often [`wait_for_node`] asks.
+const NODE_POLL: Duration = Duration::from_secs(3);
+
+/// The node's state through a fresh API client (the control plane may be the machine that just
+/// rebooted, so no connection is kept), after `/readyz` answered ok; `None` if not registered.
+pub async fn node_state(
+    store: &StateStore,
+    record: &ClusterRecord,
+    node: &str,
+) -> anyhow::Result<Option<crate::kube::NodeState>> {
+    let api = cluster_api(store, record).await?;
+    let result = tokio::time::timeout(Duration::from_secs(30), async {
+        api.readyz().await?;
+        api.list_nodes().await
+    })
+    .await;
+    api.close().await;
+    let nodes = result.context("the API did not answer within 30 s")??;
+    Ok(nodes.into_iter().find(|n| n.name == node))
+}
+
+/// Waits until `/readyz` is ok and `node` is Ready with a boot ID other than `not_boot_id` (the
+/// one it had before a reboot; `None`: any). Returns the node and how long it took; the error
+/// says what was last seen.
+pub async fn wait_for_node(
+    store: &StateStore,
+    record: &ClusterRecord,
+    node: &str,
+    not_boot_id: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(crate::kube::NodeState, Duration)> {
+    let started = std::time::Instant::now();
+    loop {
+        let last = match node_state(store, record, node).await {
+            Ok(Some(n)) if n.ready && Some(n.boot_id.as_str()) != not_boot_id => {
+                return Ok((n, started.elapsed()));
+            }
+            Ok(Some(n)) => format!(
+                "node {node} {} with boot id {}",
+                if n.ready { "Ready" } else { "NotReady" },
+                n.boot_id
+            ),
+            Ok(None) => format!("node {node} is not registered"),
+            Err(e) => format!(
+                "the API did not answer: {}",
+                crate::error::error_chain(e.as_ref())
+            ),
+        };
+        if started.elapsed() >= timeout {
+            bail!(
+                "node {node} was not Ready{} within {} s (last: {last})",
+                if not_boot_id.is_some() {
+                    " with a new boot id"
+                } else {
+                    ""
+                },
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(NODE_POLL).await;
+    }
 }

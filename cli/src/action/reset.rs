@@ -12,23 +12,19 @@
 //! node Ready. The API is reached through the first control plane, so when that machine is the
 //! one reset, the client is made afresh on each poll until it answers again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::{cluster_api, load_cluster, lock_cluster, open_journal, runtime};
+use super::{load_cluster, lock_cluster, node_state, open_journal, runtime, wait_for_node};
 use crate::engine::Reporter;
-use crate::error::error_chain;
-use crate::kube::NodeState;
-use crate::state::{ClusterRecord, StateStore};
+use crate::state::StateStore;
 
 /// Journal action: a machine was reset through its provider.
 pub const RESET: &str = "reset-machine";
 
 /// How long `reset` waits by default for the node to be Ready again.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
-
-const POLL: Duration = Duration::from_secs(3);
 
 /// What `reset` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,48 +96,19 @@ pub fn reset(
             }
         }
         report.machine(node, "reset; waiting for it to boot and be Ready");
-        let started = Instant::now();
         let before_id = before.as_ref().map(|n| n.boot_id.clone());
-        loop {
-            let last = match node_state(store, &record, node).await {
-                Ok(Some(n)) if n.ready && Some(&n.boot_id) != before_id.as_ref() => {
-                    return Ok(ResetOutcome {
-                        node: node.to_owned(),
-                        boot_id_before: before_id,
-                        boot_id_after: n.boot_id,
-                        ready_after: started.elapsed(),
-                    });
-                }
-                Ok(Some(n)) => format!(
-                    "node {node} {} with boot id {}",
-                    if n.ready { "Ready" } else { "NotReady" },
-                    n.boot_id
-                ),
-                Ok(None) => format!("node {node} is not registered"),
-                Err(e) => format!("the API did not answer: {}", error_chain(e.as_ref())),
-            };
-            if started.elapsed() >= timeout {
-                bail!(
-                    "machine {node} was reset, but its node was not Ready with a new boot id within {} s (last: {last}); look at the machine's console log, or run `clusterctl reset {name} {node}` again",
-                    timeout.as_secs()
-                );
-            }
-            tokio::time::sleep(POLL).await;
+        match wait_for_node(store, &record, node, before_id.as_deref(), timeout).await {
+            Ok((n, took)) => Ok(ResetOutcome {
+                node: node.to_owned(),
+                boot_id_before: before_id,
+                boot_id_after: n.boot_id,
+                ready_after: took,
+            }),
+            Err(e) => Err(e.context(format!(
+                "machine {node} was reset, but its node did not come back; look at the machine's console log, or run `clusterctl reset {name} {node}` again"
+            ))),
         }
     });
     journal.finish(result.is_ok())?;
     result
-}
-
-/// The node's state, through a fresh API client (the control plane may be the machine reset).
-async fn node_state(
-    store: &StateStore,
-    record: &ClusterRecord,
-    node: &str,
-) -> anyhow::Result<Option<NodeState>> {
-    let api = cluster_api(store, record).await?;
-    let nodes = tokio::time::timeout(Duration::from_secs(30), api.list_nodes()).await;
-    api.close().await;
-    let nodes = nodes.context("listing nodes timed out after 30 s")??;
-    Ok(nodes.into_iter().find(|n| n.name == node))
 }

@@ -78,7 +78,11 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     // not available leaves no state behind.
     let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
     let image_dir = nodeimage::default_image_dir();
-    let image = provider::node_image(&spec, &image_dir)?;
+    let store = StateStore::resolve(global.state_dir.as_deref())?;
+    // An existing cluster's machines boot the image pinned in its record (read without the lock:
+    // it is read again under the lock below, and only an upgrade changes it).
+    let pinned = store.load(&name)?.and_then(|r| r.node_image);
+    let image = provider::node_image(&spec, pinned.as_ref(), &image_dir)?;
     let boots = !matches!(spec.spec.provider, spec::Provider::Fake(_));
     let rt = runtime()?;
     // Kubernetes artifacts: the version is checked and every file verified (downloaded first for
@@ -115,7 +119,6 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
         None
     };
-    let store = StateStore::resolve(global.state_dir.as_deref())?;
     let guard = lock_cluster(&store, &name, args.wait, report)?;
 
     let mut record = match guard.load()? {
@@ -136,6 +139,25 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
             r
         }
     };
+    if record.node_image.as_ref().map(|p| &p.digest) != Some(&image.digest) {
+        if let Some(p) = &record.node_image {
+            bail!(
+                "the node image {:?} of cluster {name:?} changed while this command waited for the lock (an upgrade ran); run the command again",
+                p.version
+            );
+        }
+        record.node_image = Some(crate::state::PinnedImage {
+            version: image.version.clone(),
+            digest: image.digest.clone(),
+        });
+    }
+    if let Some(u) = &record.upgrade {
+        bail!(
+            "cluster {name:?} has an unfinished node-image upgrade ({} -> {}); run `clusterctl upgrade {name}` to finish or roll it back first",
+            u.from.version,
+            u.to.version
+        );
+    }
     // The record, with the cluster ID, is durable before the first side effect.
     guard.save(&mut record)?;
 

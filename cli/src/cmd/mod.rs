@@ -17,6 +17,7 @@ pub mod image;
 pub mod plan;
 pub mod reset;
 pub mod ssh;
+pub mod upgrade;
 pub mod validate;
 
 /// Exit code for a failed command.
@@ -85,6 +86,10 @@ pub enum Command {
     Drain(drain::DrainArgs),
     /// Make a node schedulable again.
     Uncordon(drain::UncordonArgs),
+    /// Roll a new node image out to every machine: control plane first, one machine at a time
+    /// (drain, new boot disk with the data disk kept, health gate, uncordon), a machine that
+    /// fails its gate rolled back (`--dry-run`: the order and what blocks each drain).
+    Upgrade(upgrade::UpgradeArgs),
     /// Power-cycle a hung node's machine (a hard reset, no drain) and wait until it has booted
     /// again and is Ready.
     Reset(reset::ResetArgs),
@@ -171,6 +176,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drain(args) => drain::run(&cli.global, &args),
         Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
         Command::Reset(args) => reset::run(&cli.global, &args),
+        Command::Upgrade(args) => upgrade::run(&cli.global, &args),
     }
 }
 

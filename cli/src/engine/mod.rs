@@ -9,6 +9,7 @@ pub mod apply;
 pub mod artifacts;
 pub mod bootstrap;
 pub mod plan;
+pub mod upgrade;
 
 pub use apply::{
     ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, Reporter, run_phases,

@@ -4,8 +4,9 @@
 //! orphaned), its pod and Service networks and cluster domain (node pod ranges, Service IPs,
 //! certificates and every pod's DNS were made from them). Others change only through a command
 //! that does not exist yet: the control-plane count (HA control planes), machine sizes (machines
-//! are replaced, the upgrade's job), the Kubernetes version and the node image (`clusterctl
-//! upgrade`). A re-apply that changes any of them is refused, naming the field, the old and new
+//! are replaced, the upgrade's job) and the Kubernetes version. (The node image is pinned in the
+//! cluster's record and checked where it is chosen, `provider::node_image`: only
+//! `clusterctl upgrade --node-image` changes it.) A re-apply that changes any of them is refused, naming the field, the old and new
 //! value, why, and what to do instead, before anything is touched. Pool counts, new pools and
 //! removed pools are what a re-apply is for.
 
@@ -182,16 +183,6 @@ pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
                 UPGRADE,
             ));
         }
-    }
-    if s.node_image != n.node_image {
-        out.push(refusal(
-            "spec.nodeImage.version",
-            format!(
-                "cannot change from {:?} to {:?} on an existing cluster: a node image change replaces every machine's boot disk",
-                s.node_image.version, n.node_image.version
-            ),
-            "keep the stored value: `clusterctl upgrade --node-image` (not implemented yet) will do it",
-        ));
     }
     out
 }

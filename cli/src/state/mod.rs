@@ -237,6 +237,40 @@ pub struct ClusterRecord {
     /// Kubernetes as last bootstrapped and checked; `None` before the first bootstrap finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesStatus>,
+    /// The node image the cluster's machines boot: pinned at the first `create` (new machines of
+    /// a later re-run boot it too, whatever was built since) and changed only by
+    /// `clusterctl upgrade --node-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_image: Option<PinnedImage>,
+    /// A node-image upgrade that has not finished (in progress, or stopped by a failure):
+    /// `clusterctl upgrade NAME` finishes it, or rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeStatus>,
+}
+
+/// A node image by version and manifest digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedImage {
+    /// Image version (`bookworm-20261130-eaaa25c3621b`).
+    pub version: String,
+    /// sha256 of its manifest.
+    pub digest: String,
+}
+
+/// An unfinished node-image upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeStatus {
+    /// The image the cluster booted before (the rollback target).
+    pub from: PinnedImage,
+    /// The image being rolled out.
+    pub to: PinnedImage,
+    /// When the upgrade started.
+    pub started_at: Timestamp,
+    /// Why it stopped, if it did (a failed health gate, rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// The cluster's Kubernetes as clusterctl last saw it.
@@ -287,6 +321,8 @@ impl ClusterRecord {
             ssh_host_keys: BTreeMap::new(),
             pod_cidr_indexes: BTreeMap::new(),
             kubernetes: None,
+            node_image: None,
+            upgrade: None,
         })
     }
 

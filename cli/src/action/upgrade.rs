@@ -1,0 +1,501 @@
+//! `clusterctl upgrade NAME --node-image VERSION`: roll a new node image out to every machine,
+//! control plane first, one machine at a time, the immutable-node way (see
+//! [`engine::upgrade`](crate::engine::upgrade)).
+//!
+//! For each machine: cordon and drain it (PodDisruptionBudgets honoured, the drain of
+//! `clusterctl drain`), replace its boot disk from the new image (`replace-boot-disk`, journaled;
+//! the data disk, address and host key stay), then the health gate: `/readyz` ok and the node
+//! Ready with a new kubelet boot ID within the node timeout. Passed: the node is uncordoned and
+//! the next one goes. Failed: the machine's boot disk is replaced back from the image it booted
+//! before, the node gated again and uncordoned, and the upgrade stops with a report; the cluster
+//! record keeps the unfinished upgrade (`upgrade`), so `clusterctl upgrade NAME` goes on and
+//! `clusterctl upgrade NAME --node-image <previous>` rolls every machine back. Killed anywhere,
+//! a re-run finishes: machines on the target are gated again and uncordoned if clusterctl
+//! cordoned them. When every machine boots the target, it becomes the cluster's pinned image,
+//! which later `create` runs give new machines.
+//!
+//! Not here yet (issue 10): Kubernetes version upgrades, surge pools (`upgradeSettings`), canary
+//! batches, etcd snapshots before the control plane, auto-upgrade.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use providers::{ImageRef, Provider};
+
+use super::drain::{UNCORDON, cordon_and_drain, cordoned_by_clusterctl, journaled, lock};
+use super::{
+    cluster_api, load_cluster, lock_cluster, node_state, open_journal, runtime, wait_for_node,
+};
+use crate::engine::Reporter;
+use crate::engine::upgrade::{self, NodeStep, UpgradePlan};
+use crate::kube::drainer::DrainOptions;
+use crate::state::{ClusterGuard, ClusterRecord, Journal, PinnedImage, StateStore, UpgradeStatus};
+
+/// Journal action: a machine's boot disk was replaced from an image (target: the machine).
+pub const REPLACE: &str = "replace-boot-disk";
+
+/// How long a node may take to be Ready with a new boot ID after its boot disk was replaced.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// What `upgrade` is asked to do.
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest {
+    /// The image to roll out; `None` finishes an unfinished upgrade.
+    pub node_image: Option<String>,
+    /// Only show the plan and what would block the drains.
+    pub dry_run: bool,
+    /// Wait for the cluster lock instead of failing at once.
+    pub wait_lock: bool,
+    /// Each drain's timeout and force.
+    pub drain: DrainOptions,
+    /// Health gate: how long a node may take to come back.
+    pub node_timeout: Duration,
+}
+
+/// What happened to one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeResult {
+    /// The machine.
+    pub machine: String,
+    /// Whether its boot disk was replaced (false: it booted the target already).
+    pub replaced: bool,
+    /// Kubelet boot ID before and after.
+    pub boot_ids: (Option<String>, String),
+    /// From the start of its drain until it was Ready again.
+    pub took: Duration,
+}
+
+/// What `upgrade` did.
+#[derive(Debug, Clone)]
+pub enum UpgradeOutcome {
+    /// `--dry-run`: the plan, and for each machine to replace what blocks its drain.
+    Planned {
+        /// The plan.
+        plan: UpgradePlan,
+        /// (machine, blockers) for machines whose drain something blocks now.
+        blockers: Vec<(String, Vec<String>)>,
+    },
+    /// Every machine boots the target.
+    Done {
+        /// The plan that was carried out.
+        plan: UpgradePlan,
+        /// Per machine, in order.
+        nodes: Vec<NodeResult>,
+    },
+}
+
+/// Runs `clusterctl upgrade`.
+pub fn upgrade(
+    store: &StateStore,
+    name: &str,
+    request: &UpgradeRequest,
+    report: Reporter,
+) -> anyhow::Result<UpgradeOutcome> {
+    let record = load_cluster(store, name)?;
+    let image_dir = nodeimage::default_image_dir();
+    let Some(pinned) = record.node_image.clone() else {
+        bail!(
+            "cluster {name:?} has no node image in its record (created by an older clusterctl, or never finished): run `clusterctl create` for it first"
+        );
+    };
+    let target_version = match (&request.node_image, &record.upgrade) {
+        (Some(v), _) => v.clone(),
+        (None, Some(u)) => u.to.version.clone(),
+        (None, None) => bail!(
+            "say which node image to roll out: `clusterctl upgrade {name} --node-image VERSION` (`clusterctl image list` shows the built ones; the cluster boots {})",
+            pinned.version
+        ),
+    };
+    let target = crate::provider::built_image(&target_version, &image_dir)?;
+    if let Some(u) = &record.upgrade
+        && u.to.version == target.version
+        && u.to.digest != target.digest
+    {
+        bail!(
+            "node image {} was rebuilt with other content since the unfinished upgrade started (digest {} then, {} now); roll back with `--node-image {}`",
+            target.version,
+            u.to.digest,
+            target.digest,
+            u.from.version
+        );
+    }
+    let to = PinnedImage {
+        version: target.version.clone(),
+        digest: target.digest.clone(),
+    };
+    let provider: Arc<dyn Provider> = Arc::from(crate::provider::provider_for(&record.spec)?);
+    let rt = runtime()?;
+    let machines = list_machines(&rt, &provider, &record)?;
+    let pools: Vec<String> = record
+        .spec
+        .spec
+        .node_pools
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    let plan = upgrade::plan(&machines, &pools, &pinned, &to);
+    if request.dry_run {
+        let blockers = rt.block_on(drain_blockers(store, &record, &plan))?;
+        return Ok(UpgradeOutcome::Planned { plan, blockers });
+    }
+
+    let guard = lock_cluster(store, name, request.wait_lock, report)?;
+    let mut record = guard.load()?.unwrap_or(record);
+    let (journal, replay) = open_journal(&guard, report)?;
+    let journal = Mutex::new(journal);
+    for found in replay.in_flight() {
+        report.note(&format!(
+            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
+            found.action, found.target
+        ));
+        lock(&journal).interrupted(&found)?;
+    }
+    record.machines = machines.clone();
+    let result = rt.block_on(async {
+        let nodes = node_list(store, &record).await?;
+        let problems = upgrade::preflight(&machines, &nodes, &to, record.upgrade.as_ref());
+        if !problems.is_empty() {
+            bail!(
+                "the upgrade of cluster {name:?} to node image {} did not start, nothing was changed:\n  {}",
+                to.version,
+                problems.join("\n  ")
+            );
+        }
+        if plan.replacements() == 0 && record.upgrade.is_none() && pinned == to {
+            report.note(&format!(
+                "every machine boots node image {} already",
+                to.version
+            ));
+        }
+        let started = record
+            .upgrade
+            .as_ref()
+            .filter(|u| u.to == to)
+            .map_or_else(crate::state::Timestamp::now, |u| u.started_at);
+        record.upgrade = Some(UpgradeStatus {
+            from: record
+                .upgrade
+                .as_ref()
+                .filter(|u| u.to == to)
+                .map_or_else(|| pinned.clone(), |u| u.from.clone()),
+            to: to.clone(),
+            started_at: started,
+            stopped: None,
+        });
+        guard.save(&mut record)?;
+        let mut run = Run {
+            store,
+            guard: &guard,
+            provider: &provider,
+            journal: &journal,
+            replay: &replay,
+            request,
+            report,
+            image_dir: &image_dir,
+        };
+        let mut results = Vec::new();
+        for (i, step) in plan.steps.iter().enumerate() {
+            report.phase(&format!(
+                "Upgrading {} ({} of {}) to node image {}",
+                step.machine,
+                i + 1,
+                plan.steps.len(),
+                to.version
+            ));
+            match run.node(&mut record, step, &target).await {
+                Ok(r) => {
+                    report.machine(
+                        &step.machine,
+                        &format!(
+                            "{} and Ready after {:.0} s",
+                            if r.replaced {
+                                "boots the new image"
+                            } else {
+                                "boots the new image already"
+                            },
+                            r.took.as_secs_f64()
+                        ),
+                    );
+                    results.push(r);
+                }
+                Err(e) => {
+                    if let Some(u) = &mut record.upgrade {
+                        u.stopped = Some(crate::error::error_chain(e.as_ref()));
+                    }
+                    guard.save(&mut record)?;
+                    let upgraded = results.iter().filter(|r| r.replaced).count();
+                    return Err(e.context(format!(
+                        "the upgrade of cluster {name:?} to node image {} stopped at {} ({upgraded} machine(s) upgraded before it); `clusterctl upgrade {name}` tries again, `clusterctl upgrade {name} --node-image {}` rolls every machine back",
+                        to.version, step.machine, pinned.version
+                    )));
+                }
+            }
+        }
+        record.node_image = Some(to.clone());
+        record.upgrade = None;
+        record.machines = list_machines_async(&provider, &record).await?;
+        guard.save(&mut record)?;
+        Ok(UpgradeOutcome::Done {
+            plan: plan.clone(),
+            nodes: results,
+        })
+    });
+    lock(&journal).finish(result.is_ok())?;
+    result
+}
+
+struct Run<'a> {
+    store: &'a StateStore,
+    guard: &'a ClusterGuard,
+    provider: &'a Arc<dyn Provider>,
+    journal: &'a Mutex<Journal>,
+    replay: &'a crate::state::Replay,
+    request: &'a UpgradeRequest,
+    report: Reporter,
+    image_dir: &'a std::path::Path,
+}
+
+impl Run<'_> {
+    /// One machine: drain, replace, gate, uncordon; on a failed gate, replace back.
+    async fn node(
+        &mut self,
+        record: &mut ClusterRecord,
+        step: &NodeStep,
+        target: &ImageRef,
+    ) -> anyhow::Result<NodeResult> {
+        let node = step.machine.as_str();
+        let started = Instant::now();
+        let before = node_state(self.store, record, node).await.ok().flatten();
+        let ours_before = cordoned_by_clusterctl(self.replay, node);
+        if !step.replace {
+            // Replaced by an earlier, interrupted run: gate it and put it back in service.
+            let (n, _) = wait_for_node(self.store, record, node, None, self.request.node_timeout)
+                .await
+                .with_context(|| format!("node {node} boots the new image but is not healthy"))?;
+            if n.unschedulable && ours_before {
+                self.uncordon(record, node).await?;
+            }
+            return Ok(NodeResult {
+                machine: node.to_owned(),
+                replaced: false,
+                boot_ids: (Some(n.boot_id.clone()), n.boot_id),
+                took: started.elapsed(),
+            });
+        }
+        let previous = step
+            .current_digest
+            .as_deref()
+            .and_then(|d| self.image_by_digest(d));
+        let Some(previous) = previous else {
+            bail!(
+                "node {node} boots an image (digest {}) that is not built in {}, so it could not be rolled back if the new one failed: build it again, or `clusterctl reset` the node",
+                step.current_digest.as_deref().unwrap_or("unknown"),
+                self.image_dir.display()
+            );
+        };
+        // Drain (cordons it unless it is; uncordons it again if the drain fails).
+        {
+            let api = cluster_api(self.store, record).await?;
+            let was_cordoned = before.as_ref().is_some_and(|n| n.unschedulable);
+            let drained = cordon_and_drain(
+                &api,
+                self.journal,
+                node,
+                was_cordoned,
+                ours_before,
+                &self.request.drain,
+                self.report,
+            )
+            .await;
+            api.close().await;
+            let done = drained.with_context(|| format!("draining node {node}"))?;
+            self.report.machine(node, &format!("drained: {done}"));
+        }
+        let ours = ours_before || !before.as_ref().is_some_and(|n| n.unschedulable);
+        self.replace(record, node, target).await?;
+        let before_id = before.as_ref().map(|n| n.boot_id.clone());
+        match wait_for_node(
+            self.store,
+            record,
+            node,
+            before_id.as_deref(),
+            self.request.node_timeout,
+        )
+        .await
+        {
+            Ok((n, _)) => {
+                if ours {
+                    self.uncordon(record, node).await?;
+                }
+                Ok(NodeResult {
+                    machine: node.to_owned(),
+                    replaced: true,
+                    boot_ids: (before_id, n.boot_id),
+                    took: started.elapsed(),
+                })
+            }
+            Err(gate) => {
+                self.report.machine(
+                    node,
+                    &format!(
+                        "failed its health gate ({}); rolling it back to node image {}",
+                        crate::error::error_chain(gate.as_ref()),
+                        previous.version
+                    ),
+                );
+                self.replace(record, node, &previous).await?;
+                // The old image is known to boot: it gets the full default time whatever the
+                // gate allowed the new one.
+                let back = wait_for_node(
+                    self.store,
+                    record,
+                    node,
+                    None,
+                    self.request.node_timeout.max(DEFAULT_NODE_TIMEOUT),
+                )
+                .await;
+                if back.is_ok() && ours {
+                    self.uncordon(record, node).await?;
+                }
+                let rolled = match back {
+                    Ok(_) => format!(
+                        "it was rolled back to node image {} and is Ready again",
+                        previous.version
+                    ),
+                    Err(e) => format!(
+                        "it was rolled back to node image {} but is not Ready either ({}); it stays cordoned",
+                        previous.version,
+                        crate::error::error_chain(e.as_ref())
+                    ),
+                };
+                Err(gate.context(format!(
+                    "node {node} did not come back healthy on node image {}: {rolled}",
+                    target.version
+                )))
+            }
+        }
+    }
+
+    async fn replace(
+        &self,
+        record: &mut ClusterRecord,
+        node: &str,
+        image: &ImageRef,
+    ) -> anyhow::Result<()> {
+        self.report.machine(
+            node,
+            &format!("replacing its boot disk from node image {}", image.version),
+        );
+        let op = lock(self.journal).intent(REPLACE, node)?;
+        let (p, cluster, machine, image_ref) = (
+            self.provider.clone(),
+            record.cluster_ref(),
+            node.to_owned(),
+            image.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            p.replace_boot_disk(&cluster, &machine, &image_ref)
+        })
+        .await
+        .context("the provider call panicked")?;
+        match result {
+            Ok(m) => {
+                lock(self.journal).done(&op)?;
+                if let Some(slot) = record.machines.iter_mut().find(|x| x.name == m.name) {
+                    *slot = m;
+                }
+                self.guard.save(record)?;
+                Ok(())
+            }
+            Err(e) => {
+                lock(self.journal).failed(&op, &e.to_string())?;
+                Err(anyhow::Error::from(e)
+                    .context(format!("replacing the boot disk of machine {node}")))
+            }
+        }
+    }
+
+    async fn uncordon(&self, record: &ClusterRecord, node: &str) -> anyhow::Result<()> {
+        let api = cluster_api(self.store, record).await?;
+        let r = journaled(self.journal, UNCORDON, node, async {
+            api.set_unschedulable(node, false).await
+        })
+        .await;
+        api.close().await;
+        r.with_context(|| format!("uncordoning node {node}; run `clusterctl uncordon` for it"))?;
+        self.report.machine(node, "uncordoned");
+        Ok(())
+    }
+
+    fn image_by_digest(&self, digest: &str) -> Option<ImageRef> {
+        let images = nodeimage::list(self.image_dir).ok()?;
+        let found = images.iter().find(|i| i.digest == digest)?;
+        crate::provider::built_image(&found.manifest.version, self.image_dir)
+            .ok()
+            .filter(|i| i.digest == digest)
+    }
+}
+
+fn list_machines(
+    rt: &tokio::runtime::Runtime,
+    provider: &Arc<dyn Provider>,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<providers::Machine>> {
+    rt.block_on(list_machines_async(provider, record))
+}
+
+async fn list_machines_async(
+    provider: &Arc<dyn Provider>,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<providers::Machine>> {
+    let (p, cluster) = (provider.clone(), record.cluster_ref());
+    let mut list = tokio::task::spawn_blocking(move || p.list_machines(&cluster))
+        .await
+        .context("the provider call panicked")?
+        .with_context(|| format!("listing the machines of cluster {:?}", record.name))?;
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(list)
+}
+
+async fn node_list(
+    store: &StateStore,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<crate::kube::NodeState>> {
+    let api = cluster_api(store, record).await?;
+    let r = async {
+        api.readyz().await?;
+        api.list_nodes().await
+    }
+    .await;
+    api.close().await;
+    r.with_context(|| format!("checking the nodes of cluster {:?}", record.name))
+}
+
+/// For each machine the plan replaces, what would block its drain now.
+async fn drain_blockers(
+    store: &StateStore,
+    record: &ClusterRecord,
+    plan: &UpgradePlan,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let api = cluster_api(store, record).await?;
+    let r = async {
+        let policy = api.server_version().await?.policy_api();
+        let mut out = Vec::new();
+        for step in plan.steps.iter().filter(|s| s.replace) {
+            let sim = api.simulate_drain(&step.machine, policy).await?;
+            let blockers: Vec<String> = sim
+                .findings()
+                .filter(|(_, b)| b.blocks())
+                .map(|(p, b)| format!("{p}: {b}"))
+                .collect();
+            if !blockers.is_empty() {
+                out.push((step.machine.clone(), blockers));
+            }
+        }
+        Ok::<_, anyhow::Error>(out)
+    }
+    .await;
+    api.close().await;
+    r
+}

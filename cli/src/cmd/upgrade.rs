@@ -1,0 +1,184 @@
+//! `clusterctl upgrade NAME --node-image VERSION` (see `action::upgrade`).
+
+use std::time::Duration;
+
+use super::Global;
+use crate::action::upgrade::{self, UpgradeOutcome, UpgradeRequest};
+use crate::engine::Reporter;
+use crate::kube::drainer::DrainOptions;
+use crate::output::{self, Format};
+use crate::state::StateStore;
+
+/// Arguments of `clusterctl upgrade`.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// Name of the cluster.
+    pub name: String,
+    /// Node image version to roll out (`clusterctl image list`); without it, an unfinished
+    /// upgrade is finished. The image the cluster booted before rolls it back.
+    #[arg(long, value_name = "VERSION")]
+    pub node_image: Option<String>,
+    /// Touch nothing: show the order and what blocks each node's drain now.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds each node's drain may take before the upgrade stops (the node uncordoned again).
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::action::drain::DEFAULT_TIMEOUT.as_secs())]
+    pub drain_timeout: u64,
+    /// Also evict pods without a controller or with local storage, and delete pods still there
+    /// at the drain timeout (bypassing PodDisruptionBudgets).
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds a node may take to be Ready with a new boot ID after its boot disk is replaced;
+    /// after that it is rolled back and the upgrade stops.
+    #[arg(long, value_name = "SECONDS", default_value_t = upgrade::DEFAULT_NODE_TIMEOUT.as_secs())]
+    pub node_timeout: u64,
+    /// If another command holds the cluster's lock, wait for it instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// The JSON/YAML shape of an upgrade (camelCase).
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutcomeDoc<'a> {
+    dry_run: bool,
+    from: &'a str,
+    to: &'a str,
+    nodes: Vec<NodeDoc<'a>>,
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeDoc<'a> {
+    name: &'a str,
+    role: &'a providers::MachineRole,
+    /// Whether its boot disk is (or was) replaced.
+    replace: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    blockers: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot_id_before: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot_id_after: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds: Option<f64>,
+}
+
+/// Runs `clusterctl upgrade`.
+pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
+    let store = StateStore::resolve(global.state_dir.as_deref())?;
+    let report = Reporter {
+        quiet: global.quiet,
+        fancy: output::fancy_progress(global.quiet, global.output),
+    };
+    let request = UpgradeRequest {
+        node_image: args.node_image.clone(),
+        dry_run: args.dry_run,
+        wait_lock: args.wait,
+        drain: DrainOptions {
+            timeout: Duration::from_secs(args.drain_timeout),
+            force: args.force,
+            ..DrainOptions::default()
+        },
+        node_timeout: Duration::from_secs(args.node_timeout),
+    };
+    let outcome = upgrade::upgrade(&store, &args.name, &request, report)?;
+    print_outcome(global.output, &args.name, &outcome)
+}
+
+fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow::Result<()> {
+    let (plan, dry_run) = match outcome {
+        UpgradeOutcome::Planned { plan, .. } => (plan, true),
+        UpgradeOutcome::Done { plan, .. } => (plan, false),
+    };
+    let nodes: Vec<NodeDoc<'_>> = plan
+        .steps
+        .iter()
+        .map(|s| {
+            let blockers = match outcome {
+                UpgradeOutcome::Planned { blockers, .. } => blockers
+                    .iter()
+                    .find(|(m, _)| *m == s.machine)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default(),
+                UpgradeOutcome::Done { .. } => Vec::new(),
+            };
+            let done = match outcome {
+                UpgradeOutcome::Done { nodes, .. } => nodes.iter().find(|n| n.machine == s.machine),
+                UpgradeOutcome::Planned { .. } => None,
+            };
+            NodeDoc {
+                name: &s.machine,
+                role: &s.role,
+                replace: done.map_or(s.replace, |d| d.replaced),
+                blockers,
+                boot_id_before: done.and_then(|d| d.boot_ids.0.as_deref()),
+                boot_id_after: done.map(|d| d.boot_ids.1.as_str()),
+                seconds: done.map(|d| (d.took.as_secs_f64() * 10.0).round() / 10.0),
+            }
+        })
+        .collect();
+    if format != Format::Table {
+        let doc = OutcomeDoc {
+            dry_run,
+            from: &plan.from.version,
+            to: &plan.to.version,
+            nodes,
+        };
+        output::print(&output::to_string(format, &doc)?)?;
+        return Ok(());
+    }
+    if dry_run {
+        println!(
+            "Upgrade of cluster {name:?} from node image {} to {}: {} machine(s) to replace, one at a time (cordon, drain, new boot disk, Ready with a new boot ID, uncordon):",
+            plan.from.version,
+            plan.to.version,
+            plan.replacements()
+        );
+    } else {
+        println!(
+            "Cluster {name:?} boots node image {} on every machine.",
+            plan.to.version
+        );
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            vec![
+                (i + 1).to_string(),
+                n.name.to_owned(),
+                match n.role {
+                    providers::MachineRole::ControlPlane => "control-plane".into(),
+                    providers::MachineRole::Worker => "worker".into(),
+                },
+                if n.replace {
+                    "replace"
+                } else {
+                    "boots it already"
+                }
+                .to_owned(),
+                match (dry_run, n.seconds) {
+                    (true, _) if n.blockers.is_empty() => "drain clear".to_owned(),
+                    (true, _) => format!("drain blocked: {}", n.blockers.join("; ")),
+                    (false, Some(s)) => format!("{s:.0} s"),
+                    (false, None) => "-".to_owned(),
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        output::table(
+            &[
+                "#",
+                "NODE",
+                "ROLE",
+                "ACTION",
+                if dry_run { "DRAIN" } else { "TOOK" }
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}

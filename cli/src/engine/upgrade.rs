@@ -1,0 +1,247 @@
+//! Node-image upgrade: the pure plan (which machines, in which order) and preflight decision.
+//!
+//! The immutable-node path: a machine's OS changes by replacing its boot disk from the new image
+//! while its data disk (etcd, kubelet and containerd state, `/etc` as restored at boot, host
+//! keys) stays (`Provider::replace_boot_disk`). Control plane first, then each node pool in spec
+//! order, one machine at a time (in place; surge comes with replaceable machine names). A
+//! machine that already boots the target is not replaced again, but still gated (Ready) and
+//! uncordoned if clusterctl cordoned it, so a run killed anywhere is finished by running it again.
+
+use providers::{Machine, MachineRole, MachineState};
+use serde::Serialize;
+
+use crate::kube::NodeState;
+use crate::state::{PinnedImage, UpgradeStatus};
+
+/// What happens to one machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStep {
+    /// Machine (and node) name.
+    pub machine: String,
+    /// Its role.
+    pub role: MachineRole,
+    /// Its pool, for workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Whether its boot disk is replaced (false: it boots the target already; only checked).
+    pub replace: bool,
+    /// The image digest it boots now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_digest: Option<String>,
+}
+
+/// The machines of an upgrade, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradePlan {
+    /// The image the cluster boots before (the rollback target).
+    pub from: PinnedImage,
+    /// The image rolled out.
+    pub to: PinnedImage,
+    /// Control plane first (by name), then workers by pool (in `pool_order`) and name.
+    pub steps: Vec<NodeStep>,
+}
+
+impl UpgradePlan {
+    /// How many boot disks are replaced.
+    pub fn replacements(&self) -> usize {
+        self.steps.iter().filter(|s| s.replace).count()
+    }
+}
+
+/// Orders the machines: control plane by name, then the pools in `pool_order` (pools the spec no
+/// longer names last), each by name. Pure.
+pub fn plan(
+    machines: &[Machine],
+    pool_order: &[String],
+    from: &PinnedImage,
+    to: &PinnedImage,
+) -> UpgradePlan {
+    let mut ordered: Vec<&Machine> = machines.iter().collect();
+    let rank = |m: &Machine| match (&m.role, &m.pool) {
+        (MachineRole::ControlPlane, _) => 0,
+        (MachineRole::Worker, Some(p)) => pool_order
+            .iter()
+            .position(|q| q == p)
+            .map_or(usize::MAX, |i| i + 1),
+        (MachineRole::Worker, None) => usize::MAX,
+    };
+    ordered.sort_by(|a, b| (rank(a), &a.name).cmp(&(rank(b), &b.name)));
+    UpgradePlan {
+        from: from.clone(),
+        to: to.clone(),
+        steps: ordered
+            .into_iter()
+            .map(|m| NodeStep {
+                machine: m.name.clone(),
+                role: m.role,
+                pool: m.pool.clone(),
+                replace: m.image_digest.as_deref() != Some(to.digest.as_str()),
+                current_digest: m.image_digest.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Why an upgrade may not start. Pure: of the machines and nodes as observed, the target, and an
+/// unfinished upgrade.
+pub fn preflight(
+    machines: &[Machine],
+    nodes: &[NodeState],
+    to: &PinnedImage,
+    unfinished: Option<&UpgradeStatus>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(u) = unfinished
+        && u.to.digest != to.digest
+        && u.from.digest != to.digest
+    {
+        problems.push(format!(
+            "an upgrade from {} to {} is unfinished: run `clusterctl upgrade NAME` to finish it, or `--node-image {}` to roll it back, before upgrading to {}",
+            u.from.version, u.to.version, u.from.version, to.version
+        ));
+    }
+    if machines.is_empty() {
+        problems.push("the cluster has no machines".to_owned());
+    }
+    for m in machines {
+        if m.state != MachineState::Running {
+            problems.push(format!(
+                "machine {} is {:?}, not running: run `clusterctl create` for the cluster (or `clusterctl reset`) first",
+                m.name, m.state
+            ));
+        }
+        // A machine already on the target may be the one an interrupted run was replacing: it
+        // is gated again rather than refused.
+        let on_target = m.image_digest.as_deref() == Some(to.digest.as_str());
+        match nodes.iter().find(|n| n.name == m.name) {
+            None => problems.push(format!(
+                "machine {} has no Kubernetes node: run `clusterctl create` for the cluster first",
+                m.name
+            )),
+            Some(n) if !n.ready && !on_target => problems.push(format!(
+                "node {} is not Ready: repair it (`clusterctl reset`) before upgrading",
+                m.name
+            )),
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(v: &str) -> PinnedImage {
+        PinnedImage {
+            version: v.into(),
+            digest: format!("sha256:{v}"),
+        }
+    }
+
+    fn machine(name: &str, pool: Option<&str>, digest: &str) -> Machine {
+        Machine {
+            name: name.into(),
+            provider_id: format!("fake://{name}"),
+            role: if pool.is_some() {
+                MachineRole::Worker
+            } else {
+                MachineRole::ControlPlane
+            },
+            pool: pool.map(Into::into),
+            state: MachineState::Running,
+            addresses: vec![],
+            failure_domain: None,
+            image_digest: Some(format!("sha256:{digest}")),
+            labels: Default::default(),
+        }
+    }
+
+    fn node(name: &str, ready: bool) -> NodeState {
+        NodeState {
+            name: name.into(),
+            ready,
+            kubelet_version: "v1.20.2".into(),
+            unschedulable: false,
+            boot_id: "b".into(),
+        }
+    }
+
+    #[test]
+    fn control_plane_first_then_pools_in_spec_order_and_done_machines_only_checked() {
+        let ms = vec![
+            machine("c1-b-0", Some("b"), "v1"),
+            machine("c1-a-1", Some("a"), "v2"),
+            machine("c1-a-0", Some("a"), "v1"),
+            machine("c1-gone-0", Some("gone"), "v1"),
+            machine("c1-cp-0", None, "v1"),
+        ];
+        let p = plan(&ms, &["a".into(), "b".into()], &image("v1"), &image("v2"));
+        let order: Vec<(&str, bool)> = p
+            .steps
+            .iter()
+            .map(|s| (s.machine.as_str(), s.replace))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("c1-cp-0", true),
+                ("c1-a-0", true),
+                ("c1-a-1", false),
+                ("c1-b-0", true),
+                ("c1-gone-0", true),
+            ]
+        );
+        assert_eq!(p.replacements(), 4);
+    }
+
+    #[test]
+    fn preflight_refuses_unready_nodes_stopped_machines_and_a_crossing_upgrade() {
+        let ms = vec![
+            machine("c1-cp-0", None, "v1"),
+            machine("c1-a-0", Some("a"), "v2"),
+            machine("c1-a-1", Some("a"), "v1"),
+        ];
+        let ready = vec![
+            node("c1-cp-0", true),
+            node("c1-a-0", true),
+            node("c1-a-1", true),
+        ];
+        assert_eq!(
+            preflight(&ms, &ready, &image("v2"), None),
+            Vec::<String>::new()
+        );
+        // A node on the target that is not Ready yet (an interrupted replacement) is no obstacle;
+        // one on the old image is.
+        let mut nodes = ready.clone();
+        nodes[1].ready = false;
+        assert_eq!(
+            preflight(&ms, &nodes, &image("v2"), None),
+            Vec::<String>::new()
+        );
+        nodes[2].ready = false;
+        let p = preflight(&ms, &nodes, &image("v2"), None);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("node c1-a-1 is not Ready"), "{p:?}");
+        let mut stopped = ms.clone();
+        stopped[0].state = MachineState::Stopped;
+        let p = preflight(&stopped, &ready, &image("v2"), None);
+        assert!(p[0].contains("machine c1-cp-0 is Stopped"), "{p:?}");
+        let unfinished = UpgradeStatus {
+            from: image("v1"),
+            to: image("v2"),
+            started_at: crate::state::Timestamp::now(),
+            stopped: None,
+        };
+        // Finishing it, or rolling it back, is allowed; a third image is not.
+        assert!(preflight(&ms, &ready, &image("v2"), Some(&unfinished)).is_empty());
+        assert!(preflight(&ms, &ready, &image("v1"), Some(&unfinished)).is_empty());
+        let p = preflight(&ms, &ready, &image("v3"), Some(&unfinished));
+        assert!(
+            p[0].contains("an upgrade from v1 to v2 is unfinished"),
+            "{p:?}"
+        );
+    }
+}
