@@ -47,6 +47,12 @@ struct ClusterView {
         serialize_with = "kubernetes_camel"
     )]
     kubernetes: Option<KubernetesStatus>,
+    /// The node image every machine boots (pinned at create, changed by `upgrade`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_image: Option<crate::state::PinnedImage>,
+    /// An unfinished node-image upgrade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upgrade: Option<UpgradeDoc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +75,13 @@ impl ClusterView {
             machines: r.machines,
             ssh_host_keys: r.ssh_host_keys,
             kubernetes: r.kubernetes,
+            node_image: r.node_image,
+            upgrade: r.upgrade.map(|u| UpgradeDoc {
+                from: u.from,
+                to: u.to,
+                started_at: u.started_at,
+                stopped: u.stopped,
+            }),
             error: None,
             spec_for_pools: Some(r.spec.clone()),
             spec: with_spec.then_some(r.spec),
@@ -87,6 +100,8 @@ impl ClusterView {
             machines: Vec::new(),
             ssh_host_keys: Default::default(),
             kubernetes: None,
+            node_image: None,
+            upgrade: None,
             error: Some(error),
             spec: None,
             spec_for_pools: None,
@@ -125,6 +140,17 @@ fn machines_camel<S: serde::Serializer>(ms: &[Machine], s: S) -> Result<S::Ok, S
         image_digest: &m.image_digest,
         labels: &m.labels,
     }))
+}
+
+/// An unfinished upgrade in `-o json|yaml` (camelCase).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UpgradeDoc {
+    from: crate::state::PinnedImage,
+    to: crate::state::PinnedImage,
+    started_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped: Option<String>,
 }
 
 /// Kubernetes in `-o json|yaml` (camelCase).
@@ -280,6 +306,23 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
                 )?;
             }
             None => writeln!(out, "Kubernetes: not bootstrapped")?,
+        }
+        if let Some(i) = &view.node_image {
+            writeln!(out, "Image:     {}", i.version)?;
+        }
+        if let Some(u) = &view.upgrade {
+            writeln!(
+                out,
+                "Upgrade:   {} -> {} unfinished (since {}){}; `clusterctl upgrade {}` finishes it",
+                u.from.version,
+                u.to.version,
+                u.started_at,
+                u.stopped
+                    .as_ref()
+                    .map(|s| format!(", stopped: {s}"))
+                    .unwrap_or_default(),
+                view.name
+            )?;
         }
         if let Some(spec) = &view.spec_for_pools {
             writeln!(out)?;
