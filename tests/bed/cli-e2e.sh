@@ -795,7 +795,8 @@ phase_again() {
 # first plus the Debian package `less`, built by run-all's image stage), control plane first, one
 # machine at a time, while a client in the bed sends requests through a NodePort to the web
 # Deployment (2 replicas, a PodDisruptionBudget minAvailable 1) the whole time, like a load
-# balancer that tries the next node when one does not answer. etcd's data (a ConfigMap),
+# balancer that tries the next node when one does not answer. The upgrade is SIGKILLed while it
+# replaces the first worker's boot disk and finished by `clusterctl upgrade NAME`. etcd's data (a ConfigMap),
 # node names, addresses and pinned host keys survive; nothing is left cordoned; a re-run
 # replaces nothing. Then an upgrade made to fail on purpose (back to the first image with a
 # health gate of 5 s, which no boot meets) rolls its first node back by itself and stops, and
@@ -856,9 +857,25 @@ YAML
   json=$("$bin" -o json upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade -o json --dry-run failed"; }
   [ "$(jq -r '[.nodes[].name] | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0 $name-workers-1" ] \
     || { kill "$client_pid"; die "upgrade --dry-run order: $json"; }
-  waiting "clusterctl upgrade $name --node-image $v2 (3 machines, one at a time)"
+  waiting "clusterctl upgrade $name --node-image $v2, SIGKILLed while it replaces $name-workers-0"
   started=$SECONDS
-  json=$("$bin" -o json upgrade "$name" --node-image "$v2" --drain-timeout 900) || { kill "$client_pid"; die "clusterctl upgrade to $v2 failed"; }
+  "$bin" -o json upgrade "$name" --node-image "$v2" --drain-timeout 900 > "$work/upgrade-killed.json" 2> "$work/upgrade-killed.err" &
+  local upid=$! seen=
+  for _ in $(seq 1 1800); do
+    if grep -q "\"action\":\"replace-boot-disk\",\"target\":\"$name-workers-0\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl"; then seen=1; break; fi
+    kill -0 "$upid" 2> /dev/null || break
+    sleep 1
+  done
+  [ -n "$seen" ] || { kill "$client_pid"; cat "$work/upgrade-killed.err" >&2; die "upgrade never reached the boot-disk replacement of $name-workers-0"; }
+  sleep 3
+  kill -9 "$upid" 2> /dev/null || true; wait "$upid" 2> /dev/null || true
+  log "upgrade: SIGKILLed $((SECONDS - started)) s in, while replacing the boot disk of $name-workers-0"
+  jq -e --arg v "$v2" '.upgrade.to.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || { kill "$client_pid"; die "upgrade: the killed run left no unfinished upgrade in the record"; }
+  waiting "clusterctl upgrade $name (no image: finishes the unfinished upgrade)"
+  json=$("$bin" -o json upgrade "$name" --drain-timeout 900) || { kill "$client_pid"; die "clusterctl upgrade did not finish the killed upgrade to $v2"; }
+  jq -e --arg m "$name-cp-0" '.nodes[] | select(.name == $m) | .replace == false' <<< "$json" > /dev/null \
+    || { kill "$client_pid"; die "upgrade: the resumed run replaced $name-cp-0 again: $json"; }
   sleep 5
   kill "$client_pid" 2> /dev/null; wait "$client_pid" 2> /dev/null || true
   log "upgrade: took $((SECONDS - started)) s: $(jq -c '[.nodes[] | {name, seconds}]' <<< "$json")"

@@ -269,7 +269,17 @@ impl Run<'_> {
         let before = node_state(self.store, record, node).await.ok().flatten();
         let ours_before = cordoned_by_clusterctl(self.replay, node);
         if !step.replace {
-            // Replaced by an earlier, interrupted run: gate it and put it back in service.
+            // Replaced by an earlier, interrupted run: start it if that run was killed before it
+            // did (the replacement is idempotent: on the target, it only starts the machine),
+            // gate it and put it back in service.
+            let running = record
+                .machines
+                .iter()
+                .find(|m| m.name == node)
+                .is_some_and(|m| m.state == providers::MachineState::Running);
+            if !running {
+                self.replace(record, node, target).await?;
+            }
             let (n, _) = wait_for_node(self.store, record, node, None, self.request.node_timeout)
                 .await
                 .with_context(|| format!("node {node} boots the new image but is not healthy"))?;

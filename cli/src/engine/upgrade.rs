@@ -86,6 +86,10 @@ pub fn plan(
 
 /// Why an upgrade may not start. Pure: of the machines and nodes as observed, the target, and an
 /// unfinished upgrade.
+///
+/// Every machine must be running with its node Ready, except: a machine already on the target
+/// may still be booting (an interrupted run replaced it), and when an unfinished upgrade to the
+/// same target is resumed, one machine may be down (the one it was replacing when it was killed).
 pub fn preflight(
     machines: &[Machine],
     nodes: &[NodeState],
@@ -105,27 +109,32 @@ pub fn preflight(
     if machines.is_empty() {
         problems.push("the cluster has no machines".to_owned());
     }
+    let resuming = unfinished.is_some_and(|u| u.to.digest == to.digest);
+    let mut down = Vec::new();
     for m in machines {
+        let on_target = m.image_digest.as_deref() == Some(to.digest.as_str());
+        let node = nodes.iter().find(|n| n.name == m.name);
         if m.state != MachineState::Running {
-            problems.push(format!(
+            down.push(format!(
                 "machine {} is {:?}, not running: run `clusterctl create` for the cluster (or `clusterctl reset`) first",
                 m.name, m.state
             ));
+            continue;
         }
-        // A machine already on the target may be the one an interrupted run was replacing: it
-        // is gated again rather than refused.
-        let on_target = m.image_digest.as_deref() == Some(to.digest.as_str());
-        match nodes.iter().find(|n| n.name == m.name) {
+        match node {
             None => problems.push(format!(
                 "machine {} has no Kubernetes node: run `clusterctl create` for the cluster first",
                 m.name
             )),
-            Some(n) if !n.ready && !on_target => problems.push(format!(
+            Some(n) if !n.ready && !on_target => down.push(format!(
                 "node {} is not Ready: repair it (`clusterctl reset`) before upgrading",
                 m.name
             )),
             Some(_) => {}
         }
+    }
+    if !(resuming && down.len() <= 1) {
+        problems.extend(down);
     }
     problems
 }
