@@ -354,6 +354,14 @@ impl Run<'_> {
                         previous.version
                     ),
                 );
+                // The boot the rollback must replace: the failed one if its kubelet reported,
+                // else the one from before the upgrade (a stale Ready must not pass the gate).
+                let failed_boot = node_state(self.store, record, node)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|n| n.boot_id)
+                    .or_else(|| before_id.clone());
                 self.replace(record, node, &previous).await?;
                 // The old image is known to boot: it gets the full default time whatever the
                 // gate allowed the new one.
@@ -361,7 +369,7 @@ impl Run<'_> {
                     self.store,
                     record,
                     node,
-                    None,
+                    failed_boot.as_deref(),
                     self.request.node_timeout.max(DEFAULT_NODE_TIMEOUT),
                 )
                 .await;
