@@ -11,6 +11,13 @@
 //! tolerated: it is reported and cut off before the next append. It is safe to drop because the
 //! side effect of a record only starts after the record is completely written and flushed. Any
 //! other damage is an error naming the file and line; the journal is never reset silently.
+//!
+//! Compaction keeps it small for a command run every minute for years (a repair timer): when a
+//! run opens a journal of more than [`COMPACT_AT`] records, the journal is rewritten (atomically,
+//! under the cluster lock) with the records of the last [`KEEP_RUNS`] runs, every operation still
+//! in flight, and of everything older only the last completed operation of each (action,
+//! target) pair with its outcome: what readers of the history need (whether clusterctl's last
+//! word on a node was a cordon or an uncordon), in the original order and sequence numbers.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -26,10 +33,75 @@ use super::{StateError, Timestamp};
 /// File name of the journal inside a cluster directory.
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 
+/// A journal with more records than this is compacted when a run opens it.
+pub const COMPACT_AT: usize = 4000;
+
+/// How many of the latest runs compaction keeps whole.
+pub const KEEP_RUNS: usize = 50;
+
+/// The records compaction keeps, in their order: every record of the last `keep_runs` runs,
+/// in-flight intents, and for older records the last completed operation of each (action,
+/// target) with its outcome. Pure.
+pub fn compact(records: &[Record], keep_runs: usize) -> Vec<Record> {
+    use std::collections::{BTreeMap, HashMap};
+    // Runs in order of their first record.
+    let mut runs: Vec<&str> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for r in records {
+        if seen.insert(r.run.as_str()) {
+            runs.push(&r.run);
+        }
+    }
+    let recent: BTreeSet<&str> = runs.iter().rev().take(keep_runs).copied().collect();
+    // The first outcome record of each operation.
+    let mut outcome: HashMap<&str, usize> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let Event::Done { op } | Event::Failed { op, .. } | Event::Interrupted { op, .. } =
+            &r.event
+        {
+            outcome.entry(op).or_insert(i);
+        }
+    }
+    // The last completed operation per (action, target), by its intent's position.
+    let mut last: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let Event::Intent { op, action, target } = &r.event
+            && outcome.contains_key(op.as_str())
+        {
+            last.insert((action, target), i);
+        }
+    }
+    let mut keep = vec![false; records.len()];
+    for (i, r) in records.iter().enumerate() {
+        if recent.contains(r.run.as_str()) {
+            keep[i] = true;
+        }
+        if let Event::Intent { op, .. } = &r.event
+            && !outcome.contains_key(op.as_str())
+        {
+            keep[i] = true;
+        }
+    }
+    for &i in last.values() {
+        keep[i] = true;
+        if let Event::Intent { op, .. } = &records[i].event
+            && let Some(&o) = outcome.get(op.as_str())
+        {
+            keep[o] = true;
+        }
+    }
+    records
+        .iter()
+        .zip(keep)
+        .filter_map(|(r, k)| k.then(|| r.clone()))
+        .collect()
+}
+
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// Sequence number, increasing by one per record over the life of the journal.
+    /// Sequence number, increasing over the life of the journal (by one per record; compaction
+    /// leaves gaps).
     pub seq: u64,
     /// When the record was written.
     pub at: Timestamp,
@@ -209,7 +281,32 @@ impl Journal {
     /// off a torn tail, and appends a `run-started` record. Returns the journal and what it held
     /// before this run.
     pub fn open(path: &Path, command: &str) -> Result<(Journal, Replay), StateError> {
-        let replay = read(path)?;
+        let mut replay = read(path)?;
+        if replay.records.len() > COMPACT_AT {
+            let kept = compact(&replay.records, KEEP_RUNS);
+            let mut bytes = Vec::new();
+            for r in &kept {
+                serde_json::to_writer(&mut bytes, r).map_err(|e| StateError::Io {
+                    action: "encode journal record for",
+                    path: path.to_path_buf(),
+                    source: io::Error::other(e),
+                })?;
+                bytes.push(b'\n');
+            }
+            tracing::info!(
+                path = %path.display(),
+                before = replay.records.len(),
+                after = kept.len(),
+                "compacting the journal"
+            );
+            // Atomic: a crash leaves the old journal or the compacted one, never a mix.
+            fsio::write_atomic(path, &bytes, FILE_MODE)?;
+            replay = Replay {
+                records: kept,
+                torn_tail: None,
+                valid_len: bytes.len() as u64,
+            };
+        }
         // Append mode: every write goes to the end, whatever the file offset.
         let file = OpenOptions::new()
             .append(true)
@@ -344,6 +441,93 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_long_journal_is_compacted_keeping_recent_runs_in_flight_ops_and_each_last_word()
+    -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(JOURNAL_FILE);
+        // An old run leaves one op in flight and cordons a node for good.
+        let (mut j, _) = Journal::open(&path, "clusterctl upgrade")?;
+        let cordon = j.intent("cordon-node", "c1-w-0")?;
+        j.done(&cordon)?;
+        j.intent("replace-boot-disk", "c1-w-0")?;
+        drop(j);
+        // Then a year of a timer: many runs, each cordoning and uncordoning another node
+        // (written straight into the file: appending them one by one with fsync takes long).
+        let mut text = fs::read_to_string(&path)?;
+        let mut seq = read(&path)?.records.last().map_or(0, |r| r.seq);
+        let mut push = |run: &str, event: Event| -> anyhow::Result<()> {
+            seq += 1;
+            let r = Record {
+                seq,
+                at: Timestamp::now(),
+                run: run.to_owned(),
+                event,
+            };
+            text.push_str(&serde_json::to_string(&r)?);
+            text.push('\n');
+            Ok(())
+        };
+        for i in 0..COMPACT_AT / 5 + 10 {
+            let run = format!("r{i}");
+            push(
+                &run,
+                Event::RunStarted {
+                    pid: 1,
+                    command: "clusterctl repair".into(),
+                },
+            )?;
+            for (n, action) in ["cordon-node", "uncordon-node"].into_iter().enumerate() {
+                let op = format!("{run}.{n}");
+                push(
+                    &run,
+                    Event::Intent {
+                        op: op.clone(),
+                        action: action.into(),
+                        target: "c1-w-1".into(),
+                    },
+                )?;
+                push(&run, Event::Done { op })?;
+            }
+            push(&run, Event::RunFinished { ok: true })?;
+        }
+        fs::write(&path, text)?;
+        let before = read(&path)?;
+        let (j, replay) = Journal::open(&path, "clusterctl get")?;
+        drop(j);
+        let after = read(&path)?;
+        assert!(
+            after.records.len() < before.records.len() / 4,
+            "{} -> {} records",
+            before.records.len(),
+            after.records.len()
+        );
+        assert_eq!(replay.records.len() + 1, after.records.len());
+        // The in-flight op is still in flight; the old cordon of c1-w-0 is still its last word;
+        // c1-w-1's last word is its last uncordon.
+        let flying = after.in_flight();
+        assert_eq!(flying.len(), 1, "{flying:?}");
+        assert_eq!(flying[0].action, "replace-boot-disk");
+        let last = |target: &str| {
+            after
+                .records
+                .iter()
+                .filter_map(|r| match &r.event {
+                    Event::Intent {
+                        action, target: t, ..
+                    } if t == target && action.contains("cordon") => Some(action.clone()),
+                    _ => None,
+                })
+                .next_back()
+        };
+        assert_eq!(last("c1-w-0").as_deref(), Some("cordon-node"));
+        assert_eq!(last("c1-w-1").as_deref(), Some("uncordon-node"));
+        // Order and sequence numbers are kept; the file stays private.
+        assert!(after.records.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
+        Ok(())
+    }
 
     #[test]
     fn records_round_trip_and_in_flight_lists_intents_without_outcome() -> anyhow::Result<()> {
