@@ -18,7 +18,9 @@ pub mod seed;
 use std::path::{Path, PathBuf};
 
 pub use builder::{BuildOutcome, DEFAULT_PACKAGES, cmdline, input_hash};
-pub use manifest::{Artifact, Image, Manifest, Package, RootDisk, Verity};
+pub use manifest::{
+    Artifact, Image, Manifest, Package, PackageDiff, RootDisk, Verity, package_diff,
+};
 
 /// Default directory for built images.
 pub const DEFAULT_IMAGE_DIR: &str = "/var/cache/clusterctl/images";

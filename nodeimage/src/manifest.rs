@@ -99,6 +99,82 @@ pub struct Package {
     pub installed_size_kib: u64,
 }
 
+/// What changed in the package list from one image to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackageDiff {
+    /// Packages only in the second image.
+    pub added: Vec<PackageVersion>,
+    /// Packages only in the first image.
+    pub removed: Vec<PackageVersion>,
+    /// Packages in both with another version.
+    pub changed: Vec<PackageChange>,
+}
+
+/// A package at a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PackageVersion {
+    /// Package name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// A package whose version changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PackageChange {
+    /// Package name.
+    pub name: String,
+    /// Version in the first image.
+    pub from: String,
+    /// Version in the second image.
+    pub to: String,
+}
+
+impl PackageDiff {
+    /// Whether the package lists are the same.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The package changes from `from` to `to`, each list sorted by name. Pure.
+pub fn package_diff(from: &[Package], to: &[Package]) -> PackageDiff {
+    use std::collections::BTreeMap;
+    let a: BTreeMap<&str, &str> = from
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let b: BTreeMap<&str, &str> = to
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let mut d = PackageDiff::default();
+    for (name, v) in &b {
+        match a.get(name) {
+            None => d.added.push(PackageVersion {
+                name: (*name).to_owned(),
+                version: (*v).to_owned(),
+            }),
+            Some(old) if old != v => d.changed.push(PackageChange {
+                name: (*name).to_owned(),
+                from: (*old).to_owned(),
+                to: (*v).to_owned(),
+            }),
+            Some(_) => {}
+        }
+    }
+    for (name, v) in &a {
+        if !b.contains_key(name) {
+            d.removed.push(PackageVersion {
+                name: (*name).to_owned(),
+                version: (*v).to_owned(),
+            });
+        }
+    }
+    d
+}
+
 /// A loaded, verified image: where it is, its manifest and the manifest's digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
@@ -232,6 +308,42 @@ pub fn list(image_dir: &Path) -> Result<Vec<(PathBuf, Manifest, String)>, NodeIm
 
 #[cfg(test)]
 pub(crate) mod tests {
+
+    #[test]
+    fn package_diff_lists_added_removed_and_changed_by_name() {
+        let p = |n: &str, v: &str| Package {
+            name: n.into(),
+            version: v.into(),
+            installed_size_kib: 1,
+        };
+        let a = [
+            p("libc6", "2.36-9"),
+            p("openssl", "3.0.11"),
+            p("vim", "9.0"),
+        ];
+        let b = [
+            p("libc6", "2.36-9+deb12u1"),
+            p("less", "590"),
+            p("openssl", "3.0.11"),
+        ];
+        let d = package_diff(&a, &b);
+        let pv = |n: &str, v: &str| PackageVersion {
+            name: n.into(),
+            version: v.into(),
+        };
+        assert_eq!(d.added, [pv("less", "590")]);
+        assert_eq!(d.removed, [pv("vim", "9.0")]);
+        assert_eq!(
+            d.changed,
+            [PackageChange {
+                name: "libc6".into(),
+                from: "2.36-9".into(),
+                to: "2.36-9+deb12u1".into()
+            }]
+        );
+        assert!(package_diff(&a, &a).is_empty());
+    }
+
     use super::*;
 
     /// Writes a small but complete image directory (fake artifact contents) and returns its manifest.

@@ -852,7 +852,10 @@ YAML
   ) > "$client_log" &
   client_pid=$!
 
+  out=$("$bin" image diff "$version" "$v2") || { kill "$client_pid"; die "image diff failed: $out"; }
+  grep -qE '^less +added' <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "image diff does not show the package the second image adds"; }
   out=$("$bin" upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade --dry-run failed: $out"; }
+  grep -q "Packages: 1 added, 0 removed, 0 changed" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not summarize the package changes"; }
   grep -q "3 machine(s) to replace" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not plan 3 replacements"; }
   json=$("$bin" -o json upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade -o json --dry-run failed"; }
   [ "$(jq -r '[.nodes[].name] | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0 $name-workers-1" ] \

@@ -75,6 +75,8 @@ pub enum UpgradeOutcome {
         plan: UpgradePlan,
         /// (machine, blockers) for machines whose drain something blocks now.
         blockers: Vec<(String, Vec<String>)>,
+        /// What changes in the packages, when both images are built here.
+        packages: Option<nodeimage::PackageDiff>,
     },
     /// Every machine boots the target.
     Done {
@@ -137,7 +139,18 @@ pub fn upgrade(
     let plan = upgrade::plan(&machines, &pools, &pinned, &to);
     if request.dry_run {
         let blockers = rt.block_on(drain_blockers(store, &record, &plan))?;
-        return Ok(UpgradeOutcome::Planned { plan, blockers });
+        let packages = nodeimage::list(&image_dir).ok().and_then(|images| {
+            let find = |d: &str| images.iter().find(|i| i.digest == d);
+            Some(nodeimage::package_diff(
+                &find(&pinned.digest)?.manifest.packages,
+                &find(&to.digest)?.manifest.packages,
+            ))
+        });
+        return Ok(UpgradeOutcome::Planned {
+            plan,
+            blockers,
+            packages,
+        });
     }
 
     let guard = lock_cluster(store, name, request.wait_lock, report)?;

@@ -16,6 +16,20 @@ pub enum ImageCommand {
     Build(BuildArgs),
     /// List built node images.
     List(DirArgs),
+    /// Show what changed from one built image to another: packages added, removed, upgraded.
+    Diff(DiffArgs),
+}
+
+/// Options of `clusterctl image diff`.
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    /// Where images live.
+    #[command(flatten)]
+    pub dir: DirArgs,
+    /// The image upgraded from (a version `image list` shows).
+    pub from: String,
+    /// The image upgraded to.
+    pub to: String,
 }
 
 /// Where images live.
@@ -91,7 +105,68 @@ pub fn run(global: &Global, command: ImageCommand) -> anyhow::Result<()> {
     match command {
         ImageCommand::Build(args) => build(global, args),
         ImageCommand::List(args) => list(global.output, &args),
+        ImageCommand::Diff(args) => diff(global.output, &args),
     }
+}
+
+fn diff(format: Format, args: &DiffArgs) -> anyhow::Result<()> {
+    let images = nodeimage::list(&args.dir.image_dir)
+        .with_context(|| format!("listing node images in {}", args.dir.image_dir.display()))?;
+    let find = |v: &str| {
+        images.iter().find(|i| i.manifest.version == v).ok_or_else(|| {
+            anyhow::anyhow!(
+                "node image {v:?} is not built in {}; `clusterctl image list` shows the built ones",
+                args.dir.image_dir.display()
+            )
+        })
+    };
+    let (a, b) = (find(&args.from)?, find(&args.to)?);
+    let d = nodeimage::package_diff(&a.manifest.packages, &b.manifest.packages);
+    if format != Format::Table {
+        print!("{}", output::to_string(format, &d)?);
+        return Ok(());
+    }
+    if d.is_empty() {
+        println!(
+            "{} and {} have the same packages, same versions",
+            args.from, args.to
+        );
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    rows.extend(d.added.iter().map(|p| {
+        vec![
+            p.name.clone(),
+            "added".into(),
+            "-".into(),
+            p.version.clone(),
+        ]
+    }));
+    rows.extend(d.removed.iter().map(|p| {
+        vec![
+            p.name.clone(),
+            "removed".into(),
+            p.version.clone(),
+            "-".into(),
+        ]
+    }));
+    rows.extend(d.changed.iter().map(|c| {
+        vec![
+            c.name.clone(),
+            "changed".into(),
+            c.from.clone(),
+            c.to.clone(),
+        ]
+    }));
+    rows.sort();
+    print!(
+        "{}",
+        output::table(
+            &["PACKAGE", "CHANGE", args.from.as_str(), args.to.as_str()],
+            &rows
+        )
+    );
+    Ok(())
 }
 
 fn build(global: &Global, args: BuildArgs) -> anyhow::Result<()> {

@@ -45,6 +45,8 @@ struct OutcomeDoc<'a> {
     from: &'a str,
     to: &'a str,
     nodes: Vec<NodeDoc<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packages: Option<&'a nodeimage::PackageDiff>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -87,6 +89,10 @@ pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
 }
 
 fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow::Result<()> {
+    let packages = match outcome {
+        UpgradeOutcome::Planned { packages, .. } => packages.as_ref(),
+        UpgradeOutcome::Done { .. } => None,
+    };
     let (plan, dry_run) = match outcome {
         UpgradeOutcome::Planned { plan, .. } => (plan, true),
         UpgradeOutcome::Done { plan, .. } => (plan, false),
@@ -124,6 +130,7 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
             from: &plan.from.version,
             to: &plan.to.version,
             nodes,
+            packages,
         };
         output::print(&output::to_string(format, &doc)?)?;
         return Ok(());
@@ -135,6 +142,16 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
             plan.to.version,
             plan.replacements()
         );
+        if let Some(d) = packages {
+            println!(
+                "Packages: {} added, {} removed, {} changed (`clusterctl image diff {} {}` lists them).",
+                d.added.len(),
+                d.removed.len(),
+                d.changed.len(),
+                plan.from.version,
+                plan.to.version
+            );
+        }
     } else {
         println!(
             "Cluster {name:?} boots node image {} on every machine.",
