@@ -238,24 +238,24 @@ impl FakeProvider {
         name: &str,
         f: impl FnOnce(&mut FakeMachine) -> Result<(T, bool)>,
     ) -> Result<T> {
-        self.transact(format!("reading fake machine {name:?}"), |s| {
-            let m = s
-                .machines
-                .iter_mut()
-                .find(|m| m.name == name)
-                .ok_or_else(|| ProviderError::NotFound {
-                    kind: "machine",
-                    name: name.to_string(),
-                })?;
-            f(m)
-        })
+        self.find_machine(None, name, "reading", f)
     }
 
-    /// Runs `f` on this cluster's machine `name`: not found, or a name clash if another
-    /// cluster's machine has that name.
     fn with_own_machine<T>(
         &self,
         cluster: &ClusterRef,
+        name: &str,
+        operation: &str,
+        f: impl FnOnce(&mut FakeMachine) -> Result<(T, bool)>,
+    ) -> Result<T> {
+        self.find_machine(Some(cluster), name, operation, f)
+    }
+
+    /// Runs `f` on machine `name`: not found, or (with a cluster) a name clash if another
+    /// cluster's machine has that name.
+    fn find_machine<T>(
+        &self,
+        cluster: Option<&ClusterRef>,
         name: &str,
         operation: &str,
         f: impl FnOnce(&mut FakeMachine) -> Result<(T, bool)>,
@@ -269,7 +269,9 @@ impl FakeProvider {
                     kind: "machine",
                     name: name.to_string(),
                 })?;
-            if m.cluster_id() != Some(cluster.id.as_str()) {
+            if let Some(c) = cluster
+                && m.cluster_id() != Some(c.id.as_str())
+            {
                 return Err(ProviderError::NameClash {
                     kind: "machine",
                     name: name.to_string(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::{cluster_api, load_cluster, lock_cluster, open_journal, runtime};
+use super::{cluster_api, load_cluster, lock_cluster, open_action_journal, runtime};
 use crate::engine::Reporter;
 use crate::kube::drain::DrainSimulation;
 use crate::kube::drainer::{self, DrainError, DrainEvent, DrainOptions, DrainReport};
@@ -117,15 +117,8 @@ pub fn drain(
         });
     }
     let guard = lock_cluster(store, name, request.wait_lock, report)?;
-    let (journal, replay) = open_journal(&guard, report)?;
+    let (journal, replay) = open_action_journal(&guard, report)?;
     let journal = Mutex::new(journal);
-    for found in replay.in_flight() {
-        report.note(&format!(
-            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
-            found.action, found.target
-        ));
-        lock(&journal).interrupted(&found)?;
-    }
     let ours_before = cordoned_by_clusterctl(&replay, node);
     let result = rt.block_on(async {
         let api = cluster_api(store, &record).await?;
@@ -253,7 +246,7 @@ pub fn uncordon(
 ) -> anyhow::Result<bool> {
     let record = load_cluster(store, name)?;
     let guard = lock_cluster(store, name, wait_lock, report)?;
-    let (journal, _) = open_journal(&guard, report)?;
+    let (journal, _) = open_action_journal(&guard, report)?;
     let journal = Mutex::new(journal);
     let rt = runtime()?;
     let result = rt.block_on(async {

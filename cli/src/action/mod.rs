@@ -42,6 +42,24 @@ pub fn lock_cluster(
     Ok(guard)
 }
 
+/// Opens the journal for an action (not `create`/`delete`, whose engine re-checks in-flight
+/// operations against the provider), reports what an interrupted earlier run left in flight, and
+/// records it as interrupted: every action's steps are idempotent and re-observe the cluster.
+pub fn open_action_journal(
+    guard: &ClusterGuard,
+    report: Reporter,
+) -> anyhow::Result<(crate::state::Journal, Replay)> {
+    let (mut journal, replay) = open_journal(guard, report)?;
+    for found in replay.in_flight() {
+        report.note(&format!(
+            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
+            found.action, found.target
+        ));
+        journal.interrupted(&found)?;
+    }
+    Ok((journal, replay))
+}
+
 /// Opens the journal for this run and reports a torn record left by a crash.
 pub fn open_journal(
     guard: &ClusterGuard,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::{load_cluster, lock_cluster, node_state, open_journal, runtime, wait_for_node};
+use super::{load_cluster, lock_cluster, node_state, open_action_journal, runtime, wait_for_node};
 use crate::engine::Reporter;
 use crate::state::StateStore;
 
@@ -59,14 +59,7 @@ pub fn reset(
     let provider: std::sync::Arc<dyn providers::Provider> =
         std::sync::Arc::from(crate::provider::provider_for(&record.spec)?);
     let guard = lock_cluster(store, name, wait_lock, report)?;
-    let (mut journal, replay) = open_journal(&guard, report)?;
-    for found in replay.in_flight() {
-        report.note(&format!(
-            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
-            found.action, found.target
-        ));
-        journal.interrupted(&found)?;
-    }
+    let (mut journal, _) = open_action_journal(&guard, report)?;
     let rt = runtime()?;
     let result = rt.block_on(async {
         let before = node_state(store, &record, node).await.ok().flatten();

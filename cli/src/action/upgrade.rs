@@ -25,7 +25,8 @@ use providers::{ImageRef, Provider};
 
 use super::drain::{UNCORDON, cordon_and_drain, cordoned_by_clusterctl, journaled, lock};
 use super::{
-    cluster_api, load_cluster, lock_cluster, node_state, open_journal, runtime, wait_for_node,
+    cluster_api, load_cluster, lock_cluster, node_state, open_action_journal, runtime,
+    wait_for_node,
 };
 use crate::engine::Reporter;
 use crate::engine::upgrade::{self, NodeStep, UpgradePlan};
@@ -155,15 +156,8 @@ pub fn upgrade(
 
     let guard = lock_cluster(store, name, request.wait_lock, report)?;
     let mut record = guard.load()?.unwrap_or(record);
-    let (journal, replay) = open_journal(&guard, report)?;
+    let (journal, replay) = open_action_journal(&guard, report)?;
     let journal = Mutex::new(journal);
-    for found in replay.in_flight() {
-        report.note(&format!(
-            "an earlier run was interrupted while it was doing {} {}; going on from where the cluster is",
-            found.action, found.target
-        ));
-        lock(&journal).interrupted(&found)?;
-    }
     record.machines = machines.clone();
     let result = rt.block_on(async {
         let nodes = node_list(store, &record).await?;
