@@ -156,6 +156,21 @@ impl Fixture {
         })
     }
 
+    /// A fresh cluster for one check, deleted (with all it holds) when the guard is dropped.
+    fn isolated<'p>(
+        &self,
+        provider: &'p dyn Provider,
+        check: &'static str,
+        suffix: &str,
+    ) -> Result<(ClusterRef, Cleanup<'p>), ConformanceError> {
+        let cluster = self.cluster(check, suffix)?;
+        let cleanup = Cleanup {
+            provider,
+            clusters: vec![cluster.clone()],
+        };
+        Ok((cluster, cleanup))
+    }
+
     fn machine(&self, name: &str, role: MachineRole, pool: Option<&str>) -> MachineSpec {
         let mut m = self.template.clone();
         m.name = format!("{}-{name}", self.prefix);
@@ -273,11 +288,7 @@ fn expect_booting(check: &'static str, m: &Machine) -> Result<(), ConformanceErr
 /// are read back from the labels.
 pub fn ensure_is_idempotent(p: &dyn Provider, fx: &Fixture) -> Result<(), ConformanceError> {
     const C: &str = "ensure_is_idempotent";
-    let cluster = fx.cluster(C, "idem")?;
-    let _cleanup = Cleanup {
-        provider: p,
-        clusters: vec![cluster.clone()],
-    };
+    let (cluster, _cleanup) = fx.isolated(p, C, "idem")?;
     let spec = fx.machine("idem-w-0", MachineRole::Worker, Some("pool-a"));
     let first = call(C, "first ensure", p.ensure_machine(&cluster, &spec))?;
     expect_booting(C, &first)?;
@@ -381,11 +392,7 @@ pub fn list_finds_only_this_clusters_machines(
 /// Deleting a machine removes it; deleting it again, or a machine that never existed, succeeds.
 pub fn delete_is_idempotent(p: &dyn Provider, fx: &Fixture) -> Result<(), ConformanceError> {
     const C: &str = "delete_is_idempotent";
-    let cluster = fx.cluster(C, "del")?;
-    let _cleanup = Cleanup {
-        provider: p,
-        clusters: vec![cluster.clone()],
-    };
+    let (cluster, _cleanup) = fx.isolated(p, C, "del")?;
     let keep = fx.machine("del-cp-0", MachineRole::ControlPlane, None);
     let gone = fx.machine("del-w-0", MachineRole::Worker, Some("w"));
     call(C, "ensure", p.ensure_machine(&cluster, &keep))?;
@@ -632,11 +639,7 @@ pub fn running_machines_have_addresses_labels_and_a_failure_domain(
     fx: &Fixture,
 ) -> Result<(), ConformanceError> {
     const C: &str = "running_machines_have_addresses_labels_and_a_failure_domain";
-    let cluster = fx.cluster(C, "addr")?;
-    let _cleanup = Cleanup {
-        provider: p,
-        clusters: vec![cluster.clone()],
-    };
+    let (cluster, _cleanup) = fx.isolated(p, C, "addr")?;
     let mut spec = fx.machine("addr-w-0", MachineRole::Worker, Some("w"));
     let extra = BTreeMap::from([
         ("example.com/team".to_string(), "blue".to_string()),
@@ -697,11 +700,7 @@ pub fn running_machines_have_addresses_labels_and_a_failure_domain(
 /// distinct addresses.
 pub fn parallel_ensures(p: &dyn Provider, fx: &Fixture) -> Result<(), ConformanceError> {
     const C: &str = "parallel_ensures";
-    let cluster = fx.cluster(C, "par")?;
-    let _cleanup = Cleanup {
-        provider: p,
-        clusters: vec![cluster.clone()],
-    };
+    let (cluster, _cleanup) = fx.isolated(p, C, "par")?;
     let specs: Vec<MachineSpec> = (0..3)
         .map(|i| fx.machine(&format!("par-w-{i}"), MachineRole::Worker, Some("w")))
         .collect();
@@ -757,11 +756,7 @@ pub fn stop_and_ensure_starts_a_stopped_machine(
     fx: &Fixture,
 ) -> Result<(), ConformanceError> {
     const C: &str = "stop_and_ensure_starts_a_stopped_machine";
-    let cluster = fx.cluster(C, "stop")?;
-    let _cleanup = Cleanup {
-        provider: p,
-        clusters: vec![cluster.clone()],
-    };
+    let (cluster, _cleanup) = fx.isolated(p, C, "stop")?;
     let spec = fx.machine("stop-w-0", MachineRole::Worker, Some("w"));
     let first = call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
     let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, 1)?;
@@ -806,11 +801,7 @@ pub fn stop_and_ensure_starts_a_stopped_machine(
 /// stopped one, and names a missing one as not found.
 pub fn reset_reboots(p: &dyn Provider, fx: &Fixture) -> Result<(), ConformanceError> {
     const C: &str = "reset_reboots";
-    let cluster = fx.cluster(C, "rst")?;
-    let _cleanup = Cleanup {
-        provider: p,
-        clusters: vec![cluster.clone()],
-    };
+    let (cluster, _cleanup) = fx.isolated(p, C, "rst")?;
     let spec = fx.machine("rst-w-0", MachineRole::Worker, Some("w"));
     let first = call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
     let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, 1)?;
