@@ -893,7 +893,7 @@ YAML
     jq -e --arg m "$m" --arg d "$v2digest" '.machines[] | select(.name == $m) | .image_digest == $d' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
       || die "upgrade: the state says $m does not boot $v2"
     $virsh dumpxml "$m" | grep -q "image-digest=[\"']$v2digest[\"']" || die "upgrade: libvirt's domain $m is not labelled with $v2digest"
-    "$bin" ssh "$name" "$m" -- dpkg-query -W less > /dev/null || die "upgrade: $m does not run the new image (no package less)"
+    "$bin" ssh "$name" "$m" -- test -x /usr/bin/less || die "upgrade: $m does not run the new image (no /usr/bin/less, from the package it adds)"
   done
   after_ids=$(k get nodes -o json | jq -r '[.items[] | "\(.metadata.name)=\(.status.nodeInfo.bootID)"] | sort | join(" ")')
   for m in $machines; do
