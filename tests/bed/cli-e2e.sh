@@ -13,10 +13,11 @@
 #                          `clusterctl image build` prints for this checkout (built, or reused from
 #                          $CLUSTERCTL_IMAGE_DIR or /var/cache/clusterctl/images)
 #   CLUSTERCTL_BUNDLE_DIR  Kubernetes bundle (tests/bed/build-k8s-bundle.sh builds or reuses one)
+#   CLUSTERCTL_READINESS_POLL  the built `readiness_poll` example (phase bench-readiness only)
 #   CLUSTERCTL_TEST_IMAGE_V2  a second node image in the same directory (phase upgrade); run-all.sh
 #                          builds it with `clusterctl image build --add-package less`
 #   CLUSTERCTL_E2E_PHASES  which phases to run, in this order, all on ONE cluster (default: all but
-#                          `bench`; CI runs the default). Later issues add their phases here.
+#                          `bench` and `bench-readiness`; CI runs the default). Later issues add their phases here.
 #   CLUSTERCTL_E2E_WORK    work directory (state, kubeconfig, logs) to use and keep; with it, a
 #                          local run can `create` once (CLUSTERCTL_E2E_PHASES=create) and then run
 #                          any later phase again against the same cluster (phases without `delete`
@@ -927,6 +928,34 @@ YAML
   [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap is gone after the rollback"
   k delete service web-np > /dev/null; k delete pdb web > /dev/null; k delete configmap upgrade-witness > /dev/null
   log "upgrade: every machine boots $v2 with its data, names, addresses and keys; a failed gate rolled back by itself"
+}
+
+# Benchmark (not in CI's list; figures, not assertions): CPU time the control-plane VM spends per
+# minute of readiness polling every 2 s, three windows in one run on one cluster: idle, the
+# way clusterctl polled before the API client (`kubectl get --raw /readyz` and `kubectl get nodes
+# -o json` run over SSH on the control plane, with its admin kubeconfig), and the API client
+# (`cargo run --example readiness_poll`: /readyz and the node list through the pinned SSH
+# tunnel). CPU time is libvirt's `cpu.time` of the domain (every vCPU, as the host sees it).
+phase_bench_readiness() {
+  local cp=$name-cp-0 poller=${CLUSTERCTL_READINESS_POLL:-} t0 t1 idle kubectl_ns api_ns end polls
+  [ -x "$poller" ] || die "bench-readiness: CLUSTERCTL_READINESS_POLL must name the built readiness_poll example"
+  cpu_ns() { $virsh domstats --cpu-total "$cp" | sed -n 's/.*cpu.time=//p'; }
+  waiting "bench-readiness: 60 s idle"
+  t0=$(cpu_ns); sleep 60; t1=$(cpu_ns); idle=$((t1 - t0))
+  waiting "bench-readiness: 60 s of kubectl over SSH every 2 s"
+  t0=$(cpu_ns); end=$((SECONDS + 60)); polls=0
+  while [ "$SECONDS" -lt "$end" ]; do
+    "$bin" ssh "$name" "$cp" -- "sudo -n /var/lib/clusterctl/bin/kubectl --kubeconfig /var/lib/clusterctl/kubernetes/admin.conf get --raw /readyz > /dev/null && sudo -n /var/lib/clusterctl/bin/kubectl --kubeconfig /var/lib/clusterctl/kubernetes/admin.conf get nodes -o json > /dev/null" || true
+    polls=$((polls + 1)); sleep 2
+  done
+  t1=$(cpu_ns); kubectl_ns=$((t1 - t0))
+  log "bench-readiness: kubectl over SSH: $polls polls"
+  waiting "bench-readiness: 60 s of the API client every 2 s"
+  t0=$(cpu_ns)
+  log "bench-readiness: API client: $("$poller" "$name" 60 2000)"
+  t1=$(cpu_ns); api_ns=$((t1 - t0))
+  log "bench-readiness: control-plane CPU per minute: idle $((idle / 1000000)) ms, kubectl over SSH $((kubectl_ns / 1000000)) ms, API client $((api_ns / 1000000)) ms"
+  log "bench-readiness: above idle: kubectl over SSH $(((kubectl_ns - idle) / 1000000)) ms, API client $(((api_ns - idle) / 1000000)) ms, ratio $(awk -v k="$((kubectl_ns - idle))" -v a="$((api_ns - idle))" 'BEGIN { if (a > 0) printf "%.1fx", k / a; else print "n/a (API client at or below idle)" }')"
 }
 
 # `clusterctl reset`: a hard power-cycle of a worker through the provider (virDomainReset), no
