@@ -803,7 +803,7 @@ phase_again() {
 # health gate of 5 s, which no boot meets) rolls its first node back by itself and stops, and
 # `upgrade --node-image <first>` finishes that rollback.
 phase_upgrade() {
-  local v2dir=${CLUSTERCTL_TEST_IMAGE_V2:-} v2 v2digest err out json m ips before_ids after_ids
+  local v2dir=${CLUSTERCTL_TEST_IMAGE_V2:-} v2 v2digest err out json m ips before_ids after_ids xml
   local client_pid client_log=$work/upgrade-client.log served failed retried started
   [ -n "$v2dir" ] && [ -f "$v2dir/manifest.json" ] || die "upgrade: CLUSTERCTL_TEST_IMAGE_V2 must name a second node image (run-all.sh's image stage builds it)"
   [ "$(dirname "$v2dir")" = "$CLUSTERCTL_IMAGE_DIR" ] || die "upgrade: the second image must be in $CLUSTERCTL_IMAGE_DIR"
@@ -893,7 +893,8 @@ YAML
   for m in $machines; do
     jq -e --arg m "$m" --arg d "$v2digest" '.machines[] | select(.name == $m) | .image_digest == $d' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
       || die "upgrade: the state says $m does not boot $v2"
-    $virsh dumpxml "$m" | grep -q "image-digest=[\"']$v2digest[\"']" || die "upgrade: libvirt's domain $m is not labelled with $v2digest"
+    xml=$($virsh dumpxml "$m")
+    grep -q "image-digest=[\"']$v2digest[\"']" <<< "$xml" || die "upgrade: libvirt's domain $m is not labelled with $v2digest"
     "$bin" ssh "$name" "$m" -- test -x /usr/bin/less || die "upgrade: $m does not run the new image (no /usr/bin/less, from the package it adds)"
   done
   after_ids=$(k get nodes -o json | jq -r '[.items[] | "\(.metadata.name)=\(.status.nodeInfo.bootID)"] | sort | join(" ")')
