@@ -44,7 +44,9 @@
 #   custom-resources  a CRD whose objects are nested maps: objects written, listed, patched and
 #                     watched through the real API server, which keeps running (no restart)
 #   reboot            a worker rebooted comes back by itself (units and /etc restored from its
-#                     data disk) and its pod serves again
+#                     data disk) and its pod serves again. Not in the default list: `upgrade`
+#                     shuts every machine down cleanly and boots it with its data disk (a new
+#                     image, units and /etc restored, pods back), and `reset` hard-resets one
 #   reset             `clusterctl reset` of a worker: a hard power-cycle through the provider;
 #                     the command returns when the kubelet reports a new boot ID (checked with
 #                     kubectl and the node's boot counter), journaled; an unknown node is refused
@@ -110,7 +112,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reboot reset again upgrade drain unreachable scale-down delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reset again upgrade drain unreachable scale-down delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"

@@ -363,12 +363,17 @@ impl Run<'_> {
                 );
                 // The boot the rollback must replace: the failed one if its kubelet reported,
                 // else the one from before the upgrade (a stale Ready must not pass the gate).
-                let failed_boot = node_state(self.store, record, node)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|n| n.boot_id)
-                    .or_else(|| before_id.clone());
+                // (Asked briefly: the API is often down with the failed control plane.)
+                let failed_boot = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    node_state(self.store, record, node),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+                .map(|n| n.boot_id)
+                .or_else(|| before_id.clone());
                 self.replace(record, node, &previous).await?;
                 // The old image is known to boot: it gets the full default time whatever the
                 // gate allowed the new one.
