@@ -123,7 +123,7 @@ export -f bundle_dir test_image test_image_v2 stage_bundle stage_k8s stage_image
 run_stage packages 240 "host packages" ./tests/bed/install-host-packages.sh
 run_stage cargo 870 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
   cargo test --workspace --locked
-run_stage bundle 400 "Kubernetes test bundle (cached by input checksum; cold 5-18 min, warm 1 s)" stage_bundle
+run_stage bundle 400 "Kubernetes test bundle (cached by input checksum; cold ~5 min, warm 1 s)" stage_bundle
 run_stage k8s 120 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
 run_stage image 300 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 100 "node image booted once under QEMU TCG" stage_boot
