@@ -237,6 +237,16 @@ pub fn built_image(version: &str, image_dir: &Path) -> Result<ImageRef, ImageErr
     })
 }
 
+/// A built node image by manifest digest (to roll a machine back to what it booted), verified;
+/// `None` if no built image has that digest.
+pub fn built_image_by_digest(digest: &str, image_dir: &Path) -> Option<ImageRef> {
+    let images = nodeimage::list(image_dir).ok()?;
+    let version = &images.iter().find(|i| i.digest == digest)?.manifest.version;
+    load_version(&images, version, image_dir)
+        .ok()
+        .filter(|i| i.digest == digest)
+}
+
 fn load_version(
     images: &[nodeimage::Image],
     version: &str,

@@ -303,7 +303,7 @@ impl Run<'_> {
         let previous = step
             .current_digest
             .as_deref()
-            .and_then(|d| self.image_by_digest(d));
+            .and_then(|d| crate::provider::built_image_by_digest(d, self.image_dir));
         let Some(previous) = previous else {
             bail!(
                 "node {node} boots an image (digest {}) that is not built in {}, so it could not be rolled back if the new one failed: build it again, or `clusterctl reset` the node",
@@ -456,14 +456,6 @@ impl Run<'_> {
         r.with_context(|| format!("uncordoning node {node}; run `clusterctl uncordon` for it"))?;
         self.report.machine(node, "uncordoned");
         Ok(())
-    }
-
-    fn image_by_digest(&self, digest: &str) -> Option<ImageRef> {
-        let images = nodeimage::list(self.image_dir).ok()?;
-        let found = images.iter().find(|i| i.digest == digest)?;
-        crate::provider::built_image(&found.manifest.version, self.image_dir)
-            .ok()
-            .filter(|i| i.digest == digest)
     }
 }
 

@@ -35,7 +35,8 @@ fn refusal(path: impl Into<String>, message: String, hint: &str) -> Refusal {
 
 const RECREATE: &str =
     "keep the stored value, or delete the cluster and create it again with the new one";
-const UPGRADE: &str = "keep the stored value: `clusterctl upgrade` (not implemented yet) will change it; a new pool with another name can have another size";
+const RESIZE: &str = "keep the stored size: no command resizes machines yet (`clusterctl upgrade` rolls out node images only); a new pool with another name can have another size";
+const VERSION: &str = "keep the stored value: Kubernetes version upgrades are not implemented yet (`clusterctl upgrade` rolls out node images only)";
 
 /// The changes from `stored` to `new` that a re-apply refuses, in spec order. Pure.
 pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
@@ -110,7 +111,7 @@ pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
                 show(&ks.version),
                 show(&kn.version)
             ),
-            UPGRADE,
+            VERSION,
         ));
     }
     if ks.channel != kn.channel {
@@ -166,8 +167,9 @@ pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
     if s.control_plane.machine != n.control_plane.machine {
         out.push(refusal(
             "spec.controlPlane.machine",
-            "cannot change the size of existing control-plane machines: it needs their replacement".to_owned(),
-            "keep the stored size: `clusterctl upgrade` (not implemented yet) will replace machines",
+            "cannot change the size of existing control-plane machines: it needs their replacement"
+                .to_owned(),
+            RESIZE,
         ));
     }
     for (i, pool) in n.node_pools.iter().enumerate() {
@@ -180,7 +182,7 @@ pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
                     "cannot change the size of the machines of node pool {:?}: it needs their replacement",
                     pool.name
                 ),
-                UPGRADE,
+                RESIZE,
             ));
         }
     }
