@@ -209,14 +209,21 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
     let bed = Bed::new()?;
     let path = bed.spec("    version: \"1.20.2\"\n")?;
     let text = fs::read_to_string(&path)?;
-    fs::write(&path, format!("{text}  autoRepair:\n    enabled: true\n"))?;
+    fs::write(
+        &path,
+        format!(
+            "{text}  access:\n    bindings:\n      - members: [\"user:alice\"]\n        role: viewer\n"
+        ),
+    )?;
     let file = path.to_str().unwrap_or_default();
     for cmd in ["plan", "create"] {
         let out = bed.run(&[cmd, "-f", file])?;
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(
-            err.contains("cluster.yaml:15:14: spec.autoRepair.enabled: automatic repair is not implemented yet"),
+            err.contains(
+                "cluster.yaml:16:7: spec.access.bindings: access bindings are not implemented yet"
+            ),
             "{cmd}: {err}"
         );
         assert!(!err.contains("==> Creating machines"), "{err}");
@@ -224,7 +231,7 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
     bed.assert_nothing_made()?;
 
     // Off is honest: the same spec with enabled: false is planned.
-    fs::write(&path, format!("{text}  autoRepair:\n    enabled: false\n"))?;
+    fs::write(&path, format!("{text}  access:\n    bindings: []\n"))?;
     let out = bed.run(&["plan", "-f", file])?;
     assert!(out.status.success(), "{}", stderr(&out));
     Ok(())

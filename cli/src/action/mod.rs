@@ -5,6 +5,7 @@
 //! `create` and `delete` still orchestrate from `cmd/` (moving them here is part of issue 9's
 //! layering work); [`drain`] is the first action written this way.
 
+pub mod create;
 pub mod drain;
 pub mod reset;
 pub mod upgrade;

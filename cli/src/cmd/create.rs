@@ -1,29 +1,16 @@
-//! `clusterctl create -f FILE [--wait]`: provisions the cluster's machines.
-//!
-//! Takes the cluster lock, creates or loads the state record (the cluster ID is generated and
-//! saved before any side effect, so everything a provider creates can be found again), plans
-//! against the provider's inventory and applies the machine steps, then bootstraps Kubernetes on
-//! the machines over SSH (`engine::bootstrap`). The Kubernetes artifacts are resolved and every
-//! file's checksum verified before anything is created. Re-running it after a failure or a kill
-//! resumes; on a complete cluster it changes nothing. The fake provider boots nothing, so with it
-//! `create` stops at machines and says so.
+//! `clusterctl create -f FILE [--wait]`: provisions the cluster's machines and bootstraps
+//! Kubernetes (`action::create`), then writes the kubeconfig context and prints the outcome.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use super::Global;
-use crate::engine::access::{self, SshAccess};
-use crate::engine::artifacts::{self, Artifacts};
-use crate::engine::bootstrap::{self, BootstrapContext};
-use crate::engine::{self, ApplyContext, Env, MachineTemplate, Reporter};
-use crate::provider;
-use crate::spec;
-use crate::state::{ClusterGuard, ClusterRecord, ClusterStatus, StateStore, Timestamp};
+use crate::action::create::CreateOptions;
+use crate::engine::{Reporter, access};
+use crate::state::{ClusterStatus, StateStore};
 
-/// Most provider calls in flight at once.
-pub const CONCURRENCY: usize = 4;
+pub(crate) use crate::action::create::load_spec;
 
 /// Arguments of `clusterctl create`.
 #[derive(Debug, clap::Args)]
@@ -44,249 +31,20 @@ pub struct CreateArgs {
     pub drain_timeout: u64,
 }
 
-/// Loads and validates a spec and makes its provider paths absolute.
-pub(crate) fn load_spec(file: &Path) -> anyhow::Result<spec::Cluster> {
-    let mut spec = spec::load(file)?;
-    provider::absolutize_paths(&mut spec, file);
-    Ok(spec)
-}
-
-pub(crate) use crate::action::{lock_cluster, open_journal, runtime};
-
-/// Checks that an existing cluster is not half deleted (what the spec may change is
-/// [`spec::changes::check_reapply`]'s).
-fn check_existing(record: &ClusterRecord) -> anyhow::Result<()> {
-    if record.status == ClusterStatus::Deleting {
-        bail!(
-            "cluster {:?} is being deleted (an earlier `clusterctl delete` did not finish); run `clusterctl delete {}` to finish, then create it again",
-            record.name,
-            record.name
-        );
-    }
-    Ok(())
-}
-
 /// Runs `clusterctl create`.
 pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
     let report = Reporter {
         quiet: global.quiet,
         fancy: crate::output::fancy_progress(global.quiet, global.output),
     };
-    let spec = load_spec(&args.file)?;
-    let name = spec.metadata.name.clone();
-    // Everything that can fail without touching anything comes first, so that a provider that is
-    // not available leaves no state behind.
-    let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
-    let image_dir = nodeimage::default_image_dir();
     let store = StateStore::resolve(global.state_dir.as_deref())?;
-    // An existing cluster's machines boot the image pinned in its record (read without the lock:
-    // it is read again under the lock below, and only an upgrade changes it).
-    let pinned = store.load(&name)?.and_then(|r| r.node_image);
-    let image = provider::node_image(&spec, pinned.as_ref(), &image_dir)?;
-    let boots = !matches!(spec.spec.provider, spec::Provider::Fake(_));
-    let rt = runtime()?;
-    // Kubernetes artifacts: the version is checked and every file verified (downloaded first for
-    // `upstream`) before any machine exists, so a bad bundle installs nothing.
-    // A local bundle is verified with every provider, so a bad one is refused the same way.
-    let verify = boots
-        || matches!(
-            spec.spec.kubernetes.artifacts,
-            spec::ArtifactSource::Bundle(_)
-        );
-    let artifacts: Option<Arc<Artifacts>> = if verify {
-        report.phase("Verifying Kubernetes artifacts");
-        let started = std::time::Instant::now();
-        let a = rt
-            .block_on(artifacts::resolve(&spec, &download_dir()?))
-            .with_context(|| {
-                format!(
-                    "checking the Kubernetes artifacts of {}",
-                    args.file.display()
-                )
-            })?;
-        report.note(&format!(
-            "Kubernetes {} (etcd {}) from {}: {} binaries and {} image(s) verified in {:.1} s",
-            a.version,
-            a.etcd_version,
-            a.origin,
-            a.binaries.len(),
-            a.images.len(),
-            started.elapsed().as_secs_f64()
-        ));
-        boots.then(|| Arc::new(a))
-    } else {
-        artifacts::check_spec(&spec)
-            .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
-        None
+    let opts = CreateOptions {
+        wait_lock: args.wait,
+        ssh_timeout: std::time::Duration::from_secs(args.ssh_timeout),
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
     };
-    let guard = lock_cluster(&store, &name, args.wait, report)?;
-
-    let mut record = match guard.load()? {
-        Some(mut r) => {
-            check_existing(&r)?;
-            spec::changes::check_reapply(&args.file, &r.spec, &spec)?;
-            report.note(&format!(
-                "cluster {name:?} exists (id {}, {}); resuming",
-                r.id, r.status
-            ));
-            r.spec = spec.clone();
-            r.status = resumed_status(r.status);
-            r
-        }
-        None => {
-            let r = ClusterRecord::new(&name, spec.clone())?;
-            report.note(&format!("new cluster {name:?} (id {})", r.id));
-            r
-        }
-    };
-    if record.node_image.as_ref().map(|p| &p.digest) != Some(&image.digest) {
-        if let Some(p) = &record.node_image {
-            bail!(
-                "the node image {:?} of cluster {name:?} changed while this command waited for the lock (an upgrade ran); run the command again",
-                p.version
-            );
-        }
-        record.node_image = Some(crate::state::PinnedImage {
-            version: image.version.clone(),
-            digest: image.digest.clone(),
-        });
-    }
-    if let Some(u) = &record.upgrade {
-        bail!(
-            "cluster {name:?} has an unfinished node-image upgrade ({} -> {}); run `clusterctl upgrade {name}` to finish or roll it back first",
-            u.from.version,
-            u.to.version
-        );
-    }
-    // The record, with the cluster ID, is durable before the first side effect.
-    guard.save(&mut record)?;
-
-    let desired_names: Vec<String> = engine::desired_machines(&spec)
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
-    let cluster = record.cluster_ref();
-    let labels = spec.metadata.labels.clone().into_iter().collect();
-    let (template, ssh) = if matches!(spec.spec.provider, spec::Provider::Fake(_)) {
-        // The fake provider boots nothing: no keys, nothing to log in to.
-        let template = MachineTemplate {
-            image,
-            user_data: Arc::new(|m: &engine::DesiredMachine| {
-                Ok(format!("#cloud-config\nhostname: {}\n", m.name))
-            }),
-            labels,
-        };
-        (template, None)
-    } else {
-        let identity = rt.block_on(access::client_identity(
-            &spec.spec.ssh,
-            &store,
-            &name,
-            Some(&guard),
-        ))?;
-        // Host keys are generated (or the stored ones reused) and pinned in the record before
-        // any machine that holds them is created.
-        let host_keys = access::ensure_host_keys(&guard, &mut record, &desired_names)?;
-        guard.save(&mut record)?;
-        let for_seed = identity.clone();
-        let seed_cluster = cluster.clone();
-        let template = MachineTemplate {
-            image,
-            user_data: Arc::new(move |m: &engine::DesiredMachine| {
-                let key = host_keys
-                    .get(&m.name)
-                    .ok_or_else(|| "no host key was prepared for it".to_owned())?;
-                access::render_user_data(&seed_cluster, &m.name, &for_seed, key)
-                    .map_err(|e| engine::apply::error_chain(&e))
-            }),
-            labels,
-        };
-        let ssh = SshAccess {
-            identity,
-            host_keys: record.ssh_host_keys.clone(),
-            timeout: std::time::Duration::from_secs(args.ssh_timeout),
-        };
-        (template, Some(ssh))
-    };
-
-    let (journal, replay) = open_journal(&guard, report)?;
-    let journal = Arc::new(Mutex::new(journal));
-    // A cluster that runs Kubernetes: machines it deletes (a smaller pool) are drained first
-    // and their Node objects removed, through the API client.
-    let nodes: Option<Arc<dyn engine::apply::NodeRemoval>> = if record.kubernetes.is_some() {
-        let api = rt
-            .block_on(crate::action::cluster_api(&store, &record))
-            .with_context(|| format!("preparing the API client of cluster {name:?}"))?;
-        Some(Arc::new(crate::action::drain::ApiNodeRemoval::new(
-            api,
-            journal.clone(),
-            replay.clone(),
-            crate::kube::drainer::DrainOptions {
-                timeout: std::time::Duration::from_secs(args.drain_timeout),
-                ..Default::default()
-            },
-            report,
-        )))
-    } else {
-        None
-    };
-    let mut ctx = ApplyContext {
-        env: Env {
-            cluster: record.cluster_ref(),
-            provider,
-            journal: journal.clone(),
-            concurrency: CONCURRENCY,
-            report,
-        },
-        desired: spec,
-        template,
-        interrupted: replay.in_flight(),
-        observed: Vec::new(),
-        plan: None,
-        ssh,
-        ssh_ready: Default::default(),
-        nodes,
-    };
-    let result = rt.block_on(engine::run_phases(
-        &mut ctx,
-        report,
-        &engine::apply::provision_phases(),
-    ));
-
-    // Whatever happened, remember what was last observed.
-    if ctx.plan.is_some() {
-        record.machines = ctx.observed.clone();
-        record.observed_at = Some(Timestamp::now());
-    }
-    let mut result = result.map_err(anyhow::Error::new);
-    if result.is_ok() {
-        record.status = ClusterStatus::Provisioned;
-        // Keys of machines that are gone and not wanted are of no use any more.
-        let mut keep = desired_names.clone();
-        keep.extend(record.machines.iter().map(|m| m.name.clone()));
-        access::prune_host_keys(&guard, &mut record, &keep)?;
-        guard.save(&mut record)?;
-    }
-    if result.is_ok()
-        && let (Some(artifacts), Some(access)) = (artifacts, ctx.ssh.clone())
-    {
-        result = bootstrap_kubernetes(&rt, &ctx, &guard, &mut record, artifacts, access, report);
-    }
-    let saved = guard.save(&mut record);
-    let finished = journal
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .finish(result.is_ok() && saved.is_ok());
-    if let Err(e) = result {
-        return Err(e).with_context(|| {
-            format!(
-                "creating cluster {name:?} stopped; run `clusterctl create -f {}` again to resume (finished steps are not redone)",
-                args.file.display()
-            )
-        });
-    }
-    saved?;
-    finished?;
+    let record = crate::action::create::create(&store, &args.file, opts, report)?;
+    let name = record.name.as_str();
     if record.status == ClusterStatus::Running {
         // Like `gcloud container clusters create`: kubectl is configured for the new cluster.
         let path = crate::kubeconfig::default_path()?;
@@ -323,95 +81,4 @@ pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Where `upstream` artifacts are downloaded and kept: `$XDG_CACHE_HOME/clusterctl/kubernetes`
-/// or `~/.cache/clusterctl/kubernetes`.
-fn download_dir() -> anyhow::Result<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let home = std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| anyhow::anyhow!("neither XDG_CACHE_HOME nor HOME is set; set one so clusterctl can keep downloaded Kubernetes releases"))?;
-            PathBuf::from(home).join(".cache")
-        }
-    };
-    Ok(base.join("clusterctl").join("kubernetes"))
-}
-
-/// Runs the bootstrap phases on the provisioned machines and records the outcome.
-fn bootstrap_kubernetes(
-    rt: &tokio::runtime::Runtime,
-    ctx: &ApplyContext,
-    guard: &ClusterGuard,
-    record: &mut ClusterRecord,
-    artifacts: Arc<Artifacts>,
-    access: SshAccess,
-    report: Reporter,
-) -> anyhow::Result<()> {
-    let machines = bootstrap::boot_machines(&ctx.desired, &ctx.observed)?;
-    let pins: Vec<(crate::ssh::Endpoint, String)> = machines
-        .iter()
-        .filter_map(|m| {
-            access.host_keys.get(&m.name).map(|k| {
-                (
-                    crate::ssh::Endpoint::new(m.ip.to_string(), access::SSH_PORT),
-                    k.clone(),
-                )
-            })
-        })
-        .collect();
-    let retry = crate::ssh::RetryPolicy::for_up_to(std::time::Duration::from_secs(60));
-    let client = access::pinned_client(&access.identity, &pins, retry)?;
-    let mut bctx = BootstrapContext::new(
-        report,
-        CONCURRENCY,
-        ctx.desired.clone(),
-        artifacts,
-        machines,
-        guard.dir().join(crate::kubeconfig::PKI_DIR),
-        record.pod_cidr_indexes.clone(),
-        client,
-        access.identity.user.clone(),
-    );
-    let result = rt.block_on(engine::run_phases(
-        &mut bctx,
-        report,
-        &bootstrap::bootstrap_phases(),
-    ));
-    record.pod_cidr_indexes = bctx.pod_cidr_indexes.clone();
-    if let Some(status) = bctx.status.take() {
-        record.kubernetes = Some(status);
-    }
-    result?;
-    record.status = ClusterStatus::Running;
-    Ok(())
-}
-
-/// The status of an existing cluster while `create` runs on it again: a cluster that ran stays
-/// known as one, so a failed re-run leaves it `reconciling`, not `creating`.
-fn resumed_status(previous: ClusterStatus) -> ClusterStatus {
-    match previous {
-        ClusterStatus::Running | ClusterStatus::Reconciling => ClusterStatus::Reconciling,
-        _ => ClusterStatus::Creating,
-    }
-}
-
-#[cfg(test)]
-mod status_tests {
-    use super::*;
-
-    #[test]
-    fn a_rerun_on_a_running_cluster_reconciles_and_anything_else_creates() {
-        use ClusterStatus::{Creating, Provisioned, Reconciling, Running};
-        for (before, during) in [
-            (Running, Reconciling),
-            (Reconciling, Reconciling),
-            (Creating, Creating),
-            (Provisioned, Creating),
-        ] {
-            assert_eq!(resumed_status(before), during, "after {before}");
-        }
-    }
 }

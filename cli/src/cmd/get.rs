@@ -53,6 +53,9 @@ struct ClusterView {
     /// An unfinished node-image upgrade.
     #[serde(skip_serializing_if = "Option::is_none")]
     upgrade: Option<UpgradeDoc>,
+    /// Auto-repair: the last pass and the repair history (newest last).
+    #[serde(skip_serializing_if = "crate::state::RepairState::is_empty")]
+    repair: crate::state::RepairState,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,6 +85,7 @@ impl ClusterView {
                 started_at: u.started_at,
                 stopped: u.stopped,
             }),
+            repair: r.repair,
             error: None,
             spec_for_pools: Some(r.spec.clone()),
             spec: with_spec.then_some(r.spec),
@@ -102,6 +106,7 @@ impl ClusterView {
             kubernetes: None,
             node_image: None,
             upgrade: None,
+            repair: Default::default(),
             error: Some(error),
             spec: None,
             spec_for_pools: None,
@@ -325,11 +330,21 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
             )?;
         }
         if let Some(spec) = &view.spec_for_pools {
+            writeln!(out, "Auto-repair: {}", auto_repair_line(spec, &view.repair))?;
             writeln!(out)?;
             out.push_str(&pools_table(spec, &view.machines));
         }
         writeln!(out)?;
         out.push_str(&machines_table(&view.machines, view.kubernetes.as_ref()));
+        if !view.repair.history.is_empty() {
+            writeln!(out)?;
+            writeln!(
+                out,
+                "Repairs (last 10; `clusterctl operations {}` lists all):",
+                view.name
+            )?;
+            out.push_str(&repairs_table(&view.repair.history, 10));
+        }
         output::print(&out)?;
         return Ok(());
     }
@@ -389,4 +404,58 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `enabled`/`disabled` with the last pass, for describe.
+fn auto_repair_line(spec: &spec::Cluster, r: &crate::state::RepairState) -> String {
+    let on = if spec.spec.auto_repair.enabled {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    match &r.last_pass {
+        Some(p) => format!(
+            "{on}; last pass {} ({}/{} healthy{})",
+            p.at,
+            p.healthy,
+            p.nodes,
+            p.repaired
+                .as_ref()
+                .map(|a| format!(", repaired: {a}"))
+                .or_else(|| p.held.as_ref().map(|h| format!(", held: {h}")))
+                .or_else(|| p.error.as_ref().map(|e| format!(", failed: {e}")))
+                .unwrap_or_default()
+        ),
+        None => format!("{on}; no pass yet"),
+    }
+}
+
+/// The newest `last` repairs as a table, oldest of them first.
+pub(crate) fn repairs_table(history: &[crate::state::RepairRecord], last: usize) -> String {
+    let rows: Vec<Vec<String>> = history
+        .iter()
+        .skip(history.len().saturating_sub(last))
+        .map(|r| {
+            vec![
+                r.started_at.to_string(),
+                r.node.clone(),
+                if r.units.is_empty() {
+                    r.action.to_string()
+                } else {
+                    format!("{} {}", r.action, r.units.join(","))
+                },
+                r.outcome.to_string(),
+                r.healed_after_secs
+                    .map_or_else(|| "-".to_owned(), |s| format!("{s}s")),
+                r.reason.clone(),
+                r.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "STARTED", "NODE", "ACTION", "OUTCOME", "HEALED", "SEEN", "DETAIL",
+        ],
+        &rows,
+    )
 }

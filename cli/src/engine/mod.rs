@@ -9,6 +9,7 @@ pub mod apply;
 pub mod artifacts;
 pub mod bootstrap;
 pub mod plan;
+pub mod repair;
 pub mod upgrade;
 
 pub use apply::{

@@ -175,6 +175,7 @@ mod tests {
             kubelet_version: "v1.20.2".into(),
             unschedulable: false,
             boot_id: "b".into(),
+            ..Default::default()
         }
     }
 

@@ -135,8 +135,8 @@ impl Credentials {
     }
 }
 
-/// A node as the API lists it: what readiness waits and drain decisions look at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A node as the API lists it: what readiness waits, drain and repair decisions look at.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeState {
     /// Node name.
     pub name: String,
@@ -148,6 +148,51 @@ pub struct NodeState {
     pub unschedulable: bool,
     /// The kubelet's boot ID (`status.nodeInfo.bootID`): changes exactly when the machine boots.
     pub boot_id: String,
+    /// The conditions repair decisions read (times as the API server recorded them).
+    pub conditions: NodeConditions,
+}
+
+/// The node conditions auto-repair looks at, with their times.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeConditions {
+    /// `Ready`'s status as written: `True`, `False`, `Unknown` (the kubelet stopped posting and
+    /// the node controller marked it), or empty when the node has no `Ready` condition yet.
+    pub ready_status: String,
+    /// When `Ready` last changed status.
+    pub ready_since: Option<crate::state::Timestamp>,
+    /// When the kubelet last posted `Ready`.
+    pub heartbeat: Option<crate::state::Timestamp>,
+    /// Since when `DiskPressure` has been `True`; `None` when it is not.
+    pub disk_pressure_since: Option<crate::state::Timestamp>,
+}
+
+fn to_timestamp(
+    t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Option<crate::state::Timestamp> {
+    chrono::DateTime::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond().max(0) as u32)
+        .map(crate::state::Timestamp)
+}
+
+impl NodeConditions {
+    fn from_status(status: Option<&k8s_openapi::api::core::v1::NodeStatus>) -> Self {
+        let conditions = status.and_then(|s| s.conditions.as_deref()).unwrap_or(&[]);
+        let ready = conditions.iter().find(|c| c.type_ == "Ready");
+        let pressure = conditions
+            .iter()
+            .find(|c| c.type_ == "DiskPressure" && c.status == "True");
+        NodeConditions {
+            ready_status: ready.map(|c| c.status.clone()).unwrap_or_default(),
+            ready_since: ready
+                .and_then(|c| c.last_transition_time.as_ref())
+                .and_then(to_timestamp),
+            heartbeat: ready
+                .and_then(|c| c.last_heartbeat_time.as_ref())
+                .and_then(to_timestamp),
+            disk_pressure_since: pressure
+                .and_then(|c| c.last_transition_time.as_ref())
+                .and_then(to_timestamp),
+        }
+    }
 }
 
 impl From<&Node> for NodeState {
@@ -171,6 +216,7 @@ impl From<&Node> for NodeState {
                 .and_then(|s| s.node_info.as_ref())
                 .map(|i| i.boot_id.clone())
                 .unwrap_or_default(),
+            conditions: NodeConditions::from_status(status),
         }
     }
 }
@@ -382,6 +428,10 @@ mod tests {
                     kubelet_version: "v1.20.2".into(),
                     unschedulable: true,
                     boot_id: String::new(),
+                    conditions: NodeConditions {
+                        ready_status: "True".into(),
+                        ..Default::default()
+                    },
                 },
                 NodeState {
                     name: "b".into(),
@@ -389,6 +439,10 @@ mod tests {
                     kubelet_version: String::new(),
                     unschedulable: false,
                     boot_id: String::new(),
+                    conditions: NodeConditions {
+                        ready_status: "Unknown".into(),
+                        ..Default::default()
+                    },
                 },
                 NodeState {
                     name: "c".into(),
@@ -396,9 +450,32 @@ mod tests {
                     kubelet_version: String::new(),
                     unschedulable: false,
                     boot_id: String::new(),
+                    ..Default::default()
                 },
             ]
         );
+    }
+
+    #[test]
+    fn node_state_reads_condition_times_and_disk_pressure() {
+        let node: Node = serde_json::from_str(
+            r#"{"metadata":{"name":"w"},"status":{"conditions":[
+                {"type":"DiskPressure","status":"True","lastTransitionTime":"2026-12-01T10:00:00Z","lastHeartbeatTime":"2026-12-01T10:20:00Z"},
+                {"type":"Ready","status":"False","lastTransitionTime":"2026-12-01T10:05:00Z","lastHeartbeatTime":"2026-12-01T10:20:30Z"}]}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let c = NodeState::from(&node).conditions;
+        let at = |s: &str| {
+            Some(crate::state::Timestamp(
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .with_timezone(&chrono::Utc),
+            ))
+        };
+        assert_eq!(c.ready_status, "False");
+        assert_eq!(c.ready_since, at("2026-12-01T10:05:00Z"));
+        assert_eq!(c.heartbeat, at("2026-12-01T10:20:30Z"));
+        assert_eq!(c.disk_pressure_since, at("2026-12-01T10:00:00Z"));
     }
 
     #[test]

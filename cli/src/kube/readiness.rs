@@ -224,6 +224,7 @@ mod tests {
             kubelet_version: "v1.20.2".into(),
             unschedulable: false,
             boot_id: String::new(),
+            ..Default::default()
         }
     }
 

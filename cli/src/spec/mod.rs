@@ -415,9 +415,7 @@ spec:
                 (18, 7, "spec.nodePools[0].upgradeSettings"),
                 (20, 5, "spec.ssh.bastion"),
                 (23, 5, "spec.maintenancePolicy.window"),
-                (27, 5, "spec.maintenancePolicy.exclusions"),
                 (32, 14, "spec.autoUpgrade.enabled"),
-                (33, 25, "spec.autoRepair.enabled"),
                 (35, 5, "spec.access.bindings"),
             ]
         );

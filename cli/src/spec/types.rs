@@ -78,8 +78,8 @@ pub struct ClusterSpec {
     /// How clusterctl reaches machines over SSH.
     #[serde(default)]
     pub ssh: Ssh,
-    /// When automatic maintenance may happen. Not implemented yet: validation refuses a window
-    /// or an exclusion; the empty policy is accepted.
+    /// When automatic maintenance may happen. The recurring window is not implemented yet
+    /// (validation refuses it); exclusions hold repairs that replace machines.
     #[serde(default)]
     pub maintenance_policy: MaintenancePolicy,
     /// Automatic upgrades along the release channel. Not implemented yet: off by default, and
@@ -695,25 +695,43 @@ pub struct AutoUpgrade {
     pub enabled: bool,
 }
 
-/// Automatic repair of unhealthy nodes (cluster-api MachineHealthCheck semantics). Not
-/// implemented yet, so it is off by default and validation refuses `enabled: true`; the
-/// threshold settings are checked but have no effect.
+/// Automatic repair of unhealthy nodes (cluster-api MachineHealthCheck semantics, GKE's
+/// auto-repair): `clusterctl repair` reads these settings, and `clusterctl autorepair enable`
+/// runs it on a schedule. Off by default: a scheduled run skips a cluster with `enabled: false`
+/// (an explicit `clusterctl repair NAME` still repairs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutoRepair {
-    /// Repair unhealthy nodes. Off by default: nothing repairs nodes yet.
+    /// Repair unhealthy nodes on the schedule `clusterctl autorepair enable` installs.
     #[serde(default)]
     pub enabled: bool,
-    /// How long a node must be unhealthy before it is repaired.
+    /// How long a node must be NotReady (or unreachable) before it is power-cycled or replaced
+    /// (GKE: about 10 minutes). Stopped units are restarted without waiting.
     #[serde(default = "default_unhealthy_threshold")]
     pub unhealthy_threshold: Duration,
-    /// Stop repairing when more nodes than this are unhealthy (count or percent like `40%`).
+    /// How long `DiskPressure` must last before the node is repaired (GKE: about 30 minutes).
+    #[serde(default = "default_disk_pressure_threshold")]
+    pub disk_pressure_threshold: Duration,
+    /// How long a new machine may take to become a Ready node before it is replaced (Cluster
+    /// API's nodeStartupTimeout, 10 minutes).
+    #[serde(default = "default_node_startup_timeout")]
+    pub node_startup_timeout: Duration,
+    /// Stop repairing when more nodes than this are unhealthy (count or percent like `40%`):
+    /// a network partition must not set off a wave of replacements.
     #[serde(default = "default_max_unhealthy")]
     pub max_unhealthy: MaxUnhealthy,
 }
 
 fn default_unhealthy_threshold() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_secs(600)
+}
+
+fn default_disk_pressure_threshold() -> Duration {
+    Duration::from_secs(1800)
+}
+
+fn default_node_startup_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_max_unhealthy() -> MaxUnhealthy {
@@ -725,6 +743,8 @@ impl Default for AutoRepair {
         Self {
             enabled: false,
             unhealthy_threshold: default_unhealthy_threshold(),
+            disk_pressure_threshold: default_disk_pressure_threshold(),
+            node_startup_timeout: default_node_startup_timeout(),
             max_unhealthy: default_max_unhealthy(),
         }
     }

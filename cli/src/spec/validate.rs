@@ -89,8 +89,8 @@ pub(crate) fn validate(c: &Cluster) -> Vec<Problem> {
 // `Checker::not_implemented`), so a spec never asks for something `create` would silently
 // skip: `provider.gce`, `provider.libvirt.network.mode` other than isolated, IPv6 networks,
 // `controlPlane.count` above 1, `nodePools[].autoscaling`, `nodePools[].upgradeSettings`,
-// `ssh.bastion`, `maintenancePolicy.window` and `.exclusions`, `autoUpgrade.enabled: true`,
-// `autoRepair.enabled: true` and `access.bindings`. Their other checks still run, so every
+// `ssh.bastion`, `maintenancePolicy.window`, `autoUpgrade.enabled: true` and
+// `access.bindings`. Their other checks still run, so every
 // problem is reported at once.
 
 // ---- name syntax -------------------------------------------------------------------------
@@ -888,13 +888,6 @@ fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
             "remove maintenancePolicy: nothing runs automatic maintenance yet",
         );
     }
-    if !m.exclusions.is_empty() {
-        ck.not_implemented(
-            format!("{base}.exclusions"),
-            "a maintenance exclusion",
-            "remove maintenancePolicy: nothing runs automatic maintenance yet",
-        );
-    }
     if let Some(w) = &m.window {
         let wp = format!("{base}.window");
         match (&w.duration, &w.end_time) {
@@ -977,13 +970,6 @@ fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
 
 fn check_auto_repair(ck: &mut Checker, r: &AutoRepair) {
     let base = "spec.autoRepair";
-    if r.enabled {
-        ck.not_implemented(
-            format!("{base}.enabled"),
-            "automatic repair",
-            "remove autoRepair or set enabled: false",
-        );
-    }
     if r.unhealthy_threshold.as_secs() < MIN_UNHEALTHY_THRESHOLD_SECS {
         ck.err(
             format!("{base}.unhealthyThreshold"),

@@ -17,6 +17,7 @@
 pub mod fsio;
 pub mod journal;
 pub mod lock;
+pub mod repairs;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use journal::{Event, InFlight, Journal, Record, Replay, TornTail};
 pub use lock::{ClusterLock, LockHolder, WaitMode};
+pub use repairs::{RepairAction, RepairOutcome, RepairPass, RepairRecord, RepairState};
 
 use fsio::FILE_MODE;
 
@@ -150,6 +152,16 @@ impl Timestamp {
         use chrono::SubsecRound;
         Timestamp(chrono::Utc::now().trunc_subsecs(3))
     }
+
+    /// The time `secs` seconds after the Unix epoch (the epoch itself if out of range).
+    pub fn from_unix(secs: i64) -> Self {
+        Timestamp(chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default())
+    }
+
+    /// Seconds since the Unix epoch.
+    pub fn unix_seconds(&self) -> i64 {
+        self.0.timestamp()
+    }
 }
 
 impl fmt::Display for Timestamp {
@@ -246,6 +258,9 @@ pub struct ClusterRecord {
     /// `clusterctl upgrade NAME` finishes it, or rolls it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<UpgradeStatus>,
+    /// Auto-repair's history, the nodes it is watching and its last pass.
+    #[serde(default, skip_serializing_if = "RepairState::is_empty")]
+    pub repair: RepairState,
 }
 
 /// A node image by version and manifest digest.
@@ -323,6 +338,7 @@ impl ClusterRecord {
             kubernetes: None,
             node_image: None,
             upgrade: None,
+            repair: RepairState::default(),
         })
     }
 
