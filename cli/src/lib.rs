@@ -14,6 +14,7 @@ pub mod kubeconfig;
 pub mod output;
 pub mod pki;
 pub mod provider;
+pub mod schedule;
 pub mod spec;
 pub mod ssh;
 pub mod state;

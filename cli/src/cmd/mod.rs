@@ -14,7 +14,9 @@ pub mod delete;
 pub mod drain;
 pub mod get;
 pub mod image;
+pub mod operations;
 pub mod plan;
+pub mod repair;
 pub mod reset;
 pub mod ssh;
 pub mod upgrade;
@@ -93,6 +95,14 @@ pub enum Command {
     /// Power-cycle a hung node's machine (a hard reset, no drain) and wait until it has booted
     /// again and is Ready.
     Reset(reset::ResetArgs),
+    /// One auto-repair pass: observe every node, decide (with brakes), make at most one repair
+    /// (restart units, power-cycle, replace a worker), report (`--dry-run`: decide only).
+    Repair(repair::RepairArgs),
+    /// Install, remove or show the schedule that runs `repair` (systemd timer or cron).
+    #[command(subcommand)]
+    Autorepair(repair::AutorepairCommand),
+    /// List the operations run on a cluster (commands, repairs), newest last.
+    Operations(operations::OperationsArgs),
     /// Run a command on a machine of a cluster (host key verified against the pinned one).
     Ssh(ssh::SshArgs),
     /// Build and list container-optimized node images.
@@ -177,6 +187,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
         Command::Reset(args) => reset::run(&cli.global, &args),
         Command::Upgrade(args) => upgrade::run(&cli.global, &args),
+        Command::Repair(args) => repair::run(&cli.global, &args),
+        Command::Autorepair(command) => repair::run_autorepair(&cli.global, &command),
+        Command::Operations(args) => operations::run(&cli.global, &args),
     }
 }
 
