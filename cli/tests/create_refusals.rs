@@ -222,7 +222,7 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(
             err.contains(
-                "cluster.yaml:16:7: spec.access.bindings: access bindings are not implemented yet"
+                "cluster.yaml:15:5: spec.access.bindings: granting roles with access bindings is not implemented yet"
             ),
             "{cmd}: {err}"
         );

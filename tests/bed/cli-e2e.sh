@@ -50,6 +50,10 @@
 #   reset             `clusterctl reset` of a worker: a hard power-cycle through the provider;
 #                     the command returns when the kubelet reports a new boot ID (checked with
 #                     kubectl and the node's boot counter), journaled; an unknown node is refused
+#   repair            `clusterctl repair`: a healthy pass (its wall time and RSS printed), a
+#                     stopped kubelet restarted, the maxUnhealthy brake holding while both
+#                     workers are cut off, a destroyed worker replaced by a pass SIGKILLed
+#                     half-way and finished by a real cron daemon running the `autorepair` entry
 #   upgrade           `clusterctl upgrade --node-image` to a second image (CLUSTERCTL_TEST_IMAGE_V2)
 #                     under a continuous client; data, names, addresses, keys kept; a failed
 #                     health gate rolls back by itself
@@ -112,7 +116,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reset again upgrade drain unreachable scale-down delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources reset repair again upgrade drain unreachable scale-down delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
@@ -155,6 +159,7 @@ cleanup() {
   [ "$rc" -eq 0 ] || diagnose || true
   # A create still running in the background (a check failed meanwhile) must not hold the lock.
   if [ -n "${pid:-}" ]; then kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  cron_down || true
   # A kept work directory keeps its cluster (the developer asked for it).
   [ -z "$keep_work" ] || return 0
   # Whatever happened: delete the cluster through clusterctl, then make sure nothing is left.
@@ -193,6 +198,11 @@ spec:
     - name: workers
       count: 2
       machine: {cpus: 1, memory: 1Gi, disk: 4Gi}
+  # Short enough that phase repair sees a partitioned node as due for repair (the brake must
+  # be what holds it); off until phase repair turns it on with `autorepair enable`.
+  autoRepair:
+    enabled: false
+    unhealthyThreshold: 1m
 EOF
 machines="$name-cp-0 $name-workers-0 $name-workers-1"
 
@@ -983,6 +993,155 @@ phase_reset() {
     || die "reset: no reset-machine record for $m in the journal"
   k_retry wait --for=condition=Ready pod -l app=web --timeout=600s > /dev/null || die "reset: web pods are not Ready again"
   log "reset: $m booted again (boot $before -> $after, boot id $id_before -> $id_after), Ready $(jq -r .readyAfterSeconds <<< "$json") s after the reset"
+}
+
+# Auto-repair (`clusterctl repair`, `autorepair`), on the running cluster:
+#   - a healthy pass repairs nothing; its wall time and peak RSS are printed (the schedule's cost);
+#   - kubelet stopped on a worker: the pass restarts the unit (same machine, same boot);
+#   - both workers cut off (their links down in the bed): the maxUnhealthy brake holds, 0 repairs,
+#     the report says why, although each node is past unhealthyThreshold;
+#   - a worker's domain destroyed and undefined behind clusterctl's back: `repair` replaces it,
+#     is SIGKILLed half-way, and a real cron daemon (Debian's, started here in a private mount
+#     namespace so it runs only our crontab) runs the entry `autorepair enable` installed, which
+#     finishes the replacement: the node Ready, web back to 2 replicas, exactly the machines'
+#     libvirt objects (nothing orphaned), the repair in `describe` and `operations`.
+repair_json() { "$bin" -o json repair "$name" "$@"; }
+# The cron daemon phase repair starts (stopped by PID, also when the test fails).
+cron_pid=
+created_crond_pid=
+cron_down() {
+  [ -n "$cron_pid" ] || return 0
+  kill "$cron_pid" 2>/dev/null || true; wait "$cron_pid" 2>/dev/null || true
+  cron_pid=
+  [ -z "$created_crond_pid" ] || rm -f /run/crond.pid
+}
+node_verdict() { jq -c --arg n "$1" '.[0].nodes[] | select(.name == $n)'; }
+phase_repair() {
+  local w0=$name-workers-0 w1=$name-workers-1 out json i t0 wall rss walls="" rsss="" uuid_before boot_before
+  local tap0 tap1 hist t_destroy t_ready v
+  # 1. Healthy: nothing to do; the cost of a pass.
+  waiting "repair: a healthy pass"
+  json=$(repair_json) || die "repair on a healthy cluster failed: $json"
+  [ "$(jq -r '.[0].nodes | map(select(.healthy)) | length' <<< "$json")" = 3 ] || die "healthy pass: $json"
+  jq -e '.[0] | has("repaired") | not' <<< "$json" > /dev/null || die "a healthy pass repaired something: $json"
+  for i in 1 2 3 4 5; do
+    out=$( { /usr/bin/time -f 'TIME %e %M' "$bin" -q repair "$name" > /dev/null; } 2>&1 ) || die "healthy pass $i failed: $out"
+    wall=$(awk '/^TIME/ {print $2}' <<< "$out"); rss=$(awk '/^TIME/ {print $3}' <<< "$out")
+    walls="$walls $wall"; rsss="$rsss $rss"
+  done
+  log "repair: healthy pass wall (s):$walls; peak RSS (KiB):$rsss (target < 0.150 s and < 30720 KiB)"
+
+  # 2. kubelet stopped: restarted, nothing replaced.
+  uuid_before=$($virsh domuuid "$w1")
+  boot_before=$(k get node "$w1" -o jsonpath='{.status.nodeInfo.bootID}')
+  "$bin" ssh "$name" "$w1" -- sudo -n systemctl stop kubelet || die "cannot stop kubelet on $w1"
+  t0=$SECONDS
+  waiting "repair --dry-run until it sees $w1 unhealthy (kubelet stopped; NotReady after the 40 s grace)"
+  for i in $(seq 1 60); do
+    json=$(repair_json --dry-run) || die "repair --dry-run failed: $json"
+    v=$(node_verdict "$w1" <<< "$json")
+    [ "$(jq -r .decision <<< "$v")" = repair ] && break
+    sleep 5
+  done
+  [ "$(jq -r '.action' <<< "$v")" = restart-units ] && jq -e 'any(.units[]; startswith("kubelet"))' <<< "$v" > /dev/null \
+    || die "dry run for a stopped kubelet: $v"
+  jq -e '.[0].dryRun and (has("repaired") | not)' <<< "$json" > /dev/null || die "the dry run repaired: $json"
+  waiting "repair: restart kubelet on $w1"
+  json=$(repair_json) || die "repair of the stopped kubelet failed: $json"
+  jq -e --arg n "$w1" '.[0].repaired | .node == $n and .action == "restart-units" and .outcome == "succeeded"' <<< "$json" > /dev/null \
+    || die "repair did not restart kubelet on $w1: $(jq -c '.[0].repaired' <<< "$json")"
+  "$bin" ssh "$name" "$w1" -- systemctl is-active -q kubelet || die "kubelet is not active on $w1 after the repair"
+  [ "$($virsh domuuid "$w1")" = "$uuid_before" ] || die "the machine of $w1 was replaced for a stopped unit"
+  [ "$(k get node "$w1" -o jsonpath='{.status.nodeInfo.bootID}')" = "$boot_before" ] || die "$w1 was rebooted for a stopped unit"
+  log "repair: kubelet on $w1 restarted by the pass, Ready $((SECONDS - t0)) s after it was stopped (detection included); same machine, same boot"
+
+  # 3. Partition: both workers' links down. The brake holds.
+  tap0=$($virsh domiflist "$w0" | awk 'NR > 0 && $1 ~ /^vnet|^tap/ {print $1; exit}')
+  tap1=$($virsh domiflist "$w1" | awk 'NR > 0 && $1 ~ /^vnet|^tap/ {print $1; exit}')
+  [ -n "$tap0" ] && [ -n "$tap1" ] || die "cannot find the workers' tap devices: '$tap0' '$tap1'"
+  hist=$("$bin" get "$name" -o json | jq '.repair.history | length')
+  ip link set "$tap0" down; ip link set "$tap1" down
+  t0=$SECONDS
+  waiting "repair --dry-run until both cut-off workers are due for repair (NotReady past unhealthyThreshold 1m)"
+  for i in $(seq 1 60); do
+    json=$(repair_json --dry-run) || { ip link set "$tap0" up; ip link set "$tap1" up; die "repair --dry-run failed during the partition: $json"; }
+    [ "$(jq -r '.[0].unhealthy' <<< "$json")" = 2 ] && jq -e '.[0] | has("held")' <<< "$json" > /dev/null && break
+    sleep 5
+  done
+  json=$(repair_json) || { ip link set "$tap0" up; ip link set "$tap1" up; die "repair failed during the partition: $json"; }
+  ip link set "$tap0" up; ip link set "$tap1" up
+  jq -e '.[0].held | test("2 of 3 nodes are unhealthy")' <<< "$json" > /dev/null \
+    || die "the brake did not hold with 2 of 3 nodes cut off: $(jq -c '.[0] | {held, unhealthy, nodes: [.nodes[] | {name, decision}]}' <<< "$json")"
+  jq -e '.[0] | has("repaired") | not' <<< "$json" > /dev/null || die "a repair was made during the partition: $json"
+  [ "$("$bin" get "$name" -o json | jq '.repair.history | length')" = "$hist" ] || die "the repair history grew during the partition"
+  log "repair: partition of $w0 and $w1 for $((SECONDS - t0)) s: 0 repairs; held: $(jq -r '.[0].held' <<< "$json" | cut -c1-120)"
+  waiting "the workers Ready again after the partition"
+  k wait --for=condition=Ready node --all --timeout=600s > /dev/null || die "nodes not Ready after the partition healed"
+
+  # 4. A worker destroyed behind clusterctl's back: replaced; the pass SIGKILLed; cron finishes.
+  $virsh destroy "$w1" > /dev/null && $virsh undefine "$w1" > /dev/null || die "cannot destroy $w1"
+  t_destroy=$SECONDS
+  waiting "repair replacing $w1, SIGKILLed once the machine was deleted"
+  "$bin" repair "$name" 2> "$work/repair-killed.log" &
+  pid=$!
+  for i in $(seq 1 600); do
+    grep -q "creating the machine again" "$work/repair-killed.log" 2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  grep -q "creating the machine again" "$work/repair-killed.log" || { cat "$work/repair-killed.log" >&2; die "repair never reached the re-creation of $w1"; }
+  sleep 10
+  kill -9 "$pid" 2>/dev/null || die "repair finished before it could be killed"
+  wait "$pid" 2>/dev/null || true
+  pid=
+  cat "$work/repair-killed.log" >&2
+  log "repair: SIGKILLed $((SECONDS - t_destroy)) s after the destroy, while re-creating $w1"
+  jq -e --arg n "$w1" '.repair.history[-1] | .node == $n and .action == "replace" and .outcome == "in-progress"' \
+    "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "no in-progress replacement of $w1 in the record"
+
+  # The schedule: a real cron daemon in a private mount namespace (its own crontab spool, no
+  # system crontab), with the entry `autorepair enable` installs through `crontab`.
+  mkdir -p "$work/cron"
+  : > "$work/cron/crontab"
+  : > "$work/cron/crond.pid"
+  [ -e /run/crond.pid ] || { : > /run/crond.pid; created_crond_pid=1; }
+  unshare -m --propagation private sh -c '
+    mount -t tmpfs -o mode=1730 tmpfs /var/spool/cron/crontabs && chgrp crontab /var/spool/cron/crontabs &&
+    mount -t tmpfs tmpfs /etc/cron.d && mount --bind "$1/crontab" /etc/crontab &&
+    mount --bind "$1/crond.pid" /run/crond.pid && exec cron -f' sh "$work/cron" > "$work/cron/cron.out" 2>&1 &
+  cron_pid=$!
+  sleep 1
+  kill -0 "$cron_pid" 2>/dev/null || { cat "$work/cron/cron.out" >&2; die "cron did not start"; }
+  out=$(nsenter -t "$cron_pid" -m -- "$bin" autorepair enable "$name" --every 1m --scheduler cron) || { cron_down; die "autorepair enable failed: $out"; }
+  log "repair: $out"
+  nsenter -t "$cron_pid" -m -- crontab -l | grep -q "repair '$name' --scheduled" || { cron_down; die "no crontab entry"; }
+  waiting "cron's run of repair finishing the replacement of $w1 (under TCG several minutes)"
+  for i in $(seq 1 240); do
+    jq -e --arg n "$w1" '.repair.history[-1] | .node == $n and .outcome != "in-progress"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null 2>&1 && break
+    sleep 5
+  done
+  t_ready=$SECONDS
+  out=$(nsenter -t "$cron_pid" -m -- "$bin" autorepair disable "$name") || { cron_down; die "autorepair disable failed: $out"; }
+  nsenter -t "$cron_pid" -m -- crontab -l 2>/dev/null | grep -q clusterctl-autorepair && { cron_down; die "disable left the crontab entry"; }
+  cron_down
+  # A pass cron started just before the entry was removed finishes by itself; later phases
+  # must not find the cluster locked by it.
+  for i in $(seq 1 60); do pgrep -f -- "repair $name --scheduled" > /dev/null || break; sleep 2; done
+  cat "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" >&2 || true
+  jq -e --arg n "$w1" '.repair.history[-1] | .node == $n and .action == "replace" and .outcome == "succeeded"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "the scheduled repair did not finish replacing $w1: $(jq -c '.repair.history[-1]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
+  [ -s "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" ] || die "cron's runs wrote no log"
+  jq -e '.repair.lastPass.scheduled' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "the last pass was not the scheduled one"
+  k wait --for=condition=Ready node "$w1" --timeout=300s > /dev/null || die "$w1 is not Ready after its replacement"
+  k rollout status deployment/web --timeout=600s >&2 || die "web did not get back to 2 replicas"
+  check_running
+  check_inventory "$(inventory "$(cluster_id)")"
+  out=$("$bin" describe "$name") || die "describe failed"
+  grep -q "replace" <<< "$out" && grep -q "Auto-repair: disabled" <<< "$out" || { echo "$out" >&2; die "describe does not show the repair"; }
+  out=$("$bin" operations "$name") || die "operations failed"
+  grep -q "repair-replace $w1: interrupted" <<< "$out" && grep -q "repair-replace $w1: done" <<< "$out" \
+    || { echo "$out" >&2; die "operations does not show the interrupted and the finished replacement"; }
+  log "repair: $w1 destroyed, replaced (SIGKILL, then cron), Ready $((t_ready - t_destroy)) s after the destroy; $(jq -r '.repair.history[-1].detail' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
 }
 
 phase_unreachable() {

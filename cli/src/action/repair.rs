@@ -594,13 +594,23 @@ fn replace(
         record.repair.history[idx].steps_done.iter().any(|d| d == s)
     };
     if !step_done(record, NODE_DELETED) {
+        // Only a machine that still runs can give its pods back: a gone one is not drained
+        // (evictions would wait for a kubelet that is not there).
+        let cluster = record.cluster_ref();
+        let p = provider.clone();
+        let running = rt
+            .block_on(tokio::task::spawn_blocking(move || p.list_machines(&cluster)))
+            .context("the provider call panicked")?
+            .with_context(|| format!("listing the machines of cluster {:?}", record.name))?
+            .iter()
+            .any(|m| m.name == node && m.state == MachineState::Running);
         rt.block_on(async {
             let api = cluster_api(store, record).await?;
             let result = async {
                 let nodes = api.list_nodes().await?;
                 if let Some(n) = nodes.iter().find(|n| n.name == node) {
                     // A node that still runs (DiskPressure, never Ready) is drained first.
-                    if n.conditions.ready_status == "True" {
+                    if running && n.conditions.ready_status == "True" {
                         let ours = super::drain::cordoned_by_clusterctl(replay, &node);
                         let options = crate::kube::drainer::DrainOptions {
                             timeout: opts.drain_timeout,
