@@ -116,7 +116,7 @@ fn command(e: &Entry) -> String {
     let exe = e.exe.to_string_lossy();
     let dir = e.state_dir.to_string_lossy();
     format!(
-        "{} --state-dir {} -q repair {} --scheduled",
+        "{} --state-dir {} repair {} --scheduled",
         sh_quote(&exe),
         sh_quote(&dir),
         sh_quote(&e.cluster)
@@ -341,7 +341,7 @@ mod tests {
         let line = cron_line(&entry(300))?;
         assert_eq!(
             line,
-            "*/5 * * * * env PATH='/usr/bin:/bin' '/opt/cc/clusterctl' --state-dir '/var/lib/cc state' -q repair 'c1' --scheduled >> '/var/lib/cc state/c1/autorepair.log' 2>&1 # clusterctl-autorepair:c1"
+            "*/5 * * * * env PATH='/usr/bin:/bin' '/opt/cc/clusterctl' --state-dir '/var/lib/cc state' repair 'c1' --scheduled >> '/var/lib/cc state/c1/autorepair.log' 2>&1 # clusterctl-autorepair:c1"
         );
         assert!(cron_line(&entry(60))?.starts_with("* * * * * "));
         assert!(cron_line(&entry(7200))?.starts_with("0 */2 * * * "));

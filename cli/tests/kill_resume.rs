@@ -572,3 +572,83 @@ fn corrupt_state_is_reported_with_its_path_and_left_alone() -> Result<()> {
     );
     Ok(())
 }
+
+/// `repair`'s surface on the fake provider (which boots nothing, so no cluster of it ever runs
+/// Kubernetes): a pass on a cluster that is not running skips it and says why; a scheduled pass
+/// skips a cluster with auto-repair off; a pass while another command holds the lock exits at
+/// once with the "locked" code (3), so two scheduled runs never overlap; `operations` lists the
+/// runs from the journal; `autorepair status` reads the record. The repairs themselves are proven
+/// on real VMs (tests/bed/cli-e2e.sh, phase repair).
+#[test]
+fn repair_skips_what_it_must_and_never_overlaps_another_command() -> Result<()> {
+    let bed = Bed::new()?;
+    let spec = bed.spec("c9", &[("pool-a", 2)])?;
+    let spec_s = spec.to_string_lossy().into_owned();
+    let out = bed.run(&["create", "-f", &spec_s], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = bed.run(&["repair", "c9"], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("c9: skipped: cluster \"c9\" is provisioned, not running"),
+        "{}",
+        text(&out)
+    );
+    let out = bed.run(&["-o", "json", "repair", "--all"], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+    let reports: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        reports[0]["skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("autoRepair.enabled is false")),
+        "{reports}"
+    );
+    let out = bed.run(&["repair", "nosuch"], 0)?;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cluster \"nosuch\" not found"),
+        "{}",
+        text(&out)
+    );
+
+    // 4 new machines, 1.5 s each: a create holding the lock for a moment.
+    let bigger = bed.spec("c9", &[("pool-a", 6)])?;
+    let mut first = bed.spawn(&["create", "-f", &bigger.to_string_lossy()], 1500)?;
+    let holder = bed.state_dir().join("c9").join("holder.json");
+    poll("create to take the lock", Duration::from_secs(30), || {
+        Ok(holder.exists().then_some(()))
+    })?;
+    let started = Instant::now();
+    let out = bed.run(&["repair", "c9"], 0)?;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "repair did not fail fast"
+    );
+    assert!(text(&out).contains("is locked by pid"), "{}", text(&out));
+    // A dry run only reads: it does not wait for the lock.
+    let out = bed.run(&["repair", "c9", "--dry-run"], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(first.wait()?.success());
+
+    let out = bed.run(&["operations", "c9"], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        listing.matches("succeeded").count(),
+        2,
+        "two creates, each succeeded: {listing}"
+    );
+    assert!(
+        listing.contains("ensure-machine c9-pool-a-5: done"),
+        "{listing}"
+    );
+    let out = bed.run(&["autorepair", "status", "c9"], 0)?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("auto-repair: disabled"),
+        "{}",
+        text(&out)
+    );
+    Ok(())
+}

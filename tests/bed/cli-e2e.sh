@@ -1018,7 +1018,7 @@ cron_down() {
 node_verdict() { jq -c --arg n "$1" '.[0].nodes[] | select(.name == $n)'; }
 phase_repair() {
   local w0=$name-workers-0 w1=$name-workers-1 out json i t0 wall rss walls="" rsss="" uuid_before boot_before
-  local tap0 tap1 hist t_destroy t_ready v
+  local tap0 tap1 hist t_destroy t_ready v keys m
   # 1. Healthy: nothing to do; the cost of a pass.
   waiting "repair: a healthy pass"
   json=$(repair_json) || die "repair on a healthy cluster failed: $json"
@@ -1079,6 +1079,7 @@ phase_repair() {
   k wait --for=condition=Ready node --all --timeout=600s > /dev/null || die "nodes not Ready after the partition healed"
 
   # 4. A worker destroyed behind clusterctl's back: replaced; the pass SIGKILLed; cron finishes.
+  keys=$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
   $virsh destroy "$w1" > /dev/null && $virsh undefine "$w1" > /dev/null || die "cannot destroy $w1"
   t_destroy=$SECONDS
   waiting "repair replacing $w1, SIGKILLed once the machine was deleted"
@@ -1136,6 +1137,15 @@ phase_repair() {
   k rollout status deployment/web --timeout=600s >&2 || die "web did not get back to 2 replicas"
   check_running
   check_inventory "$(inventory "$(cluster_id)")"
+  # The replaced worker has the same identity (its pinned host key); create's reconcile, run by
+  # the repair on the running cluster, changed nothing on the two healthy nodes (what phase
+  # `again` proves for a whole cluster).
+  [ "$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$keys" ] || die "the replacement changed host keys"
+  "$bin" ssh "$name" "$w1" -- true || die "the replaced $w1 does not answer with its pinned host key"
+  for m in "$name-cp-0" "$w0"; do
+    grep -q "$m: 0 file(s) uploaded (0 MiB), [0-9]* artifact(s) already there, 0 file(s) changed, 0 image(s) imported" "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" \
+      || die "the scheduled repair's reconcile changed something on $m (see autorepair.log above)"
+  done
   out=$("$bin" describe "$name") || die "describe failed"
   grep -q "replace" <<< "$out" && grep -q "Auto-repair: disabled" <<< "$out" || { echo "$out" >&2; die "describe does not show the repair"; }
   out=$("$bin" operations "$name") || die "operations failed"

@@ -126,16 +126,7 @@ pub fn repair(
         ));
         return Ok(out);
     }
-    if !matches!(
-        record.status,
-        ClusterStatus::Running | ClusterStatus::Reconciling
-    ) {
-        out.skipped = Some(format!(
-            "cluster {name:?} is {}, not running: `clusterctl create` finishes it first",
-            record.status
-        ));
-        return Ok(out);
-    }
+    // The lock first: a pass never overlaps another command (a second pass exits "locked").
     let guard = if opts.dry_run {
         None
     } else {
@@ -148,6 +139,16 @@ pub fn repair(
             .ok_or_else(|| anyhow!("cluster {name:?} vanished"))?,
         None => record,
     };
+    if !matches!(
+        record.status,
+        ClusterStatus::Running | ClusterStatus::Reconciling
+    ) {
+        out.skipped = Some(format!(
+            "cluster {name:?} is {}, not running: `clusterctl create` finishes it first",
+            record.status
+        ));
+        return Ok(out);
+    }
     let rt = runtime()?;
     let provider: Arc<dyn providers::Provider> =
         Arc::from(crate::provider::provider_for(&record.spec)?);
@@ -599,7 +600,9 @@ fn replace(
         let cluster = record.cluster_ref();
         let p = provider.clone();
         let running = rt
-            .block_on(tokio::task::spawn_blocking(move || p.list_machines(&cluster)))
+            .block_on(tokio::task::spawn_blocking(move || {
+                p.list_machines(&cluster)
+            }))
             .context("the provider call panicked")?
             .with_context(|| format!("listing the machines of cluster {:?}", record.name))?
             .iter()
