@@ -132,8 +132,9 @@ pub fn cron_line(e: &Entry) -> anyhow::Result<String> {
         .map(|(k, v)| format!("{k}={}", sh_quote(v)))
         .collect();
     let log = cron_log(&e.state_dir, &e.cluster);
+    // umask 077: the log is private like everything in the state directory.
     let line = format!(
-        "{fields} env {} {} >> {} 2>&1 {}",
+        "{fields} umask 077; env {} {} >> {} 2>&1 {}",
         env.join(" "),
         command(e),
         sh_quote(&log.to_string_lossy()),
@@ -341,7 +342,7 @@ mod tests {
         let line = cron_line(&entry(300))?;
         assert_eq!(
             line,
-            "*/5 * * * * env PATH='/usr/bin:/bin' '/opt/cc/clusterctl' --state-dir '/var/lib/cc state' repair 'c1' --scheduled >> '/var/lib/cc state/c1/autorepair.log' 2>&1 # clusterctl-autorepair:c1"
+            "*/5 * * * * umask 077; env PATH='/usr/bin:/bin' '/opt/cc/clusterctl' --state-dir '/var/lib/cc state' repair 'c1' --scheduled >> '/var/lib/cc state/c1/autorepair.log' 2>&1 # clusterctl-autorepair:c1"
         );
         assert!(cron_line(&entry(60))?.starts_with("* * * * * "));
         assert!(cron_line(&entry(7200))?.starts_with("0 */2 * * * "));

@@ -546,11 +546,9 @@ fn act(
             let cluster = record.cluster_ref();
             let name = node.to_owned();
             let p = provider.clone();
-            rt.block_on(tokio::task::spawn_blocking(move || {
-                p.reset_machine(&cluster, &name)
-            }))
-            .context("the provider call panicked")?
-            .with_context(|| format!("power-cycling machine {node}"))?;
+            rt.block_on(rt.spawn_blocking(move || p.reset_machine(&cluster, &name)))
+                .context("the provider call panicked")?
+                .with_context(|| format!("power-cycling machine {node}"))?;
             report.machine(node, "reset; waiting for it to boot and be Ready");
             rt.block_on(wait_for_node(
                 store,
@@ -600,9 +598,7 @@ fn replace(
         let cluster = record.cluster_ref();
         let p = provider.clone();
         let running = rt
-            .block_on(tokio::task::spawn_blocking(move || {
-                p.list_machines(&cluster)
-            }))
+            .block_on(rt.spawn_blocking(move || p.list_machines(&cluster)))
             .context("the provider call panicked")?
             .with_context(|| format!("listing the machines of cluster {:?}", record.name))?
             .iter()
@@ -650,11 +646,9 @@ fn replace(
         let cluster = record.cluster_ref();
         let name = node.clone();
         let p = provider.clone();
-        rt.block_on(tokio::task::spawn_blocking(move || {
-            p.delete_machine(&cluster, &name)
-        }))
-        .context("the provider call panicked")?
-        .with_context(|| format!("deleting machine {node}"))?;
+        rt.block_on(rt.spawn_blocking(move || p.delete_machine(&cluster, &name)))
+            .context("the provider call panicked")?
+            .with_context(|| format!("deleting machine {node}"))?;
         record.repair.history[idx]
             .steps_done
             .push(MACHINE_DELETED.into());
