@@ -252,18 +252,17 @@ pub fn repair(
     let op = journal.intent(&journal_action(action), &chosen.name)?;
     let journal = Arc::new(Mutex::new(journal));
     let act_started = Instant::now();
-    let result = act(
-        &rt,
+    let ctx = Ctx {
+        rt: &rt,
         store,
-        &guard,
-        &mut record,
-        idx,
+        guard: &guard,
         provider,
-        &journal,
-        &replay,
+        journal: &journal,
+        replay: &replay,
         opts,
         report,
-    );
+    };
+    let result = act(&ctx, &mut record, idx);
     let done_at = Timestamp::now();
     let healed = chosen
         .unhealthy_since
@@ -461,21 +460,29 @@ pub fn parse_units(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a repair works with.
+struct Ctx<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    store: &'a StateStore,
+    guard: &'a crate::state::ClusterGuard,
+    provider: Arc<dyn providers::Provider>,
+    journal: &'a Arc<Mutex<crate::state::Journal>>,
+    replay: &'a crate::state::Replay,
+    opts: &'a RepairOptions,
+    report: Reporter,
+}
+
 /// Makes the repair at `record.repair.history[idx]`; returns how long the node took to be
 /// Ready from the start of the repair.
-#[allow(clippy::too_many_arguments)]
-fn act(
-    rt: &tokio::runtime::Runtime,
-    store: &StateStore,
-    guard: &crate::state::ClusterGuard,
-    record: &mut ClusterRecord,
-    idx: usize,
-    provider: Arc<dyn providers::Provider>,
-    journal: &Arc<Mutex<crate::state::Journal>>,
-    replay: &crate::state::Replay,
-    opts: &RepairOptions,
-    report: Reporter,
-) -> anyhow::Result<Duration> {
+fn act(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Result<Duration> {
+    let Ctx {
+        rt,
+        store,
+        opts,
+        report,
+        ..
+    } = *c;
+    let provider = c.provider.clone();
     let r = record.repair.history[idx].clone();
     let node = r.node.as_str();
     let started = r.started_at;
@@ -560,9 +567,7 @@ fn act(
             Ok(since_start())
         }
         RepairAction::Replace => {
-            replace(
-                rt, store, guard, record, idx, provider, journal, replay, opts, report,
-            )?;
+            replace(c, record, idx)?;
             Ok(since_start())
         }
     }
@@ -571,19 +576,18 @@ fn act(
 const NODE_DELETED: &str = "node-deleted";
 const MACHINE_DELETED: &str = "machine-deleted";
 
-#[allow(clippy::too_many_arguments)]
-fn replace(
-    rt: &tokio::runtime::Runtime,
-    store: &StateStore,
-    guard: &crate::state::ClusterGuard,
-    record: &mut ClusterRecord,
-    idx: usize,
-    provider: Arc<dyn providers::Provider>,
-    journal: &Arc<Mutex<crate::state::Journal>>,
-    replay: &crate::state::Replay,
-    opts: &RepairOptions,
-    report: Reporter,
-) -> anyhow::Result<()> {
+fn replace(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Result<()> {
+    let Ctx {
+        rt,
+        store,
+        guard,
+        journal,
+        replay,
+        opts,
+        report,
+        ..
+    } = *c;
+    let provider = c.provider.clone();
     let node = record.repair.history[idx].node.clone();
     let is_cp = record.repair.history[idx].pool == CONTROL_PLANE_POOL;
     if is_cp {

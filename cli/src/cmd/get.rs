@@ -414,18 +414,7 @@ fn auto_repair_line(spec: &spec::Cluster, r: &crate::state::RepairState) -> Stri
         "disabled"
     };
     match &r.last_pass {
-        Some(p) => format!(
-            "{on}; last pass {} ({}/{} healthy{})",
-            p.at,
-            p.healthy,
-            p.nodes,
-            p.repaired
-                .as_ref()
-                .map(|a| format!(", repaired: {a}"))
-                .or_else(|| p.held.as_ref().map(|h| format!(", held: {h}")))
-                .or_else(|| p.error.as_ref().map(|e| format!(", failed: {e}")))
-                .unwrap_or_default()
-        ),
+        Some(p) => format!("{on}; last pass {}", p.summary()),
         None => format!("{on}; no pass yet"),
     }
 }

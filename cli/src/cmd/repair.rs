@@ -326,17 +326,9 @@ pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::R
             }
             match &record.repair.last_pass {
                 Some(p) => println!(
-                    "last pass: {} ({}) {}/{} healthy{}",
-                    p.at,
+                    "last pass ({}): {}",
                     if p.scheduled { "scheduled" } else { "by hand" },
-                    p.healthy,
-                    p.nodes,
-                    p.repaired
-                        .as_ref()
-                        .map(|r| format!(", repaired: {r}"))
-                        .or_else(|| p.held.as_ref().map(|h| format!(", held: {h}")))
-                        .or_else(|| p.error.as_ref().map(|e| format!(", failed: {e}")))
-                        .unwrap_or_default()
+                    p.summary()
                 ),
                 None => println!("last pass: none"),
             }

@@ -129,6 +129,24 @@ pub struct RepairPass {
     pub error: Option<String>,
 }
 
+impl RepairPass {
+    /// One line: `<at> N/M healthy[, repaired: ...| held: ...| failed: ...]`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {}/{} healthy{}",
+            self.at,
+            self.healthy,
+            self.nodes,
+            self.repaired
+                .as_ref()
+                .map(|a| format!(", repaired: {a}"))
+                .or_else(|| self.held.as_ref().map(|h| format!(", held: {h}")))
+                .or_else(|| self.error.as_ref().map(|e| format!(", failed: {e}")))
+                .unwrap_or_default()
+        )
+    }
+}
+
 /// Auto-repair's part of the cluster record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
