@@ -3,12 +3,12 @@
 # Needs root (apt, debootstrap, network namespaces, libvirtd) and a Rust toolchain (rustup; the
 # version is pinned in rust-toolchain.toml). Stages, each under a time budget (seconds; cold times
 # measured on an idle 2-core machine in brackets):
-#   packages  150  host packages (tests/bed/install-host-packages.sh) [30 s cold on a new machine]
+#   packages   90  host packages (tests/bed/install-host-packages.sh) [30 s cold on a new machine]
 #   cargo     870  cargo test --workspace: unit tests, the spec corpus, the SSH executor against
 #                  real OpenSSH sshd on 127.0.0.1, the engine and kill/resume tests with the fake
 #                  provider, bundle and PKI tests [456 s before kube-rs and k8s-openapi joined; 772 s in CI]
 #   bundle    360  the offline Kubernetes test bundle (tests/bed/build-k8s-bundle.sh) [307 s]
-#   k8s       120  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI
+#   k8s        90  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI
 #                  (custom resources included), clusterctl's API client through a real sshd,
 #                  the node templates' flags and configs accepted by the real binaries, kubeconfig
 #                  files read back by the real kubectl
@@ -20,11 +20,11 @@
 #   provider  230  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
 #                  included: stop, reset, boot-disk replacement) + e2e
 #                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2]
-#   e2e      2930  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
+#   e2e      3020  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
 #                  custom-resources, repair, upgrade, drain, unreachable, scale-down, delete)
-#                  (tests/bed/libvirt-env.sh test e2e) [~2300-2700 s on this 2-core host, which
-#                  varies by 20% from run to run; upgrade alone ~1100 s, repair ~440 s]
+#                  (tests/bed/libvirt-env.sh test e2e) [2626 s on this 2-core host, which
+#                  varies by 20% from run to run; upgrade alone ~1250 s, repair ~400 s]
 # Total 5090 s = 84.8 min: a hang anywhere ends the run inside CI's 90 minutes. A stage over its
 # budget is diagnosed (what it waited for, operation journals, virsh list and VM console logs),
 # killed, and the run's test beds torn down (tests/bed/stage.sh). The run ends with a table of
@@ -119,15 +119,15 @@ stage_libvirt() {
 export out
 export -f bundle_dir test_image test_image_v2 stage_bundle stage_k8s stage_image stage_boot stage_libvirt
 
-run_stage packages 150 "host packages" ./tests/bed/install-host-packages.sh
+run_stage packages 90 "host packages" ./tests/bed/install-host-packages.sh
 run_stage cargo 870 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
   cargo test --workspace --locked
 run_stage bundle 360 "Kubernetes test bundle (cached by input checksum; cold ~5 min, warm 1 s)" stage_bundle
-run_stage k8s 120 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
+run_stage k8s 90 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
 run_stage image 330 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 100 "node image booted once under QEMU TCG" stage_boot
 run_stage provider 230 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
-run_stage e2e 2930 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
+run_stage e2e 3020 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
 trap - INT TERM
 rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true
