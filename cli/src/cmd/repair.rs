@@ -50,6 +50,12 @@ pub fn run(global: &Global, args: &RepairArgs) -> anyhow::Result<()> {
         quiet: global.quiet,
         fancy: output::fancy_progress(global.quiet, global.output),
     };
+    if args.scheduled
+        && let Some(name) = &args.name
+    {
+        // A cron schedule appends to a log in the state directory: keep it small.
+        let _ = schedule::rotate_log(store.root(), name);
+    }
     let opts = RepairOptions {
         dry_run: args.dry_run,
         scheduled: args.scheduled || args.all,
