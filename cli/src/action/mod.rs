@@ -122,6 +122,26 @@ pub fn pinned_endpoint(
     ))
 }
 
+/// Runs `command` on a machine over one pinned SSH connection (host key from the state) as
+/// `identity`, retrying the connection for up to `retry`, and closes it.
+pub async fn run_pinned(
+    identity: &access::ClientIdentity,
+    (endpoint, key): (Endpoint, String),
+    retry: Duration,
+    command: &str,
+) -> anyhow::Result<crate::ssh::ExecOutput> {
+    let client = access::pinned_client(
+        identity,
+        &[(endpoint.clone(), key)],
+        RetryPolicy::for_up_to(retry),
+    )?;
+    let target = Target::new(endpoint.host.clone(), endpoint.port, identity.user.clone());
+    let session = client.connect(&target).await?;
+    let out = session.exec(command).await;
+    session.close().await;
+    Ok(out?)
+}
+
 /// An API client for the cluster: through SSH to its first control-plane machine (host key
 /// pinned from the state), to the API server on that machine's loopback, as the cluster admin.
 pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::Result<KubeClient> {

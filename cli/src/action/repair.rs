@@ -185,22 +185,20 @@ pub fn repair(
         healthy: u32::try_from(plan.nodes.iter().filter(|v| v.healthy).count()).unwrap_or(0),
         nodes: u32::try_from(plan.nodes.len()).unwrap_or(0),
         repaired: None,
-        held: plan.held.clone(),
+        // The pass-wide brake, else the first node a brake holds or that is left alone.
+        held: plan.held.clone().or_else(|| {
+            plan.nodes.iter().find_map(|v| match &v.decision {
+                Decision::Held { why } | Decision::LeftAlone { why } if plan.chosen.is_none() => {
+                    Some(format!("{}: {why}", v.name))
+                }
+                _ => None,
+            })
+        }),
         error: None,
     };
     record.repair.last_pass = Some(pass.clone());
     guard.save(&mut record)?;
     let Some(chosen) = plan.repair().cloned() else {
-        if pass.held.is_none() {
-            pass.held = plan.nodes.iter().find_map(|v| match &v.decision {
-                Decision::Held { why } | Decision::LeftAlone { why } => {
-                    Some(format!("{}: {why}", v.name))
-                }
-                _ => None,
-            });
-            record.repair.last_pass = Some(pass);
-            guard.save(&mut record)?;
-        }
         out.plan = Some(plan);
         out.took_ms = elapsed_ms(started);
         return Ok(out);
@@ -261,6 +259,10 @@ pub fn repair(
         replay: &replay,
         opts,
         report,
+        machine_running: obs
+            .nodes
+            .iter()
+            .any(|o| o.name == chosen.name && o.machine == MachineSeen::Running),
     };
     let result = act(&ctx, &mut record, idx);
     let done_at = Timestamp::now();
@@ -412,38 +414,25 @@ async fn probe_units(
     identity: access::ClientIdentity,
 ) -> SshSeen {
     let unreachable = |e: String| SshSeen::Unreachable { error: e };
-    let (endpoint, key) = match pin {
+    let pin = match pin {
         Ok(p) => p,
         Err(e) => return unreachable(crate::error::error_chain(e.as_ref())),
     };
-    let client = match access::pinned_client(
-        &identity,
-        &[(endpoint.clone(), key)],
-        crate::ssh::RetryPolicy::for_up_to(Duration::from_secs(3)),
-    ) {
-        Ok(c) => c,
-        Err(e) => return unreachable(e.to_string()),
-    };
-    let target =
-        crate::ssh::Target::new(endpoint.host.clone(), endpoint.port, identity.user.clone());
+    let at = format!("{}:{}", pin.0.host, pin.0.port);
     let script = format!(
         "for u in $(cat {BOOT_UNITS} 2>/dev/null); do printf '%s %s\\n' \"$u\" \"$(systemctl is-active \"$u\")\"; done"
     );
-    let r = tokio::time::timeout(SSH_PROBE_TIMEOUT, async {
-        let session = client.connect(&target).await?;
-        let out = session.exec(&script).await;
-        session.close().await;
-        out
-    })
+    let r = tokio::time::timeout(
+        SSH_PROBE_TIMEOUT,
+        super::run_pinned(&identity, pin, Duration::from_secs(3), &script),
+    )
     .await;
     match r {
         Err(_) => unreachable(format!(
-            "no answer from {}:{} within {} s",
-            endpoint.host,
-            endpoint.port,
+            "no answer from {at} within {} s",
             SSH_PROBE_TIMEOUT.as_secs()
         )),
-        Ok(Err(e)) => unreachable(e.to_string()),
+        Ok(Err(e)) => unreachable(crate::error::error_chain(e.as_ref())),
         Ok(Ok(out)) => SshSeen::Reached {
             down: parse_units(&out.stdout_text()),
         },
@@ -470,6 +459,8 @@ struct Ctx<'a> {
     replay: &'a crate::state::Replay,
     opts: &'a RepairOptions,
     report: Reporter,
+    /// Whether this pass saw the node's machine running.
+    machine_running: bool,
 }
 
 /// Makes the repair at `record.repair.history[idx]`; returns how long the node took to be
@@ -507,30 +498,17 @@ fn act(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Result<Du
                 .find(|m| m.name == node)
                 .cloned()
                 .ok_or_else(|| anyhow!("machine {node} is not in the cluster's record"))?;
-            let (endpoint, key) = super::pinned_endpoint(record, &machine)?;
+            let pin = super::pinned_endpoint(record, &machine)?;
             report.machine(node, &format!("restarting {}", units.join(" ")));
             rt.block_on(async {
                 let identity =
                     access::client_identity(&record.spec.spec.ssh, store, &record.name, None)
                         .await?;
-                let client = access::pinned_client(
-                    &identity,
-                    &[(endpoint.clone(), key)],
-                    crate::ssh::RetryPolicy::for_up_to(Duration::from_secs(30)),
-                )?;
-                let target = crate::ssh::Target::new(
-                    endpoint.host.clone(),
-                    endpoint.port,
-                    identity.user.clone(),
-                );
-                let session = client.connect(&target).await?;
                 let quoted: Vec<String> =
                     units.iter().map(|u| crate::ssh::shell_quote(u)).collect();
-                let out = session
-                    .exec(&format!("sudo -n systemctl restart {}", quoted.join(" ")))
-                    .await;
-                session.close().await;
-                let out = out?;
+                let command = format!("sudo -n systemctl restart {}", quoted.join(" "));
+                let out =
+                    super::run_pinned(&identity, pin, Duration::from_secs(30), &command).await?;
                 if !out.success() {
                     bail!(
                         "systemctl restart {} failed: {}",
@@ -599,14 +577,7 @@ fn replace(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Resul
     if !step_done(record, NODE_DELETED) {
         // Only a machine that still runs can give its pods back: a gone one is not drained
         // (evictions would wait for a kubelet that is not there).
-        let cluster = record.cluster_ref();
-        let p = provider.clone();
-        let running = rt
-            .block_on(rt.spawn_blocking(move || p.list_machines(&cluster)))
-            .context("the provider call panicked")?
-            .with_context(|| format!("listing the machines of cluster {:?}", record.name))?
-            .iter()
-            .any(|m| m.name == node && m.state == MachineState::Running);
+        let running = c.machine_running;
         rt.block_on(async {
             let api = cluster_api(store, record).await?;
             let result = async {

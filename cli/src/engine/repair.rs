@@ -620,10 +620,7 @@ fn node_decision(
                 why: "the control-plane machine is gone; clusterctl does not rebuild a control plane (its etcd data was on that machine's data disk): restore it, or create the cluster again".into(),
             };
         }
-        if exclusion_active(policy, now).is_some() {
-            return held_by_exclusion(policy, now);
-        }
-        return repair(RepairAction::Replace);
+        return guarded_replace(policy, now, repair(RepairAction::Replace));
     }
     // 2. The machine is stopped or failed: start it.
     if has(&|p| matches!(p, Problem::MachineDown { .. })) {
@@ -645,7 +642,7 @@ fn node_decision(
         if age < threshold(policy.node_startup_timeout) {
             return wait("not registered", policy.node_startup_timeout);
         }
-        return guarded_replace(policy, o, now, next_after(RepairAction::PowerCycle));
+        return guarded_replace(policy, now, next_after(RepairAction::PowerCycle));
     }
     // 5. NotReady, unreachable, or units that a restart did not bring back.
     let unready = has(&|p| {
@@ -664,7 +661,7 @@ fn node_decision(
         } else {
             RepairAction::PowerCycle
         };
-        return guarded_replace(policy, o, now, next_after(first));
+        return guarded_replace(policy, now, next_after(first));
     }
     // 6. DiskPressure: restarting frees nothing; a worker is replaced.
     if has(&|p| matches!(p, Problem::DiskPressure)) {
@@ -688,7 +685,7 @@ fn node_decision(
                 why: "the control plane is under DiskPressure; a control plane is never replaced: free space on its data disk".into(),
             };
         }
-        return guarded_replace(policy, o, now, repair(RepairAction::Replace));
+        return guarded_replace(policy, now, repair(RepairAction::Replace));
     }
     Decision::Wait {
         why: "nothing clusterctl can repair".into(),
@@ -702,25 +699,21 @@ fn exclusion_active(policy: &Policy, now: Timestamp) -> Option<&(String, Timesta
         .find(|(_, start, end)| *start <= now && now < *end)
 }
 
-fn held_by_exclusion(policy: &Policy, now: Timestamp) -> Decision {
-    match exclusion_active(policy, now) {
-        Some((name, _, end)) => Decision::Held {
+/// `d`, unless it replaces a machine during a maintenance exclusion.
+fn guarded_replace(policy: &Policy, now: Timestamp, d: Decision) -> Decision {
+    match (&d, exclusion_active(policy, now)) {
+        (
+            Decision::Repair {
+                action: RepairAction::Replace,
+                ..
+            },
+            Some((name, _, end)),
+        ) => Decision::Held {
             why: format!(
                 "maintenance exclusion {name:?} until {end}: machines are not replaced during an exclusion (restarts and power-cycles still are)"
             ),
         },
-        None => Decision::Wait { why: String::new() },
-    }
-}
-
-/// `d`, unless it replaces a machine during a maintenance exclusion.
-fn guarded_replace(policy: &Policy, _o: &NodeObservation, now: Timestamp, d: Decision) -> Decision {
-    match d {
-        Decision::Repair {
-            action: RepairAction::Replace,
-            ..
-        } if exclusion_active(policy, now).is_some() => held_by_exclusion(policy, now),
-        other => other,
+        _ => d,
     }
 }
 

@@ -160,8 +160,6 @@ pub struct NodeConditions {
     pub ready_status: String,
     /// When `Ready` last changed status.
     pub ready_since: Option<crate::state::Timestamp>,
-    /// When the kubelet last posted `Ready`.
-    pub heartbeat: Option<crate::state::Timestamp>,
     /// Since when `DiskPressure` has been `True`; `None` when it is not.
     pub disk_pressure_since: Option<crate::state::Timestamp>,
 }
@@ -184,9 +182,6 @@ impl NodeConditions {
             ready_status: ready.map(|c| c.status.clone()).unwrap_or_default(),
             ready_since: ready
                 .and_then(|c| c.last_transition_time.as_ref())
-                .and_then(to_timestamp),
-            heartbeat: ready
-                .and_then(|c| c.last_heartbeat_time.as_ref())
                 .and_then(to_timestamp),
             disk_pressure_since: pressure
                 .and_then(|c| c.last_transition_time.as_ref())
@@ -474,7 +469,6 @@ mod tests {
         };
         assert_eq!(c.ready_status, "False");
         assert_eq!(c.ready_since, at("2026-12-01T10:05:00Z"));
-        assert_eq!(c.heartbeat, at("2026-12-01T10:20:30Z"));
         assert_eq!(c.disk_pressure_since, at("2026-12-01T10:00:00Z"));
     }
 
