@@ -831,21 +831,41 @@ fn install_script(
 
 /// The script that (re)starts `units` of a node: restarts them in order when its files changed
 /// (the marker), otherwise only starts what is not running. `last` removes the marker: the other
-/// units' stage is done.
-fn start_script(plan: &NodePlan, units: &[String], last: bool) -> String {
-    start_script_with(&plan.own_units, units, last, RESTART_PENDING, BOOT_UNITS)
+/// units' stage is done. `quiet` are units stopped before kube-apiserver restarts (the next stage
+/// starts them again once it is ready).
+fn start_script(plan: &NodePlan, units: &[String], last: bool, quiet: &[String]) -> String {
+    start_script_with(
+        &plan.own_units,
+        units,
+        last,
+        quiet,
+        RESTART_PENDING,
+        BOOT_UNITS,
+    )
 }
 
 fn start_script_with(
     own_units: &[String],
     units: &[String],
     last: bool,
+    quiet: &[String],
     marker: &str,
     boot_units: &str,
 ) -> String {
     let units: Vec<String> = units.iter().map(|u| shell_quote(u)).collect();
     let own: Vec<String> = own_units.iter().map(|u| shell_quote(u)).collect();
     let (marker, boot_units) = (shell_quote(marker), shell_quote(boot_units));
+    let quiet: Vec<String> = quiet.iter().map(|u| shell_quote(u)).collect();
+    let quiet = if quiet.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\x20 if [ \"$all\" = 1 ] || grep -qxF kube-apiserver.service {marker}; then\n\
+             \x20   for u in {}; do systemctl stop \"$u\"; echo \"stopped $u\"; done\n\
+             \x20 fi\n",
+            quiet.join(" ")
+        )
+    };
     let done = if last {
         format!("rm -f {marker}")
     } else {
@@ -858,6 +878,7 @@ fn start_script_with(
          printf '%s\\n' {own} > {boot_units}.new && mv -f {boot_units}.new {boot_units}\n\
          if [ -e {marker} ]; then\n\
          \x20 all=0; [ -s {marker} ] || all=1; ! grep -qxF '{RESTART_ALL}' {marker} || all=1\n\
+         {quiet}\
          \x20 n=0\n\
          \x20 for u in {units}; do\n\
          \x20   if [ \"$all\" = 1 ] || grep -qxF \"$u\" {marker}; then systemctl restart \"$u\"; n=$((n+1)); else systemctl is-active -q \"$u\" || systemctl start \"$u\"; fi\n\
@@ -884,18 +905,31 @@ fn control_plane_stages(plan: &NodePlan) -> (Vec<String>, Vec<String>) {
     (plan.units[..split].to_vec(), plan.units[split..].to_vec())
 }
 
+/// The units of the second stage stopped while kube-apiserver restarts alone (a changed flag or
+/// certificate): the controller-manager holds one connection per controller (50 measured) and
+/// the scheduler several, and all of them reconnecting at once made a restarted API server time
+/// out on its own loopback TLS handshakes and exit, five times in a row, on a busy emulated
+/// control plane. The second stage starts them once `/readyz` answers.
+fn quiet_during_api_restart(rest: &[String]) -> Vec<String> {
+    rest.iter()
+        .filter(|u| *u == "kube-controller-manager.service" || *u == "kube-scheduler.service")
+        .cloned()
+        .collect()
+}
+
 async fn start_node(
     client: &SshClient,
     plan: &NodePlan,
     units: &[String],
     last: bool,
+    quiet: &[String],
 ) -> Result<String, EngineError> {
     let session = connect(client, plan).await?;
     let result = root_script(
         &session,
         &plan.name,
         "starting its units",
-        &start_script(plan, units, last),
+        &start_script(plan, units, last, quiet),
         Duration::from_secs(300),
     )
     .await;
@@ -967,7 +1001,8 @@ impl Phase<BootstrapContext> for StartControlPlane {
                 async move {
                     let (first, rest) = control_plane_stages(&plan);
                     line.say("starting etcd and the API server");
-                    let msg = start_node(&client, &plan, &first, false).await?;
+                    let quiet = quiet_during_api_restart(&rest);
+                    let msg = start_node(&client, &plan, &first, false, &quiet).await?;
                     line.say(&format!("{msg}; waiting for the API server"));
                     let kube = kube_client(&client, &plan, &credentials)?;
                     let progress_line = line.clone();
@@ -995,7 +1030,7 @@ impl Phase<BootstrapContext> for StartControlPlane {
                         });
                     }
                     line.say("API server ready; starting the other components");
-                    let rest_msg = start_node(&client, &plan, &rest, true).await?;
+                    let rest_msg = start_node(&client, &plan, &rest, true, &[]).await?;
                     Ok(if msg == rest_msg {
                         msg
                     } else {
@@ -1028,7 +1063,7 @@ impl Phase<BootstrapContext> for StartWorkers {
                 .collect();
             for_nodes(ctx, workers, |client, plan, line| async move {
                 line.say("starting units");
-                start_node(&client, &plan, &plan.units, true).await
+                start_node(&client, &plan, &plan.units, true, &[]).await
             })
             .await
         })
@@ -1268,6 +1303,18 @@ mod tests {
 
     /// Runs the start script with a `systemctl` that logs its calls (every unit active).
     fn started(marker: Option<&str>, last: bool) -> (Vec<String>, String, bool) {
+        let (restarts, out, left, _) = started_quiet(marker, last, &[]);
+        (restarts, out, left)
+    }
+
+    /// Runs the start script against a fake systemctl: (restarted units, stdout, marker left,
+    /// every systemctl call in order).
+    fn started_quiet(
+        marker: Option<&str>,
+        last: bool,
+        quiet: &[&str],
+    ) -> (Vec<String>, String, bool, Vec<String>) {
+        let quiet: Vec<String> = quiet.iter().map(|u| (*u).to_owned()).collect();
         let Ok(dir) = tempfile::tempdir() else {
             panic!("no temp dir");
         };
@@ -1291,7 +1338,8 @@ mod tests {
         .iter()
         .map(|u| (*u).to_owned())
         .collect();
-        let script = start_script_with(&units, &units, last, &d("marker"), &d("boot-units"));
+        let script =
+            start_script_with(&units, &units, last, &quiet, &d("marker"), &d("boot-units"));
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(&script)
@@ -1313,7 +1361,48 @@ mod tests {
             restarts,
             String::from_utf8_lossy(&out.stdout).into_owned(),
             std::path::Path::new(&d("marker")).exists(),
+            calls.lines().map(str::to_owned).collect(),
         )
+    }
+
+    #[test]
+    fn api_clients_stop_before_a_restart_of_the_api_server_only() {
+        let quiet = ["kube-controller-manager.service"];
+        let (r, out, _, calls) = started_quiet(Some("kube-apiserver.service\n"), false, &quiet);
+        assert_eq!(r, ["kube-apiserver.service"]);
+        assert!(
+            out.contains("stopped kube-controller-manager.service"),
+            "{out}"
+        );
+        let at = |c: &str| calls.iter().position(|l| l == c);
+        assert!(
+            at("stop kube-controller-manager.service") < at("restart kube-apiserver.service"),
+            "{calls:?}"
+        );
+        // Everything restarts: the clients stop first too.
+        let (_, _, _, calls) = started_quiet(Some("*\n"), false, &quiet);
+        assert!(calls.contains(&"stop kube-controller-manager.service".to_owned()));
+        // Another unit changed: the API server keeps running and so do its clients.
+        let (_, out, _, calls) = started_quiet(Some("pod-network.service\n"), false, &quiet);
+        assert!(!out.contains("stopped"), "{out}");
+        assert!(!calls.iter().any(|c| c.starts_with("stop ")), "{calls:?}");
+        // No marker: nothing was changed, nothing stops.
+        let (_, _, _, calls) = started_quiet(None, false, &quiet);
+        assert!(!calls.iter().any(|c| c.starts_with("stop ")), "{calls:?}");
+    }
+
+    #[test]
+    fn the_clients_quieted_are_the_controller_manager_and_scheduler_of_the_second_stage() {
+        let rest: Vec<String> = [
+            "kube-controller-manager.service",
+            "kube-scheduler.service",
+            "kubelet.service",
+        ]
+        .iter()
+        .map(|u| (*u).to_owned())
+        .collect();
+        assert_eq!(quiet_during_api_restart(&rest), rest[..2]);
+        assert!(quiet_during_api_restart(&rest[2..]).is_empty());
     }
 
     #[test]
