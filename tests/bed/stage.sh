@@ -16,6 +16,11 @@
 # bed and the tail of every VM console log. Then the stage's process group gets TERM, 30 s of grace
 # and KILL, every bed of this run is torn down, and the stage counts as failed.
 #
+# Besides its own budget every stage is cut off at the run's deadline (stage_deadline, seconds after
+# run_t0; CLUSTERCTL_RUN_DEADLINE overrides it): a stage starting late gets only what is left, so a
+# hang anywhere ends the run, diagnosed and torn down, inside CI's 90 minutes while one slow stage
+# may still use time an earlier fast one left over. A stage cut by the deadline reports `deadline`.
+#
 # Budgets are overridable for experiments: CLUSTERCTL_STAGE_BUDGET_<NAME>=SECONDS (NAME upper-case).
 # CLUSTERCTL_STAGES="cargo image" runs only the named stages (the others are listed as skipped).
 # CLUSTERCTL_STAGE_HANG=NAME makes stage NAME hang after its work (to see the budget cut it off).
@@ -25,6 +30,9 @@
 
 run_dir=${run_dir:?tests/bed/stage.sh: set run_dir before sourcing}
 run_t0=${run_t0:-$SECONDS}
+# 86 min: diagnosing and killing a stage (30 s of grace), the teardown and the table fit in the 4
+# minutes left of CI's 90.
+stage_deadline=${CLUSTERCTL_RUN_DEADLINE:-5160}
 stage_names=() stage_budgets=() stage_secs=() stage_results=() stage_current='' stage_stopped='' stage_t0=0
 stage_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
@@ -64,15 +72,25 @@ run_stage() {
       echo "waiting for: nothing (a hang injected by CLUSTERCTL_STAGE_HANG)" > "$CLUSTERCTL_DIAG_DIR/hang"
       echo "stage: hanging on purpose (CLUSTERCTL_STAGE_HANG)"; sleep infinity
     fi' "$pgfile" "$hang" "$@" > >(tee -a "$log") 2>&1 &
-  local pid=$! result=''
+  local pid=$! result='' end=$((run_t0 + stage_deadline)) cut="its budget of $budget s"
+  # Whichever comes first: the stage's own budget or the run's deadline.
+  if [ $((t0 + budget)) -gt "$end" ]; then
+    echo "run-all: stage $name gets $((end - t0)) s of its $budget (the run's deadline is $stage_deadline s)"
+  else
+    end=$((t0 + budget))
+  fi
   while kill -0 "$pid" 2>/dev/null; do
-    if [ $((SECONDS - t0)) -ge "$budget" ]; then result=timeout; break; fi
+    if [ "$SECONDS" -ge "$end" ]; then
+      result=timeout
+      [ $((SECONDS - t0)) -ge "$budget" ] || { result=deadline; cut="the run's deadline of $stage_deadline s"; }
+      break
+    fi
     sleep 1
   done
   local pg
   pg=$(cat "$pgfile" 2>/dev/null || echo "$pid")
-  if [ "$result" = timeout ]; then
-    stage_diagnose "$name" "$budget" "$log"
+  if [ "$result" = timeout ] || [ "$result" = deadline ]; then
+    stage_diagnose "$name" "$cut" "$log"
     stage_kill_group "$pg"
     wait "$pid" 2>/dev/null || true
     stage_teardown_beds
@@ -138,9 +156,9 @@ stage_journals() {
 }
 
 stage_diagnose() {
-  local name=$1 budget=$2 log=$3 f d
+  local name=$1 cut=$2 log=$3 f d
   echo
-  echo "!!! stage $name exceeded its budget of $budget s; what it was doing (nothing killed yet):"
+  echo "!!! stage $name was stopped by $cut; what it was doing (nothing killed yet):"
   echo "--- last 20 lines of its output ($log)"
   tail -n 20 "$log"
   for f in "$CLUSTERCTL_DIAG_DIR"/*; do
@@ -274,6 +292,6 @@ stage_table() {
     total_s=$((total_s + stage_secs[i]))
     case "${stage_results[$i]}" in ok | skipped | "not run") ;; *) overall=FAILED ;; esac
   done
-  printf '%-10s %8s %8s  %s (budget %d min, run %d min %02d s)\n' total "$total_b" "$total_s" "$overall" \
-    $((total_b / 60)) $((total_s / 60)) $((total_s % 60))
+  printf '%-10s %8s %8s  %s (deadline %d min, run %d min %02d s)\n' total "$total_b" "$total_s" "$overall" \
+    $((stage_deadline / 60)) $((total_s / 60)) $((total_s % 60))
 }
