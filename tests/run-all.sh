@@ -32,7 +32,8 @@
 # virsh list and VM console logs), killed, and the run's test beds torn down. The run ends with a
 # table of stage times, pass or fail.
 # For local runs: CLUSTERCTL_STAGES="image boot" runs only those stages; CLUSTERCTL_STAGE_BUDGET_<NAME>
-# overrides a budget; CLUSTERCTL_STAGE_HANG=NAME makes a stage hang on purpose (.ci/run ignores all three).
+# overrides a budget; CLUSTERCTL_RUN_DEADLINE=SECONDS the run's deadline; CLUSTERCTL_STAGE_HANG=NAME
+# makes a stage hang on purpose (.ci/run ignores all four).
 # Big artifacts (cargo target dir, node image, Kubernetes bundle) are cached under
 # /var/cache/clusterctl, keyed by their inputs; a warm machine skips rebuilding them.
 set -euo pipefail

@@ -33,6 +33,10 @@ run_t0=${run_t0:-$SECONDS}
 # 86 min: diagnosing and killing a stage (30 s of grace), the teardown and the table fit in the 4
 # minutes left of CI's 90.
 stage_deadline=${CLUSTERCTL_RUN_DEADLINE:-5160}
+[[ $stage_deadline =~ ^[0-9]+$ ]] || {
+  echo "run-all: CLUSTERCTL_RUN_DEADLINE must be whole seconds, not '$stage_deadline'" >&2
+  exit 2
+}
 stage_names=() stage_budgets=() stage_secs=() stage_results=() stage_current='' stage_stopped='' stage_t0=0
 stage_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
@@ -56,6 +60,14 @@ run_stage() {
   if [ -n "$stage_stopped" ] || ! stage_selected "$name"; then
     stage_secs+=(0)
     if [ -n "$stage_stopped" ]; then stage_results+=("not run"); else stage_results+=(skipped); fi
+    return 0
+  fi
+  # A stage the deadline leaves no time for is not started.
+  if [ $((SECONDS - run_t0)) -ge "$stage_deadline" ]; then
+    echo "run-all: stage $name not started: the run's deadline of $stage_deadline s has passed" >&2
+    stage_secs+=(0)
+    stage_results+=(deadline)
+    stage_stopped=$name
     return 0
   fi
   printf '\n==> [%s] %s (budget %s s; %s s into the run)\n' "$name" "$title" "$budget" "$((SECONDS - run_t0))"

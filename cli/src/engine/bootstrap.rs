@@ -905,11 +905,12 @@ fn control_plane_stages(plan: &NodePlan) -> (Vec<String>, Vec<String>) {
     (plan.units[..split].to_vec(), plan.units[split..].to_vec())
 }
 
-/// The units of the second stage stopped while kube-apiserver restarts alone (a changed flag or
-/// certificate): the controller-manager holds one connection per controller (50 measured) and
-/// the scheduler several, and all of them reconnecting at once made a restarted API server time
-/// out on its own loopback TLS handshakes and exit, five times in a row, on a busy emulated
-/// control plane. The second stage starts them once `/readyz` answers.
+/// The units of the second stage stopped whenever kube-apiserver restarts (a changed flag,
+/// binary or certificate): the controller-manager holds one connection per controller (50
+/// measured) and the scheduler several (9), and all of them reconnecting at once made a restarted
+/// API server time out on its own loopback TLS handshakes and exit, six times in a row, on a busy
+/// emulated control plane. The second stage starts them once `/readyz` answers; when it never
+/// does they stay stopped until a re-run, which finds the restart marker and runs both stages.
 fn quiet_during_api_restart(rest: &[String]) -> Vec<String> {
     rest.iter()
         .filter(|u| *u == "kube-controller-manager.service" || *u == "kube-scheduler.service")
