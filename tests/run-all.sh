@@ -18,9 +18,9 @@
 #                  one more package (`--add-package less`) the e2e upgrades to
 #                  (CLUSTERCTL_TEST_IMAGE_V2) [217 s]
 #   boot      150  that image booted under QEMU TCG (nodeimage's boot test) [~50 s; 70 s; 84-90 s on 2026-12-01]
-#   provider  230  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
+#   provider  400  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
 #                  included: stop, reset, boot-disk replacement) + e2e
-#                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2]
+#                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2; over 230 s on 2026-12-01]
 #   e2e      3600  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
 #                  custom-resources, repair, upgrade, drain, unreachable, scale-down, delete)
@@ -130,7 +130,7 @@ run_stage bundle 360 "Kubernetes test bundle (cached by input checksum; cold ~5 
 run_stage k8s 90 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
 run_stage image 330 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 150 "node image booted once under QEMU TCG" stage_boot
-run_stage provider 230 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
+run_stage provider 400 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
 run_stage e2e 3600 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
 trap - INT TERM
