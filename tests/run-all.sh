@@ -21,12 +21,13 @@
 #   provider  400  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
 #                  included: stop, reset, boot-disk replacement) + e2e
 #                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2; over 230 s on 2026-12-01]
-#   e2e      3600  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
+#   e2e      4400  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
 #                  custom-resources, repair, upgrade, drain, unreachable, scale-down, delete)
 #                  (tests/bed/libvirt-env.sh test e2e) [2626 s on this 2-core host on a quiet
 #                  day, over 3400 s on a busy one (CI of 2026-12-01 was cut at 3020 s in phase
-#                  drain, every phase 1.3-2.4x slower); upgrade alone 1245-1612 s]
+#                  drain, every phase 1.3-2.4x slower; on 2026-12-01 create took 601 s,
+#                  the first five phases 873 s against 549); upgrade alone 1245-1612 s]
 # Every stage also ends at the run's deadline, 86 min after the start (tests/bed/stage.sh): a hang
 # anywhere ends the run inside CI's 90 minutes, while a slow e2e may use what faster stages left.
 # A stage over its budget or the deadline is diagnosed (what it waited for, operation journals,
@@ -131,7 +132,7 @@ run_stage k8s 90 "bundle proofs: control plane from the bundle, node templates, 
 run_stage image 330 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 150 "node image booted once under QEMU TCG" stage_boot
 run_stage provider 400 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
-run_stage e2e 3600 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
+run_stage e2e 4400 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 
 trap - INT TERM
 rmdir "$CLUSTERCTL_BED_STATE_ROOT" 2>/dev/null || true
