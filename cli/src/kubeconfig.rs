@@ -211,6 +211,25 @@ pub fn names_for(cluster_name: &str) -> (String, String, String) {
     (base.clone(), base.clone(), format!("{base}-admin"))
 }
 
+/// The names of the entries of a person's credential for cluster `cluster_name`:
+/// (`clusterctl-<name>-<user>`, `clusterctl-<name>`, `clusterctl-<name>-<user>`), the user
+/// name with characters other than letters, digits, `.`, `_`, `@` and `-` replaced by `-`.
+pub fn names_for_user(cluster_name: &str, user: &str) -> (String, String, String) {
+    let clean: String = user
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let base = format!("{NAME_PREFIX}{cluster_name}");
+    let named = format!("{base}-{clean}");
+    (named.clone(), base, named)
+}
+
 /// One cluster's kubeconfig entries: a cluster (server and CA), a user (client certificate and
 /// key) and a context joining them. All certificates and the key are embedded as base64 data.
 /// `Debug` shows names and the server only: the key is never formatted.
@@ -225,10 +244,27 @@ pub struct Entry {
     pub server: String,
     /// The cluster CA certificate, PEM.
     pub ca_pem: String,
-    /// The client certificate, PEM.
-    pub client_cert_pem: String,
-    /// The client key, PEM; wiped from memory when dropped.
-    pub client_key_pem: Zeroizing<String>,
+    /// How the user proves who it is.
+    pub credential: Credential,
+}
+
+/// The user part of a kubeconfig entry.
+pub enum Credential {
+    /// A client certificate (the cluster admin's).
+    ClientCertificate {
+        /// The client certificate, PEM.
+        cert_pem: String,
+        /// The client key, PEM; wiped from memory when dropped.
+        key_pem: Zeroizing<String>,
+    },
+    /// A bearer token acting as another user (`as:`): a person's credential from
+    /// `get-credentials --user`.
+    Token {
+        /// The bearer token; wiped from memory when dropped.
+        token: Zeroizing<String>,
+        /// The user name the requests act as.
+        impersonate: String,
+    },
 }
 
 impl fmt::Debug for Entry {
@@ -308,7 +344,6 @@ pub fn merge(
             detail: "the top level is not a mapping".to_owned(),
         });
     };
-    let key_b64 = Zeroizing::new(STANDARD.encode(entry.client_key_pem.as_bytes()));
     let cluster_item = named(
         &entry.cluster,
         "cluster",
@@ -317,17 +352,20 @@ pub fn merge(
             ("server", entry.server.clone()),
         ],
     );
-    let user_item = named(
-        &entry.user,
-        "user",
-        vec![
+    // The secret fields are copied into the document; the copies there are wiped with it.
+    let user_fields = match &entry.credential {
+        Credential::ClientCertificate { cert_pem, key_pem } => vec![
+            ("client-certificate-data", STANDARD.encode(cert_pem)),
             (
-                "client-certificate-data",
-                STANDARD.encode(&entry.client_cert_pem),
+                "client-key-data",
+                Zeroizing::new(STANDARD.encode(key_pem.as_bytes())).to_string(),
             ),
-            ("client-key-data", key_b64.to_string()),
         ],
-    );
+        Credential::Token { token, impersonate } => {
+            vec![("as", impersonate.clone()), ("token", token.to_string())]
+        }
+    };
+    let user_item = named(&entry.user, "user", user_fields);
     let mut context_fields = vec![
         ("cluster", entry.cluster.clone()),
         ("user", entry.user.clone()),
@@ -544,8 +582,10 @@ pub fn admin_entry(store: &StateStore, record: &ClusterRecord) -> Result<Entry, 
         user,
         server: kubernetes.api_server.clone(),
         ca_pem: ca_pem.to_string(),
-        client_cert_pem: cert_pem.to_string(),
-        client_key_pem: key_pem,
+        credential: Credential::ClientCertificate {
+            cert_pem: cert_pem.to_string(),
+            key_pem,
+        },
     })
 }
 

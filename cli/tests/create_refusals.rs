@@ -209,12 +209,7 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
     let bed = Bed::new()?;
     let path = bed.spec("    version: \"1.20.2\"\n")?;
     let text = fs::read_to_string(&path)?;
-    fs::write(
-        &path,
-        format!(
-            "{text}  access:\n    bindings:\n      - members: [\"user:alice\"]\n        role: viewer\n"
-        ),
-    )?;
+    fs::write(&path, format!("{text}  autoUpgrade:\n    enabled: true\n"))?;
     let file = path.to_str().unwrap_or_default();
     for cmd in ["plan", "create"] {
         let out = bed.run(&[cmd, "-f", file])?;
@@ -222,7 +217,7 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(
             err.contains(
-                "cluster.yaml:15:5: spec.access.bindings: granting roles with access bindings is not implemented yet"
+                "cluster.yaml:15:14: spec.autoUpgrade.enabled: automatic upgrade is not implemented yet"
             ),
             "{cmd}: {err}"
         );
@@ -231,7 +226,7 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
     bed.assert_nothing_made()?;
 
     // Off is honest: the same spec with enabled: false is planned.
-    fs::write(&path, format!("{text}  access:\n    bindings: []\n"))?;
+    fs::write(&path, format!("{text}  autoUpgrade:\n    enabled: false\n"))?;
     let out = bed.run(&["plan", "-f", file])?;
     assert!(out.status.success(), "{}", stderr(&out));
     Ok(())

@@ -19,6 +19,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use clusterctl::engine::iam;
 use clusterctl::kube::drain::{self, Blocker, PodRef, Replicas};
 use clusterctl::kube::drainer::{self, DrainError, DrainEvent, DrainOptions};
 use clusterctl::kube::{
@@ -345,9 +346,270 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
     );
     assert_eq!(err.disposition(), Disposition::Fail);
 
+    access_calls(&client, &cp, tmp.path()).await;
+
     client.close().await;
     cp.procs.check_alive();
     eprintln!("total {:?}", t0.elapsed());
+}
+
+/// Brings the cluster's access objects to what `access` wants; returns the changes made.
+async fn sync_access(client: &KubeClient, access: &clusterctl::spec::Access) -> Vec<String> {
+    let observed = client.observe_access().await.expect("observe access");
+    let changes = iam::changes(&iam::desired(access), &observed);
+    for c in &changes {
+        client
+            .apply_access_change(c)
+            .await
+            .unwrap_or_else(|e| panic!("{c}: {}", clusterctl::engine::apply::error_chain(&e)));
+    }
+    changes.iter().map(ToString::to_string).collect()
+}
+
+/// Runs the bundle's kubectl with a person's kubeconfig; (success, stdout + stderr).
+fn kubectl_as(cp: &ControlPlane, kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cp.bin("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--request-timeout", "20s"])
+        .args(args)
+        .output()
+        .expect("run kubectl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// IAM-scoped access against the real API server: bindings reconciled (created, updated,
+/// replaced, deleted; a same-named binding that is not clusterctl's refused), a person's bound
+/// token acting as them through impersonation, scoped to a namespace, and revoked at once by
+/// deleting their account. (The aggregated `view`/`edit` roles need the controller manager,
+/// which this control plane does not run: the cluster e2e checks those.)
+async fn access_calls(client: &KubeClient, cp: &ControlPlane, dir: &std::path::Path) {
+    use clusterctl::spec::Role;
+    let mut access = clusterctl::spec::Access::default();
+    iam::grant(
+        &mut access,
+        "user:alice@example.com",
+        Role::ClusterAdmin,
+        &["team-a".into()],
+    )
+    .expect("grant");
+    let made = sync_access(client, &access).await;
+    eprintln!("access changes: {made:#?}");
+    assert_eq!(
+        made.len(),
+        4,
+        "namespaces, the user, the binding: {made:#?}"
+    );
+    assert_eq!(
+        sync_access(client, &access).await,
+        Vec::<String>::new(),
+        "in step"
+    );
+
+    let alice = iam::UserAccount::of("alice@example.com");
+    let t = Instant::now();
+    let (token, expires) = client
+        .user_token(&alice.account, Duration::from_secs(600))
+        .await
+        .expect("token");
+    eprintln!("token issued in {:?}, expires {expires}", t.elapsed());
+    let raw_token = token.clone();
+    // A kubeconfig with the server and CA only: the token is given on the command line.
+    let bare = dir.join("bare.kubeconfig");
+    std::fs::write(
+        &bare,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority: {}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n",
+            cp.api_port,
+            cp.pki_dir.join("ca.crt").display()
+        ),
+    )
+    .expect("bare kubeconfig");
+    let (ok, out) = kubectl_as(
+        cp,
+        &bare,
+        &["--token", raw_token.as_str(), "get", "--raw", "/apis"],
+    );
+    assert!(ok, "the bare token authenticates: {out}");
+    let server = format!("https://127.0.0.1:{}", cp.api_port);
+    let kubeconfig = dir.join("alice.kubeconfig");
+    let (context, cluster, user) =
+        clusterctl::kubeconfig::names_for_user("local", "alice@example.com");
+    let entry = clusterctl::kubeconfig::Entry {
+        context,
+        cluster,
+        user,
+        server,
+        ca_pem: read(cp.pki_dir.join("ca.crt")),
+        credential: clusterctl::kubeconfig::Credential::Token {
+            token,
+            impersonate: "alice@example.com".into(),
+        },
+    };
+    clusterctl::kubeconfig::merge(&kubeconfig, &entry, true).expect("write kubeconfig");
+
+    // RBAC changes reach the API server's authorizer through its informers: allow a moment.
+    let t = Instant::now();
+    loop {
+        let (ok, out) = kubectl_as(cp, &kubeconfig, &["-n", "team-a", "get", "pods"]);
+        if ok {
+            eprintln!(
+                "alice allowed {:?} after her grant was applied",
+                t.elapsed()
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "alice reads team-a: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out) = kubectl_as(
+        cp,
+        &kubeconfig,
+        &[
+            "-n",
+            "team-a",
+            "create",
+            "configmap",
+            "by-alice",
+            "--from-literal=a=b",
+        ],
+    );
+    assert!(ok, "alice writes in team-a: {out}");
+    let (ok, out) = kubectl_as(cp, &kubeconfig, &["-n", "team-b", "get", "pods"]);
+    assert!(!ok && out.contains("Forbidden"), "team-b: {out}");
+    assert!(
+        out.contains("\"alice@example.com\""),
+        "denied as alice herself: {out}"
+    );
+    let (ok, out) = kubectl_as(cp, &kubeconfig, &["get", "nodes"]);
+    assert!(!ok && out.contains("Forbidden"), "nodes: {out}");
+    // The account can act as alice and nobody else.
+    let (ok, out) = kubectl_as(
+        cp,
+        &kubeconfig,
+        &["--as", "bob", "-n", "team-a", "get", "pods"],
+    );
+    assert!(
+        !ok && out.contains("Forbidden"),
+        "impersonating someone else: {out}"
+    );
+
+    // More members: an update; another role of the same scope: another binding.
+    iam::grant(
+        &mut access,
+        "group:ops",
+        Role::ClusterAdmin,
+        &["team-a".into()],
+    )
+    .expect("grant");
+    let made = sync_access(client, &access).await;
+    assert!(
+        matches!(&made[..], [c] if c.starts_with("update RoleBinding clusterctl:cluster-admin in team-a")),
+        "{made:#?}"
+    );
+
+    // A binding of clusterctl's name that clusterctl did not make is left alone.
+    let foreign: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = Api::all(client.client());
+    let obj: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "clusterctl:viewer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "someone"}]
+    }))
+    .expect("binding");
+    foreign
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("foreign binding");
+    let mut with_viewer = access.clone();
+    iam::grant(&mut with_viewer, "user:carol", Role::Viewer, &[]).expect("grant");
+    let observed = client.observe_access().await.expect("observe");
+    let mut refused = None;
+    for c in iam::changes(&iam::desired(&with_viewer), &observed) {
+        if let Err(e) = client.apply_access_change(&c).await {
+            refused = Some(clusterctl::engine::apply::error_chain(&e));
+        }
+    }
+    let refused = refused.expect("the foreign binding is refused");
+    assert!(refused.contains("without clusterctl's label"), "{refused}");
+    let kept = foreign.get("clusterctl:viewer").await.expect("still there");
+    assert_eq!(kept.subjects.unwrap_or_default()[0].name, "someone");
+    foreign
+        .delete("clusterctl:viewer", &Default::default())
+        .await
+        .expect("clean up");
+    // carol's account was made before the refusal; the spec without her removes it again.
+
+    // Revoked: alice's account goes, and her unexpired token with it.
+    iam::revoke(&mut access, "user:alice@example.com", None, &[]).expect("revoke");
+    let t = Instant::now();
+    let made = sync_access(client, &access).await;
+    eprintln!("revoke changes: {made:#?}");
+    assert!(
+        made.iter()
+            .any(|c| c.starts_with("delete the account of user alice@example.com")),
+        "{made:#?}"
+    );
+    let denied_after = loop {
+        let (ok, out) = kubectl_as(cp, &kubeconfig, &["-n", "team-a", "get", "pods"]);
+        if !ok {
+            assert!(
+                out.contains("Unauthorized") || out.contains("Forbidden"),
+                "{out}"
+            );
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "still allowed after 60 s: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Not only denied: the token itself is dead (a later grant of the same name would not
+    // bring it back), even for what every authenticated user may read.
+    let dead_after = loop {
+        let (ok, out) = kubectl_as(
+            cp,
+            &bare,
+            &["--token", raw_token.as_str(), "get", "--raw", "/apis"],
+        );
+        if !ok {
+            assert!(out.contains("Unauthorized"), "{out}");
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "token still accepted after 60 s: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("revoke -> denied: {denied_after:?}, token rejected: {dead_after:?}");
+    let err = client
+        .user_token(&alice.account, Duration::from_secs(600))
+        .await
+        .expect_err("no account, no token");
+    assert_eq!(err.status_code(), Some(404), "{err}");
+
+    // Everything of clusterctl's goes with an empty spec; namespaces stay.
+    let made = sync_access(client, &clusterctl::spec::Access::default()).await;
+    eprintln!("emptied: {made:#?}");
+    let observed = client.observe_access().await.expect("observe");
+    assert!(
+        observed.bindings.is_empty()
+            && observed.accounts.is_empty()
+            && observed.impersonators.is_empty(),
+        "{observed:#?}"
+    );
+    assert!(observed.namespaces.contains("team-a"));
 }
 
 async fn drain_calls(client: &KubeClient, policy: &PolicyApi) {

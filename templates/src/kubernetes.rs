@@ -55,6 +55,7 @@ const CONTAINERD: &str = include_str!("kubernetes/containerd.toml");
 const CNI: &str = include_str!("kubernetes/cni.conflist");
 const SYSCTL: &str = include_str!("kubernetes/sysctl.conf");
 const MODULES: &str = include_str!("kubernetes/modules-load.conf");
+const AUDIT_POLICY: &str = include_str!("kubernetes/audit-policy.yaml");
 
 /// Prefix length of each node's pod range.
 pub const NODE_POD_PREFIX: u8 = 24;
@@ -194,6 +195,12 @@ impl Default for Layout {
             etcd_data_dir: "/var/lib/etcd".to_owned(),
         }
     }
+}
+
+/// Where kube-apiserver writes its audit log (JSON lines, rotated at 20 MiB, 3 old files
+/// kept): under the config directory, on the data disk.
+pub fn audit_log_path(layout: &Layout) -> String {
+    format!("{}/audit/audit.log", layout.config_dir)
 }
 
 /// Whether etcd members form a new cluster or join a running one.
@@ -651,6 +658,7 @@ impl<'a> Renderer<'a> {
             ("cni.conflist", CNI),
             ("sysctl.conf", SYSCTL),
             ("modules-load.conf", MODULES),
+            ("audit-policy.yaml", AUDIT_POLICY),
         ] {
             tera.add_raw_template(name, src)
                 .map_err(|e| template_error(name, &e))?;
@@ -990,11 +998,20 @@ pub fn render_node(cluster: &ClusterInput, node_name: &str) -> Result<NodeFiles,
             flag("requestheader-username-headers", "X-Remote-User"),
             flag("proxy-client-cert-file", need_pki("front-proxy-client.crt")),
             flag("proxy-client-key-file", need_pki("front-proxy-client.key")),
+            flag("audit-policy-file", conf("audit-policy.yaml")),
+            flag("audit-log-path", audit_log_path(layout)),
+            flag("audit-log-maxsize", 20),
+            flag("audit-log-maxbackup", 3),
         ];
         if profile.disable_priority_and_fairness {
             api.flags
                 .push(flag("enable-priority-and-fairness", "false"));
         }
+        files.push(File {
+            path: conf("audit-policy.yaml"),
+            mode: 0o644,
+            contents: r.config("audit-policy.yaml", &[])?,
+        });
         files.push(File {
             path: unit_path("kube-apiserver.service"),
             mode: 0o644,

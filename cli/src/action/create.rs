@@ -319,8 +319,36 @@ pub fn reconcile(
         && let (Some(artifacts), Some(access)) = (artifacts, ctx.ssh.clone())
     {
         result = bootstrap_kubernetes(rt, &ctx, guard, record, artifacts, access, report);
+        if result.is_ok() {
+            result = apply_access(rt, store, record, journal, report);
+        }
     }
     result
+}
+
+/// Brings the cluster's RBAC bindings and users' accounts in step with the spec's
+/// `access.bindings` (`action::iam`).
+fn apply_access(
+    rt: &tokio::runtime::Runtime,
+    store: &StateStore,
+    record: &ClusterRecord,
+    journal: &Arc<Mutex<Journal>>,
+    report: Reporter,
+) -> anyhow::Result<()> {
+    report.phase("Applying access bindings");
+    // Locked for the whole step, outside the future: nothing else writes the journal while the
+    // bindings are applied (bootstrap has finished).
+    let mut journal = journal
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the journal lock is poisoned"))?;
+    let journal: &mut Journal = &mut journal;
+    rt.block_on(async {
+        let api = crate::action::cluster_api(store, record).await?;
+        let r =
+            crate::action::iam::reconcile(&api, &record.spec.spec.access, journal, report).await;
+        api.close().await;
+        r.map(drop)
+    })
 }
 
 /// Where `upstream` artifacts are downloaded and kept: `$XDG_CACHE_HOME/clusterctl/kubernetes`

@@ -7,6 +7,7 @@
 
 pub mod create;
 pub mod drain;
+pub mod iam;
 pub mod repair;
 pub mod reset;
 pub mod upgrade;

@@ -1,6 +1,8 @@
 //! `clusterctl get-credentials NAME [--kubeconfig PATH]`: merges the cluster's admin context into
 //! the user's kubeconfig and makes it current, like `gcloud container clusters get-credentials`.
 //! Reads the cluster's state without taking its lock (state files are replaced atomically).
+//! With `--user NAME --kubeconfig FILE`: a person's expiring credential instead
+//! (`action::iam::user_credential`), written to FILE.
 
 use anyhow::bail;
 
@@ -15,8 +17,24 @@ pub struct GetCredentialsArgs {
     pub name: String,
     /// Kubeconfig to merge the context into (default: the first entry of $KUBECONFIG, else
     /// ~/.kube/config).
+    /// With --user: the file to write the person's credential to (its own file, 0600, to hand
+    /// to them).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Instead of the administrator's credential, one for this person (a user with a grant,
+    /// see `clusterctl access`): a token that expires, acting as the user. Needs
+    /// --kubeconfig.
+    #[arg(long, value_name = "NAME", requires = "kubeconfig")]
+    pub user: Option<String>,
+    /// How long the person's credential lives (10m to 24h).
+    #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = parse_ttl, requires = "user")]
+    pub ttl: std::time::Duration,
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<crate::spec::Duration>()
+        .map(|d| std::time::Duration::from_secs(d.as_secs()))
+        .map_err(|e| e.to_string())
 }
 
 /// Runs `clusterctl get-credentials`.
@@ -33,6 +51,17 @@ pub fn run(global: &Global, args: &GetCredentialsArgs) -> anyhow::Result<()> {
         bail!(
             "cluster {name:?} is being deleted; run `clusterctl delete {name}` to finish, there are no credentials to get"
         );
+    }
+    if let (Some(user), Some(output)) = (&args.user, &args.kubeconfig) {
+        let cred = crate::action::iam::user_credential(&store, name, user, args.ttl)?;
+        let outcome = kubeconfig::merge(output, &cred.entry, true)?;
+        if !global.quiet {
+            eprintln!(
+                "credential of user {user:?} for cluster {name:?}: {outcome}; it expires at {} (the token is stored in that file only, mode 0600: no OS keyring is used)",
+                cred.expires
+            );
+        }
+        return Ok(());
     }
     let path = match &args.kubeconfig {
         Some(p) => p.clone(),

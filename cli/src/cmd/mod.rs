@@ -8,6 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::output::Format;
 
+pub mod access;
 pub mod create;
 pub mod credentials;
 pub mod delete;
@@ -101,6 +102,10 @@ pub enum Command {
     /// Install, remove or show the schedule that runs `repair` (systemd timer or cron).
     #[command(subcommand)]
     Autorepair(repair::AutorepairCommand),
+    /// Who may do what in the cluster: grant and revoke roles (RBAC), list them, read the
+    /// audit log. `get-credentials --user` gives a person an expiring credential.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
     /// List the operations run on a cluster (commands, repairs), newest last.
     Operations(operations::OperationsArgs),
     /// Run a command on a machine of a cluster (host key verified against the pinned one).
@@ -190,6 +195,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Repair(args) => repair::run(&cli.global, &args),
         Command::Autorepair(command) => repair::run_autorepair(&cli.global, &command),
         Command::Operations(args) => operations::run(&cli.global, &args),
+        Command::Access(command) => access::run(&cli.global, &command),
     }
 }
 

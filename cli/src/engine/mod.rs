@@ -8,6 +8,7 @@ pub mod access;
 pub mod apply;
 pub mod artifacts;
 pub mod bootstrap;
+pub mod iam;
 pub mod plan;
 pub mod repair;
 pub mod upgrade;

@@ -19,6 +19,7 @@
 //!
 //! Nothing here prints: progress goes to a callback, diagnostics to `tracing`.
 
+pub mod access;
 pub mod drain;
 pub mod drainer;
 mod error;

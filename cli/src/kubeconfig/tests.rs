@@ -21,12 +21,28 @@ fn entry(name: &str, server: &str) -> Entry {
         user,
         server: server.to_owned(),
         ca_pem: format!("-----BEGIN CERTIFICATE-----\nCA-{name}\n-----END CERTIFICATE-----\n"),
-        client_cert_pem: format!(
-            "-----BEGIN CERTIFICATE-----\nCERT-{name}\n-----END CERTIFICATE-----\n"
-        ),
-        client_key_pem: Zeroizing::new(format!(
-            "-----BEGIN PRIVATE KEY-----\nKEY-{name}\n-----END PRIVATE KEY-----\n"
-        )),
+        credential: Credential::ClientCertificate {
+            cert_pem: format!(
+                "-----BEGIN CERTIFICATE-----\nCERT-{name}\n-----END CERTIFICATE-----\n"
+            ),
+            key_pem: Zeroizing::new(format!(
+                "-----BEGIN PRIVATE KEY-----\nKEY-{name}\n-----END PRIVATE KEY-----\n"
+            )),
+        },
+    }
+}
+
+fn cert_of(e: &Entry) -> String {
+    match &e.credential {
+        Credential::ClientCertificate { cert_pem, .. } => cert_pem.clone(),
+        Credential::Token { .. } => String::new(),
+    }
+}
+
+fn key_of(e: &Entry) -> String {
+    match &e.credential {
+        Credential::ClientCertificate { key_pem, .. } => key_pem.to_string(),
+        Credential::Token { .. } => String::new(),
     }
 }
 
@@ -190,11 +206,11 @@ fn merge_into_a_missing_file_makes_a_private_kubeconfig_and_directory() {
     let user = item(&node, "users", "clusterctl-demo-admin");
     assert_eq!(
         decoded(field(user, &["user", "client-certificate-data"])),
-        entry("demo", "").client_cert_pem
+        cert_of(&entry("demo", ""))
     );
     assert_eq!(
         decoded(field(user, &["user", "client-key-data"])),
-        *entry("demo", "").client_key_pem
+        key_of(&entry("demo", ""))
     );
     let context = item(&node, "contexts", "clusterctl-demo");
     assert_eq!(
@@ -240,8 +256,8 @@ fn a_new_file_looks_like_one_kubectl_writes() {
              client-certificate-data: {cert}\n    \
              client-key-data: {key}\n",
         ca = STANDARD.encode(&e.ca_pem),
-        cert = STANDARD.encode(&e.client_cert_pem),
-        key = STANDARD.encode(e.client_key_pem.as_bytes()),
+        cert = STANDARD.encode(cert_of(&e)),
+        key = STANDARD.encode(key_of(&e).as_bytes()),
     );
     assert_eq!(fs::read_to_string(&path).unwrap_or_default(), want);
 }
@@ -339,8 +355,12 @@ fn re_merge_replaces_in_place_and_an_unchanged_merge_does_not_rewrite() {
     fs::write(&path, &text).unwrap_or_else(|e| panic!("{e}"));
 
     let mut changed = entry("demo", "https://10.77.0.99:6443");
-    changed.client_key_pem =
-        Zeroizing::new("-----BEGIN PRIVATE KEY-----\nNEW\n-----END PRIVATE KEY-----\n".into());
+    changed.credential = Credential::ClientCertificate {
+        cert_pem: cert_of(&changed),
+        key_pem: Zeroizing::new(
+            "-----BEGIN PRIVATE KEY-----\nNEW\n-----END PRIVATE KEY-----\n".into(),
+        ),
+    };
     let out = merge(&path, &changed, true).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.replaced && out.changed && out.current, "{out:?}");
     let node = parse_file(&path);

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{SpecError, SpecErrorKind, SpecErrors};
 pub use types::*;
+pub use validate::{is_dns1123_label, member_problem};
 pub use values::{
     Duration, Frequency, KubernetesVersion, MaxUnhealthy, Quantity, Recurrence, Timestamp,
     ValueError, Weekday,
@@ -416,7 +417,6 @@ spec:
                 (20, 5, "spec.ssh.bastion"),
                 (23, 5, "spec.maintenancePolicy.window"),
                 (32, 14, "spec.autoUpgrade.enabled"),
-                (35, 5, "spec.access.bindings"),
             ]
         );
         for e in errors.iter() {

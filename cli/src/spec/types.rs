@@ -90,7 +90,8 @@ pub struct ClusterSpec {
     /// refuses `enabled: true`.
     #[serde(default)]
     pub auto_repair: AutoRepair,
-    /// Who may do what in the cluster. Not implemented yet: validation refuses bindings.
+    /// Who may do what in the cluster: roles granted to users, groups and service accounts,
+    /// reconciled into Kubernetes RBAC (`clusterctl access`).
     #[serde(default)]
     pub access: Access,
 }
@@ -767,10 +768,14 @@ pub struct AccessBinding {
     pub members: Vec<String>,
     /// Role granted to the members.
     pub role: Role,
+    /// Namespaces the role is granted in (RoleBindings); empty: the whole cluster
+    /// (a ClusterRoleBinding).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 /// A role of an access binding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Read-only access to most objects in all namespaces (Kubernetes `view`).
@@ -783,8 +788,58 @@ pub enum Role {
     ClusterAdmin,
 }
 
+impl Role {
+    /// Every role, least to most powerful.
+    pub const ALL: [Role; 4] = [
+        Role::Viewer,
+        Role::Developer,
+        Role::Admin,
+        Role::ClusterAdmin,
+    ];
+
+    /// The name in the spec and on the command line (`viewer`, `developer`, `admin`,
+    /// `cluster-admin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Developer => "developer",
+            Role::Admin => "admin",
+            Role::ClusterAdmin => "cluster-admin",
+        }
+    }
+
+    /// The built-in Kubernetes ClusterRole the role binds.
+    pub fn cluster_role(self) -> &'static str {
+        match self {
+            Role::Viewer => "view",
+            Role::Developer => "edit",
+            Role::Admin => "admin",
+            Role::ClusterAdmin => "cluster-admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown role {s:?}: expected viewer, developer, admin or cluster-admin")
+            })
+    }
+}
+
 /// Kind of an access member, from its prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MemberKind {
     /// `user:NAME`.
     User,

@@ -1,7 +1,7 @@
 //! Semantic checks of a parsed spec. Every check runs and all problems are returned, each at
 //! the field path it concerns; the caller turns paths into lines and columns.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ipnet::IpNet;
 
@@ -991,13 +991,8 @@ fn check_auto_repair(ck: &mut Checker, r: &AutoRepair) {
 }
 
 fn check_access(ck: &mut Checker, a: &Access) {
-    if !a.bindings.is_empty() {
-        ck.not_implemented(
-            "spec.access.bindings",
-            "granting roles with access bindings",
-            "remove access: get-credentials gives the cluster administrator's credentials",
-        );
-    }
+    // (member, role, namespace or "" for the whole cluster) -> where it was first granted.
+    let mut granted: HashMap<(&str, Role, &str), String> = HashMap::new();
     for (i, b) in a.bindings.iter().enumerate() {
         let bp = join_index("spec.access.bindings", i);
         if b.members.is_empty() {
@@ -1007,33 +1002,40 @@ fn check_access(ck: &mut Checker, a: &Access) {
                 "add members such as user:alice@example.com or group:ops",
             );
         }
+        let mut seen_ns = HashSet::new();
+        for (k, ns) in b.namespaces.iter().enumerate() {
+            let np = join_index(&format!("{bp}.namespaces"), k);
+            if !is_dns1123_label(ns) {
+                ck.err(
+                    &np,
+                    format!("invalid namespace {ns:?}"),
+                    "write a Kubernetes namespace name: lowercase letters, digits and '-', at most 63 characters",
+                );
+            }
+            if !seen_ns.insert(ns.as_str()) {
+                ck.err(
+                    &np,
+                    format!("duplicate namespace {ns:?}"),
+                    "list each namespace once",
+                );
+            }
+        }
+        let scopes: Vec<&str> = if b.namespaces.is_empty() {
+            vec![""]
+        } else {
+            // Each namespace once (a repeated one is reported above).
+            let mut once = HashSet::new();
+            b.namespaces
+                .iter()
+                .map(String::as_str)
+                .filter(|ns| once.insert(*ns))
+                .collect()
+        };
         let mut seen = HashSet::new();
         for (j, m) in b.members.iter().enumerate() {
             let mp = join_index(&format!("{bp}.members"), j);
-            match parse_member(m) {
-                None => ck.err(
-                    &mp,
-                    format!("invalid member {m:?}: expected user:NAME, group:NAME or serviceAccount:NAMESPACE/NAME"),
-                    "prefix the member with its kind, such as user:alice@example.com",
-                ),
-                Some((kind, name)) => {
-                    let ok = match kind {
-                        MemberKind::User | MemberKind::Group => {
-                            !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control())
-                        }
-                        MemberKind::ServiceAccount => name
-                            .split_once('/')
-                            .is_some_and(|(ns, n)| is_dns1123_label(ns) && is_dns1123_subdomain(n)),
-                    };
-                    if !ok {
-                        let expect = match kind {
-                            MemberKind::User => "a user name without spaces, such as user:alice@example.com",
-                            MemberKind::Group => "a group name without spaces, such as group:ops",
-                            MemberKind::ServiceAccount => "NAMESPACE/NAME, such as serviceAccount:ci/deployer",
-                        };
-                        ck.err(&mp, format!("invalid member {m:?}"), format!("write {expect}"));
-                    }
-                }
+            if let Some((problem, hint)) = member_problem(m) {
+                ck.err(&mp, problem, hint);
             }
             if !seen.insert(m.as_str()) {
                 ck.err(
@@ -1041,7 +1043,69 @@ fn check_access(ck: &mut Checker, a: &Access) {
                     format!("duplicate member {m:?} in this binding"),
                     "list each member once",
                 );
+                continue;
             }
+            for scope in &scopes {
+                match granted.get(&(m.as_str(), b.role, *scope)) {
+                    Some(first) => {
+                        let where_ = if scope.is_empty() {
+                            "on the whole cluster".to_owned()
+                        } else {
+                            format!("in namespace {scope:?}")
+                        };
+                        ck.err(
+                            &mp,
+                            format!(
+                                "duplicate grant: {m:?} already has role {} {where_} at {first}",
+                                b.role
+                            ),
+                            "grant each member a role once per scope",
+                        );
+                    }
+                    None => {
+                        granted.insert((m.as_str(), b.role, scope), mp.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What is wrong with an access member (`user:NAME`, `group:NAME`,
+/// `serviceAccount:NAMESPACE/NAME`), with a hint; `None` if it is well formed.
+pub fn member_problem(m: &str) -> Option<(String, String)> {
+    match parse_member(m) {
+        None => Some((
+            format!(
+                "invalid member {m:?}: expected user:NAME, group:NAME or serviceAccount:NAMESPACE/NAME"
+            ),
+            "prefix the member with its kind, such as user:alice@example.com".to_owned(),
+        )),
+        Some((kind, name)) => {
+            let ok = match kind {
+                MemberKind::User | MemberKind::Group => {
+                    !name.is_empty()
+                        && name.len() <= 253
+                        && !name.starts_with("system:")
+                        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+                }
+                MemberKind::ServiceAccount => name
+                    .split_once('/')
+                    .is_some_and(|(ns, n)| is_dns1123_label(ns) && is_dns1123_subdomain(n)),
+            };
+            if ok {
+                return None;
+            }
+            let expect = match kind {
+                MemberKind::User => {
+                    "a user name without spaces and not starting with system: (Kubernetes' own), such as user:alice@example.com"
+                }
+                MemberKind::Group => {
+                    "a group name without spaces and not starting with system: (Kubernetes' own), such as group:ops"
+                }
+                MemberKind::ServiceAccount => "NAMESPACE/NAME, such as serviceAccount:ci/deployer",
+            };
+            Some((format!("invalid member {m:?}"), format!("write {expect}")))
         }
     }
 }

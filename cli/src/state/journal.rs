@@ -93,7 +93,8 @@ pub fn compact(records: &[Record], keep_runs: usize) -> Vec<Record> {
     records
         .iter()
         .zip(keep)
-        .filter_map(|(r, k)| k.then(|| r.clone()))
+        .filter(|(_, k)| *k)
+        .map(|(r, _)| r.clone())
         .collect()
 }
 
