@@ -9,10 +9,12 @@
 #                  provider, bundle and PKI tests [456 s before kube-rs and k8s-openapi joined; 772 s in CI;
 #                  more than 870 s from an empty target dir on 2026-12-01]
 #   bundle    360  the offline Kubernetes test bundle (tests/bed/build-k8s-bundle.sh) [307 s]
-#   k8s        90  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI
-#                  (custom resources included), clusterctl's API client through a real sshd,
+#   k8s       150  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI
+#                  (custom resources included), clusterctl's API client through a real sshd
+#                  (access grants, revocation and the API server's 10 s token cache included),
 #                  the node templates' flags and configs accepted by the real binaries, kubeconfig
-#                  files read back by the real kubectl
+#                  files read back by the real kubectl [about 45 s of tests; 144 s wall with a
+#                  cold build of the test binaries on 2026-12-01]
 #   image     330  the node image: `clusterctl image build` (or reuse), whose printed directory
 #                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s], and a second one with
 #                  one more package (`--add-package less`) the e2e upgrades to
@@ -128,7 +130,7 @@ run_stage packages 90 "host packages" ./tests/bed/install-host-packages.sh
 run_stage cargo 1200 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
   cargo test --workspace --locked
 run_stage bundle 360 "Kubernetes test bundle (cached by input checksum; cold ~5 min, warm 1 s)" stage_bundle
-run_stage k8s 90 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
+run_stage k8s 150 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
 run_stage image 330 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 150 "node image booted once under QEMU TCG" stage_boot
 run_stage provider 400 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider

@@ -172,6 +172,12 @@ impl Sshd {
             .tempdir_in(fixture.path())
             .expect("sshd dir")
             .keep();
+        // Sessions get an empty home of their own: Debian's bash reads ~/.bashrc for commands run
+        // by sshd, and the account's rc files (a pyenv rehash racing its twin from a parallel test,
+        // seen in CI) would otherwise print into the output the tests compare. SetEnv overrides the
+        // HOME sshd takes from the password database.
+        let home = dir.join("home");
+        fs::create_dir_all(&home).expect("sshd session home");
         let host_keys = if options.host_keys.is_empty() {
             vec![keygen(&dir, "ssh_host_ed25519_key", "ed25519", &[])]
         } else {
@@ -200,6 +206,7 @@ impl Sshd {
                     &format!("PidFile={}", dir.join(format!("sshd-{port}.pid")).display()),
                 ])
                 .args(["-o", "Subsystem=sftp internal-sftp"])
+                .args(["-o", &format!("SetEnv=HOME={}", home.display())])
                 // Many simultaneous handshakes in the 20-host tests; MaxSessions stays at
                 // OpenSSH's default (10 channels per connection), as on real machines.
                 .args(["-o", "MaxStartups=200"]);
