@@ -11,6 +11,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::client::ClientHandler;
 use super::{Endpoint, SshError};
 
+/// How long a session channel refused by sshd's `MaxSessions` is retried.
+const SESSION_OPEN_PATIENCE: Duration = Duration::from_secs(5);
+
 /// An authenticated connection to one machine. Cheap to clone; clones share the connection.
 ///
 /// Each command runs on its own channel, so one session serves many commands, also
@@ -374,25 +377,49 @@ impl Session {
     }
 
     /// Opens a session channel, mapping a dead connection to [`SshError::ConnectionLost`].
+    ///
+    /// OpenSSH answers "connect failed" when the connection already has `MaxSessions` sessions.
+    /// Our own limiter stays below that, but sshd frees a closed session only at its next
+    /// garbage collection, after the input batch that also holds our next open request (a test
+    /// saw the 11th of 16 queued commands refused), so a refusal is retried for a few seconds
+    /// before it is an error.
     pub(crate) async fn open_session_channel(&self, what: &str) -> Result<Channel<Msg>, SshError> {
-        self.inner
-            .handle
-            .channel_open_session()
-            .await
-            .map_err(|source| {
-                if self.is_closed() {
-                    SshError::ConnectionLost {
-                        endpoint: self.inner.endpoint.clone(),
-                        during: format!("starting {what:?}"),
-                    }
-                } else {
-                    SshError::Protocol {
-                        endpoint: self.inner.endpoint.clone(),
-                        op: format!("open a session channel for {what:?}"),
-                        source: Box::new(source),
-                    }
+        let mut delay = Duration::from_millis(20);
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.inner.handle.channel_open_session().await {
+                Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))
+                    if waited < SESSION_OPEN_PATIENCE && !self.is_closed() =>
+                {
+                    tracing::debug!(node = %self.inner.endpoint, what, ?waited, "sshd refused a session channel (MaxSessions); retrying");
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
+                    delay = (delay * 2).min(Duration::from_millis(500));
                 }
-            })
+                result => return self.session_channel_result(result, what),
+            }
+        }
+    }
+
+    fn session_channel_result(
+        &self,
+        result: Result<Channel<Msg>, russh::Error>,
+        what: &str,
+    ) -> Result<Channel<Msg>, SshError> {
+        result.map_err(|source| {
+            if self.is_closed() {
+                SshError::ConnectionLost {
+                    endpoint: self.inner.endpoint.clone(),
+                    during: format!("starting {what:?}"),
+                }
+            } else {
+                SshError::Protocol {
+                    endpoint: self.inner.endpoint.clone(),
+                    op: format!("open a session channel for {what:?}"),
+                    source: Box::new(source),
+                }
+            }
+        })
     }
 
     fn channel_error(&self, source: russh::Error, command: &str, verb: &str) -> SshError {
