@@ -6,6 +6,8 @@ use std::io::IsTerminal;
 
 use serde::Serialize;
 
+use crate::engine::report::{LiveLine, LiveLines, Progress, Reporter};
+
 /// Output format of read commands (`-o table|json|yaml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Format {
@@ -44,6 +46,98 @@ pub fn print(text: &str) -> std::io::Result<()> {
 /// Whether progress should be drawn as bars: stderr is a terminal and the user did not ask for quiet.
 pub fn fancy_progress(quiet: bool, format: Format) -> bool {
     !quiet && format == Format::Table && std::io::stderr().is_terminal()
+}
+
+/// The reporter of a command: nothing with `--quiet`; otherwise progress lines on stderr, and
+/// spinners for machines waited on at once where [`fancy_progress`] says so.
+pub fn reporter(quiet: bool, format: Format) -> Reporter {
+    static QUIET: Terminal = Terminal {
+        quiet: true,
+        fancy: false,
+    };
+    static PLAIN: Terminal = Terminal {
+        quiet: false,
+        fancy: false,
+    };
+    static FANCY: Terminal = Terminal {
+        quiet: false,
+        fancy: true,
+    };
+    Reporter::new(if quiet {
+        &QUIET
+    } else if fancy_progress(quiet, format) {
+        &FANCY
+    } else {
+        &PLAIN
+    })
+}
+
+/// The reporter of a command that never draws spinners: nothing with `--quiet`, else lines.
+pub fn line_reporter(quiet: bool) -> Reporter {
+    reporter(quiet, Format::Json)
+}
+
+/// Progress on stderr: `==> phase`, `    machine: message`, `    note`.
+struct Terminal {
+    quiet: bool,
+    fancy: bool,
+}
+
+impl Progress for Terminal {
+    fn phase(&self, title: &str) {
+        if !self.quiet {
+            eprintln!("==> {title}");
+        }
+    }
+
+    fn machine(&self, name: &str, message: &str) {
+        if !self.quiet {
+            eprintln!("    {name}: {message}");
+        }
+    }
+
+    fn note(&self, message: &str) {
+        if !self.quiet {
+            eprintln!("    {message}");
+        }
+    }
+
+    fn live_lines(&'static self) -> Option<Box<dyn LiveLines>> {
+        self.fancy
+            .then(|| Box::new(Spinners(indicatif::MultiProgress::new())) as Box<dyn LiveLines>)
+    }
+}
+
+/// One spinner per machine, drawn together.
+struct Spinners(indicatif::MultiProgress);
+
+impl LiveLines for Spinners {
+    fn line(&self, name: &str) -> Box<dyn LiveLine> {
+        let bar = self.0.add(indicatif::ProgressBar::new_spinner());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "    {spinner} {prefix}: {wide_msg} [{elapsed}]",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_prefix(name.to_owned());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Box::new(Spinner(bar))
+    }
+}
+
+struct Spinner(indicatif::ProgressBar);
+
+impl LiveLine for Spinner {
+    fn say(&self, message: &str) {
+        self.0.set_message(message.to_owned());
+    }
+
+    fn finish(&self, message: &str) {
+        if let Ok(style) = indicatif::ProgressStyle::with_template("    {prefix}: {wide_msg}") {
+            self.0.set_style(style);
+        }
+        self.0.finish_with_message(message.to_owned());
+    }
 }
 
 /// Renders rows as a left-aligned table with a header, columns separated by two spaces.

@@ -124,10 +124,7 @@ struct OutcomeDoc<'a> {
 }
 
 fn reporter(global: &Global) -> Reporter {
-    Reporter {
-        quiet: global.quiet,
-        fancy: false,
-    }
+    crate::output::line_reporter(global.quiet)
 }
 
 /// Runs `clusterctl access`.

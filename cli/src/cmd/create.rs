@@ -7,7 +7,7 @@ use anyhow::Context as _;
 
 use super::Global;
 use crate::action::create::CreateOptions;
-use crate::engine::{Reporter, access};
+use crate::engine::access;
 use crate::state::{ClusterStatus, StateStore};
 
 pub(crate) use crate::action::create::load_spec;
@@ -33,10 +33,7 @@ pub struct CreateArgs {
 
 /// Runs `clusterctl create`.
 pub fn run(global: &Global, args: &CreateArgs) -> anyhow::Result<()> {
-    let report = Reporter {
-        quiet: global.quiet,
-        fancy: crate::output::fancy_progress(global.quiet, global.output),
-    };
+    let report = crate::output::reporter(global.quiet, global.output);
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let opts = CreateOptions {
         wait_lock: args.wait,

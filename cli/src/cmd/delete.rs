@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 
 use super::Global;
 use crate::action::{lock_cluster, open_journal, runtime};
-use crate::engine::{self, DeleteContext, Env, Reporter};
+use crate::engine::{self, DeleteContext, Env};
 use crate::provider;
 use crate::state::{ClusterStatus, StateStore};
 
@@ -24,10 +24,7 @@ pub struct DeleteArgs {
 
 /// Runs `clusterctl delete`.
 pub fn run(global: &Global, args: &DeleteArgs) -> anyhow::Result<()> {
-    let report = Reporter {
-        quiet: global.quiet,
-        fancy: crate::output::fancy_progress(global.quiet, global.output),
-    };
+    let report = crate::output::reporter(global.quiet, global.output);
     let name = args.name.as_str();
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let dir = store.cluster_dir(name)?;

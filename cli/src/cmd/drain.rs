@@ -48,10 +48,7 @@ pub struct UncordonArgs {
 }
 
 fn reporter(global: &Global) -> Reporter {
-    Reporter {
-        quiet: global.quiet,
-        fancy: output::fancy_progress(global.quiet, global.output),
-    }
+    crate::output::reporter(global.quiet, global.output)
 }
 
 /// Runs `clusterctl drain`.

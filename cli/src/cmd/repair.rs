@@ -46,10 +46,7 @@ pub struct RepairArgs {
 /// Runs `clusterctl repair`.
 pub fn run(global: &Global, args: &RepairArgs) -> anyhow::Result<()> {
     let store = StateStore::resolve(global.state_dir.as_deref())?;
-    let report = Reporter {
-        quiet: global.quiet,
-        fancy: output::fancy_progress(global.quiet, global.output),
-    };
+    let report = crate::output::reporter(global.quiet, global.output);
     if args.scheduled
         && let Some(name) = &args.name
     {
@@ -247,10 +244,7 @@ fn parse_every(s: &str) -> Result<Duration, String> {
 /// Runs `clusterctl autorepair`.
 pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::Result<()> {
     let store = StateStore::resolve(global.state_dir.as_deref())?;
-    let report = Reporter {
-        quiet: global.quiet,
-        fancy: false,
-    };
+    let report = crate::output::line_reporter(global.quiet);
     match command {
         AutorepairCommand::Enable(a) => {
             set_enabled(&store, &a.name, true, report)?;

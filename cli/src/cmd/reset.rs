@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use super::Global;
 use crate::action::reset::{self, ResetOutcome};
-use crate::engine::Reporter;
 use crate::output::{self, Format};
 use crate::state::StateStore;
 
@@ -38,10 +37,7 @@ struct OutcomeDoc<'a> {
 /// Runs `clusterctl reset`.
 pub fn run(global: &Global, args: &ResetArgs) -> anyhow::Result<()> {
     let store = StateStore::resolve(global.state_dir.as_deref())?;
-    let report = Reporter {
-        quiet: global.quiet,
-        fancy: output::fancy_progress(global.quiet, global.output),
-    };
+    let report = crate::output::reporter(global.quiet, global.output);
     let outcome = reset::reset(
         &store,
         &args.name,

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use super::Global;
 use crate::action::upgrade::{self, UpgradeOutcome, UpgradeRequest};
-use crate::engine::Reporter;
 use crate::kube::drainer::DrainOptions;
 use crate::output::{self, Format};
 use crate::state::StateStore;
@@ -69,10 +68,7 @@ struct NodeDoc<'a> {
 /// Runs `clusterctl upgrade`.
 pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
     let store = StateStore::resolve(global.state_dir.as_deref())?;
-    let report = Reporter {
-        quiet: global.quiet,
-        fancy: output::fancy_progress(global.quiet, global.output),
-    };
+    let report = crate::output::reporter(global.quiet, global.output);
     let request = UpgradeRequest {
         node_image: args.node_image.clone(),
         dry_run: args.dry_run,

@@ -17,8 +17,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
-use super::apply::{ApplyContext, BoxFuture, EngineError, Phase, Reporter};
+use super::apply::{ApplyContext, BoxFuture, EngineError, Phase};
 use super::plan;
+use super::report::Reporter;
 use crate::spec;
 use crate::ssh::{
     self, Auth, ClientConfig, ClientKey, Endpoint, KnownHosts, RetryPolicy, SshClient, Target,
@@ -429,12 +430,12 @@ async fn wait_all(
     let limit = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
     let started = Instant::now();
-    let bars = report.fancy.then(indicatif::MultiProgress::new);
+    let lines = report.lines();
     for (index, (name, endpoint, key)) in targets.into_iter().enumerate() {
         let client = client.clone();
         let limit = limit.clone();
         let target = Target::new(endpoint.host.clone(), endpoint.port, user);
-        let line = MachineLine::new(bars.as_ref(), report, &name);
+        let line = lines.line(&name);
         set.spawn(async move {
             let _permit = limit.acquire_owned().await;
             line.say(&format!("waiting for ssh on {endpoint}"));
@@ -487,63 +488,6 @@ async fn wait_all(
     match failures.into_iter().next() {
         None => Ok(ready),
         Some((_, machine, detail)) => Err(EngineError::Ssh { machine, detail }),
-    }
-}
-
-/// One machine's progress: a spinner on a terminal, plain lines otherwise.
-pub(crate) struct MachineLine {
-    report: Reporter,
-    name: String,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl MachineLine {
-    pub(crate) fn new(
-        bars: Option<&indicatif::MultiProgress>,
-        report: Reporter,
-        name: &str,
-    ) -> Self {
-        let bar = bars.map(|m| {
-            let bar = m.add(indicatif::ProgressBar::new_spinner());
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "    {spinner} {prefix}: {wide_msg} [{elapsed}]",
-            ) {
-                bar.set_style(style);
-            }
-            bar.set_prefix(name.to_owned());
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
-        MachineLine {
-            report,
-            name: name.to_owned(),
-            bar,
-        }
-    }
-
-    pub(crate) fn say(&self, message: &str) {
-        match &self.bar {
-            Some(bar) => {
-                tracing::info!(node = %self.name, "{message}");
-                bar.set_message(message.to_owned());
-            }
-            None => self.report.machine(&self.name, message),
-        }
-    }
-
-    pub(crate) fn finish(&self, message: &str) {
-        match &self.bar {
-            Some(bar) => {
-                tracing::info!(node = %self.name, "{message}");
-                if let Ok(style) =
-                    indicatif::ProgressStyle::with_template("    {prefix}: {wide_msg}")
-                {
-                    bar.set_style(style);
-                }
-                bar.finish_with_message(message.to_owned());
-            }
-            None => self.report.machine(&self.name, message),
-        }
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::plan::{self, DesiredMachine, Inventory, Plan, PlanError, Step};
+use super::report::Reporter;
 use crate::spec;
 use crate::state::{InFlight, Journal, StateError};
 
@@ -115,41 +116,6 @@ pub enum EngineError {
         #[source]
         source: Box<EngineError>,
     },
-}
-
-/// Prints progress to stderr: one line per phase, one per machine. Silent with `--quiet`.
-#[derive(Debug, Clone, Copy)]
-pub struct Reporter {
-    /// Print nothing.
-    pub quiet: bool,
-    /// stderr is a terminal: long waits draw per-machine spinners instead of plain lines.
-    pub fancy: bool,
-}
-
-impl Reporter {
-    /// Prints a phase line, `==> Creating machines`.
-    pub fn phase(&self, title: &str) {
-        tracing::info!("{title}");
-        if !self.quiet {
-            eprintln!("==> {title}");
-        }
-    }
-
-    /// Prints a per-machine line.
-    pub fn machine(&self, name: &str, message: &str) {
-        tracing::info!(node = name, "{message}");
-        if !self.quiet {
-            eprintln!("    {name}: {message}");
-        }
-    }
-
-    /// Prints a free-form note.
-    pub fn note(&self, message: &str) {
-        tracing::info!("{message}");
-        if !self.quiet {
-            eprintln!("    {message}");
-        }
-    }
 }
 
 /// What every phase works with: the cluster, its provider, its journal.
@@ -834,10 +800,7 @@ mod tests {
                 provider,
                 journal: Arc::new(Mutex::new(journal)),
                 concurrency,
-                report: Reporter {
-                    quiet: true,
-                    fancy: false,
-                },
+                report: Reporter::silent(),
             },
             desired,
             template,
@@ -871,15 +834,7 @@ mod tests {
     async fn every_side_effect_is_journaled_and_a_second_run_does_nothing() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(
-            &mut ctx,
-            Reporter {
-                quiet: true,
-                fancy: false,
-            },
-            &provision_phases(),
-        )
-        .await?;
+        run_phases(&mut ctx, Reporter::silent(), &provision_phases()).await?;
         let names: Vec<&str> = ctx.observed.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["c1-a-0", "c1-a-1", "c1-cp-0"]);
         let events = journal_events(tmp.path())?;
@@ -900,15 +855,7 @@ mod tests {
         );
 
         let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
-        run_phases(
-            &mut again,
-            Reporter {
-                quiet: true,
-                fancy: false,
-            },
-            &provision_phases(),
-        )
-        .await?;
+        run_phases(&mut again, Reporter::silent(), &provision_phases()).await?;
         assert!(again.plan.as_ref().is_some_and(Plan::is_empty));
         assert!(!EnsureMachines.should_run(&again));
         assert_eq!(
@@ -928,16 +875,7 @@ mod tests {
         };
         // One at a time, so the order is fixed: c1-cp-0, then c1-a-0 fails, c1-a-1 never starts.
         let mut ctx = context(tmp.path(), options, 1)?;
-        let err = match run_phases(
-            &mut ctx,
-            Reporter {
-                quiet: true,
-                fancy: false,
-            },
-            &provision_phases(),
-        )
-        .await
-        {
+        let err = match run_phases(&mut ctx, Reporter::silent(), &provision_phases()).await {
             Ok(()) => anyhow::bail!("the injected failure did not fail the run"),
             Err(e) => error_chain(&e),
         };
@@ -993,10 +931,7 @@ mod tests {
     }
 
     fn quiet() -> Reporter {
-        Reporter {
-            quiet: true,
-            fancy: false,
-        }
+        Reporter::silent()
     }
 
     fn smaller(ctx: &mut ApplyContext, workers: u32) {

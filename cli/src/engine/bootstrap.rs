@@ -37,10 +37,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use zeroize::Zeroizing;
 
-use super::access::{MachineLine, SSH_PORT, ssh_address};
-use super::apply::{BoxFuture, EngineError, Phase, Reporter, error_chain};
+use super::access::{SSH_PORT, ssh_address};
+use super::apply::{BoxFuture, EngineError, Phase, error_chain};
 use super::artifacts::Artifacts;
 use super::plan::{self, Inventory};
+use super::report::{MachineLine, Reporter};
 use crate::kube::{
     API_SERVER_PORT, Credentials, KubeClient, KubeError, NodeState, TokioClock, WaitPolicy,
 };
@@ -497,11 +498,11 @@ where
     Fut: std::future::Future<Output = Result<String, EngineError>> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(ctx.concurrency.max(1)));
-    let bars = ctx.report.fancy.then(indicatif::MultiProgress::new);
+    let lines = ctx.report.lines();
     let attempted = plans.len();
     let mut set = JoinSet::new();
     for (i, plan) in plans.into_iter().enumerate() {
-        let line = Arc::new(MachineLine::new(bars.as_ref(), ctx.report, &plan.name));
+        let line = Arc::new(lines.line(&plan.name));
         let fut = f(ctx.client.clone(), plan, line.clone());
         let limit = limit.clone();
         set.spawn(async move {

@@ -11,9 +11,11 @@ pub mod bootstrap;
 pub mod iam;
 pub mod plan;
 pub mod repair;
+pub mod report;
 pub mod upgrade;
 
 pub use apply::{
-    ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, Reporter, run_phases,
+    ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, run_phases,
 };
 pub use plan::{DesiredMachine, Inventory, Plan, PlanError, Step, desired_machines, plan};
+pub use report::Reporter;
