@@ -51,55 +51,44 @@ pub fn fancy_progress(quiet: bool, format: Format) -> bool {
 /// The reporter of a command: nothing with `--quiet`; otherwise progress lines on stderr, and
 /// spinners for machines waited on at once where [`fancy_progress`] says so.
 pub fn reporter(quiet: bool, format: Format) -> Reporter {
-    static QUIET: Terminal = Terminal {
-        quiet: true,
-        fancy: false,
-    };
-    static PLAIN: Terminal = Terminal {
-        quiet: false,
-        fancy: false,
-    };
-    static FANCY: Terminal = Terminal {
-        quiet: false,
-        fancy: true,
-    };
-    Reporter::new(if quiet {
-        &QUIET
+    if quiet {
+        Reporter::silent()
     } else if fancy_progress(quiet, format) {
-        &FANCY
+        Reporter::new(&FANCY)
     } else {
-        &PLAIN
-    })
+        Reporter::new(&PLAIN)
+    }
 }
+
+static PLAIN: Terminal = Terminal { fancy: false };
+static FANCY: Terminal = Terminal { fancy: true };
 
 /// The reporter of a command that never draws spinners: nothing with `--quiet`, else lines.
 pub fn line_reporter(quiet: bool) -> Reporter {
-    reporter(quiet, Format::Json)
+    if quiet {
+        Reporter::silent()
+    } else {
+        Reporter::new(&PLAIN)
+    }
 }
 
 /// Progress on stderr: `==> phase`, `    machine: message`, `    note`.
 struct Terminal {
-    quiet: bool,
+    /// Spinners for machines waited on at once.
     fancy: bool,
 }
 
 impl Progress for Terminal {
     fn phase(&self, title: &str) {
-        if !self.quiet {
-            eprintln!("==> {title}");
-        }
+        eprintln!("==> {title}");
     }
 
     fn machine(&self, name: &str, message: &str) {
-        if !self.quiet {
-            eprintln!("    {name}: {message}");
-        }
+        eprintln!("    {name}: {message}");
     }
 
     fn note(&self, message: &str) {
-        if !self.quiet {
-            eprintln!("    {message}");
-        }
+        eprintln!("    {message}");
     }
 
     fn live_lines(&'static self) -> Option<Box<dyn LiveLines>> {

@@ -3,7 +3,7 @@
 //! Engine and action code call a [`Reporter`]: a phase line, a line per machine, a free note, and
 //! live per-machine lines for long waits on several machines at once. Every message also goes to
 //! `tracing`. Where the words end up is the caller's choice, a [`Progress`] sink: `cmd/` passes
-//! the terminal's (plain lines or spinners on stderr, [`crate::output::progress`]); tests pass
+//! the terminal's (plain lines or spinners on stderr, [`crate::output::reporter`]); tests pass
 //! [`Reporter::silent`] or a recording sink.
 
 use std::fmt;

@@ -384,16 +384,15 @@ impl Session {
     /// saw the 11th of 16 queued commands refused), so a refusal is retried for a few seconds
     /// before it is an error.
     pub(crate) async fn open_session_channel(&self, what: &str) -> Result<Channel<Msg>, SshError> {
+        let deadline = tokio::time::Instant::now() + SESSION_OPEN_PATIENCE;
         let mut delay = Duration::from_millis(20);
-        let mut waited = Duration::ZERO;
         loop {
             match self.inner.handle.channel_open_session().await {
                 Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))
-                    if waited < SESSION_OPEN_PATIENCE && !self.is_closed() =>
+                    if tokio::time::Instant::now() < deadline && !self.is_closed() =>
                 {
-                    tracing::debug!(node = %self.inner.endpoint, what, ?waited, "sshd refused a session channel (MaxSessions); retrying");
+                    tracing::debug!(node = %self.inner.endpoint, what, "sshd refused a session channel (MaxSessions); retrying");
                     tokio::time::sleep(delay).await;
-                    waited += delay;
                     delay = (delay * 2).min(Duration::from_millis(500));
                 }
                 result => return self.session_channel_result(result, what),
