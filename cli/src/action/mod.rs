@@ -1,11 +1,9 @@
 //! Actions: one module per command that changes a cluster. An action takes the cluster lock,
 //! opens the journal, runs its steps through the engine and the API client, and reports through
 //! a [`Reporter`]; `cmd/` only parses arguments and prints results.
-//!
-//! `create` and `delete` still orchestrate from `cmd/` (moving them here is part of issue 9's
-//! layering work); [`drain`] is the first action written this way.
 
 pub mod create;
+pub mod delete;
 pub mod drain;
 pub mod iam;
 pub mod repair;
