@@ -294,6 +294,7 @@ pub fn reconcile(
         ssh,
         ssh_ready: Default::default(),
         nodes,
+        stale_nodes: Vec::new(),
     };
     let result = rt.block_on(engine::run_phases(
         &mut ctx,

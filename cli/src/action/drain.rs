@@ -433,6 +433,22 @@ impl crate::engine::apply::NodeRemoval for ApiNodeRemoval {
     {
         Box::pin(async move { self.api.delete_node(node).await.map_err(Into::into) })
     }
+
+    fn pool_nodes(
+        &self,
+    ) -> crate::engine::apply::BoxFuture<
+        '_,
+        Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>>,
+    > {
+        Box::pin(async move {
+            let nodes = self.api.list_nodes().await?;
+            Ok(nodes
+                .into_iter()
+                .filter(|n| n.pool.is_some())
+                .map(|n| n.name)
+                .collect())
+        })
+    }
 }
 
 /// The default per-node timeout, for the CLI's help.

@@ -320,6 +320,11 @@ pub trait NodeRemoval: Send + Sync {
         &'a self,
         node: &'a str,
     ) -> BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+    /// The names of the Nodes registered in one of the cluster's node pools (clusterctl's
+    /// workers, by their pool label).
+    fn pool_nodes(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>>>;
 }
 
 /// State of `clusterctl create` (and later commands that converge machines to the spec).
@@ -343,6 +348,9 @@ pub struct ApplyContext {
     /// Drain and Node removal for machines that are nodes of a running cluster (`None`: the
     /// cluster runs no Kubernetes yet).
     pub nodes: Option<Arc<dyn NodeRemoval>>,
+    /// Pool Nodes whose machine is gone and not wanted (set by the observe phase): an earlier
+    /// run was stopped between deleting the machine and removing its Node object.
+    pub stale_nodes: Vec<String>,
 }
 
 /// The phases of `clusterctl create` as far as this build goes: machines only.
@@ -413,9 +421,47 @@ impl Phase<ApplyContext> for ObserveAndPlan {
                 plan.unchanged.len()
             ));
             ctx.plan = Some(plan);
+            if let Some(nodes) = ctx.nodes.clone() {
+                // Not being able to look is no reason to stop converging the machines; the
+                // next run looks again.
+                match nodes.pool_nodes().await {
+                    Ok(registered) => {
+                        ctx.stale_nodes = stale_nodes(&ctx.desired, &ctx.observed, registered);
+                        if !ctx.stale_nodes.is_empty() {
+                            ctx.env.report.note(&format!(
+                                "Node object(s) {} have no machine any more (an earlier run stopped before removing them)",
+                                ctx.stale_nodes.join(", ")
+                            ));
+                        }
+                    }
+                    Err(e) => ctx.env.report.note(&format!(
+                        "warning: cannot list the cluster's Nodes to find ones whose machine is gone: {}; the next run looks again",
+                        error_chain(e.as_ref())
+                    )),
+                }
+            }
             Ok(())
         })
     }
+}
+
+/// Pool Nodes (`registered`) that are neither a machine the provider has nor one the spec wants.
+fn stale_nodes(
+    desired: &spec::Cluster,
+    observed: &Inventory,
+    registered: Vec<String>,
+) -> Vec<String> {
+    let wanted: BTreeSet<String> = plan::desired_machines(desired)
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    let mut stale: Vec<String> = registered
+        .into_iter()
+        .filter(|n| !wanted.contains(n) && !observed.iter().any(|m| &m.name == n))
+        .collect();
+    stale.sort();
+    stale.dedup();
+    stale
 }
 
 /// Creates (or starts) the machines of the plan, several at a time.
@@ -472,6 +518,7 @@ impl Phase<ApplyContext> for DeleteUnwanted {
         ctx.plan
             .as_ref()
             .is_some_and(|p| p.delete_steps().next().is_some())
+            || !ctx.stale_nodes.is_empty()
     }
     fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
@@ -544,7 +591,7 @@ impl Phase<ApplyContext> for DeleteUnwanted {
                 .collect();
             run_bounded(&ctx.env, "delete-machine", work).await?;
             if let Some(nodes) = ctx.nodes.clone() {
-                for name in &names {
+                for name in names.iter().chain(&ctx.stale_nodes) {
                     let op = ctx
                         .env
                         .journal()
@@ -809,6 +856,7 @@ mod tests {
             plan: None,
             ssh: None,
             ssh_ready: BTreeMap::new(),
+            stale_nodes: Vec::new(),
         })
     }
 
@@ -894,10 +942,26 @@ mod tests {
         Ok(())
     }
 
-    /// Records what it was asked, in order; fails the drain of `fail`.
+    /// Records what it was asked, in order; fails the drain of `fail`; `registered` are its
+    /// pool Nodes (`None`: listing them fails).
     struct RecordingNodes {
         calls: Mutex<Vec<String>>,
         fail: Option<String>,
+        registered: Option<Vec<String>>,
+    }
+
+    impl RecordingNodes {
+        fn new(fail: Option<&str>, registered: Option<&[&str]>) -> Arc<Self> {
+            Arc::new(RecordingNodes {
+                calls: Mutex::new(Vec::new()),
+                fail: fail.map(str::to_owned),
+                registered: registered.map(|r| r.iter().map(|n| n.to_string()).collect()),
+            })
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
     }
 
     impl NodeRemoval for RecordingNodes {
@@ -928,6 +992,15 @@ mod tests {
                 Ok(())
             })
         }
+        fn pool_nodes(
+            &self,
+        ) -> BoxFuture<'_, Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>>> {
+            Box::pin(async move {
+                self.registered
+                    .clone()
+                    .ok_or_else(|| "the API server is not answering".into())
+            })
+        }
     }
 
     fn quiet() -> Reporter {
@@ -952,10 +1025,7 @@ mod tests {
         .await?;
 
         // A drain that fails stops the run before any machine is deleted.
-        let failing = Arc::new(RecordingNodes {
-            calls: Mutex::new(Vec::new()),
-            fail: Some("c1-a-1".into()),
-        });
+        let failing = RecordingNodes::new(Some("c1-a-1"), Some(&["c1-a-0", "c1-a-1"]));
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
         smaller(&mut ctx, 0);
         ctx.nodes = Some(failing.clone());
@@ -977,10 +1047,7 @@ mod tests {
         assert_eq!(again.observed.len(), 3, "nothing was deleted");
 
         // Drains pass: newest first, every drain before any deletion, Node objects after.
-        let nodes = Arc::new(RecordingNodes {
-            calls: Mutex::new(Vec::new()),
-            fail: None,
-        });
+        let nodes = RecordingNodes::new(None, Some(&["c1-a-0", "c1-a-1"]));
         let mut ctx = context(tmp.path(), FakeOptions::default(), 1)?;
         smaller(&mut ctx, 0);
         ctx.nodes = Some(nodes.clone());
@@ -1020,6 +1087,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_machine_an_earlier_run_deleted_is_removed_by_the_next_run()
+    -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        run_phases(
+            &mut context(tmp.path(), FakeOptions::default(), 4)?,
+            quiet(),
+            &provision_phases(),
+        )
+        .await?;
+        // An earlier scale-down to one worker was killed after deleting c1-a-1's machine and
+        // before removing its Node object.
+        let ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        ctx.env
+            .provider
+            .delete_machine(&ctx.env.cluster, "c1-a-1")?;
+
+        // Listing Nodes fails: the machines still converge, the Node waits for the next run.
+        let blind = RecordingNodes::new(None, None);
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        smaller(&mut ctx, 1);
+        ctx.nodes = Some(blind.clone());
+        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        assert!(blind.calls().is_empty(), "{:?}", blind.calls());
+
+        // c1-a-0 is wanted and c1-cp-0 is no pool Node: only c1-a-1 goes, without a drain.
+        let nodes = RecordingNodes::new(None, Some(&["c1-a-0", "c1-a-1"]));
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        smaller(&mut ctx, 1);
+        ctx.nodes = Some(nodes.clone());
+        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        assert_eq!(nodes.calls(), ["forget c1-a-1"]);
+        assert_eq!(ctx.stale_nodes, ["c1-a-1"]);
+        let events = journal_events(tmp.path())?;
+        let forgotten = events.iter().filter(|e| matches!(e, Event::Intent { action, target, .. } if action == "delete-node" && target == "c1-a-1")).count();
+        assert_eq!(forgotten, 1, "journaled once: {events:?}");
+
+        // With the Node gone, a further run has nothing to do.
+        let nodes = RecordingNodes::new(None, Some(&["c1-a-0"]));
+        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
+        smaller(&mut ctx, 1);
+        ctx.nodes = Some(nodes.clone());
+        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        assert!(nodes.calls().is_empty(), "{:?}", nodes.calls());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_running_cluster_never_loses_a_control_plane_machine() -> anyhow::Result<()> {
         let tmp = tempfile::tempdir()?;
         run_phases(
@@ -1028,10 +1142,7 @@ mod tests {
             &provision_phases(),
         )
         .await?;
-        let nodes = Arc::new(RecordingNodes {
-            calls: Mutex::new(Vec::new()),
-            fail: None,
-        });
+        let nodes = RecordingNodes::new(None, Some(&["c1-a-0", "c1-a-1"]));
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
         ctx.desired.spec.control_plane.count = 0;
         ctx.nodes = Some(nodes.clone());

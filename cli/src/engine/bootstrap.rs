@@ -72,7 +72,7 @@ const SAVED_ETC: &str = "/var/lib/clusterctl/etc";
 /// The units `clusterctl-restore` starts after a reboot, one per line.
 const BOOT_UNITS: &str = "/var/lib/clusterctl/boot-units";
 /// The node label naming a worker's pool.
-pub const POOL_LABEL: &str = "clusterctl.io/node-pool";
+pub use crate::kube::POOL_LABEL;
 /// How long the API server may take to answer `/readyz` after its units started (under QEMU TCG
 /// on a busy 2-core host its first start, which creates the bootstrap RBAC roles, took over 7 min).
 const API_TIMEOUT: Duration = Duration::from_secs(1200);

@@ -151,7 +151,13 @@ pub struct NodeState {
     pub boot_id: String,
     /// The conditions repair decisions read (times as the API server recorded them).
     pub conditions: NodeConditions,
+    /// The node pool clusterctl registered it in (its [`POOL_LABEL`]); `None` for control
+    /// planes and for nodes clusterctl did not make.
+    pub pool: Option<String>,
 }
+
+/// The label kubelet registers a worker with: the name of its node pool in the cluster spec.
+pub const POOL_LABEL: &str = "clusterctl.io/node-pool";
 
 /// The node conditions auto-repair looks at, with their times.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -213,6 +219,12 @@ impl From<&Node> for NodeState {
                 .map(|i| i.boot_id.clone())
                 .unwrap_or_default(),
             conditions: NodeConditions::from_status(status),
+            pool: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(POOL_LABEL))
+                .cloned(),
         }
     }
 }
@@ -401,7 +413,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn node_state_reads_readiness_version_and_cordon() {
+    fn node_state_reads_readiness_version_cordon_and_pool() {
         let list: k8s_openapi::List<Node> = serde_json::from_str(
             r#"{"apiVersion":"v1","kind":"NodeList","metadata":{},"items":[
               {"metadata":{"name":"a","labels":{"x":"y"}},"spec":{"unschedulable":true},
@@ -409,7 +421,7 @@ mod tests {
                          "nodeInfo":{"kubeletVersion":"v1.20.2","machineID":"","systemUUID":"","bootID":"",
                          "kernelVersion":"","osImage":"","containerRuntimeVersion":"","kubeProxyVersion":"",
                          "operatingSystem":"linux","architecture":"amd64"}}},
-              {"metadata":{"name":"b"},"status":{"conditions":[{"type":"Ready","status":"Unknown"}]}},
+              {"metadata":{"name":"b","labels":{"clusterctl.io/node-pool":"workers"}},"status":{"conditions":[{"type":"Ready","status":"Unknown"}]}},
               {"metadata":{"name":"c"}}
             ]}"#,
         )
@@ -428,6 +440,7 @@ mod tests {
                         ready_status: "True".into(),
                         ..Default::default()
                     },
+                    pool: None,
                 },
                 NodeState {
                     name: "b".into(),
@@ -439,6 +452,7 @@ mod tests {
                         ready_status: "Unknown".into(),
                         ..Default::default()
                     },
+                    pool: Some("workers".into()),
                 },
                 NodeState {
                     name: "c".into(),
