@@ -265,6 +265,16 @@ pub enum Credential {
         /// The user name the requests act as.
         impersonate: String,
     },
+    /// A person's credential whose token kubectl gets from a command (kubectl's `exec`
+    /// credential plugin, `clusterctl auth token`): the token itself is in the OS keyring.
+    Exec {
+        /// The command, an absolute path.
+        command: String,
+        /// Its arguments.
+        args: Vec<String>,
+        /// The user name the requests act as.
+        impersonate: String,
+    },
 }
 
 impl fmt::Debug for Entry {
@@ -353,19 +363,44 @@ pub fn merge(
         ],
     );
     // The secret fields are copied into the document; the copies there are wiped with it.
-    let user_fields = match &entry.credential {
+    let user_fields: Vec<(&str, Node)> = match &entry.credential {
         Credential::ClientCertificate { cert_pem, key_pem } => vec![
-            ("client-certificate-data", STANDARD.encode(cert_pem)),
+            (
+                "client-certificate-data",
+                Node::Str(STANDARD.encode(cert_pem)),
+            ),
             (
                 "client-key-data",
-                Zeroizing::new(STANDARD.encode(key_pem.as_bytes())).to_string(),
+                Node::Str(Zeroizing::new(STANDARD.encode(key_pem.as_bytes())).to_string()),
             ),
         ],
-        Credential::Token { token, impersonate } => {
-            vec![("as", impersonate.clone()), ("token", token.to_string())]
-        }
+        Credential::Token { token, impersonate } => vec![
+            ("as", Node::Str(impersonate.clone())),
+            ("token", Node::Str(token.to_string())),
+        ],
+        Credential::Exec {
+            command,
+            args,
+            impersonate,
+        } => vec![
+            ("as", Node::Str(impersonate.clone())),
+            (
+                "exec",
+                Node::Map(vec![
+                    (
+                        "apiVersion".to_owned(),
+                        Node::Str(crate::credstore::EXEC_API_VERSION.to_owned()),
+                    ),
+                    (
+                        "args".to_owned(),
+                        Node::Seq(args.iter().cloned().map(Node::Str).collect()),
+                    ),
+                    ("command".to_owned(), Node::Str(command.clone())),
+                ]),
+            ),
+        ],
     };
-    let user_item = named(&entry.user, "user", user_fields);
+    let user_item = named_nodes(&entry.user, "user", user_fields);
     let mut context_fields = vec![
         ("cluster", entry.cluster.clone()),
         ("user", entry.user.clone()),
@@ -750,14 +785,18 @@ fn item_name(item: &Node) -> Option<&str> {
 
 /// `- name: NAME` / `  FIELD: {fields}`, in kubectl's (alphabetical) order.
 fn named(name: &str, field: &str, fields: Vec<(&str, String)>) -> Node {
+    named_nodes(
+        name,
+        field,
+        fields.into_iter().map(|(k, v)| (k, Node::Str(v))).collect(),
+    )
+}
+
+/// `named` with values of any shape.
+fn named_nodes(name: &str, field: &str, fields: Vec<(&str, Node)>) -> Node {
     let body = (
         field.to_owned(),
-        Node::Map(
-            fields
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), Node::Str(v)))
-                .collect(),
-        ),
+        Node::Map(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
     );
     let name = ("name".to_owned(), Node::Str(name.to_owned()));
     Node::Map(if body.0.as_str() < "name" {

@@ -7,6 +7,7 @@
 pub mod action;
 pub mod bundle;
 pub mod cmd;
+pub mod credstore;
 pub mod engine;
 pub mod error;
 pub mod kube;

@@ -484,3 +484,78 @@ fn delete_removes_the_context_from_every_file_it_was_written_to() -> Result<()> 
     ensure!(names(&read_config(&explicit)?, "contexts").is_empty());
     Ok(())
 }
+
+/// `clusterctl auth token`, kubectl's exec credential plugin, in its own process reads what
+/// `get-credentials --user` kept in the real kernel keyring (another process), answers with an
+/// ExecCredential, and refuses a token that has expired or is not there.
+#[test]
+fn auth_token_hands_kubectl_the_token_kept_in_the_keyring() -> Result<()> {
+    use clusterctl::credstore::{self, StoredToken};
+    if let Err(e) = credstore::available() {
+        anyhow::bail!("{e}: the kernel keyring is part of the test bed (see ../shared/TESTBED.md)");
+    }
+    let id = format!("t{}", std::process::id());
+    let auth = |user: &str| -> Result<Output> {
+        Ok(Command::new(BIN)
+            .args(["auth", "token", "demo", "--user", user, "--cluster-id", &id])
+            .stdin(Stdio::null())
+            .output()?)
+    };
+    let alice = credstore::account("demo", &id, "alice");
+    let fresh = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    credstore::save(
+        &alice,
+        &StoredToken {
+            token: zeroize::Zeroizing::new("tok.alice".to_owned()),
+            expiration_timestamp: fresh.clone(),
+        },
+    )?;
+    let out = auth("alice")?;
+    ensure!(
+        out.status.success(),
+        "auth token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).context("ExecCredential JSON")?;
+    ensure!(doc["kind"] == "ExecCredential", "{doc}");
+    ensure!(
+        doc["apiVersion"] == "client.authentication.k8s.io/v1beta1",
+        "{doc}"
+    );
+    ensure!(doc["status"]["token"] == "tok.alice", "{doc}");
+    ensure!(
+        doc["status"]["expirationTimestamp"] == fresh.as_str(),
+        "{doc}"
+    );
+
+    let past = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    credstore::save(
+        &alice,
+        &StoredToken {
+            token: zeroize::Zeroizing::new("tok.alice".to_owned()),
+            expiration_timestamp: past,
+        },
+    )?;
+    let out = auth("alice")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && out.stdout.is_empty(),
+        "an expired token was handed out"
+    );
+    ensure!(
+        err.contains("expired at") && err.contains("get-credentials demo --user alice"),
+        "{err}"
+    );
+
+    let out = auth("bob")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("no such credential in the OS keyring"),
+        "{err}"
+    );
+    ensure!(
+        credstore::delete(&alice)?,
+        "alice's entry was not there to remove"
+    );
+    Ok(())
+}

@@ -45,12 +45,15 @@
 #   custom-resources  a CRD whose objects are nested maps: objects written, listed, patched and
 #                     watched through the real API server, which keeps running (no restart)
 #   access            `access grant` (viewer, developer in one namespace), bad input refused;
-#                     `get-credentials --user` kubeconfigs (0600, a token, no client key) checked
+#                     `get-credentials --user` kubeconfigs (0600, no client key; two with the
+#                     token in the file, the developer's in the kernel keyring, read by the real
+#                     kubectl through `clusterctl auth token`, timed) checked
 #                     with the real kubectl: a viewer lists pods and may not create; a developer
 #                     creates a Deployment in team-a, may not create a RoleBinding nor read team-b
 #                     nor act as someone else; `access revoke` denies the person (and rejects
 #                     their unexpired token) within 60 s, timed, others unaffected; `access log`
-#                     shows the person's allowed and denied requests from the audit log
+#                     shows the person's allowed and denied requests from the audit log; the
+#                     developer's revoke also removes the keyring entry
 #   access-expired    the 10-minute credential `access` issued to a person who keeps the grant is
 #                     refused once expired (waits for what is left of the 10 minutes)
 #   reboot            a worker rebooted comes back by itself (units and /etc restored from its
@@ -739,7 +742,7 @@ access_refused() {
   grep -qF -- "$want" <<< "$out" || die "$what: the error does not say '$want': $out"
 }
 phase_access() {
-  local kc_v=$work/vera.kubeconfig kc_d=$work/dev.kubeconfig kc_e=$work/erin.kubeconfig out t0 denied dead
+  local kc_v=$work/vera.kubeconfig kc_d=$work/dev.kubeconfig kc_e=$work/erin.kubeconfig out t0 denied dead issue_ms
   waiting "grants applied"
   # A local re-run after a failure starts clean (in CI there is nothing to revoke).
   for m in vera@example.com dev erin; do "$bin" -q access revoke "$name" --member "user:$m" > /dev/null 2>&1 || true; done
@@ -762,14 +765,28 @@ phase_access() {
   k_retry create namespace team-b > /dev/null 2>&1 || k_retry get namespace team-b > /dev/null || die "cannot create namespace team-b"
 
   waiting "per-user credentials"
-  "$bin" -q get-credentials "$name" --user vera@example.com --ttl 1h --kubeconfig "$kc_v" || die "get-credentials --user vera failed"
-  "$bin" -q get-credentials "$name" --user dev --kubeconfig "$kc_d" || die "get-credentials --user dev failed"
-  "$bin" -q get-credentials "$name" --user erin --ttl 10m --kubeconfig "$kc_e" || die "get-credentials --user erin failed"
+  # vera's and erin's tokens stay in their files, so the API server alone must refuse them
+  # (revoked, expired); dev's goes to the OS keyring (the kernel's), read by `clusterctl auth
+  # token` when kubectl runs it.
+  "$bin" -q get-credentials "$name" --user vera@example.com --ttl 1h --credential-store file --kubeconfig "$kc_v" || die "get-credentials --user vera failed"
+  t0=$(access_ms)
+  out=$("$bin" get-credentials "$name" --user dev --kubeconfig "$kc_d" 2>&1) || die "get-credentials --user dev failed: $out"
+  issue_ms=$(($(access_ms) - t0))
+  grep -q "in the OS keyring" <<< "$out" || die "auto did not use the OS keyring: $out"
+  "$bin" -q get-credentials "$name" --user erin --ttl 10m --credential-store file --kubeconfig "$kc_e" || die "get-credentials --user erin failed"
   date +%s > "$work/erin.issued"
   for f in "$kc_v" "$kc_d" "$kc_e"; do
     [ "$(stat -c %a "$f")" = 600 ] || die "$f is not mode 0600"
     ! grep -q "client-key-data" "$f" || die "$f holds a client key: the admin credential must never be handed out"
   done
+  ! grep -q "token:" "$kc_d" || die "dev's token is in the file although it went to the keyring"
+  grep -q "command: $bin" "$kc_d" || die "dev's kubeconfig does not run clusterctl auth token: $(cat "$kc_d")"
+  t0=$(access_ms)
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    "$bin" auth token "$name" --user dev --cluster-id "$(cluster_id)" > "$work/dev.exec" || die "clusterctl auth token failed for dev"
+  done
+  log "access: a credential issued (get-credentials --user dev, a new token from the API) in ${issue_ms} ms; kubectl's exec plugin (clusterctl auth token, from the keyring) $(( ($(access_ms) - t0) / 10 )) ms per call"
+  jq -e '.kind == "ExecCredential" and (.status.token | length > 100)' "$work/dev.exec" > /dev/null || die "auth token did not print an ExecCredential: $(jq -c '.kind' "$work/dev.exec")"
   access_until_allowed "$kc_v" get pods -A
   access_until_allowed "$kc_d" -n team-a get pods
   waiting "roles checked with the real kubectl"
@@ -814,6 +831,8 @@ phase_access() {
 
   k_retry -n team-a delete deployment by-dev > /dev/null || die "cannot delete the developer's Deployment"
   "$bin" -q access revoke "$name" --member user:dev > /dev/null || die "cannot revoke dev"
+  out=$(access_kubectl "$kc_d" -n team-a get pods 2>&1) && die "dev's keyring credential still works after the revoke"
+  grep -q "no such credential in the OS keyring" <<< "$out" || die "the revoke did not remove dev's keyring entry: $out"
   k_retry delete namespace team-a team-b --wait=false > /dev/null || true
 }
 

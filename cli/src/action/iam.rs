@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -177,7 +177,7 @@ pub fn revoke(
     report: Reporter,
 ) -> anyhow::Result<AccessOutcome> {
     check_edit(member, namespaces)?;
-    edit(
+    let outcome = edit(
         store,
         name,
         Edit::Revoke {
@@ -187,7 +187,28 @@ pub fn revoke(
         },
         wait_lock,
         report,
-    )
+    )?;
+    // The token `get-credentials --user` kept in this machine's keyring is dead once the person
+    // has no grant (their account is gone): the entry goes too. Best effort: the revocation
+    // itself is done and is what counts.
+    if let Some(user) = member.strip_prefix("user:")
+        && let Ok(record) = load_cluster(store, name)
+        && !iam::desired(&record.spec.spec.access)
+            .users
+            .iter()
+            .any(|u| u.user == user)
+        && crate::credstore::available().is_ok()
+    {
+        let account = crate::credstore::account(name, &record.cluster_ref().id, user);
+        match crate::credstore::delete(&account) {
+            Ok(true) => report.note(&format!(
+                "removed the credential of {user:?} kept in this machine's OS keyring"
+            )),
+            Ok(false) => {}
+            Err(e) => report.note(&format!("warning: {e}")),
+        }
+    }
+    Ok(outcome)
 }
 
 /// `clusterctl access sync NAME`: applies the record's access to the cluster.
@@ -269,19 +290,53 @@ pub fn list(store: &StateStore, name: &str) -> anyhow::Result<Vec<Grant>> {
 
 /// A credential `get-credentials --user` made.
 pub struct UserCredential {
-    /// The kubeconfig entry (token and impersonation).
+    /// The kubeconfig entry (impersonation, and the token or the command that reads it).
     pub entry: crate::kubeconfig::Entry,
     /// When the token expires (RFC 3339, as the API server set it).
     pub expires: String,
+    /// Where the token is kept.
+    pub stored: TokenStore,
 }
 
-/// A bound token for `user` valid for `ttl`, as a kubeconfig entry that acts as the user.
+/// Where a person's token was put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenStore {
+    /// The OS keyring; the kubeconfig runs `clusterctl auth token` to read it.
+    Keyring,
+    /// The kubeconfig file (0600). `why`: why not the keyring, when it was not asked for.
+    File {
+        /// Why the keyring was not used (`auto` found none), if it was not ruled out.
+        why: Option<String>,
+    },
+}
+
+/// A bound token for `user` valid for `ttl`, as a kubeconfig entry that acts as the user,
+/// with the token kept where `choice` says (the keyring is tried before the API is asked, so
+/// `--credential-store keyring` on a machine without one changes nothing).
 pub fn user_credential(
     store: &StateStore,
     name: &str,
     user: &str,
     ttl: Duration,
+    choice: crate::credstore::StoreChoice,
 ) -> anyhow::Result<UserCredential> {
+    use crate::credstore::{self, StoreChoice};
+    let keyring = match choice {
+        StoreChoice::File => Err(None),
+        StoreChoice::Keyring => match credstore::available() {
+            Ok(()) => Ok(()),
+            Err(e) => bail!(
+                "--credential-store keyring: {e}; use --credential-store file to keep the token in the kubeconfig file (0600)"
+            ),
+        },
+        StoreChoice::Auto => credstore::available().map_err(|e| Some(e.to_string())),
+    };
+    let exe = match &keyring {
+        Ok(()) => Some(std::env::current_exe().context(
+            "finding the clusterctl binary, which the kubeconfig runs to read the token",
+        )?),
+        Err(_) => None,
+    };
     if ttl < MIN_TTL || ttl > MAX_TTL {
         bail!(
             "--ttl {}: a credential lives between {} and {} (the API's minimum, clusterctl's maximum); ask for one in that range",
@@ -319,11 +374,67 @@ pub fn user_credential(
     entry.context = context;
     entry.cluster = cluster_entry;
     entry.user = user_entry;
-    entry.credential = crate::kubeconfig::Credential::Token {
-        token,
-        impersonate: user.to_owned(),
+    let stored = match (keyring, exe) {
+        (Ok(()), Some(exe)) => {
+            let id = record.cluster_ref().id;
+            credstore::save(
+                &credstore::account(name, &id, user),
+                &credstore::StoredToken {
+                    token,
+                    expiration_timestamp: expires.clone(),
+                },
+            )?;
+            let args = vec![
+                "auth".to_owned(),
+                "token".to_owned(),
+                name.to_owned(),
+                "--user".to_owned(),
+                user.to_owned(),
+                "--cluster-id".to_owned(),
+                id,
+            ];
+            entry.credential = crate::kubeconfig::Credential::Exec {
+                command: exe.display().to_string(),
+                args,
+                impersonate: user.to_owned(),
+            };
+            TokenStore::Keyring
+        }
+        (keyring, _) => {
+            entry.credential = crate::kubeconfig::Credential::Token {
+                token,
+                impersonate: user.to_owned(),
+            };
+            TokenStore::File {
+                why: keyring.err().flatten(),
+            }
+        }
     };
-    Ok(UserCredential { entry, expires })
+    Ok(UserCredential {
+        entry,
+        expires,
+        stored,
+    })
+}
+
+/// `clusterctl auth token NAME --user USER --cluster-id ID`: the token `get-credentials --user` kept in the OS
+/// keyring, refused once expired (it cannot be renewed without the administrator).
+pub fn stored_token(
+    name: &str,
+    id: &str,
+    user: &str,
+) -> anyhow::Result<crate::credstore::StoredToken> {
+    let token = crate::credstore::load(&crate::credstore::account(name, id, user))
+        .map_err(|e| anyhow::anyhow!("{e}: user {user:?}, cluster {name:?}"))?;
+    if let Ok(expires) = chrono::DateTime::parse_from_rfc3339(&token.expiration_timestamp)
+        && expires <= chrono::Utc::now()
+    {
+        bail!(
+            "the credential of user {user:?} for cluster {name:?} expired at {}; ask the cluster's administrator for a new one (`clusterctl get-credentials {name} --user {user} --kubeconfig FILE`)",
+            token.expiration_timestamp
+        );
+    }
+    Ok(token)
 }
 
 /// One audit log event, the fields `access log` shows (audit.k8s.io/v1 `Event`).

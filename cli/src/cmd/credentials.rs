@@ -29,6 +29,43 @@ pub struct GetCredentialsArgs {
     /// How long the person's credential lives (10m to 24h).
     #[arg(long, value_name = "DURATION", default_value = "8h", value_parser = parse_ttl, requires = "user")]
     pub ttl: std::time::Duration,
+    /// With --user: where the token goes. `auto`: the OS keyring when there is one (the
+    /// kubeconfig then runs `clusterctl auth token` to read it), else the kubeconfig file;
+    /// `keyring`: the keyring or fail; `file`: the kubeconfig file (0600).
+    #[arg(long, value_enum, default_value_t = crate::credstore::StoreChoice::Auto, requires = "user")]
+    pub credential_store: crate::credstore::StoreChoice,
+}
+
+/// `clusterctl auth ...`: kubectl's credential plugin.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuthCommand {
+    /// Print the person's token kept in the OS keyring as an ExecCredential for kubectl
+    /// (client.authentication.k8s.io/v1beta1). Refused once expired.
+    Token(AuthTokenArgs),
+}
+
+/// Arguments of `clusterctl auth token`.
+#[derive(Debug, clap::Args)]
+pub struct AuthTokenArgs {
+    /// Name of the cluster.
+    pub name: String,
+    /// The person.
+    #[arg(long, value_name = "NAME")]
+    pub user: String,
+    /// The cluster's ID (as `get-credentials --user` wrote it into the kubeconfig).
+    #[arg(long, value_name = "ID")]
+    pub cluster_id: String,
+}
+
+/// Runs `clusterctl auth`.
+pub fn run_auth(command: &AuthCommand) -> anyhow::Result<()> {
+    match command {
+        AuthCommand::Token(args) => {
+            let token = crate::action::iam::stored_token(&args.name, &args.cluster_id, &args.user)?;
+            crate::output::print(&crate::credstore::exec_credential(&token))?;
+            Ok(())
+        }
+    }
 }
 
 fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
@@ -53,11 +90,26 @@ pub fn run(global: &Global, args: &GetCredentialsArgs) -> anyhow::Result<()> {
         );
     }
     if let (Some(user), Some(output)) = (&args.user, &args.kubeconfig) {
-        let cred = crate::action::iam::user_credential(&store, name, user, args.ttl)?;
+        let cred = crate::action::iam::user_credential(
+            &store,
+            name,
+            user,
+            args.ttl,
+            args.credential_store,
+        )?;
         let outcome = kubeconfig::merge(output, &cred.entry, true)?;
         if !global.quiet {
+            let kept = match &cred.stored {
+                crate::action::iam::TokenStore::Keyring => "the token is in the OS keyring (the kernel keyring: it is gone after a reboot or 3 days unused); the file runs `clusterctl auth token` to read it".to_owned(),
+                crate::action::iam::TokenStore::File { why: None } => {
+                    "the token is in that file (mode 0600)".to_owned()
+                }
+                crate::action::iam::TokenStore::File { why: Some(why) } => {
+                    format!("the token is in that file (mode 0600), not in the OS keyring: {why}")
+                }
+            };
             eprintln!(
-                "credential of user {user:?} for cluster {name:?}: {outcome}; it expires at {} (the token is stored in that file only, mode 0600: no OS keyring is used)",
+                "credential of user {user:?} for cluster {name:?}: {outcome}; it expires at {}; {kept}",
                 cred.expires
             );
         }

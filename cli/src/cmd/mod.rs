@@ -106,6 +106,10 @@ pub enum Command {
     /// audit log. `get-credentials --user` gives a person an expiring credential.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// Credential plugin for kubectl: `auth token` prints the token `get-credentials --user`
+    /// kept in the OS keyring (kubectl runs it; the kubeconfig names it).
+    #[command(subcommand)]
+    Auth(credentials::AuthCommand),
     /// List the operations run on a cluster (commands, repairs), newest last.
     Operations(operations::OperationsArgs),
     /// Run a command on a machine of a cluster (host key verified against the pinned one).
@@ -180,6 +184,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete(args) => delete::run(&cli.global, &args),
         Command::Get(args) => get::run(&cli.global, &args),
         Command::GetCredentials(args) => credentials::run(&cli.global, &args),
+        Command::Auth(command) => credentials::run_auth(&command),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "clusterctl", &mut std::io::stdout());

@@ -35,14 +35,14 @@ fn entry(name: &str, server: &str) -> Entry {
 fn cert_of(e: &Entry) -> String {
     match &e.credential {
         Credential::ClientCertificate { cert_pem, .. } => cert_pem.clone(),
-        Credential::Token { .. } => String::new(),
+        Credential::Token { .. } | Credential::Exec { .. } => String::new(),
     }
 }
 
 fn key_of(e: &Entry) -> String {
     match &e.credential {
         Credential::ClientCertificate { key_pem, .. } => key_pem.to_string(),
-        Credential::Token { .. } => String::new(),
+        Credential::Token { .. } | Credential::Exec { .. } => String::new(),
     }
 }
 
@@ -1047,4 +1047,79 @@ fn the_bundles_kubectl_reads_the_merged_file() {
     let mut listed: Vec<&str> = listed.lines().collect();
     listed.sort();
     assert_eq!(listed, ["lab", "minikube"]);
+}
+
+/// A person's credential kept in the OS keyring: the user entry impersonates them and runs
+/// `clusterctl auth token` through kubectl's exec plugin; no token is in the file. The bundle's
+/// kubectl, when there is one, reads it back as such.
+#[test]
+fn a_keyring_credential_is_an_exec_plugin_with_no_token_in_the_file() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = tmp.path().join("alice.kubeconfig");
+    let mut e = entry("demo", "https://10.77.0.11:6443");
+    let (context, cluster, user) = names_for_user("demo", "alice@example.com");
+    e.context = context;
+    e.cluster = cluster;
+    e.user = user.clone();
+    e.credential = Credential::Exec {
+        command: "/usr/local/bin/clusterctl".to_owned(),
+        args: [
+            "auth",
+            "token",
+            "demo",
+            "--user",
+            "alice@example.com",
+            "--cluster-id",
+            "c0ffee",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        impersonate: "alice@example.com".to_owned(),
+    };
+    merge(&path, &e, true).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mode_of(&path), 0o600);
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!text.contains("token:"), "{text}");
+    let doc = parse_file(&path);
+    let u = item(&doc, "users", &user);
+    assert_eq!(field(u, &["user", "as"]), Some("alice@example.com"));
+    assert_eq!(
+        field(u, &["user", "exec", "apiVersion"]),
+        Some("client.authentication.k8s.io/v1beta1")
+    );
+    assert_eq!(
+        field(u, &["user", "exec", "command"]),
+        Some("/usr/local/bin/clusterctl")
+    );
+    let Some(bin) = bundle_kubectl() else {
+        eprintln!(
+            "CLUSTERCTL_BUNDLE_DIR is not set: the kubectl check of the exec entry did not run"
+        );
+        return;
+    };
+    let view: serde_json::Value = serde_json::from_str(&kubectl(
+        &bin,
+        &path,
+        &["config", "view", "--raw", "-o", "json"],
+    ))
+    .unwrap_or_else(|e| panic!("kubectl json: {e}"));
+    let user_doc = &view["users"][0]["user"];
+    assert_eq!(user_doc["as"], "alice@example.com");
+    assert_eq!(user_doc["exec"]["command"], "/usr/local/bin/clusterctl");
+    assert_eq!(
+        user_doc["exec"]["args"],
+        serde_json::json!([
+            "auth",
+            "token",
+            "demo",
+            "--user",
+            "alice@example.com",
+            "--cluster-id",
+            "c0ffee"
+        ])
+    );
+    assert_eq!(
+        user_doc["exec"]["apiVersion"],
+        "client.authentication.k8s.io/v1beta1"
+    );
 }
