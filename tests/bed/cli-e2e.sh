@@ -55,7 +55,9 @@
 #                     shows the person's allowed and denied requests from the audit log; the
 #                     developer's revoke also removes the keyring entry
 #   access-expired    the 10-minute credential `access` issued to a person who keeps the grant is
-#                     refused once expired (waits for what is left of the 10 minutes)
+#                     refused once expired (waits for what is left of the 10 minutes). It runs
+#                     before `unreachable` and `scale-down`: they re-apply cluster.yaml, whose
+#                     access lacks the grants `access` made, and a re-applied spec revokes those
 #   reboot            a worker rebooted comes back by itself (units and /etc restored from its
 #                     data disk) and its pod serves again. Not in the default list: `upgrade`
 #                     shuts every machine down cleanly and boots it with its data disk (a new
@@ -134,7 +136,7 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources access repair upgrade drain unreachable access-expired scale-down delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources access repair upgrade access-expired drain unreachable scale-down delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
