@@ -22,7 +22,6 @@ use crate::engine::iam::{self, Change, Grant};
 use crate::kube::KubeClient;
 use crate::spec::Role;
 use crate::state::{ClusterRecord, ClusterStatus, Journal, StateStore};
-use providers::MachineRole;
 
 /// Journal action: one change to the cluster's access objects.
 pub const ACCESS_CHANGE: &str = "access-change";
@@ -538,14 +537,7 @@ pub fn audit_log(
 ) -> anyhow::Result<Vec<AuditEvent>> {
     let record = load_cluster(store, name)?;
     check_running(&record)?;
-    let Some(cp) = record
-        .machines
-        .iter()
-        .filter(|m| m.role == MachineRole::ControlPlane)
-        .min_by(|a, b| a.name.cmp(&b.name))
-    else {
-        bail!("cluster {name:?} has no control-plane machine in its state");
-    };
+    let cp = super::first_control_plane(&record)?;
     let path = audit_log_path();
     let quoted = crate::ssh::shell_quote(&path);
     // Only the lines that can match leave the machine: a JSON-quoted user name.

@@ -141,20 +141,27 @@ pub async fn run_pinned(
     Ok(out?)
 }
 
-/// An API client for the cluster: through SSH to its first control-plane machine (host key
-/// pinned from the state), to the API server on that machine's loopback, as the cluster admin.
-pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::Result<KubeClient> {
-    let name = record.name.as_str();
-    let Some(cp) = record
+/// The cluster's first control-plane machine (by name), which the API client and the audit log
+/// are reached through.
+pub fn first_control_plane(record: &ClusterRecord) -> anyhow::Result<&providers::Machine> {
+    record
         .machines
         .iter()
         .filter(|m| m.role == MachineRole::ControlPlane)
         .min_by(|a, b| a.name.cmp(&b.name))
-    else {
-        bail!(
-            "cluster {name:?} has no control-plane machine in its state; run `clusterctl create` for it first"
-        );
-    };
+        .ok_or_else(|| {
+            anyhow!(
+                "cluster {:?} has no control-plane machine in its state; run `clusterctl create` for it first",
+                record.name
+            )
+        })
+}
+
+/// An API client for the cluster: through SSH to its first control-plane machine (host key
+/// pinned from the state), to the API server on that machine's loopback, as the cluster admin.
+pub async fn cluster_api(store: &StateStore, record: &ClusterRecord) -> anyhow::Result<KubeClient> {
+    let name = record.name.as_str();
+    let cp = first_control_plane(record)?;
     let (endpoint, key) = pinned_endpoint(record, cp)?;
     let identity = access::client_identity(&record.spec.spec.ssh, store, name, None).await?;
     let client = access::pinned_client(
