@@ -45,10 +45,8 @@ pub enum KeyringError {
     /// No usable keyring on this machine.
     #[error("no OS keyring here: {0}")]
     Unavailable(String),
-    /// The entry is not there.
-    #[error(
-        "no such credential in the OS keyring (the kernel keyring forgets entries at reboot and after 3 days unused); ask the cluster's administrator for a new one (`clusterctl get-credentials NAME --user USER --kubeconfig FILE`)"
-    )]
+    /// The entry is not there (`action::iam::stored_token` says whose and what to do).
+    #[error("no such credential in the OS keyring")]
     Missing,
     /// The keyring refused or failed.
     #[error("the OS keyring failed while {doing}: {detail}")]

@@ -320,21 +320,24 @@ pub fn user_credential(
     choice: crate::credstore::StoreChoice,
 ) -> anyhow::Result<UserCredential> {
     use crate::credstore::{self, StoreChoice};
-    let keyring = match choice {
+    // Where the token goes: Ok(the binary the kubeconfig runs to read it from the keyring), or
+    // Err(why not the keyring, unless `file` ruled it out).
+    let current_exe = || {
+        std::env::current_exe()
+            .context("finding the clusterctl binary, which the kubeconfig runs to read the token")
+    };
+    let keyring: Result<std::path::PathBuf, Option<String>> = match choice {
         StoreChoice::File => Err(None),
         StoreChoice::Keyring => match credstore::available() {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(current_exe()?),
             Err(e) => bail!(
                 "--credential-store keyring: {e}; use --credential-store file to keep the token in the kubeconfig file (0600)"
             ),
         },
-        StoreChoice::Auto => credstore::available().map_err(|e| Some(e.to_string())),
-    };
-    let exe = match &keyring {
-        Ok(()) => Some(std::env::current_exe().context(
-            "finding the clusterctl binary, which the kubeconfig runs to read the token",
-        )?),
-        Err(_) => None,
+        StoreChoice::Auto => match credstore::available() {
+            Ok(()) => Ok(current_exe()?),
+            Err(e) => Err(Some(e.to_string())),
+        },
     };
     if ttl < MIN_TTL || ttl > MAX_TTL {
         bail!(
@@ -373,8 +376,8 @@ pub fn user_credential(
     entry.context = context;
     entry.cluster = cluster_entry;
     entry.user = user_entry;
-    let stored = match (keyring, exe) {
-        (Ok(()), Some(exe)) => {
+    let stored = match keyring {
+        Ok(exe) => {
             let id = record.cluster_ref().id;
             credstore::save(
                 &credstore::account(name, &id, user),
@@ -399,14 +402,12 @@ pub fn user_credential(
             };
             TokenStore::Keyring
         }
-        (keyring, _) => {
+        Err(why) => {
             entry.credential = crate::kubeconfig::Credential::Token {
                 token,
                 impersonate: user.to_owned(),
             };
-            TokenStore::File {
-                why: keyring.err().flatten(),
-            }
+            TokenStore::File { why }
         }
     };
     Ok(UserCredential {
@@ -416,15 +417,20 @@ pub fn user_credential(
     })
 }
 
-/// `clusterctl auth token NAME --user USER --cluster-id ID`: the token `get-credentials --user` kept in the OS
-/// keyring, refused once expired (it cannot be renewed without the administrator).
+/// `clusterctl auth token NAME --user USER --cluster-id ID`: the token `get-credentials --user`
+/// kept in the OS keyring, refused once expired (it cannot be renewed without the administrator).
 pub fn stored_token(
     name: &str,
     id: &str,
     user: &str,
 ) -> anyhow::Result<crate::credstore::StoredToken> {
-    let token = crate::credstore::load(&crate::credstore::account(name, id, user))
-        .map_err(|e| anyhow::anyhow!("{e}: user {user:?}, cluster {name:?}"))?;
+    let token = match crate::credstore::load(&crate::credstore::account(name, id, user)) {
+        Ok(token) => token,
+        Err(crate::credstore::KeyringError::Missing) => bail!(
+            "no such credential in the OS keyring: user {user:?} of cluster {name:?} (the kernel keyring forgets entries at reboot and after 3 days unused); ask the cluster's administrator for a new one (`clusterctl get-credentials {name} --user {user} --kubeconfig FILE`)"
+        ),
+        Err(e) => return Err(e.into()),
+    };
     if let Ok(expires) = chrono::DateTime::parse_from_rfc3339(&token.expiration_timestamp)
         && expires <= chrono::Utc::now()
     {

@@ -1003,14 +1003,24 @@ mod tests {
         }
     }
 
-    fn quiet() -> Reporter {
-        Reporter::silent()
-    }
-
     fn smaller(ctx: &mut ApplyContext, workers: u32) {
         if let Some(pool) = ctx.desired.spec.node_pools.first_mut() {
             pool.count = workers;
         }
+    }
+
+    /// A run of the provision phases with `workers` workers wanted and `nodes` as the cluster's
+    /// Nodes; returns its context.
+    async fn converge(
+        dir: &std::path::Path,
+        workers: u32,
+        nodes: &Arc<RecordingNodes>,
+    ) -> anyhow::Result<ApplyContext> {
+        let mut ctx = context(dir, FakeOptions::default(), 4)?;
+        smaller(&mut ctx, workers);
+        ctx.nodes = Some(nodes.clone());
+        run_phases(&mut ctx, Reporter::silent(), &provision_phases()).await?;
+        Ok(ctx)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1019,7 +1029,7 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         run_phases(
             &mut context(tmp.path(), FakeOptions::default(), 4)?,
-            quiet(),
+            Reporter::silent(),
             &provision_phases(),
         )
         .await?;
@@ -1029,7 +1039,7 @@ mod tests {
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
         smaller(&mut ctx, 0);
         ctx.nodes = Some(failing.clone());
-        let err = match run_phases(&mut ctx, quiet(), &provision_phases()).await {
+        let err = match run_phases(&mut ctx, Reporter::silent(), &provision_phases()).await {
             Ok(()) => anyhow::bail!("a failed drain did not stop the run"),
             Err(e) => error_chain(&e),
         };
@@ -1043,7 +1053,7 @@ mod tests {
         );
         let mut again = context(tmp.path(), FakeOptions::default(), 4)?;
         again.plan = None;
-        run_phases(&mut again, quiet(), &[Box::new(ObserveAndPlan)]).await?;
+        run_phases(&mut again, Reporter::silent(), &[Box::new(ObserveAndPlan)]).await?;
         assert_eq!(again.observed.len(), 3, "nothing was deleted");
 
         // Drains pass: newest first, every drain before any deletion, Node objects after.
@@ -1051,7 +1061,7 @@ mod tests {
         let mut ctx = context(tmp.path(), FakeOptions::default(), 1)?;
         smaller(&mut ctx, 0);
         ctx.nodes = Some(nodes.clone());
-        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        run_phases(&mut ctx, Reporter::silent(), &provision_phases()).await?;
         assert_eq!(
             *nodes.calls.lock().unwrap_or_else(|p| p.into_inner()),
             [
@@ -1092,7 +1102,7 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         run_phases(
             &mut context(tmp.path(), FakeOptions::default(), 4)?,
-            quiet(),
+            Reporter::silent(),
             &provision_phases(),
         )
         .await?;
@@ -1105,18 +1115,12 @@ mod tests {
 
         // Listing Nodes fails: the machines still converge, the Node waits for the next run.
         let blind = RecordingNodes::new(None, None);
-        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        smaller(&mut ctx, 1);
-        ctx.nodes = Some(blind.clone());
-        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        converge(tmp.path(), 1, &blind).await?;
         assert!(blind.calls().is_empty(), "{:?}", blind.calls());
 
         // c1-a-0 is wanted and c1-cp-0 is no pool Node: only c1-a-1 goes, without a drain.
         let nodes = RecordingNodes::new(None, Some(&["c1-a-0", "c1-a-1"]));
-        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        smaller(&mut ctx, 1);
-        ctx.nodes = Some(nodes.clone());
-        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        let ctx = converge(tmp.path(), 1, &nodes).await?;
         assert_eq!(nodes.calls(), ["forget c1-a-1"]);
         assert_eq!(ctx.stale_nodes, ["c1-a-1"]);
         let events = journal_events(tmp.path())?;
@@ -1125,10 +1129,7 @@ mod tests {
 
         // With the Node gone, a further run has nothing to do.
         let nodes = RecordingNodes::new(None, Some(&["c1-a-0"]));
-        let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
-        smaller(&mut ctx, 1);
-        ctx.nodes = Some(nodes.clone());
-        run_phases(&mut ctx, quiet(), &provision_phases()).await?;
+        converge(tmp.path(), 1, &nodes).await?;
         assert!(nodes.calls().is_empty(), "{:?}", nodes.calls());
         Ok(())
     }
@@ -1138,7 +1139,7 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         run_phases(
             &mut context(tmp.path(), FakeOptions::default(), 4)?,
-            quiet(),
+            Reporter::silent(),
             &provision_phases(),
         )
         .await?;
@@ -1146,7 +1147,7 @@ mod tests {
         let mut ctx = context(tmp.path(), FakeOptions::default(), 4)?;
         ctx.desired.spec.control_plane.count = 0;
         ctx.nodes = Some(nodes.clone());
-        let err = match run_phases(&mut ctx, quiet(), &provision_phases()).await {
+        let err = match run_phases(&mut ctx, Reporter::silent(), &provision_phases()).await {
             Ok(()) => anyhow::bail!("a control-plane deletion was not refused"),
             Err(e) => error_chain(&e),
         };

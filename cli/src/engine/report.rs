@@ -126,21 +126,19 @@ pub struct MachineLine {
 impl MachineLine {
     /// The machine's current state.
     pub fn say(&self, message: &str) {
-        match &self.live {
-            Some(line) => {
-                tracing::info!(node = %self.name, "{message}");
-                line.say(message);
-            }
-            None => self.report.machine(&self.name, message),
-        }
+        self.show(message, |line| line.say(message));
     }
 
     /// The machine's outcome; the line stays as it is.
     pub fn finish(&self, message: &str) {
+        self.show(message, |line| line.finish(message));
+    }
+
+    fn show(&self, message: &str, live: impl FnOnce(&dyn LiveLine)) {
         match &self.live {
             Some(line) => {
                 tracing::info!(node = %self.name, "{message}");
-                line.finish(message);
+                live(line.as_ref());
             }
             None => self.report.machine(&self.name, message),
         }

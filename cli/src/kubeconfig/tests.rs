@@ -1049,6 +1049,17 @@ fn the_bundles_kubectl_reads_the_merged_file() {
     assert_eq!(listed, ["lab", "minikube"]);
 }
 
+/// The arguments of the exec entry in the keyring credential test.
+const EXEC_ARGS: [&str; 7] = [
+    "auth",
+    "token",
+    "demo",
+    "--user",
+    "alice@example.com",
+    "--cluster-id",
+    "c0ffee",
+];
+
 /// A person's credential kept in the OS keyring: the user entry impersonates them and runs
 /// `clusterctl auth token` through kubectl's exec plugin; no token is in the file. The bundle's
 /// kubectl, when there is one, reads it back as such.
@@ -1063,17 +1074,7 @@ fn a_keyring_credential_is_an_exec_plugin_with_no_token_in_the_file() {
     e.user = user.clone();
     e.credential = Credential::Exec {
         command: "/usr/local/bin/clusterctl".to_owned(),
-        args: [
-            "auth",
-            "token",
-            "demo",
-            "--user",
-            "alice@example.com",
-            "--cluster-id",
-            "c0ffee",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
+        args: EXEC_ARGS.map(str::to_owned).to_vec(),
         impersonate: "alice@example.com".to_owned(),
     };
     merge(&path, &e, true).unwrap_or_else(|e| panic!("{e}"));
@@ -1106,18 +1107,7 @@ fn a_keyring_credential_is_an_exec_plugin_with_no_token_in_the_file() {
     let user_doc = &view["users"][0]["user"];
     assert_eq!(user_doc["as"], "alice@example.com");
     assert_eq!(user_doc["exec"]["command"], "/usr/local/bin/clusterctl");
-    assert_eq!(
-        user_doc["exec"]["args"],
-        serde_json::json!([
-            "auth",
-            "token",
-            "demo",
-            "--user",
-            "alice@example.com",
-            "--cluster-id",
-            "c0ffee"
-        ])
-    );
+    assert_eq!(user_doc["exec"]["args"], serde_json::json!(EXEC_ARGS));
     assert_eq!(
         user_doc["exec"]["apiVersion"],
         "client.authentication.k8s.io/v1beta1"
