@@ -1,12 +1,14 @@
-//! Schedules for `clusterctl repair`: a systemd timer where systemd runs, else a crontab entry.
+//! Schedules for `clusterctl repair` (auto-repair) and `clusterctl upgrade --auto`
+//! (auto-upgrade), one [`Job`] each per cluster: a systemd timer where systemd runs, else a
+//! crontab entry.
 //! Rendering is pure ([`cron_line`], [`systemd_units`]); [`install`], [`remove`] and [`find`]
 //! do the I/O (`crontab -l`/`crontab -`, unit files + `systemctl`).
 //!
 //! Two runs never overlap: the run takes the cluster lock without waiting, and a second one
 //! exits at once with the "locked" exit code (3). A systemd timer also never starts a oneshot
 //! service that is still running. Output goes where the scheduler puts it: the journal
-//! (`journalctl -u clusterctl-autorepair-NAME`), or for cron `autorepair.log` in the cluster's
-//! state directory.
+//! (`journalctl -u clusterctl-autorepair-NAME`), or for cron `autorepair.log` (`autoupgrade.log`)
+//! in the cluster's state directory.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,9 +51,44 @@ pub const KEPT_ENV: &[&str] = &[
     "SSH_AUTH_SOCK",
 ];
 
+/// What a schedule runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// `clusterctl repair NAME --scheduled`.
+    Repair,
+    /// `clusterctl upgrade NAME --auto --scheduled`.
+    Upgrade,
+}
+
+impl Job {
+    /// `autorepair` / `autoupgrade`: the command that manages it, and the stem of its names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::Repair => "autorepair",
+            Job::Upgrade => "autoupgrade",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Job::Repair => "auto-repair",
+            Job::Upgrade => "auto-upgrade",
+        }
+    }
+
+    fn args(self) -> &'static str {
+        match self {
+            Job::Repair => "repair {} --scheduled",
+            Job::Upgrade => "upgrade {} --auto --scheduled",
+        }
+    }
+}
+
 /// One cluster's schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// What it runs.
+    pub job: Job,
     /// The cluster.
     pub cluster: String,
     /// How often.
@@ -65,13 +102,13 @@ pub struct Entry {
 }
 
 /// The marker that names a cluster's crontab line.
-pub fn cron_marker(cluster: &str) -> String {
-    format!("# clusterctl-autorepair:{cluster}")
+pub fn cron_marker(job: Job, cluster: &str) -> String {
+    format!("# clusterctl-{}:{cluster}", job.name())
 }
 
 /// The systemd unit name (without suffix) of a cluster's schedule.
-pub fn unit_name(cluster: &str) -> String {
-    format!("clusterctl-autorepair-{cluster}")
+pub fn unit_name(job: Job, cluster: &str) -> String {
+    format!("clusterctl-{}-{cluster}", job.name())
 }
 
 fn sh_quote(s: &str) -> String {
@@ -79,8 +116,8 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The log file of cron runs.
-pub fn cron_log(state_dir: &Path, cluster: &str) -> PathBuf {
-    state_dir.join(cluster).join("autorepair.log")
+pub fn cron_log(state_dir: &Path, job: Job, cluster: &str) -> PathBuf {
+    state_dir.join(cluster).join(format!("{}.log", job.name()))
 }
 
 /// A cron log larger than this is rotated by the next scheduled run.
@@ -89,8 +126,8 @@ pub const LOG_MAX_BYTES: u64 = 1 << 20;
 /// Keeps a cron log small: over [`LOG_MAX_BYTES`] it becomes `autorepair.log.1` (replacing the
 /// previous one); this run's output still goes to the renamed file (the shell opened it), the
 /// next run's to a new one. Returns whether it rotated.
-pub fn rotate_log(state_dir: &Path, cluster: &str) -> std::io::Result<bool> {
-    let log = cron_log(state_dir, cluster);
+pub fn rotate_log(state_dir: &Path, job: Job, cluster: &str) -> std::io::Result<bool> {
+    let log = cron_log(state_dir, job, cluster);
     match std::fs::metadata(&log) {
         Ok(m) if m.len() > LOG_MAX_BYTES => {
             std::fs::rename(&log, log.with_extension("log.1"))?;
@@ -135,10 +172,10 @@ fn command(e: &Entry) -> String {
     let exe = e.exe.to_string_lossy();
     let dir = e.state_dir.to_string_lossy();
     format!(
-        "{} --state-dir {} repair {} --scheduled",
+        "{} --state-dir {} {}",
         sh_quote(&exe),
         sh_quote(&dir),
-        sh_quote(&e.cluster)
+        e.job.args().replace("{}", &sh_quote(&e.cluster))
     )
 }
 
@@ -150,14 +187,14 @@ pub fn cron_line(e: &Entry) -> anyhow::Result<String> {
         .iter()
         .map(|(k, v)| format!("{k}={}", sh_quote(v)))
         .collect();
-    let log = cron_log(&e.state_dir, &e.cluster);
+    let log = cron_log(&e.state_dir, e.job, &e.cluster);
     // umask 077: the log is private like everything in the state directory.
     let line = format!(
         "{fields} umask 077; env {} {} >> {} 2>&1 {}",
         env.join(" "),
         command(e),
         sh_quote(&log.to_string_lossy()),
-        cron_marker(&e.cluster)
+        cron_marker(e.job, &e.cluster)
     );
     if line.contains('%') || line.contains('\n') {
         bail!(
@@ -180,12 +217,14 @@ pub fn systemd_units(e: &Entry) -> (String, String) {
         })
         .collect();
     let service = format!(
-        "[Unit]\nDescription=clusterctl auto-repair of cluster {c}\nAfter=network-online.target\n\n[Service]\nType=oneshot\n{env}ExecStart=/bin/sh -c {cmd}\n",
+        "[Unit]\nDescription=clusterctl {what} of cluster {c}\nAfter=network-online.target\n\n[Service]\nType=oneshot\n{env}ExecStart=/bin/sh -c {cmd}\n",
+        what = e.job.what(),
         c = e.cluster,
         cmd = sh_quote(&command(e)),
     );
     let timer = format!(
-        "[Unit]\nDescription=Run clusterctl auto-repair of cluster {c} every {every}\n\n[Timer]\nOnActiveSec=1min\nOnUnitInactiveSec={secs}s\nAccuracySec=5s\n\n[Install]\nWantedBy=timers.target\n",
+        "[Unit]\nDescription=Run clusterctl {what} of cluster {c} every {every}\n\n[Timer]\nOnActiveSec=1min\nOnUnitInactiveSec={secs}s\nAccuracySec=5s\n\n[Install]\nWantedBy=timers.target\n",
+        what = e.job.what(),
         c = e.cluster,
         every = crate::spec::Duration::from_secs(e.every.as_secs()),
         secs = e.every.as_secs(),
@@ -262,9 +301,9 @@ fn write_crontab(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `text` without the lines of `cluster`'s schedule. Pure.
-pub fn without_entry(text: &str, cluster: &str) -> String {
-    let marker = cron_marker(cluster);
+/// `text` without the line of `cluster`'s `job` schedule. Pure.
+pub fn without_entry(text: &str, job: Job, cluster: &str) -> String {
+    let marker = cron_marker(job, cluster);
     text.lines()
         .filter(|l| !l.trim_end().ends_with(&marker))
         .map(|l| format!("{l}\n"))
@@ -276,20 +315,20 @@ pub fn install(e: &Entry, scheduler: Scheduler) -> anyhow::Result<String> {
     match scheduler {
         Scheduler::Cron => {
             let line = cron_line(e)?;
-            let mut text = without_entry(&read_crontab()?, &e.cluster);
+            let mut text = without_entry(&read_crontab()?, e.job, &e.cluster);
             text.push_str(&line);
             text.push('\n');
             write_crontab(&text)?;
             Ok(format!(
                 "crontab entry: {line}\nlog: {}",
-                cron_log(&e.state_dir, &e.cluster).display()
+                cron_log(&e.state_dir, e.job, &e.cluster).display()
             ))
         }
         Scheduler::Systemd => {
             let (dir, scope) = systemd_dir()?;
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let (service, timer) = systemd_units(e);
-            let unit = unit_name(&e.cluster);
+            let unit = unit_name(e.job, &e.cluster);
             std::fs::write(dir.join(format!("{unit}.service")), service)?;
             std::fs::write(dir.join(format!("{unit}.timer")), timer)?;
             systemctl(scope, &["daemon-reload"])?;
@@ -303,18 +342,18 @@ pub fn install(e: &Entry, scheduler: Scheduler) -> anyhow::Result<String> {
     }
 }
 
-/// Removes `cluster`'s schedule from wherever it is; returns what was removed.
-pub fn remove(cluster: &str) -> anyhow::Result<Vec<String>> {
+/// Removes `cluster`'s `job` schedule from wherever it is; returns what was removed.
+pub fn remove(job: Job, cluster: &str) -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     if let Ok(text) = read_crontab() {
-        let kept = without_entry(&text, cluster);
+        let kept = without_entry(&text, job, cluster);
         if kept != text {
             write_crontab(&kept)?;
             removed.push("crontab entry".to_owned());
         }
     }
     let (dir, scope) = systemd_dir()?;
-    let unit = unit_name(cluster);
+    let unit = unit_name(job, cluster);
     let timer = dir.join(format!("{unit}.timer"));
     if timer.exists() {
         let _ = systemctl(scope, &["disable", "--now", &format!("{unit}.timer")]);
@@ -326,17 +365,17 @@ pub fn remove(cluster: &str) -> anyhow::Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Where `cluster`'s schedule is installed, and its definition.
-pub fn find(cluster: &str) -> Option<(Scheduler, String)> {
+/// Where `cluster`'s `job` schedule is installed, and its definition.
+pub fn find(job: Job, cluster: &str) -> Option<(Scheduler, String)> {
     if let Ok(text) = read_crontab()
         && let Some(line) = text
             .lines()
-            .find(|l| l.trim_end().ends_with(&cron_marker(cluster)))
+            .find(|l| l.trim_end().ends_with(&cron_marker(job, cluster)))
     {
         return Some((Scheduler::Cron, line.to_owned()));
     }
     let (dir, _) = systemd_dir().ok()?;
-    let timer = dir.join(format!("{}.timer", unit_name(cluster)));
+    let timer = dir.join(format!("{}.timer", unit_name(job, cluster)));
     std::fs::read_to_string(&timer)
         .ok()
         .map(|t| (Scheduler::Systemd, format!("{}:\n{t}", timer.display())))
@@ -348,6 +387,7 @@ mod tests {
 
     fn entry(every: u64) -> Entry {
         Entry {
+            job: Job::Repair,
             cluster: "c1".into(),
             every: Duration::from_secs(every),
             exe: PathBuf::from("/opt/cc/clusterctl"),
@@ -370,6 +410,12 @@ mod tests {
         let mut bad = entry(60);
         bad.state_dir = PathBuf::from("/tmp/100%");
         assert!(cron_line(&bad).is_err());
+        let mut up = entry(600);
+        up.job = Job::Upgrade;
+        assert_eq!(
+            cron_line(&up)?,
+            "*/10 * * * * umask 077; env PATH='/usr/bin:/bin' '/opt/cc/clusterctl' --state-dir '/var/lib/cc state' upgrade 'c1' --auto --scheduled >> '/var/lib/cc state/c1/autoupgrade.log' 2>&1 # clusterctl-autoupgrade:c1"
+        );
         Ok(())
     }
 
@@ -377,12 +423,12 @@ mod tests {
     fn a_large_cron_log_is_rotated_and_a_small_one_left() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir(dir.path().join("c1"))?;
-        assert!(!rotate_log(dir.path(), "c1")?, "no log yet");
-        let log = cron_log(dir.path(), "c1");
+        assert!(!rotate_log(dir.path(), Job::Repair, "c1")?, "no log yet");
+        let log = cron_log(dir.path(), Job::Repair, "c1");
         std::fs::write(&log, vec![b'x'; 10])?;
-        assert!(!rotate_log(dir.path(), "c1")?);
+        assert!(!rotate_log(dir.path(), Job::Repair, "c1")?);
         std::fs::write(&log, vec![b'x'; (LOG_MAX_BYTES + 1) as usize])?;
-        assert!(rotate_log(dir.path(), "c1")?);
+        assert!(rotate_log(dir.path(), Job::Repair, "c1")?);
         assert!(!log.exists());
         assert_eq!(
             std::fs::metadata(dir.path().join("c1/autorepair.log.1"))?.len(),
@@ -393,10 +439,14 @@ mod tests {
 
     #[test]
     fn removing_an_entry_keeps_every_other_line() {
-        let text = "MAILTO=x\n* * * * * other # clusterctl-autorepair:c10\n*/5 * * * * a # clusterctl-autorepair:c1\n";
+        let text = "MAILTO=x\n* * * * * other # clusterctl-autorepair:c10\n*/5 * * * * a # clusterctl-autorepair:c1\n*/5 * * * * u # clusterctl-autoupgrade:c1\n";
         assert_eq!(
-            without_entry(text, "c1"),
-            "MAILTO=x\n* * * * * other # clusterctl-autorepair:c10\n"
+            without_entry(text, Job::Repair, "c1"),
+            "MAILTO=x\n* * * * * other # clusterctl-autorepair:c10\n*/5 * * * * u # clusterctl-autoupgrade:c1\n"
+        );
+        assert_eq!(
+            without_entry(text, Job::Upgrade, "c1"),
+            "MAILTO=x\n* * * * * other # clusterctl-autorepair:c10\n*/5 * * * * a # clusterctl-autorepair:c1\n"
         );
     }
 
@@ -405,12 +455,14 @@ mod tests {
     #[test]
     fn systemd_units_verify() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
+        for job in [Job::Repair, Job::Upgrade] {
         let mut e = entry(300);
+        e.job = job;
         e.exe = PathBuf::from("/bin/true");
         e.state_dir = dir.path().to_path_buf();
         let (service, timer) = systemd_units(&e);
         assert!(timer.contains("OnUnitInactiveSec=300s"), "{timer}");
-        let unit = unit_name("c1");
+        let unit = unit_name(job, "c1");
         let s = dir.path().join(format!("{unit}.service"));
         let t = dir.path().join(format!("{unit}.timer"));
         std::fs::write(&s, service)?;
@@ -430,6 +482,7 @@ mod tests {
             ours.is_empty(),
             "systemd-analyze complains about our units: {ours:?}"
         );
+        }
         Ok(())
     }
 }

@@ -73,8 +73,10 @@
 #                     workers are cut off, a destroyed worker replaced by a pass SIGKILLed
 #                     half-way and finished by a real cron daemon running the `autorepair` entry
 #   upgrade           `clusterctl upgrade --node-image` to a second image (CLUSTERCTL_TEST_IMAGE_V2)
-#                     under a continuous client; data, names, addresses, keys kept; a failed
-#                     health gate rolls back by itself
+#                     under a continuous client, SIGKILLed, then finished by auto-upgrade: a real
+#                     cron running the entry `autoupgrade enable` installed (`upgrade --auto`,
+#                     one machine per run; `--auto` off does nothing, `plan --next` shows it);
+#                     data, names, addresses, keys kept; a failed health gate rolls back by itself
 #   again             `create` again changes nothing: same domains, volumes, networks, pools and
 #                     host keys, no upload, no file changed, no unit restarted. Not in the
 #                     default list: phase repair's replacement runs create's reconcile on the
@@ -1042,13 +1044,48 @@ YAML
   log "upgrade: SIGKILLed $((SECONDS - started)) s in, while replacing the boot disk of $name-workers-0"
   jq -e --arg v "$v2" '.upgrade.to.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
     || { kill "$client_pid"; die "upgrade: the killed run left no unfinished upgrade in the record"; }
-  waiting "clusterctl upgrade $name (no image: finishes the unfinished upgrade)"
-  json=$("$bin" -o json upgrade "$name" --drain-timeout 900) || { kill "$client_pid"; die "clusterctl upgrade did not finish the killed upgrade to $v2"; }
-  jq -e --arg m "$name-cp-0" '.nodes[] | select(.name == $m) | .replace == false' <<< "$json" > /dev/null \
-    || { kill "$client_pid"; die "upgrade: the resumed run replaced $name-cp-0 again: $json"; }
+  # Auto-upgrade finishes it: off first (nothing done), then `autoupgrade enable` and a real
+  # cron running `upgrade --auto --scheduled` every minute, one machine per run.
+  local cp_replaced auto
+  cp_replaced=$(grep -c "\"action\":\"replace-boot-disk\",\"target\":\"$name-cp-0\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl" || true)
+  out=$("$bin" upgrade "$name" --auto) || { kill "$client_pid"; die "upgrade --auto with auto-upgrade off failed: $out"; }
+  grep -q "is off: nothing done" <<< "$out" || { kill "$client_pid"; die "upgrade --auto with auto-upgrade off: $out"; }
+  out=$("$bin" plan "$name" --next 30d) || { kill "$client_pid"; die "plan --next failed: $out"; }
+  grep -q "is off: nothing upgrades by itself" <<< "$out" || { kill "$client_pid"; die "plan --next with auto-upgrade off: $out"; }
+  cron_up
+  out=$(nsenter -t "$cron_pid" -m -- "$bin" autoupgrade enable "$name" --every 1m --scheduler cron) || { kill "$client_pid"; cron_down; die "autoupgrade enable failed: $out"; }
+  log "upgrade: $out"
+  nsenter -t "$cron_pid" -m -- crontab -l | grep -q "upgrade '$name' --auto --scheduled" || { kill "$client_pid"; cron_down; die "no auto-upgrade crontab entry"; }
+  auto=$("$bin" -o json upgrade "$name" --auto --dry-run) || { kill "$client_pid"; cron_down; die "upgrade --auto --dry-run failed: $auto"; }
+  jq -e --arg v "$v2" '.decision.decision == "continue" and .decision.to == $v' <<< "$auto" > /dev/null \
+    || { kill "$client_pid"; cron_down; die "auto-upgrade would not go on with the killed upgrade: $auto"; }
+  out=$("$bin" -o json plan "$name" --next 30d) || { kill "$client_pid"; cron_down; die "plan --next failed: $out"; }
+  jq -e '.enabled and (.upgrades[0] | .carriedOut and (.candidate == null) and (.heldBy == []))' <<< "$out" > /dev/null \
+    || { kill "$client_pid"; cron_down; die "plan --next does not show the unfinished upgrade going on now: $out"; }
+  waiting "cron's runs of upgrade --auto finishing the upgrade to $v2, one machine per run"
+  for _ in $(seq 1 360); do
+    jq -e --arg v "$v2" '.upgrade == null and .node_image.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null 2>&1 && break
+    sleep 5
+  done
+  out=$(nsenter -t "$cron_pid" -m -- "$bin" autoupgrade disable "$name") || { kill "$client_pid"; cron_down; die "autoupgrade disable failed: $out"; }
+  nsenter -t "$cron_pid" -m -- crontab -l 2>/dev/null | grep -q clusterctl-autoupgrade && { kill "$client_pid"; cron_down; die "disable left the crontab entry"; }
+  cron_down
+  for _ in $(seq 1 60); do pgrep -f -- "upgrade $name --auto" > /dev/null || break; sleep 2; done
+  cat "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log" >&2 || true
+  jq -e --arg v "$v2" '.upgrade == null and .node_image.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || { kill "$client_pid"; die "the scheduled auto-upgrade did not finish the upgrade to $v2: $(jq -c '{upgrade, auto_upgrade}' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"; }
+  grep -q "auto-upgrade: node image $v2: every machine boots it" "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log" || { kill "$client_pid"; die "autoupgrade.log does not show the finished upgrade"; }
+  [ "$(stat -c %a "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log")" = 600 ] || { kill "$client_pid"; die "the auto-upgrade cron log is not 0600"; }
+  jq -e '.auto_upgrade.lastRun.scheduled and .auto_upgrade.lastUpgradeFinished != null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || { kill "$client_pid"; die "the record does not show the scheduled run: $(jq -c .auto_upgrade "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"; }
+  [ "$(grep -c "\"action\":\"replace-boot-disk\",\"target\":\"$name-cp-0\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl" || true)" = "$cp_replaced" ] \
+    || { kill "$client_pid"; die "upgrade: the resumed runs replaced $name-cp-0 again"; }
+  # Now up to date, and the soak (24 h) holds anything newer.
+  out=$("$bin" describe "$name") || { kill "$client_pid"; die "describe failed"; }
+  grep -q "Auto-upgrade: disabled; last run .*every machine boots it" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "describe does not show the last auto-upgrade run"; }
   sleep 5
   kill "$client_pid" 2> /dev/null; wait "$client_pid" 2> /dev/null || true
-  log "upgrade: took $((SECONDS - started)) s: $(jq -c '[.nodes[] | {name, seconds}]' <<< "$json")"
+  log "upgrade: took $((SECONDS - started)) s (killed run, then $(grep -c '^auto-upgrade: ' "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log" || true) scheduled run(s)): $(grep '^auto-upgrade: ' "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log" | tr '\n' '|')"
   served=$(grep -c '^ok' "$client_log" || true); retried=$(grep -c 'retried' "$client_log" || true); failed=$(grep -c '^fail' "$client_log" || true)
   log "upgrade: requests served $served (of them $retried after a node did not answer), failed $failed"
   [ "$served" -gt 0 ] || die "upgrade: the client was never served"
@@ -1163,6 +1200,21 @@ repair_json() { "$bin" -o json repair "$name" "$@"; }
 # The cron daemon phase repair starts (stopped by PID, also when the test fails).
 cron_pid=
 created_crond_pid=
+# A real cron daemon in a private mount namespace (its own crontab spool, no system crontab):
+# the schedules `autorepair enable` and `autoupgrade enable` install run there.
+cron_up() {
+  mkdir -p "$work/cron"
+  : > "$work/cron/crontab"
+  : > "$work/cron/crond.pid"
+  [ -e /run/crond.pid ] || { : > /run/crond.pid; created_crond_pid=1; }
+  unshare -m --propagation private sh -c '
+    mount -t tmpfs -o mode=1730 tmpfs /var/spool/cron/crontabs && chgrp crontab /var/spool/cron/crontabs &&
+    mount -t tmpfs tmpfs /etc/cron.d && mount --bind "$1/crontab" /etc/crontab &&
+    mount --bind "$1/crond.pid" /run/crond.pid && exec cron -f' sh "$work/cron" > "$work/cron/cron.out" 2>&1 &
+  cron_pid=$!
+  sleep 1
+  kill -0 "$cron_pid" 2>/dev/null || { cat "$work/cron/cron.out" >&2; die "cron did not start"; }
+}
 cron_down() {
   [ -n "$cron_pid" ] || return 0
   kill "$cron_pid" 2>/dev/null || true; wait "$cron_pid" 2>/dev/null || true
@@ -1256,17 +1308,7 @@ phase_repair() {
 
   # The schedule: a real cron daemon in a private mount namespace (its own crontab spool, no
   # system crontab), with the entry `autorepair enable` installs through `crontab`.
-  mkdir -p "$work/cron"
-  : > "$work/cron/crontab"
-  : > "$work/cron/crond.pid"
-  [ -e /run/crond.pid ] || { : > /run/crond.pid; created_crond_pid=1; }
-  unshare -m --propagation private sh -c '
-    mount -t tmpfs -o mode=1730 tmpfs /var/spool/cron/crontabs && chgrp crontab /var/spool/cron/crontabs &&
-    mount -t tmpfs tmpfs /etc/cron.d && mount --bind "$1/crontab" /etc/crontab &&
-    mount --bind "$1/crond.pid" /run/crond.pid && exec cron -f' sh "$work/cron" > "$work/cron/cron.out" 2>&1 &
-  cron_pid=$!
-  sleep 1
-  kill -0 "$cron_pid" 2>/dev/null || { cat "$work/cron/cron.out" >&2; die "cron did not start"; }
+  cron_up
   out=$(nsenter -t "$cron_pid" -m -- "$bin" autorepair enable "$name" --every 1m --scheduler cron) || { cron_down; die "autorepair enable failed: $out"; }
   log "repair: $out"
   nsenter -t "$cron_pid" -m -- crontab -l | grep -q "repair '$name' --scheduled" || { cron_down; die "no crontab entry"; }

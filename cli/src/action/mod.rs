@@ -8,6 +8,7 @@ pub mod drain;
 pub mod iam;
 pub mod repair;
 pub mod reset;
+pub mod autoupgrade;
 pub mod upgrade;
 
 use std::time::Duration;

@@ -14,8 +14,11 @@
 //! cordoned them. When every machine boots the target, it becomes the cluster's pinned image,
 //! which later `create` runs give new machines.
 //!
+//! Auto-upgrade (`action::autoupgrade`) runs it with a step limit and a deadline: it pauses
+//! before the next machine ([`UpgradeOutcome::Paused`]) and a later run goes on.
+//!
 //! Not here yet (issue 10): Kubernetes version upgrades, surge pools (`upgradeSettings`), canary
-//! batches, etcd snapshots before the control plane, auto-upgrade.
+//! batches, etcd snapshots before the control plane.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +55,30 @@ pub struct UpgradeRequest {
     pub drain: DrainOptions,
     /// Health gate: how long a node may take to come back.
     pub node_timeout: Duration,
+    /// Started by auto-upgrade (`upgrade --auto`): recorded in the unfinished upgrade.
+    pub automatic: bool,
+    /// Replace at most this many boot disks in this run, then pause (auto-upgrade's one step
+    /// per run); `None`: all.
+    pub max_replacements: Option<usize>,
+    /// Start no machine's replacement at or after this time (the maintenance window's end, an
+    /// exclusion's start): the upgrade pauses at that machine boundary.
+    pub deadline: Option<crate::state::Timestamp>,
+}
+
+impl UpgradeRequest {
+    /// A by-hand upgrade to `node_image` (or finishing the unfinished one).
+    pub fn new(node_image: Option<String>) -> Self {
+        UpgradeRequest {
+            node_image,
+            dry_run: false,
+            wait_lock: false,
+            drain: DrainOptions::default(),
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+            automatic: false,
+            max_replacements: None,
+            deadline: None,
+        }
+    }
 }
 
 /// What happened to one machine.
@@ -78,6 +105,16 @@ pub enum UpgradeOutcome {
         blockers: Vec<(String, Vec<String>)>,
         /// What changes in the packages, when both images are built here.
         packages: Option<nodeimage::PackageDiff>,
+    },
+    /// Paused at a machine boundary (auto-upgrade's step limit or deadline); the record keeps
+    /// the unfinished upgrade for the next run.
+    Paused {
+        /// The plan being carried out.
+        plan: UpgradePlan,
+        /// The machines done in this run, in order.
+        nodes: Vec<NodeResult>,
+        /// Why it paused.
+        why: String,
     },
     /// Every machine boots the target.
     Done {
@@ -180,6 +217,11 @@ pub fn upgrade(
             .as_ref()
             .filter(|u| u.to == to)
             .map_or_else(crate::state::Timestamp::now, |u| u.started_at);
+        let automatic = request.automatic
+            || record
+                .upgrade
+                .as_ref()
+                .is_some_and(|u| u.to == to && u.automatic);
         record.upgrade = Some(UpgradeStatus {
             from: record
                 .upgrade
@@ -189,6 +231,7 @@ pub fn upgrade(
             to: to.clone(),
             started_at: started,
             stopped: None,
+            automatic,
         });
         guard.save(&mut record)?;
         let mut run = Run {
@@ -201,8 +244,21 @@ pub fn upgrade(
             report,
             image_dir: &image_dir,
         };
-        let mut results = Vec::new();
+        let mut results: Vec<NodeResult> = Vec::new();
         for (i, step) in plan.steps.iter().enumerate() {
+            if step.replace
+                && let Some(why) = pause_reason(request, &results)
+            {
+                report.note(&format!(
+                    "the upgrade to node image {} pauses before {}: {why}",
+                    to.version, step.machine
+                ));
+                return Ok(UpgradeOutcome::Paused {
+                    plan: plan.clone(),
+                    nodes: results,
+                    why,
+                });
+            }
             report.phase(&format!(
                 "Upgrading {} ({} of {}) to node image {}",
                 step.machine,
@@ -241,6 +297,7 @@ pub fn upgrade(
         }
         record.node_image = Some(to.clone());
         record.upgrade = None;
+        record.auto_upgrade.last_upgrade_finished = Some(crate::state::Timestamp::now());
         record.machines = list_machines_async(&provider, &record).await?;
         guard.save(&mut record)?;
         Ok(UpgradeOutcome::Done {
@@ -250,6 +307,26 @@ pub fn upgrade(
     });
     lock(&journal).finish(result.is_ok())?;
     result
+}
+
+/// Why the next replacement must wait for a later run, if it must.
+fn pause_reason(request: &UpgradeRequest, done: &[NodeResult]) -> Option<String> {
+    let replaced = done.iter().filter(|r| r.replaced).count();
+    if let Some(max) = request.max_replacements
+        && replaced >= max
+    {
+        return Some(format!(
+            "{replaced} machine(s) replaced, the most one run does (`--wait` does them all)"
+        ));
+    }
+    if let Some(d) = &request.deadline
+        && crate::state::Timestamp::now() >= *d
+    {
+        return Some(format!(
+            "the maintenance window ends (or an exclusion starts) at {d}; the next window goes on"
+        ));
+    }
+    None
 }
 
 struct Run<'a> {

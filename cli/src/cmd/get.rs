@@ -56,6 +56,9 @@ struct ClusterView {
     /// Auto-repair: the last pass and the repair history (newest last).
     #[serde(skip_serializing_if = "crate::state::RepairState::is_empty")]
     repair: crate::state::RepairState,
+    /// Auto-upgrade: the last automatic run and when the last upgrade finished.
+    #[serde(skip_serializing_if = "crate::state::AutoUpgradeState::is_empty")]
+    auto_upgrade: crate::state::AutoUpgradeState,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,8 +87,10 @@ impl ClusterView {
                 to: u.to,
                 started_at: u.started_at,
                 stopped: u.stopped,
+                automatic: u.automatic,
             }),
             repair: r.repair,
+            auto_upgrade: r.auto_upgrade,
             error: None,
             spec_for_pools: Some(r.spec.clone()),
             spec: with_spec.then_some(r.spec),
@@ -107,6 +112,7 @@ impl ClusterView {
             node_image: None,
             upgrade: None,
             repair: Default::default(),
+            auto_upgrade: Default::default(),
             error: Some(error),
             spec: None,
             spec_for_pools: None,
@@ -156,6 +162,8 @@ struct UpgradeDoc {
     started_at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
     stopped: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    automatic: bool,
 }
 
 /// Kubernetes in `-o json|yaml` (camelCase).
@@ -331,6 +339,20 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
         }
         if let Some(spec) = &view.spec_for_pools {
             writeln!(out, "Auto-repair: {}", auto_repair_line(spec, &view.repair))?;
+            writeln!(
+                out,
+                "Auto-upgrade: {}{}",
+                if spec.spec.auto_upgrade.enabled {
+                    "enabled"
+                } else {
+                    "disabled"
+                },
+                view.auto_upgrade
+                    .last_run
+                    .as_ref()
+                    .map(|r| format!("; last run {}: {}", r.at, r.summary))
+                    .unwrap_or_default()
+            )?;
             writeln!(out)?;
             out.push_str(&pools_table(spec, &view.machines));
         }

@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use crate::output::Format;
 
 pub mod access;
+pub mod autoupgrade;
 pub mod create;
 pub mod credentials;
 pub mod delete;
@@ -102,6 +103,9 @@ pub enum Command {
     /// Install, remove or show the schedule that runs `repair` (systemd timer or cron).
     #[command(subcommand)]
     Autorepair(repair::AutorepairCommand),
+    /// Install, remove or show the schedule that runs `upgrade --auto` (systemd timer or cron).
+    #[command(subcommand)]
+    Autoupgrade(autoupgrade::AutoupgradeCommand),
     /// Who may do what in the cluster: grant and revoke roles (RBAC), list them, read the
     /// audit log. `get-credentials --user` gives a person an expiring credential.
     #[command(subcommand)]
@@ -199,6 +203,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Upgrade(args) => upgrade::run(&cli.global, &args),
         Command::Repair(args) => repair::run(&cli.global, &args),
         Command::Autorepair(command) => repair::run_autorepair(&cli.global, &command),
+        Command::Autoupgrade(command) => autoupgrade::run(&cli.global, &command),
         Command::Operations(args) => operations::run(&cli.global, &args),
         Command::Access(command) => access::run(&cli.global, &command),
     }

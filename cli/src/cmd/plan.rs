@@ -1,4 +1,5 @@
 //! `clusterctl plan -f FILE`: shows the spec with its defaults and what `create` would do.
+//! `clusterctl plan NAME --next 30d`: auto-upgrade's forward calendar (`action::autoupgrade`).
 //!
 //! Read-only: takes no lock and changes nothing. For a cluster that exists in the state store the
 //! plan is made against what its provider lists now; for a new cluster, against nothing. When a
@@ -23,8 +24,18 @@ use crate::state::StateStore;
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// The cluster spec (cluster.yaml).
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
-    pub file: PathBuf,
+    #[arg(short = 'f', long = "file", value_name = "FILE", required_unless_present = "next")]
+    pub file: Option<PathBuf>,
+    /// With `--next`: the cluster whose automatic upgrades to show.
+    #[arg(requires = "next", conflicts_with = "file")]
+    pub name: Option<String>,
+    /// Auto-upgrade's calendar for this long ahead (such as 30d): what would upgrade when, and
+    /// why not sooner (maintenance window, exclusion, soak, release date).
+    #[arg(long, value_name = "DURATION", requires = "name", value_parser = super::repair::parse_any_duration)]
+    pub next: Option<std::time::Duration>,
+    /// The release channel file (path or https URL) instead of the one built in (with `--next`).
+    #[arg(long, value_name = "PATH|URL", requires = "next")]
+    pub channel_file: Option<String>,
 }
 
 /// A drain `create` would run before deleting a worker, as simulated now.
@@ -143,16 +154,36 @@ fn simulate_drains(
 
 /// Runs `clusterctl plan`.
 pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
-    let spec = load_spec(&args.file)?;
+    if let (Some(name), Some(horizon)) = (&args.name, args.next) {
+        let store = StateStore::resolve(global.state_dir.as_deref())?;
+        let (policy, calendar, notes) = crate::action::autoupgrade::calendar(
+            &store,
+            name,
+            horizon,
+            args.channel_file.as_deref(),
+        )?;
+        return super::autoupgrade::print_calendar(
+            global.output,
+            name,
+            horizon,
+            &policy,
+            &calendar,
+            &notes,
+        );
+    }
+    let Some(file) = &args.file else {
+        anyhow::bail!("say what to plan: `plan -f cluster.yaml`, or `plan NAME --next 30d`");
+    };
+    let spec = load_spec(file)?;
     let name = &spec.metadata.name;
     // An unsupported Kubernetes version (or a bundle of another version) is refused here,
     // before anything would be created.
     let kubernetes = crate::engine::artifacts::check_spec(&spec)
-        .with_context(|| format!("checking kubernetes in {}", args.file.display()))?;
+        .with_context(|| format!("checking kubernetes in {}", file.display()))?;
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let record = store.load(name)?;
     if let Some(r) = &record {
-        crate::spec::changes::check_reapply(&args.file, &r.spec, &spec)?;
+        crate::spec::changes::check_reapply(file, &r.spec, &spec)?;
     }
     let observed = match &record {
         Some(r) => {

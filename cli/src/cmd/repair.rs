@@ -51,7 +51,7 @@ pub fn run(global: &Global, args: &RepairArgs) -> anyhow::Result<()> {
         && let Some(name) = &args.name
     {
         // A cron schedule appends to a log in the state directory: keep it small.
-        let _ = schedule::rotate_log(store.root(), name);
+        let _ = schedule::rotate_log(store.root(), schedule::Job::Repair, name);
     }
     let opts = RepairOptions {
         dry_run: args.dry_run,
@@ -235,7 +235,12 @@ pub struct EnableArgs {
     pub scheduler: Option<Scheduler>,
 }
 
-fn parse_every(s: &str) -> Result<Duration, String> {
+/// A duration such as `30d` or `12h`.
+pub(super) fn parse_any_duration(s: &str) -> Result<Duration, String> {
+    parse_every(s)
+}
+
+pub(super) fn parse_every(s: &str) -> Result<Duration, String> {
     s.parse::<crate::spec::Duration>()
         .map(|d| Duration::from_secs(d.as_secs()))
         .map_err(|e| e.to_string())
@@ -248,21 +253,7 @@ pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::R
     match command {
         AutorepairCommand::Enable(a) => {
             set_enabled(&store, &a.name, true, report)?;
-            let exe = std::env::current_exe().context("finding the clusterctl binary")?;
-            let state_dir = std::fs::canonicalize(store.root())
-                .with_context(|| format!("resolving {}", store.root().display()))?;
-            let env = schedule::KEPT_ENV
-                .iter()
-                .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-                .collect();
-            let entry = schedule::Entry {
-                cluster: a.name.clone(),
-                every: a.every,
-                exe,
-                state_dir,
-                env,
-            };
-            let where_ = schedule::install(&entry, a.scheduler.unwrap_or_else(Scheduler::detect))?;
+            let where_ = install_schedule(&store, schedule::Job::Repair, &a.name, a.every, a.scheduler)?;
             println!(
                 "auto-repair of cluster {:?} enabled, every {}: {where_}",
                 a.name,
@@ -271,25 +262,14 @@ pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::R
             Ok(())
         }
         AutorepairCommand::Disable(a) => {
-            let removed = schedule::remove(&a.name)?;
+            let removed = schedule::remove(schedule::Job::Repair, &a.name)?;
             set_enabled(&store, &a.name, false, report)?;
-            if removed.is_empty() {
-                println!(
-                    "auto-repair of cluster {:?} disabled (no schedule was installed)",
-                    a.name
-                );
-            } else {
-                println!(
-                    "auto-repair of cluster {:?} disabled; removed: {}",
-                    a.name,
-                    removed.join(", ")
-                );
-            }
+            println!("auto-repair of cluster {:?} disabled{}", a.name, removed_text(&removed));
             Ok(())
         }
         AutorepairCommand::Status(a) => {
             let record = crate::action::load_cluster(&store, &a.name)?;
-            let found = schedule::find(&a.name);
+            let found = schedule::find(schedule::Job::Repair, &a.name);
             if global.output != Format::Table {
                 #[derive(serde::Serialize)]
                 #[serde(rename_all = "camelCase")]
@@ -337,6 +317,42 @@ pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::R
             }
             Ok(())
         }
+    }
+}
+
+/// Installs `job`'s schedule for cluster `name`, keeping the environment a run needs; returns
+/// where it is.
+pub(super) fn install_schedule(
+    store: &StateStore,
+    job: schedule::Job,
+    name: &str,
+    every: Duration,
+    scheduler: Option<Scheduler>,
+) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("finding the clusterctl binary")?;
+    let state_dir = std::fs::canonicalize(store.root())
+        .with_context(|| format!("resolving {}", store.root().display()))?;
+    let env = schedule::KEPT_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    let entry = schedule::Entry {
+        job,
+        cluster: name.to_owned(),
+        every,
+        exe,
+        state_dir,
+        env,
+    };
+    schedule::install(&entry, scheduler.unwrap_or_else(Scheduler::detect))
+}
+
+/// `" (no schedule was installed)"` or `"; removed: ..."`.
+pub(super) fn removed_text(removed: &[String]) -> String {
+    if removed.is_empty() {
+        " (no schedule was installed)".to_owned()
+    } else {
+        format!("; removed: {}", removed.join(", "))
     }
 }
 

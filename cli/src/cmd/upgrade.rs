@@ -1,8 +1,10 @@
-//! `clusterctl upgrade NAME --node-image VERSION` (see `action::upgrade`).
+//! `clusterctl upgrade NAME --node-image VERSION` (see `action::upgrade`) and
+//! `clusterctl upgrade NAME --auto` (see `action::autoupgrade`).
 
 use std::time::Duration;
 
 use super::Global;
+use crate::action::autoupgrade::{self, AutoRequest};
 use crate::action::upgrade::{self, UpgradeOutcome, UpgradeRequest};
 use crate::kube::drainer::DrainOptions;
 use crate::output::{self, Format};
@@ -15,8 +17,20 @@ pub struct UpgradeArgs {
     pub name: String,
     /// Node image version to roll out (`clusterctl image list`); without it, an unfinished
     /// upgrade is finished. The image the cluster booted before rolls it back.
-    #[arg(long, value_name = "VERSION")]
+    #[arg(long, value_name = "VERSION", conflicts_with = "auto")]
     pub node_image: Option<String>,
+    /// Auto-upgrade: decide whether an upgrade is due (a newer node image built here; the
+    /// maintenance window, exclusions and soak of the spec) and carry out one machine of it,
+    /// or all of it with `--wait` (pausing at the window's end). What the schedule
+    /// `clusterctl autoupgrade enable` installs runs.
+    #[arg(long)]
+    pub auto: bool,
+    /// Started by the schedule (with `--auto`): rotate the cron log, record the run as scheduled.
+    #[arg(long, requires = "auto")]
+    pub scheduled: bool,
+    /// The release channel file (path or https URL) instead of the one built in (with `--auto`).
+    #[arg(long, value_name = "PATH|URL", requires = "auto")]
+    pub channel_file: Option<String>,
     /// Touch nothing: show the order and what blocks each node's drain now.
     #[arg(long)]
     pub dry_run: bool,
@@ -31,7 +45,8 @@ pub struct UpgradeArgs {
     /// after that it is rolled back and the upgrade stops.
     #[arg(long, value_name = "SECONDS", default_value_t = upgrade::DEFAULT_NODE_TIMEOUT.as_secs())]
     pub node_timeout: u64,
-    /// If another command holds the cluster's lock, wait for it instead of failing.
+    /// If another command holds the cluster's lock, wait for it instead of failing; with
+    /// `--auto`, also carry the whole upgrade out in this run instead of one machine.
     #[arg(long)]
     pub wait: bool,
 }
@@ -41,6 +56,9 @@ pub struct UpgradeArgs {
 #[serde(rename_all = "camelCase")]
 struct OutcomeDoc<'a> {
     dry_run: bool,
+    /// Why the upgrade paused (auto-upgrade), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused: Option<&'a str>,
     from: &'a str,
     to: &'a str,
     nodes: Vec<NodeDoc<'a>>,
@@ -70,7 +88,6 @@ pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
     let store = StateStore::resolve(global.state_dir.as_deref())?;
     let report = crate::output::reporter(global.quiet, global.output);
     let request = UpgradeRequest {
-        node_image: args.node_image.clone(),
         dry_run: args.dry_run,
         wait_lock: args.wait,
         drain: DrainOptions {
@@ -79,7 +96,29 @@ pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
             ..DrainOptions::default()
         },
         node_timeout: Duration::from_secs(args.node_timeout),
+        ..UpgradeRequest::new(args.node_image.clone())
     };
+    if args.auto {
+        if args.scheduled {
+            // A cron schedule appends to a log in the state directory: keep it small.
+            let _ = crate::schedule::rotate_log(
+                store.root(),
+                crate::schedule::Job::Upgrade,
+                &args.name,
+            );
+        }
+        let auto = AutoRequest {
+            scheduled: args.scheduled,
+            wait: args.wait,
+            dry_run: args.dry_run,
+            channel_file: args.channel_file.clone(),
+            upgrade: request,
+        };
+        let outcome = autoupgrade::auto_upgrade(&store, &args.name, &auto, report)?;
+        return super::autoupgrade::print_auto(global.output, &args.name, &outcome, |ran| {
+            print_outcome(global.output, &args.name, ran)
+        });
+    }
     let outcome = upgrade::upgrade(&store, &args.name, &request, report)?;
     print_outcome(global.output, &args.name, &outcome)
 }
@@ -87,11 +126,12 @@ pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
 fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow::Result<()> {
     let packages = match outcome {
         UpgradeOutcome::Planned { packages, .. } => packages.as_ref(),
-        UpgradeOutcome::Done { .. } => None,
+        UpgradeOutcome::Done { .. } | UpgradeOutcome::Paused { .. } => None,
     };
-    let (plan, dry_run) = match outcome {
-        UpgradeOutcome::Planned { plan, .. } => (plan, true),
-        UpgradeOutcome::Done { plan, .. } => (plan, false),
+    let (plan, dry_run, paused) = match outcome {
+        UpgradeOutcome::Planned { plan, .. } => (plan, true, None),
+        UpgradeOutcome::Done { plan, .. } => (plan, false, None),
+        UpgradeOutcome::Paused { plan, why, .. } => (plan, false, Some(why.as_str())),
     };
     let nodes: Vec<NodeDoc<'_>> = plan
         .steps
@@ -103,10 +143,12 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
                     .find(|(m, _)| *m == s.machine)
                     .map(|(_, b)| b.clone())
                     .unwrap_or_default(),
-                UpgradeOutcome::Done { .. } => Vec::new(),
+                UpgradeOutcome::Done { .. } | UpgradeOutcome::Paused { .. } => Vec::new(),
             };
             let done = match outcome {
-                UpgradeOutcome::Done { nodes, .. } => nodes.iter().find(|n| n.machine == s.machine),
+                UpgradeOutcome::Done { nodes, .. } | UpgradeOutcome::Paused { nodes, .. } => {
+                    nodes.iter().find(|n| n.machine == s.machine)
+                }
                 UpgradeOutcome::Planned { .. } => None,
             };
             NodeDoc {
@@ -123,6 +165,7 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
     if format != Format::Table {
         let doc = OutcomeDoc {
             dry_run,
+            paused,
             from: &plan.from.version,
             to: &plan.to.version,
             nodes,
@@ -148,6 +191,11 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
                 plan.to.version
             );
         }
+    } else if let Some(why) = paused {
+        println!(
+            "The upgrade of cluster {name:?} to node image {} is paused: {why}.",
+            plan.to.version
+        );
     } else {
         println!(
             "Cluster {name:?} boots node image {} on every machine.",

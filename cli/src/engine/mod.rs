@@ -13,6 +13,7 @@ pub mod plan;
 pub mod repair;
 pub mod report;
 pub mod upgrade;
+pub mod autoupgrade;
 
 pub use apply::{
     ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, run_phases,

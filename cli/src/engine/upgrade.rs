@@ -244,6 +244,7 @@ mod tests {
             to: image("v2"),
             started_at: crate::state::Timestamp::now(),
             stopped: None,
+            automatic: false,
         };
         // Finishing it, or rolling it back, is allowed; a third image is not.
         assert!(preflight(&ms, &ready, &image("v2"), Some(&unfinished)).is_empty());

@@ -78,12 +78,11 @@ pub struct ClusterSpec {
     /// How clusterctl reaches machines over SSH.
     #[serde(default)]
     pub ssh: Ssh,
-    /// When automatic maintenance may happen. The recurring window is not implemented yet
-    /// (validation refuses it); exclusions hold repairs that replace machines.
+    /// When automatic maintenance may happen: auto-upgrade runs inside the recurring window and
+    /// outside exclusions of its scope; exclusions also hold repairs that replace machines.
     #[serde(default)]
     pub maintenance_policy: MaintenancePolicy,
-    /// Automatic upgrades along the release channel. Not implemented yet: off by default, and
-    /// validation refuses `enabled: true`.
+    /// Automatic upgrades (node images; the channel's Kubernetes releases are shown only).
     #[serde(default)]
     pub auto_upgrade: AutoUpgrade,
     /// Automatic repair of unhealthy nodes. Not implemented yet: off by default, and validation
@@ -686,14 +685,34 @@ pub enum ExclusionScope {
     NoMinorOrNodeUpgrades,
 }
 
-/// Automatic upgrades. Not implemented yet: off by default, and validation refuses
-/// `enabled: true`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Automatic upgrades (`clusterctl upgrade NAME --auto`, run by the schedule
+/// `clusterctl autoupgrade enable` installs): the newest node image built here is rolled out
+/// inside the maintenance window, outside exclusions, after the last upgrade soaked. With
+/// `kubernetes.channel`, the channel's next Kubernetes release is shown as due (`plan --next`)
+/// but not carried out: clusterctl does not upgrade Kubernetes versions yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutoUpgrade {
-    /// Follow the release channel automatically (requires `kubernetes.channel`).
+    /// Upgrade on the schedule `clusterctl autoupgrade enable` installs. Off by default.
     #[serde(default)]
     pub enabled: bool,
+    /// Least time between the end of one upgrade (by hand or automatic) and the start of the
+    /// next automatic one (GKE: 24 h between patch upgrades).
+    #[serde(default = "default_soak")]
+    pub soak: Duration,
+}
+
+fn default_soak() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+impl Default for AutoUpgrade {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            soak: default_soak(),
+        }
+    }
 }
 
 /// Automatic repair of unhealthy nodes (cluster-api MachineHealthCheck semantics, GKE's

@@ -88,10 +88,8 @@ pub(crate) fn validate(c: &Cluster) -> Vec<Problem> {
 // Fields that nothing implements are refused where they are checked below (each with
 // `Checker::not_implemented`), so a spec never asks for something `create` would silently
 // skip: `provider.gce`, `provider.libvirt.network.mode` other than isolated, IPv6 networks,
-// `controlPlane.count` above 1, `nodePools[].autoscaling`, `nodePools[].upgradeSettings`,
-// `ssh.bastion`, `maintenancePolicy.window`, `autoUpgrade.enabled: true` and
-// `access.bindings`. Their other checks still run, so every
-// problem is reported at once.
+// `controlPlane.count` above 1, `nodePools[].autoscaling`, `nodePools[].upgradeSettings`
+// and `ssh.bastion`. Their other checks still run, so every problem is reported at once.
 
 // ---- name syntax -------------------------------------------------------------------------
 
@@ -414,18 +412,11 @@ fn check_kubernetes(ck: &mut Checker, spec: &ClusterSpec) {
             "use a version such as \"1.30.2\"",
         );
     }
-    if spec.auto_upgrade.enabled {
-        ck.not_implemented(
-            "spec.autoUpgrade.enabled",
-            "automatic upgrade",
-            "remove autoUpgrade or set enabled: false",
-        );
-    }
-    if spec.auto_upgrade.enabled && k.channel.is_none() {
+    if spec.auto_upgrade.soak.as_secs() > 90 * 86_400 {
         ck.err(
-            "spec.autoUpgrade.enabled",
-            "auto-upgrade needs a release channel to follow",
-            "set kubernetes.channel instead of kubernetes.version, or disable autoUpgrade",
+            "spec.autoUpgrade.soak",
+            format!("a soak of {} would hold security fixes for months", spec.auto_upgrade.soak),
+            "use at most 90d (24h, the default, is GKE's soak between patch upgrades)",
         );
     }
     if let ArtifactSource::Bundle(b) = &k.artifacts
@@ -881,13 +872,6 @@ fn check_ssh(ck: &mut Checker, s: &Ssh) {
 
 fn check_maintenance(ck: &mut Checker, m: &MaintenancePolicy) {
     let base = "spec.maintenancePolicy";
-    if m.window.is_some() {
-        ck.not_implemented(
-            format!("{base}.window"),
-            "a maintenance window",
-            "remove maintenancePolicy: nothing runs automatic maintenance yet",
-        );
-    }
     if let Some(w) = &m.window {
         let wp = format!("{base}.window");
         match (&w.duration, &w.end_time) {

@@ -261,6 +261,40 @@ pub struct ClusterRecord {
     /// Auto-repair's history, the nodes it is watching and its last pass.
     #[serde(default, skip_serializing_if = "RepairState::is_empty")]
     pub repair: RepairState,
+    /// Auto-upgrade's part: when the last upgrade finished (its soak) and the last automatic run.
+    #[serde(default, skip_serializing_if = "AutoUpgradeState::is_empty")]
+    pub auto_upgrade: AutoUpgradeState,
+}
+
+/// Auto-upgrade's part of the cluster record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoUpgradeState {
+    /// When the last upgrade (by hand or automatic) finished: the soak counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade_finished: Option<Timestamp>,
+    /// The last `upgrade --auto` run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<AutoUpgradeRun>,
+}
+
+impl AutoUpgradeState {
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.last_upgrade_finished.is_none() && self.last_run.is_none()
+    }
+}
+
+/// One `upgrade --auto` run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoUpgradeRun {
+    /// When it ran.
+    pub at: Timestamp,
+    /// Whether the schedule ran it.
+    pub scheduled: bool,
+    /// What it decided and did, one line.
+    pub summary: String,
 }
 
 /// A node image by version and manifest digest.
@@ -286,6 +320,9 @@ pub struct UpgradeStatus {
     /// Why it stopped, if it did (a failed health gate, rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// Whether auto-upgrade started it (`upgrade --auto`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub automatic: bool,
 }
 
 /// The cluster's Kubernetes as clusterctl last saw it.
@@ -339,6 +376,7 @@ impl ClusterRecord {
             node_image: None,
             upgrade: None,
             repair: RepairState::default(),
+            auto_upgrade: AutoUpgradeState::default(),
         })
     }
 
