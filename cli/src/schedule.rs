@@ -48,6 +48,7 @@ pub const KEPT_ENV: &[&str] = &[
     "XDG_STATE_HOME",
     "CLUSTERCTL_IMAGE_DIR",
     "CLUSTERCTL_ACCELERATOR",
+    "CLUSTERCTL_CHANNEL_FILE",
     "SSH_AUTH_SOCK",
 ];
 
@@ -456,32 +457,32 @@ mod tests {
     fn systemd_units_verify() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         for job in [Job::Repair, Job::Upgrade] {
-        let mut e = entry(300);
-        e.job = job;
-        e.exe = PathBuf::from("/bin/true");
-        e.state_dir = dir.path().to_path_buf();
-        let (service, timer) = systemd_units(&e);
-        assert!(timer.contains("OnUnitInactiveSec=300s"), "{timer}");
-        let unit = unit_name(job, "c1");
-        let s = dir.path().join(format!("{unit}.service"));
-        let t = dir.path().join(format!("{unit}.timer"));
-        std::fs::write(&s, service)?;
-        std::fs::write(&t, timer)?;
-        let out = Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .arg(&s)
-            .arg(&t)
-            .env("SYSTEMD_LOG_LEVEL", "warning")
-            .output()
-            .context("systemd-analyze (Debian package systemd) must be installed")?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "systemd-analyze verify failed: {err}");
-        // Only complaints about the host's own units are tolerated.
-        let ours: Vec<&str> = err.lines().filter(|l| l.contains(&unit)).collect();
-        assert!(
-            ours.is_empty(),
-            "systemd-analyze complains about our units: {ours:?}"
-        );
+            let mut e = entry(300);
+            e.job = job;
+            e.exe = PathBuf::from("/bin/true");
+            e.state_dir = dir.path().to_path_buf();
+            let (service, timer) = systemd_units(&e);
+            assert!(timer.contains("OnUnitInactiveSec=300s"), "{timer}");
+            let unit = unit_name(job, "c1");
+            let s = dir.path().join(format!("{unit}.service"));
+            let t = dir.path().join(format!("{unit}.timer"));
+            std::fs::write(&s, service)?;
+            std::fs::write(&t, timer)?;
+            let out = Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(&s)
+                .arg(&t)
+                .env("SYSTEMD_LOG_LEVEL", "warning")
+                .output()
+                .context("systemd-analyze (Debian package systemd) must be installed")?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "systemd-analyze verify failed: {err}");
+            // Only complaints about the host's own units are tolerated.
+            let ours: Vec<&str> = err.lines().filter(|l| l.contains(&unit)).collect();
+            assert!(
+                ours.is_empty(),
+                "systemd-analyze complains about our units: {ours:?}"
+            );
         }
         Ok(())
     }

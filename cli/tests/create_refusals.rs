@@ -209,7 +209,10 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
     let bed = Bed::new()?;
     let path = bed.spec("    version: \"1.20.2\"\n")?;
     let text = fs::read_to_string(&path)?;
-    fs::write(&path, format!("{text}  autoUpgrade:\n    enabled: true\n"))?;
+    fs::write(
+        &path,
+        format!("{text}  ssh:\n    bastion:\n      host: jump.example.com\n"),
+    )?;
     let file = path.to_str().unwrap_or_default();
     for cmd in ["plan", "create"] {
         let out = bed.run(&[cmd, "-f", file])?;
@@ -217,7 +220,7 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(
             err.contains(
-                "cluster.yaml:15:14: spec.autoUpgrade.enabled: automatic upgrade is not implemented yet"
+                "cluster.yaml:15:5: spec.ssh.bastion: connecting through a bastion is not implemented yet"
             ),
             "{cmd}: {err}"
         );
@@ -225,8 +228,8 @@ fn a_field_not_implemented_yet_is_refused_by_plan_and_create_as_an_invalid_spec(
     }
     bed.assert_nothing_made()?;
 
-    // Off is honest: the same spec with enabled: false is planned.
-    fs::write(&path, format!("{text}  autoUpgrade:\n    enabled: false\n"))?;
+    // Without it the same spec is planned.
+    fs::write(&path, &text)?;
     let out = bed.run(&["plan", "-f", file])?;
     assert!(out.status.success(), "{}", stderr(&out));
     Ok(())
@@ -360,5 +363,44 @@ fn upgrade_refuses_bad_input_and_changes_nothing() -> Result<()> {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     assert_eq!(fs::read_to_string(&state)?, before, "the state changed");
+
+    // Auto-upgrade: bad input is refused before anything is read; off, it does nothing.
+    let out = bed.run(&["upgrade", "refused", "--auto", "--node-image", "x"])?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let missing = bed.path("no-channels.yaml");
+    let missing = missing.to_str().unwrap_or_default();
+    let out = bed.run(&["upgrade", "refused", "--auto", "--channel-file", missing])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("reading the channel file {missing}")),
+        "{}",
+        stderr(&out)
+    );
+    let out = bed.run(&["upgrade", "refused", "--auto"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("auto-upgrade of cluster \"refused\" is off: nothing done"),
+        "{text}"
+    );
+    let out = bed.run(&["plan", "refused", "--next", "30d"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("is off: nothing upgrades by itself in the next 30d"),
+        "{text}"
+    );
+    let out = bed.run(&["plan", "refused"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "plan NAME without --next: {}",
+        stderr(&out)
+    );
+    let record: serde_json::Value = serde_json::from_str(&fs::read_to_string(&state)?)?;
+    assert_eq!(
+        record["auto_upgrade"]["lastRun"]["summary"], "auto-upgrade is off",
+        "{record}"
+    );
     Ok(())
 }

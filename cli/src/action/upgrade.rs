@@ -193,6 +193,28 @@ pub fn upgrade(
 
     let guard = lock_cluster(store, name, request.wait_lock, report)?;
     let mut record = guard.load()?.unwrap_or(record);
+    if request.automatic {
+        // Auto-upgrade decided without the lock: what another command did meanwhile wins.
+        if let Some(u) = &record.upgrade
+            && let Some(why) = &u.stopped
+        {
+            bail!(
+                "the upgrade of cluster {name:?} to node image {} stopped ({why}) while this run waited; auto-upgrade leaves it to a person: `clusterctl upgrade {name}` tries again, `--node-image {}` rolls it back",
+                u.to.version,
+                u.from.version
+            );
+        }
+        if record.upgrade.is_none() && record.node_image.as_ref() == Some(&to) {
+            report.note(&format!(
+                "every machine boots node image {} already (another run finished it)",
+                to.version
+            ));
+            return Ok(UpgradeOutcome::Done {
+                plan,
+                nodes: Vec::new(),
+            });
+        }
+    }
     let (journal, replay) = open_action_journal(&guard, report)?;
     let journal = Mutex::new(journal);
     record.machines = machines.clone();
@@ -222,6 +244,12 @@ pub fn upgrade(
                 .upgrade
                 .as_ref()
                 .is_some_and(|u| u.to == to && u.automatic);
+        // Rolling an unfinished upgrade back: its target is remembered as rejected at the end.
+        let rolled_back_from = record
+            .upgrade
+            .as_ref()
+            .filter(|u| u.to != to && u.from == to)
+            .map(|u| u.to.version.clone());
         record.upgrade = Some(UpgradeStatus {
             from: record
                 .upgrade
@@ -296,6 +324,12 @@ pub fn upgrade(
             }
         }
         record.node_image = Some(to.clone());
+        // A rollback: auto-upgrade must not roll the image it came back from out again.
+        if let Some(v) = rolled_back_from
+            && !record.auto_upgrade.rejected.contains(&v)
+        {
+            record.auto_upgrade.rejected.push(v);
+        }
         record.upgrade = None;
         record.auto_upgrade.last_upgrade_finished = Some(crate::state::Timestamp::now());
         record.machines = list_machines_async(&provider, &record).await?;

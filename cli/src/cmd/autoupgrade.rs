@@ -188,7 +188,10 @@ pub fn print_auto(
             print_upgrade(ran)?;
             println!("auto-upgrade: {}", autoupgrade::summary(outcome));
         }
-        _ => println!("auto-upgrade of cluster {name:?}: {}", autoupgrade::summary(outcome)),
+        _ => println!(
+            "auto-upgrade of cluster {name:?}: {}",
+            autoupgrade::summary(outcome)
+        ),
     }
     Ok(())
 }
@@ -246,9 +249,10 @@ pub fn print_calendar(
         .map(|p| {
             vec![
                 p.at.to_string(),
-                p.candidate
-                    .as_ref()
-                    .map_or("the unfinished upgrade goes on".to_owned(), Candidate::describe),
+                p.candidate.as_ref().map_or(
+                    "the unfinished upgrade goes on".to_owned(),
+                    Candidate::describe,
+                ),
                 if p.carried_out {
                     "upgrade"
                 } else {

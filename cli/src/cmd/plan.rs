@@ -24,7 +24,12 @@ use crate::state::StateStore;
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// The cluster spec (cluster.yaml).
-    #[arg(short = 'f', long = "file", value_name = "FILE", required_unless_present = "next")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        required_unless_present = "next"
+    )]
     pub file: Option<PathBuf>,
     /// With `--next`: the cluster whose automatic upgrades to show.
     #[arg(requires = "next", conflicts_with = "file")]

@@ -253,7 +253,8 @@ pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::R
     match command {
         AutorepairCommand::Enable(a) => {
             set_enabled(&store, &a.name, true, report)?;
-            let where_ = install_schedule(&store, schedule::Job::Repair, &a.name, a.every, a.scheduler)?;
+            let where_ =
+                install_schedule(&store, schedule::Job::Repair, &a.name, a.every, a.scheduler)?;
             println!(
                 "auto-repair of cluster {:?} enabled, every {}: {where_}",
                 a.name,
@@ -264,7 +265,11 @@ pub fn run_autorepair(global: &Global, command: &AutorepairCommand) -> anyhow::R
         AutorepairCommand::Disable(a) => {
             let removed = schedule::remove(schedule::Job::Repair, &a.name)?;
             set_enabled(&store, &a.name, false, report)?;
-            println!("auto-repair of cluster {:?} disabled{}", a.name, removed_text(&removed));
+            println!(
+                "auto-repair of cluster {:?} disabled{}",
+                a.name,
+                removed_text(&removed)
+            );
             Ok(())
         }
         AutorepairCommand::Status(a) => {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::Global;
 use crate::action::autoupgrade::{self, AutoRequest};
+use crate::action::kubeupgrade::{self, KubeUpgradeOutcome, KubeUpgradeRequest};
 use crate::action::upgrade::{self, UpgradeOutcome, UpgradeRequest};
 use crate::kube::drainer::DrainOptions;
 use crate::output::{self, Format};
@@ -17,8 +18,16 @@ pub struct UpgradeArgs {
     pub name: String,
     /// Node image version to roll out (`clusterctl image list`); without it, an unfinished
     /// upgrade is finished. The image the cluster booted before rolls it back.
-    #[arg(long, value_name = "VERSION", conflicts_with = "auto")]
+    #[arg(long, value_name = "VERSION", conflicts_with_all = ["auto", "kubernetes_version"])]
     pub node_image: Option<String>,
+    /// Kubernetes version to roll out in place (a patch, or the next minor), control plane
+    /// first, one node at a time; the version an unfinished upgrade came from rolls it back.
+    #[arg(long, value_name = "VERSION", conflicts_with = "auto")]
+    pub kubernetes_version: Option<crate::bundle::KubeVersion>,
+    /// With `--kubernetes-version`: the bundle holding that version (a cluster whose
+    /// Kubernetes comes from a bundle needs one).
+    #[arg(long, value_name = "PATH", requires = "kubernetes_version")]
+    pub bundle: Option<std::path::PathBuf>,
     /// Auto-upgrade: decide whether an upgrade is due (a newer node image built here; the
     /// maintenance window, exclusions and soak of the spec) and carry out one machine of it,
     /// or all of it with `--wait` (pausing at the window's end). What the schedule
@@ -98,6 +107,18 @@ pub fn run(global: &Global, args: &UpgradeArgs) -> anyhow::Result<()> {
         node_timeout: Duration::from_secs(args.node_timeout),
         ..UpgradeRequest::new(args.node_image.clone())
     };
+    if let Some(version) = args.kubernetes_version {
+        let k = KubeUpgradeRequest {
+            version,
+            bundle: args.bundle.clone(),
+            dry_run: args.dry_run,
+            wait_lock: args.wait,
+            drain: request.drain,
+            node_timeout: request.node_timeout,
+        };
+        let outcome = kubeupgrade::upgrade_kubernetes(&store, &args.name, &k, report)?;
+        return print_kubernetes(global.output, &args.name, &outcome);
+    }
     if args.auto {
         if args.scheduled {
             // A cron schedule appends to a log in the state directory: keep it small.
@@ -240,6 +261,117 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
             ],
             &rows
         )
+    );
+    Ok(())
+}
+
+fn role_name(r: providers::MachineRole) -> &'static str {
+    match r {
+        providers::MachineRole::ControlPlane => "control-plane",
+        providers::MachineRole::Worker => "worker",
+    }
+}
+
+/// Prints what `upgrade --kubernetes-version` planned or did.
+fn print_kubernetes(
+    format: Format,
+    name: &str,
+    outcome: &KubeUpgradeOutcome,
+) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Node<'a> {
+        name: &'a str,
+        role: &'static str,
+        kubelet_before: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kubelet_after: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upgraded: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seconds: Option<f64>,
+    }
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Doc<'a> {
+        dry_run: bool,
+        kubernetes_from: &'a str,
+        kubernetes_to: &'a str,
+        nodes: Vec<Node<'a>>,
+    }
+    let (dry_run, from, to, nodes) = match outcome {
+        KubeUpgradeOutcome::Planned { from, to, nodes } => (
+            true,
+            from,
+            to,
+            nodes
+                .iter()
+                .map(|(n, r, v)| Node {
+                    name: n,
+                    role: role_name(*r),
+                    kubelet_before: v,
+                    kubelet_after: None,
+                    upgraded: None,
+                    seconds: None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        KubeUpgradeOutcome::Done { from, to, nodes } => (
+            false,
+            from,
+            to,
+            nodes
+                .iter()
+                .map(|r| Node {
+                    name: &r.node,
+                    role: role_name(r.role),
+                    kubelet_before: &r.versions.0,
+                    kubelet_after: Some(&r.versions.1),
+                    upgraded: Some(r.upgraded),
+                    seconds: Some((r.took.as_secs_f64() * 10.0).round() / 10.0),
+                })
+                .collect(),
+        ),
+    };
+    if format != Format::Table {
+        let doc = Doc {
+            dry_run,
+            kubernetes_from: from,
+            kubernetes_to: to,
+            nodes,
+        };
+        output::print(&output::to_string(format, &doc)?)?;
+        return Ok(());
+    }
+    if dry_run {
+        println!(
+            "Upgrade of cluster {name:?} from Kubernetes {from} to {to}, in place, one node at a time (cordon, drain, new binaries, units restarted, Ready on the new version, uncordon):"
+        );
+    } else {
+        println!("Cluster {name:?} runs Kubernetes {to} on every node.");
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            vec![
+                (i + 1).to_string(),
+                n.name.to_owned(),
+                n.role.to_owned(),
+                n.kubelet_before.to_owned(),
+                match (n.upgraded, n.seconds) {
+                    (Some(true), Some(s)) => {
+                        format!("{} ({s:.0} s)", n.kubelet_after.unwrap_or(""))
+                    }
+                    (Some(false), _) => "ran it already".to_owned(),
+                    _ => format!("v{to}"),
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        output::table(&["#", "NODE", "ROLE", "KUBELET", "AFTER"], &rows)
     );
     Ok(())
 }

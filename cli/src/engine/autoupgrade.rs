@@ -25,15 +25,14 @@
 use serde::Serialize;
 
 use crate::bundle::KubeVersion;
-use crate::spec::{
-    self, ExclusionScope, Frequency, MaintenancePolicy, Recurrence, ReleaseChannel,
-};
+use crate::spec::{self, ExclusionScope, Frequency, MaintenancePolicy, Recurrence, ReleaseChannel};
 use crate::state::Timestamp;
 
 const DAY: i64 = 86_400;
 
-/// A recurring maintenance window in UTC: the first occurrence starts at `start` and lasts
-/// `length` seconds; later ones start at the same time of day on the days `recurrence` names.
+/// A recurring maintenance window in UTC: occurrences last `length` seconds and start at
+/// `start`'s time of day on the days `recurrence` names, from `start`'s day on (that day too
+/// only if the rule names it, as RFC 5545 counts a DTSTART that does not match its rule).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     /// First start, Unix seconds.
@@ -259,6 +258,8 @@ pub struct Observed {
     pub unfinished: Option<(String, Option<String>)>,
     /// When the last upgrade (by hand or automatic) finished, Unix seconds.
     pub last_upgrade: Option<i64>,
+    /// Node images an upgrade was rolled back from: never candidates.
+    pub rejected: Vec<String>,
 }
 
 /// What could be upgraded to.
@@ -347,11 +348,9 @@ impl std::fmt::Display for Hold {
                 "the last upgrade soaks until {}",
                 Timestamp::from_unix(*until)
             ),
-            Hold::NotYet { until } => write!(
-                f,
-                "enters the channel at {}",
-                Timestamp::from_unix(*until)
-            ),
+            Hold::NotYet { until } => {
+                write!(f, "enters the channel at {}", Timestamp::from_unix(*until))
+            }
         }
     }
 }
@@ -366,14 +365,22 @@ fn scope_name(s: ExclusionScope) -> &'static str {
 
 /// The upgrades available at `at`: the newest newer node image of the same suite, and the
 /// Kubernetes release the channel offers next. Pure.
-pub fn candidates(policy: &Policy, observed: &Observed, available: &Available, at: i64) -> Vec<Candidate> {
+pub fn candidates(
+    policy: &Policy,
+    observed: &Observed,
+    available: &Available,
+    at: i64,
+) -> Vec<Candidate> {
     let mut out = Vec::new();
     if let Some(current) = &observed.node_image
         && let Some(newest) = available
             .images
             .iter()
             .filter(|i| {
-                i.suite == current.suite && i.created > current.created && i.created <= at
+                i.suite == current.suite
+                    && i.created > current.created
+                    && i.created <= at
+                    && !observed.rejected.contains(&i.version)
             })
             .max_by(|a, b| (a.created, &a.version).cmp(&(b.created, &b.version)))
     {
@@ -414,7 +421,12 @@ pub fn candidates(policy: &Policy, observed: &Observed, available: &Available, a
 /// The earliest time at or after `from` at which an upgrade of `kind` may run, and what holds
 /// it until then, in the order met. `soak_from`: when the soak started (`None`: no soak, an
 /// unfinished upgrade going on). Pure.
-pub fn allowed_from(policy: &Policy, kind: Kind, from: i64, soak_from: Option<i64>) -> (i64, Vec<Hold>) {
+pub fn allowed_from(
+    policy: &Policy,
+    kind: Kind,
+    from: i64,
+    soak_from: Option<i64>,
+) -> (i64, Vec<Hold>) {
     let mut t = from;
     let mut holds: Vec<Hold> = Vec::new();
     // Each step moves t forward; a bounded loop guards against a pathological policy.
@@ -761,6 +773,7 @@ mod tests {
             node_image: Some(image("v1", "2026-11-01T00:00:00Z")),
             unfinished: None,
             last_upgrade: None,
+            rejected: Vec::new(),
         }
     }
 
@@ -803,7 +816,11 @@ mod tests {
             Some(t("2026-11-07T02:00:00Z"))
         );
         // Every other week (weeks start on Monday).
-        let w = window("2026-11-07T02:00:00Z", 4, "FREQ=WEEKLY;INTERVAL=2;BYDAY=SA,SU");
+        let w = window(
+            "2026-11-07T02:00:00Z",
+            4,
+            "FREQ=WEEKLY;INTERVAL=2;BYDAY=SA,SU",
+        );
         assert_eq!(
             w.next_start(t("2026-11-09T00:00:00Z")),
             Some(t("2026-11-21T02:00:00Z"))
@@ -876,7 +893,10 @@ mod tests {
         // Off: nothing, whatever is due.
         let mut off = policy();
         off.enabled = false;
-        assert_eq!(decide(&off, &observed(), &available(), now).0, Decision::Off);
+        assert_eq!(
+            decide(&off, &observed(), &available(), now).0,
+            Decision::Off
+        );
         // An image of another suite, or older, is no candidate.
         let mut seen = observed();
         seen.node_image = Some(image("v2", "2026-11-20T00:00:00Z"));
@@ -886,6 +906,14 @@ mod tests {
             ..image("t1", "2026-11-25T00:00:00Z")
         });
         assert_eq!(decide(&policy(), &seen, &other, now).0, Decision::UpToDate);
+        // An image an upgrade was rolled back from is not rolled out again; an older one is
+        // not offered instead either.
+        let mut back = observed();
+        back.rejected = vec!["v2".into()];
+        assert_eq!(
+            decide(&policy(), &back, &available(), now).0,
+            Decision::UpToDate
+        );
     }
 
     #[test]
@@ -898,7 +926,12 @@ mod tests {
             panic!("{d:?}")
         };
         assert_eq!(at, Some(t("2026-12-05T02:00:00Z")));
-        assert_eq!(holds, [Hold::Window { until: t("2026-12-05T02:00:00Z") }]);
+        assert_eq!(
+            holds,
+            [Hold::Window {
+                until: t("2026-12-05T02:00:00Z")
+            }]
+        );
         // Inside the window it starts, and runs until the window's end.
         let (d, _) = decide(&p, &observed(), &available(), t("2026-12-05T03:00:00Z"));
         assert!(
@@ -935,7 +968,9 @@ mod tests {
         assert_eq!(
             holds,
             [
-                Hold::Window { until: t("2026-12-05T02:00:00Z") },
+                Hold::Window {
+                    until: t("2026-12-05T02:00:00Z")
+                },
                 Hold::Exclusion {
                     name: "freeze".into(),
                     scope: ExclusionScope::NoUpgrades,
@@ -946,7 +981,9 @@ mod tests {
                     scope: ExclusionScope::NoMinorOrNodeUpgrades,
                     until: t("2026-12-07T00:00:00Z")
                 },
-                Hold::Window { until: t("2026-12-12T02:00:00Z") },
+                Hold::Window {
+                    until: t("2026-12-12T02:00:00Z")
+                },
             ]
         );
         // Started inside a window, an exclusion beginning before its end is the deadline.
@@ -975,13 +1012,16 @@ mod tests {
                     since: t("2026-11-20T00:00:00Z")
                 }),
                 at: Some(now + 22 * 3600),
-                holds: vec![Hold::Soak { until: now + 22 * 3600 }],
+                holds: vec![Hold::Soak {
+                    until: now + 22 * 3600
+                }],
             }
         );
     }
 
     #[test]
-    fn an_unfinished_upgrade_goes_on_in_the_window_without_soak_and_a_stopped_one_waits_for_a_person() {
+    fn an_unfinished_upgrade_goes_on_in_the_window_without_soak_and_a_stopped_one_waits_for_a_person()
+     {
         let mut seen = observed();
         seen.unfinished = Some(("v2".into(), None));
         seen.last_upgrade = Some(t("2026-12-05T01:00:00Z"));
@@ -1002,7 +1042,9 @@ mod tests {
             Decision::Wait {
                 candidate: None,
                 at: Some(t("2026-12-06T02:00:00Z")),
-                holds: vec![Hold::Window { until: t("2026-12-06T02:00:00Z") }]
+                holds: vec![Hold::Window {
+                    until: t("2026-12-06T02:00:00Z")
+                }]
             }
         );
         seen.unfinished = Some(("v2".into(), Some("node c1-cp-0 failed its gate".into())));
@@ -1014,11 +1056,26 @@ mod tests {
 
     fn releases() -> Vec<Release> {
         vec![
-            Release { version: kv("1.20.2"), since: t("2021-01-20T00:00:00Z") },
-            Release { version: kv("1.20.3"), since: t("2026-11-01T00:00:00Z") },
-            Release { version: kv("1.20.4"), since: t("2026-12-10T00:00:00Z") },
-            Release { version: kv("1.21.1"), since: t("2026-11-01T00:00:00Z") },
-            Release { version: kv("1.22.0"), since: t("2026-11-01T00:00:00Z") },
+            Release {
+                version: kv("1.20.2"),
+                since: t("2021-01-20T00:00:00Z"),
+            },
+            Release {
+                version: kv("1.20.3"),
+                since: t("2026-11-01T00:00:00Z"),
+            },
+            Release {
+                version: kv("1.20.4"),
+                since: t("2026-12-10T00:00:00Z"),
+            },
+            Release {
+                version: kv("1.21.1"),
+                since: t("2026-11-01T00:00:00Z"),
+            },
+            Release {
+                version: kv("1.22.0"),
+                since: t("2026-11-01T00:00:00Z"),
+            },
         ]
     }
 
@@ -1036,7 +1093,10 @@ mod tests {
         let mut seen = observed();
         seen.kubernetes = Some(kv("1.20.4"));
         let c = candidates(&p, &seen, &av, now);
-        assert_eq!((c[1].kind, c[1].to.as_str()), (Kind::KubernetesMinor, "1.21.1"));
+        assert_eq!(
+            (c[1].kind, c[1].to.as_str()),
+            (Kind::KubernetesMinor, "1.21.1")
+        );
         // Not carried out: the node image is decided, the release reported.
         let (d, pending) = decide(&p, &observed(), &av, now);
         assert!(matches!(d, Decision::Start { .. }), "{d:?}");
@@ -1068,7 +1128,9 @@ mod tests {
             .map(|e| {
                 (
                     e.at.to_string(),
-                    e.candidate.as_ref().map_or("continue".into(), Candidate::describe),
+                    e.candidate
+                        .as_ref()
+                        .map_or("continue".into(), Candidate::describe),
                     e.carried_out,
                 )
             })
@@ -1078,7 +1140,11 @@ mod tests {
             [
                 ("2026-12-12T02:00:00Z".into(), "node image v2".into(), true),
                 // The release due then: 1.20.4 entered on the 10th.
-                ("2026-12-12T02:00:00Z".into(), "Kubernetes patch 1.20.4".into(), false),
+                (
+                    "2026-12-12T02:00:00Z".into(),
+                    "Kubernetes patch 1.20.4".into(),
+                    false
+                ),
                 // v3 is built at 03:00 on the 12th; the soak after v2 (done at 03:00) ends on
                 // the 13th at 03:00, inside Sunday's window.
                 ("2026-12-13T03:00:00Z".into(), "node image v3".into(), true),
@@ -1092,7 +1158,9 @@ mod tests {
         }));
         assert_eq!(
             cal[2].held_by,
-            [Hold::Soak { until: t("2026-12-13T03:00:00Z") }]
+            [Hold::Soak {
+                until: t("2026-12-13T03:00:00Z")
+            }]
         );
         // Off: an empty calendar.
         p.enabled = false;

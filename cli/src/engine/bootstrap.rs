@@ -128,6 +128,9 @@ pub struct BootstrapContext {
     pub client: SshClient,
     /// Login user.
     pub user: String,
+    /// Install and start on these machines only (`None`: all). Every node's files are still
+    /// rendered from the whole cluster; a Kubernetes upgrade goes one node at a time this way.
+    pub only: Option<std::collections::BTreeSet<String>>,
     plans: Vec<Arc<NodePlan>>,
     api_server: String,
     /// Kubernetes as checked at the end (set by the last phase).
@@ -158,6 +161,7 @@ impl BootstrapContext {
             pod_cidr_indexes,
             client,
             user,
+            only: None,
             plans: Vec::new(),
             api_server: String::new(),
             status: None,
@@ -499,6 +503,10 @@ where
 {
     let limit = Arc::new(Semaphore::new(ctx.concurrency.max(1)));
     let lines = ctx.report.lines();
+    let plans: Vec<Arc<NodePlan>> = plans
+        .into_iter()
+        .filter(|p| ctx.only.as_ref().is_none_or(|o| o.contains(&p.name)))
+        .collect();
     let attempted = plans.len();
     let mut set = JoinSet::new();
     for (i, plan) in plans.into_iter().enumerate() {

@@ -7,13 +7,13 @@
 pub mod access;
 pub mod apply;
 pub mod artifacts;
+pub mod autoupgrade;
 pub mod bootstrap;
 pub mod iam;
 pub mod plan;
 pub mod repair;
 pub mod report;
 pub mod upgrade;
-pub mod autoupgrade;
 
 pub use apply::{
     ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, run_phases,

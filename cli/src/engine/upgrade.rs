@@ -10,6 +10,7 @@
 use providers::{Machine, MachineRole, MachineState};
 use serde::Serialize;
 
+use crate::bundle::KubeVersion;
 use crate::kube::NodeState;
 use crate::state::{PinnedImage, UpgradeStatus};
 
@@ -139,6 +140,62 @@ pub fn preflight(
     problems
 }
 
+/// Why a Kubernetes version upgrade from `current` to `target` may not start. Pure.
+///
+/// Refused: an unsupported target, the same version, a downgrade, a skipped minor, another
+/// major; except that an unfinished upgrade (`unfinished`: from, to) may be finished (its `to`)
+/// or rolled back (its `from`), and nothing else may start meanwhile.
+pub fn kubernetes_preflight(
+    current: KubeVersion,
+    target: KubeVersion,
+    unfinished: Option<(KubeVersion, KubeVersion)>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = crate::bundle::check_supported(&target) {
+        problems.push(e.to_string());
+    }
+    if let Some((from, to)) = unfinished {
+        if target != from && target != to {
+            problems.push(format!(
+                "an upgrade from Kubernetes {from} to {to} is unfinished: finish it (`--kubernetes-version {to}`) or roll it back (`--kubernetes-version {from}`) before upgrading to {target}"
+            ));
+        }
+        return problems;
+    }
+    if target.major != current.major {
+        problems.push(format!(
+            "Kubernetes {current} cannot be upgraded to another major version ({target})"
+        ));
+    } else if target == current {
+        problems.push(format!("the cluster runs Kubernetes {current} already"));
+    } else if target < current {
+        problems.push(format!(
+            "Kubernetes {target} is older than the {current} the cluster runs: downgrades are not supported (etcd's data may already use the newer version's schema); only an unfinished upgrade is rolled back"
+        ));
+    } else if target.minor > current.minor + 1 {
+        problems.push(format!(
+            "Kubernetes {current} to {target} skips a minor version: upgrade to {}.{}.x first (the version-skew policy allows one minor at a time)",
+            current.major,
+            current.minor + 1
+        ));
+    }
+    problems
+}
+
+/// The machines of a Kubernetes upgrade in order: the control plane first (so no kubelet is
+/// ever newer than the API server), then the pools in `pool_order`, each by name. Pure.
+pub fn kubernetes_order(machines: &[Machine], pool_order: &[String]) -> Vec<(String, MachineRole)> {
+    let to = PinnedImage {
+        version: String::new(),
+        digest: String::new(),
+    };
+    plan(machines, pool_order, &to, &to)
+        .steps
+        .into_iter()
+        .map(|s| (s.machine, s.role))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +262,43 @@ mod tests {
             ]
         );
         assert_eq!(p.replacements(), 4);
+    }
+
+    #[test]
+    fn kubernetes_preflight_refuses_downgrades_skipped_minors_and_crossing_upgrades() {
+        let v = |s: &str| s.parse::<KubeVersion>().expect("version");
+        assert!(kubernetes_preflight(v("1.20.2"), v("1.20.3"), None).is_empty());
+        let one = |c: &str, t: &str, u: Option<(&str, &str)>| {
+            let p = kubernetes_preflight(v(c), v(t), u.map(|(a, b)| (v(a), v(b))));
+            assert_eq!(p.len(), 1, "{c} -> {t}: {p:?}");
+            p[0].clone()
+        };
+        assert!(one("1.20.3", "1.20.2", None).contains("downgrades are not supported"));
+        assert!(one("1.20.2", "1.20.2", None).contains("runs Kubernetes 1.20.2 already"));
+        // 1.22 is not supported by the templates either: two problems.
+        let p = kubernetes_preflight(v("1.20.2"), v("1.22.0"), None);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[1].contains("skips a minor version: upgrade to 1.21.x first"),
+            "{p:?}"
+        );
+        let p = kubernetes_preflight(v("1.20.2"), v("2.20.2"), None);
+        assert!(
+            p.iter().any(|m| m.contains("another major version")),
+            "{p:?}"
+        );
+        // An unfinished upgrade: finished or rolled back, nothing else.
+        let u = Some(("1.20.2", "1.20.3"));
+        assert!(
+            kubernetes_preflight(v("1.20.2"), v("1.20.3"), u.map(|(a, b)| (v(a), v(b)))).is_empty()
+        );
+        assert!(
+            kubernetes_preflight(v("1.20.3"), v("1.20.2"), u.map(|(a, b)| (v(a), v(b)))).is_empty()
+        );
+        assert!(
+            one("1.20.2", "1.20.4", u)
+                .contains("an upgrade from Kubernetes 1.20.2 to 1.20.3 is unfinished")
+        );
     }
 
     #[test]

@@ -415,7 +415,10 @@ fn check_kubernetes(ck: &mut Checker, spec: &ClusterSpec) {
     if spec.auto_upgrade.soak.as_secs() > 90 * 86_400 {
         ck.err(
             "spec.autoUpgrade.soak",
-            format!("a soak of {} would hold security fixes for months", spec.auto_upgrade.soak),
+            format!(
+                "a soak of {} would hold security fixes for months",
+                spec.auto_upgrade.soak
+            ),
             "use at most 90d (24h, the default, is GKE's soak between patch upgrades)",
         );
     }

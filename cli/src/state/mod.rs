@@ -258,6 +258,10 @@ pub struct ClusterRecord {
     /// `clusterctl upgrade NAME` finishes it, or rolls it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<UpgradeStatus>,
+    /// A Kubernetes version upgrade that has not finished: `clusterctl upgrade NAME
+    /// --kubernetes-version` with its target finishes it, with its source rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_upgrade: Option<KubernetesUpgradeStatus>,
     /// Auto-repair's history, the nodes it is watching and its last pass.
     #[serde(default, skip_serializing_if = "RepairState::is_empty")]
     pub repair: RepairState,
@@ -276,12 +280,16 @@ pub struct AutoUpgradeState {
     /// The last `upgrade --auto` run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<AutoUpgradeRun>,
+    /// Node images an upgrade was rolled back from: auto-upgrade never rolls them out again
+    /// (`clusterctl upgrade --node-image` by hand still can).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<String>,
 }
 
 impl AutoUpgradeState {
     /// Whether nothing is recorded.
     pub fn is_empty(&self) -> bool {
-        self.last_upgrade_finished.is_none() && self.last_run.is_none()
+        self.last_upgrade_finished.is_none() && self.last_run.is_none() && self.rejected.is_empty()
     }
 }
 
@@ -323,6 +331,25 @@ pub struct UpgradeStatus {
     /// Whether auto-upgrade started it (`upgrade --auto`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub automatic: bool,
+}
+
+/// An unfinished Kubernetes version upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesUpgradeStatus {
+    /// The version before (the rollback target).
+    pub from: String,
+    /// Where its files came from.
+    pub from_artifacts: crate::spec::ArtifactSource,
+    /// The version rolled out.
+    pub to: String,
+    /// Where its files come from.
+    pub to_artifacts: crate::spec::ArtifactSource,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// Why it stopped, if it did (a node failed its gate and was rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// The cluster's Kubernetes as clusterctl last saw it.
@@ -375,6 +402,7 @@ impl ClusterRecord {
             kubernetes: None,
             node_image: None,
             upgrade: None,
+            kubernetes_upgrade: None,
             repair: RepairState::default(),
             auto_upgrade: AutoUpgradeState::default(),
         })

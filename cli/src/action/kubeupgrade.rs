@@ -1,0 +1,543 @@
+//! `clusterctl upgrade NAME --kubernetes-version V [--bundle PATH]`: a Kubernetes version
+//! upgrade in place, one node at a time, the control plane first (no kubelet is ever newer than
+//! the API server).
+//!
+//! Before anything changes: the preflight (`engine::upgrade::kubernetes_preflight`: supported,
+//! no downgrade, no skipped minor; every machine running and its node Ready, `/readyz` ok), and
+//! both versions' files resolved and verified (the new ones to install, the old ones to roll
+//! back with). Then for each node: cordon and drain (the drain of `clusterctl drain`), the
+//! bootstrap restricted to that node with the new version's files (new binaries installed by
+//! checksum; its units restarted, the control plane in its two stages), the health gate
+//! (`/readyz`, node Ready, its kubelet reporting the new version), uncordon. A node that fails
+//! its gate gets the old version's files back the same way and the upgrade stops; the record
+//! keeps it unfinished (`kubernetes_upgrade`), so running the command again with the same
+//! version goes on and with the old one rolls every node back. When every node runs the new
+//! version, it becomes the cluster's version in its stored spec.
+//!
+//! Not here: etcd snapshots before the control plane, surge pools, auto-upgrade of Kubernetes
+//! versions (the channel's releases are shown as due only).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use providers::MachineRole;
+
+use super::drain::{UNCORDON, cordon_and_drain, cordoned_by_clusterctl, journaled, lock};
+use super::{cluster_api, load_cluster, lock_cluster, node_state, open_action_journal, runtime};
+use crate::bundle::KubeVersion;
+use crate::engine::Reporter;
+use crate::engine::artifacts::{self, Artifacts};
+use crate::engine::upgrade as planner;
+use crate::kube::drainer::DrainOptions;
+use crate::spec::{self, ArtifactSource};
+use crate::state::{ClusterGuard, ClusterRecord, KubernetesUpgradeStatus, StateStore, Timestamp};
+
+/// Journal action: a node's Kubernetes files were installed and its units restarted for a
+/// version (target: the node).
+pub const INSTALL: &str = "install-kubernetes";
+
+/// What `upgrade --kubernetes-version` is asked to do.
+#[derive(Debug, Clone)]
+pub struct KubeUpgradeRequest {
+    /// The version to roll out (or the one an unfinished upgrade came from: a rollback).
+    pub version: KubeVersion,
+    /// A bundle of that version (air-gapped clusters, whose files come from a bundle).
+    pub bundle: Option<PathBuf>,
+    /// Only show the order and the preflight.
+    pub dry_run: bool,
+    /// Wait for the cluster lock.
+    pub wait_lock: bool,
+    /// Each drain's timeout and force.
+    pub drain: DrainOptions,
+    /// How long a node may take to report the new version and be Ready.
+    pub node_timeout: Duration,
+}
+
+/// What happened to one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeNodeResult {
+    /// The node.
+    pub node: String,
+    /// Its role.
+    pub role: MachineRole,
+    /// Whether its files were installed (false: it ran the version already).
+    pub upgraded: bool,
+    /// Its kubelet version before and after.
+    pub versions: (String, String),
+    /// From the start of its drain until it was Ready on the new version.
+    pub took: Duration,
+}
+
+/// What `upgrade --kubernetes-version` did.
+#[derive(Debug, Clone)]
+pub enum KubeUpgradeOutcome {
+    /// `--dry-run`: the order, each node with its kubelet version now.
+    Planned {
+        /// Version now.
+        from: String,
+        /// Target.
+        to: String,
+        /// (node, role, kubelet version now).
+        nodes: Vec<(String, MachineRole, String)>,
+    },
+    /// Every node runs the target.
+    Done {
+        /// Version before.
+        from: String,
+        /// Target.
+        to: String,
+        /// Per node, in order.
+        nodes: Vec<KubeNodeResult>,
+    },
+}
+
+/// The spec's Kubernetes block for `version` from `source`.
+fn kubernetes_for(
+    base: &spec::Cluster,
+    version: KubeVersion,
+    source: ArtifactSource,
+) -> anyhow::Result<spec::Cluster> {
+    let mut s = base.clone();
+    s.spec.kubernetes.version = Some(
+        version
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("version {version}: {e}"))?,
+    );
+    s.spec.kubernetes.channel = None;
+    s.spec.kubernetes.artifacts = source;
+    Ok(s)
+}
+
+/// Runs `clusterctl upgrade NAME --kubernetes-version`.
+pub fn upgrade_kubernetes(
+    store: &StateStore,
+    name: &str,
+    request: &KubeUpgradeRequest,
+    report: Reporter,
+) -> anyhow::Result<KubeUpgradeOutcome> {
+    let record = load_cluster(store, name)?;
+    let Some(status) = &record.kubernetes else {
+        bail!("cluster {name:?} runs no Kubernetes yet: run `clusterctl create` for it first");
+    };
+    let current: KubeVersion = status
+        .version
+        .parse()
+        .with_context(|| format!("the record's Kubernetes version {:?}", status.version))?;
+    let unfinished = record
+        .kubernetes_upgrade
+        .as_ref()
+        .map(|u| -> anyhow::Result<(KubeVersion, KubeVersion)> {
+            Ok((u.from.parse()?, u.to.parse()?))
+        })
+        .transpose()
+        .context("the record's unfinished Kubernetes upgrade")?;
+    if record.upgrade.is_some() {
+        bail!(
+            "cluster {name:?} has an unfinished node-image upgrade: finish it (`clusterctl upgrade {name}`) or roll it back before upgrading Kubernetes"
+        );
+    }
+    let target = request.version;
+    let problems = planner::kubernetes_preflight(current, target, unfinished);
+    if !problems.is_empty() {
+        bail!(
+            "the upgrade of cluster {name:?} to Kubernetes {target} did not start, nothing was changed:\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    // Where each version's files come from: the source the cluster (or the unfinished upgrade)
+    // used for the one it runs, the request's bundle (or upstream) for the target.
+    let stored = &record.spec;
+    let (from_version, from_source) = match &record.kubernetes_upgrade {
+        Some(u) => (u.from.parse::<KubeVersion>()?, u.from_artifacts.clone()),
+        None => (current, stored.spec.kubernetes.artifacts.clone()),
+    };
+    let to_source = match (
+        &request.bundle,
+        &record.kubernetes_upgrade,
+        &stored.spec.kubernetes.artifacts,
+    ) {
+        (Some(p), _, _) => ArtifactSource::Bundle(spec::Bundle {
+            path: std::path::absolute(p).with_context(|| format!("--bundle {}", p.display()))?,
+        }),
+        (None, Some(u), _) if u.to == target.to_string() => u.to_artifacts.clone(),
+        (None, Some(u), _) if u.from == target.to_string() => u.from_artifacts.clone(),
+        (None, _, ArtifactSource::Upstream) => ArtifactSource::Upstream,
+        (None, _, ArtifactSource::Bundle(b)) => bail!(
+            "cluster {name:?} installs Kubernetes from the bundle {}; pass --bundle PATH with a bundle of {target}",
+            b.path.display()
+        ),
+    };
+    let old_spec = kubernetes_for(stored, from_version, from_source.clone())?;
+    let new_spec = kubernetes_for(stored, target, to_source.clone())?;
+    let rt = runtime()?;
+    let download = super::create::download_dir()?;
+    let new_files: Arc<Artifacts> = Arc::new(
+        rt.block_on(artifacts::resolve(&new_spec, &download))
+            .with_context(|| format!("the files of Kubernetes {target}"))?,
+    );
+    let old_files: Arc<Artifacts> = Arc::new(
+        rt.block_on(artifacts::resolve(&old_spec, &download))
+            .with_context(|| {
+                format!("the files of Kubernetes {from_version}, needed to roll a node back")
+            })?,
+    );
+    let pools: Vec<String> = stored
+        .spec
+        .node_pools
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    let order = planner::kubernetes_order(&record.machines, &pools);
+    let nodes_now = rt.block_on(async {
+        let api = cluster_api(store, &record).await?;
+        let r = async {
+            api.readyz().await?;
+            api.list_nodes().await
+        }
+        .await;
+        api.close().await;
+        r.with_context(|| format!("checking the nodes of cluster {name:?}"))
+    })?;
+    let version_of = |n: &str| {
+        nodes_now
+            .iter()
+            .find(|x| x.name == n)
+            .map_or_else(|| "unknown".to_owned(), |x| x.kubelet_version.clone())
+    };
+    if request.dry_run {
+        return Ok(KubeUpgradeOutcome::Planned {
+            from: current.to_string(),
+            to: target.to_string(),
+            nodes: order
+                .iter()
+                .map(|(n, r)| (n.clone(), *r, version_of(n)))
+                .collect(),
+        });
+    }
+    let want = format!("v{target}");
+    let mut down = Vec::new();
+    for (n, _) in &order {
+        match nodes_now.iter().find(|x| &x.name == n) {
+            None => down.push(format!("machine {n} has no Kubernetes node")),
+            // A node on the target may still be coming back (an interrupted run).
+            Some(x) if !x.ready && x.kubelet_version != want => {
+                down.push(format!("node {n} is not Ready: repair it before upgrading"));
+            }
+            Some(_) => {}
+        }
+    }
+    if !(down.is_empty() || unfinished.is_some() && down.len() <= 1) {
+        bail!(
+            "the upgrade of cluster {name:?} to Kubernetes {target} did not start, nothing was changed:\n  {}",
+            down.join("\n  ")
+        );
+    }
+
+    let guard = lock_cluster(store, name, request.wait_lock, report)?;
+    let mut record = guard.load()?.unwrap_or(record);
+    let (journal, replay) = open_action_journal(&guard, report)?;
+    let journal = Mutex::new(journal);
+    let before = current.to_string();
+    record.kubernetes_upgrade = Some(match record.kubernetes_upgrade.take() {
+        Some(u) if u.to == target.to_string() => KubernetesUpgradeStatus { stopped: None, ..u },
+        // Rolling the unfinished one back: the same record, the other way.
+        Some(u) => KubernetesUpgradeStatus {
+            from: u.to,
+            from_artifacts: u.to_artifacts,
+            to: u.from,
+            to_artifacts: u.from_artifacts,
+            started_at: Timestamp::now(),
+            stopped: None,
+        },
+        None => KubernetesUpgradeStatus {
+            from: before.clone(),
+            from_artifacts: from_source,
+            to: target.to_string(),
+            to_artifacts: to_source.clone(),
+            started_at: Timestamp::now(),
+            stopped: None,
+        },
+    });
+    guard.save(&mut record)?;
+    let run = Run {
+        store,
+        guard: &guard,
+        journal: &journal,
+        replay: &replay,
+        request,
+        report,
+    };
+    let mut results = Vec::new();
+    let mut outcome = Ok(());
+    for (i, (node, role)) in order.iter().enumerate() {
+        report.phase(&format!(
+            "Upgrading {node} ({} of {}) to Kubernetes {target}",
+            i + 1,
+            order.len()
+        ));
+        let r = rt.block_on(run.node(
+            &mut record,
+            node,
+            *role,
+            (&new_spec, &new_files, target),
+            (&old_spec, &old_files, from_version),
+        ));
+        match r {
+            Ok(r) => {
+                report.machine(
+                    node,
+                    &format!(
+                        "runs Kubernetes {target} and is Ready ({:.0} s)",
+                        r.took.as_secs_f64()
+                    ),
+                );
+                results.push(r);
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    let result = match outcome {
+        Ok(()) => {
+            record.spec.spec.kubernetes = new_spec.spec.kubernetes.clone();
+            if let Some(k) = &mut record.kubernetes {
+                k.version = target.to_string();
+                k.checked_at = Timestamp::now();
+            }
+            record.kubernetes_upgrade = None;
+            record.auto_upgrade.last_upgrade_finished = Some(Timestamp::now());
+            guard.save(&mut record)?;
+            Ok(KubeUpgradeOutcome::Done {
+                from: before,
+                to: target.to_string(),
+                nodes: results,
+            })
+        }
+        Err(e) => {
+            if let Some(u) = &mut record.kubernetes_upgrade {
+                u.stopped = Some(crate::error::error_chain(e.as_ref()));
+            }
+            guard.save(&mut record)?;
+            let done = results.iter().filter(|r| r.upgraded).count();
+            Err(e.context(format!(
+                "the upgrade of cluster {name:?} to Kubernetes {target} stopped ({done} node(s) upgraded before); `clusterctl upgrade {name} --kubernetes-version {target}` tries again, `--kubernetes-version {from_version}` rolls every node back"
+            )))
+        }
+    };
+    lock(&journal).finish(result.is_ok())?;
+    result
+}
+
+struct Run<'a> {
+    store: &'a StateStore,
+    guard: &'a ClusterGuard,
+    journal: &'a Mutex<crate::state::Journal>,
+    replay: &'a crate::state::Replay,
+    request: &'a KubeUpgradeRequest,
+    report: Reporter,
+}
+
+type Version<'a> = (&'a spec::Cluster, &'a Arc<Artifacts>, KubeVersion);
+
+impl Run<'_> {
+    /// One node: drain, install the new version, gate, uncordon; on a failed gate, the old
+    /// version back.
+    async fn node(
+        &self,
+        record: &mut ClusterRecord,
+        node: &str,
+        role: MachineRole,
+        new: Version<'_>,
+        old: Version<'_>,
+    ) -> anyhow::Result<KubeNodeResult> {
+        let started = Instant::now();
+        let want = format!("v{}", new.2);
+        let before = node_state(self.store, record, node).await.ok().flatten();
+        let ours_before = cordoned_by_clusterctl(self.replay, node);
+        let was_cordoned = before.as_ref().is_some_and(|n| n.unschedulable);
+        let version_before = before
+            .as_ref()
+            .map_or_else(|| "unknown".to_owned(), |n| n.kubelet_version.clone());
+        if before
+            .as_ref()
+            .is_some_and(|n| n.ready && n.kubelet_version == want)
+        {
+            // Done by an earlier, interrupted run: put it back in service.
+            if was_cordoned && ours_before {
+                self.uncordon(record, node).await?;
+            }
+            return Ok(KubeNodeResult {
+                node: node.to_owned(),
+                role,
+                upgraded: false,
+                versions: (version_before.clone(), version_before),
+                took: started.elapsed(),
+            });
+        }
+        {
+            let api = cluster_api(self.store, record).await?;
+            let drained = cordon_and_drain(
+                &api,
+                self.journal,
+                node,
+                was_cordoned,
+                ours_before,
+                &self.request.drain,
+                self.report,
+            )
+            .await;
+            api.close().await;
+            let done = drained.with_context(|| format!("draining node {node}"))?;
+            self.report.machine(node, &format!("drained: {done}"));
+        }
+        let ours = ours_before || !was_cordoned;
+        let gate = async {
+            self.install(record, node, new.0, new.1).await?;
+            wait_for_version(self.store, record, node, &want, self.request.node_timeout).await
+        }
+        .await;
+        match gate {
+            Ok(()) => {
+                if ours {
+                    self.uncordon(record, node).await?;
+                }
+                Ok(KubeNodeResult {
+                    node: node.to_owned(),
+                    role,
+                    upgraded: true,
+                    versions: (version_before, want),
+                    took: started.elapsed(),
+                })
+            }
+            Err(failed) => {
+                self.report.machine(
+                    node,
+                    &format!(
+                        "failed on Kubernetes {} ({}); putting Kubernetes {} back",
+                        new.2,
+                        crate::error::error_chain(failed.as_ref()),
+                        old.2
+                    ),
+                );
+                let back = async {
+                    self.install(record, node, old.0, old.1).await?;
+                    wait_for_version(
+                        self.store,
+                        record,
+                        node,
+                        &format!("v{}", old.2),
+                        self.request.node_timeout.max(Duration::from_secs(900)),
+                    )
+                    .await
+                }
+                .await;
+                if back.is_ok() && ours {
+                    self.uncordon(record, node).await?;
+                }
+                let rolled = match back {
+                    Ok(()) => format!("it runs Kubernetes {} again and is Ready", old.2),
+                    Err(e) => format!(
+                        "Kubernetes {} was put back but the node is not Ready either ({}); it stays cordoned",
+                        old.2,
+                        crate::error::error_chain(e.as_ref())
+                    ),
+                };
+                Err(failed.context(format!(
+                    "node {node} did not come back healthy on Kubernetes {}: {rolled}",
+                    new.2
+                )))
+            }
+        }
+    }
+
+    /// The bootstrap on `node` alone with `spec`'s version and files, journaled.
+    async fn install(
+        &self,
+        record: &mut ClusterRecord,
+        node: &str,
+        spec: &spec::Cluster,
+        files: &Arc<Artifacts>,
+    ) -> anyhow::Result<()> {
+        self.report.machine(
+            node,
+            &format!(
+                "installing Kubernetes {} and restarting its units",
+                files.version
+            ),
+        );
+        let op = lock(self.journal).intent(INSTALL, node)?;
+        let only: BTreeSet<String> = [node.to_owned()].into();
+        let r = super::create::bootstrap_nodes(
+            self.store,
+            self.guard,
+            record,
+            spec,
+            files.clone(),
+            only,
+            crate::engine::Reporter::silent(),
+        )
+        .await;
+        match r {
+            Ok(_) => {
+                lock(self.journal).done(&op)?;
+                Ok(())
+            }
+            Err(e) => {
+                lock(self.journal).failed(&op, &crate::error::error_chain(e.as_ref()))?;
+                Err(e.context(format!("installing Kubernetes {} on {node}", files.version)))
+            }
+        }
+    }
+
+    async fn uncordon(&self, record: &ClusterRecord, node: &str) -> anyhow::Result<()> {
+        let api = cluster_api(self.store, record).await?;
+        let r = journaled(self.journal, UNCORDON, node, async {
+            api.set_unschedulable(node, false).await
+        })
+        .await;
+        api.close().await;
+        r.with_context(|| format!("uncordoning node {node}; run `clusterctl uncordon` for it"))?;
+        self.report.machine(node, "uncordoned");
+        Ok(())
+    }
+}
+
+/// Waits until `/readyz` is ok and `node` is Ready with its kubelet reporting `version`
+/// (`v1.20.3`).
+async fn wait_for_version(
+    store: &StateStore,
+    record: &ClusterRecord,
+    node: &str,
+    version: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let last = match node_state(store, record, node).await {
+            Ok(Some(n)) if n.ready && n.kubelet_version == version => return Ok(()),
+            Ok(Some(n)) => format!(
+                "node {node} {} with kubelet {}",
+                if n.ready { "Ready" } else { "NotReady" },
+                n.kubelet_version
+            ),
+            Ok(None) => format!("node {node} is not registered"),
+            Err(e) => format!(
+                "the API did not answer: {}",
+                crate::error::error_chain(e.as_ref())
+            ),
+        };
+        if started.elapsed() >= timeout {
+            bail!(
+                "node {node} was not Ready on kubelet {version} within {} s (last: {last})",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
