@@ -80,6 +80,10 @@ stage_reap_dead_runs
 bundle_dir() {
   if [ -s "$out/bundle" ]; then cat "$out/bundle"; else ./tests/bed/build-k8s-bundle.sh; fi
 }
+# The bundle the e2e's Kubernetes upgrade goes to: the same 1.20.2 code stamped v1.20.3.
+bundle_dir_v2() {
+  if [ -s "$out/bundle2" ]; then cat "$out/bundle2"; else ./tests/bed/build-k8s-bundle.sh --kube-version v1.20.3; fi
+}
 test_image() {
   if [ -s "$out/image" ]; then cat "$out/image"; else cargo run -q --locked -p clusterctl -- image build | tail -n1; fi
 }
@@ -87,7 +91,11 @@ test_image() {
 test_image_v2() {
   if [ -s "$out/image2" ]; then cat "$out/image2"; else cargo run -q --locked -p clusterctl -- image build --add-package less | tail -n1; fi
 }
-stage_bundle() { ./tests/bed/build-k8s-bundle.sh > "$out/bundle"; echo "bundle: $(cat "$out/bundle")"; }
+stage_bundle() {
+  ./tests/bed/build-k8s-bundle.sh > "$out/bundle"; echo "bundle: $(cat "$out/bundle")"
+  # Relinks the same tree with another version string (Go's build cache is warm by now).
+  ./tests/bed/build-k8s-bundle.sh --kube-version v1.20.3 > "$out/bundle2"; echo "bundle for the upgrade: $(cat "$out/bundle2")"
+}
 stage_k8s() {
   local bundle
   bundle=$(bundle_dir)
@@ -121,13 +129,14 @@ stage_libvirt() {
   # Only the cluster e2e needs the Kubernetes bundle.
   if [ "$1" = e2e ]; then
     CLUSTERCTL_BUNDLE_DIR=$(bundle_dir)
+    CLUSTERCTL_BUNDLE_DIR_V2=$(bundle_dir_v2)
     CLUSTERCTL_TEST_IMAGE_V2=$(test_image_v2)
-    export CLUSTERCTL_BUNDLE_DIR CLUSTERCTL_TEST_IMAGE_V2
+    export CLUSTERCTL_BUNDLE_DIR CLUSTERCTL_BUNDLE_DIR_V2 CLUSTERCTL_TEST_IMAGE_V2
   fi
   ./tests/bed/libvirt-env.sh test "$1"
 }
 export out
-export -f bundle_dir test_image test_image_v2 stage_bundle stage_k8s stage_image stage_boot stage_libvirt
+export -f bundle_dir bundle_dir_v2 test_image test_image_v2 stage_bundle stage_k8s stage_image stage_boot stage_libvirt
 
 run_stage packages 90 "host packages" ./tests/bed/install-host-packages.sh
 run_stage cargo 1200 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \

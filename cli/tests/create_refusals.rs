@@ -342,7 +342,11 @@ fn upgrade_refuses_bad_input_and_changes_nothing() -> Result<()> {
         record["node_image"]["version"], "fake-no-image",
         "create pins the image: {record}"
     );
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["upgrade", "refused", "--kubernetes-version", "1.20.3"],
+            "cluster \"refused\" runs no Kubernetes yet: run `clusterctl create` for it first",
+        ),
         (
             &["upgrade", "refused"],
             "say which node image to roll out: `clusterctl upgrade refused --node-image VERSION`",
@@ -364,6 +368,14 @@ fn upgrade_refuses_bad_input_and_changes_nothing() -> Result<()> {
     }
     assert_eq!(fs::read_to_string(&state)?, before, "the state changed");
 
+    for args in [
+        &["upgrade", "refused", "--bundle", "/tmp/b"][..],
+        &["upgrade", "refused", "--kubernetes-version", "1.x"][..],
+        &["upgrade", "refused", "--kubernetes-version", "1.20.3", "--node-image", "v"][..],
+    ] {
+        let out = bed.run(args)?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
     // Auto-upgrade: bad input is refused before anything is read; off, it does nothing.
     let out = bed.run(&["upgrade", "refused", "--auto", "--node-image", "x"])?;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

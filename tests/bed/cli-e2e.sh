@@ -16,6 +16,8 @@
 #   CLUSTERCTL_READINESS_POLL  the built `readiness_poll` example (phase bench-readiness only)
 #   CLUSTERCTL_TEST_IMAGE_V2  a second node image in the same directory (phase upgrade); run-all.sh
 #                          builds it with `clusterctl image build --add-package less`
+#   CLUSTERCTL_BUNDLE_DIR_V2  a bundle of 1.20.3 (phase upgrade-kubernetes); run-all.sh builds it
+#                          with `build-k8s-bundle.sh --kube-version v1.20.3` (the same code)
 #   CLUSTERCTL_E2E_PHASES  which phases to run, in this order, all on ONE cluster (default: all but
 #                          `reboot`, `reset`, `again`, `bench` and `bench-readiness`; CI runs the
 #                          default). Later issues add their phases here.
@@ -77,6 +79,10 @@
 #                     cron running the entry `autoupgrade enable` installed (`upgrade --auto`,
 #                     one machine per run; `--auto` off does nothing, `plan --next` shows it);
 #                     data, names, addresses, keys kept; a failed health gate rolls back by itself
+#   upgrade-kubernetes `clusterctl upgrade --kubernetes-version 1.20.3` from a second bundle (the
+#                     same code stamped v1.20.3) under a continuous client: bad input refused
+#                     (downgrade, skipped minor, no bundle, a bundle of another version), the
+#                     order shown, every kubelet and the API server on v1.20.3, nothing cordoned
 #   again             `create` again changes nothing: same domains, volumes, networks, pools and
 #                     host keys, no upload, no file changed, no unit restarted. Not in the
 #                     default list: phase repair's replacement runs create's reconcile on the
@@ -1133,6 +1139,88 @@ YAML
   [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap is gone after the rollback"
   k delete service web-np > /dev/null; k delete pdb web > /dev/null; k delete configmap upgrade-witness > /dev/null
   log "upgrade: every machine boots $v2 with its data, names, addresses and keys; a failed gate rolled back by itself"
+}
+
+# `clusterctl upgrade --kubernetes-version` from the bundle's 1.20.2 to 1.20.3 from a second
+# bundle (CLUSTERCTL_BUNDLE_DIR_V2: build-k8s-bundle.sh --kube-version v1.20.3, THE SAME CODE
+# with another version string: it proves the mechanics, not API changes), in place, control
+# plane first, under a client counting requests through a NodePort.
+phase_upgrade_kubernetes() {
+  local b2=${CLUSTERCTL_BUNDLE_DIR_V2:-} out err json started client_pid client_log=$work/upgrade-k8s-client.log served retried failed ips
+  [ -n "$b2" ] && [ -f "$b2/bundle.json" ] || die "upgrade-kubernetes: CLUSTERCTL_BUNDLE_DIR_V2 must name a bundle of 1.20.3 (build-k8s-bundle.sh --kube-version v1.20.3)"
+  [ "$(jq -r .kubernetesVersion "$b2/bundle.json")" = 1.20.3 ] || die "upgrade-kubernetes: $b2 is not a 1.20.3 bundle"
+  # Bad input, each refused before anything changes.
+  cp "$CLUSTERCTL_STATE_DIR/$name/cluster.json" "$work/cluster.json.before-k8s"
+  err=$("$bin" upgrade "$name" --kubernetes-version 1.20.1 --bundle "$b2" 2>&1) && die "a downgrade was accepted"
+  grep -q "downgrades are not supported" <<< "$err" || die "downgrade: $err"
+  err=$("$bin" upgrade "$name" --kubernetes-version 1.22.0 --bundle "$b2" 2>&1) && die "a skipped minor was accepted"
+  grep -q "skips a minor version" <<< "$err" || die "skipped minor: $err"
+  err=$("$bin" upgrade "$name" --kubernetes-version 1.20.3 2>&1) && die "an upgrade without a bundle was accepted"
+  grep -q "pass --bundle PATH with a bundle of 1.20.3" <<< "$err" || die "no bundle: $err"
+  err=$("$bin" upgrade "$name" --kubernetes-version 1.20.3 --bundle "$bundle" 2>&1) && die "a bundle of another version was accepted"
+  grep -q "holds Kubernetes 1.20.2" <<< "$err" || die "bundle of another version: $err"
+  cmp -s "$CLUSTERCTL_STATE_DIR/$name/cluster.json" "$work/cluster.json.before-k8s" || die "a refused upgrade changed the record"
+  json=$("$bin" -o json upgrade "$name" --kubernetes-version 1.20.3 --bundle "$b2" --dry-run) || die "upgrade --kubernetes-version --dry-run failed: $json"
+  [ "$(jq -r '[.nodes[] | "\(.name)=\(.kubeletBefore)"] | join(" ")' <<< "$json")" = "$name-cp-0=v1.20.2 $name-workers-0=v1.20.2 $name-workers-1=v1.20.2" ] \
+    || die "upgrade --kubernetes-version --dry-run: $json"
+
+  k apply -f - > /dev/null <<YAML || die "kubectl apply of the NodePort and the budget failed"
+apiVersion: v1
+kind: Service
+metadata: {name: web-np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: policy/v1beta1
+kind: PodDisruptionBudget
+metadata: {name: web}
+spec:
+  minAvailable: 1
+  selector: {matchLabels: {app: web}}
+YAML
+  k rollout status deployment/web --timeout=600s >&2 || die "upgrade-kubernetes: deployment web is not ready"
+  ips=$(jq -r '.machines[].addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | xargs)
+  (
+    i=0
+    while :; do
+      set -- $ips; n=$#; ok=
+      for j in $(seq 0 $((n - 1))); do
+        idx=$(( (i + j) % n + 1 )); eval "ip=\${$idx}"
+        if curl -fsS -m 2 -o /dev/null "http://$ip:30080/" 2> /dev/null; then ok=1; [ "$j" -eq 0 ] && echo ok || echo "ok retried"; break; fi
+      done
+      [ -n "$ok" ] || echo fail
+      i=$((i + 1)); sleep 0.5
+    done
+  ) > "$client_log" &
+  client_pid=$!
+  waiting "clusterctl upgrade $name --kubernetes-version 1.20.3 (in place, control plane first)"
+  started=$SECONDS
+  json=$("$bin" -o json upgrade "$name" --kubernetes-version 1.20.3 --bundle "$b2" --drain-timeout 900) \
+    || { kill "$client_pid"; die "upgrade --kubernetes-version 1.20.3 failed"; }
+  sleep 5
+  kill "$client_pid" 2> /dev/null; wait "$client_pid" 2> /dev/null || true
+  log "upgrade-kubernetes: took $((SECONDS - started)) s: $(jq -c '[.nodes[] | {name, seconds}]' <<< "$json")"
+  served=$(grep -c '^ok' "$client_log" || true); retried=$(grep -c 'retried' "$client_log" || true); failed=$(grep -c '^fail' "$client_log" || true)
+  log "upgrade-kubernetes: requests served $served (of them $retried after a node did not answer), failed $failed"
+  [ "$served" -gt 0 ] || die "upgrade-kubernetes: the client was never served"
+  [ "$(k get nodes -o json | jq -r '[.items[] | .status.nodeInfo.kubeletVersion] | unique | join(" ")')" = v1.20.3 ] \
+    || die "upgrade-kubernetes: not every kubelet reports v1.20.3: $(k get nodes -o wide)"
+  [ "$(k version -o json | jq -r .serverVersion.gitVersion)" = v1.20.3 ] || die "upgrade-kubernetes: the API server is not v1.20.3"
+  for m in $machines; do
+    "$bin" ssh "$name" "$m" -- /var/lib/clusterctl/bin/kubelet --version | grep -q 'Kubernetes v1.20.3' || die "upgrade-kubernetes: $m's kubelet binary is not 1.20.3"
+  done
+  jq -e '.spec.spec.kubernetes.version == "1.20.3" and .kubernetes.version == "1.20.3" and .kubernetes_upgrade == null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "upgrade-kubernetes: the record does not say 1.20.3: $(jq -c '{v: .spec.spec.kubernetes, k: .kubernetes.version, u: .kubernetes_upgrade}' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
+  [ -z "$(k get nodes -o json | jq -r '.items[] | select(.spec.unschedulable == true) | .metadata.name')" ] || die "upgrade-kubernetes: a node is left cordoned"
+  json=$("$bin" -o json upgrade "$name" --kubernetes-version 1.20.3 --bundle "$b2" 2>&1) && die "upgrading to the version the cluster runs was accepted"
+  grep -q "runs Kubernetes 1.20.3 already" <<< "$json" || die "upgrade to the same version: $json"
+  k delete service web-np > /dev/null; k delete pdb web > /dev/null
+  # Later phases re-apply the spec: it names the version and bundle the cluster runs now.
+  sed -i "s/^    version: \"1.20.2\"\$/    version: \"1.20.3\"/; s|^        path: $bundle\$|        path: $b2|" "$work/cluster.yaml"
+  grep -q '^    version: "1.20.3"$' "$work/cluster.yaml" && grep -q "^        path: $b2\$" "$work/cluster.yaml" || die "upgrade-kubernetes: cannot point the spec at 1.20.3"
+  log "upgrade-kubernetes: every node runs 1.20.3 (the relabelled 1.20.2 code)"
 }
 
 # Benchmark (not in CI's list; figures, not assertions): CPU time the control-plane VM spends per

@@ -135,6 +135,11 @@ pub fn upgrade_kubernetes(
         })
         .transpose()
         .context("the record's unfinished Kubernetes upgrade")?;
+    if let Some(c) = record.spec.spec.kubernetes.channel {
+        bail!(
+            "cluster {name:?} follows the {c:?} release channel: its Kubernetes version comes from the channel, and upgrading a channel cluster is not built yet (auto-upgrade shows the channel's next release as due)"
+        );
+    }
     if record.upgrade.is_some() {
         bail!(
             "cluster {name:?} has an unfinished node-image upgrade: finish it (`clusterctl upgrade {name}`) or roll it back before upgrading Kubernetes"

@@ -35,8 +35,8 @@ fn refusal(path: impl Into<String>, message: String, hint: &str) -> Refusal {
 
 const RECREATE: &str =
     "keep the stored value, or delete the cluster and create it again with the new one";
-const RESIZE: &str = "keep the stored size: no command resizes machines yet (`clusterctl upgrade` rolls out node images only); a new pool with another name can have another size";
-const VERSION: &str = "keep the stored value: Kubernetes version upgrades are not implemented yet (`clusterctl upgrade` rolls out node images only)";
+const RESIZE: &str = "keep the stored size: no command resizes machines yet (`clusterctl upgrade` changes node images and Kubernetes versions only); a new pool with another name can have another size";
+const VERSION: &str = "keep the stored value: `clusterctl upgrade NAME --kubernetes-version V` changes it (control plane first, one node at a time) and stores the new one, which this file then names";
 
 /// The changes from `stored` to `new` that a re-apply refuses, in spec order. Pure.
 pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
