@@ -351,7 +351,7 @@ pub fn summary(o: &AutoOutcome) -> String {
     };
     for p in &o.pending {
         s.push_str(&format!(
-            "; {} is due on the channel, not carried out (clusterctl does not upgrade Kubernetes versions yet)",
+            "; {} is due on the channel, not carried out (upgrading a channel cluster's Kubernetes is not built yet)",
             p.describe()
         ));
     }

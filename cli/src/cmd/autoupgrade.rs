@@ -256,7 +256,7 @@ pub fn print_calendar(
                 if p.carried_out {
                     "upgrade"
                 } else {
-                    "shown only (Kubernetes upgrades not built)"
+                    "shown only (channel upgrades not built)"
                 }
                 .to_owned(),
                 if p.held_by.is_empty() {

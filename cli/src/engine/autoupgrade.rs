@@ -19,8 +19,8 @@
 //! [`calendar`] plays the same rules forward (`clusterctl plan NAME --next 30d`): what would
 //! upgrade when, and why not sooner.
 //!
-//! Kubernetes versions are decided and shown, not carried out: clusterctl upgrades node images
-//! only so far ([`Kind::carried_out`]).
+//! Kubernetes versions are decided and shown, not carried out: auto-upgrade rolls out node
+//! images only so far, and a channel cluster's version is not upgraded yet ([`Kind::carried_out`]).
 
 use serde::Serialize;
 

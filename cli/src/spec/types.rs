@@ -689,7 +689,7 @@ pub enum ExclusionScope {
 /// `clusterctl autoupgrade enable` installs): the newest node image built here is rolled out
 /// inside the maintenance window, outside exclusions, after the last upgrade soaked. With
 /// `kubernetes.channel`, the channel's next Kubernetes release is shown as due (`plan --next`)
-/// but not carried out: clusterctl does not upgrade Kubernetes versions yet.
+/// but not carried out: upgrading a channel cluster's Kubernetes is not built yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutoUpgrade {
