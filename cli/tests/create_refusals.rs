@@ -371,7 +371,14 @@ fn upgrade_refuses_bad_input_and_changes_nothing() -> Result<()> {
     for args in [
         &["upgrade", "refused", "--bundle", "/tmp/b"][..],
         &["upgrade", "refused", "--kubernetes-version", "1.x"][..],
-        &["upgrade", "refused", "--kubernetes-version", "1.20.3", "--node-image", "v"][..],
+        &[
+            "upgrade",
+            "refused",
+            "--kubernetes-version",
+            "1.20.3",
+            "--node-image",
+            "v",
+        ][..],
     ] {
         let out = bed.run(args)?;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));

@@ -83,6 +83,10 @@
 #                     same code stamped v1.20.3) under a continuous client: bad input refused
 #                     (downgrade, skipped minor, no bundle, a bundle of another version), the
 #                     order shown, every kubelet and the API server on v1.20.3, nothing cordoned
+#   upgrade-kubernetes-rollback  (after upgrade-kubernetes; not in the default list: two restarts
+#                     of the control plane) a "1.20.4" whose kubelet cannot start: the control
+#                     plane fails its gate and gets 1.20.3 back by itself; the record keeps the
+#                     stopped upgrade, `create` refuses, `--kubernetes-version 1.20.3` closes it
 #   again             `create` again changes nothing: same domains, volumes, networks, pools and
 #                     host keys, no upload, no file changed, no unit restarted. Not in the
 #                     default list: phase repair's replacement runs create's reconcile on the
@@ -1221,6 +1225,40 @@ YAML
   sed -i "s/^    version: \"1.20.2\"\$/    version: \"1.20.3\"/; s|^        path: $bundle\$|        path: $b2|" "$work/cluster.yaml"
   grep -q '^    version: "1.20.3"$' "$work/cluster.yaml" && grep -q "^        path: $b2\$" "$work/cluster.yaml" || die "upgrade-kubernetes: cannot point the spec at 1.20.3"
   log "upgrade-kubernetes: every node runs 1.20.3 (the relabelled 1.20.2 code)"
+}
+
+# (not in CI's list, for its time budget: two restarts of the control plane) A Kubernetes
+# upgrade made to fail on purpose rolls its node back by itself: after upgrade-kubernetes, a
+# "1.20.4" bundle (the 1.20.3 one whose kubelet exits at once) is rolled out; the control plane,
+# first, fails its gate, gets 1.20.3 back, is Ready; the upgrade stops and says so, the record
+# keeps it, `create` refuses meanwhile, and `--kubernetes-version 1.20.3` closes it.
+phase_upgrade_kubernetes_rollback() {
+  local b2=${CLUSTERCTL_BUNDLE_DIR_V2:-} bad=$work/bundle-broken err sum size
+  [ -n "$b2" ] && [ -f "$b2/bundle.json" ] || die "upgrade-kubernetes-rollback: CLUSTERCTL_BUNDLE_DIR_V2 must name a bundle of 1.20.3"
+  jq -e '.spec.spec.kubernetes.version == "1.20.3"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade-kubernetes-rollback: run phase upgrade-kubernetes first"
+  rm -rf "$bad"; cp -a "$b2" "$bad"
+  printf '#!/bin/sh\necho "broken on purpose by the e2e" >&2\nexit 1\n' > "$bad/bin/kubelet"
+  sum=$(sha256sum "$bad/bin/kubelet" | cut -d' ' -f1); size=$(stat -c %s "$bad/bin/kubelet")
+  jq --arg s "$sum" --argjson n "$size" '.kubernetesVersion = "1.20.4" | (.files[] | select(.path == "bin/kubelet")) |= (.sha256 = $s | .size = $n)' \
+    "$b2/bundle.json" > "$bad/bundle.json" || die "cannot write the broken bundle's manifest"
+  waiting "an upgrade to a kubelet that cannot start (1.20.4, gate of 90 s) rolling the control plane back"
+  err=$("$bin" upgrade "$name" --kubernetes-version 1.20.4 --bundle "$bad" --node-timeout 90 2>&1) && die "an upgrade to a kubelet that cannot start succeeded"
+  grep -q "node $name-cp-0 did not come back healthy on Kubernetes 1.20.4: it runs Kubernetes 1.20.3 again and is Ready" <<< "$err" \
+    || die "upgrade-kubernetes-rollback: $err"
+  grep -q "0 node(s) upgraded before" <<< "$err" || die "upgrade-kubernetes-rollback: $err"
+  [ "$(k get nodes -o json | jq -r '[.items[] | .status.nodeInfo.kubeletVersion] | unique | join(" ")')" = v1.20.3 ] \
+    || die "upgrade-kubernetes-rollback: not every kubelet is back on v1.20.3: $(k get nodes -o wide)"
+  [ -z "$(k get nodes -o json | jq -r '.items[] | select(.spec.unschedulable == true) | .metadata.name')" ] || die "upgrade-kubernetes-rollback: a node is left cordoned"
+  "$bin" ssh "$name" "$name-cp-0" -- /var/lib/clusterctl/bin/kubelet --version | grep -q 'Kubernetes v1.20.3' || die "upgrade-kubernetes-rollback: $name-cp-0's kubelet binary is not 1.20.3 again"
+  jq -e '.kubernetes_upgrade.stopped != null and .kubernetes_upgrade.to == "1.20.4"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "upgrade-kubernetes-rollback: the record does not keep the stopped upgrade"
+  err=$("$bin" create -f "$work/cluster.yaml" 2>&1) && die "create ran during an unfinished Kubernetes upgrade"
+  grep -q "unfinished Kubernetes upgrade (1.20.3 -> 1.20.4)" <<< "$err" || die "create during an unfinished Kubernetes upgrade: $err"
+  "$bin" upgrade "$name" --kubernetes-version 1.20.3 > /dev/null || die "closing the stopped upgrade (back to 1.20.3) failed"
+  jq -e '.kubernetes_upgrade == null and .spec.spec.kubernetes.version == "1.20.3"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "upgrade-kubernetes-rollback: the rollback did not close the unfinished upgrade"
+  k rollout status deployment/web --timeout=600s >&2 || die "upgrade-kubernetes-rollback: web is not serving"
+  log "upgrade-kubernetes-rollback: a control plane whose kubelet could not start was put back on 1.20.3 by itself"
 }
 
 # Benchmark (not in CI's list; figures, not assertions): CPU time the control-plane VM spends per

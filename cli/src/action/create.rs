@@ -428,7 +428,8 @@ fn bootstrap_kubernetes(
 /// Runs the bootstrap with `spec` and `artifacts` on the machines of `record` as last observed,
 /// installing and (re)starting on the machines in `only` and nowhere else: every node's files
 /// are still rendered from the whole cluster, so the others are not touched. What a Kubernetes
-/// version upgrade does to one node at a time. Returns Kubernetes as checked at the end.
+/// version upgrade does to one node at a time; it does not wait for the nodes (the caller's
+/// health gate does).
 pub async fn bootstrap_nodes(
     store: &StateStore,
     guard: &ClusterGuard,
@@ -437,7 +438,7 @@ pub async fn bootstrap_nodes(
     artifacts: Arc<Artifacts>,
     only: std::collections::BTreeSet<String>,
     report: Reporter,
-) -> anyhow::Result<Option<crate::state::KubernetesStatus>> {
+) -> anyhow::Result<()> {
     let identity =
         access::client_identity(&spec.spec.ssh, store, &record.name, Some(guard)).await?;
     let machines = bootstrap::boot_machines(spec, &record.machines)?;
@@ -466,10 +467,10 @@ pub async fn bootstrap_nodes(
         identity.user.clone(),
     );
     bctx.only = Some(only);
-    let result = engine::run_phases(&mut bctx, report, &bootstrap::bootstrap_phases()).await;
+    let result = engine::run_phases(&mut bctx, report, &bootstrap::install_phases()).await;
     record.pod_cidr_indexes = bctx.pod_cidr_indexes.clone();
     result?;
-    Ok(bctx.status.take())
+    Ok(())
 }
 
 /// The status of an existing cluster while `create` runs on it again: a cluster that ran stays

@@ -209,6 +209,17 @@ pub fn boot_machines(
     Ok(out)
 }
 
+/// The bootstrap phases without the final wait for every node: what a Kubernetes upgrade runs
+/// on one node, whose own health gate then waits for that node on the new version.
+pub fn install_phases() -> Vec<Box<dyn Phase<BootstrapContext>>> {
+    vec![
+        Box::new(Prepare),
+        Box::new(Install),
+        Box::new(StartControlPlane),
+        Box::new(StartWorkers),
+    ]
+}
+
 /// The bootstrap phases, in order.
 pub fn bootstrap_phases() -> Vec<Box<dyn Phase<BootstrapContext>>> {
     vec![
