@@ -128,13 +128,13 @@ fn unimplemented_fields_are_refused_with_exit_two_and_positions() {
         &[
             "validate",
             "-f",
-            "101-not-implemented-maintenance-policy.yaml",
+            "105-not-implemented-flow-style.yaml",
         ],
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let needle = "101-not-implemented-maintenance-policy.yaml:17:5: spec.maintenancePolicy.window: a maintenance window is not implemented yet";
+    let needle = "105-not-implemented-flow-style.yaml:15:40: spec.ssh.bastion: connecting through a bastion is not implemented yet";
     assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
 
     let out = clusterctl(
