@@ -125,11 +125,7 @@ fn json_output_lists_errors_on_stdout() {
 fn unimplemented_fields_are_refused_with_exit_two_and_positions() {
     let out = clusterctl(
         &corpus_dir(),
-        &[
-            "validate",
-            "-f",
-            "105-not-implemented-flow-style.yaml",
-        ],
+        &["validate", "-f", "105-not-implemented-flow-style.yaml"],
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());

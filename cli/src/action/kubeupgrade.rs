@@ -156,10 +156,20 @@ pub fn upgrade_kubernetes(
     // Where each version's files come from: the source the cluster (or the unfinished upgrade)
     // used for the one it runs, the request's bundle (or upstream) for the target.
     let stored = &record.spec;
+    // The version a node that fails its gate goes back to: the other end of the unfinished
+    // upgrade when one is finished or reversed, else what the cluster runs.
     let (from_version, from_source) = match &record.kubernetes_upgrade {
-        Some(u) => (u.from.parse::<KubeVersion>()?, u.from_artifacts.clone()),
+        Some(u) if u.to == target.to_string() => {
+            (u.from.parse::<KubeVersion>()?, u.from_artifacts.clone())
+        }
+        Some(u) => (u.to.parse::<KubeVersion>()?, u.to_artifacts.clone()),
         None => (current, stored.spec.kubernetes.artifacts.clone()),
     };
+    // Reversing an unfinished upgrade (its target is where it came from).
+    let reversing = record
+        .kubernetes_upgrade
+        .as_ref()
+        .is_some_and(|u| u.from == target.to_string());
     let to_source = match (
         &request.bundle,
         &record.kubernetes_upgrade,
@@ -196,7 +206,11 @@ pub fn upgrade_kubernetes(
         .iter()
         .map(|p| p.name.clone())
         .collect();
-    let order = planner::kubernetes_order(&record.machines, &pools);
+    let mut order = planner::kubernetes_order(&record.machines, &pools);
+    if reversing {
+        // Back down: workers first, so no kubelet is ever newer than the API server.
+        order.reverse();
+    }
     let nodes_now = rt.block_on(async {
         let api = cluster_api(store, &record).await?;
         let r = async {
@@ -213,6 +227,27 @@ pub fn upgrade_kubernetes(
             .find(|x| x.name == n)
             .map_or_else(|| "unknown".to_owned(), |x| x.kubelet_version.clone())
     };
+    if reversing && from_version.minor != target.minor {
+        // Reversing a minor upgrade would take the API server back a minor version (etcd's
+        // data may use the newer one's schema): only while no control plane runs it.
+        let newer = format!("v{from_version}");
+        let cps: Vec<&str> = order
+            .iter()
+            .filter(|(n, r)| {
+                *r == MachineRole::ControlPlane
+                    && nodes_now
+                        .iter()
+                        .any(|x| &x.name == n && x.kubelet_version == newer)
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !cps.is_empty() {
+            bail!(
+                "the control plane ({}) runs Kubernetes {from_version} already: going back a minor version is not supported (etcd's data may use its schema); finish the upgrade with `--kubernetes-version {from_version}`",
+                cps.join(", ")
+            );
+        }
+    }
     if request.dry_run {
         return Ok(KubeUpgradeOutcome::Planned {
             from: current.to_string(),
@@ -243,7 +278,22 @@ pub fn upgrade_kubernetes(
     }
 
     let guard = lock_cluster(store, name, request.wait_lock, report)?;
+    let seen = (
+        record.kubernetes.as_ref().map(|k| k.version.clone()),
+        record.kubernetes_upgrade.clone(),
+        record.upgrade.is_some(),
+    );
     let mut record = guard.load()?.unwrap_or(record);
+    if (
+        record.kubernetes.as_ref().map(|k| k.version.clone()),
+        record.kubernetes_upgrade.clone(),
+        record.upgrade.is_some(),
+    ) != seen
+    {
+        bail!(
+            "cluster {name:?} changed while this command waited for its lock (another upgrade ran); nothing was changed: run the command again"
+        );
+    }
     let (journal, replay) = open_action_journal(&guard, report)?;
     let journal = Mutex::new(journal);
     let before = current.to_string();
@@ -363,7 +413,11 @@ impl Run<'_> {
     ) -> anyhow::Result<KubeNodeResult> {
         let started = Instant::now();
         let want = format!("v{}", new.2);
-        let before = node_state(self.store, record, node).await.ok().flatten();
+        // Whether the node was cordoned before decides whether it is uncordoned after: an API
+        // that does not answer is an error, not "not cordoned".
+        let before = node_state(self.store, record, node)
+            .await
+            .with_context(|| format!("reading node {node} before its upgrade"))?;
         let ours_before = cordoned_by_clusterctl(self.replay, node);
         let was_cordoned = before.as_ref().is_some_and(|n| n.unschedulable);
         let version_before = before

@@ -404,7 +404,15 @@ async fn observe(
         upgrade: record
             .upgrade
             .as_ref()
-            .map(|u| format!("{} -> {}", u.from.version, u.to.version)),
+            .map(|u| format!("node image {} -> {}", u.from.version, u.to.version))
+            .or_else(|| {
+                // A Kubernetes upgrade: repair's reconcile would install the stored (old)
+                // version on every node at once.
+                record
+                    .kubernetes_upgrade
+                    .as_ref()
+                    .map(|u| format!("Kubernetes {} -> {}", u.from, u.to))
+            }),
     })
 }
 

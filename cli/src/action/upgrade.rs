@@ -147,6 +147,14 @@ pub fn upgrade(
             pinned.version
         ),
     };
+    if let Some(k) = &record.kubernetes_upgrade {
+        bail!(
+            "cluster {name:?} has an unfinished Kubernetes upgrade ({} -> {}): finish it (`clusterctl upgrade {name} --kubernetes-version {}`) or roll it back before changing node images",
+            k.from,
+            k.to,
+            k.to
+        );
+    }
     let target = crate::provider::built_image(&target_version, &image_dir)?;
     if let Some(u) = &record.upgrade
         && u.to.version == target.version
