@@ -286,6 +286,26 @@ fn report_event(report: Reporter, node: &str, event: DrainEvent) {
     }
 }
 
+/// Uncordons `node` (journaled `uncordon-node`) through a fresh API client: the end of an
+/// upgrade's step for a node clusterctl cordoned.
+pub(crate) async fn uncordon_node(
+    store: &StateStore,
+    record: &crate::state::ClusterRecord,
+    journal: &Mutex<Journal>,
+    node: &str,
+    report: Reporter,
+) -> anyhow::Result<()> {
+    let api = cluster_api(store, record).await?;
+    let r = journaled(journal, UNCORDON, node, async {
+        api.set_unschedulable(node, false).await
+    })
+    .await;
+    api.close().await;
+    r.with_context(|| format!("uncordoning node {node}; run `clusterctl uncordon` for it"))?;
+    report.machine(node, "uncordoned");
+    Ok(())
+}
+
 /// One journaled API side effect: intent, call, outcome.
 pub(crate) async fn journaled(
     journal: &Mutex<Journal>,

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use providers::MachineRole;
 
-use super::drain::{UNCORDON, cordon_and_drain, cordoned_by_clusterctl, journaled, lock};
+use super::drain::{cordon_and_drain, cordoned_by_clusterctl, lock};
 use super::{cluster_api, load_cluster, lock_cluster, node_state, open_action_journal, runtime};
 use crate::bundle::KubeVersion;
 use crate::engine::Reporter;
@@ -555,15 +555,7 @@ impl Run<'_> {
     }
 
     async fn uncordon(&self, record: &ClusterRecord, node: &str) -> anyhow::Result<()> {
-        let api = cluster_api(self.store, record).await?;
-        let r = journaled(self.journal, UNCORDON, node, async {
-            api.set_unschedulable(node, false).await
-        })
-        .await;
-        api.close().await;
-        r.with_context(|| format!("uncordoning node {node}; run `clusterctl uncordon` for it"))?;
-        self.report.machine(node, "uncordoned");
-        Ok(())
+        super::drain::uncordon_node(self.store, record, self.journal, node, self.report).await
     }
 }
 
@@ -576,27 +568,14 @@ async fn wait_for_version(
     version: &str,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let last = match node_state(store, record, node).await {
-            Ok(Some(n)) if n.ready && n.kubelet_version == version => return Ok(()),
-            Ok(Some(n)) => format!(
-                "node {node} {} with kubelet {}",
-                if n.ready { "Ready" } else { "NotReady" },
-                n.kubelet_version
-            ),
-            Ok(None) => format!("node {node} is not registered"),
-            Err(e) => format!(
-                "the API did not answer: {}",
-                crate::error::error_chain(e.as_ref())
-            ),
-        };
-        if started.elapsed() >= timeout {
-            bail!(
-                "node {node} was not Ready on kubelet {version} within {} s (last: {last})",
-                timeout.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
+    super::wait_for_node_where(
+        store,
+        record,
+        node,
+        &format!("Ready on kubelet {version}"),
+        timeout,
+        |n| n.ready && n.kubelet_version == version,
+    )
+    .await
+    .map(|_| ())
 }

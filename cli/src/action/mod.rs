@@ -213,16 +213,36 @@ pub async fn wait_for_node(
     not_boot_id: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<(crate::kube::NodeState, Duration)> {
+    let what = if not_boot_id.is_some() {
+        "Ready with a new boot id"
+    } else {
+        "Ready"
+    };
+    wait_for_node_where(store, record, node, what, timeout, |n| {
+        n.ready && Some(n.boot_id.as_str()) != not_boot_id
+    })
+    .await
+}
+
+/// Waits until `/readyz` is ok and `node` satisfies `ok` (`what` says what, for the error).
+/// Returns the node and how long it took; the error says what was last seen.
+pub async fn wait_for_node_where(
+    store: &StateStore,
+    record: &ClusterRecord,
+    node: &str,
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&crate::kube::NodeState) -> bool,
+) -> anyhow::Result<(crate::kube::NodeState, Duration)> {
     let started = std::time::Instant::now();
     loop {
         let last = match node_state(store, record, node).await {
-            Ok(Some(n)) if n.ready && Some(n.boot_id.as_str()) != not_boot_id => {
-                return Ok((n, started.elapsed()));
-            }
+            Ok(Some(n)) if ok(&n) => return Ok((n, started.elapsed())),
             Ok(Some(n)) => format!(
-                "node {node} {} with boot id {}",
+                "node {node} {} with boot id {}, kubelet {}",
                 if n.ready { "Ready" } else { "NotReady" },
-                n.boot_id
+                n.boot_id,
+                n.kubelet_version
             ),
             Ok(None) => format!("node {node} is not registered"),
             Err(e) => format!(
@@ -232,12 +252,7 @@ pub async fn wait_for_node(
         };
         if started.elapsed() >= timeout {
             bail!(
-                "node {node} was not Ready{} within {} s (last: {last})",
-                if not_boot_id.is_some() {
-                    " with a new boot id"
-                } else {
-                    ""
-                },
+                "node {node} was not {what} within {} s (last: {last})",
                 timeout.as_secs()
             );
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use providers::{ImageRef, Provider};
 
-use super::drain::{UNCORDON, cordon_and_drain, cordoned_by_clusterctl, journaled, lock};
+use super::drain::{cordon_and_drain, cordoned_by_clusterctl, lock};
 use super::{
     cluster_api, load_cluster, lock_cluster, node_state, open_action_journal, runtime,
     wait_for_node,
@@ -566,15 +566,7 @@ impl Run<'_> {
     }
 
     async fn uncordon(&self, record: &ClusterRecord, node: &str) -> anyhow::Result<()> {
-        let api = cluster_api(self.store, record).await?;
-        let r = journaled(self.journal, UNCORDON, node, async {
-            api.set_unschedulable(node, false).await
-        })
-        .await;
-        api.close().await;
-        r.with_context(|| format!("uncordoning node {node}; run `clusterctl uncordon` for it"))?;
-        self.report.machine(node, "uncordoned");
-        Ok(())
+        super::drain::uncordon_node(self.store, record, self.journal, node, self.report).await
     }
 }
 
