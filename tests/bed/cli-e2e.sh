@@ -1143,6 +1143,9 @@ YAML
   grep -q "unfinished node-image upgrade" <<< "$err" || die "create during an unfinished upgrade: $err"
   json=$("$bin" -o json upgrade "$name" --node-image "$v2") || die "rolling the stopped upgrade back to $v2 failed"
   jq -e '.upgrade == null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade: the rollback did not close the unfinished upgrade"
+  # Auto-upgrade never offers the image this upgrade was rolled back from.
+  jq -e --arg v "$version" '.auto_upgrade.rejected | index($v) != null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "upgrade: the rolled-back image $version is not recorded as rejected: $(jq -c .auto_upgrade "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
   [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap is gone after the rollback"
   k delete service web-np > /dev/null; k delete pdb web > /dev/null; k delete configmap upgrade-witness > /dev/null
   log "upgrade: every machine boots $v2 with its data, names, addresses and keys; a failed gate rolled back by itself"

@@ -36,7 +36,7 @@ pub struct PlanArgs {
     pub name: Option<String>,
     /// Auto-upgrade's calendar for this long ahead (such as 30d): what would upgrade when, and
     /// why not sooner (maintenance window, exclusion, soak, release date).
-    #[arg(long, value_name = "DURATION", requires = "name", value_parser = super::repair::parse_any_duration)]
+    #[arg(long, value_name = "DURATION", requires = "name", value_parser = super::repair::parse_every)]
     pub next: Option<std::time::Duration>,
     /// The release channel file (path or https URL) instead of the one built in (with `--next`).
     #[arg(long, value_name = "PATH|URL", requires = "next")]

@@ -235,11 +235,7 @@ pub struct EnableArgs {
     pub scheduler: Option<Scheduler>,
 }
 
-/// A duration such as `30d` or `12h`.
-pub(super) fn parse_any_duration(s: &str) -> Result<Duration, String> {
-    parse_every(s)
-}
-
+/// A duration such as `5m`, `12h` or `30d`.
 pub(super) fn parse_every(s: &str) -> Result<Duration, String> {
     s.parse::<crate::spec::Duration>()
         .map(|d| Duration::from_secs(d.as_secs()))
