@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 pub mod conformance;
 #[cfg(feature = "fake")]
 pub mod fake;
+#[cfg(feature = "gce")]
+pub mod gce;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 
