@@ -20,11 +20,14 @@
 #                  the node templates' flags and configs accepted by the real binaries, kubeconfig
 #                  files read back by the real kubectl [about 45 s of tests; 144 s wall with a
 #                  cold build of the test binaries on 2026-12-01]
-#   image     330  the node image: `clusterctl image build` (or reuse), whose printed directory
-#                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s], and a second one with
+#   image     420  the node image: `clusterctl image build` (or reuse), whose printed directory
+#                  every later stage uses (CLUSTERCTL_TEST_IMAGE) [84 s; 167 s cold with the GCE
+#                  disk on 2026-12-02, of which 30 s make the GCE disk], and a second one with
 #                  one more package (`--add-package less`) the e2e upgrades to
 #                  (CLUSTERCTL_TEST_IMAGE_V2) [217 s]
-#   boot      150  that image booted under QEMU TCG (nodeimage's boot test) [~50 s; 70 s; 84-90 s on 2026-12-01]
+#   boot      330  that image booted under QEMU TCG (nodeimage's boot test) [~50 s; 70 s; 84-90 s on 2026-12-01],
+#                  and its GCE disk on UEFI firmware with its seed from a metadata server, booted
+#                  twice (the gce_boot test) [109 s on 2026-12-02]
 #   provider  400  real libvirt VMs in a network namespace: the provider suite, conformance (day 2
 #                  included: stop, reset, boot-disk replacement) + e2e
 #                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2; over 230 s on 2026-12-01]
@@ -127,7 +130,7 @@ stage_image() {
 }
 stage_boot() {
   CLUSTERCTL_TEST_IMAGE=$(test_image) CLUSTERCTL_IMAGE_TEST=1 \
-    cargo test --workspace --locked --test boot -- --nocapture
+    cargo test --workspace --locked --test boot --test gce_boot -- --nocapture --test-threads 1
 }
 stage_libvirt() {
   CLUSTERCTL_TEST_IMAGE=$(test_image)
@@ -149,8 +152,8 @@ run_stage cargo 1200 "cargo test --workspace (unit, spec corpus, real sshd, fake
   cargo test --workspace --locked
 run_stage bundle 900 "Kubernetes test bundle (cached by input checksum; cold ~9 min, warm 1 s)" stage_bundle
 run_stage k8s 150 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
-run_stage image 330 "node images: build or reuse (the second one for the upgrade)" stage_image
-run_stage boot 150 "node image booted once under QEMU TCG" stage_boot
+run_stage image 420 "node images: build or reuse (the second one for the upgrade)" stage_image
+run_stage boot 330 "node image booted under QEMU TCG: direct kernel boot, and its GCE disk on UEFI" stage_boot
 run_stage provider 400 "real libvirt VMs in a network namespace: provider conformance + e2e" stage_libvirt provider
 run_stage e2e 4400 "a real Kubernetes cluster through clusterctl (tests/bed/cli-e2e.sh)" stage_libvirt e2e
 

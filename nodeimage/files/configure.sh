@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bi
 # Services: the first-boot agent, the data disk, the restore of clusterctl's /etc files after a
 # reboot, networkd, /tmp on tmpfs (the root is read-only); containerd and sshd are enabled by their
 # packages. Nothing that would write to the image or phone home at run time.
-systemctl enable clusterctl-stateful.service clusterctl-firstboot.service clusterctl-restore.service clusterctl-ready.service \
+systemctl enable clusterctl-stateful.service clusterctl-firstboot.service clusterctl-metadata.service clusterctl-restore.service clusterctl-ready.service \
 	systemd-networkd.service containerd.service ssh.service tmp.mount
 for unit in apt-daily.timer apt-daily-upgrade.timer fstrim.timer e2scrub_all.timer \
 	e2scrub_reap.service getty@tty1.service systemd-networkd-wait-online.service; do

@@ -13,12 +13,13 @@ use sha2::{Digest, Sha256};
 
 use crate::files::{CONFIGURE, FILES};
 use crate::manifest::{
-    self, Artifact, Image, MANIFEST_FILE, Manifest, Package, RootDisk, SCHEMA, Verity,
+    self, Artifact, GCE_DISK_FILE, GceDisk, Image, MANIFEST_FILE, Manifest, Package, RootDisk,
+    SCHEMA, Verity,
 };
 use crate::{BuildOptions, NodeImageError, mirror};
 
 /// Bump when the build steps change in a way the embedded files do not show.
-const BUILD_SCRIPT_VERSION: &str = "nodeimage-build/1";
+const BUILD_SCRIPT_VERSION: &str = "nodeimage-build/2";
 /// dm-verity data and hash block size.
 const BLOCK: u64 = 4096;
 
@@ -53,6 +54,10 @@ pub const DEFAULT_PACKAGES: &[&str] = &[
     "procps",
     "cryptsetup-bin",
     "jq",
+    // GCE: the UEFI stub the unified kernel image is made from, and the metadata-server client
+    // of the first-boot agent (seed, guest attributes).
+    "systemd-boot-efi",
+    "curl",
 ];
 
 /// sha256 over everything that determines the image content.
@@ -164,6 +169,7 @@ impl Builder<'_> {
         let qcow = out.join("root.qcow2");
         self.step("qcow2", |b| b.qcow2(&raw, &qcow))?;
         let virtual_size = fs::metadata(&raw).map_err(|e| io(&raw, e))?.len();
+        let gce = self.step("gce-disk", |b| b.gce_disk(&raw, &out, &root_hash, fs_size))?;
         remove_file(&raw)?;
 
         let cmdline = cmdline(&root_hash, fs_size);
@@ -195,6 +201,7 @@ impl Builder<'_> {
             installed_size_kib: packages.iter().map(|p| p.installed_size_kib).sum(),
             packages,
             rootfs_used_bytes: used,
+            gce: Some(gce),
         };
         let json =
             serde_json::to_vec_pretty(&manifest).map_err(|source| NodeImageError::Manifest {
@@ -455,6 +462,12 @@ impl Builder<'_> {
         };
         copy(&kernel, &out.join("vmlinuz"))?;
         copy(&initrd, &out.join("initrd.img"))?;
+        // The UEFI stub and os-release for the GCE disk's unified kernel image, from the image's
+        // own packages.
+        let uki = self.work.join("uki");
+        mkdir_private(&uki)?;
+        copy(&rootfs.join(UKI_STUB), &uki.join("linuxx64.efi.stub"))?;
+        copy(&rootfs.join("usr/lib/os-release"), &uki.join("os-release"))?;
         for entry in fs::read_dir(&boot).map_err(|e| io(&boot, e))? {
             let path = entry.map_err(|e| io(&boot, e))?.path();
             if path.is_dir() {
@@ -524,6 +537,107 @@ impl Builder<'_> {
         Ok(hash)
     }
 
+    /// The GCE disk: GPT with an EFI system partition holding a unified kernel image (stub,
+    /// kernel, initrd and the command line with the verity root hash, so a Secure Boot signature
+    /// would cover all of it) and the verity root partition; `disk.raw` sized in whole GiB,
+    /// packed as GCE imports it (GNU tar, oldgnu format, sparse, gzip).
+    fn gce_disk(
+        &mut self,
+        raw: &Path,
+        out: &Path,
+        root_hash: &str,
+        fs_size: u64,
+    ) -> Result<GceDisk, NodeImageError> {
+        let uki_dir = self.work.join("uki");
+        let cmdline = gce_cmdline(root_hash, fs_size);
+        let cmdline_file = uki_dir.join("cmdline");
+        write_file(&cmdline_file, cmdline.as_bytes(), 0o644)?;
+        let stub = uki_dir.join("linuxx64.efi.stub");
+        let headers = self.tool("uki", Command::new("objdump").arg("-h").arg(&stub))?;
+        let private = self.tool("uki", Command::new("objdump").arg("-p").arg(&stub))?;
+        let (align, mut next) =
+            pe_layout(&headers, &private).ok_or_else(|| NodeImageError::Parse {
+                what: format!("PE sections of {}", stub.display()),
+            })?;
+        let uki = uki_dir.join("BOOTX64.EFI");
+        let mut objcopy = Command::new("objcopy");
+        for (section, file) in [
+            (".osrel", uki_dir.join("os-release")),
+            (".cmdline", cmdline_file),
+            (".linux", out.join("vmlinuz")),
+            (".initrd", out.join("initrd.img")),
+        ] {
+            next = round_up(next, align);
+            objcopy
+                .arg("--add-section")
+                .arg(format!("{section}={}", file.display()))
+                .arg("--change-section-vma")
+                .arg(format!("{section}={next:#x}"));
+            next += fs::metadata(&file).map_err(|e| io(&file, e))?.len();
+        }
+        self.tool("uki", objcopy.arg(&stub).arg(&uki))?;
+        let bootx64 = fs::read(&uki).map_err(|e| io(&uki, e))?;
+
+        let esp_size = round_up(bootx64.len() as u64 * 5 / 4 + 16 * MIB, MIB).max(64 * MIB);
+        let esp = self.work.join("esp.img");
+        write_esp(&esp, esp_size, &bootx64)?;
+        let root_len = round_up(fs::metadata(raw).map_err(|e| io(raw, e))?.len(), MIB);
+        let esp_start = MIB;
+        let root_start = esp_start + esp_size;
+        let total = round_up(root_start + root_len + MIB, GIB);
+        let disk = self.work.join("disk.raw");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .map_err(|e| io(&disk, e))?;
+        file.set_len(total).map_err(|e| io(&disk, e))?;
+        let script = format!(
+            "label: gpt\n\
+             start={}, size={}, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI System\"\n\
+             start={}, size={}, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=\"{GCE_ROOT_PARTLABEL}\"\n",
+            esp_start / 512,
+            esp_size / 512,
+            root_start / 512,
+            root_len / 512,
+        );
+        let script_file = self.work.join("gpt.sfdisk");
+        write_file(&script_file, script.as_bytes(), 0o644)?;
+        self.tool(
+            "gpt",
+            Command::new("sh")
+                .arg("-c")
+                .arg("exec sfdisk --quiet --no-reread --no-tell-kernel \"$1\" < \"$2\"")
+                .arg("sh")
+                .arg(&disk)
+                .arg(&script_file),
+        )?;
+        copy_sparse(&esp, &file, esp_start)?;
+        copy_sparse(raw, &file, root_start)?;
+        file.sync_all().map_err(|e| io(&disk, e))?;
+        drop(file);
+        remove_file(&esp)?;
+        self.tool(
+            "tar",
+            Command::new("tar")
+                .args(["--format=oldgnu", "--sparse", "-czf"])
+                .arg(out.join(GCE_DISK_FILE))
+                .arg("-C")
+                .arg(&self.work)
+                .arg("disk.raw"),
+        )?;
+        remove_file(&disk)?;
+        Ok(GceDisk {
+            file: artifact(out, GCE_DISK_FILE)?,
+            disk_size_gib: total / GIB,
+            cmdline,
+            root_partlabel: GCE_ROOT_PARTLABEL.into(),
+            esp_bytes: esp_size,
+        })
+    }
+
     fn qcow2(&mut self, raw: &Path, qcow: &Path) -> Result<(), NodeImageError> {
         self.tool(
             "qemu-img convert",
@@ -534,6 +648,102 @@ impl Builder<'_> {
         )?;
         Ok(())
     }
+}
+
+/// Where systemd-boot-efi puts the stub, inside the image root.
+const UKI_STUB: &str = "usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+/// GPT partition name of the root partition on the GCE disk.
+pub const GCE_ROOT_PARTLABEL: &str = "clusterctl-root";
+/// The data disk as GCE names it to the guest: an attached disk with device name `data`.
+pub const GCE_DATA_DEVICE: &str = "/dev/disk/by-id/scsi-0Google_PersistentDisk_data";
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// The kernel command line of the GCE disk: root and data found by name (GPT partition label,
+/// GCE's disk device name), the console on ttyS0 as GCE's serial port expects.
+pub fn gce_cmdline(root_hash: &str, hash_offset: u64) -> String {
+    format!(
+        "root=/dev/mapper/root rootfstype=ext4 ro console=ttyS0,38400n8 \
+         clusterctl.verity={root_hash} clusterctl.verity_hashoffset={hash_offset} \
+         clusterctl.verity_data=PARTLABEL={GCE_ROOT_PARTLABEL} clusterctl.data={GCE_DATA_DEVICE} \
+         systemd.volatile=state systemd.unified_cgroup_hierarchy=0 net.ifnames=0 quiet"
+    )
+}
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+/// Section alignment and the end of the last section of a PE file, from `objdump`.
+fn pe_layout(headers: &str, private: &str) -> Option<(u64, u64)> {
+    let align = private.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == "SectionAlignment").then_some(())?;
+        u64::from_str_radix(f.next()?, 16).ok()
+    })?;
+    // Section lines: "Idx Name Size VMA LMA File-off Algn".
+    let end = headers
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 7 || f[0].parse::<u32>().is_err() {
+                return None;
+            }
+            Some(u64::from_str_radix(f[2], 16).ok()? + u64::from_str_radix(f[3], 16).ok()?)
+        })
+        .max()?;
+    Some((align.max(1), end))
+}
+
+/// Copies `from` into `to` at byte `offset`, leaving all-zero 64 KiB blocks as holes.
+fn copy_sparse(from: &Path, to: &fs::File, offset: u64) -> Result<(), NodeImageError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut src = fs::File::open(from).map_err(|e| io(from, e))?;
+    let mut dst = to;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = offset;
+    loop {
+        let n = src.read(&mut buf).map_err(|e| io(from, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            dst.seek(SeekFrom::Start(pos)).map_err(|e| io(from, e))?;
+            dst.write_all(&buf[..n]).map_err(|e| io(from, e))?;
+        }
+        pos += n as u64;
+    }
+}
+
+/// A FAT EFI system partition image of `size` bytes holding `EFI/BOOT/BOOTX64.EFI`.
+fn write_esp(path: &Path, size: u64, bootx64: &[u8]) -> Result<(), NodeImageError> {
+    let err = |e: std::io::Error| io(path, e);
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    file.set_len(size).map_err(err)?;
+    fatfs::format_volume(
+        &mut file,
+        fatfs::FormatVolumeOptions::new().volume_label(*b"ESP        "),
+    )
+    .map_err(err)?;
+    let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).map_err(err)?;
+    {
+        let dir = fs
+            .root_dir()
+            .create_dir("EFI")
+            .and_then(|d| d.create_dir("BOOT"))
+            .map_err(err)?;
+        let mut f = dir.create_file("BOOTX64.EFI").map_err(err)?;
+        f.truncate().map_err(err)?;
+        f.write_all(bootx64).map_err(err)?;
+        f.flush().map_err(err)?;
+    }
+    fs.unmount().map_err(err)
 }
 
 /// The kernel command line for an image with this root hash and hash offset.
@@ -749,6 +959,50 @@ mod tests {
             input_hash(&c),
             "the output location is not an input"
         );
+    }
+
+    #[test]
+    fn pe_layout_reads_alignment_and_the_end_of_the_last_section() {
+        let headers = "\nlinuxx64.efi.stub:     file format pei-x86-64\n\nSections:\n\
+Idx Name          Size      VMA               LMA               File off  Algn\n\
+  0 .text         0000d1b1  0000000000004000  0000000000004000  00000400  2**4\n\
+                  CONTENTS, ALLOC, LOAD, READONLY, CODE\n\
+  1 .sbat         000000ea  0000000000019000  0000000000019000  0000f200  2**2\n";
+        let private =
+            "Magic\t\t\t020b\t(PE32+)\nSectionAlignment\t00001000\nFileAlignment\t\t00000200\n";
+        assert_eq!(pe_layout(headers, private), Some((0x1000, 0x190ea)));
+        assert_eq!(pe_layout("", private), None);
+    }
+
+    #[test]
+    fn esp_holds_the_unified_kernel_image_where_firmware_looks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("esp.img");
+        write_esp(&path, 64 * MIB, b"MZ fake efi").expect("esp");
+        let mut file = fs::File::open(&path).expect("open");
+        let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).expect("fat");
+        let mut f = fs
+            .root_dir()
+            .open_file("EFI/BOOT/BOOTX64.EFI")
+            .expect("bootx64");
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut got).expect("read");
+        assert_eq!(got, b"MZ fake efi");
+    }
+
+    #[test]
+    fn gce_cmdline_finds_root_and_data_by_name() {
+        let c = gce_cmdline(&"ab".repeat(32), 4096);
+        assert!(
+            c.contains("clusterctl.verity_data=PARTLABEL=clusterctl-root"),
+            "{c}"
+        );
+        assert!(
+            c.contains("clusterctl.data=/dev/disk/by-id/scsi-0Google_PersistentDisk_data"),
+            "{c}"
+        );
+        assert!(c.contains("console=ttyS0"), "{c}");
+        assert!(!c.contains("/dev/vd"), "{c}");
     }
 
     #[test]

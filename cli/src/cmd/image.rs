@@ -1,4 +1,6 @@
-//! `clusterctl image build|list`: the container-optimized node image.
+//! `clusterctl image build|list|diff|push`: the container-optimized node image.
+
+mod push;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,6 +20,8 @@ pub enum ImageCommand {
     List(DirArgs),
     /// Show what changed from one built image to another: packages added, removed, upgraded.
     Diff(DiffArgs),
+    /// Upload a built node image to a cloud (resumes an interrupted upload when run again).
+    Push(push::PushArgs),
 }
 
 /// Options of `clusterctl image diff`.
@@ -106,6 +110,7 @@ pub fn run(global: &Global, command: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Build(args) => build(global, args),
         ImageCommand::List(args) => list(global.output, &args),
         ImageCommand::Diff(args) => diff(global.output, &args),
+        ImageCommand::Push(args) => push::push(global, args),
     }
 }
 

@@ -272,9 +272,44 @@ pub struct Image {
     /// Labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Image family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    /// Description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Where the disk image comes from (a `gs://` or storage URL of a `disk.raw` tar.gz).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_disk: Option<RawDisk>,
+    /// Guest OS features (`UEFI_COMPATIBLE`, `VIRTIO_SCSI_MULTIQUEUE`, `GVNIC`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_os_features: Vec<GuestOsFeature>,
     /// Own URL (output).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_link: Option<String>,
+}
+
+/// `Image.rawDisk`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawDisk {
+    /// URL of the tar.gz in Cloud Storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// SHA-1 of the tar.gz, hex (optional check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha1_checksum: Option<String>,
+    /// `TAR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_type: Option<String>,
+}
+
+/// `Image.guestOsFeatures[]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestOsFeature {
+    /// The feature.
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 /// A protocol and ports a firewall rule allows.

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde::Deserialize;
 
-/// OAuth scope clusterctl asks for.
+/// OAuth scope clusterctl asks for to manage Compute Engine resources.
 pub const COMPUTE_SCOPE: &str = "https://www.googleapis.com/auth/compute";
+/// OAuth scope for reading and writing Cloud Storage objects (`image push` uploads).
+pub const STORAGE_SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 /// Google's token endpoint (the default `token_uri`).
 pub const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 const METADATA_HOST: &str = "metadata.google.internal";
@@ -210,12 +212,17 @@ pub fn urlencode(s: &str) -> String {
     out
 }
 
-/// The signed JWT assertion of a service account (RFC 7523), valid for an hour from `now`.
+/// The signed JWT assertion of a service account (RFC 7523) for `scopes` (sent space-separated,
+/// as the `scope` claim wants them), valid for an hour from `now`.
 pub fn jwt_assertion(
     key: &ServiceAccountKey,
-    scope: &str,
+    scopes: &[&str],
     now: SystemTime,
 ) -> Result<String, String> {
+    if scopes.is_empty() {
+        return Err("no OAuth scope to ask for".to_owned());
+    }
+    let scope = scopes.join(" ");
     use aws_lc_rs::{rand::SystemRandom, signature};
     let der = pkcs8_der(&key.private_key)?;
     let pair = signature::RsaKeyPair::from_pkcs8(&der)
@@ -261,6 +268,8 @@ struct TokenResponse {
 /// Access tokens from [`Credentials`], cached until shortly before they expire.
 pub struct TokenSource {
     credentials: Credentials,
+    /// OAuth scopes a service-account token asks for.
+    scopes: Vec<&'static str>,
     cached: Mutex<Option<(String, Instant)>>,
 }
 
@@ -271,10 +280,18 @@ impl fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    /// A token source over `credentials`.
+    /// A token source over `credentials` for the Compute API ([`COMPUTE_SCOPE`]).
     pub fn new(credentials: Credentials) -> Self {
+        TokenSource::with_scopes(credentials, &[COMPUTE_SCOPE])
+    }
+
+    /// A token source over `credentials` whose service-account tokens carry every one of
+    /// `scopes` (e.g. [`COMPUTE_SCOPE`] and [`STORAGE_SCOPE`] for `image push`). User and
+    /// metadata-server tokens carry the scopes they were granted; fixed tokens, their own.
+    pub fn with_scopes(credentials: Credentials, scopes: &[&'static str]) -> Self {
         TokenSource {
             credentials,
+            scopes: scopes.to_vec(),
             cached: Mutex::new(None),
         }
     }
@@ -305,7 +322,7 @@ impl TokenSource {
             Credentials::Static(t) => return Ok((t.clone(), Duration::from_secs(3600))),
             Credentials::ServiceAccount(k) => {
                 let assertion =
-                    jwt_assertion(k, COMPUTE_SCOPE, SystemTime::now()).map_err(|detail| {
+                    jwt_assertion(k, &self.scopes, SystemTime::now()).map_err(|detail| {
                         AuthError::File {
                             path: format!("service account {}", k.client_email),
                             detail,

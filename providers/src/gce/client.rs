@@ -202,6 +202,10 @@ pub trait Compute: Send + Sync {
 
     /// `images.get`.
     fn get_image(&self, name: &str) -> Result<Option<Image>, ApiError>;
+    /// `images.insert`.
+    fn insert_image(&self, image: &Image) -> Result<Operation, ApiError>;
+    /// `images.delete`.
+    fn delete_image(&self, name: &str) -> Result<Operation, ApiError>;
 
     /// `firewalls.insert`.
     fn insert_firewall(&self, firewall: &Firewall) -> Result<Operation, ApiError>;
@@ -617,6 +621,14 @@ impl Compute for RestCompute {
 
     fn get_image(&self, name: &str) -> Result<Option<Image>, ApiError> {
         self.get(&format!("global/images/{name}"), &[])
+    }
+
+    fn insert_image(&self, image: &Image) -> Result<Operation, ApiError> {
+        self.insert("global/images", &[], image)
+    }
+
+    fn delete_image(&self, name: &str) -> Result<Operation, ApiError> {
+        self.mutate(Verb::Delete, &format!("global/images/{name}"), &[], None)
     }
 
     fn insert_firewall(&self, firewall: &Firewall) -> Result<Operation, ApiError> {

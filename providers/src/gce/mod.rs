@@ -41,6 +41,7 @@ pub mod client;
 #[cfg(feature = "fake")]
 pub mod fake;
 pub mod schema;
+pub mod storage;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
