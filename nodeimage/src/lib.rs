@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use builder::{BuildOutcome, DEFAULT_PACKAGES, cmdline, input_hash};
 pub use manifest::{
-    Artifact, Image, Manifest, Package, PackageDiff, RootDisk, Verity, package_diff,
+    Artifact, GceDisk, Image, Manifest, Package, PackageDiff, RootDisk, Verity, package_diff,
 };
 
 /// Default directory for built images.

@@ -79,6 +79,9 @@ impl ApiError {
     }
 }
 
+/// The Compute API's public endpoint.
+pub const DEFAULT_ENDPOINT: &str = "https://compute.googleapis.com/";
+
 /// Retry bounds of [`RestCompute`].
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {

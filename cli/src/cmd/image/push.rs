@@ -20,7 +20,6 @@ use crate::output::{self, Format};
 const COMPUTE_ENDPOINT_ENV: &str = "CLUSTERCTL_GCE_ENDPOINT";
 /// Overrides the Cloud Storage endpoint (tests point it at a fake).
 const STORAGE_ENDPOINT_ENV: &str = "CLUSTERCTL_GCS_ENDPOINT";
-const DEFAULT_COMPUTE_ENDPOINT: &str = "https://compute.googleapis.com/";
 
 /// Where an image can be pushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,7 +47,8 @@ pub struct PushArgs {
     #[arg(long, value_name = "FILE")]
     pub credentials: Option<PathBuf>,
     /// The image version to push (default: the newest built image).
-    pub version: Option<String>,
+    #[arg(value_name = "VERSION")]
+    pub image: Option<String>,
 }
 
 /// What `push` prints for `-o json|yaml`.
@@ -66,7 +66,7 @@ pub fn push(global: &Global, args: PushArgs) -> anyhow::Result<()> {
     let PushProvider::Gce = args.provider;
     let images = nodeimage::list(&args.dir.image_dir)
         .with_context(|| format!("listing node images in {}", args.dir.image_dir.display()))?;
-    let image = match &args.version {
+    let image = match &args.image {
         Some(v) => images.iter().find(|i| &i.manifest.version == v).ok_or_else(|| {
             anyhow::anyhow!(
                 "node image {v:?} is not built in {}; `clusterctl image list` shows the built ones",
@@ -104,7 +104,7 @@ pub fn push(global: &Global, args: PushArgs) -> anyhow::Result<()> {
     let compute_endpoint = std::env::var(COMPUTE_ENDPOINT_ENV)
         .ok()
         .filter(|e| !e.is_empty())
-        .unwrap_or_else(|| DEFAULT_COMPUTE_ENDPOINT.to_owned());
+        .unwrap_or_else(|| providers::gce::client::DEFAULT_ENDPOINT.to_owned());
     let storage_endpoint = std::env::var(STORAGE_ENDPOINT_ENV)
         .ok()
         .filter(|e| !e.is_empty())
