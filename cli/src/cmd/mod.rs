@@ -214,6 +214,14 @@ mod tests {
     use super::*;
     use crate::kube::drainer::DrainError;
 
+    /// clap checks a command's arguments only when that command is parsed: this checks every
+    /// subcommand at once (a positional `version` once clashed with `--version` in `image push`).
+    #[test]
+    fn every_command_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
     #[test]
     fn exit_codes_follow_the_error_kind_through_the_chain() {
         let blocked = || DrainError::TimedOut {
