@@ -32,8 +32,9 @@
 //!   machines on GCE make their own host keys and report the public halves as guest attributes
 //!   (`hostkeys/`), read back over the authenticated API ([`GceProvider::host_keys`]).
 //!
-//! Not here yet: pod routes (VPC routes with `canIpForward`, which instances already have), the
-//! GCE image format and `image push`, machines on regional or shared VPC subnetworks.
+//! Not here yet: pod routes (VPC routes with `canIpForward`, which instances already have),
+//! machines on regional or shared VPC subnetworks, and `create` driving this provider (the
+//! engine does not yet pin host keys that machines report).
 
 pub mod api;
 pub mod auth;
