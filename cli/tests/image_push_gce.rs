@@ -5,84 +5,16 @@
 //! Compute request and answer is checked against the discovery document.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use providers::gce::fake::FakeCompute;
+use providers::gce::fake_gcs;
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterctl");
 const PROJECT: &str = "clusterctl-test";
 const BUCKET: &str = "clusterctl-images";
-
-struct FakeGcs {
-    child: Child,
-    url: String,
-}
-
-impl Drop for FakeGcs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn fake_gcs_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("CLUSTERCTL_FAKE_GCS") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join("fake-gcs-server"))
-        .find(|p| p.is_file())
-}
-
-fn start_fake_gcs(bin: &Path) -> FakeGcs {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let child = Command::new(bin)
-        .args([
-            "-scheme",
-            "http",
-            "-host",
-            "127.0.0.1",
-            "-backend",
-            "memory",
-        ])
-        .args([
-            "-port",
-            &port.to_string(),
-            "-external-url",
-            &url,
-            "-log-level",
-            "error",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fake-gcs-server starts");
-    let gcs = FakeGcs { child, url };
-    let http = reqwest::blocking::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !http
-        .get(format!("{}/storage/v1/b", gcs.url))
-        .send()
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(Instant::now() < deadline, "fake-gcs-server did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let made = http
-        .post(format!("{}/storage/v1/b", gcs.url))
-        .body(serde_json::json!({ "name": BUCKET }).to_string())
-        .send()
-        .expect("bucket");
-    assert!(made.status().is_success(), "{made:?}");
-    gcs
-}
 
 fn artifact(dir: &Path, name: &str, bytes: &[u8]) -> nodeimage::Artifact {
     std::fs::write(dir.join(name), bytes).expect("write artifact");
@@ -156,7 +88,12 @@ fn key_file(fake: &FakeCompute, path: &Path) {
     f.write_all(key.to_string().as_bytes()).expect("key file");
 }
 
-fn push(images: &Path, key: &Path, fake: &FakeCompute, gcs: &FakeGcs) -> std::process::Output {
+fn push(
+    images: &Path,
+    key: &Path,
+    fake: &FakeCompute,
+    gcs: &fake_gcs::FakeGcs,
+) -> std::process::Output {
     Command::new(BIN)
         .args([
             "image",
@@ -180,13 +117,13 @@ fn push(images: &Path, key: &Path, fake: &FakeCompute, gcs: &FakeGcs) -> std::pr
 
 #[test]
 fn image_push_uploads_the_gce_disk_and_makes_the_image_once() {
-    let Some(bin) = fake_gcs_binary() else {
+    let Some(bin) = fake_gcs::binary() else {
         eprintln!(
             "skipping: fake-gcs-server not found (tests/bed/install-host-packages.sh installs it)"
         );
         return;
     };
-    let gcs = start_fake_gcs(&bin);
+    let gcs = fake_gcs::start(&bin, "", BUCKET);
     let fake = FakeCompute::start(PROJECT, &["us-central1-a"]);
     let tmp = tempfile::tempdir().expect("tempdir");
     let images = tmp.path().join("images");

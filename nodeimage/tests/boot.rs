@@ -12,14 +12,10 @@
 //! 3. one corrupted block in the root disk: dm-verity refuses it and the boot stops.
 
 use std::fs;
-use std::io::Read;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-// Generous: TCG on a shared 2-core machine has been seen at 200 s to a login prompt.
-const MARKER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Run over SSH as `core`; prints one key=value line per observation.
 const PROBE_SCRIPT: &str = r#"
@@ -48,150 +44,68 @@ for p in bridge host-local loopback portmap; do if [ -x /usr/lib/cni/$p ]; then 
 sudo sync
 "#;
 
-fn enabled() -> bool {
-    std::env::var("CLUSTERCTL_IMAGE_TEST").is_ok_and(|v| v == "1")
-}
+mod support;
 
-/// Kills the QEMU process it owns when dropped, also when a check fails.
-struct Vm {
-    child: Child,
-    console: PathBuf,
-    started: Instant,
-}
+use support::{Vm, enabled, free_port, run, ssh};
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vm {
-    fn boot(
-        image: &nodeimage::Image,
-        work: &Path,
-        name: &str,
-        root: &Path,
-        data: &Path,
-        seed: &Path,
-        ssh_port: Option<u16>,
-    ) -> Vm {
-        let console = work.join(format!("{name}.console.log"));
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-m",
-            "1024",
-            "-smp",
-            "2",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(image.kernel_path())
-        .arg("-initrd")
-        .arg(image.initrd_path())
-        .arg("-append")
-        .arg(format!("{} panic=-1", image.manifest.cmdline))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", root.display()))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", data.display()))
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=virtio,format=raw,readonly=on",
-            seed.display()
-        ))
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()));
-        match ssh_port {
-            // restrict=on: the guest reaches nothing; only the forward from 127.0.0.1 exists.
-            Some(port) => cmd.arg("-nic").arg(format!(
-                "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
-            )),
-            None => cmd.args(["-nic", "none"]),
-        };
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu-system-x86_64");
-        Vm {
-            child,
-            console,
-            started: Instant::now(),
-        }
-    }
-
-    fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = fs::File::open(&self.console) {
-            let mut b = Vec::new();
-            let _ = f.read_to_end(&mut b);
-            s = String::from_utf8_lossy(&b).into_owned();
-        }
-        s
-    }
-
-    /// Waits for `marker` on the serial console; returns the seconds since start.
-    fn wait_for(&mut self, marker: &str) -> f64 {
-        loop {
-            if self.log().contains(marker) {
-                return self.started.elapsed().as_secs_f64();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                if self.log().contains(marker) {
-                    return self.started.elapsed().as_secs_f64();
-                }
-                panic!(
-                    "qemu exited ({status}) before {marker:?}; console:\n{}",
-                    tail(&self.log())
-                );
-            }
-            if self.started.elapsed() > MARKER_TIMEOUT {
-                panic!(
-                    "no {marker:?} on the console after {MARKER_TIMEOUT:?}; console:\n{}",
-                    tail(&self.log())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Boots the image directly (kernel, initrd, command line), as libvirt does.
+#[allow(clippy::too_many_arguments)]
+fn boot_vm(
+    image: &nodeimage::Image,
+    work: &Path,
+    name: &str,
+    root: &Path,
+    data: &Path,
+    seed: &Path,
+    ssh_port: Option<u16>,
+) -> Vm {
+    let console = work.join(format!("{name}.console.log"));
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(image.kernel_path())
+    .arg("-initrd")
+    .arg(image.initrd_path())
+    .arg("-append")
+    .arg(format!("{} panic=-1", image.manifest.cmdline))
+    .arg("-drive")
+    .arg(format!("file={},if=virtio,format=qcow2", root.display()))
+    .arg("-drive")
+    .arg(format!("file={},if=virtio,format=qcow2", data.display()))
+    .arg("-drive")
+    .arg(format!(
+        "file={},if=virtio,format=raw,readonly=on",
+        seed.display()
+    ))
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()));
+    match ssh_port {
+        // restrict=on: the guest reaches nothing; only the forward from 127.0.0.1 exists.
+        Some(port) => cmd.arg("-nic").arg(format!(
+            "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
+        )),
+        None => cmd.args(["-nic", "none"]),
+    };
+    cmd.stderr(Stdio::null());
+    Vm::spawn(&mut cmd, console)
 }
 
 fn keygen(path: &Path, comment: &str) {
     run(Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
         .arg(path));
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn qcow_overlay(base: &Path, path: &Path) {
@@ -203,28 +117,6 @@ fn qcow_overlay(base: &Path, path: &Path) {
 
 fn json(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
-}
-
-/// Runs a command on the VM as `core`, checking the host key against the pinned one.
-fn ssh(port: u16, key: &Path, known_hosts: &Path, command: &str) -> std::process::Output {
-    Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ConnectTimeout=20",
-        ])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &port.to_string(), "core@127.0.0.1", command])
-        .output()
-        .expect("run ssh")
 }
 
 #[test]
@@ -319,7 +211,7 @@ fn boots_verified_read_only_with_persistent_data_disk() {
         format!("[127.0.0.1]:{port} {host_pub}\n"),
     )
     .expect("known_hosts");
-    let mut vm = Vm::boot(&image, w, "boot1", &root, &data, &seed, Some(port));
+    let mut vm = boot_vm(&image, w, "boot1", &root, &data, &seed, Some(port));
     vm.wait_for("clusterctl-stateful: formatting blank data disk /dev/vdb");
     vm.wait_for("clusterctl-stateful: mounted /dev/vdb at /mnt/stateful boot=1");
     vm.wait_for(&format!(
@@ -458,7 +350,7 @@ fn boots_verified_read_only_with_persistent_data_disk() {
     drop(vm);
 
     // Boot 2: the same data disk survives, and what was saved for /etc is back and started.
-    let mut vm = Vm::boot(&image, w, "boot2", &root, &data, &seed, None);
+    let mut vm = boot_vm(&image, w, "boot2", &root, &data, &seed, None);
     vm.wait_for("clusterctl-stateful: mounted /dev/vdb at /mnt/stateful boot=2");
     vm.wait_for("clusterctl-firstboot: root=ro verity=verified data=/dev/vdb");
     vm.wait_for(
@@ -478,7 +370,7 @@ fn boots_verified_read_only_with_persistent_data_disk() {
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x55 0 4096"])
         .arg(&bad));
-    let mut vm = Vm::boot(&image, w, "tampered", &bad, &data, &seed, None);
+    let mut vm = boot_vm(&image, w, "tampered", &bad, &data, &seed, None);
     vm.wait_for("clusterctl-verity: opening /dev/vda");
     vm.wait_for("is corrupted");
     assert!(

@@ -19,12 +19,9 @@
 
 use std::fs;
 use std::io::Read;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const MARKER_TIMEOUT: Duration = Duration::from_secs(600);
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
@@ -72,30 +69,17 @@ while True:
     out.flush()
 "#;
 
-fn enabled() -> bool {
-    std::env::var("CLUSTERCTL_IMAGE_TEST").is_ok_and(|v| v == "1")
-}
+mod support;
 
-struct Vm {
-    child: Child,
-    console: PathBuf,
-    started: Instant,
-}
+use support::{Vm, enabled, free_port, run, ssh};
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Vm {
-    fn boot(w: &Path, name: &str, boot_disk: &Path, data: &Path, ssh_port: u16) -> Vm {
-        let console = w.join(format!("{name}.console.log"));
-        let vars = w.join(format!("{name}.vars.fd"));
-        fs::copy(OVMF_VARS, &vars).expect("copy OVMF variables");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "2"])
+/// Boots a GCE disk as Compute Engine does: UEFI, virtio-scsi with GCE's disk identity.
+fn gce_vm(w: &Path, name: &str, boot_disk: &Path, data: &Path, ssh_port: u16) -> Vm {
+    let console = w.join(format!("{name}.console.log"));
+    let vars = w.join(format!("{name}.vars.fd"));
+    fs::copy(OVMF_VARS, &vars).expect("copy OVMF variables");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35", "-accel", "tcg", "-m", "1536", "-smp", "2"])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-drive")
             .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
@@ -125,92 +109,10 @@ impl Vm {
             ))
             .arg("-serial")
             .arg(format!("file:{}", console.display()));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                fs::File::create(w.join(format!("{name}.qemu.log"))).expect("qemu log"),
-            ))
-            .spawn()
-            .expect("start qemu-system-x86_64");
-        Vm {
-            child,
-            console,
-            started: Instant::now(),
-        }
-    }
-
-    fn log(&self) -> String {
-        let mut b = Vec::new();
-        if let Ok(mut f) = fs::File::open(&self.console) {
-            let _ = f.read_to_end(&mut b);
-        }
-        String::from_utf8_lossy(&b).into_owned()
-    }
-
-    fn wait_for(&mut self, marker: &str) -> f64 {
-        loop {
-            if self.log().contains(marker) {
-                return self.started.elapsed().as_secs_f64();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "qemu exited ({status}) before {marker:?}; console:\n{}",
-                    tail(&self.log())
-                );
-            }
-            assert!(
-                self.started.elapsed() < MARKER_TIMEOUT,
-                "no {marker:?} on the console after {MARKER_TIMEOUT:?}; console:\n{}",
-                tail(&self.log())
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn ssh(port: u16, key: &Path, known_hosts: &Path, command: &str) -> std::process::Output {
-    Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-        ])
-        .args(["-o", "ConnectTimeout=20"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &port.to_string(), "core@127.0.0.1", command])
-        .output()
-        .expect("run ssh")
+    cmd.stderr(Stdio::from(
+        fs::File::create(w.join(format!("{name}.qemu.log"))).expect("qemu log"),
+    ));
+    Vm::spawn(&mut cmd, console)
 }
 
 fn overlay(base: &Path, path: &Path) {
@@ -311,7 +213,7 @@ fn gce_disk_boots_on_uefi_with_its_seed_from_the_metadata_server() {
     let boot1 = w.join("boot1.qcow2");
     overlay(&raw, &boot1);
     let port = free_port();
-    let mut vm = Vm::boot(w, "gce1", &boot1, &data, port);
+    let mut vm = gce_vm(w, "gce1", &boot1, &data, port);
     let t_root = vm.wait_for("clusterctl-verity: opening /dev/disk/by-partlabel/clusterctl-root");
     vm.wait_for("clusterctl-stateful: formatting blank data disk /dev/disk/by-id/scsi-0Google_PersistentDisk_data");
     vm.wait_for("clusterctl-firstboot: no cidata seed found: the metadata server is asked");
@@ -370,7 +272,7 @@ fn gce_disk_boots_on_uefi_with_its_seed_from_the_metadata_server() {
     fs::remove_file(md.join("ga-hostkeys-ssh-ed25519")).expect("clear");
     let boot2 = w.join("boot2.qcow2");
     overlay(&raw, &boot2);
-    let mut vm = Vm::boot(w, "gce2", &boot2, &data, port);
+    let mut vm = gce_vm(w, "gce2", &boot2, &data, port);
     vm.wait_for("clusterctl-stateful: mounted");
     vm.wait_for("boot=2");
     vm.wait_for("clusterctl-firstboot: host key reported as guest attribute hostkeys/ssh-ed25519");

@@ -429,7 +429,8 @@ impl RestCompute {
     }
 }
 
-fn transport_detail(url: &str, e: &reqwest::Error) -> String {
+/// What went wrong in an HTTP exchange about `context` (a URL, an operation), with reqwest's causes.
+pub(super) fn transport_detail(context: &str, e: &reqwest::Error) -> String {
     let what = if e.is_timeout() {
         "no answer in time"
     } else if e.is_connect() {
@@ -437,8 +438,7 @@ fn transport_detail(url: &str, e: &reqwest::Error) -> String {
     } else {
         "the exchange failed"
     };
-    // reqwest's Display names the URL; the chain says why.
-    let mut detail = format!("{what}: {url}");
+    let mut detail = format!("{context}: {what}");
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         detail.push_str(&format!(": {s}"));
@@ -448,7 +448,7 @@ fn transport_detail(url: &str, e: &reqwest::Error) -> String {
 }
 
 /// Google's error body: the first error's reason, and the message.
-fn error_fields(text: &str) -> (String, String) {
+pub(super) fn error_fields(text: &str) -> (String, String) {
     let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
     let e = &v["error"];
     let reason = e["errors"][0]["reason"]

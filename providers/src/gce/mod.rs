@@ -41,6 +41,8 @@ pub mod auth;
 pub mod client;
 #[cfg(feature = "fake")]
 pub mod fake;
+#[cfg(feature = "fake")]
+pub mod fake_gcs;
 pub mod schema;
 pub mod storage;
 
@@ -596,6 +598,33 @@ impl GceProvider {
         Ok(())
     }
 
+    /// The cluster's firewall rules and routes (which GCE gives no labels): named with the
+    /// cluster's prefix and marked with its ID in their description, as `(kind, name)`.
+    fn network_resources(&self, cluster: &ClusterRef) -> Result<Vec<(&'static str, String)>> {
+        let prefix = Self::firewall_prefix(cluster);
+        let marker = Self::marker(cluster);
+        let ours = |name: &str, description: Option<&str>| {
+            name.starts_with(&prefix) && description == Some(marker.as_str())
+        };
+        let mut out: Vec<(&'static str, String)> = self
+            .api
+            .list_firewalls("")
+            .map_err(|e| map_err("listing firewall rules", e))?
+            .into_iter()
+            .filter(|f| ours(&f.name, f.description.as_deref()))
+            .map(|f| ("firewall", f.name))
+            .collect();
+        out.extend(
+            self.api
+                .list_routes("")
+                .map_err(|e| map_err("listing routes", e))?
+                .into_iter()
+                .filter(|r| ours(&r.name, r.description.as_deref()))
+                .map(|r| ("route", r.name)),
+        );
+        Ok(out)
+    }
+
     /// The SSH host public keys the machine reported as guest attributes (`hostkeys/`), as
     /// `(algorithm, base64 key)`; empty until its first boot has written them.
     pub fn host_keys(&self, cluster: &ClusterRef, name: &str) -> Result<Vec<(String, String)>> {
@@ -893,42 +922,15 @@ impl Provider for GceProvider {
         for zone in &self.config.zones {
             self.delete_loose_disks(cluster, zone, None, &[])?;
         }
-        let prefix = Self::firewall_prefix(cluster);
-        let marker = Self::marker(cluster);
-        for f in self
-            .api
-            .list_firewalls("")
-            .map_err(|e| map_err("listing firewall rules", e))?
-        {
-            if f.name.starts_with(&prefix) && f.description.as_deref() == Some(&marker) {
-                match self
-                    .api
-                    .delete_firewall(&f.name)
-                    .and_then(|op| self.api.wait(op))
-                {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => {
-                        return Err(map_err(&format!("deleting firewall rule {:?}", f.name), e));
-                    }
-                }
-            }
-        }
-        for r in self
-            .api
-            .list_routes("")
-            .map_err(|e| map_err("listing routes", e))?
-        {
-            if r.name.starts_with(&prefix) && r.description.as_deref() == Some(&marker) {
-                match self
-                    .api
-                    .delete_route(&r.name)
-                    .and_then(|op| self.api.wait(op))
-                {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(map_err(&format!("deleting route {:?}", r.name), e)),
-                }
+        for (kind, name) in self.network_resources(cluster)? {
+            let deleted = match kind {
+                "firewall" => self.api.delete_firewall(&name),
+                _ => self.api.delete_route(&name),
+            };
+            match deleted.and_then(|op| self.api.wait(op)) {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(map_err(&format!("deleting {kind} {name:?}"), e)),
             }
         }
         Ok(())
@@ -959,32 +961,14 @@ impl Provider for GceProvider {
                 });
             }
         }
-        let prefix = Self::firewall_prefix(cluster);
-        let marker = Self::marker(cluster);
-        for f in self
-            .api
-            .list_firewalls("")
-            .map_err(|e| map_err("listing firewall rules", e))?
-        {
-            if f.name.starts_with(&prefix) && f.description.as_deref() == Some(&marker) {
-                out.push(Resource {
-                    kind: "firewall".into(),
-                    name: f.name,
-                });
-            }
-        }
-        for r in self
-            .api
-            .list_routes("")
-            .map_err(|e| map_err("listing routes", e))?
-        {
-            if r.name.starts_with(&prefix) && r.description.as_deref() == Some(&marker) {
-                out.push(Resource {
-                    kind: "route".into(),
-                    name: r.name,
-                });
-            }
-        }
+        out.extend(
+            self.network_resources(cluster)?
+                .into_iter()
+                .map(|(kind, name)| Resource {
+                    kind: kind.into(),
+                    name,
+                }),
+        );
         out.sort();
         Ok(out)
     }

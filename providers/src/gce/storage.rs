@@ -359,30 +359,6 @@ fn persisted(range: Option<&str>) -> Option<u64> {
     end.trim().parse::<u64>().ok().map(|n| n + 1)
 }
 
-fn error_message(text: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(text)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| text.chars().take(200).collect())
-}
-
-fn transport_detail(what: &str, e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "no answer in time"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "the exchange failed"
-    };
-    let mut detail = format!("{what}: {kind}");
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        detail.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    detail
-}
-
 fn retryable(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
@@ -448,7 +424,7 @@ impl Storage {
                 r.text().map(|t| (status, range, location, t))
             });
             match outcome {
-                Err(e) => return Ok(Answer::Failed(transport_detail(what, &e))),
+                Err(e) => return Ok(Answer::Failed(super::client::transport_detail(what, &e))),
                 Ok((401, ..)) if !reauthed => {
                     reauthed = true;
                     self.tokens.invalidate();
@@ -487,7 +463,11 @@ impl Storage {
             let detail = match self.exchange(what, build)? {
                 Answer::Reply(r) if !retryable(r.status) => return Ok(r),
                 Answer::Reply(r) => {
-                    format!("{what}: HTTP {}: {}", r.status, error_message(&r.text))
+                    format!(
+                        "{what}: HTTP {}: {}",
+                        r.status,
+                        super::client::error_fields(&r.text).1
+                    )
                 }
                 Answer::Failed(d) => d,
             };
@@ -518,7 +498,7 @@ impl Storage {
             status => Err(StorageError::Http {
                 operation: what,
                 status,
-                message: error_message(&r.text),
+                message: super::client::error_fields(&r.text).1,
             }),
         }
     }
@@ -560,7 +540,7 @@ impl Storage {
             (status, _) => Err(StorageError::Http {
                 operation: what,
                 status,
-                message: error_message(&r.text),
+                message: super::client::error_fields(&r.text).1,
             }),
         }
     }
@@ -581,7 +561,7 @@ impl Storage {
             status => Err(StorageError::Http {
                 operation: what.to_owned(),
                 status,
-                message: error_message(&r.text),
+                message: super::client::error_fields(&r.text).1,
             }),
         }
     }
@@ -742,12 +722,15 @@ impl Storage {
                     // The server kept none of the chunk: a failure like any other.
                     308 => format!("{what}: the server kept none of it"),
                     404 | 410 => return Ok(SessionStatus::Expired),
-                    s if retryable(s) => format!("{what}: HTTP {s}: {}", error_message(&r.text)),
+                    s if retryable(s) => format!(
+                        "{what}: HTTP {s}: {}",
+                        super::client::error_fields(&r.text).1
+                    ),
                     s => {
                         return Err(StorageError::Http {
                             operation: what,
                             status: s,
-                            message: error_message(&r.text),
+                            message: super::client::error_fields(&r.text).1,
                         });
                     }
                 },
@@ -900,10 +883,8 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
     use std::io::{BufRead, BufReader};
     use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-    use std::process::{Child, Command, Stdio};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    use std::time::Instant;
 
     use super::*;
     use crate::gce::auth::Credentials;
@@ -978,13 +959,6 @@ mod tests {
             target,
             headers,
         })
-    }
-
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port")
     }
 
     // --- the fault-injecting proxy ------------------------------------------------------------
@@ -1341,71 +1315,6 @@ mod tests {
 
     // --- fake-gcs-server -----------------------------------------------------------------------
 
-    /// fake-gcs-server, killed when dropped.
-    struct FakeGcs {
-        child: Child,
-        url: String,
-    }
-
-    impl Drop for FakeGcs {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn fake_gcs_binary() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("CLUSTERCTL_FAKE_GCS") {
-            return Some(PathBuf::from(p)).filter(|p| p.is_file());
-        }
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("fake-gcs-server"))
-                .find(|p| p.is_file())
-        })
-    }
-
-    /// Starts fake-gcs-server on a free port, with session URIs that point at `external`.
-    fn start_fake_gcs(bin: &Path, external: &str) -> FakeGcs {
-        let port = free_port();
-        let child = Command::new(bin)
-            .args([
-                "-scheme",
-                "http",
-                "-host",
-                "127.0.0.1",
-                "-backend",
-                "memory",
-            ])
-            .args(["-port", &port.to_string(), "-external-url", external])
-            .args(["-log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("fake-gcs-server starts");
-        let gcs = FakeGcs {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let http = reqwest::blocking::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !http
-            .get(format!("{}/storage/v1/b", gcs.url))
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "fake-gcs-server did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let made = http
-            .post(format!("{}/storage/v1/b", gcs.url))
-            .body(serde_json::json!({"name": BUCKET}).to_string())
-            .send()
-            .expect("bucket created");
-        assert!(made.status().is_success(), "{made:?}");
-        gcs
-    }
-
     // --- helpers --------------------------------------------------------------------------------
 
     fn storage(endpoint: &str, max_attempts: u32) -> Storage {
@@ -1714,14 +1623,14 @@ mod tests {
 
     #[test]
     fn push_against_fake_gcs_server() {
-        let Some(bin) = fake_gcs_binary() else {
+        let Some(bin) = crate::gce::fake_gcs::binary() else {
             eprintln!(
                 "skipped: fake-gcs-server not found (set CLUSTERCTL_FAKE_GCS to its binary, or put it on PATH)"
             );
             return;
         };
         let proxy = Proxy::start();
-        let gcs = start_fake_gcs(&bin, &proxy.url());
+        let gcs = crate::gce::fake_gcs::start(&bin, &proxy.url(), BUCKET);
         let up: SocketAddr = gcs
             .url
             .trim_start_matches("http://")
