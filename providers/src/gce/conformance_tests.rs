@@ -498,3 +498,36 @@ fn a_service_account_key_gets_tokens_and_a_401_renews_them() {
     assert!(e.to_string().contains("refused the credentials"), "{e}");
     assert_schema_clean(&fake);
 }
+
+#[test]
+fn a_user_credential_and_the_metadata_server_get_tokens_too() {
+    let fake = start_fake();
+    fake.register_authorized_user("client-1", "secret-1", "refresh-1");
+    let user = super::auth::AuthorizedUser {
+        client_id: "client-1".into(),
+        client_secret: "secret-1".into(),
+        refresh_token: "refresh-1".into(),
+        token_uri: fake.token_uri(),
+    };
+    for credentials in [
+        Credentials::AuthorizedUser(user),
+        Credentials::MetadataServer(fake.base_url()),
+    ] {
+        let api = client(&fake, credentials);
+        let p = GceProvider::new(
+            Arc::new(api),
+            GceConfig::new(PROJECT, vec![ZONES[0].into()]),
+        )
+        .expect("provider");
+        p.list_machines(&cluster("tok"))
+            .expect("listed with a token of that source");
+    }
+    let sources: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method_id == "oauth2.token" || r.method_id == "metadata.token")
+        .map(|r| r.method_id)
+        .collect();
+    assert_eq!(sources, ["oauth2.token", "metadata.token"]);
+    assert_schema_clean(&fake);
+}
