@@ -347,10 +347,44 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
     assert_eq!(err.disposition(), Disposition::Fail);
 
     access_calls(&client, &cp, tmp.path()).await;
+    cluster_dns_calls(&client).await;
 
     client.close().await;
     cp.procs.check_alive();
     eprintln!("total {:?}", t0.elapsed());
+}
+
+/// Cluster DNS as `create` renders it, checked by the real API server: a server-side dry run
+/// stores nothing, an apply makes the kube-dns Service at the kubelets' clusterDNS and the
+/// CoreDNS Deployment, and a second apply changes nothing.
+async fn cluster_dns_calls(client: &KubeClient) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Service;
+    let yaml = templates::kubernetes::render_cluster_dns(&templates::kubernetes::ClusterDnsInput {
+        version: "1.20.2".into(),
+        cluster_dns: clusterctl::engine::bootstrap::cluster_dns_ip("10.96.0.0/12".parse().unwrap())
+            .expect("dns ip"),
+        cluster_domain: "cluster.local".into(),
+        image: None,
+        replicas: 2,
+    })
+    .expect("render");
+    let services: Api<Service> = Api::namespaced(client.client(), "kube-system");
+    let deployments: Api<Deployment> = Api::namespaced(client.client(), "kube-system");
+    let dry = client.apply_manifests(&yaml, true).await.expect("server-side dry run");
+    assert_eq!(dry.len(), 6, "{dry:?}");
+    assert!(services.get_opt("kube-dns").await.expect("get").is_none(), "a dry run stored the Service");
+    let applied = client.apply_manifests(&yaml, false).await.expect("apply");
+    eprintln!("cluster DNS applied: {applied:?}");
+    let svc = services.get("kube-dns").await.expect("kube-dns Service");
+    assert_eq!(svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("10.96.0.10"));
+    let dep = deployments.get("coredns").await.expect("coredns Deployment");
+    let image = dep.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone());
+    assert_eq!(image.flatten().as_deref(), Some("k8s.gcr.io/coredns:1.7.0"));
+    let before = dep.metadata.resource_version.clone();
+    client.apply_manifests(&yaml, false).await.expect("apply again");
+    let again = deployments.get("coredns").await.expect("coredns Deployment");
+    assert_eq!(again.metadata.resource_version, before, "a second apply changed the Deployment");
 }
 
 /// Brings the cluster's access objects to what `access` wants; returns the changes made.

@@ -56,6 +56,7 @@ const CNI: &str = include_str!("kubernetes/cni.conflist");
 const SYSCTL: &str = include_str!("kubernetes/sysctl.conf");
 const MODULES: &str = include_str!("kubernetes/modules-load.conf");
 const AUDIT_POLICY: &str = include_str!("kubernetes/audit-policy.yaml");
+const COREDNS: &str = include_str!("kubernetes/coredns.yaml");
 
 /// Prefix length of each node's pod range.
 pub const NODE_POD_PREFIX: u8 = 24;
@@ -124,6 +125,11 @@ pub struct VersionProfile {
     /// was 45% of the API server's CPU (24.1 s of samples in 60 s with it, 6.8 s in 30 s without),
     /// on a control plane that shares 2 host cores with its workers.
     pub disable_priority_and_fairness: bool,
+    /// The CoreDNS release that goes with this minor (kubeadm's `CoreDNSVersion`), and its image
+    /// in the upstream registry.
+    pub coredns_version: &'static str,
+    /// See `coredns_version`.
+    pub coredns_image: &'static str,
 }
 
 /// The supported minor versions, oldest first. 1.20 is the only server version buildable offline
@@ -137,6 +143,8 @@ pub const SUPPORTED_MINOR_VERSIONS: &[VersionProfile] = &[VersionProfile {
     insecure_port_flag: true,
     control_plane_taint_key: "node-role.kubernetes.io/master",
     disable_priority_and_fairness: true,
+    coredns_version: "1.7.0",
+    coredns_image: "k8s.gcr.io/coredns:1.7.0",
 }];
 
 /// Returns the profile of a Kubernetes version such as `1.20.2` or `v1.20.2` (pre-release and
@@ -659,6 +667,7 @@ impl<'a> Renderer<'a> {
             ("sysctl.conf", SYSCTL),
             ("modules-load.conf", MODULES),
             ("audit-policy.yaml", AUDIT_POLICY),
+            ("coredns.yaml", COREDNS),
         ] {
             tera.add_raw_template(name, src)
                 .map_err(|e| template_error(name, &e))?;
@@ -686,6 +695,64 @@ impl<'a> Renderer<'a> {
 
 fn flag(name: &str, value: impl fmt::Display) -> String {
     format!("--{name}={value}")
+}
+
+/// What the cluster DNS add-on is rendered from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDnsInput {
+    /// Kubernetes version of the cluster (picks the CoreDNS release).
+    pub version: String,
+    /// The kube-dns Service's address: every kubelet's `clusterDNS`.
+    pub cluster_dns: Ipv4Addr,
+    /// The cluster domain (`cluster.local`).
+    pub cluster_domain: String,
+    /// The image to run; `None`: the version's upstream image ([`VersionProfile::coredns_image`]).
+    pub image: Option<String>,
+    /// Replicas (spread over nodes where it can).
+    pub replicas: u32,
+}
+
+/// Label every object of a clusterctl add-on carries (so it can be found and pruned).
+pub const ADDON_LABEL: &str = "clusterctl.io/addon";
+
+/// Renders cluster DNS: CoreDNS (ServiceAccount, RBAC, Corefile, Deployment) and the Service
+/// `kube-system/kube-dns` at `cluster_dns`, as one multi-document YAML stream to apply.
+pub fn render_cluster_dns(input: &ClusterDnsInput) -> Result<String, RenderError> {
+    let profile = check_version(&input.version)?;
+    if input.replicas == 0 {
+        return Err(RenderError::Invalid {
+            field: "replicas".into(),
+            reason: "cluster DNS needs at least 1 replica".into(),
+        });
+    }
+    // The domain goes into the Corefile unquoted: a DNS name only.
+    let d = &input.cluster_domain;
+    if d.is_empty()
+        || d.starts_with(['.', '-'])
+        || !d
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return Err(RenderError::Invalid {
+            field: "cluster_domain".into(),
+            reason: format!("{d:?} is not a DNS name (lowercase letters, digits, '.', '-')"),
+        });
+    }
+    let r = Renderer::new(&input.version)?;
+    let labels = format!("{{{ADDON_LABEL}: coredns}}");
+    let ctx = serde_json::json!({
+        "version": profile.coredns_version,
+        "image": input.image.as_deref().unwrap_or(profile.coredns_image),
+        "cluster_dns": input.cluster_dns.to_string(),
+        "cluster_domain": input.cluster_domain,
+        "replicas": input.replicas,
+        "control_plane_taint": profile.control_plane_taint_key,
+        "labels": labels,
+        "service_labels": format!(
+            "{{{ADDON_LABEL}: coredns, k8s-app: kube-dns, kubernetes.io/cluster-service: \"true\", kubernetes.io/name: CoreDNS}}"
+        ),
+    });
+    r.render("coredns.yaml", &ctx)
 }
 
 /// Renders every file of node `node_name`; see the module documentation.

@@ -328,12 +328,87 @@ pub fn reconcile(
     if result.is_ok()
         && let (Some(artifacts), Some(access)) = (artifacts, ctx.ssh.clone())
     {
+        let dns = cluster_dns_image(&record.spec, &artifacts).map(|i| (artifacts.version.clone(), i));
         result = bootstrap_kubernetes(rt, &ctx, guard, record, artifacts, access, report);
         if result.is_ok() {
             result = apply_access(rt, store, record, journal, report);
         }
+        if result.is_ok() {
+            result = apply_cluster_dns(rt, store, record, dns, report);
+        }
     }
     result
+}
+
+/// The CoreDNS image of the cluster's DNS: with `upstream` artifacts the one that goes with
+/// the version, from the upstream registry (the nodes pull it); with a bundle, the CoreDNS image
+/// the bundle carries (imported on every node with its other images). `Err` says why the
+/// cluster gets no DNS: a bundle without a CoreDNS image (the offline test bundle has none:
+/// CoreDNS cannot be built or pulled here).
+fn cluster_dns_image(spec: &crate::spec::Cluster, artifacts: &Artifacts) -> Result<String, String> {
+    match &spec.spec.kubernetes.artifacts {
+        crate::spec::ArtifactSource::Upstream => templates::kubernetes::check_version(&artifacts.version)
+            .map(|p| p.coredns_image.to_owned())
+            .map_err(|e| e.to_string()),
+        crate::spec::ArtifactSource::Bundle(b) => artifacts
+            .images
+            .iter()
+            .find(|i| {
+                let repo = i.reference.rsplit_once(':').map_or(i.reference.as_str(), |(r, _)| r);
+                repo.rsplit('/').next() == Some("coredns")
+            })
+            .map(|i| i.reference.clone())
+            .ok_or_else(|| {
+                format!(
+                    "the bundle {} carries no CoreDNS image: the cluster has no cluster DNS (Services are reached by address only); add a coredns image to the bundle",
+                    b.path.display()
+                )
+            }),
+    }
+}
+
+/// Applies cluster DNS (CoreDNS and the kube-dns Service at every kubelet's `clusterDNS`)
+/// through the API with server-side apply: a re-run changes nothing that is in step.
+fn apply_cluster_dns(
+    rt: &tokio::runtime::Runtime,
+    store: &StateStore,
+    record: &ClusterRecord,
+    image: Result<(String, String), String>,
+    report: Reporter,
+) -> anyhow::Result<()> {
+    let (version, image) = match image {
+        Ok(v) => v,
+        Err(why) => {
+            report.note(&format!("no cluster DNS: {why}"));
+            return Ok(());
+        }
+    };
+    report.phase("Applying cluster DNS (CoreDNS)");
+    let k = &record.spec.spec.kubernetes;
+    let ipnet::IpNet::V4(service_cidr) = k.service_cidr else {
+        anyhow::bail!("kubernetes.serviceCIDR {} is not IPv4; cluster DNS needs an IPv4 Service network", k.service_cidr);
+    };
+    let dns_ip = crate::engine::bootstrap::cluster_dns_ip(service_cidr).ok_or_else(|| {
+        anyhow::anyhow!("kubernetes.serviceCIDR {service_cidr} is too small for the cluster DNS address")
+    })?;
+    let yaml = templates::kubernetes::render_cluster_dns(&templates::kubernetes::ClusterDnsInput {
+        version,
+        cluster_dns: dns_ip,
+        cluster_domain: k.cluster_domain.clone(),
+        image: Some(image.clone()),
+        replicas: if record.machines.len() > 1 { 2 } else { 1 },
+    })?;
+    rt.block_on(async {
+        let api = crate::action::cluster_api(store, record).await?;
+        let r = api.apply_manifests(&yaml, false).await;
+        api.close().await;
+        let applied = r?;
+        report.note(&format!(
+            "CoreDNS ({image}) at {dns_ip}: {} object(s) applied",
+            applied.len()
+        ));
+        anyhow::Ok(())
+    })
 }
 
 /// Brings the cluster's RBAC bindings and users' accounts in step with the spec's

@@ -322,11 +322,7 @@ impl Phase<BootstrapContext> for Prepare {
 
             let profile = k8s::check_version(&ctx.artifacts.version)
                 .map_err(|e| bootstrap_err("kubernetes version", &e))?;
-            let dns_ip = u32::from(service_cidr.network())
-                .checked_add(10)
-                .map(Ipv4Addr::from)
-                .filter(|ip| service_cidr.contains(ip))
-                .ok_or_else(|| {
+            let dns_ip = cluster_dns_ip(service_cidr).ok_or_else(|| {
                     EngineError::Bootstrap(format!(
                         "kubernetes.serviceCIDR {service_cidr} is too small for the cluster DNS address (its 10th address); use a /12 to /24"
                     ))
@@ -1162,8 +1158,16 @@ async fn wait_for_nodes(
         Err(e) => return Err(node_err(cp, "waiting for nodes to be Ready", &e)),
     };
     let nodes: Api<Node> = Api::all(kube.client());
+    // The API server answered the readiness wait, but a control plane short of CPU (software
+    // emulation, a busy host) may still time out one request: these are retried (error policy).
+    let patience = Duration::from_secs(180);
+    let (list_all, delete_params, patch_params) = (
+        ListParams::default(),
+        DeleteParams::default(),
+        PatchParams::default(),
+    );
     let listed = kube
-        .call("listing nodes", nodes.list(&ListParams::default()))
+        .call_retrying("listing nodes", patience, || nodes.list(&list_all))
         .await
         .map_err(|e| node_err(cp, "listing nodes", &e))?;
     // Nodes of machines that no longer exist (scaled down, replaced) go from the API too.
@@ -1176,7 +1180,7 @@ async fn wait_for_nodes(
     for name in &stale {
         let op = format!("deleting node {name}");
         match kube
-            .call(&op, nodes.delete(name, &DeleteParams::default()))
+            .call_retrying(&op, patience, || nodes.delete(name, &delete_params))
             .await
         {
             Ok(_) => {}
@@ -1194,10 +1198,10 @@ async fn wait_for_nodes(
         ));
     }
     // Role labels are set through the API: kubelet may not set node-role labels.
-    let roles = serde_json::json!({"metadata": {"labels": {
+    let roles = Patch::Merge(serde_json::json!({"metadata": {"labels": {
         "node-role.kubernetes.io/control-plane": "",
         "node-role.kubernetes.io/master": "",
-    }}});
+    }}}));
     for m in ctx
         .machines
         .iter()
@@ -1212,10 +1216,9 @@ async fn wait_for_nodes(
         });
         if !has {
             let op = format!("labelling node {}", m.name);
-            kube.call(
-                &op,
-                nodes.patch(&m.name, &PatchParams::default(), &Patch::Merge(&roles)),
-            )
+            kube.call_retrying(&op, patience, || {
+                nodes.patch(&m.name, &patch_params, &roles)
+            })
             .await
             .map_err(|e| node_err(cp, "labelling control-plane nodes", &e))?;
         }
@@ -1226,6 +1229,15 @@ async fn wait_for_nodes(
             .machine(&n.name, &format!("Ready, kubelet {}", n.kubelet_version));
     }
     Ok(nodes)
+}
+
+/// The cluster DNS address of a Service network: its 10th address, as kubeadm chooses (every
+/// kubelet's `clusterDNS`, the kube-dns Service's `clusterIP`); `None` if the network is too small.
+pub fn cluster_dns_ip(service_cidr: ipnet::Ipv4Net) -> Option<Ipv4Addr> {
+    u32::from(service_cidr.network())
+        .checked_add(10)
+        .map(Ipv4Addr::from)
+        .filter(|ip| service_cidr.contains(ip))
 }
 
 fn node_status(n: NodeState) -> NodeStatus {

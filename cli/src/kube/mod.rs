@@ -20,6 +20,7 @@
 //! Nothing here prints: progress goes to a callback, diagnostics to `tracing`.
 
 pub mod access;
+pub mod addons;
 pub mod drain;
 pub mod drainer;
 mod error;
@@ -324,6 +325,41 @@ impl KubeClient {
                 ),
                 retry_after: None,
             }),
+        }
+    }
+
+    /// [`KubeClient::call`] under the error policy: a request whose error says retry or wait
+    /// (a timeout, 429, 5xx, a broken connection: an API server short of CPU or restarting) is
+    /// made again, 2 s, 4 s, ... at most 15 s apart, until `budget` is spent; then, or on an
+    /// error that says fail, the last error is returned. `request` makes the request afresh.
+    pub async fn call_retrying<T, F, Fut>(
+        &self,
+        op: &str,
+        budget: Duration,
+        mut request: F,
+    ) -> Result<T, KubeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut pause = Duration::from_secs(2);
+        loop {
+            match self.call(op, request()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let again = matches!(
+                        e.disposition(),
+                        error::Disposition::Retry | error::Disposition::Wait
+                    );
+                    if !again || tokio::time::Instant::now() + pause > deadline {
+                        return Err(e);
+                    }
+                    tracing::info!(op, error = %e, "retrying after {} s", pause.as_secs());
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(15));
+                }
+            }
         }
     }
 

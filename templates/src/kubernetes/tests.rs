@@ -598,3 +598,56 @@ fn rendering_is_deterministic() {
     let c = cluster();
     assert_eq!(render(&c, "local-cp-1"), render(&c, "local-cp-1"));
 }
+
+mod cluster_dns {
+    use super::super::*;
+
+    fn input() -> ClusterDnsInput {
+        ClusterDnsInput {
+            version: "1.20.2".into(),
+            cluster_dns: "10.96.0.10".parse().unwrap(),
+            cluster_domain: "cluster.local".into(),
+            image: None,
+            replicas: 2,
+        }
+    }
+
+    #[test]
+    fn coredns_of_the_version_at_the_kubelets_cluster_dns() {
+        let yaml = render_cluster_dns(&input()).unwrap();
+        insta::assert_snapshot!("coredns", yaml);
+        assert!(yaml.contains("image: \"k8s.gcr.io/coredns:1.7.0\""));
+        assert!(yaml.contains("clusterIP: \"10.96.0.10\""));
+        assert!(yaml.contains("kubernetes cluster.local in-addr.arpa ip6.arpa"));
+        // Every document parses as YAML with a kind and a name.
+        let docs: Vec<serde_json::Value> = yaml
+            .split("\n---\n")
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service"]
+        );
+        for d in &docs {
+            assert_eq!(d["metadata"]["labels"][ADDON_LABEL], "coredns", "{d}");
+        }
+        let mut own = input();
+        own.image = Some("registry.example/coredns:1.7.0".into());
+        assert!(render_cluster_dns(&own).unwrap().contains("image: \"registry.example/coredns:1.7.0\""));
+    }
+
+    #[test]
+    fn bad_input_is_refused_naming_the_field() {
+        let mut bad = input();
+        bad.cluster_domain = "cluster.local {\n}".into();
+        let e = render_cluster_dns(&bad).unwrap_err().to_string();
+        assert!(e.contains("cluster_domain"), "{e}");
+        let mut zero = input();
+        zero.replicas = 0;
+        assert!(render_cluster_dns(&zero).unwrap_err().to_string().contains("replicas"));
+        let mut old = input();
+        old.version = "1.19.0".into();
+        assert!(render_cluster_dns(&old).is_err());
+    }
+}
