@@ -7,6 +7,7 @@ pub mod create;
 pub mod delete;
 pub mod drain;
 pub mod iam;
+pub mod load;
 pub mod kubeupgrade;
 pub mod repair;
 pub mod reset;

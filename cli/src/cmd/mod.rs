@@ -16,6 +16,7 @@ pub mod delete;
 pub mod drain;
 pub mod get;
 pub mod image;
+pub mod load;
 pub mod operations;
 pub mod plan;
 pub mod repair;
@@ -118,6 +119,9 @@ pub enum Command {
     Operations(operations::OperationsArgs),
     /// Run a command on a machine of a cluster (host key verified against the pinned one).
     Ssh(ssh::SshArgs),
+    /// Side-load container image archives into every node's containerd over the pinned SSH
+    /// connections (for images no registry can serve the cluster); what is there is not sent.
+    Load(load::LoadArgs),
     /// Build and list container-optimized node images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -197,6 +201,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate(args) => validate::run(&args, cli.global.output),
         Command::Image(command) => image::run(&cli.global, command),
         Command::Ssh(args) => ssh::run(&cli.global, &args),
+        Command::Load(args) => load::run(&cli.global, &args),
         Command::Drain(args) => drain::run(&cli.global, &args),
         Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
         Command::Reset(args) => reset::run(&cli.global, &args),
