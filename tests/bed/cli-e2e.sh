@@ -57,6 +57,10 @@
 #                     their unexpired token) within 60 s, timed, others unaffected; `access log`
 #                     shows the person's allowed and denied requests from the audit log; the
 #                     developer's revoke also removes the keyring entry
+#   conformance       the CI subset of the upstream [Conformance] tests (tests/conformance/run.sh
+#                     --set ci: e2e.test built from the cluster's own 1.20.2 tree, its images
+#                     loaded onto every node with `clusterctl load`): every test of the subset
+#                     passes; the report (report.md, report.json) is kept in the work dir
 #   access-expired    the 10-minute credential `access` issued to a person who keeps the grant is
 #                     refused once expired (waits for what is left of the 10 minutes). It runs
 #                     before `unreachable` and `scale-down`: they re-apply cluster.yaml, whose
@@ -859,6 +863,28 @@ phase_access() {
 # The 10-minute credential `access` gave erin (who still has her grant) is refused once it has
 # expired: waits for the rest of the 10 minutes (and the API server's leeway) if the phases
 # between took less.
+phase_conformance() {
+  local out=$work/conformance totals
+  rm -rf "$out"
+  waiting "the CI subset of the upstream [Conformance] tests (tests/conformance/run.sh --set ci; log $out/e2e.log)"
+  if ! CLUSTERCTL_BIN=$bin PATH="$(dirname "$kubectl"):$PATH" bash "$repo/tests/conformance/run.sh" \
+      --cluster "$name" --set ci --out "$out" --timeout 1500 > "$out.totals" 2> "$out.err"; then
+    cat "$out.err" >&2
+    [ -f "$out/report.md" ] && sed -n '1,/^## Passed/p' "$out/report.md" >&2
+    die "conformance: a test of the CI subset failed (report: $out/report.md, log: $out/e2e.log)"
+  fi
+  totals=$(tail -n1 "$out.totals")
+  jq -e '.passed > 0 and .failedUnexplained == 0 and .missing == 0' <<< "$totals" > /dev/null \
+    || die "conformance: $totals"
+  # A second load sends nothing: every image is on every node already.
+  local suite json
+  suite=$(bash "$repo/tests/conformance/build-suite.sh" 2> /dev/null) || die "conformance: build-suite.sh failed on a second run"
+  json=$("$bin" -o json load "$name" "$suite"/images/*.tar) || die "conformance: a second clusterctl load failed"
+  jq -e 'length == 3 and all(.[]; (.imported | length) == 0 and .bytesSent == 0 and (.alreadyPresent | length) > 0)' <<< "$json" > /dev/null \
+    || die "conformance: a second clusterctl load sent images again: $json"
+  log "conformance: $totals"
+}
+
 phase_access_expired() {
   local kc_e=$work/erin.kubeconfig issued left out
   [ -f "$work/erin.issued" ] || die "phase access-expired needs phase access first (it issues the credential)"

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""The conformance report: e2e.test's junit XML read against the tree's list of [Conformance]
+tests (test/conformance/testdata/conformance.yaml), the reasons tests are skipped here
+(skips.tsv) and the known causes of failures on this machine (known-failures.tsv).
+
+Writes report.md and report.json to --out and prints the totals. Exit status 1 if a test failed
+for a cause the report does not explain, or a test of the set never ran; 0 otherwise.
+Standard library only (a fresh machine has no PyYAML): conformance.yaml is read with a reader
+for the shape that file has (a list of mappings whose values are plain or single-quoted
+scalars folded over indented lines).
+"""
+
+import argparse
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+
+def read_conformance(path):
+    """[(testname, codename)] from conformance.yaml."""
+    tests, cur, key, buf = [], {}, None, []
+
+    def flush():
+        nonlocal key, buf
+        if key is not None:
+            text = " ".join(s.strip() for s in buf).strip()
+            if text.startswith("'") and text.endswith("'"):
+                text = text[1:-1].replace("''", "'")
+            cur[key] = text
+        key, buf = None, []
+
+    for line in open(path, encoding="utf-8"):
+        line = line.rstrip("\n")
+        m = re.match(r"^(- |  )([a-z]+): ?(.*)$", line)
+        if m:
+            flush()
+            if m.group(1) == "- ":
+                if cur:
+                    tests.append(cur)
+                cur = {}
+            key, buf = m.group(2), [m.group(3)]
+        elif line.startswith("    "):
+            buf.append(line)
+    flush()
+    if cur:
+        tests.append(cur)
+    return [(t["testname"], t["codename"]) for t in tests]
+
+
+def read_rules(path):
+    """[(compiled regex, text)] from a tab-separated file; '#' lines are comments."""
+    rules = []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        line = line.rstrip("\n")
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "\t" not in line:
+            sys.exit(f"{path}:{n}: expected REGEX<TAB>TEXT")
+        rx, text = line.split("\t", 1)
+        rules.append((re.compile(rx), text.strip()))
+    return rules
+
+
+def first(rules, name):
+    for rx, text in rules:
+        if rx.search(name):
+            return text
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--junit", nargs="+", default=[],
+                    help="junit XML files (a parallel run writes one per ginkgo node)")
+    ap.add_argument("--skips")
+    ap.add_argument("--known")
+    ap.add_argument("--conformance", required=True)
+    ap.add_argument("--set", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--elapsed", type=int, default=0)
+    ap.add_argument("--serial-of", metavar="FOCUS",
+                    help="print, escaped and joined with |, the [Serial] conformance tests whose "
+                         "names match FOCUS and not --skip-re, and exit (run.sh's serial pass)")
+    ap.add_argument("--skip-re", default="")
+    a = ap.parse_args()
+
+    conformance = read_conformance(a.conformance)
+    if a.serial_of is not None:
+        focus, skip = re.compile(a.serial_of), re.compile(a.skip_re) if a.skip_re else None
+        names = [c for _, c in conformance if "[Serial]" in c and focus.search(c)
+                 and not (skip and skip.search(c))]
+        print("|".join(re.sub(r"([][().*+?^$|\\{}])", r"\\\1", n) for n in names))
+        return 0
+    if not (a.junit and a.skips and a.known):
+        ap.error("--junit, --skips and --known are required")
+    skips, known = read_rules(a.skips), read_rules(a.known)
+    # A test is in every node's file of a parallel run (skipped where another node ran it), and
+    # the serial pass's files list the parallel pass's tests as skipped: a result beats a skip.
+    rank = {"skipped": 0, "passed": 1, "failed": 2}
+    ran = {}
+    for path in a.junit:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            name = case.get("name", "")
+            if "[Conformance]" not in name:
+                continue
+            failure = case.find("failure")
+            if failure is None:
+                failure = case.find("error")
+            skipped = case.find("skipped") is not None
+            if failure is not None:
+                msg = (failure.get("message") or failure.text or "").strip()
+                result = ("failed", msg, float(case.get("time", 0)))
+            elif skipped:
+                result = ("skipped", "", 0.0)
+            else:
+                result = ("passed", "", float(case.get("time", 0)))
+            if name not in ran or rank[result[0]] > rank[ran[name][0]]:
+                ran[name] = result
+
+    rows = []
+    for testname, codename in conformance:
+        status, msg, secs = ran.get(codename, ("missing", "", 0.0))
+        reason = ""
+        if status == "skipped":
+            reason = first(skips, codename)
+            if reason is None:
+                reason = "not in this run's set" if a.set != "full" else "skipped by e2e.test itself"
+                status = "not-run"
+        elif status == "failed":
+            cause = first(known, codename)
+            if cause is not None:
+                reason = cause
+                status = "failed-explained"
+        rows.append({"test": codename, "testname": testname, "status": status,
+                     "seconds": round(secs, 1), "reason": reason,
+                     "message": msg.splitlines()[0][:300] if msg else ""})
+
+    count = lambda s: sum(1 for r in rows if r["status"] == s)
+    totals = {
+        "conformanceTests": len(conformance),
+        "passed": count("passed"),
+        "failedExplained": count("failed-explained"),
+        "failedUnexplained": count("failed"),
+        "skipped": count("skipped"),
+        "notRun": count("not-run"),
+        "missing": count("missing"),
+        "set": a.set,
+        "elapsedSeconds": a.elapsed,
+    }
+    with open(f"{a.out}/report.json", "w", encoding="utf-8") as f:
+        json.dump({"totals": totals, "tests": rows}, f, indent=1)
+
+    reasons = {}
+    for r in rows:
+        if r["status"] == "skipped":
+            reasons.setdefault(r["reason"], []).append(r["test"])
+    with open(f"{a.out}/report.md", "w", encoding="utf-8") as f:
+        t = totals
+        ran_n = t["passed"] + t["failedExplained"] + t["failedUnexplained"]
+        f.write(f"# Conformance report ({a.set} set)\n\n")
+        f.write(f"Of the {t['conformanceTests']} [Conformance] tests of Kubernetes 1.20.2: "
+                f"{ran_n} ran, {t['passed']} passed, {t['failedUnexplained'] + t['failedExplained']} failed "
+                f"({t['failedExplained']} explained as limits of this machine), {t['skipped']} skipped "
+                f"with a reason, {t['notRun']} not in this set"
+                + (f", {t['missing']} missing from the results" if t["missing"] else "")
+                + f"; {a.elapsed} s.\n\n")
+        for title, status in (("Failed, unexplained", "failed"), ("Failed, explained", "failed-explained")):
+            sel = [r for r in rows if r["status"] == status]
+            if sel:
+                f.write(f"## {title} ({len(sel)})\n\n")
+                for r in sel:
+                    f.write(f"- {r['test']}\n  - {r['reason'] or r['message']}\n")
+                f.write("\n")
+        if reasons:
+            f.write(f"## Skipped ({t['skipped']})\n\n")
+            for reason, tests in reasons.items():
+                f.write(f"- {reason} ({len(tests)}):\n")
+                for test in tests:
+                    f.write(f"  - {test}\n")
+            f.write("\n")
+        f.write(f"## Passed ({t['passed']})\n\n")
+        for r in rows:
+            if r["status"] == "passed":
+                f.write(f"- {r['test']} ({r['seconds']} s)\n")
+        miss = [r for r in rows if r["status"] == "missing"]
+        if miss:
+            f.write(f"\n## Missing from the results ({len(miss)})\n\n")
+            for r in miss:
+                f.write(f"- {r['test']}\n")
+    print(json.dumps(totals))
+    bad = totals["failedUnexplained"] + totals["missing"]
+    for r in rows:
+        if r["status"] in ("failed", "missing"):
+            print(f"{r['status'].upper()}: {r['test']}: {r['message']}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Runs the upstream Kubernetes [Conformance] tests (e2e.test of the cluster's own 1.20.2 tree,
+# build-suite.sh) against a cluster clusterctl made, offline, and writes a report: every
+# conformance test passed, failed (with the cause, when it is a known limit of this machine) or
+# skipped (with the reason), and the totals.
+#
+# usage: run.sh --cluster NAME [--set ci|full] [--focus REGEX] [--out DIR] [--timeout SECONDS]
+#   --cluster NAME   the cluster (clusterctl's state: CLUSTERCTL_STATE_DIR or its default)
+#   --set ci         the CI subset (tests/conformance/ci-subset.txt: pods, services, deployments,
+#                    configmaps, secrets, RBAC, webhooks, ...); the default
+#   --set full       every [Conformance] test of the tree (311 in 1.20.2)
+#   --focus REGEX    only the conformance tests whose names match REGEX
+#   --out DIR        where the junit XML, e2e.log and report.{md,json} go (default: a new dir
+#                    under /var/tmp)
+#   --timeout S      ginkgo's timeout for each pass (default 6h)
+#   --nodes N        run the tests that may share the cluster on N ginkgo nodes at once (ginkgo
+#                    -nodes), then the [Serial] ones alone (default 1: one pass, one at a time)
+# Needs: clusterctl (CLUSTERCTL_BIN or on PATH), kubectl on PATH (the suite's kubectl tests run
+# it), KUBECONFIG naming a context for the cluster (create merged one), python3.
+# Exit status: 0 if no test failed for a reason the report does not explain (a known
+# environment limit in known-failures.tsv), 1 otherwise, 2 on bad usage.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cluster= set=ci focus= out= timeout=6h nodes=1
+die() { printf 'conformance: %s\n' "$*" >&2; exit 2; }
+log() { printf 'conformance: %s\n' "$*" >&2; }
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --cluster) cluster=${2:?}; shift 2 ;;
+    --set) set=${2:?}; shift 2 ;;
+    --focus) focus=${2:?}; shift 2 ;;
+    --out) out=${2:?}; shift 2 ;;
+    --timeout) timeout=${2:?}s; shift 2 ;;
+    --nodes) nodes=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+[ -n "$cluster" ] || die "--cluster NAME is required"
+case "$set" in ci|full) ;; *) die "--set must be ci or full, not $set" ;; esac
+case "$nodes" in [1-9]|[1-9][0-9]) ;; *) die "--nodes must be a number from 1 to 99, not $nodes" ;; esac
+bin=${CLUSTERCTL_BIN:-$(command -v clusterctl || true)}
+[ -x "$bin" ] || die "clusterctl not found: set CLUSTERCTL_BIN or put it on PATH"
+kubectl=$(command -v kubectl) || die "kubectl not found on PATH (the suite's kubectl tests run it)"
+[ -n "${KUBECONFIG:-}" ] || die "KUBECONFIG must name the kubeconfig with the cluster's context"
+command -v python3 > /dev/null || die "python3 not found"
+out=${out:-$(mktemp -d /var/tmp/conformance.XXXXXX)}
+mkdir -p "$out"
+
+suite=$(bash "$here/build-suite.sh")
+log "suite $suite"
+log "loading the suite's images into every node of $cluster"
+"$bin" load "$cluster" "$suite"/images/*.tar >&2
+
+# Focus: every [Conformance] test, narrowed to the CI subset or --focus. Skip: what this machine
+# cannot run (skips.tsv), each with its reason in the report.
+regex_of() { grep -v '^#' "$1" | grep . | cut -f1 | paste -sd'|'; }
+run_focus='\[Conformance\]'
+if [ -n "$focus" ]; then
+  run_focus=$focus
+elif [ "$set" = ci ]; then
+  run_focus=$(grep -v '^#' "$here/ci-subset.txt" | grep . | sed 's/[][().*+?^$|\\{}]/\\&/g' | paste -sd'|')
+fi
+skip=$(regex_of "$here/skips.tsv")
+
+ctx=$(kubectl config current-context)
+e2e_flags=(--kubeconfig="$KUBECONFIG" --context="$ctx" --provider=skeleton
+  --kubectl-path="$kubectl" --report-dir="$out" --disable-log-dump --dump-logs-on-failure=false)
+ginkgo_flags() { # FOCUS SKIP: e2e.test's own ginkgo flags
+  printf '%s\n' --ginkgo.focus="$1" --ginkgo.noColor --ginkgo.timeout="$timeout" \
+    --ginkgo.progress=false --ginkgo.slowSpecThreshold=120
+  [ -z "$2" ] || printf '%s\n' --ginkgo.skip="$2"
+}
+export KUBE_TEST_REPO_LIST=$suite/repo-list.yaml
+started=$(date +%s)
+rm -f "$out"/junit_*.xml
+rc=0
+if [ "$nodes" -eq 1 ]; then
+  log "running e2e.test (focus: $set${focus:+, $focus}) against context $ctx; log: $out/e2e.log"
+  mapfile -t gf < <(ginkgo_flags "$run_focus" "$skip")
+  "$suite/bin/e2e.test" "${e2e_flags[@]}" "${gf[@]}" > "$out/e2e.log" 2>&1 || rc=$?
+else
+  # Ginkgo runs no test alone by itself: the [Serial] ones (they take nodes down, fill them or
+  # watch cluster-wide) wait for a pass of their own after the parallel one.
+  serial=$(python3 "$here/report.py" --conformance "$suite/conformance.yaml" \
+    --serial-of "$run_focus" --skip-re "$skip")
+  log "running e2e.test on $nodes ginkgo nodes (focus: $set${focus:+, $focus}; [Serial] tests after) against context $ctx; log: $out/e2e.log"
+  mapfile -t gf < <(ginkgo_flags "$run_focus" "${skip:+$skip|}\\[Serial\\]")
+  # ginkgo -nodes passes every flag after the binary to each node's e2e.test, whose ginkgo flags
+  # (--ginkgo.*) it reads as its own.
+  "$suite/bin/ginkgo" -nodes="$nodes" -noColor -timeout="$timeout" "$suite/bin/e2e.test" -- \
+    "${e2e_flags[@]}" "${gf[@]}" > "$out/e2e.log" 2>&1 || rc=$?
+  if [ -n "$serial" ]; then
+    log "parallel pass exited $rc after $(( $(date +%s) - started )) s; the [Serial] pass; log: $out/e2e-serial.log"
+    mapfile -t gf < <(ginkgo_flags "$serial" "")
+    "$suite/bin/e2e.test" "${e2e_flags[@]}" --report-prefix=serial "${gf[@]}" > "$out/e2e-serial.log" 2>&1 || rc=$?
+  fi
+fi
+log "e2e.test exited $rc after $(( $(date +%s) - started )) s"
+mapfile -t junit < <(ls "$out"/junit_*.xml 2> /dev/null)
+[ "${#junit[@]}" -gt 0 ] || { tail -40 "$out/e2e.log" >&2; echo "conformance: e2e.test wrote no junit report" >&2; exit 1; }
+python3 "$here/report.py" --junit "${junit[@]}" --skips "$here/skips.tsv" --known "$here/known-failures.tsv" \
+  --conformance "$suite/conformance.yaml" --set "$set" --out "$out" --elapsed $(( $(date +%s) - started ))
