@@ -15,6 +15,7 @@ pub mod kubeconfig;
 pub mod output;
 pub mod pki;
 pub mod provider;
+pub mod registry;
 pub mod schedule;
 pub mod spec;
 pub mod ssh;

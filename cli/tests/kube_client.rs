@@ -371,20 +371,48 @@ async fn cluster_dns_calls(client: &KubeClient) {
     .expect("render");
     let services: Api<Service> = Api::namespaced(client.client(), "kube-system");
     let deployments: Api<Deployment> = Api::namespaced(client.client(), "kube-system");
-    let dry = client.apply_manifests(&yaml, true).await.expect("server-side dry run");
+    let dry = client
+        .apply_manifests(&yaml, true)
+        .await
+        .expect("server-side dry run");
     assert_eq!(dry.len(), 6, "{dry:?}");
-    assert!(services.get_opt("kube-dns").await.expect("get").is_none(), "a dry run stored the Service");
+    assert!(
+        services.get_opt("kube-dns").await.expect("get").is_none(),
+        "a dry run stored the Service"
+    );
     let applied = client.apply_manifests(&yaml, false).await.expect("apply");
     eprintln!("cluster DNS applied: {applied:?}");
     let svc = services.get("kube-dns").await.expect("kube-dns Service");
-    assert_eq!(svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("10.96.0.10"));
-    let dep = deployments.get("coredns").await.expect("coredns Deployment");
-    let image = dep.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone());
-    assert_eq!(image.flatten().as_deref(), Some("k8s.gcr.io/coredns:1.7.0"));
+    assert_eq!(
+        svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.0.10")
+    );
+    let dep = deployments
+        .get("coredns")
+        .await
+        .expect("coredns Deployment");
+    let image = dep
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers[0].image.clone());
+    assert_eq!(
+        image.flatten().as_deref(),
+        Some("registry.k8s.io/coredns:1.7.0")
+    );
     let before = dep.metadata.resource_version.clone();
-    client.apply_manifests(&yaml, false).await.expect("apply again");
-    let again = deployments.get("coredns").await.expect("coredns Deployment");
-    assert_eq!(again.metadata.resource_version, before, "a second apply changed the Deployment");
+    client
+        .apply_manifests(&yaml, false)
+        .await
+        .expect("apply again");
+    let again = deployments
+        .get("coredns")
+        .await
+        .expect("coredns Deployment");
+    assert_eq!(
+        again.metadata.resource_version, before,
+        "a second apply changed the Deployment"
+    );
 }
 
 /// Brings the cluster's access objects to what `access` wants; returns the changes made.

@@ -16,7 +16,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// Run over SSH as `core`; prints one key=value line per observation.
 const PROBE_SCRIPT: &str = r#"
 echo "root_opts=$(findmnt -n -o OPTIONS / | cut -d, -f1)"

@@ -144,7 +144,7 @@ pub const SUPPORTED_MINOR_VERSIONS: &[VersionProfile] = &[VersionProfile {
     control_plane_taint_key: "node-role.kubernetes.io/master",
     disable_priority_and_fairness: true,
     coredns_version: "1.7.0",
-    coredns_image: "k8s.gcr.io/coredns:1.7.0",
+    coredns_image: "registry.k8s.io/coredns:1.7.0",
 }];
 
 /// Returns the profile of a Kubernetes version such as `1.20.2` or `v1.20.2` (pre-release and

@@ -9,7 +9,7 @@ flock 9
 
 PKGS_MAIN=(openssh-server openssh-client debootstrap cryptsetup-bin e2fsprogs rsync jq
   golang-go build-essential pkg-config busybox-static etcd-server etcd-client dpkg-dev
-  iproute2 python3-venv containerd cron systemd time fdisk ovmf netcat-openbsd curl dash bash
+  iproute2 python3-venv containerd cron systemd time fdisk ovmf netcat-openbsd curl dash bash docker-registry
   golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev golang-github-modern-go-concurrent-dev)
 PKGS_BPO=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network
   libvirt-daemon-system libvirt-clients libvirt-dev dnsmasq-base iptables nftables

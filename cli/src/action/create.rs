@@ -328,7 +328,8 @@ pub fn reconcile(
     if result.is_ok()
         && let (Some(artifacts), Some(access)) = (artifacts, ctx.ssh.clone())
     {
-        let dns = cluster_dns_image(&record.spec, &artifacts).map(|i| (artifacts.version.clone(), i));
+        let dns =
+            cluster_dns_image(&record.spec, &artifacts).map(|i| (artifacts.version.clone(), i));
         result = bootstrap_kubernetes(rt, &ctx, guard, record, artifacts, access, report);
         if result.is_ok() {
             result = apply_access(rt, store, record, journal, report);
@@ -341,8 +342,9 @@ pub fn reconcile(
 }
 
 /// The CoreDNS image of the cluster's DNS: with `upstream` artifacts the one that goes with
-/// the version, from the upstream registry (the nodes pull it); with a bundle, the CoreDNS image
-/// the bundle carries (imported on every node with its other images). `Err` says why the
+/// the version (the downloaded bundle carries it, pulled by clusterctl's registry client, so
+/// nodes import it and pull nothing); with a bundle, the CoreDNS image the bundle carries
+/// (imported on every node with its other images). `Err` says why the
 /// cluster gets no DNS: a bundle without a CoreDNS image (the offline test bundle has none:
 /// CoreDNS cannot be built or pulled here).
 fn cluster_dns_image(spec: &crate::spec::Cluster, artifacts: &Artifacts) -> Result<String, String> {
@@ -386,18 +388,24 @@ fn apply_cluster_dns(
     report.phase("Applying cluster DNS (CoreDNS)");
     let k = &record.spec.spec.kubernetes;
     let ipnet::IpNet::V4(service_cidr) = k.service_cidr else {
-        anyhow::bail!("kubernetes.serviceCIDR {} is not IPv4; cluster DNS needs an IPv4 Service network", k.service_cidr);
+        anyhow::bail!(
+            "kubernetes.serviceCIDR {} is not IPv4; cluster DNS needs an IPv4 Service network",
+            k.service_cidr
+        );
     };
     let dns_ip = crate::engine::bootstrap::cluster_dns_ip(service_cidr).ok_or_else(|| {
-        anyhow::anyhow!("kubernetes.serviceCIDR {service_cidr} is too small for the cluster DNS address")
+        anyhow::anyhow!(
+            "kubernetes.serviceCIDR {service_cidr} is too small for the cluster DNS address"
+        )
     })?;
-    let yaml = templates::kubernetes::render_cluster_dns(&templates::kubernetes::ClusterDnsInput {
-        version,
-        cluster_dns: dns_ip,
-        cluster_domain: k.cluster_domain.clone(),
-        image: Some(image.clone()),
-        replicas: if record.machines.len() > 1 { 2 } else { 1 },
-    })?;
+    let yaml =
+        templates::kubernetes::render_cluster_dns(&templates::kubernetes::ClusterDnsInput {
+            version,
+            cluster_dns: dns_ip,
+            cluster_domain: k.cluster_domain.clone(),
+            image: Some(image.clone()),
+            replicas: if record.machines.len() > 1 { 2 } else { 1 },
+        })?;
     rt.block_on(async {
         let api = crate::action::cluster_api(store, record).await?;
         let r = api.apply_manifests(&yaml, false).await;

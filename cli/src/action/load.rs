@@ -79,7 +79,11 @@ pub fn inspect(path: &Path) -> anyhow::Result<Archive> {
     for entry in entries {
         let mut entry =
             entry.with_context(|| format!("{} is not a readable tar archive", path.display()))?;
-        let name = entry.path()?.to_string_lossy().trim_start_matches("./").to_owned();
+        let name = entry
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
         let slot = match name.as_str() {
             "manifest.json" => &mut docker,
             "index.json" => &mut oci,
@@ -95,9 +99,8 @@ pub fn inspect(path: &Path) -> anyhow::Result<Archive> {
     }
     let mut references = BTreeSet::new();
     if let Some(bytes) = &docker {
-        let doc: serde_json::Value = serde_json::from_slice(bytes).with_context(|| {
-            format!("manifest.json in {} is not valid JSON", path.display())
-        })?;
+        let doc: serde_json::Value = serde_json::from_slice(bytes)
+            .with_context(|| format!("manifest.json in {} is not valid JSON", path.display()))?;
         for image in doc.as_array().into_iter().flatten() {
             for tag in image["RepoTags"].as_array().into_iter().flatten() {
                 if let Some(tag) = tag.as_str() {
@@ -232,7 +235,11 @@ pub fn load(
         }
         let mut results = Vec::new();
         while let Some(joined) = set.join_next().await {
-            results.push(joined.unwrap_or_else(|e| (usize::MAX, Err(anyhow::anyhow!("a load task died: {e}")))));
+            results.push(
+                joined.unwrap_or_else(|e| {
+                    (usize::MAX, Err(anyhow::anyhow!("a load task died: {e}")))
+                }),
+            );
         }
         results.sort_by_key(|(i, _)| *i);
         results.into_iter().map(|(_, r)| r).collect::<Vec<_>>()
@@ -353,10 +360,20 @@ async fn root(
 fn sanitize(file: &str) -> String {
     let s: String = file
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let s = s.trim_start_matches('.').to_owned();
-    if s.is_empty() { "archive.tar".into() } else { s }
+    if s.is_empty() {
+        "archive.tar".into()
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -405,14 +422,20 @@ mod tests {
                 br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:00","annotations":{"io.containerd.image.name":"k8s.gcr.io/pause:3.2","org.opencontainers.image.ref.name":"3.2"}}]}"#,
             ),
         ]);
-        assert_eq!(inspect(f.path()).unwrap().references, vec!["k8s.gcr.io/pause:3.2".to_owned()]);
+        assert_eq!(
+            inspect(f.path()).unwrap().references,
+            vec!["k8s.gcr.io/pause:3.2".to_owned()]
+        );
     }
 
     #[test]
     fn what_cannot_be_loaded_is_refused_with_what_to_do() {
         let untagged = tar_with(&[("manifest.json", br#"[{"Config":"c.json","RepoTags":null}]"#)]);
         let e = format!("{:#}", inspect(untagged.path()).unwrap_err());
-        assert!(e.contains("names no image") && e.contains("docker save REPO:TAG"), "{e}");
+        assert!(
+            e.contains("names no image") && e.contains("docker save REPO:TAG"),
+            "{e}"
+        );
         let other = tar_with(&[("hello.txt", b"hi")]);
         let e = format!("{:#}", inspect(other.path()).unwrap_err());
         assert!(e.contains("is not an image archive"), "{e}");
@@ -423,13 +446,22 @@ mod tests {
         let bad = tar_with(&[("manifest.json", b"{not json")]);
         let e = format!("{:#}", inspect(bad.path()).unwrap_err());
         assert!(e.contains("not valid JSON"), "{e}");
-        let e = format!("{:#}", inspect(Path::new("/nonexistent/x.tar")).unwrap_err());
-        assert!(e.contains("cannot open image archive /nonexistent/x.tar"), "{e}");
+        let e = format!(
+            "{:#}",
+            inspect(Path::new("/nonexistent/x.tar")).unwrap_err()
+        );
+        assert!(
+            e.contains("cannot open image archive /nonexistent/x.tar"),
+            "{e}"
+        );
     }
 
     #[test]
     fn references_are_normalized_as_containerd_stores_them() {
-        assert_eq!(normalize("nginx:1.14-alpine"), "docker.io/library/nginx:1.14-alpine");
+        assert_eq!(
+            normalize("nginx:1.14-alpine"),
+            "docker.io/library/nginx:1.14-alpine"
+        );
         assert_eq!(normalize("library/nginx:1"), "docker.io/library/nginx:1");
         assert_eq!(normalize("k8s.gcr.io/pause:3.2"), "k8s.gcr.io/pause:3.2");
         assert_eq!(normalize("localhost/a/b:1"), "localhost/a/b:1");

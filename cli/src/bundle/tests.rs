@@ -317,6 +317,19 @@ fn the_plan_uses_official_release_urls() {
         }
     );
     assert_eq!(plan.pause_image, "registry.k8s.io/pause:3.2");
+    assert_eq!(
+        plan.images,
+        vec![
+            (
+                "registry.k8s.io/pause:3.2".to_owned(),
+                "images/pause-3.2.tar".to_owned()
+            ),
+            (
+                "registry.k8s.io/coredns:1.7.0".to_owned(),
+                "images/coredns-1.7.0.tar".to_owned()
+            ),
+        ]
+    );
 }
 
 /// A minimal HTTP/1.1 file server on 127.0.0.1 for the download tests; stops when dropped.
@@ -416,6 +429,12 @@ fn local_source(server: &FileServer) -> UpstreamSource {
             &format!("{}/k8s", server.base),
             &format!("{}/etcd", server.base),
         )
+        // Images come from registries: tests/registry.rs pulls them from a real one.
+        .with_images(Vec::new())
+}
+
+fn no_registry() -> crate::registry::RegistryClient {
+    crate::registry::RegistryClient::new(None).unwrap()
 }
 
 #[tokio::test]
@@ -426,7 +445,7 @@ async fn upstream_download_verifies_and_writes_a_bundle_then_is_a_no_op() {
     let client = upstream::client().unwrap();
     let plan = local_source(&server).plan();
 
-    let bundle = plan.fetch(&client, &dest).await.unwrap();
+    let bundle = plan.fetch(&client, &no_registry(), &dest).await.unwrap();
     let verified = bundle.verify().unwrap();
     assert_eq!(verified.manifest().kubernetes_version.to_string(), "1.20.2");
     assert_eq!(verified.manifest().etcd_version, "3.4.13");
@@ -453,7 +472,7 @@ async fn upstream_download_verifies_and_writes_a_bundle_then_is_a_no_op() {
     assert_eq!(requests, 2 * super::upstream::KUBERNETES_BINARIES.len() + 2);
 
     // A second fetch finds the verified bundle and downloads nothing.
-    plan.fetch(&client, &dest).await.unwrap();
+    plan.fetch(&client, &no_registry(), &dest).await.unwrap();
     assert_eq!(server.hits.lock().unwrap().len(), requests);
 }
 
@@ -469,7 +488,7 @@ async fn upstream_download_with_a_wrong_published_checksum_is_refused() {
     let dest = tmp.path().join("b");
     let err = local_source(&server)
         .plan()
-        .fetch(&upstream::client().unwrap(), &dest)
+        .fetch(&upstream::client().unwrap(), &no_registry(), &dest)
         .await
         .unwrap_err();
     match &err {
@@ -501,7 +520,7 @@ async fn upstream_download_with_a_tampered_etcd_tarball_is_refused() {
     let dest = tmp.path().join("b");
     let err = local_source(&server)
         .plan()
-        .fetch(&upstream::client().unwrap(), &dest)
+        .fetch(&upstream::client().unwrap(), &no_registry(), &dest)
         .await
         .unwrap_err();
     assert!(
@@ -519,7 +538,11 @@ async fn upstream_download_with_a_missing_or_garbled_checksum_fails_clearly() {
     let server = serve(files).await;
     let err = local_source(&server)
         .plan()
-        .fetch(&upstream::client().unwrap(), &tmp.path().join("b"))
+        .fetch(
+            &upstream::client().unwrap(),
+            &no_registry(),
+            &tmp.path().join("b"),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -535,7 +558,11 @@ async fn upstream_download_with_a_missing_or_garbled_checksum_fails_clearly() {
     let server = serve(files).await;
     let err = local_source(&server)
         .plan()
-        .fetch(&upstream::client().unwrap(), &tmp.path().join("c"))
+        .fetch(
+            &upstream::client().unwrap(),
+            &no_registry(),
+            &tmp.path().join("c"),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -552,7 +579,7 @@ async fn plain_http_to_a_remote_host_is_refused_before_connecting() {
     let tmp = tempfile::tempdir().unwrap();
     let err = source
         .plan()
-        .fetch(&upstream::client().unwrap(), tmp.path())
+        .fetch(&upstream::client().unwrap(), &no_registry(), tmp.path())
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::InsecureUrl { .. }), "{err}");

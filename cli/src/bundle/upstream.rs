@@ -9,9 +9,11 @@
 //!   are taken out of the tarball.
 //!
 //! Checksums are fetched over HTTPS (rustls); plain `http://` is accepted only for loopback hosts,
-//! which is what the tests use. The pause image is not downloaded: upstream bundles name
-//! `registry.k8s.io/pause:<version>` in `pauseImage` and list no image archives, so nodes pulling it
-//! need registry access (fetching images needs an OCI registry client, not written yet).
+//! which is what the tests use.
+//! - Images: the pause image (`pauseImage`) and CoreDNS of the version are pulled for linux/amd64
+//!   with clusterctl's registry client ([`crate::registry`], digests verified) into
+//!   `images/<name>-<tag>.tar` (OCI layout archives), so nodes import them with the bundle's
+//!   other files and never reach a registry.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +22,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::manifest::{BundleSource, FORMAT_VERSION, FileEntry, MANIFEST_FILE, Manifest};
+use super::manifest::{
+    BundleSource, FORMAT_VERSION, FileEntry, ImageEntry, MANIFEST_FILE, Manifest,
+};
 use super::version::{KubeVersion, check_supported};
 use super::{Bundle, BundleError, sha256_file};
 
@@ -100,6 +104,15 @@ pub enum UpstreamError {
         /// The member path.
         member: String,
     },
+    /// An image of the bundle could not be pulled.
+    #[error("cannot pull {reference} into the bundle: {source}")]
+    Image {
+        /// The image.
+        reference: String,
+        /// Why.
+        #[source]
+        source: crate::registry::RegistryError,
+    },
     /// Writing the downloaded files failed.
     #[error("cannot write {path}")]
     Write {
@@ -173,6 +186,8 @@ pub struct DownloadPlan {
     pub pause_image: String,
     /// The downloads, in order.
     pub downloads: Vec<PlannedDownload>,
+    /// Images pulled into the bundle (the pause image and CoreDNS): `(reference, bundle path)`.
+    pub images: Vec<(String, String)>,
 }
 
 /// The upstream source for one Kubernetes version.
@@ -183,19 +198,31 @@ pub struct UpstreamSource {
     pause_image: String,
     kubernetes_base: String,
     etcd_base: String,
+    images: Vec<String>,
 }
 
 impl UpstreamSource {
     /// The official release locations for `version`; refuses versions outside the supported table.
     pub fn new(version: KubeVersion) -> Result<UpstreamSource, BundleError> {
         let supported = check_supported(&version)?;
+        let mut images = vec![supported.pause_image.to_string()];
+        if let Ok(profile) = templates::kubernetes::check_version(&version.to_string()) {
+            images.push(profile.coredns_image.to_string());
+        }
         Ok(UpstreamSource {
             kubernetes_version: version,
             etcd_version: supported.etcd_version.to_string(),
             pause_image: supported.pause_image.to_string(),
             kubernetes_base: KUBERNETES_RELEASE_BASE.to_string(),
             etcd_base: ETCD_RELEASE_BASE.to_string(),
+            images,
         })
+    }
+
+    /// Replaces the images pulled into the bundle (default: the pause image and CoreDNS).
+    pub fn with_images(mut self, images: Vec<String>) -> UpstreamSource {
+        self.images = images;
+        self
     }
 
     /// Replaces the release base URLs (a mirror, or a test server on 127.0.0.1).
@@ -244,8 +271,33 @@ impl UpstreamSource {
             etcd_version: self.etcd_version.clone(),
             pause_image: self.pause_image.clone(),
             downloads,
+            images: self
+                .images
+                .iter()
+                .map(|r| (r.clone(), image_path(r)))
+                .collect(),
         }
     }
+}
+
+/// The bundle path of an image archive: `images/<last path component>-<tag>.tar`.
+fn image_path(reference: &str) -> String {
+    let name = reference
+        .rsplit('/')
+        .next()
+        .unwrap_or(reference)
+        .replace([':', '@'], "-");
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("images/{name}.tar")
 }
 
 /// An HTTP client for release downloads: rustls with the system's roots, timeouts set.
@@ -264,14 +316,24 @@ impl DownloadPlan {
     /// Idempotent: if `dest` already holds a bundle for this version whose files verify, nothing is
     /// downloaded. Files are written under `dest/.partial` and moved into place only after their
     /// checksum matched, so a killed run never leaves an unverified file where a verified one belongs.
+    ///
+    /// Images come from their registries through `registry` (a mirror configured there serves
+    /// them), each checked against its digests.
     pub async fn fetch(
         &self,
         client: &reqwest::Client,
+        registry: &crate::registry::RegistryClient,
         dest: &Path,
     ) -> Result<Bundle, UpstreamError> {
         if dest.join(MANIFEST_FILE).is_file()
             && let Ok(bundle) = Bundle::open(dest)
             && bundle.manifest().kubernetes_version == self.kubernetes_version
+            && self.images.iter().all(|(r, _)| {
+                let full = crate::registry::ImageRef::parse(r)
+                    .map(|r| r.full())
+                    .unwrap_or_default();
+                bundle.manifest().images.iter().any(|i| i.reference == full)
+            })
             && bundle.verify().is_ok()
         {
             tracing::info!(bundle = %dest.display(), "upstream bundle already downloaded and verified");
@@ -309,6 +371,27 @@ impl DownloadPlan {
                 }
             }
         }
+        let images_dir = dest.join("images");
+        if !self.images.is_empty() {
+            std::fs::create_dir_all(&images_dir).map_err(write_err(&images_dir))?;
+        }
+        let mut images = Vec::new();
+        for (reference, path) in &self.images {
+            tracing::info!(image = %reference, "pulling");
+            let pulled = registry
+                .pull_to_archive(reference, &dest.join(path))
+                .await
+                .map_err(|source| UpstreamError::Image {
+                    reference: reference.clone(),
+                    source,
+                })?;
+            tracing::info!(image = %pulled.reference, digest = %pulled.manifest_digest, bytes = pulled.bytes_fetched, "pulled");
+            placed.push(path.clone());
+            images.push(ImageEntry {
+                reference: pulled.reference,
+                path: path.clone(),
+            });
+        }
         let _ = std::fs::remove_dir_all(&partial);
 
         let mut files = Vec::new();
@@ -325,7 +408,7 @@ impl DownloadPlan {
             kubernetes_version: self.kubernetes_version,
             etcd_version: self.etcd_version.clone(),
             pause_image: self.pause_image.clone(),
-            images: Vec::new(),
+            images,
             files,
             source: Some(BundleSource {
                 kind: "upstream".to_string(),

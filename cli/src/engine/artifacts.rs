@@ -198,38 +198,44 @@ pub async fn resolve(
     download_root: &Path,
 ) -> Result<Artifacts, ArtifactError> {
     let (version, opened) = checked_spec(spec)?;
-    let (bundle, path) =
-        match &spec.spec.kubernetes.artifacts {
-            ArtifactSource::Bundle(b) => (
-                match opened {
-                    Some(bundle) => bundle,
-                    None => Bundle::open(&b.path).map_err(|source| ArtifactError::Bundle {
-                        path: b.path.clone(),
-                        source,
-                    })?,
-                },
-                b.path.clone(),
-            ),
-            ArtifactSource::Upstream => {
-                let dest = download_root.join(version.to_string());
-                let source =
-                    UpstreamSource::new(version).map_err(|e| ArtifactError::Unsupported {
-                        version: version.to_string(),
-                        reason: e.to_string(),
-                    })?;
-                let client = bundle::upstream::client().map_err(|e| ArtifactError::Download {
+    let (bundle, path) = match &spec.spec.kubernetes.artifacts {
+        ArtifactSource::Bundle(b) => (
+            match opened {
+                Some(bundle) => bundle,
+                None => Bundle::open(&b.path).map_err(|source| ArtifactError::Bundle {
+                    path: b.path.clone(),
+                    source,
+                })?,
+            },
+            b.path.clone(),
+        ),
+        ArtifactSource::Upstream => {
+            let dest = download_root.join(version.to_string());
+            let source = UpstreamSource::new(version).map_err(|e| ArtifactError::Unsupported {
+                version: version.to_string(),
+                reason: e.to_string(),
+            })?;
+            let client = bundle::upstream::client().map_err(|e| ArtifactError::Download {
+                version: version.to_string(),
+                source: Box::new(e),
+            })?;
+            let registry = crate::registry::RegistryClient::new(None).map_err(|e| {
+                ArtifactError::Download {
+                    version: version.to_string(),
+                    source: Box::new(e),
+                }
+            })?;
+            let bundle = source
+                .plan()
+                .fetch(&client, &registry, &dest)
+                .await
+                .map_err(|e| ArtifactError::Download {
                     version: version.to_string(),
                     source: Box::new(e),
                 })?;
-                let bundle = source.plan().fetch(&client, &dest).await.map_err(|e| {
-                    ArtifactError::Download {
-                        version: version.to_string(),
-                        source: Box::new(e),
-                    }
-                })?;
-                (bundle, dest)
-            }
-        };
+            (bundle, dest)
+        }
+    };
     // Hashing half a gigabyte is CPU work: off the async threads.
     type Collected = (Bundle, BTreeMap<String, ArtifactFile>, Vec<ArtifactImage>);
     let (bundle, binaries, images) =

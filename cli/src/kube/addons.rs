@@ -22,13 +22,13 @@ pub fn parse_stream(yaml: &str) -> Result<Vec<DynamicObject>, KubeError> {
     };
     let mut out = Vec::new();
     for (i, doc) in split_documents(yaml).into_iter().enumerate() {
-        let value: serde_json::Value = serde_saphyr::from_str(doc)
-            .map_err(|e| bad(format!("document {}: {e}", i + 1)))?;
+        let value: serde_json::Value =
+            serde_saphyr::from_str(doc).map_err(|e| bad(format!("document {}: {e}", i + 1)))?;
         if value.is_null() {
             continue;
         }
-        let obj: DynamicObject = serde_json::from_value(value)
-            .map_err(|e| bad(format!("document {}: {e}", i + 1)))?;
+        let obj: DynamicObject =
+            serde_json::from_value(value).map_err(|e| bad(format!("document {}: {e}", i + 1)))?;
         if obj.types.is_none() || obj.metadata.name.is_none() {
             return Err(bad(format!(
                 "document {} has no apiVersion, kind or metadata.name",
@@ -109,7 +109,9 @@ mod tests {
         .unwrap();
         assert_eq!(objs.len(), 2);
         assert_eq!(objs[1].types.as_ref().unwrap().kind, "Deployment");
-        let e = parse_stream("kind: ConfigMap\nmetadata: {}\n").unwrap_err().to_string();
+        let e = parse_stream("kind: ConfigMap\nmetadata: {}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("document 1"), "{e}");
         let e = parse_stream("a: [unclosed\n").unwrap_err().to_string();
         assert!(e.contains("document 1"), "{e}");

@@ -616,7 +616,7 @@ mod cluster_dns {
     fn coredns_of_the_version_at_the_kubelets_cluster_dns() {
         let yaml = render_cluster_dns(&input()).unwrap();
         insta::assert_snapshot!("coredns", yaml);
-        assert!(yaml.contains("image: \"k8s.gcr.io/coredns:1.7.0\""));
+        assert!(yaml.contains("image: \"registry.k8s.io/coredns:1.7.0\""));
         assert!(yaml.contains("clusterIP: \"10.96.0.10\""));
         assert!(yaml.contains("kubernetes cluster.local in-addr.arpa ip6.arpa"));
         // Every document parses as YAML with a kind and a name.
@@ -627,14 +627,25 @@ mod cluster_dns {
         let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,
-            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service"]
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ConfigMap",
+                "Deployment",
+                "Service"
+            ]
         );
         for d in &docs {
             assert_eq!(d["metadata"]["labels"][ADDON_LABEL], "coredns", "{d}");
         }
         let mut own = input();
         own.image = Some("registry.example/coredns:1.7.0".into());
-        assert!(render_cluster_dns(&own).unwrap().contains("image: \"registry.example/coredns:1.7.0\""));
+        assert!(
+            render_cluster_dns(&own)
+                .unwrap()
+                .contains("image: \"registry.example/coredns:1.7.0\"")
+        );
     }
 
     #[test]
@@ -645,7 +656,12 @@ mod cluster_dns {
         assert!(e.contains("cluster_domain"), "{e}");
         let mut zero = input();
         zero.replicas = 0;
-        assert!(render_cluster_dns(&zero).unwrap_err().to_string().contains("replicas"));
+        assert!(
+            render_cluster_dns(&zero)
+                .unwrap_err()
+                .to_string()
+                .contains("replicas")
+        );
         let mut old = input();
         old.version = "1.19.0".into();
         assert!(render_cluster_dns(&old).is_err());
