@@ -153,6 +153,8 @@ run_stage packages 90 "host packages" ./tests/bed/install-host-packages.sh
 run_stage cargo 1500 "cargo test --workspace (unit, spec corpus, real sshd, fake-provider engine)" \
   cargo test --workspace --locked
 run_stage bundle 900 "Kubernetes test bundle (cached by input checksum; cold ~9 min, warm 1 s)" stage_bundle
+run_stage suite 1200 "upstream conformance suite: e2e.test, ginkgo and the test images from the bundle's tree (cached by input checksum)" \
+  ./tests/conformance/build-suite.sh
 run_stage k8s 150 "bundle proofs: control plane from the bundle, node templates, kubeconfig with the real kubectl" stage_k8s
 run_stage image 420 "node images: build or reuse (the second one for the upgrade)" stage_image
 run_stage boot 330 "node image booted under QEMU TCG: direct kernel boot, and its GCE disk on UEFI" stage_boot

@@ -521,7 +521,13 @@ impl RegistryClient {
             media::DOCKER_MANIFEST,
         ]
         .join(", ");
-        let resp = self.get(&r.repository, &url, Some(&accept)).await?;
+        let resp = self
+            .get(
+                &format!("{}/{}", r.registry, r.repository),
+                &url,
+                Some(&accept),
+            )
+            .await?;
         let header_digest = resp
             .headers()
             .get("docker-content-digest")
@@ -654,7 +660,9 @@ impl RegistryClient {
                 continue;
             }
             let url = join(&base, &format!("v2/{}/blobs/{}", r.repository, d.digest))?;
-            fetched += self.fetch_blob(&r.repository, &url, d, &path).await?;
+            fetched += self
+                .fetch_blob(&format!("{}/{}", r.registry, r.repository), &url, d, &path)
+                .await?;
             blob_count += 1;
         }
         let hex = &digest["sha256:".len()..];
@@ -972,6 +980,105 @@ mod tests {
             Err(RegistryError::Insecure { .. })
         ));
         assert!(check_url("https://mirror.internal:5000/").is_ok());
+    }
+
+    /// A registry that wants a Bearer token from its token service (as Docker Hub, ghcr.io and
+    /// registry.k8s.io's backends do): answered once per repository, then reused.
+    #[tokio::test]
+    async fn bearer_challenges_are_answered_from_the_token_service() {
+        use std::sync::{Arc, Mutex as StdMutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+                .to_vec();
+        let cfg_digest = sha256_digest(&config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": media::DOCKER_MANIFEST,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                       "digest": cfg_digest, "size": config.len()},
+            "layers": [],
+        }))
+        .unwrap();
+        let log = Arc::new(StdMutex::new(Vec::<String>::new()));
+        let (log2, base2, cfg_d2) = (log.clone(), base.clone(), cfg_digest.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&req).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let authed = head
+                    .lines()
+                    .any(|l| l.eq_ignore_ascii_case("authorization: Bearer tok-123"));
+                log2.lock().unwrap().push(format!("{path} {authed}"));
+                let (status, extra, body): (&str, String, Vec<u8>) = if path.starts_with("/token?")
+                {
+                    if path.contains("service=svc")
+                        && path.contains("scope=repository%3Ateam%2Fapp%3Apull")
+                    {
+                        ("200 OK", String::new(), br#"{"token":"tok-123"}"#.to_vec())
+                    } else {
+                        ("400 Bad Request", String::new(), Vec::new())
+                    }
+                } else if !authed {
+                    let challenge = format!(
+                        "WWW-Authenticate: Bearer realm=\"{base2}/token\",service=\"svc\",scope=\"repository:team/app:pull\"\r\n"
+                    );
+                    ("401 Unauthorized", challenge, Vec::new())
+                } else if path == "/v2/team/app/manifests/1.0" {
+                    (
+                        "200 OK",
+                        format!("Content-Type: {}\r\n", media::DOCKER_MANIFEST),
+                        manifest.clone(),
+                    )
+                } else if path == format!("/v2/team/app/blobs/{cfg_d2}") {
+                    ("200 OK", String::new(), config.clone())
+                } else {
+                    ("404 Not Found", String::new(), Vec::new())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(&body).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let client = RegistryClient::new(None)
+            .unwrap()
+            .with_mirror("registry.example", &base)
+            .unwrap();
+        let pulled = client
+            .pull_to_archive("registry.example/team/app:1.0", &tmp.path().join("app.tar"))
+            .await
+            .unwrap();
+        assert_eq!(pulled.reference, "registry.example/team/app:1.0");
+        assert_eq!(pulled.blobs, 1);
+        let log = log.lock().unwrap().clone();
+        server.abort();
+        // One 401, one token, then the manifest and the config with the token.
+        assert_eq!(
+            log,
+            vec![
+                "/v2/team/app/manifests/1.0 false".to_owned(),
+                "/token?service=svc&scope=repository%3Ateam%2Fapp%3Apull false".to_owned(),
+                "/v2/team/app/manifests/1.0 true".to_owned(),
+                format!("/v2/team/app/blobs/{cfg_digest} true"),
+            ]
+        );
     }
 
     #[test]
