@@ -8,6 +8,11 @@
 #   ENTRYPOINT_JSON  JSON array or null, e.g. '["/pause"]'
 #   CMD_JSON         JSON array or null
 #   USER             optional user (e.g. 65535:65535)
+# MAKE_IMAGE_BASE=ARCHIVE (optional): a docker-archive of one image made by this script whose
+# layers go under ROOTFS_DIR's (as `FROM` does), byte for byte: archives merged with
+# MAKE_IMAGE_MERGE store the shared layer once.
+# MAKE_IMAGE_MERGE=1: then the arguments are OUT_TAR ARCHIVE...: one docker-archive holding every
+# image of the ARCHIVEs (manifest.json entries concatenated, layers stored once by diff_id).
 #
 # Output is reproducible: file times are SOURCE_DATE_EPOCH (default 0), owners are 0:0.
 #
@@ -19,6 +24,28 @@
 # `architecture` in the config to match the platform it unpacks for; `rootfs.diff_ids` must equal
 # the sha256 of the uncompressed layer or unpacking fails.
 set -euo pipefail
+
+if [ "${MAKE_IMAGE_MERGE:-}" = 1 ]; then
+  [ "$#" -ge 2 ] || { echo "make-image-tar: MAKE_IMAGE_MERGE=1 $0 OUT_TAR ARCHIVE..." >&2; exit 2; }
+  out=$1; shift
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  mkdir "$work/out"
+  for a in "$@"; do
+    mkdir "$work/in"
+    tar -C "$work/in" -xf "$a"
+    jq -c '.[]' "$work/in/manifest.json" >> "$work/entries"
+    rm "$work/in/manifest.json"
+    cp -an "$work/in/." "$work/out/"
+    rm -rf "$work/in"
+  done
+  jq -cs . "$work/entries" > "$work/out/manifest.json"
+  mapfile -t top < <(cd "$work/out" && LC_ALL=C ls -A)
+  tar --sort=name --mtime="@${SOURCE_DATE_EPOCH:-0}" --owner=0 --group=0 --numeric-owner --format=gnu \
+    -C "$work/out" -cf "$work/image.tar" -- "${top[@]}"
+  mv "$work/image.tar" "$out"
+  exit 0
+fi
 
 if [ "$#" -lt 5 ] || [ "$#" -gt 6 ]; then
   sed -n '5,11p' "$0" >&2
@@ -45,12 +72,24 @@ tar_flags=(--sort=name --mtime="@$epoch" --owner=0 --group=0 --numeric-owner --f
 mapfile -t top < <(cd "$rootfs" && LC_ALL=C ls -A)
 tar "${tar_flags[@]}" -C "$rootfs" -cf "$work/layer.tar" -- "${top[@]}"
 diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
-mkdir "$work/out" "$work/out/$diff_id"
+mkdir "$work/out"
+base_layers='[]' base_diffs='[]'
+if [ -n "${MAKE_IMAGE_BASE:-}" ]; then
+  mkdir "$work/base"
+  tar -C "$work/base" -xf "$MAKE_IMAGE_BASE"
+  base_layers=$(jq -c '.[0].Layers' "$work/base/manifest.json")
+  base_diffs=$(jq -c '.rootfs.diff_ids' "$work/base/$(jq -r '.[0].Config' "$work/base/manifest.json")")
+  for l in $(jq -r '.[]' <<< "$base_layers"); do
+    mkdir -p "$work/out/$(dirname "$l")"
+    mv "$work/base/$l" "$work/out/$l"
+  done
+fi
+mkdir -p "$work/out/$diff_id"
 mv "$work/layer.tar" "$work/out/$diff_id/layer.tar"
 
 created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
 jq -cn --arg created "$created" --arg diff "sha256:$diff_id" --arg user "$user" \
-  --argjson entrypoint "$entrypoint" --argjson cmd "$cmd" '{
+  --argjson base "$base_diffs" --argjson entrypoint "$entrypoint" --argjson cmd "$cmd" '{
     architecture: "amd64",
     os: "linux",
     created: $created,
@@ -60,14 +99,16 @@ jq -cn --arg created "$created" --arg diff "sha256:$diff_id" --arg user "$user" 
       Cmd: $cmd,
       WorkingDir: "/"
     } + (if $user == "" then {} else {User: $user} end)),
-    rootfs: {type: "layers", diff_ids: [$diff]},
-    history: [{created: $created, created_by: "clusterctl tests/bed/make-image-tar.sh"}]
+    rootfs: {type: "layers", diff_ids: ($base + [$diff])},
+    history: ([$base[] | {created: $created, created_by: "clusterctl tests/bed/make-image-tar.sh (base)"}]
+      + [{created: $created, created_by: "clusterctl tests/bed/make-image-tar.sh"}])
   }' >"$work/config.json"
 config_id=$(sha256sum "$work/config.json" | cut -d' ' -f1)
 mv "$work/config.json" "$work/out/$config_id.json"
 
 jq -cn --arg config "$config_id.json" --arg ref "$ref" --arg layer "$diff_id/layer.tar" \
-  '[{Config: $config, RepoTags: [$ref], Layers: [$layer]}]' >"$work/out/manifest.json"
+  --argjson base "$base_layers" '[{Config: $config, RepoTags: [$ref], Layers: ($base + [$layer])}]' >"$work/out/manifest.json"
 
-tar "${tar_flags[@]}" -C "$work/out" -cf "$work/image.tar" manifest.json "$config_id.json" "$diff_id"
+mapfile -t top < <(cd "$work/out" && LC_ALL=C ls -A)
+tar "${tar_flags[@]}" -C "$work/out" -cf "$work/image.tar" -- "${top[@]}"
 mv "$work/image.tar" "$out"

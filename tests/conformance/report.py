@@ -76,8 +76,8 @@ def main():
     ap.add_argument("--skips")
     ap.add_argument("--known")
     ap.add_argument("--conformance", required=True)
-    ap.add_argument("--set", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--set")
+    ap.add_argument("--out")
     ap.add_argument("--elapsed", type=int, default=0)
     ap.add_argument("--serial-of", metavar="FOCUS",
                     help="print, escaped and joined with |, the [Serial] conformance tests whose "
@@ -92,8 +92,8 @@ def main():
                  and not (skip and skip.search(c))]
         print("|".join(re.sub(r"([][().*+?^$|\\{}])", r"\\\1", n) for n in names))
         return 0
-    if not (a.junit and a.skips and a.known):
-        ap.error("--junit, --skips and --known are required")
+    if not (a.junit and a.skips and a.known and a.set and a.out):
+        ap.error("--junit, --skips, --known, --set and --out are required")
     skips, known = read_rules(a.skips), read_rules(a.known)
     # A test is in every node's file of a parallel run (skipped where another node ran it), and
     # the serial pass's files list the parallel pass's tests as skipped: a result beats a skip.

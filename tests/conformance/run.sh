@@ -12,7 +12,7 @@
 #   --focus REGEX    only the conformance tests whose names match REGEX
 #   --out DIR        where the junit XML, e2e.log and report.{md,json} go (default: a new dir
 #                    under /var/tmp)
-#   --timeout S      ginkgo's timeout for each pass (default 6h)
+#   --timeout S      seconds each pass may take (default 21600: 6 h)
 #   --nodes N        run the tests that may share the cluster on N ginkgo nodes at once (ginkgo
 #                    -nodes), then the [Serial] ones alone (default 1: one pass, one at a time)
 # Needs: clusterctl (CLUSTERCTL_BIN or on PATH), kubectl on PATH (the suite's kubectl tests run
@@ -21,7 +21,7 @@
 # environment limit in known-failures.tsv), 1 otherwise, 2 on bad usage.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cluster= set=ci focus= out= timeout=6h nodes=1
+cluster= set=ci focus= out= timeout=21600 nodes=1
 die() { printf 'conformance: %s\n' "$*" >&2; exit 2; }
 log() { printf 'conformance: %s\n' "$*" >&2; }
 while [ "$#" -gt 0 ]; do
@@ -30,7 +30,7 @@ while [ "$#" -gt 0 ]; do
     --set) set=${2:?}; shift 2 ;;
     --focus) focus=${2:?}; shift 2 ;;
     --out) out=${2:?}; shift 2 ;;
-    --timeout) timeout=${2:?}s; shift 2 ;;
+    --timeout) timeout=${2:?}; shift 2 ;;
     --nodes) nodes=${2:?}; shift 2 ;;
     -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
@@ -38,6 +38,7 @@ while [ "$#" -gt 0 ]; do
 done
 [ -n "$cluster" ] || die "--cluster NAME is required"
 case "$set" in ci|full) ;; *) die "--set must be ci or full, not $set" ;; esac
+[[ $timeout =~ ^[1-9][0-9]*$ ]] || die "--timeout takes a number of seconds, not $timeout"
 case "$nodes" in [1-9]|[1-9][0-9]) ;; *) die "--nodes must be a number from 1 to 99, not $nodes" ;; esac
 bin=${CLUSTERCTL_BIN:-$(command -v clusterctl || true)}
 [ -x "$bin" ] || die "clusterctl not found: set CLUSTERCTL_BIN or put it on PATH"
@@ -67,8 +68,7 @@ ctx=$(kubectl config current-context)
 e2e_flags=(--kubeconfig="$KUBECONFIG" --context="$ctx" --provider=skeleton
   --kubectl-path="$kubectl" --report-dir="$out" --disable-log-dump --dump-logs-on-failure=false)
 ginkgo_flags() { # FOCUS SKIP: e2e.test's own ginkgo flags
-  printf '%s\n' --ginkgo.focus="$1" --ginkgo.noColor --ginkgo.timeout="$timeout" \
-    --ginkgo.progress=false --ginkgo.slowSpecThreshold=120
+  printf '%s\n' --ginkgo.focus="$1" --ginkgo.noColor --ginkgo.progress=false --ginkgo.slowSpecThreshold=120
   [ -z "$2" ] || printf '%s\n' --ginkgo.skip="$2"
 }
 export KUBE_TEST_REPO_LIST=$suite/repo-list.yaml
@@ -78,7 +78,8 @@ rc=0
 if [ "$nodes" -eq 1 ]; then
   log "running e2e.test (focus: $set${focus:+, $focus}) against context $ctx; log: $out/e2e.log"
   mapfile -t gf < <(ginkgo_flags "$run_focus" "$skip")
-  "$suite/bin/e2e.test" "${e2e_flags[@]}" "${gf[@]}" > "$out/e2e.log" 2>&1 || rc=$?
+  # e2e.test itself has no timeout flag (ginkgo's CLI has): timeout(1) ends it.
+  timeout --kill-after=60 "$timeout" "$suite/bin/e2e.test" "${e2e_flags[@]}" "${gf[@]}" > "$out/e2e.log" 2>&1 || rc=$?
 else
   # Ginkgo runs no test alone by itself: the [Serial] ones (they take nodes down, fill them or
   # watch cluster-wide) wait for a pass of their own after the parallel one.
@@ -88,12 +89,13 @@ else
   mapfile -t gf < <(ginkgo_flags "$run_focus" "${skip:+$skip|}\\[Serial\\]")
   # ginkgo -nodes passes every flag after the binary to each node's e2e.test, whose ginkgo flags
   # (--ginkgo.*) it reads as its own.
-  "$suite/bin/ginkgo" -nodes="$nodes" -noColor -timeout="$timeout" "$suite/bin/e2e.test" -- \
+  "$suite/bin/ginkgo" -nodes="$nodes" -noColor -timeout="${timeout}s" "$suite/bin/e2e.test" -- \
     "${e2e_flags[@]}" "${gf[@]}" > "$out/e2e.log" 2>&1 || rc=$?
   if [ -n "$serial" ]; then
     log "parallel pass exited $rc after $(( $(date +%s) - started )) s; the [Serial] pass; log: $out/e2e-serial.log"
     mapfile -t gf < <(ginkgo_flags "$serial" "")
-    "$suite/bin/e2e.test" "${e2e_flags[@]}" --report-prefix=serial "${gf[@]}" > "$out/e2e-serial.log" 2>&1 || rc=$?
+    timeout --kill-after=60 "$timeout" "$suite/bin/e2e.test" "${e2e_flags[@]}" --report-prefix=serial "${gf[@]}" \
+      > "$out/e2e-serial.log" 2>&1 || rc=$?
   fi
 fi
 log "e2e.test exited $rc after $(( $(date +%s) - started )) s"
