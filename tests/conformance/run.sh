@@ -20,6 +20,7 @@
 # Exit status: 0 if no test failed for a reason the report does not explain (a known
 # environment limit in known-failures.tsv), 1 otherwise, 2 on bad usage.
 set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1
 here=$(cd "$(dirname "$0")" && pwd)
 cluster= set=ci focus= out= timeout=21600 nodes=1
 die() { printf 'conformance: %s\n' "$*" >&2; exit 2; }
@@ -60,6 +61,13 @@ run_focus='\[Conformance\]'
 if [ -n "$focus" ]; then
   run_focus=$focus
 elif [ "$set" = ci ]; then
+  # Every line must name a test of this tree: a typo would silently run nothing.
+  (cd "$here" && python3 -c '
+import sys, report
+names = {c for _, c in report.read_conformance(sys.argv[1])}
+bad = [l.rstrip("\n") for l in open("ci-subset.txt") if l.strip() and not l.startswith("#") and l.rstrip("\n") not in names]
+for b in bad: print("conformance: ci-subset.txt names no [Conformance] test of this tree: " + b, file=sys.stderr)
+sys.exit(1 if bad else 0)' "$suite/conformance.yaml") || exit 2
   run_focus=$(grep -v '^#' "$here/ci-subset.txt" | grep . | sed 's/[][().*+?^$|\\{}]/\\&/g' | paste -sd'|')
 fi
 skip=$(regex_of "$here/skips.tsv")
