@@ -16,6 +16,9 @@
 #                  finished in 213 s: about 9 min cold; 541 s cold on another new machine]; with
 #                  phase upgrade-kubernetes in CLUSTERCTL_E2E_PHASES (not in CI's list), also
 #                  the same tree relinked as v1.20.3 [67 s]
+#   suite    1200  the upstream conformance suite from the bundle's tree (tests/conformance/
+#                  build-suite.sh: e2e.test, ginkgo, the test images; cached by input checksum)
+#                  [226 s cold after the bundle on a new machine on 2026-12-03; 55 s warm]
 #   k8s       150  the bundle's proofs: etcd + kube-apiserver from the bundle with clusterctl's PKI
 #                  (custom resources included), clusterctl's API client through a real sshd
 #                  (access grants, revocation and the API server's 10 s token cache included),
@@ -35,7 +38,8 @@
 #                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2; over 230 s on 2026-12-01]
 #   e2e      4400  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
 #                  (create with kills and resume, workloads, node-services, webhooks,
-#                  custom-resources, repair, upgrade, drain, unreachable, scale-down, delete)
+#                  custom-resources, conformance, access, repair, upgrade, access-expired, unreachable, delete;
+#                  drain and scale-down only when named)
 #                  (tests/bed/libvirt-env.sh test e2e) [2626 s on this 2-core host on a quiet
 #                  day, over 3400 s on a busy one (CI of 2026-12-01 was cut at 3020 s in phase
 #                  drain, every phase 1.3-2.4x slower; on 2026-12-01 create took 601 s,

@@ -159,7 +159,7 @@ $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (li
 # CI's list. `drain` (363 s) and `scale-down` (177 s) left it on 2026-12-02 for the 86-minute
 # deadline: on a new machine the cold cargo stage (~930 s) plus this list at that day's pace
 # (e2e 4139 s, upgrade alone 2094 s) came to about 5600 s. Both pass locally (that day's run).
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources access repair upgrade access-expired unreachable delete}
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources conformance access repair upgrade access-expired unreachable delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
