@@ -99,7 +99,15 @@ def main():
     # the serial pass's files list the parallel pass's tests as skipped: a result beats a skip.
     rank = {"skipped": 0, "passed": 1, "failed": 2}
     ran = {}
-    for path in a.junit:
+    # junit_rerun*.xml: run.sh --rerun-failed ran the failed tests again, alone. A test that
+    # passes there is reported as passed on a rerun, with its first failure, never as passed.
+    rerun = {}
+    for path in [p for p in a.junit if "junit_rerun" in p]:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            if case.find("skipped") is None:
+                failed = case.find("failure") is not None or case.find("error") is not None
+                rerun[case.get("name", "")] = "failed" if failed else "passed"
+    for path in [p for p in a.junit if "junit_rerun" not in p]:
         for case in ET.parse(path).getroot().iter("testcase"):
             name = case.get("name", "")
             if "[Conformance]" not in name:
@@ -127,6 +135,9 @@ def main():
             if reason is None:
                 reason = "not in this run's set" if a.set != "full" else "skipped by e2e.test itself"
                 status = "not-run"
+        elif status == "failed" and rerun.get(codename) == "passed":
+            status = "passed-on-rerun"
+            reason = "failed in the run, passed when run again alone"
         elif status == "failed":
             cause = first(known, codename)
             if cause is not None:
@@ -140,6 +151,7 @@ def main():
     totals = {
         "conformanceTests": len(conformance),
         "passed": count("passed"),
+        "passedOnRerun": count("passed-on-rerun"),
         "failedExplained": count("failed-explained"),
         "failedUnexplained": count("failed"),
         "skipped": count("skipped"),
@@ -157,20 +169,25 @@ def main():
             reasons.setdefault(r["reason"], []).append(r["test"])
     with open(f"{a.out}/report.md", "w", encoding="utf-8") as f:
         t = totals
-        ran_n = t["passed"] + t["failedExplained"] + t["failedUnexplained"]
+        ran_n = t["passed"] + t["passedOnRerun"] + t["failedExplained"] + t["failedUnexplained"]
         f.write(f"# Conformance report ({a.set} set)\n\n")
         f.write(f"Of the {t['conformanceTests']} [Conformance] tests of Kubernetes 1.20.2: "
-                f"{ran_n} ran, {t['passed']} passed, {t['failedUnexplained'] + t['failedExplained']} failed "
+                f"{ran_n} ran, {t['passed']} passed, "
+                + (f"{t['passedOnRerun']} failed and then passed when run again alone, " if t["passedOnRerun"] else "")
+                + f"{t['failedUnexplained'] + t['failedExplained']} failed "
                 f"({t['failedExplained']} explained as limits of this machine), {t['skipped']} skipped "
                 f"with a reason, {t['notRun']} not in this set"
                 + (f", {t['missing']} missing from the results" if t["missing"] else "")
                 + f"; {a.elapsed} s.\n\n")
-        for title, status in (("Failed, unexplained", "failed"), ("Failed, explained", "failed-explained")):
+        for title, status in (("Failed, unexplained", "failed"), ("Failed, explained", "failed-explained"),
+                              ("Failed, then passed when run again alone", "passed-on-rerun")):
             sel = [r for r in rows if r["status"] == status]
             if sel:
                 f.write(f"## {title} ({len(sel)})\n\n")
                 for r in sel:
                     f.write(f"- {r['test']}\n  - {r['reason'] or r['message']}\n")
+                    if r["reason"] and r["message"]:
+                        f.write(f"  - first failure: {r['message']}\n")
                 f.write("\n")
         if reasons:
             f.write(f"## Skipped ({t['skipped']})\n\n")

@@ -13,6 +13,8 @@
 #   --out DIR        where the junit XML, e2e.log and report.{md,json} go (default: a new dir
 #                    under /var/tmp)
 #   --timeout S      seconds each pass may take (default 21600: 6 h)
+#   --rerun-failed   run the tests that failed once more, alone, afterwards; the report shows
+#                    those that pass then as "failed, then passed when run again alone"
 #   --nodes N        run the tests that may share the cluster on N ginkgo nodes at once (ginkgo
 #                    -nodes), then the [Serial] ones alone (default 1: one pass, one at a time)
 # Needs: clusterctl (CLUSTERCTL_BIN or on PATH), kubectl on PATH (the suite's kubectl tests run
@@ -22,7 +24,7 @@
 set -euo pipefail
 export PYTHONDONTWRITEBYTECODE=1
 here=$(cd "$(dirname "$0")" && pwd)
-cluster= set=ci focus= out= timeout=21600 nodes=1
+cluster= set=ci focus= out= timeout=21600 nodes=1 rerun=
 die() { printf 'conformance: %s\n' "$*" >&2; exit 2; }
 log() { printf 'conformance: %s\n' "$*" >&2; }
 while [ "$#" -gt 0 ]; do
@@ -33,7 +35,8 @@ while [ "$#" -gt 0 ]; do
     --out) out=${2:?}; shift 2 ;;
     --timeout) timeout=${2:?}; shift 2 ;;
     --nodes) nodes=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --rerun-failed) rerun=1; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -107,6 +110,23 @@ else
   fi
 fi
 log "e2e.test exited $rc after $(( $(date +%s) - started )) s"
+if [ -n "$rerun" ]; then
+  failed=$(python3 -c '
+import re, sys, xml.etree.ElementTree as ET
+names = set()
+for p in sys.argv[1:]:
+    for c in ET.parse(p).getroot().iter("testcase"):
+        if c.find("failure") is not None or c.find("error") is not None:
+            names.add(c.get("name", ""))
+print("|".join(re.sub(r"([][().*+?^$|\\{}])", r"\\\1", n) for n in sorted(names) if "[Conformance]" in n))
+' "$out"/junit_*.xml)
+  if [ -n "$failed" ]; then
+    log "running the $(tr -cd '|' <<< "$failed" | wc -c | awk '{print $1 + 1}') failed test(s) again, alone; log: $out/e2e-rerun.log"
+    mapfile -t gf < <(ginkgo_flags "$failed" "")
+    timeout --kill-after=60 "$timeout" "$suite/bin/e2e.test" "${e2e_flags[@]}" --report-prefix=rerun "${gf[@]}" \
+      > "$out/e2e-rerun.log" 2>&1 || true
+  fi
+fi
 mapfile -t junit < <(ls "$out"/junit_*.xml 2> /dev/null)
 [ "${#junit[@]}" -gt 0 ] || { tail -40 "$out/e2e.log" >&2; echo "conformance: e2e.test wrote no junit report" >&2; exit 1; }
 python3 "$here/report.py" --junit "${junit[@]}" --skips "$here/skips.tsv" --known "$here/known-failures.tsv" \
