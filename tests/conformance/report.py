@@ -69,6 +69,13 @@ def first(rules, name):
     return None
 
 
+def first_line(msg):
+    """The failure's first line that says something (ginkgo puts the code location first)."""
+    lines = [l.strip() for l in msg.splitlines() if l.strip()]
+    said = [l for l in lines if not re.match(r"^\S+\.go:\d+$", l)]
+    return (said or lines or [""])[0][:300]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--junit", nargs="+", default=[],
@@ -151,7 +158,7 @@ def main():
                 status = "failed-explained"
         rows.append({"test": codename, "testname": testname, "status": status,
                      "seconds": round(secs, 1), "reason": reason,
-                     "message": msg.splitlines()[0][:300] if msg else ""})
+                     "message": first_line(msg)})
 
     count = lambda s: sum(1 for r in rows if r["status"] == s)
     totals = {
