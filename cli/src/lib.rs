@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod credstore;
 pub mod engine;
 pub mod error;
+pub mod etcd;
 pub mod kube;
 pub mod kubeconfig;
 pub mod output;

@@ -348,10 +348,167 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
 
     access_calls(&client, &cp, tmp.path()).await;
     cluster_dns_calls(&client).await;
+    let session = ssh.connect(&fx.target(&sshd)).await.expect("ssh session");
+    etcd_snapshot_calls(&client, &cp, &session, tmp.path()).await;
+    session.close().await;
 
     client.close().await;
     cp.procs.check_alive();
     eprintln!("total {:?}", t0.elapsed());
+}
+
+/// An etcd snapshot as upgrades and `clusterctl snapshot` take it, through the SSH session:
+/// etcdctl uploaded, `snapshot save` with the API server's etcd client certificate, the file
+/// downloaded (0600, checksum as recorded) and nothing left on the "node". Then the proof that
+/// it is a rollback point: restored with etcdctl into a new data directory and served by a
+/// second etcd on loopback, it holds a ConfigMap written before it and not one written after.
+/// A snapshot etcd refuses leaves no file behind and says why.
+async fn etcd_snapshot_calls(
+    client: &KubeClient,
+    cp: &ControlPlane,
+    session: &clusterctl::ssh::Session,
+    dir: &std::path::Path,
+) {
+    use clusterctl::etcd::{self, EtcdAccess};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::os::unix::fs::PermissionsExt;
+    let t = Instant::now();
+    let maps: Api<ConfigMap> = Api::namespaced(client.client(), "default");
+    let token = format!("token-{:x}", rand::random::<u64>());
+    let map = |name: &str, value: &str| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "data": {"proof": value}
+        }))
+        .expect("configmap")
+    };
+    maps.create(&PostParams::default(), &map("before-snapshot", &token))
+        .await
+        .expect("configmap before");
+    let remote = dir.join("node");
+    let access = EtcdAccess {
+        endpoint: cp.etcd_url.clone(),
+        cacert: cp.p("etcd/ca.crt"),
+        cert: cp.p("apiserver-etcd-client.crt"),
+        key: cp.p("apiserver-etcd-client.key"),
+        etcdctl: remote.join("bin/etcdctl").display().to_string(),
+        work_dir: remote.join("snapshots").display().to_string(),
+        as_root: String::new(),
+    };
+    let local = dir.join("state-snapshots");
+    std::fs::create_dir_all(&local).expect("local dir");
+    let dest = local.join("etcd-1.db");
+    let snap = etcd::snapshot(session, &access, &cp.bin("etcdctl"), "cp-1", "test", &dest)
+        .await
+        .unwrap_or_else(|e| panic!("snapshot: {e:#}"));
+    eprintln!("etcd snapshot in {:?}: {snap:?}", t.elapsed());
+    let bytes = std::fs::read(&dest).expect("snapshot file");
+    assert_eq!(bytes.len() as u64, snap.bytes);
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        snap.sha256
+    );
+    let mode = std::fs::metadata(&dest).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a snapshot holds every Secret: 0600");
+    assert!(snap.revision > 0 && snap.keys > 0, "{snap:?}");
+    assert_eq!(snap.file, "etcd-1.db");
+    assert!(!local.join("etcd-1.db.part").exists());
+    let left: Vec<_> = std::fs::read_dir(remote.join("snapshots"))
+        .expect("work dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "left on the node: {left:?}");
+    maps.create(&PostParams::default(), &map("after-snapshot", "later"))
+        .await
+        .expect("configmap after");
+
+    // Restore into a new data directory and serve it: the rollback point holds what was there.
+    let restored = dir.join("restored");
+    let (client_port, peer_port) = (control_plane::free_port(), control_plane::free_port());
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let out = std::process::Command::new(cp.bin("etcdctl"))
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(&dest)
+        .arg(format!("--data-dir={}", restored.display()))
+        .args([
+            "--name=restored",
+            &format!("--initial-cluster=restored={peer}"),
+        ])
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .output()
+        .expect("etcdctl restore");
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = format!("http://127.0.0.1:{client_port}");
+    let mut procs = control_plane::Procs::default();
+    procs.spawn(
+        "restored etcd",
+        std::process::Command::new(cp.bin("etcd")).args([
+            "--name=restored",
+            &format!("--data-dir={}", restored.display()),
+            &format!("--listen-client-urls={url}"),
+            &format!("--advertise-client-urls={url}"),
+            &format!("--listen-peer-urls={peer}"),
+            &format!("--initial-advertise-peer-urls={peer}"),
+            &format!("--initial-cluster=restored={peer}"),
+        ]),
+        dir.join("restored-etcd.log"),
+    );
+    let get = |key: &str| {
+        std::process::Command::new(cp.bin("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .args([
+                &format!("--endpoints={url}"),
+                "--command-timeout=5s",
+                "get",
+                key,
+                "--print-value-only",
+            ])
+            .output()
+            .expect("etcdctl get")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let out = get("/registry/configmaps/default/before-snapshot");
+        if out.status.success() {
+            break out.stdout;
+        }
+        procs.check_alive();
+        assert!(
+            Instant::now() < deadline,
+            "restored etcd never answered: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        String::from_utf8_lossy(&before).contains(&token),
+        "the restored snapshot lacks the ConfigMap written before it"
+    );
+    let after = get("/registry/configmaps/default/after-snapshot");
+    assert!(
+        after.status.success() && after.stdout.is_empty(),
+        "a ConfigMap written after the snapshot is in it"
+    );
+    drop(procs);
+
+    // etcd refuses the client (a key that does not match the certificate): no file, and why.
+    let wrong = EtcdAccess {
+        key: cp.p("apiserver.key"),
+        ..access
+    };
+    let dest = local.join("etcd-2.db");
+    let err = etcd::snapshot(session, &wrong, &cp.bin("etcdctl"), "cp-1", "test", &dest)
+        .await
+        .expect_err("a key that does not match its certificate");
+    let text = format!("{err:#}");
+    eprintln!("refused snapshot: {text}");
+    assert!(text.contains("etcdctl snapshot save failed"), "{text}");
+    assert!(!dest.exists() && !local.join("etcd-2.db.part").exists());
+    eprintln!("etcd snapshot calls done in {:?}", t.elapsed());
 }
 
 /// Cluster DNS as `create` renders it, checked by the real API server: a server-side dry run

@@ -1069,6 +1069,7 @@ YAML
   out=$("$bin" upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade --dry-run failed: $out"; }
   grep -q "Packages: 1 added, 0 removed, 0 changed" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not summarize the package changes"; }
   grep -q "3 machine(s) to replace" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not plan 3 replacements"; }
+  grep -q "First, an etcd snapshot" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not say it takes an etcd snapshot first"; }
   json=$("$bin" -o json upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade -o json --dry-run failed"; }
   [ "$(jq -r '[.nodes[].name] | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0 $name-workers-1" ] \
     || { kill "$client_pid"; die "upgrade --dry-run order: $json"; }
@@ -1152,6 +1153,19 @@ YAML
   [ "$(jq -r '.machines[].addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | xargs)" = "$ips" ] || die "upgrade: machine addresses changed"
   [ "$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S .ssh_host_keys "$work/cluster.json.before-upgrade")" ] || die "upgrade: pinned host keys changed"
   [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap written before the upgrade is gone (etcd's data disk)"
+  # The rollback point: an etcd snapshot taken before the control plane was touched, kept in
+  # the state 0600, its checksum as recorded, readable by the host's etcdctl, holding the witness.
+  local snaps snap
+  snaps=$("$bin" -o json snapshot "$name" --list) || die "snapshot --list failed"
+  snap=$(jq -r --arg r "before the upgrade to node image $v2" '[.[] | select(.reason == $r)][0].path // empty' <<< "$snaps")
+  [ -n "$snap" ] && [ -f "$snap" ] || die "upgrade: no etcd snapshot was taken before the control plane: $snaps"
+  [ "$(stat -c %a "$snap")" = 600 ] || die "upgrade: the etcd snapshot $snap is not 0600"
+  [ "$(sha256sum < "$snap" | cut -d' ' -f1)" = "$(jq -r --arg p "$snap" '.[] | select(.path == $p) | .sha256' <<< "$snaps")" ] \
+    || die "upgrade: the etcd snapshot's checksum is not the recorded one"
+  ETCDCTL_API=3 etcdctl --write-out=json snapshot status "$snap" | jq -e '.totalKey > 0' > /dev/null || die "upgrade: etcdctl cannot read the snapshot $snap"
+  grep -qa before-the-upgrade "$snap" || die "upgrade: the snapshot taken before the upgrade lacks the witness ConfigMap"
+  "$bin" describe "$name" | grep -q "^Snapshots: " || die "describe does not show the etcd snapshots"
+  log "upgrade: etcd snapshot $(basename "$snap"): $(jq -c --arg p "$snap" '.[] | select(.path == $p) | {revision, keys, bytes}' <<< "$snaps")"
   [ -z "$(k get nodes -o json | jq -r '.items[] | select(.spec.unschedulable == true) | .metadata.name')" ] || die "upgrade: a node is left cordoned"
   k get nodes -o json | jq -e '[.items[] | .status.conditions[] | select(.type == "Ready") | .status] | all(. == "True")' > /dev/null || die "upgrade: a node is not Ready"
   json=$("$bin" -o json upgrade "$name" --node-image "$v2") || die "upgrade re-run failed"

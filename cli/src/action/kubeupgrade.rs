@@ -14,7 +14,10 @@
 //! version goes on and with the old one rolls every node back. When every node runs the new
 //! version, it becomes the cluster's version in its stored spec.
 //!
-//! Not here: etcd snapshots before the control plane, surge pools, auto-upgrade of Kubernetes
+//! Before the first node changes, an etcd snapshot is taken and kept in the state
+//! ([`super::snapshot`]); the unfinished upgrade's record names it.
+//!
+//! Not here: restoring a snapshot, surge pools, auto-upgrade of Kubernetes
 //! versions (the channel's releases are shown as due only).
 
 use std::collections::BTreeSet;
@@ -297,7 +300,7 @@ pub fn upgrade_kubernetes(
     let (journal, replay) = open_action_journal(&guard, report)?;
     let journal = Mutex::new(journal);
     let before = current.to_string();
-    record.kubernetes_upgrade = Some(match record.kubernetes_upgrade.take() {
+    let mut status = match record.kubernetes_upgrade.clone() {
         Some(u) if u.to == target.to_string() => KubernetesUpgradeStatus { stopped: None, ..u },
         // Rolling the unfinished one back: the same record, the other way.
         Some(u) => KubernetesUpgradeStatus {
@@ -307,6 +310,7 @@ pub fn upgrade_kubernetes(
             to_artifacts: u.from_artifacts,
             started_at: Timestamp::now(),
             stopped: None,
+            snapshot: None,
         },
         None => KubernetesUpgradeStatus {
             from: before.clone(),
@@ -315,8 +319,35 @@ pub fn upgrade_kubernetes(
             to_artifacts: to_source.clone(),
             started_at: Timestamp::now(),
             stopped: None,
+            snapshot: None,
         },
-    });
+    };
+    // The rollback point: etcd before the first node changes (once per upgrade; etcd is the
+    // same binary in both versions' files, the running version's etcdctl takes it).
+    if status.snapshot.is_none() {
+        let etcdctl = old_files
+            .binary("etcdctl")
+            .context("the running version's files")?
+            .path
+            .clone();
+        let snap = rt
+            .block_on(super::snapshot::take(
+                store,
+                &guard,
+                &journal,
+                &mut record,
+                &etcdctl,
+                &format!("before the upgrade to Kubernetes {target}"),
+                report,
+            ))
+            .with_context(|| {
+                format!(
+                    "the upgrade of cluster {name:?} to Kubernetes {target} takes an etcd snapshot before it changes a node, and could not; nothing was changed"
+                )
+            })?;
+        status.snapshot = Some(snap.file);
+    }
+    record.kubernetes_upgrade = Some(status);
     guard.save(&mut record)?;
     let run = Run {
         store,

@@ -11,6 +11,7 @@ pub mod kubeupgrade;
 pub mod load;
 pub mod repair;
 pub mod reset;
+pub mod snapshot;
 pub mod upgrade;
 
 use std::time::Duration;

@@ -17,16 +17,20 @@
 //! Auto-upgrade (`action::autoupgrade`) runs it with a step limit and a deadline: it pauses
 //! before the next machine ([`UpgradeOutcome::Paused`]) and a later run goes on.
 //!
-//! Not here yet (issue 10): Kubernetes version upgrades, surge pools (`upgradeSettings`), canary
-//! batches, etcd snapshots before the control plane.
+//! Before the first control-plane machine is touched, an etcd snapshot is taken and kept in the
+//! state ([`super::snapshot`]); the unfinished upgrade's record names it.
+//!
+//! Not here yet (issue 10): surge pools (`upgradeSettings`), canary batches, restoring a
+//! snapshot.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use providers::{ImageRef, Provider};
+use providers::{ImageRef, MachineRole, Provider};
 
 use super::drain::{cordon_and_drain, cordoned_by_clusterctl, lock};
+use super::snapshot;
 use super::{
     cluster_api, load_cluster, lock_cluster, node_state, open_action_journal, runtime,
     wait_for_node,
@@ -258,17 +262,43 @@ pub fn upgrade(
             .as_ref()
             .filter(|u| u.to != to && u.from == to)
             .map(|u| u.to.version.clone());
-        record.upgrade = Some(UpgradeStatus {
-            from: record
-                .upgrade
-                .as_ref()
-                .filter(|u| u.to == to)
-                .map_or_else(|| pinned.clone(), |u| u.from.clone()),
+        let same = record.upgrade.as_ref().filter(|u| u.to == to);
+        let mut status = UpgradeStatus {
+            from: same.map_or_else(|| pinned.clone(), |u| u.from.clone()),
             to: to.clone(),
             started_at: started,
             stopped: None,
             automatic,
-        });
+            snapshot: same.and_then(|u| u.snapshot.clone()),
+        };
+        // The rollback point: etcd as it is before the first control plane is touched (once
+        // per upgrade; a re-run that finds it recorded goes on without another).
+        if status.snapshot.is_none()
+            && plan
+                .steps
+                .iter()
+                .any(|s| s.replace && s.role == MachineRole::ControlPlane)
+        {
+            let etcdctl = snapshot::etcdctl_of(&record).await?;
+            let snap = snapshot::take(
+                store,
+                &guard,
+                &journal,
+                &mut record,
+                &etcdctl,
+                &format!("before the upgrade to node image {}", to.version),
+                report,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "the upgrade of cluster {name:?} to node image {} takes an etcd snapshot before it touches the control plane, and could not; no machine was changed",
+                    to.version
+                )
+            })?;
+            status.snapshot = Some(snap.file);
+        }
+        record.upgrade = Some(status);
         guard.save(&mut record)?;
         let mut run = Run {
             store,

@@ -59,6 +59,9 @@ struct ClusterView {
     /// Auto-upgrade: the last automatic run and when the last upgrade finished.
     #[serde(skip_serializing_if = "crate::state::AutoUpgradeState::is_empty")]
     auto_upgrade: crate::state::AutoUpgradeState,
+    /// etcd snapshots kept in the state (oldest first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    etcd_snapshots: Vec<crate::etcd::Snapshot>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,9 +91,11 @@ impl ClusterView {
                 started_at: u.started_at,
                 stopped: u.stopped,
                 automatic: u.automatic,
+                snapshot: u.snapshot,
             }),
             repair: r.repair,
             auto_upgrade: r.auto_upgrade,
+            etcd_snapshots: r.etcd_snapshots,
             error: None,
             spec_for_pools: Some(r.spec.clone()),
             spec: with_spec.then_some(r.spec),
@@ -113,6 +118,7 @@ impl ClusterView {
             upgrade: None,
             repair: Default::default(),
             auto_upgrade: Default::default(),
+            etcd_snapshots: Vec::new(),
             error: Some(error),
             spec: None,
             spec_for_pools: None,
@@ -164,6 +170,8 @@ struct UpgradeDoc {
     stopped: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     automatic: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
 }
 
 /// Kubernetes in `-o json|yaml` (camelCase).
@@ -334,6 +342,17 @@ pub fn run(global: &Global, args: &GetArgs) -> anyhow::Result<()> {
                     .as_ref()
                     .map(|s| format!(", stopped: {s}"))
                     .unwrap_or_default(),
+                view.name
+            )?;
+        }
+        if let Some(last) = view.etcd_snapshots.last() {
+            writeln!(
+                out,
+                "Snapshots: {} of etcd kept; the last {} ({}, revision {}); `clusterctl snapshot {} --list`",
+                view.etcd_snapshots.len(),
+                last.taken_at,
+                last.reason,
+                last.revision,
                 view.name
             )?;
         }

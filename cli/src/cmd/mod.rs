@@ -21,6 +21,7 @@ pub mod operations;
 pub mod plan;
 pub mod repair;
 pub mod reset;
+pub mod snapshot;
 pub mod ssh;
 pub mod upgrade;
 pub mod validate;
@@ -98,6 +99,9 @@ pub enum Command {
     /// Power-cycle a hung node's machine (a hard reset, no drain) and wait until it has booted
     /// again and is Ready.
     Reset(reset::ResetArgs),
+    /// Take an etcd snapshot of the cluster into its state (`--list`: the ones kept); upgrades
+    /// take one before they touch the control plane.
+    Snapshot(snapshot::SnapshotArgs),
     /// One auto-repair pass: observe every node, decide (with brakes), make at most one repair
     /// (restart units, power-cycle, replace a worker), report (`--dry-run`: decide only).
     Repair(repair::RepairArgs),
@@ -205,6 +209,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drain(args) => drain::run(&cli.global, &args),
         Command::Uncordon(args) => drain::run_uncordon(&cli.global, &args),
         Command::Reset(args) => reset::run(&cli.global, &args),
+        Command::Snapshot(args) => snapshot::run(&cli.global, &args),
         Command::Upgrade(args) => upgrade::run(&cli.global, &args),
         Command::Repair(args) => repair::run(&cli.global, &args),
         Command::Autorepair(command) => repair::run_autorepair(&cli.global, &command),

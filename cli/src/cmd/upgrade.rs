@@ -202,6 +202,13 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
             plan.to.version,
             plan.replacements()
         );
+        if plan
+            .steps
+            .iter()
+            .any(|s| s.replace && s.role == providers::MachineRole::ControlPlane)
+        {
+            println!("{SNAPSHOT_FIRST}");
+        }
         if let Some(d) = packages {
             println!(
                 "Packages: {} added, {} removed, {} changed (`clusterctl image diff {} {}` lists them).",
@@ -347,6 +354,7 @@ fn print_kubernetes(
         println!(
             "Upgrade of cluster {name:?} from Kubernetes {from} to {to}, in place, one node at a time (cordon, drain, new binaries, units restarted, Ready on the new version, uncordon):"
         );
+        println!("{SNAPSHOT_FIRST}");
     } else {
         println!("Cluster {name:?} runs Kubernetes {to} on every node.");
     }
@@ -375,3 +383,6 @@ fn print_kubernetes(
     );
     Ok(())
 }
+
+/// What a dry run says of the snapshot an upgrade takes first.
+const SNAPSHOT_FIRST: &str = "First, an etcd snapshot on the first control plane, kept in the cluster's state as the rollback point (`clusterctl snapshot NAME --list` shows them).";

@@ -339,6 +339,7 @@ mod tests {
             started_at: crate::state::Timestamp::now(),
             stopped: None,
             automatic: false,
+            snapshot: None,
         };
         // Finishing it, or rolling it back, is allowed; a third image is not.
         assert!(preflight(&ms, &ready, &image("v2"), Some(&unfinished)).is_empty());

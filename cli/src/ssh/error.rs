@@ -302,6 +302,22 @@ pub enum SshError {
         actual: String,
     },
 
+    /// A downloaded file's checksum differs from the one the server computed.
+    #[error(
+        "download of {endpoint}:{remote_path} is corrupt: the server's sha256 {expected}, received \
+         sha256 {actual}; nothing was kept, retry the download"
+    )]
+    DownloadCorrupt {
+        /// The server.
+        endpoint: Endpoint,
+        /// The remote path.
+        remote_path: String,
+        /// The sha256 the server computed (hex).
+        expected: String,
+        /// The sha256 of what arrived (hex).
+        actual: String,
+    },
+
     /// A remote path is not usable (empty, not absolute, or contains a NUL or newline).
     #[error("invalid remote path {path:?}: {reason}")]
     InvalidRemotePath {
@@ -402,6 +418,7 @@ impl SshError {
             | SshError::NoExitStatus { endpoint, .. }
             | SshError::Sftp { endpoint, .. }
             | SshError::UploadCorrupt { endpoint, .. }
+            | SshError::DownloadCorrupt { endpoint, .. }
             | SshError::Tunnel { endpoint, .. }
             | SshError::Internal { endpoint, .. } => Some(endpoint),
             SshError::JumpForward { target, .. } => Some(target),

@@ -19,6 +19,7 @@
 //! or logs.
 
 mod client;
+mod download;
 mod error;
 mod exec;
 pub mod keys;
@@ -28,6 +29,7 @@ mod upload;
 use std::fmt;
 
 pub use client::{Auth, ClientConfig, HostResult, RetryPolicy, SshClient, Target};
+pub use download::Downloaded;
 pub use error::SshError;
 pub use exec::{ExecOptions, ExecOutput, OutputLine, OutputStream, Session};
 pub use keys::{ClientKey, GeneratedKey, KeyAlgorithm};

@@ -24,6 +24,7 @@ use russh_sftp::client::{Config as SftpConfig, SftpSession};
 use russh_sftp::protocol::{FileAttributes, OpenFlags};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::SshError;
 use super::exec::{ExecOptions, Session};
@@ -244,18 +245,10 @@ impl Session {
         })
     }
 
-    /// Writes the data to `temp` over SFTP; returns the size and sha256 of what was sent.
-    async fn write_temp(&self, source: &Source<'_>, temp: &str) -> Result<(u64, String), SshError> {
+    /// An SFTP session on a channel of its own, with the channel slot it holds.
+    pub(super) async fn sftp(&self) -> Result<(OwnedSemaphorePermit, SftpSession), SshError> {
         let endpoint = self.endpoint().clone();
-        let sftp_error = |op: String| {
-            let endpoint = endpoint.clone();
-            move |source| SshError::Sftp {
-                endpoint,
-                op,
-                source,
-            }
-        };
-        let _slot = self.channel_slot("sftp").await?;
+        let slot = self.channel_slot("sftp").await?;
         let channel = self.open_session_channel("sftp").await?;
         channel
             .request_subsystem(true, "sftp")
@@ -275,7 +268,26 @@ impl Session {
         };
         let sftp = SftpSession::new_with_config(channel.into_stream(), config)
             .await
-            .map_err(sftp_error("start an sftp session".to_string()))?;
+            .map_err(|source| SshError::Sftp {
+                endpoint,
+                op: "start an sftp session".to_string(),
+                source,
+            })?;
+        Ok((slot, sftp))
+    }
+
+    /// Writes the data to `temp` over SFTP; returns the size and sha256 of what was sent.
+    async fn write_temp(&self, source: &Source<'_>, temp: &str) -> Result<(u64, String), SshError> {
+        let endpoint = self.endpoint().clone();
+        let sftp_error = |op: String| {
+            let endpoint = endpoint.clone();
+            move |source| SshError::Sftp {
+                endpoint,
+                op,
+                source,
+            }
+        };
+        let (_slot, sftp) = self.sftp().await?;
         let mut attributes = FileAttributes::empty();
         attributes.permissions = Some(0o600);
         let mut file = sftp

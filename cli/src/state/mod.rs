@@ -268,6 +268,10 @@ pub struct ClusterRecord {
     /// Auto-upgrade's part: when the last upgrade finished (its soak) and the last automatic run.
     #[serde(default, skip_serializing_if = "AutoUpgradeState::is_empty")]
     pub auto_upgrade: AutoUpgradeState,
+    /// etcd snapshots kept in the cluster's `snapshots/` directory, oldest first (the last
+    /// [`crate::etcd::KEEP`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd_snapshots: Vec<crate::etcd::Snapshot>,
 }
 
 /// Auto-upgrade's part of the cluster record.
@@ -331,6 +335,10 @@ pub struct UpgradeStatus {
     /// Whether auto-upgrade started it (`upgrade --auto`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub automatic: bool,
+    /// The etcd snapshot taken before its first control-plane machine (a file of
+    /// `etcd_snapshots`): the state to restore if the control plane is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// An unfinished Kubernetes version upgrade.
@@ -350,6 +358,10 @@ pub struct KubernetesUpgradeStatus {
     /// Why it stopped, if it did (a node failed its gate and was rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// The etcd snapshot taken before its first control-plane node (a file of
+    /// `etcd_snapshots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// The cluster's Kubernetes as clusterctl last saw it.
@@ -405,6 +417,7 @@ impl ClusterRecord {
             kubernetes_upgrade: None,
             repair: RepairState::default(),
             auto_upgrade: AutoUpgradeState::default(),
+            etcd_snapshots: Vec::new(),
         })
     }
 

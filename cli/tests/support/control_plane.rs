@@ -116,6 +116,8 @@ pub struct ControlPlane {
     pub pki: Pki,
     pub pki_dir: PathBuf,
     pub api_port: u16,
+    /// etcd's client URL (`https://127.0.0.1:PORT`).
+    pub etcd_url: String,
     /// Binaries from the verified bundle, by name.
     pub bins: BTreeMap<String, PathBuf>,
     /// The bundle's Kubernetes version, e.g. `1.20.2`.
@@ -132,6 +134,7 @@ impl ControlPlane {
         let verified = bundle.verify().expect("bundle verifies");
         let bins = [
             "etcd",
+            "etcdctl",
             "kube-apiserver",
             "kube-controller-manager",
             "kubectl",
@@ -163,6 +166,7 @@ impl ControlPlane {
             pki,
             pki_dir,
             api_port: free_port(),
+            etcd_url: format!("https://127.0.0.1:{}", free_port()),
             bins,
             version,
             dir: dir.to_path_buf(),
@@ -183,8 +187,8 @@ impl ControlPlane {
     }
 
     fn start_etcd_and_apiserver(&mut self) {
-        let (etcd_port, peer_port) = (free_port(), free_port());
-        let etcd_url = format!("https://127.0.0.1:{etcd_port}");
+        let peer_port = free_port();
+        let etcd_url = self.etcd_url.clone();
         let peer_url = format!("https://127.0.0.1:{peer_port}");
         let p = |f: &str| self.p(f);
         let mut etcd = Command::new(self.bin("etcd"));
