@@ -76,6 +76,11 @@ def first_line(msg):
     return (said or lines or [""])[0][:300]
 
 
+def alternation(names):
+    """A regular expression matching exactly these test names: each escaped, joined with |."""
+    return "|".join(re.sub(r"([][().*+?^$|\\{}])", r"\\\1", n) for n in names)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--junit", nargs="+", default=[],
@@ -84,12 +89,17 @@ def main():
     ap.add_argument("--known")
     ap.add_argument("--conformance", required=True)
     ap.add_argument("--set")
+    ap.add_argument("--focus", default="", help="the run's --focus, kept in the report (run.sh --continue)")
     ap.add_argument("--out")
     ap.add_argument("--elapsed", type=int, default=0)
     ap.add_argument("--serial-of", metavar="FOCUS",
                     help="print, escaped and joined with |, the [Serial] conformance tests whose "
                          "names match FOCUS and not --skip-re, and exit (run.sh's serial pass)")
     ap.add_argument("--skip-re", default="")
+    ap.add_argument("--without-result", metavar="FOCUS",
+                    help="print, escaped and joined with |, the conformance tests whose names match "
+                         "FOCUS and not --skip-re that no --junit file reports as passed or failed, "
+                         "and exit (run.sh --continue)")
     a = ap.parse_args()
 
     conformance = read_conformance(a.conformance)
@@ -97,7 +107,18 @@ def main():
         focus, skip = re.compile(a.serial_of), re.compile(a.skip_re) if a.skip_re else None
         names = [c for _, c in conformance if "[Serial]" in c and focus.search(c)
                  and not (skip and skip.search(c))]
-        print("|".join(re.sub(r"([][().*+?^$|\\{}])", r"\\\1", n) for n in names))
+        print(alternation(names))
+        return 0
+    if a.without_result is not None:
+        focus, skip = re.compile(a.without_result), re.compile(a.skip_re) if a.skip_re else None
+        done = set()
+        for path in a.junit:
+            for case in ET.parse(path).getroot().iter("testcase"):
+                if case.find("skipped") is None:
+                    done.add(case.get("name", ""))
+        names = [c for _, c in conformance if focus.search(c) and not (skip and skip.search(c))
+                 and c not in done]
+        print(alternation(names))
         return 0
     if not (a.junit and a.skips and a.known and a.set and a.out):
         ap.error("--junit, --skips, --known, --set and --out are required")
@@ -151,6 +172,9 @@ def main():
         elif status == "failed" and rerun.get(codename) == "passed":
             status = "passed-on-rerun"
             reason = "failed in the run, passed when run again alone"
+            cause = first(known, codename)
+            if cause is not None:
+                reason += f"; why it failed in the run: {cause}"
         elif status == "failed":
             cause = first(known, codename)
             if cause is not None:
@@ -171,6 +195,7 @@ def main():
         "notRun": count("not-run"),
         "missing": count("missing"),
         "set": a.set,
+        "focus": a.focus,
         "elapsedSeconds": a.elapsed,
     }
     with open(f"{a.out}/report.json", "w", encoding="utf-8") as f:
