@@ -121,7 +121,7 @@ rc=0
 if [ -z "$run_focus" ]; then
   log "every test of the set has a result already: the report only"
 elif [ "$nodes" -eq 1 ]; then
-  log "running e2e.test (focus: $set${focus:+, $focus}) against context $ctx; log: $out/$log_name.log"
+  log "running e2e.test (focus: ${focus:-the $set set}) against context $ctx; log: $out/$log_name.log"
   mapfile -t gf < <(ginkgo_flags "$run_focus" "$skip")
   # e2e.test itself has no timeout flag (ginkgo's CLI has): timeout(1) ends it.
   timeout --kill-after=60 "$timeout" "$suite/bin/e2e.test" "${e2e_flags[@]}" --report-prefix="$prefix" "${gf[@]}" \
@@ -131,7 +131,7 @@ else
   # watch cluster-wide) wait for a pass of their own after the parallel one.
   serial=$(python3 "$here/report.py" --conformance "$suite/conformance.yaml" \
     --serial-of "$run_focus" --skip-re "$skip")
-  log "running e2e.test on $nodes ginkgo nodes (focus: $set${focus:+, $focus}; [Serial] tests after) against context $ctx; log: $out/$log_name.log"
+  log "running e2e.test on $nodes ginkgo nodes (focus: ${focus:-the $set set}; [Serial] tests after) against context $ctx; log: $out/$log_name.log"
   mapfile -t gf < <(ginkgo_flags "$run_focus" "${skip:+$skip|}\\[Serial\\]")
   # ginkgo -nodes passes every flag after the binary to each node's e2e.test, whose ginkgo flags
   # (--ginkgo.*) it reads as its own.
