@@ -30,7 +30,7 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct EtcdAccess {
     /// etcd's client URL as the node sees it (`https://127.0.0.1:2379`).
     pub endpoint: String,
-    /// CA, client certificate and key files on the node.
+    /// etcd's CA certificate file on the node.
     pub cacert: String,
     /// Client certificate file on the node.
     pub cert: String,

@@ -1159,6 +1159,9 @@ YAML
   snaps=$("$bin" -o json snapshot "$name" --list) || die "snapshot --list failed"
   snap=$(jq -r --arg r "before the upgrade to node image $v2" '[.[] | select(.reason == $r)][0].path // empty' <<< "$snaps")
   [ -n "$snap" ] && [ -f "$snap" ] || die "upgrade: no etcd snapshot was taken before the control plane: $snaps"
+  # One per upgrade: the SIGKILLed run took it, the scheduled runs that finished went on without another.
+  [ "$(jq --arg r "before the upgrade to node image $v2" '[.[] | select(.reason == $r)] | length' <<< "$snaps")" = 1 ] \
+    || die "upgrade: the resumed upgrade took another etcd snapshot: $snaps"
   [ "$(stat -c %a "$snap")" = 600 ] || die "upgrade: the etcd snapshot $snap is not 0600"
   [ "$(sha256sum < "$snap" | cut -d' ' -f1)" = "$(jq -r --arg p "$snap" '.[] | select(.path == $p) | .sha256' <<< "$snaps")" ] \
     || die "upgrade: the etcd snapshot's checksum is not the recorded one"

@@ -133,16 +133,26 @@ pub async fn run_pinned(
     retry: Duration,
     command: &str,
 ) -> anyhow::Result<crate::ssh::ExecOutput> {
+    let session = connect_pinned(identity, (endpoint, key), retry).await?;
+    let out = session.exec(command).await;
+    session.close().await;
+    Ok(out?)
+}
+
+/// One SSH session to a machine (host key pinned from the state) as `identity`, the
+/// connection retried for up to `retry`.
+pub async fn connect_pinned(
+    identity: &access::ClientIdentity,
+    (endpoint, key): (Endpoint, String),
+    retry: Duration,
+) -> anyhow::Result<crate::ssh::Session> {
     let client = access::pinned_client(
         identity,
         &[(endpoint.clone(), key)],
         RetryPolicy::for_up_to(retry),
     )?;
     let target = Target::new(endpoint.host.clone(), endpoint.port, identity.user.clone());
-    let session = client.connect(&target).await?;
-    let out = session.exec(command).await;
-    session.close().await;
-    Ok(out?)
+    Ok(client.connect(&target).await?)
 }
 
 /// The cluster's first control-plane machine (by name), which the API client and the audit log

@@ -14,12 +14,14 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use super::drain::lock;
-use super::{first_control_plane, lock_cluster, open_action_journal, pinned_endpoint, runtime};
+use super::{
+    connect_pinned, first_control_plane, load_cluster, lock_cluster, open_action_journal,
+    pinned_endpoint, runtime,
+};
 use crate::engine::Reporter;
 use crate::engine::access;
 use crate::engine::artifacts;
 use crate::etcd::{self, EtcdAccess, Snapshot};
-use crate::ssh::{RetryPolicy, Target};
 use crate::state::{ClusterGuard, ClusterRecord, Journal, StateStore, Timestamp};
 
 /// Journal action: an etcd snapshot was taken (target: the snapshot's file name).
@@ -28,7 +30,8 @@ pub const SNAPSHOT: &str = "etcd-snapshot";
 /// The directory of a cluster's snapshots in the state.
 pub const DIR: &str = "snapshots";
 
-/// Where etcd is reached on a control-plane node of `record`, and where the snapshot is made.
+/// Where etcd is reached on a control-plane node (the layout every node has), and where the
+/// snapshot is made.
 fn access() -> EtcdAccess {
     let layout = templates::kubernetes::Layout::default();
     let pki = |f: &str| format!("{}/{f}", layout.pki_dir);
@@ -92,14 +95,8 @@ pub async fn take(
     ));
     let op = lock(journal).intent(SNAPSHOT, &file)?;
     let identity = access::client_identity(&record.spec.spec.ssh, store, &name, None).await?;
-    let client = access::pinned_client(
-        &identity,
-        std::slice::from_ref(&pin),
-        RetryPolicy::for_up_to(Duration::from_secs(60)),
-    )?;
-    let target = Target::new(pin.0.host.clone(), pin.0.port, identity.user.clone());
     let result = async {
-        let session = client.connect(&target).await?;
+        let session = connect_pinned(&identity, pin, Duration::from_secs(60)).await?;
         let taken = etcd::snapshot(&session, &access(), etcdctl, &cp.name, reason, &dest).await;
         session.close().await;
         taken
@@ -152,9 +149,9 @@ pub fn by_hand(
     wait_lock: bool,
     report: Reporter,
 ) -> anyhow::Result<(Snapshot, PathBuf)> {
-    super::load_cluster(store, name)?;
+    let record = load_cluster(store, name)?;
     let guard = lock_cluster(store, name, wait_lock, report)?;
-    let mut record = super::load_cluster(store, name)?;
+    let mut record = guard.load()?.unwrap_or(record);
     if record.kubernetes.is_none() {
         bail!(
             "cluster {name:?} has no Kubernetes yet (its create never finished): run `clusterctl create` for it first"
