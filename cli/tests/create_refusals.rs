@@ -291,10 +291,28 @@ fn reset_power_cycles_through_the_provider_and_is_journaled() -> Result<()> {
     let file = path.to_str().unwrap_or_default();
     let out = bed.run(&["create", "-f", file])?;
     assert!(out.status.success(), "{}", stderr(&out));
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(bed.path("state/refused/cluster.json"))?)?;
+    let workers: Vec<String> = record["pool_members"]["workers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(workers.len(), 2, "{record}");
+    let mut all = vec!["refused-cp-0".to_owned()];
+    all.extend(workers.iter().cloned());
+    all.sort();
+    let worker = workers[0].as_str();
     let out = bed.run(&["reset", "refused", "refused-nosuch"])?;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("cluster \"refused\" has no machine \"refused-nosuch\"; its machines are refused-cp-0, refused-workers-0, refused-workers-1"),
+        stderr(&out).contains(&format!(
+            "cluster \"refused\" has no machine \"refused-nosuch\"; its machines are {}",
+            all.join(", ")
+        )),
         "{}",
         stderr(&out)
     );
@@ -302,26 +320,29 @@ fn reset_power_cycles_through_the_provider_and_is_journaled() -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(machines)?;
         Ok(v["machines"]
             .as_array()
-            .and_then(|a| a.iter().find(|m| m["name"] == "refused-workers-0"))
+            .and_then(|a| a.iter().find(|m| m["name"] == worker))
             .and_then(|m| m["boots"].as_u64())
             .unwrap_or(0))
     };
     let before = boots(&fs::read_to_string(bed.path("fake/machines.json"))?)?;
     // The fake provider's machines boot nothing, so no kubelet ever reports a new boot ID: the
     // reset happens, and the wait for the node ends at its timeout with an error saying so.
-    let out = bed.run(&["reset", "refused", "refused-workers-0", "--timeout", "1"])?;
+    let out = bed.run(&["reset", "refused", worker, "--timeout", "1"])?;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("machine refused-workers-0 was reset, but its node did not come back")
-            && err.contains("node refused-workers-0 was not Ready within 1 s"),
+        err.contains(&format!(
+            "machine {worker} was reset, but its node did not come back"
+        )) && err.contains(&format!("node {worker} was not Ready within 1 s")),
         "{err}"
     );
     let after = boots(&fs::read_to_string(bed.path("fake/machines.json"))?)?;
     assert_eq!(after, before + 1, "the machine was not power-cycled");
     let journal = fs::read_to_string(bed.path("state/refused/journal.jsonl"))?;
     assert!(
-        journal.contains("\"action\":\"reset-machine\",\"target\":\"refused-workers-0\""),
+        journal.contains(&format!(
+            "\"action\":\"reset-machine\",\"target\":\"{worker}\""
+        )),
         "{journal}"
     );
     Ok(())

@@ -176,11 +176,35 @@ fn sigkill(mut child: Child) -> Result<()> {
     Ok(())
 }
 
-fn expected(cluster: &str) -> BTreeSet<String> {
-    ["cp-0", "pool-a-0", "pool-a-1", "pool-b-0", "pool-b-1"]
-        .iter()
-        .map(|m| format!("{cluster}-{m}"))
-        .collect()
+/// The machines the record names for a cluster of [`Bed::spec`] with pools `pool-a` and `pool-b`
+/// of 2 each: `<cluster>-cp-0`, and `<cluster>-<pool>-<5 random characters>` for the pools.
+fn expected(bed: &Bed, cluster: &str) -> Result<BTreeSet<String>> {
+    let record = bed.record(cluster)?;
+    let mut out = BTreeSet::from([format!("{cluster}-cp-0")]);
+    for pool in ["pool-a", "pool-b"] {
+        let names: Vec<String> = record["pool_members"][pool]
+            .as_array()
+            .with_context(|| format!("pool_members.{pool} in {record}"))?
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect();
+        ensure!(names.len() == 2, "pool {pool} has names {names:?}");
+        for name in &names {
+            let suffix = name
+                .strip_prefix(&format!("{cluster}-{pool}-"))
+                .with_context(|| format!("{name} is not a machine name of pool {pool}"))?;
+            ensure!(
+                suffix.len() == 5
+                    && suffix.as_bytes()[0].is_ascii_lowercase()
+                    && suffix
+                        .bytes()
+                        .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)),
+                "{name}: the suffix is not 5 random characters"
+            );
+        }
+        out.extend(names);
+    }
+    Ok(out)
 }
 
 #[test]
@@ -228,7 +252,7 @@ fn create_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
     );
 
     // Exactly the requested machines exist, all carrying the same cluster ID.
-    assert_eq!(bed.machines_of(&id)?, expected("c1"));
+    assert_eq!(bed.machines_of(&id)?, expected(&bed, "c1")?);
     let all: Value = serde_json::from_slice(&std::fs::read(bed.fake_dir().join("machines.json"))?)?;
     assert_eq!(
         all["machines"].as_array().map(Vec::len),
@@ -262,7 +286,7 @@ fn create_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
         .iter()
         .filter_map(|m| m["name"].as_str().map(str::to_owned))
         .collect();
-    assert_eq!(names, expected("c1"));
+    assert_eq!(names, expected(&bed, "c1")?);
 
     // A third run has nothing to do and creates nothing new.
     let out = bed.run(&["create", "-f", &spec_s], 0)?;
@@ -272,7 +296,7 @@ fn create_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
         "{}",
         text(&out)
     );
-    assert_eq!(bed.machines_of(&id)?, expected("c1"));
+    assert_eq!(bed.machines_of(&id)?, expected(&bed, "c1")?);
     Ok(())
 }
 
@@ -290,7 +314,7 @@ fn delete_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
         .as_str()
         .context("id")?
         .to_owned();
-    assert_eq!(bed.machines_of(&id)?, expected("c2"));
+    assert_eq!(bed.machines_of(&id)?, expected(&bed, "c2")?);
 
     let child = bed.spawn(&["delete", "c2"], 300)?;
     poll("some machines deleted", Duration::from_secs(60), || {
@@ -332,10 +356,16 @@ fn delete_killed_mid_run_is_finished_by_running_it_again() -> Result<()> {
         "nothing of the cluster is left"
     );
     assert!(!bed.state_dir().join("c2").exists(), "its state is gone");
-    let bystanders: BTreeSet<String> = ["bystander-cp-0", "bystander-pool-a-0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let bystander = bed.record("bystander")?;
+    let bystanders: BTreeSet<String> = [
+        "bystander-cp-0",
+        bystander["pool_members"]["pool-a"][0]
+            .as_str()
+            .context("the bystander's pool member")?,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     assert_eq!(
         bed.machines_of(&other_id)?,
         bystanders,
@@ -418,7 +448,7 @@ fn second_create_fails_fast_naming_the_holder_and_waits_with_wait() -> Result<()
         "{stderr}"
     );
     let id = bed.record("c3")?["id"].as_str().context("id")?.to_owned();
-    assert_eq!(bed.machines_of(&id)?, expected("c3"));
+    assert_eq!(bed.machines_of(&id)?, expected(&bed, "c3")?);
     Ok(())
 }
 
@@ -429,11 +459,17 @@ fn failed_create_says_how_to_resume_and_resumes() -> Result<()> {
     let spec_s = spec.to_string_lossy().into_owned();
     let out = bed
         .cmd(&["create", "-f", &spec_s], 0)
-        .env("CLUSTERCTL_FAKE_FAIL_ENSURE", "c4-pool-a-1")
+        .env("CLUSTERCTL_FAKE_FAIL_ENSURE", "c4-pool-a-*")
         .output()?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("c4-pool-a-1: failed:"), "{stderr}");
+    let failed = bed.record("c4")?["pool_members"]["pool-a"]
+        .as_array()
+        .context("pool-a's names")?
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .find(|n| stderr.contains(&format!("{n}: failed:")));
+    assert!(failed.is_some(), "{stderr}");
     assert!(
         stderr.contains(&format!("error: creating cluster \"c4\" stopped; run `clusterctl create -f {spec_s}` again to resume")),
         "{stderr}"
@@ -450,7 +486,7 @@ fn failed_create_says_how_to_resume_and_resumes() -> Result<()> {
     let out = bed.run(&["create", "-f", &spec_s], 0)?;
     assert!(out.status.success(), "{}", text(&out));
     let id = bed.record("c4")?["id"].as_str().context("id")?.to_owned();
-    assert_eq!(bed.machines_of(&id)?, expected("c4"));
+    assert_eq!(bed.machines_of(&id)?, expected(&bed, "c4")?);
     Ok(())
 }
 
@@ -468,7 +504,11 @@ fn plan_and_get_show_the_cluster() -> Result<()> {
         stdout.contains("Plan: 5 to create, 0 to start, 0 to delete, 0 unchanged"),
         "{stdout}"
     );
-    assert!(stdout.contains("create  c5-pool-b-1  worker"), "{stdout}");
+    // New machines get their random names when they are made.
+    assert!(
+        stdout.contains("create  c5-pool-b-<new-4>  worker"),
+        "{stdout}"
+    );
     assert!(!bed.state_dir().join("c5").exists(), "plan changes nothing");
 
     let out = bed.run(&["plan", "-o", "json", "-f", &spec_s], 0)?;
@@ -516,7 +556,7 @@ fn plan_and_get_show_the_cluster() -> Result<()> {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("status: provisioned") && stdout.contains("name: c5-pool-b-1"),
+        stdout.contains("status: provisioned") && stdout.contains("name: c5-pool-b-"),
         "{stdout}"
     );
 
@@ -639,10 +679,19 @@ fn repair_skips_what_it_must_and_never_overlaps_another_command() -> Result<()> 
         2,
         "two creates, each succeeded: {listing}"
     );
-    assert!(
-        listing.contains("ensure-machine c9-pool-a-5: done"),
-        "{listing}"
-    );
+    // The second create made the pool's 4 new machines, the names the record gave them.
+    let names = bed.record("c9")?["pool_members"]["pool-a"]
+        .as_array()
+        .context("pool-a's names")?
+        .clone();
+    assert_eq!(names.len(), 6, "{names:?}");
+    for n in &names[2..] {
+        let n = n.as_str().unwrap_or_default();
+        assert!(
+            listing.contains(&format!("ensure-machine {n}: done")),
+            "{n}: {listing}"
+        );
+    }
     let out = bed.run(&["autorepair", "status", "c9"], 0)?;
     assert!(out.status.success(), "{}", text(&out));
     assert!(

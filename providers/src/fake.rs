@@ -13,7 +13,8 @@
 //! Options for tests ([`FakeOptions::from_env`]):
 //! - `CLUSTERCTL_FAKE_DELAY_MS`: sleep this long in every ensure, and before each machine removed
 //!   by delete, so a test can kill the process while calls are in flight;
-//! - `CLUSTERCTL_FAKE_FAIL_ENSURE`: ensuring the machine with this name fails with an API error.
+//! - `CLUSTERCTL_FAKE_FAIL_ENSURE`: ensuring the machine with this name fails with an API error;
+//!   a prefix ending in `*` fails the first machine of the process whose name starts with it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -164,6 +165,8 @@ pub struct FakeProvider {
     // flock excludes other processes; this excludes other threads of this one, which would
     // otherwise each open their own descriptor and contend on flock needlessly.
     local: Mutex<()>,
+    // A `prefix*` failure has happened (it fails once per process).
+    failed_once: std::sync::atomic::AtomicBool,
 }
 
 fn api(operation: impl Into<String>, detail: impl std::fmt::Display) -> ProviderError {
@@ -189,6 +192,7 @@ impl FakeProvider {
             dir,
             options,
             local: Mutex::new(()),
+            failed_once: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -411,7 +415,17 @@ impl Provider for FakeProvider {
         }
         // Creating takes time; do it outside the lock so concurrent ensures overlap, as real ones do.
         self.pause();
-        if self.options.fail_ensure.as_deref() == Some(spec.name.as_str()) {
+        let fail = match self.options.fail_ensure.as_deref() {
+            Some(p) if p.ends_with('*') => {
+                spec.name.starts_with(&p[..p.len() - 1])
+                    && !self
+                        .failed_once
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+            }
+            Some(name) => name == spec.name,
+            None => false,
+        };
+        if fail {
             return Err(api(
                 format!("creating fake machine {:?}", spec.name),
                 format!("failure injected by {ENV_FAIL_ENSURE}"),

@@ -247,7 +247,11 @@ spec:
     enabled: false
     unhealthyThreshold: 30s
 EOF
-machines="$name-cp-0 $name-workers-0 $name-workers-1"
+# Machine names come from the record: pool machines are named `<cluster>-workers-<5 random
+# characters>` when they are first wanted, in the pool's order (a replaced machine takes its
+# predecessor's place), so `worker 0` is the first worker whatever its name.
+worker() { jq -r --argjson i "$1" '.pool_members.workers[$i] // empty' "$CLUSTERCTL_STATE_DIR/$name/cluster.json"; }
+machines_now() { echo "$name-cp-0 $(jq -r '.pool_members.workers | join(" ")' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"; }
 
 cluster_id() { jq -r .id "$CLUSTERCTL_STATE_DIR/$name/cluster.json"; }
 
@@ -281,11 +285,11 @@ inventory() {
 check_inventory() {
   local inv=$1 m want
   want=$(
-    for m in $machines; do echo "domain $m running"; done
+    for m in $(machines_now); do echo "domain $m running"; done
     echo "network clusterctl-ID"
     echo "pool clusterctl-ID"
     { echo "volume clusterctl-owner-ID"
-      for m in $machines; do printf 'volume %s-data.qcow2\nvolume %s-root.qcow2\nvolume %s-seed.img\n' "$m" "$m" "$m"; done
+      for m in $(machines_now); do printf 'volume %s-data.qcow2\nvolume %s-root.qcow2\nvolume %s-seed.img\n' "$m" "$m" "$m"; done
       grep '^volume image-' <<< "$inv" || true; } | sort
   )
   [ "$(grep -c '^volume image-' <<< "$inv")" -eq 4 ] || die "want 4 image volumes: $inv"
@@ -297,7 +301,7 @@ check_running() {
   json=$("$bin" get "$name" -o json)
   count=$(jq '.machines | length' <<< "$json")
   [ "$count" -eq 3 ] || die "get shows $count machines, want 3: $json"
-  for m in $machines; do
+  for m in $(machines_now); do
     jq -e --arg m "$m" '.machines[] | select(.name == $m and .state == "running" and (.addresses | length) > 0)' <<< "$json" > /dev/null \
       || die "machine $m is not running with an address: $json"
   done
@@ -306,7 +310,7 @@ check_running() {
 
 check_ssh() {
   local m out pinned actual
-  for m in $machines; do
+  for m in $(machines_now); do
     out=$("$bin" ssh "$name" "$m" -- hostname) || die "clusterctl ssh $m failed"
     [ "$out" = "$m" ] || die "machine $m calls itself '$out'"
     pinned=$(jq -r --arg m "$m" '.ssh_host_keys[$m]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | awk '{print $1, $2}')
@@ -330,7 +334,7 @@ check_gone() {
 
 check_secrets() {
   local f
-  for f in ssh-client-key $(for m in $machines; do echo "ssh-host-key-$m"; done); do
+  for f in ssh-client-key $(for m in $(machines_now); do echo "ssh-host-key-$m"; done); do
     [ "$(stat -c %a "$CLUSTERCTL_STATE_DIR/$name/$f")" = 600 ] || die "secret $f is not mode 0600"
   done
 }
@@ -400,7 +404,7 @@ check_kubernetes() {
   [ "$(k config current-context)" = "clusterctl-$name" ] || die "current context is not clusterctl-$name"
   nodes=$(k get nodes -o json) || die "kubectl get nodes failed"
   ready=$(jq -r '[.items[] | select(any(.status.conditions[]; .type == "Ready" and .status == "True")) | .metadata.name] | sort | join(" ")' <<< "$nodes")
-  [ "$ready" = "$(tr ' ' '\n' <<< "$machines" | sort | xargs)" ] || die "Ready nodes: '$ready', want: $machines"
+  [ "$ready" = "$(tr ' ' '\n' <<< "$(machines_now)" | sort | xargs)" ] || die "Ready nodes: '$ready', want: $(machines_now)"
   jq -e '[.items[].status.nodeInfo.kubeletVersion] | all(. == "v1.20.2")' <<< "$nodes" > /dev/null || die "kubelet versions: $nodes"
   k get node "$name-cp-0" -o json | jq -e '.metadata.labels["node-role.kubernetes.io/control-plane"] == ""' > /dev/null \
     || die "the control-plane node has no role label"
@@ -445,7 +449,7 @@ YAML
   p1=$(jq -r '.items[0].metadata.name' <<< "$pods"); n1=$(jq -r '.items[0].spec.nodeName' <<< "$pods")
   p2=$(jq -r '.items[1].metadata.name' <<< "$pods"); n2=$(jq -r '.items[1].spec.nodeName' <<< "$pods")
   ip2=$(jq -r '.items[1].status.podIP' <<< "$pods")
-  [ "$(printf '%s\n' "$n1" "$n2" | sort | xargs)" = "$name-workers-0 $name-workers-1" ] || die "web pods run on '$n1' and '$n2', want one on each worker"
+  [ "$(printf '%s\n' "$n1" "$n2" | sort | xargs)" = "$(printf '%s\n' "$(worker 0)" "$(worker 1)" | sort | xargs)" ] || die "web pods run on '$n1' and '$n2', want one on each worker"
   log "kubernetes: busybox pods $p1 on $n1 and $p2 on $n2"
   # (`timeout`, not wget's -T: Debian's busybox-static 1.35 wget segfaults with -T, exit 139.)
   out=$(k exec "$p1" -- timeout 10 wget -q -O - "http://$ip2:8080/") || die "pod $p1 on $n1 cannot reach pod $p2 at $ip2 on $n2"
@@ -464,7 +468,8 @@ YAML
 # A worker rebooted comes back as a node by itself: its /etc files and units restored from the
 # data disk (clusterctl-restore), its web pod serving again, reached from the other worker.
 check_reboot() {
-  local m=$name-workers-0 before after="" out="" pods p_m ip_m p_other started
+  local m before after="" out="" pods p_m ip_m p_other started
+  m=$(worker 0)
   before=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count) || die "cannot read the boot count of $m"
   waiting "$m rebooting and its web pod serving again (up to 30 min)"
   "$bin" ssh "$name" "$m" -- sudo -n systemctl --no-block reboot || true
@@ -499,18 +504,19 @@ check_reboot() {
 
 # A node that does not answer: create fails naming the node and the phase, then works again.
 check_unreachable() {
-  local ip
-  ip=$(jq -r --arg m "$name-workers-1" '.machines[] | select(.name == $m) | .addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
-  waiting "create with $name-workers-1 unreachable (must fail naming it)"
+  local ip w1
+  w1=$(worker 1)
+  ip=$(jq -r --arg m "$w1" '.machines[] | select(.name == $m) | .addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  waiting "create with $w1 unreachable (must fail naming it)"
   iptables -w -I OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
   if "$bin" create -f "$work/cluster.yaml" --ssh-timeout 20 2> "$work/unreachable.log"; then
     iptables -w -D OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
-    die "create succeeded with $name-workers-1 unreachable"
+    die "create succeeded with $w1 unreachable"
   fi
   iptables -w -D OUTPUT -d "$ip" -p tcp --dport 22 -j DROP
   local err
   err=$(sed -n '/^error/,$p' "$work/unreachable.log")
-  grep -q "$name-workers-1" <<< "$err" && grep -q "Waiting for SSH" <<< "$err" \
+  grep -q "$w1" <<< "$err" && grep -q "Waiting for SSH" <<< "$err" \
     || { cat "$work/unreachable.log" >&2; die "the error does not name the node and the phase"; }
   [ "$("$bin" get "$name" -o json | jq -r .status)" = reconciling ] || die "after the failed re-run the cluster is not 'reconciling'"
   log "unreachable node: $(head -c 300 <<< "$err")"
@@ -569,7 +575,7 @@ phase_node_services() {
   local svc pods m out route
   svc=$(k get service web -o jsonpath='{.spec.clusterIP}') || die "no Service web (phase workloads makes it)"
   pods=$(k get pods -l app=web -o json)
-  for m in $machines; do
+  for m in $(machines_now); do
     waiting "$m reaching the ClusterIP $svc:80 from the node itself"
     route=$("$bin" ssh "$name" "$m" -- ip route get "$svc") || die "$m has no route to the Service IP $svc"
     out=""
@@ -585,7 +591,7 @@ phase_node_services() {
   # The pod-network unit keeps the route applied: deleted behind its back, it is put back (the
   # unit re-applies its steps every 15 s) and the unit's journal says so.
   local svc_cidr=10.96.0.0/12 # the spec's default serviceCIDR (this cluster.yaml sets none)
-  m=$name-workers-1
+  m=$(worker 1)
   waiting "the service route on $m put back by clusterctl-pod-network after it was deleted"
   "$bin" ssh "$name" "$m" -- sudo -n ip route del "$svc_cidr" || die "cannot delete the service route on $m"
   route=""
@@ -911,7 +917,8 @@ phase_access_expired() {
 #     evicts the other and finishes; the node stays cordoned and empty until `uncordon`.
 # The `web` Deployment of `workloads` (one pod per worker) is whole again at the end.
 phase_drain() {
-  local ns=e2e-drain w0=$name-workers-0 w1=$name-workers-1 out left
+  local ns=e2e-drain w0 w1 out left
+  w0=$(worker 0); w1=$(worker 1)
   k delete namespace "$ns" --ignore-not-found --wait=true > /dev/null
   k create namespace "$ns" > /dev/null || die "cannot create namespace $ns"
   # drain_workload NAME REPLICAS BUDGET-SPEC STATUS-FIELD VALUE: a Deployment and its budget, all
@@ -1071,21 +1078,25 @@ YAML
   grep -q "3 machine(s) to replace" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not plan 3 replacements"; }
   grep -q "First, an etcd snapshot" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not say it takes an etcd snapshot first"; }
   json=$("$bin" -o json upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade -o json --dry-run failed"; }
-  [ "$(jq -r '[.nodes[].name] | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0 $name-workers-1" ] \
-    || { kill "$client_pid"; die "upgrade --dry-run order: $json"; }
-  waiting "clusterctl upgrade $name --node-image $v2, SIGKILLed while it replaces $name-workers-0"
+  [ "$(jq -r '.nodes[0].name' <<< "$json")" = "$name-cp-0" ] \
+    && [ "$(jq -r '[.nodes[].name] | sort | join(" ")' <<< "$json")" = "$(tr ' ' '\n' <<< "$(machines_now)" | sort | xargs)" ] \
+    || { kill "$client_pid"; die "upgrade --dry-run order (control plane first, then every worker): $json"; }
+  # The first worker the upgrade replaces.
+  local first_worker
+  first_worker=$(jq -r '.nodes[1].name' <<< "$json")
+  waiting "clusterctl upgrade $name --node-image $v2, SIGKILLed while it replaces $first_worker"
   started=$SECONDS
   "$bin" -o json upgrade "$name" --node-image "$v2" --drain-timeout 900 > "$work/upgrade-killed.json" 2> "$work/upgrade-killed.err" &
   local upid=$! seen=
   for _ in $(seq 1 1800); do
-    if grep -q "\"action\":\"replace-boot-disk\",\"target\":\"$name-workers-0\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl"; then seen=1; break; fi
+    if grep -q "\"action\":\"replace-boot-disk\",\"target\":\"$first_worker\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl"; then seen=1; break; fi
     kill -0 "$upid" 2> /dev/null || break
     sleep 1
   done
-  [ -n "$seen" ] || { kill "$client_pid"; cat "$work/upgrade-killed.err" >&2; die "upgrade never reached the boot-disk replacement of $name-workers-0"; }
+  [ -n "$seen" ] || { kill "$client_pid"; cat "$work/upgrade-killed.err" >&2; die "upgrade never reached the boot-disk replacement of $first_worker"; }
   sleep 3
   kill -9 "$upid" 2> /dev/null || true; wait "$upid" 2> /dev/null || true
-  log "upgrade: SIGKILLed $((SECONDS - started)) s in, while replacing the boot disk of $name-workers-0"
+  log "upgrade: SIGKILLed $((SECONDS - started)) s in, while replacing the boot disk of $first_worker"
   jq -e --arg v "$v2" '.upgrade.to.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
     || { kill "$client_pid"; die "upgrade: the killed run left no unfinished upgrade in the record"; }
   # Auto-upgrade finishes it: off first (nothing done), then `autoupgrade enable` and a real
@@ -1138,7 +1149,7 @@ YAML
   v2digest=$(jq -r '.node_image.digest' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
   [ "$(jq -r '.node_image.version' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$v2" ] || die "upgrade: the cluster's pinned image is not $v2"
   jq -e '.upgrade == null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade: the record still holds an unfinished upgrade"
-  for m in $machines; do
+  for m in $(machines_now); do
     jq -e --arg m "$m" --arg d "$v2digest" '.machines[] | select(.name == $m) | .image_digest == $d' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
       || die "upgrade: the state says $m does not boot $v2"
     xml=$($virsh dumpxml "$m")
@@ -1146,7 +1157,7 @@ YAML
     "$bin" ssh "$name" "$m" -- test -x /usr/bin/less || die "upgrade: $m does not run the new image (no /usr/bin/less, from the package it adds)"
   done
   after_ids=$(k get nodes -o json | jq -r '[.items[] | "\(.metadata.name)=\(.status.nodeInfo.bootID)"] | sort | join(" ")')
-  for m in $machines; do
+  for m in $(machines_now); do
     grep -q "$m=" <<< "$after_ids" || die "upgrade: node $m is gone: $after_ids"
     ! grep -q "$(grep -o "$m=[^ ]*" <<< "$before_ids")" <<< "$after_ids" || die "upgrade: $m did not boot again: $after_ids"
   done
@@ -1219,7 +1230,7 @@ phase_upgrade_kubernetes() {
   grep -q "holds Kubernetes 1.20.2" <<< "$err" || die "bundle of another version: $err"
   cmp -s "$CLUSTERCTL_STATE_DIR/$name/cluster.json" "$work/cluster.json.before-k8s" || die "a refused upgrade changed the record"
   json=$("$bin" -o json upgrade "$name" --kubernetes-version 1.20.3 --bundle "$b2" --dry-run) || die "upgrade --kubernetes-version --dry-run failed: $json"
-  [ "$(jq -r '[.nodes[] | "\(.name)=\(.kubeletBefore)"] | join(" ")' <<< "$json")" = "$name-cp-0=v1.20.2 $name-workers-0=v1.20.2 $name-workers-1=v1.20.2" ] \
+  [ "$(jq -r '[.nodes[] | "\(.name)=\(.kubeletBefore)"] | join(" ")' <<< "$json")" = "$(for m in $(machines_now); do printf '%s=v1.20.2 ' "$m"; done | sed 's/ $//')" ] \
     || die "upgrade --kubernetes-version --dry-run: $json"
 
   k apply -f - > /dev/null <<YAML || die "kubectl apply of the NodePort and the budget failed"
@@ -1267,7 +1278,7 @@ YAML
   [ "$(k get nodes -o json | jq -r '[.items[] | .status.nodeInfo.kubeletVersion] | unique | join(" ")')" = v1.20.3 ] \
     || die "upgrade-kubernetes: not every kubelet reports v1.20.3: $(k get nodes -o wide)"
   [ "$(k version -o json | jq -r .serverVersion.gitVersion)" = v1.20.3 ] || die "upgrade-kubernetes: the API server is not v1.20.3"
-  for m in $machines; do
+  for m in $(machines_now); do
     "$bin" ssh "$name" "$m" -- /var/lib/clusterctl/bin/kubelet --version | grep -q 'Kubernetes v1.20.3' || die "upgrade-kubernetes: $m's kubelet binary is not 1.20.3"
   done
   jq -e '.spec.spec.kubernetes.version == "1.20.3" and .kubernetes.version == "1.20.3" and .kubernetes_upgrade == null' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
@@ -1349,7 +1360,8 @@ phase_bench_readiness() {
 # against the real kubectl's view, the node's own boot counter and the journal; the web pod on it
 # runs again.
 phase_reset() {
-  local m=$name-workers-0 before after json id_before id_after kubectl_id err
+  local m before after json id_before id_after kubectl_id err
+  m=$(worker 0)
   err=$("$bin" reset "$name" "$name-nosuch" 2>&1) && die "reset of an unknown node succeeded"
   grep -q "has no machine \"$name-nosuch\"; its machines are" <<< "$err" || die "reset of an unknown node: $err"
   before=$("$bin" ssh "$name" "$m" -- cat /var/lib/clusterctl/boot-count) || die "cannot read the boot count of $m"
@@ -1405,7 +1417,8 @@ cron_down() {
 }
 node_verdict() { jq -c --arg n "$1" '.[0].nodes[] | select(.name == $n)'; }
 phase_repair() {
-  local w0=$name-workers-0 w1=$name-workers-1 out json i t0 wall rss walls="" rsss="" uuid_before boot_before
+  local w0 w1 out json i t0 wall rss walls="" rsss="" uuid_before boot_before new
+  w0=$(worker 0); w1=$(worker 1)
   local tap0 tap1 hist t_destroy t_ready v keys m
   # 1. Healthy: nothing to do; the cost of a pass.
   waiting "repair: a healthy pass"
@@ -1474,11 +1487,11 @@ phase_repair() {
   "$bin" repair "$name" 2> "$work/repair-killed.log" &
   pid=$!
   for i in $(seq 1 600); do
-    grep -q "creating the machine again" "$work/repair-killed.log" 2>/dev/null && break
+    grep -q "creating the machine that replaces $w1" "$work/repair-killed.log" 2>/dev/null && break
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.2
   done
-  grep -q "creating the machine again" "$work/repair-killed.log" || { cat "$work/repair-killed.log" >&2; die "repair never reached the re-creation of $w1"; }
+  grep -q "creating the machine that replaces $w1" "$work/repair-killed.log" || { cat "$work/repair-killed.log" >&2; die "repair never reached the re-creation of $w1"; }
   sleep 10
   kill -9 "$pid" 2>/dev/null || die "repair finished before it could be killed"
   wait "$pid" 2>/dev/null || true
@@ -1487,6 +1500,14 @@ phase_repair() {
   log "repair: SIGKILLed $((SECONDS - t_destroy)) s after the destroy, while re-creating $w1"
   jq -e --arg n "$w1" '.repair.history[-1] | .node == $n and .action == "replace" and .outcome == "in-progress"' \
     "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "no in-progress replacement of $w1 in the record"
+  # The replacement has a name of its own, given (and kept in the record, in $w1's place in the
+  # pool) before it was made.
+  new=$(jq -r '.repair.history[-1].replacedBy // empty' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  [ -n "$new" ] && [ "$new" != "$w1" ] && [ "$(worker 1)" = "$new" ] && [ "$(worker 0)" = "$w0" ] \
+    || die "the replacement of $w1 has no new name in its place in the pool: replacedBy '$new', workers $(machines_now)"
+  [[ $new =~ ^$name-workers-[b-df-hj-np-tv-xz][b-df-hj-np-tv-xz2456789]{4}$ ]] || die "the replacement's name $new is not <cluster>-<pool>-<5 random characters>"
+  jq -e --arg n "$w1" '.retired_machine_names | index($n)' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+    || die "$w1 is not among the retired names (it could be handed out again)"
 
   # The schedule: a real cron daemon in a private mount namespace (its own crontab spool, no
   # system crontab), with the entry `autorepair enable` installs through `crontab`.
@@ -1512,15 +1533,18 @@ phase_repair() {
   [ -s "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" ] || die "cron's runs wrote no log"
   [ "$(stat -c %a "$CLUSTERCTL_STATE_DIR/$name/autorepair.log")" = 600 ] || die "the cron log is not 0600"
   jq -e '.repair.lastPass.scheduled' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "the last pass was not the scheduled one"
-  k wait --for=condition=Ready node "$w1" --timeout=300s > /dev/null || die "$w1 is not Ready after its replacement"
+  k wait --for=condition=Ready node "$new" --timeout=300s > /dev/null || die "$new is not Ready after it replaced $w1"
+  k get node "$w1" > /dev/null 2>&1 && die "the Node of the replaced machine $w1 is still there"
   k rollout status deployment/web --timeout=600s >&2 || die "web did not get back to 2 replicas"
   check_running
   check_inventory "$(inventory "$(cluster_id)")"
-  # The replaced worker has the same identity (its pinned host key); create's reconcile, run by
-  # the repair on the running cluster, changed nothing on the two healthy nodes (what phase
-  # `again` proves for a whole cluster).
-  [ "$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$keys" ] || die "the replacement changed host keys"
-  "$bin" ssh "$name" "$w1" -- true || die "the replaced $w1 does not answer with its pinned host key"
+  # The replacement has a host key of its own, pinned; the old machine's is gone, the others'
+  # are unchanged; create's reconcile, run by the repair on the running cluster, changed nothing
+  # on the two healthy nodes (what phase `again` proves for a whole cluster).
+  [ "$(jq -S --arg o "$w1" --arg n "$new" '.ssh_host_keys | del(.[$n]) | keys' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S --arg o "$w1" 'del(.[$o]) | keys' <<< "$keys")" ] \
+    && [ "$(jq -S --arg n "$name-cp-0" '.ssh_host_keys[$n]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S --arg n "$name-cp-0" '.[$n]' <<< "$keys")" ] \
+    || die "the replacement changed the other machines' host keys or kept the old one's"
+  "$bin" ssh "$name" "$new" -- true || die "the replacement $new does not answer with its pinned host key"
   for m in "$name-cp-0" "$w0"; do
     grep -q "$m: 0 file(s) uploaded (0 MiB), [0-9]* artifact(s) already there, 0 file(s) changed, 0 image(s) imported" "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" \
       || die "the scheduled repair's reconcile changed something on $m (see autorepair.log above)"
@@ -1530,7 +1554,7 @@ phase_repair() {
   out=$("$bin" operations "$name") || die "operations failed"
   grep -q "repair-replace $w1: interrupted" <<< "$out" && grep -q "repair-replace $w1: done" <<< "$out" \
     || { echo "$out" >&2; die "operations does not show the interrupted and the finished replacement"; }
-  log "repair: $w1 destroyed, replaced (SIGKILL, then cron), Ready $((t_ready - t_destroy)) s after the destroy; $(jq -r '.repair.history[-1].detail' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
+  log "repair: $w1 destroyed, replaced by $new (SIGKILL, then cron), Ready $((t_ready - t_destroy)) s after the destroy; $(jq -r '.repair.history[-1].detail' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
 }
 
 phase_unreachable() {
@@ -1541,7 +1565,8 @@ phase_unreachable() {
 # through the API client before its machine is deleted (its pods move), then its Node object is
 # removed; the rest of the cluster keeps running.
 phase_scale_down() {
-  local w1=$name-workers-1 drained deleted nodes json out
+  local w0 w1 drained deleted nodes json out
+  w0=$(worker 0); w1=$(worker 1)
   sed 's/^      count: 2$/      count: 1/' "$work/cluster.yaml" > "$work/cluster-1w.yaml"
   ! cmp -s "$work/cluster.yaml" "$work/cluster-1w.yaml" || die "cannot make the one-worker spec"
   waiting "plan with one worker fewer showing the drain of $w1"
@@ -1560,15 +1585,15 @@ phase_scale_down() {
   [ -n "$deleted" ] && [ "$drained" -lt "$deleted" ] || die "create did not drain $w1 before deleting it"
   grep -q "$w1: Node object removed" "$work/scale-down.log" || die "create did not remove the Node object of $w1"
   nodes=$(k get nodes -o jsonpath='{.items[*].metadata.name}')
-  [ "$nodes" = "$name-cp-0 $name-workers-0" ] || die "nodes after the scale-down: '$nodes'"
+  [ "$nodes" = "$name-cp-0 $w0" ] || die "nodes after the scale-down: '$nodes'"
   json=$("$bin" get "$name" -o json)
-  [ "$(jq -r '[.machines[].name] | sort | join(" ")' <<< "$json")" = "$name-cp-0 $name-workers-0" ] \
+  [ "$(jq -r '[.machines[].name] | sort | join(" ")' <<< "$json")" = "$name-cp-0 $w0" ] \
     || die "machines after the scale-down: $json"
   ! $virsh list --all --name | grep -q -- "$w1" || die "the domain of $w1 is still there"
-  # web's pod that ran on $w1 was evicted; the one on $name-workers-0 still serves.
-  [ "$(k get pods -l app=web -o json | jq -r '[.items[] | select(.status.phase == "Running") | .spec.nodeName] | join(" ")')" = "$name-workers-0" ] \
-    || die "web does not run on $name-workers-0 alone after the scale-down"
-  machines="$name-cp-0 $name-workers-0"
+  [ "$(machines_now)" = "$name-cp-0 $w0" ] || die "the record's machines after the scale-down: $(machines_now)"
+  # web's pod that ran on $w1 was evicted; the one on $w0 still serves.
+  [ "$(k get pods -l app=web -o json | jq -r '[.items[] | select(.status.phase == "Running") | .spec.nodeName] | join(" ")')" = "$w0" ] \
+    || die "web does not run on $w0 alone after the scale-down"
   log "scale-down: $w1 drained (line $drained) before it was deleted (line $deleted), its Node removed; 2 nodes left"
 }
 

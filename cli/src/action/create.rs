@@ -220,10 +220,11 @@ pub fn reconcile(
 ) -> anyhow::Result<()> {
     let name = record.name.clone();
     let provider: Arc<dyn providers::Provider> = Arc::from(provider::provider_for(&spec)?);
-    let desired_names: Vec<String> = engine::desired_machines(&spec)
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
+    // Pool machines are named before anything is made, and the names kept in the record, so a
+    // killed run goes on with the same ones.
+    super::assign_machine_names(record, &spec, report);
+    guard.save(record)?;
+    let desired_names = engine::desired_names(&spec, &record.pool_members)?;
     let cluster = record.cluster_ref();
     let labels = spec.metadata.labels.clone().into_iter().collect();
     let (template, ssh) = if matches!(spec.spec.provider, spec::Provider::Fake(_)) {
@@ -304,6 +305,7 @@ pub fn reconcile(
         ssh_ready: Default::default(),
         nodes,
         stale_nodes: Vec::new(),
+        members: record.pool_members.clone(),
     };
     let result = rt.block_on(engine::run_phases(
         &mut ctx,
@@ -469,7 +471,7 @@ fn bootstrap_kubernetes(
     access: SshAccess,
     report: Reporter,
 ) -> anyhow::Result<()> {
-    let machines = bootstrap::boot_machines(&ctx.desired, &ctx.observed)?;
+    let machines = bootstrap::boot_machines(&ctx.desired, &ctx.members, &ctx.observed)?;
     let pins: Vec<(crate::ssh::Endpoint, String)> = machines
         .iter()
         .filter_map(|m| {
@@ -524,7 +526,7 @@ pub async fn bootstrap_nodes(
 ) -> anyhow::Result<()> {
     let identity =
         access::client_identity(&spec.spec.ssh, store, &record.name, Some(guard)).await?;
-    let machines = bootstrap::boot_machines(spec, &record.machines)?;
+    let machines = bootstrap::boot_machines(spec, &record.pool_members, &record.machines)?;
     let pins: Vec<(crate::ssh::Endpoint, String)> = machines
         .iter()
         .filter_map(|m| {

@@ -155,6 +155,40 @@ pub async fn connect_pinned(
     Ok(client.connect(&target).await?)
 }
 
+/// Gives the spec's node pools their machine names in `record` (kept ones stay, new ones are
+/// random, dropped ones retired) and reports what changed. The caller saves the record before
+/// any machine is made.
+pub fn assign_machine_names(
+    record: &mut ClusterRecord,
+    spec: &crate::spec::Cluster,
+    report: Reporter,
+) {
+    use crate::engine::names;
+    let host_keys: std::collections::BTreeSet<String> =
+        record.ssh_host_keys.keys().cloned().collect();
+    let surge = record.surge_machines();
+    let known = names::Known {
+        machines: &record.machines,
+        host_keys: &host_keys,
+        surge: &surge,
+    };
+    let got = names::assign(
+        spec,
+        &mut record.pool_members,
+        &mut record.retired_machine_names,
+        &known,
+        &mut names::random_suffix,
+    );
+    for pool in &got.adopted {
+        report.note(&format!(
+            "node pool {pool}: keeps its machines' names from before names were random; new machines get random names"
+        ));
+    }
+    for (pool, name) in &got.added {
+        report.machine(name, &format!("named for node pool {pool}"));
+    }
+}
+
 /// The cluster's first control-plane machine (by name), which the API client and the audit log
 /// are reached through.
 pub fn first_control_plane(record: &ClusterRecord) -> anyhow::Result<&providers::Machine> {

@@ -11,9 +11,9 @@
 //! Replacing a worker: a node that still answers is drained (PodDisruptionBudgets honoured, up
 //! to the drain timeout); its Node object is deleted (its pods are rescheduled at once instead
 //! of after the 5-minute eviction timeout); the machine is deleted through the provider, data
-//! disk included; then `create`'s reconcile makes it again from the stored spec and the pinned
-//! node image (same name, same pinned host key) and bootstraps it, and the pass waits until the
-//! node is Ready.
+//! disk included; then a new machine with a name of its own (`<cluster>-<pool>-<random>`, in the
+//! old one's place in the pool; host key new) is made by `create`'s reconcile from the stored
+//! spec and the pinned node image, bootstrapped, and the pass waits until its node is Ready.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -235,6 +235,7 @@ pub fn repair(
             outcome: RepairOutcome::InProgress,
             detail: None,
             steps_done: Vec::new(),
+            replaced_by: None,
             ready_after_secs: None,
             healed_after_secs: None,
         })
@@ -348,7 +349,11 @@ async fn observe(
         Ok(n) => (n, None),
         Err(e) => (Vec::new(), Some(crate::error::error_chain(e.as_ref()))),
     };
-    let desired = crate::engine::desired_machines(&record.spec);
+    // A cluster from before random names has no pool members in its record yet: its machines
+    // are adopted here as `create` and a repair adopt them (nothing is saved by observing).
+    let mut adopted = record.clone();
+    super::assign_machine_names(&mut adopted, &record.spec, Reporter::silent());
+    let desired = crate::engine::desired_machines(&record.spec, &adopted.pool_members)?;
     let mut out = Vec::new();
     let mut probes = tokio::task::JoinSet::new();
     let identity =
@@ -637,11 +642,46 @@ fn replace(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Resul
             .push(MACHINE_DELETED.into());
         guard.save(record)?;
     }
-    report.machine(
-        &node,
-        "creating the machine again from the spec and the pinned image",
-    );
     let spec = record.spec.clone();
+    // The new machine gets a name of its own (never the old one's: its Node, host key and
+    // journal records belong to the old machine), in the old one's place in its pool.
+    let new_name = match record.repair.history[idx].replaced_by.clone() {
+        Some(n) => n,
+        None => {
+            super::assign_machine_names(record, &spec, report);
+            let pool = record.repair.history[idx].pool.clone();
+            let mut also: std::collections::BTreeSet<String> =
+                record.ssh_host_keys.keys().cloned().collect();
+            also.extend(record.machines.iter().map(|m| m.name.clone()));
+            let fresh = crate::engine::names::fresh_name(
+                &record.name,
+                &pool,
+                &record.pool_members,
+                &record.retired_machine_names,
+                &also,
+                &mut crate::engine::names::random_suffix,
+            )
+            .ok_or_else(|| anyhow!("no free machine name found for node pool {pool}"))?;
+            let Some(slot) = record
+                .pool_members
+                .get_mut(&pool)
+                .and_then(|l| l.iter_mut().find(|n| **n == node))
+            else {
+                bail!(
+                    "node {node} is not a machine of node pool {pool} in the cluster record; run `clusterctl create -f` with the cluster's file to reconcile it"
+                );
+            };
+            *slot = fresh.clone();
+            crate::engine::names::retire(&mut record.retired_machine_names, [node.clone()]);
+            record.repair.history[idx].replaced_by = Some(fresh.clone());
+            guard.save(record)?;
+            fresh
+        }
+    };
+    report.machine(
+        &new_name,
+        &format!("creating the machine that replaces {node}, from the spec and the pinned image"),
+    );
     let image = crate::provider::node_image(
         &spec,
         record.node_image.as_ref(),
@@ -671,9 +711,15 @@ fn replace(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Resul
         create_opts,
         report,
     )
-    .with_context(|| format!("creating machine {node} again"))?;
+    .with_context(|| format!("creating machine {new_name} in place of {node}"))?;
     guard.save(record)?;
-    rt.block_on(wait_for_node(store, record, &node, None, opts.node_timeout))?;
+    rt.block_on(wait_for_node(
+        store,
+        record,
+        &new_name,
+        None,
+        opts.node_timeout,
+    ))?;
     Ok(())
 }
 

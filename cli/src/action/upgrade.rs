@@ -270,6 +270,7 @@ pub fn upgrade(
             stopped: None,
             automatic,
             snapshot: same.and_then(|u| u.snapshot.clone()),
+            surge: same.map(|u| u.surge.clone()).unwrap_or_default(),
         };
         // The rollback point: etcd as it is before the first control plane is touched (once
         // per upgrade; a re-run that finds it recorded goes on without another).

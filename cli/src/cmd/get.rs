@@ -469,10 +469,10 @@ pub(crate) fn repairs_table(history: &[crate::state::RepairRecord], last: usize)
             vec![
                 r.started_at.to_string(),
                 r.node.clone(),
-                if r.units.is_empty() {
-                    r.action.to_string()
-                } else {
-                    format!("{} {}", r.action, r.units.join(","))
+                match (&r.replaced_by, r.units.is_empty()) {
+                    (Some(new), _) => format!("{} by {new}", r.action),
+                    (None, true) => r.action.to_string(),
+                    (None, false) => format!("{} {}", r.action, r.units.join(",")),
                 },
                 r.outcome.to_string(),
                 r.healed_after_secs

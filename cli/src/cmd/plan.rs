@@ -202,7 +202,42 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
         }
         None => Vec::new(),
     };
-    let plan = planner::plan(&spec, &observed)?;
+    // The names a run would keep; new machines get theirs (random) when they are made, shown
+    // here as `<new-N>`.
+    let mut members = record
+        .as_ref()
+        .map(|r| r.pool_members.clone())
+        .unwrap_or_default();
+    {
+        let mut retired = record
+            .as_ref()
+            .map(|r| r.retired_machine_names.clone())
+            .unwrap_or_default();
+        let host_keys: std::collections::BTreeSet<String> = record
+            .as_ref()
+            .map(|r| r.ssh_host_keys.keys().cloned().collect())
+            .unwrap_or_default();
+        let last: Vec<providers::Machine> = record
+            .as_ref()
+            .map(|r| r.machines.clone())
+            .unwrap_or_default();
+        let surge = record
+            .as_ref()
+            .map(|r| r.surge_machines())
+            .unwrap_or_default();
+        let known = crate::engine::names::Known {
+            machines: if last.is_empty() { &observed } else { &last },
+            host_keys: &host_keys,
+            surge: &surge,
+        };
+        let mut n = 0;
+        let mut placeholder = || {
+            n += 1;
+            format!("<new-{n}>")
+        };
+        crate::engine::names::assign(&spec, &mut members, &mut retired, &known, &mut placeholder);
+    }
+    let plan = planner::plan(&spec, &members, &observed)?;
     let drains = record
         .as_ref()
         .map(|r| simulate_drains(&store, r, &plan))

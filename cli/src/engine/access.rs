@@ -367,10 +367,8 @@ impl Phase<ApplyContext> for WaitForSsh {
             let Some(access) = ctx.ssh.clone() else {
                 return Ok(());
             };
-            let wanted: Vec<String> = plan::desired_machines(&ctx.desired)
-                .into_iter()
-                .map(|m| m.name)
-                .collect();
+            let wanted = plan::desired_names(&ctx.desired, &ctx.members)
+                .map_err(super::apply::EngineError::Plan)?;
             let mut targets = Vec::new();
             for name in &wanted {
                 let machine = ctx.observed.iter().find(|m| &m.name == name);

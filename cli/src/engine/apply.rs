@@ -351,6 +351,8 @@ pub struct ApplyContext {
     /// Pool Nodes whose machine is gone and not wanted (set by the observe phase): an earlier
     /// run was stopped between deleting the machine and removing its Node object.
     pub stale_nodes: Vec<String>,
+    /// The names of each node pool's machines (from the cluster record).
+    pub members: super::names::PoolMembers,
 }
 
 /// The phases of `clusterctl create` as far as this build goes: machines only.
@@ -410,7 +412,8 @@ impl Phase<ApplyContext> for ObserveAndPlan {
     fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             ctx.observed = ctx.env.list_machines().await?;
-            let plan = plan::plan(&ctx.desired, &ctx.observed).map_err(EngineError::Plan)?;
+            let plan =
+                plan::plan(&ctx.desired, &ctx.members, &ctx.observed).map_err(EngineError::Plan)?;
             let ensure = plan.ensure_steps().count();
             let delete = plan.delete_steps().count();
             ctx.env.report.note(&format!(
@@ -426,7 +429,7 @@ impl Phase<ApplyContext> for ObserveAndPlan {
                 // next run looks again.
                 match nodes.pool_nodes().await {
                     Ok(registered) => {
-                        ctx.stale_nodes = stale_nodes(&ctx.desired, &ctx.observed, registered);
+                        ctx.stale_nodes = stale_nodes(&plan_names(&ctx.plan), &ctx.observed, registered);
                         if !ctx.stale_nodes.is_empty() {
                             ctx.env.report.note(&format!(
                                 "Node object(s) {} have no machine any more (an earlier run stopped before removing them)",
@@ -445,16 +448,23 @@ impl Phase<ApplyContext> for ObserveAndPlan {
     }
 }
 
+/// The machines a plan wants (ensured or unchanged).
+fn plan_names(plan: &Option<Plan>) -> BTreeSet<String> {
+    plan.iter()
+        .flat_map(|p| {
+            p.ensure_steps()
+                .chain(p.unchanged.iter())
+                .map(|m| m.name.clone())
+        })
+        .collect()
+}
+
 /// Pool Nodes (`registered`) that are neither a machine the provider has nor one the spec wants.
 fn stale_nodes(
-    desired: &spec::Cluster,
+    wanted: &BTreeSet<String>,
     observed: &Inventory,
     registered: Vec<String>,
 ) -> Vec<String> {
-    let wanted: BTreeSet<String> = plan::desired_machines(desired)
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
     let mut stale: Vec<String> = registered
         .into_iter()
         .filter(|n| !wanted.contains(n) && !observed.iter().any(|m| &m.name == n))
@@ -632,9 +642,9 @@ impl Phase<ApplyContext> for VerifyMachines {
     fn run<'a>(&'a self, ctx: &'a mut ApplyContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
             ctx.observed = ctx.env.list_machines().await?;
-            let want: BTreeSet<String> = plan::desired_machines(&ctx.desired)
+            let want: BTreeSet<String> = plan::desired_names(&ctx.desired, &ctx.members)
+                .map_err(EngineError::Plan)?
                 .into_iter()
-                .map(|m| m.name)
                 .collect();
             let have: BTreeSet<String> = ctx.observed.iter().map(|m| m.name.clone()).collect();
             let missing: Vec<_> = want.difference(&have).collect();
@@ -857,6 +867,13 @@ mod tests {
             ssh: None,
             ssh_ready: BTreeMap::new(),
             stale_nodes: Vec::new(),
+            // Named as the record of a cluster from before random names would adopt them.
+            members: [(
+                "a".to_owned(),
+                vec!["c1-a-0".to_owned(), "c1-a-1".to_owned()],
+            )]
+            .into_iter()
+            .collect(),
         })
     }
 
@@ -1003,9 +1020,14 @@ mod tests {
         }
     }
 
+    /// `workers` wanted in pool `a`, named as the record would after a scale-down (the newest
+    /// name given up).
     fn smaller(ctx: &mut ApplyContext, workers: u32) {
         if let Some(pool) = ctx.desired.spec.node_pools.first_mut() {
             pool.count = workers;
+        }
+        if let Some(names) = ctx.members.get_mut("a") {
+            names.truncate(workers as usize);
         }
     }
 

@@ -183,10 +183,11 @@ impl BootstrapContext {
 /// IPv4 address.
 pub fn boot_machines(
     desired: &spec::Cluster,
+    members: &super::names::PoolMembers,
     observed: &Inventory,
 ) -> Result<Vec<BootMachine>, EngineError> {
     let mut out = Vec::new();
-    for d in plan::desired_machines(desired) {
+    for d in plan::desired_machines(desired, members).map_err(EngineError::Plan)? {
         let m = observed.iter().find(|m| m.name == d.name);
         let ip = match m.and_then(ssh_address) {
             Some(IpAddr::V4(ip)) => ip,

@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod autoupgrade;
 pub mod bootstrap;
 pub mod iam;
+pub mod names;
 pub mod plan;
 pub mod repair;
 pub mod report;
@@ -18,5 +19,7 @@ pub mod upgrade;
 pub use apply::{
     ApplyContext, DeleteContext, EngineError, Env, MachineTemplate, Phase, run_phases,
 };
-pub use plan::{DesiredMachine, Inventory, Plan, PlanError, Step, desired_machines, plan};
+pub use plan::{
+    DesiredMachine, Inventory, Plan, PlanError, Step, desired_machines, desired_names, plan,
+};
 pub use report::Reporter;

@@ -1,9 +1,11 @@
 //! The planner: a pure function from the desired spec and the observed machines to an ordered
 //! list of steps that leaves no choices to execution.
 //!
-//! Machines are named `<cluster>-cp-<i>` for the control plane and `<cluster>-<pool>-<i>` for node
-//! pools. The observed inventory is what the provider lists for the cluster's ID, so every observed
-//! machine is the cluster's own: one that the spec no longer wants is deleted.
+//! Machines are named `<cluster>-cp-<i>` for the control plane; a node pool's machines have the
+//! names the cluster record gives them ([`super::names`]: `<cluster>-<pool>-<5 random
+//! characters>`, handed out before the machines are made). The observed inventory is what the
+//! provider lists for the cluster's ID, so every observed machine is the cluster's own: one that
+//! the spec no longer wants is deleted.
 //!
 //! Deliberately absent for now: resizing (providers do not report a machine's size yet; a changed
 //! size is applied by the upgrade flow that replaces machines) and anything after provisioning
@@ -15,6 +17,7 @@ use std::fmt;
 use providers::{Machine, MachineRole, MachineSize, MachineState};
 use serde::{Deserialize, Serialize};
 
+use super::names::{self, PoolMembers};
 use crate::spec;
 
 /// What the provider reports for a cluster: its machines.
@@ -126,6 +129,19 @@ pub enum PlanError {
         /// The name.
         name: String,
     },
+    /// A node pool of the spec has no machine names in the record (a bug: names are given out
+    /// before planning).
+    #[error(
+        "node pool {pool:?} wants {count} machine(s) but the cluster record names {named}; this is a bug in clusterctl: re-run the command, and report it if it repeats"
+    )]
+    Unnamed {
+        /// The pool.
+        pool: String,
+        /// Machines it wants.
+        count: u32,
+        /// Names the record has for it.
+        named: usize,
+    },
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -140,32 +156,60 @@ pub fn machine_size(size: &spec::MachineSize) -> MachineSize {
     }
 }
 
-/// The machines the spec asks for, in order: control plane, then each node pool.
-pub fn desired_machines(desired: &spec::Cluster) -> Vec<DesiredMachine> {
+/// The machines the spec asks for, in order: control plane, then each node pool with the names
+/// `members` gives its machines (`count` of them, more during a surge upgrade).
+pub fn desired_machines(
+    desired: &spec::Cluster,
+    members: &PoolMembers,
+) -> Result<Vec<DesiredMachine>, PlanError> {
     let cluster = &desired.metadata.name;
     let cp = &desired.spec.control_plane;
     let mut out: Vec<DesiredMachine> = (0..cp.count)
         .map(|i| DesiredMachine {
-            name: format!("{cluster}-cp-{i}"),
+            name: names::control_plane_name(cluster, i),
             role: MachineRole::ControlPlane,
             pool: None,
             size: machine_size(&cp.machine),
         })
         .collect();
     for pool in &desired.spec.node_pools {
-        out.extend((0..pool.count).map(|i| DesiredMachine {
-            name: format!("{cluster}-{}-{i}", pool.name),
+        let named = members.get(&pool.name).map(Vec::as_slice).unwrap_or(&[]);
+        if named.len() < pool.count as usize {
+            return Err(PlanError::Unnamed {
+                pool: pool.name.clone(),
+                count: pool.count,
+                named: named.len(),
+            });
+        }
+        out.extend(named.iter().map(|name| DesiredMachine {
+            name: name.clone(),
             role: MachineRole::Worker,
             pool: Some(pool.name.clone()),
             size: machine_size(&pool.machine),
         }));
     }
-    out
+    Ok(out)
 }
 
-/// Plans the steps from the observed machines to the desired spec. Pure: same input, same plan.
-pub fn plan(desired: &spec::Cluster, observed: &Inventory) -> Result<Plan, PlanError> {
-    let want = desired_machines(desired);
+/// The names of [`desired_machines`].
+pub fn desired_names(
+    desired: &spec::Cluster,
+    members: &PoolMembers,
+) -> Result<Vec<String>, PlanError> {
+    Ok(desired_machines(desired, members)?
+        .into_iter()
+        .map(|m| m.name)
+        .collect())
+}
+
+/// Plans the steps from the observed machines to the desired spec, the pools' machines named by
+/// `members`. Pure: same input, same plan.
+pub fn plan(
+    desired: &spec::Cluster,
+    members: &PoolMembers,
+    observed: &Inventory,
+) -> Result<Plan, PlanError> {
+    let want = desired_machines(desired, members)?;
     let mut seen = BTreeSet::new();
     for m in &want {
         if !seen.insert(m.name.as_str()) {
@@ -189,8 +233,8 @@ pub fn plan(desired: &spec::Cluster, observed: &Inventory) -> Result<Plan, PlanE
             }),
         }
     }
-    // Unwanted machines: workers before control plane, and within each the highest index first,
-    // so a scale-down removes the newest machines as node pools do.
+    // Unwanted machines: workers before control plane, and within each the highest index first
+    // (names of clusters from before random names), then by name.
     let mut extra: Vec<&Machine> = observed
         .iter()
         .filter(|m| !seen.contains(m.name.as_str()))
@@ -337,11 +381,28 @@ mod tests {
                 labels: Default::default(),
             })
             .collect();
-        let first = plan(&desired, &observed);
+        // Names as the record would give them: older clusters' machines adopted, new ones
+        // from a counting generator.
+        let mut members = names::PoolMembers::new();
+        let mut retired = Vec::new();
+        let keys = Default::default();
+        let known = names::Known {
+            machines: &observed,
+            host_keys: &keys,
+            surge: &keys,
+        };
+        names::assign(
+            &desired,
+            &mut members,
+            &mut retired,
+            &known,
+            &mut names::counting_suffixes(),
+        );
+        let first = plan(&desired, &members, &observed);
         // Pure: the same input gives the same plan, whatever the order of the inventory.
         let mut reversed = observed.clone();
         reversed.reverse();
-        if plan(&desired, &reversed) != first {
+        if plan(&desired, &members, &reversed) != first {
             return Err("the plan depends on the order of the inventory".into());
         }
         Ok(match first {

@@ -795,6 +795,7 @@ mod tests {
             outcome,
             detail: None,
             steps_done: Vec::new(),
+            replaced_by: None,
             ready_after_secs: None,
             healed_after_secs: None,
         }

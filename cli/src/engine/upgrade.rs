@@ -340,6 +340,7 @@ mod tests {
             stopped: None,
             automatic: false,
             snapshot: None,
+            surge: Vec::new(),
         };
         // Finishing it, or rolling it back, is allowed; a third image is not.
         assert!(preflight(&ms, &ready, &image("v2"), Some(&unfinished)).is_empty());

@@ -19,7 +19,7 @@ pub mod journal;
 pub mod lock;
 pub mod repairs;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
@@ -246,6 +246,14 @@ pub struct ClusterRecord {
     /// when the node is first bootstrapped and kept for its life.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_cidr_indexes: BTreeMap<String, u32>,
+    /// The names of each node pool's machines, in the order they were given out
+    /// ([`crate::engine::names`]); given out before the machines are made.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pool_members: BTreeMap<String, Vec<String>>,
+    /// Pool machine names given up (a smaller pool, a replaced machine), never handed out again
+    /// (the newest [`crate::engine::names::RETIRED_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_machine_names: Vec<String>,
     /// Kubernetes as last bootstrapped and checked; `None` before the first bootstrap finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesStatus>,
@@ -319,6 +327,22 @@ pub struct PinnedImage {
     pub digest: String,
 }
 
+/// A pool machine being replaced by a new one in a surge upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SurgeReplacement {
+    /// The node pool.
+    pub pool: String,
+    /// The machine on the old image.
+    pub old: String,
+    /// The machine made for it on the target image (named before it is made).
+    pub new: String,
+    /// The new machine passed its health gate and took the old one's place in the pool: the old
+    /// one is being drained and deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
+}
+
 /// An unfinished node-image upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -339,6 +363,10 @@ pub struct UpgradeStatus {
     /// `etcd_snapshots`): the state to restore if the control plane is lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Surge replacements under way (node pools with `upgradeSettings.maxSurge`): each old
+    /// machine and the new one made for it on the target image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub surge: Vec<SurgeReplacement>,
 }
 
 /// An unfinished Kubernetes version upgrade.
@@ -391,6 +419,17 @@ pub struct NodeStatus {
 }
 
 impl ClusterRecord {
+    /// The new machines of an unfinished surge upgrade that are on top of their pool's count
+    /// (their old machines have not left yet).
+    pub fn surge_machines(&self) -> BTreeSet<String> {
+        self.upgrade
+            .iter()
+            .flat_map(|u| u.surge.iter())
+            .filter(|s| !s.leaving)
+            .map(|s| s.new.clone())
+            .collect()
+    }
+
     /// A new record with a fresh cluster ID, in status [`ClusterStatus::Creating`].
     pub fn new(name: &str, spec: StoredSpec) -> Result<Self, StateError> {
         let now = Timestamp::now();
@@ -411,6 +450,8 @@ impl ClusterRecord {
             observed_at: None,
             ssh_host_keys: BTreeMap::new(),
             pod_cidr_indexes: BTreeMap::new(),
+            pool_members: BTreeMap::new(),
+            retired_machine_names: Vec::new(),
             kubernetes: None,
             node_image: None,
             upgrade: None,

@@ -98,6 +98,10 @@ pub struct RepairRecord {
     /// `node-deleted`, `machine-deleted`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps_done: Vec<String>,
+    /// The name of the machine that replaces it (`replace`: a new name, given before the new
+    /// machine is made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
     /// Seconds from the start of the repair until the node was Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_after_secs: Option<u64>,
@@ -200,6 +204,7 @@ mod tests {
             outcome: RepairOutcome::Succeeded,
             detail: None,
             steps_done: Vec::new(),
+            replaced_by: None,
             ready_after_secs: None,
             healed_after_secs: None,
         }
