@@ -241,6 +241,9 @@ spec:
     - name: workers
       count: 2
       machine: {cpus: 1, memory: 1Gi, disk: 4Gi}
+      # Phase upgrade replaces the workers by surge (a new machine Ready before each old one
+      # is drained and deleted); the control plane goes in place.
+      upgradeSettings: {maxSurge: 1}
   # Short enough that phase repair sees a partitioned node as due for repair (the brake must
   # be what holds it); off until phase repair turns it on with autorepair enable.
   autoRepair:
@@ -1076,27 +1079,32 @@ YAML
   out=$("$bin" upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade --dry-run failed: $out"; }
   grep -q "Packages: 1 added, 0 removed, 0 changed" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not summarize the package changes"; }
   grep -q "3 machine(s) to replace" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not plan 3 replacements"; }
+  grep -q "Node pool workers: 2 machine(s) replaced by surge (maxSurge 1)" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not plan the workers' surge"; }
   grep -q "First, an etcd snapshot" <<< "$out" || { kill "$client_pid"; echo "$out" >&2; die "upgrade --dry-run does not say it takes an etcd snapshot first"; }
   json=$("$bin" -o json upgrade "$name" --node-image "$v2" --dry-run) || { kill "$client_pid"; die "upgrade -o json --dry-run failed"; }
   [ "$(jq -r '.nodes[0].name' <<< "$json")" = "$name-cp-0" ] \
     && [ "$(jq -r '[.nodes[].name] | sort | join(" ")' <<< "$json")" = "$(tr ' ' '\n' <<< "$(machines_now)" | sort | xargs)" ] \
     || { kill "$client_pid"; die "upgrade --dry-run order (control plane first, then every worker): $json"; }
-  # The first worker the upgrade replaces.
-  local first_worker
+  # The first worker the upgrade replaces (by surge: the workers' pool has maxSurge 1).
+  local first_worker surge_new old_workers
   first_worker=$(jq -r '.nodes[1].name' <<< "$json")
-  waiting "clusterctl upgrade $name --node-image $v2, SIGKILLed while it replaces $first_worker"
+  jq -e '.nodes[0].strategy == "in-place" and ([.nodes[1:][] | .strategy] | all(. == "surge"))' <<< "$json" > /dev/null \
+    || { kill "$client_pid"; die "upgrade --dry-run: the control plane must go in place, the workers by surge: $json"; }
+  old_workers=$(jq -r '.pool_members.workers | join(" ")' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  waiting "clusterctl upgrade $name --node-image $v2, SIGKILLed while it makes the surge machine for $first_worker"
   started=$SECONDS
   "$bin" -o json upgrade "$name" --node-image "$v2" --drain-timeout 900 > "$work/upgrade-killed.json" 2> "$work/upgrade-killed.err" &
   local upid=$! seen=
   for _ in $(seq 1 1800); do
-    if grep -q "\"action\":\"replace-boot-disk\",\"target\":\"$first_worker\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl"; then seen=1; break; fi
+    surge_new=$(jq -r --arg o "$first_worker" '.upgrade.surge // [] | .[] | select(.old == $o) | .new' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" 2> /dev/null || true)
+    if [ -n "$surge_new" ] && grep -q "\"action\":\"ensure-machine\",\"target\":\"$surge_new\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl"; then seen=1; break; fi
     kill -0 "$upid" 2> /dev/null || break
     sleep 1
   done
-  [ -n "$seen" ] || { kill "$client_pid"; cat "$work/upgrade-killed.err" >&2; die "upgrade never reached the boot-disk replacement of $first_worker"; }
+  [ -n "$seen" ] || { kill "$client_pid"; cat "$work/upgrade-killed.err" >&2; die "upgrade never reached the surge machine for $first_worker"; }
   sleep 3
   kill -9 "$upid" 2> /dev/null || true; wait "$upid" 2> /dev/null || true
-  log "upgrade: SIGKILLed $((SECONDS - started)) s in, while replacing the boot disk of $first_worker"
+  log "upgrade: SIGKILLed $((SECONDS - started)) s in, while making $surge_new to replace $first_worker"
   jq -e --arg v "$v2" '.upgrade.to.version == $v' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
     || { kill "$client_pid"; die "upgrade: the killed run left no unfinished upgrade in the record"; }
   # Auto-upgrade finishes it: off first (nothing done), then `autoupgrade enable` and a real
@@ -1159,10 +1167,36 @@ YAML
   after_ids=$(k get nodes -o json | jq -r '[.items[] | "\(.metadata.name)=\(.status.nodeInfo.bootID)"] | sort | join(" ")')
   for m in $(machines_now); do
     grep -q "$m=" <<< "$after_ids" || die "upgrade: node $m is gone: $after_ids"
-    ! grep -q "$(grep -o "$m=[^ ]*" <<< "$before_ids")" <<< "$after_ids" || die "upgrade: $m did not boot again: $after_ids"
   done
-  [ "$(jq -r '.machines[].addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" | xargs)" = "$ips" ] || die "upgrade: machine addresses changed"
-  [ "$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S .ssh_host_keys "$work/cluster.json.before-upgrade")" ] || die "upgrade: pinned host keys changed"
+  # The control plane in place: same name, address and host key, a new boot.
+  local cp=$name-cp-0 before_key after_key w new_workers
+  ! grep -q "$(grep -o "$cp=[^ ]*" <<< "$before_ids")" <<< "$after_ids" || die "upgrade: $cp did not boot again: $after_ids"
+  [ "$(jq -r --arg m "$cp" '.machines[] | select(.name == $m) | .addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" \
+    = "$(jq -r --arg m "$cp" '.machines[] | select(.name == $m) | .addresses[0].address' "$work/cluster.json.before-upgrade")" ] || die "upgrade: the address of $cp changed"
+  [ "$(jq -r --arg m "$cp" '.ssh_host_keys[$m]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -r --arg m "$cp" '.ssh_host_keys[$m]' "$work/cluster.json.before-upgrade")" ] \
+    || die "upgrade: the pinned host key of $cp changed"
+  # The workers by surge: new machines (new names in the old ones' places, host keys of their
+  # own), each made before its old machine was cordoned; the old machines, Nodes and keys gone,
+  # their names retired.
+  new_workers=$(jq -r '.pool_members.workers | join(" ")' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  [ "$(wc -w <<< "$new_workers")" = 2 ] || die "upgrade: the pool has '$new_workers', want 2 machines"
+  for w in $old_workers; do
+    ! grep -qw -- "$w" <<< "$new_workers" || die "upgrade: $w was not replaced by surge"
+    grep -q "$w=" <<< "$after_ids" && die "upgrade: the Node of the replaced $w is still there: $after_ids"
+    ! $virsh list --all --name | grep -qx -- "$w" || die "upgrade: the domain of the replaced $w is still there"
+    jq -e --arg w "$w" '(.ssh_host_keys | has($w) | not) and (.retired_machine_names | index($w) != null)' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null \
+      || die "upgrade: the replaced $w still has a host key, or its name is not retired"
+  done
+  local i=1 o n made cordoned
+  for o in $old_workers; do
+    n=$(cut -d' ' -f"$i" <<< "$new_workers"); i=$((i + 1))
+    made=$(grep -n "\"action\":\"ensure-machine\",\"target\":\"$n\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl" | head -n1 | cut -d: -f1)
+    cordoned=$(grep -n "\"action\":\"cordon-node\",\"target\":\"$o\"" "$CLUSTERCTL_STATE_DIR/$name/journal.jsonl" | tail -n1 | cut -d: -f1)
+    [ -n "$made" ] && [ -n "$cordoned" ] && [ "$made" -lt "$cordoned" ] \
+      || die "upgrade: $n (replacing $o) was not made before $o was cordoned (journal lines '$made' and '$cordoned')"
+    jq -e --arg n "$n" '.ssh_host_keys | has($n)' "$CLUSTERCTL_STATE_DIR/$name/cluster.json" > /dev/null || die "upgrade: no host key pinned for $n"
+  done
+  log "upgrade: workers $old_workers replaced by surge with $new_workers"
   [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap written before the upgrade is gone (etcd's data disk)"
   # The rollback point: an etcd snapshot taken before the control plane was touched, kept in
   # the state 0600, its checksum as recorded, readable by the host's etcdctl, holding the witness.
@@ -1207,7 +1241,7 @@ YAML
     || die "upgrade: the rolled-back image $version is not recorded as rejected: $(jq -c .auto_upgrade "$CLUSTERCTL_STATE_DIR/$name/cluster.json")"
   [ "$(k get configmap upgrade-witness -o jsonpath='{.data.written}')" = before-the-upgrade ] || die "upgrade: the ConfigMap is gone after the rollback"
   k delete service web-np > /dev/null; k delete pdb web > /dev/null; k delete configmap upgrade-witness > /dev/null
-  log "upgrade: every machine boots $v2 with its data, names, addresses and keys; a failed gate rolled back by itself"
+  log "upgrade: every machine boots $v2: the control plane in place with its data, name, address and key, the workers by surge; a failed gate rolled back by itself"
 }
 
 # `clusterctl upgrade --kubernetes-version` from the bundle's 1.20.2 to 1.20.3 from a second

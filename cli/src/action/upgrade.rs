@@ -20,9 +20,21 @@
 //! Before the first control-plane machine is touched, an etcd snapshot is taken and kept in the
 //! state ([`super::snapshot`]); the unfinished upgrade's record names it.
 //!
-//! Not here yet (issue 10): surge pools (`upgradeSettings`), canary batches, restoring a
-//! snapshot.
+//! Node pools with `upgradeSettings.maxSurge` are upgraded by surge instead of in place, in the
+//! batches of [`upgrade::batches`] (a canary of one first, then `maxSurge` at a time): each
+//! machine of a batch gets a new machine on the target image, named and recorded in the
+//! unfinished upgrade (`surge`) before it is made by `create`'s reconcile (host key, bootstrap);
+//! all of them must be Ready (the health gate), else the batch is rolled back (the new machines
+//! deleted; the old ones were never cordoned) and the upgrade stops. Then each old machine is
+//! cordoned and drained (PodDisruptionBudgets honoured), the new one takes its place in the
+//! pool, and the reconcile deletes the old machine and its Node. Killed anywhere, a re-run
+//! settles the recorded replacements first: finishes the ones whose old machine was leaving, and
+//! goes on with (or, rolling back to another image, removes) the others.
+//!
+//! Not here yet (issue 10): `maxUnavailable` above 1 or with a surge (refused by the spec),
+//! restoring a snapshot.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,10 +47,12 @@ use super::{
     cluster_api, load_cluster, lock_cluster, node_state, open_action_journal, runtime,
     wait_for_node,
 };
-use crate::engine::Reporter;
-use crate::engine::upgrade::{self, NodeStep, UpgradePlan};
+use crate::engine::upgrade::{self, Batch, NodeStep, UpgradePlan};
+use crate::engine::{Reporter, names};
 use crate::kube::drainer::DrainOptions;
-use crate::state::{ClusterGuard, ClusterRecord, Journal, PinnedImage, StateStore, UpgradeStatus};
+use crate::state::{
+    ClusterGuard, ClusterRecord, Journal, PinnedImage, StateStore, SurgeReplacement, UpgradeStatus,
+};
 
 /// Journal action: a machine's boot disk was replaced from an image (target: the machine).
 pub const REPLACE: &str = "replace-boot-disk";
@@ -96,6 +110,8 @@ pub struct NodeResult {
     pub boot_ids: (Option<String>, String),
     /// From the start of its drain until it was Ready again.
     pub took: Duration,
+    /// The machine that replaced it (surge); `None`: its boot disk was replaced in place.
+    pub replaced_by: Option<String>,
 }
 
 /// What `upgrade` did.
@@ -186,7 +202,8 @@ pub fn upgrade(
         .iter()
         .map(|p| p.name.clone())
         .collect();
-    let plan = upgrade::plan(&machines, &pools, &pinned, &to);
+    let max_surge = surge_pools(&record);
+    let mut plan = upgrade::plan(&machines, &pools, &max_surge, &pinned, &to);
     if request.dry_run {
         let blockers = rt.block_on(drain_blockers(store, &record, &plan))?;
         let packages = nodeimage::list(&image_dir).ok().and_then(|images| {
@@ -228,11 +245,18 @@ pub fn upgrade(
         }
     }
     let (journal, replay) = open_action_journal(&guard, report)?;
-    let journal = Mutex::new(journal);
+    let journal = Arc::new(Mutex::new(journal));
     record.machines = machines.clone();
     let result = rt.block_on(async {
         let nodes = node_list(store, &record).await?;
-        let problems = upgrade::preflight(&machines, &nodes, &to, record.upgrade.as_ref());
+        // The new machines of an interrupted surge may not be nodes yet: their batch gates them.
+        let surging = record.surge_machines();
+        let checked: Vec<providers::Machine> = machines
+            .iter()
+            .filter(|m| !surging.contains(&m.name))
+            .cloned()
+            .collect();
+        let problems = upgrade::preflight(&checked, &nodes, &to, record.upgrade.as_ref());
         if !problems.is_empty() {
             bail!(
                 "the upgrade of cluster {name:?} to node image {} did not start, nothing was changed:\n  {}",
@@ -270,7 +294,12 @@ pub fn upgrade(
             stopped: None,
             automatic,
             snapshot: same.and_then(|u| u.snapshot.clone()),
-            surge: same.map(|u| u.surge.clone()).unwrap_or_default(),
+            // Kept whatever the target: rolling back settles them first.
+            surge: record
+                .upgrade
+                .as_ref()
+                .map(|u| u.surge.clone())
+                .unwrap_or_default(),
         };
         // The rollback point: etcd as it is before the first control plane is touched (once
         // per upgrade; a re-run that finds it recorded goes on without another).
@@ -299,9 +328,11 @@ pub fn upgrade(
             })?;
             status.snapshot = Some(snap.file);
         }
+        let previous_target = record.upgrade.as_ref().map(|u| u.to.digest.clone());
         record.upgrade = Some(status);
         guard.save(&mut record)?;
         let mut run = Run {
+            rt: &rt,
             store,
             guard: &guard,
             provider: &provider,
@@ -310,15 +341,39 @@ pub fn upgrade(
             request,
             report,
             image_dir: &image_dir,
+            artifacts: None,
+            previous_target,
         };
+        if run.settle_surge(&mut record, &target).await? {
+            let machines = list_machines_async(&provider, &record).await?;
+            record.machines = machines.clone();
+            guard.save(&mut record)?;
+            plan = upgrade::plan(&machines, &pools, &max_surge, &pinned, &to);
+        }
+        // A pool whose first machine is on the target had its canary.
+        let canary_done: BTreeSet<String> = plan
+            .steps
+            .iter()
+            .filter(|s| !s.replace && s.max_surge > 0)
+            .filter_map(|s| s.pool.clone())
+            .collect();
+        let batches = upgrade::batches(
+            &plan,
+            &record.surge_machines(),
+            &canary_done,
+            request.max_replacements,
+        );
         let mut results: Vec<NodeResult> = Vec::new();
-        for (i, step) in plan.steps.iter().enumerate() {
-            if step.replace
-                && let Some(why) = pause_reason(request, &results)
-            {
+        for (i, batch) in batches.iter().enumerate() {
+            let replaces = match batch {
+                Batch::InPlace(s) => s.replace,
+                Batch::Surge { .. } => true,
+            };
+            if replaces && let Some(why) = pause_reason(request, &results) {
                 report.note(&format!(
                     "the upgrade to node image {} pauses before {}: {why}",
-                    to.version, step.machine
+                    to.version,
+                    batch.machines().join(", ")
                 ));
                 return Ok(UpgradeOutcome::Paused {
                     plan: plan.clone(),
@@ -326,11 +381,54 @@ pub fn upgrade(
                     why,
                 });
             }
+            let step = match batch {
+                Batch::InPlace(step) => step,
+                Batch::Surge { pool, steps } => {
+                    report.phase(&format!(
+                        "Upgrading {} ({} of {}) to node image {} by surge: {} new machine(s) first",
+                        batch.machines().join(", "),
+                        i + 1,
+                        batches.len(),
+                        to.version,
+                        steps.len()
+                    ));
+                    match run.surge(&mut record, pool, steps, &target).await {
+                        Ok(done) => {
+                            for r in &done {
+                                report.machine(
+                                    &r.machine,
+                                    &format!(
+                                        "replaced by {} (node image {}, Ready) after {:.0} s",
+                                        r.replaced_by.as_deref().unwrap_or("?"),
+                                        to.version,
+                                        r.took.as_secs_f64()
+                                    ),
+                                );
+                            }
+                            results.extend(done);
+                            continue;
+                        }
+                        Err(e) => {
+                            if let Some(u) = &mut record.upgrade {
+                                u.stopped = Some(crate::error::error_chain(e.as_ref()));
+                            }
+                            guard.save(&mut record)?;
+                            let upgraded = results.iter().filter(|r| r.replaced).count();
+                            return Err(e.context(format!(
+                                "the upgrade of cluster {name:?} to node image {} stopped at {} ({upgraded} machine(s) upgraded before it); `clusterctl upgrade {name}` tries again, `clusterctl upgrade {name} --node-image {}` rolls every machine back",
+                                to.version,
+                                batch.machines().join(", "),
+                                pinned.version
+                            )));
+                        }
+                    }
+                }
+            };
             report.phase(&format!(
                 "Upgrading {} ({} of {}) to node image {}",
                 step.machine,
                 i + 1,
-                plan.steps.len(),
+                batches.len(),
                 to.version
             ));
             match run.node(&mut record, step, &target).await {
@@ -402,15 +500,35 @@ fn pause_reason(request: &UpgradeRequest, done: &[NodeResult]) -> Option<String>
     None
 }
 
+/// `upgradeSettings.maxSurge` of the spec's pools that have one above 0.
+fn surge_pools(record: &ClusterRecord) -> BTreeMap<String, u32> {
+    record
+        .spec
+        .spec
+        .node_pools
+        .iter()
+        .filter_map(|p| {
+            p.upgrade_settings
+                .filter(|u| u.max_surge > 0)
+                .map(|u| (p.name.clone(), u.max_surge))
+        })
+        .collect()
+}
+
 struct Run<'a> {
+    rt: &'a tokio::runtime::Runtime,
     store: &'a StateStore,
     guard: &'a ClusterGuard,
     provider: &'a Arc<dyn Provider>,
-    journal: &'a Mutex<Journal>,
+    journal: &'a Arc<Mutex<Journal>>,
     replay: &'a crate::state::Replay,
     request: &'a UpgradeRequest,
     report: Reporter,
     image_dir: &'a std::path::Path,
+    /// The cluster's Kubernetes artifacts, verified once per run (for surge machines).
+    artifacts: Option<Option<Arc<crate::engine::artifacts::Artifacts>>>,
+    /// The target digest of the upgrade that was unfinished when this run started.
+    previous_target: Option<String>,
 }
 
 impl Run<'_> {
@@ -448,6 +566,7 @@ impl Run<'_> {
                 replaced: false,
                 boot_ids: (Some(n.boot_id.clone()), n.boot_id),
                 took: started.elapsed(),
+                replaced_by: None,
             });
         }
         let previous = step
@@ -500,6 +619,7 @@ impl Run<'_> {
                     replaced: true,
                     boot_ids: (before_id, n.boot_id),
                     took: started.elapsed(),
+                    replaced_by: None,
                 })
             }
             Err(gate) => {
@@ -594,6 +714,321 @@ impl Run<'_> {
                     .context(format!("replacing the boot disk of machine {node}")))
             }
         }
+    }
+
+    /// `create`'s reconcile on the running cluster, new machines booting `image`: makes the
+    /// pool machines the record names that do not exist (their host keys, their bootstrap) and
+    /// deletes (drained, Node removed) the ones it no longer names.
+    async fn reconcile(
+        &mut self,
+        record: &mut ClusterRecord,
+        image: &ImageRef,
+    ) -> anyhow::Result<()> {
+        let spec = record.spec.clone();
+        let (rt, report) = (self.rt, self.report);
+        let artifacts = match &self.artifacts {
+            Some(a) => a.clone(),
+            None => {
+                let a = tokio::task::block_in_place(|| {
+                    super::create::verify_artifacts(
+                        rt,
+                        &spec,
+                        std::path::Path::new("the cluster's stored spec"),
+                        report,
+                    )
+                })?;
+                self.artifacts = Some(a.clone());
+                a
+            }
+        };
+        let opts = super::create::CreateOptions {
+            wait_lock: false,
+            ssh_timeout: crate::engine::access::DEFAULT_SSH_TIMEOUT,
+            drain_timeout: self.request.drain.timeout,
+        };
+        let image = image.clone();
+        // The reconcile runs its own phases on this runtime: the upgrade's task steps aside.
+        tokio::task::block_in_place(|| {
+            super::create::reconcile(
+                rt,
+                self.store,
+                self.guard,
+                record,
+                spec,
+                image,
+                artifacts,
+                self.journal,
+                self.replay,
+                opts,
+                report,
+            )
+        })?;
+        self.guard.save(record)?;
+        Ok(())
+    }
+
+    /// Settles the surge replacements an earlier run left in the record: the ones whose old
+    /// machine was leaving are finished (it is deleted), and the others removed (their new
+    /// machine deleted) when the upgrade now goes to another image (a rollback) or their old
+    /// machine is gone. Returns whether machines changed.
+    async fn settle_surge(
+        &mut self,
+        record: &mut ClusterRecord,
+        target: &ImageRef,
+    ) -> anyhow::Result<bool> {
+        let Some(u) = record.upgrade.clone() else {
+            return Ok(false);
+        };
+        if u.surge.is_empty() {
+            return Ok(false);
+        }
+        // The entries were recorded under the upgrade that was unfinished before this run.
+        let retarget = self
+            .previous_target
+            .as_deref()
+            .is_some_and(|d| d != target.digest);
+        let mut keep = Vec::new();
+        let mut undone = Vec::new();
+        let mut finished = Vec::new();
+        for e in &u.surge {
+            let old_there = record.machines.iter().any(|m| m.name == e.old);
+            if e.leaving {
+                finished.push(e.clone());
+            } else if retarget || !old_there {
+                undone.push(e.clone());
+            } else {
+                keep.push(e.clone());
+            }
+        }
+        for e in &undone {
+            self.report.machine(
+                &e.new,
+                &format!(
+                    "removing it: it was made to replace {} on node image {}, which this run does not roll out",
+                    e.old, u.to.version
+                ),
+            );
+            if let Some(list) = record.pool_members.get_mut(&e.pool) {
+                list.retain(|n| *n != e.new);
+            }
+            names::retire(&mut record.retired_machine_names, [e.new.clone()]);
+        }
+        for e in &finished {
+            self.report.machine(
+                &e.old,
+                &format!(
+                    "replaced by {}: deleting it (an earlier run stopped before)",
+                    e.new
+                ),
+            );
+        }
+        if undone.is_empty() && finished.is_empty() {
+            return Ok(false);
+        }
+        if let Some(u) = &mut record.upgrade {
+            u.surge = keep;
+        }
+        self.guard.save(record)?;
+        self.reconcile(record, target)
+            .await
+            .context("settling the surge replacements an earlier run left")?;
+        Ok(true)
+    }
+
+    /// Replaces the machines of `steps` (pool `pool`) by surge: new machines on `target`, all
+    /// gated, then each old one drained and deleted. A new machine that does not get Ready
+    /// rolls the batch back (new machines deleted) and fails.
+    async fn surge(
+        &mut self,
+        record: &mut ClusterRecord,
+        pool: &str,
+        steps: &[NodeStep],
+        target: &ImageRef,
+    ) -> anyhow::Result<Vec<NodeResult>> {
+        let started = Instant::now();
+        let spec = record.spec.clone();
+        // A cluster from before random names adopts its machines' names first.
+        super::assign_machine_names(record, &spec, self.report);
+        // 1. The new machines' names, in the record before anything is made.
+        for s in steps {
+            let known = record
+                .upgrade
+                .as_ref()
+                .is_some_and(|u| u.surge.iter().any(|e| e.old == s.machine));
+            if known {
+                continue;
+            }
+            let mut also: BTreeSet<String> = record.ssh_host_keys.keys().cloned().collect();
+            also.extend(record.machines.iter().map(|m| m.name.clone()));
+            let new = names::fresh_name(
+                &record.name,
+                pool,
+                &record.pool_members,
+                &record.retired_machine_names,
+                &also,
+                &mut names::random_suffix,
+            )
+            .with_context(|| format!("no free machine name found for node pool {pool}"))?;
+            record
+                .pool_members
+                .entry(pool.to_owned())
+                .or_default()
+                .push(new.clone());
+            if let Some(u) = &mut record.upgrade {
+                u.surge.push(SurgeReplacement {
+                    pool: pool.to_owned(),
+                    old: s.machine.clone(),
+                    new: new.clone(),
+                    leaving: false,
+                });
+            }
+            self.guard.save(record)?;
+            self.report.machine(
+                &new,
+                &format!(
+                    "named to replace {} (surge: made on node image {} and Ready before {} is drained)",
+                    s.machine, target.version, s.machine
+                ),
+            );
+        }
+        let batch: Vec<SurgeReplacement> = record
+            .upgrade
+            .as_ref()
+            .map(|u| {
+                u.surge
+                    .iter()
+                    .filter(|e| steps.iter().any(|s| s.machine == e.old))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let boot_before: BTreeMap<String, String> = {
+            let mut m = BTreeMap::new();
+            for e in &batch {
+                if let Ok(Some(n)) = node_state(self.store, record, &e.old).await {
+                    m.insert(e.old.clone(), n.boot_id);
+                }
+            }
+            m
+        };
+        // 2. Make them (host keys, first boot, bootstrap), and 3. the health gate.
+        let made = self.reconcile(record, target).await;
+        let mut gate: anyhow::Result<BTreeMap<String, String>> = made.map(|()| BTreeMap::new());
+        if let Ok(ids) = &mut gate {
+            for e in &batch {
+                match wait_for_node(self.store, record, &e.new, None, self.request.node_timeout)
+                    .await
+                {
+                    Ok((n, _)) => {
+                        ids.insert(e.new.clone(), n.boot_id);
+                    }
+                    Err(err) => {
+                        gate = Err(err.context(format!("node {} did not get Ready", e.new)));
+                        break;
+                    }
+                }
+            }
+        }
+        let ids = match gate {
+            Ok(ids) => ids,
+            Err(err) => {
+                let news: Vec<&str> = batch.iter().map(|e| e.new.as_str()).collect();
+                self.report.note(&format!(
+                    "the new machine(s) {} did not come up healthy on node image {} ({}); removing them, {} stay in service",
+                    news.join(", "),
+                    target.version,
+                    crate::error::error_chain(err.as_ref()),
+                    batch.iter().map(|e| e.old.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+                for e in &batch {
+                    if let Some(list) = record.pool_members.get_mut(&e.pool) {
+                        list.retain(|n| *n != e.new);
+                    }
+                    names::retire(&mut record.retired_machine_names, [e.new.clone()]);
+                }
+                if let Some(u) = &mut record.upgrade {
+                    u.surge.retain(|e| !batch.contains(e));
+                }
+                self.guard.save(record)?;
+                let removed = self.reconcile(record, target).await;
+                let rolled = match removed {
+                    Ok(()) => "the new machine(s) were removed".to_owned(),
+                    Err(e) => format!(
+                        "removing the new machine(s) failed too ({}); `clusterctl create -f` with the cluster's file removes them",
+                        crate::error::error_chain(e.as_ref())
+                    ),
+                };
+                return Err(err.context(format!(
+                    "the surge batch {} did not come up healthy on node image {}: {rolled}; {} were not touched",
+                    news.join(", "),
+                    target.version,
+                    batch.iter().map(|e| e.old.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        };
+        // 4. Drain each old machine (PodDisruptionBudgets honoured; a failed drain uncordons it
+        // again and stops here: the new machines stay, a re-run goes on).
+        for e in &batch {
+            let before = node_state(self.store, record, &e.old).await.ok().flatten();
+            let Some(before) = before else { continue };
+            let ours_before = cordoned_by_clusterctl(self.replay, &e.old);
+            let api = cluster_api(self.store, record).await?;
+            let drained = cordon_and_drain(
+                &api,
+                self.journal,
+                &e.old,
+                before.unschedulable,
+                ours_before,
+                &self.request.drain,
+                self.report,
+            )
+            .await;
+            api.close().await;
+            let done = drained.with_context(|| {
+                format!(
+                    "draining node {} (its replacement {} is Ready and stays)",
+                    e.old, e.new
+                )
+            })?;
+            self.report.machine(&e.old, &format!("drained: {done}"));
+        }
+        // 5. The new machines take the old ones' places in the pool; 6. the old ones leave.
+        for e in &batch {
+            if let Some(list) = record.pool_members.get_mut(&e.pool) {
+                list.retain(|n| *n != e.new);
+                match list.iter_mut().find(|n| **n == e.old) {
+                    Some(slot) => *slot = e.new.clone(),
+                    None => list.push(e.new.clone()),
+                }
+            }
+            names::retire(&mut record.retired_machine_names, [e.old.clone()]);
+            if let Some(u) = &mut record.upgrade
+                && let Some(x) = u.surge.iter_mut().find(|x| x.old == e.old)
+            {
+                x.leaving = true;
+            }
+        }
+        self.guard.save(record)?;
+        self.reconcile(record, target)
+            .await
+            .context("deleting the machines the surge replaced")?;
+        if let Some(u) = &mut record.upgrade {
+            u.surge.retain(|x| !batch.iter().any(|e| e.old == x.old));
+        }
+        self.guard.save(record)?;
+        Ok(batch
+            .iter()
+            .map(|e| NodeResult {
+                machine: e.old.clone(),
+                replaced: true,
+                boot_ids: (
+                    boot_before.get(&e.old).cloned(),
+                    ids.get(&e.new).cloned().unwrap_or_default(),
+                ),
+                took: started.elapsed(),
+                replaced_by: Some(e.new.clone()),
+            })
+            .collect())
     }
 
     async fn uncordon(&self, record: &ClusterRecord, node: &str) -> anyhow::Result<()> {

@@ -82,6 +82,13 @@ struct NodeDoc<'a> {
     role: &'a providers::MachineRole,
     /// Whether its boot disk is (or was) replaced.
     replace: bool,
+    /// How: `in-place` (a new boot disk) or `surge` (a new machine first, then this one
+    /// deleted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strategy: Option<&'static str>,
+    /// The machine that replaced it (surge).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replaced_by: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     blockers: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -176,6 +183,10 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
                 name: &s.machine,
                 role: &s.role,
                 replace: done.map_or(s.replace, |d| d.replaced),
+                strategy: s
+                    .replace
+                    .then_some(if s.max_surge > 0 { "surge" } else { "in-place" }),
+                replaced_by: done.and_then(|d| d.replaced_by.as_deref()),
                 blockers,
                 boot_id_before: done.and_then(|d| d.boot_ids.0.as_deref()),
                 boot_id_after: done.map(|d| d.boot_ids.1.as_str()),
@@ -197,11 +208,24 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
     }
     if dry_run {
         println!(
-            "Upgrade of cluster {name:?} from node image {} to {}: {} machine(s) to replace, one at a time (cordon, drain, new boot disk, Ready with a new boot ID, uncordon):",
+            "Upgrade of cluster {name:?} from node image {} to {}: {} machine(s) to replace, control plane first; in place one at a time (cordon, drain, new boot disk, Ready with a new boot ID, uncordon) unless their pool surges:",
             plan.from.version,
             plan.to.version,
             plan.replacements()
         );
+        let mut surging: Vec<(&str, u32, usize)> = Vec::new();
+        for st in plan.steps.iter().filter(|s| s.replace && s.max_surge > 0) {
+            let pool = st.pool.as_deref().unwrap_or("-");
+            match surging.iter_mut().find(|(p, _, _)| *p == pool) {
+                Some((_, _, n)) => *n += 1,
+                None => surging.push((pool, st.max_surge, 1)),
+            }
+        }
+        for (pool, max_surge, n) in surging {
+            println!(
+                "Node pool {pool}: {n} machine(s) replaced by surge (maxSurge {max_surge}): a first batch of one (the canary), then {max_surge} at a time; each gets a new machine on the new image, Ready, before it is drained and deleted; a batch whose new machines are not healthy is removed and the upgrade stops."
+            );
+        }
         if plan
             .steps
             .iter()
@@ -241,12 +265,12 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
                     providers::MachineRole::ControlPlane => "control-plane".into(),
                     providers::MachineRole::Worker => "worker".into(),
                 },
-                if n.replace {
-                    "replace"
-                } else {
-                    "boots it already"
-                }
-                .to_owned(),
+                match (n.replace, n.strategy, n.replaced_by) {
+                    (_, _, Some(by)) => format!("replaced by {by}"),
+                    (true, Some("surge"), None) => "replace (surge)".to_owned(),
+                    (true, _, None) => "replace".to_owned(),
+                    (false, _, None) => "boots it already".to_owned(),
+                },
                 match (dry_run, n.seconds) {
                     (true, _) if n.blockers.is_empty() => "drain clear".to_owned(),
                     (true, _) => format!("drain blocked: {}", n.blockers.join("; ")),

@@ -3,9 +3,14 @@
 //! The immutable-node path: a machine's OS changes by replacing its boot disk from the new image
 //! while its data disk (etcd, kubelet and containerd state, `/etc` as restored at boot, host
 //! keys) stays (`Provider::replace_boot_disk`). Control plane first, then each node pool in spec
-//! order, one machine at a time (in place; surge comes with replaceable machine names). A
-//! machine that already boots the target is not replaced again, but still gated (Ready) and
-//! uncordoned if clusterctl cordoned it, so a run killed anywhere is finished by running it again.
+//! order. In place by default, one machine at a time. A node pool with `upgradeSettings.maxSurge`
+//! is upgraded by surge instead ([`batches`]): new machines on the target image are made and
+//! gated first, then the old ones drained and deleted, `maxSurge` at a time after a first batch
+//! of one (the canary). A machine that already boots the target is not replaced again, but still
+//! gated (Ready) and uncordoned if clusterctl cordoned it, so a run killed anywhere is finished by
+//! running it again.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use providers::{Machine, MachineRole, MachineState};
 use serde::Serialize;
@@ -30,6 +35,88 @@ pub struct NodeStep {
     /// The image digest it boots now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_digest: Option<String>,
+    /// Its pool's `upgradeSettings.maxSurge`: more than 0 replaces it by a new machine (surge);
+    /// 0 replaces its boot disk in place.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_surge: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The unit an upgrade carries out at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batch {
+    /// One machine in place: drain, new boot disk, gate, uncordon (or only the gate, for a
+    /// machine on the target already).
+    InPlace(NodeStep),
+    /// Machines of one pool replaced by surge: a new machine for each, all gated, then each old
+    /// one drained and deleted.
+    Surge {
+        /// The pool.
+        pool: String,
+        /// The machines replaced.
+        steps: Vec<NodeStep>,
+    },
+}
+
+impl Batch {
+    /// The machines of the batch.
+    pub fn machines(&self) -> Vec<&str> {
+        match self {
+            Batch::InPlace(s) => vec![s.machine.as_str()],
+            Batch::Surge { steps, .. } => steps.iter().map(|s| s.machine.as_str()).collect(),
+        }
+    }
+}
+
+/// The plan's steps as the batches an upgrade runs, in order. Pure.
+///
+/// `skip`: machines not to touch (the new machines of surge replacements under way; their
+/// batch gates them). In surge pools, the machines to replace go `maxSurge` at a time, except
+/// that a pool's first batch is one machine (the canary) unless `canary_done` names the pool
+/// (an earlier run replaced one there already); a batch is at most `limit` machines (auto-upgrade's
+/// steps left in this run).
+pub fn batches(
+    plan: &UpgradePlan,
+    skip: &BTreeSet<String>,
+    canary_done: &BTreeSet<String>,
+    limit: Option<usize>,
+) -> Vec<Batch> {
+    let mut out: Vec<Batch> = Vec::new();
+    let mut seen_pool: BTreeSet<String> = canary_done.clone();
+    // How many machines the last batch (a surge one) may still take.
+    let mut room = 0usize;
+    for s in plan.steps.iter().filter(|s| !skip.contains(&s.machine)) {
+        let surge_pool = s.pool.clone().filter(|_| s.replace && s.max_surge > 0);
+        let Some(pool) = surge_pool else {
+            out.push(Batch::InPlace(s.clone()));
+            room = 0;
+            continue;
+        };
+        if let Some(Batch::Surge { pool: p, steps }) = out.last_mut()
+            && *p == pool
+            && room > 0
+        {
+            steps.push(s.clone());
+            room -= 1;
+            continue;
+        }
+        let size = if seen_pool.contains(&pool) {
+            s.max_surge as usize
+        } else {
+            1
+        };
+        let size = limit.map_or(size, |l| size.min(l.max(1)));
+        out.push(Batch::Surge {
+            pool: pool.clone(),
+            steps: vec![s.clone()],
+        });
+        room = size - 1;
+        seen_pool.insert(pool);
+    }
+    out
 }
 
 /// The machines of an upgrade, in order.
@@ -52,10 +139,11 @@ impl UpgradePlan {
 }
 
 /// Orders the machines: control plane by name, then the pools in `pool_order` (pools the spec no
-/// longer names last), each by name. Pure.
+/// longer names last), each by name; `max_surge` gives the pools upgraded by surge. Pure.
 pub fn plan(
     machines: &[Machine],
     pool_order: &[String],
+    max_surge: &BTreeMap<String, u32>,
     from: &PinnedImage,
     to: &PinnedImage,
 ) -> UpgradePlan {
@@ -80,6 +168,12 @@ pub fn plan(
                 pool: m.pool.clone(),
                 replace: m.image_digest.as_deref() != Some(to.digest.as_str()),
                 current_digest: m.image_digest.clone(),
+                max_surge: m
+                    .pool
+                    .as_ref()
+                    .filter(|_| m.role == MachineRole::Worker)
+                    .and_then(|p| max_surge.get(p).copied())
+                    .unwrap_or(0),
             })
             .collect(),
     }
@@ -189,7 +283,7 @@ pub fn kubernetes_order(machines: &[Machine], pool_order: &[String]) -> Vec<(Str
         version: String::new(),
         digest: String::new(),
     };
-    plan(machines, pool_order, &to, &to)
+    plan(machines, pool_order, &BTreeMap::new(), &to, &to)
         .steps
         .into_iter()
         .map(|s| (s.machine, s.role))
@@ -245,7 +339,13 @@ mod tests {
             machine("c1-gone-0", Some("gone"), "v1"),
             machine("c1-cp-0", None, "v1"),
         ];
-        let p = plan(&ms, &["a".into(), "b".into()], &image("v1"), &image("v2"));
+        let p = plan(
+            &ms,
+            &["a".into(), "b".into()],
+            &BTreeMap::new(),
+            &image("v1"),
+            &image("v2"),
+        );
         let order: Vec<(&str, bool)> = p
             .steps
             .iter()
@@ -262,6 +362,69 @@ mod tests {
             ]
         );
         assert_eq!(p.replacements(), 4);
+    }
+
+    #[test]
+    fn surge_pools_go_in_batches_of_max_surge_after_a_canary_of_one() {
+        let ms = vec![
+            machine("c1-cp-0", None, "v1"),
+            machine("c1-a-b", Some("a"), "v1"),
+            machine("c1-a-c", Some("a"), "v1"),
+            machine("c1-a-d", Some("a"), "v1"),
+            machine("c1-a-e", Some("a"), "v1"),
+            machine("c1-a-f", Some("a"), "v2"),
+            machine("c1-b-b", Some("b"), "v1"),
+            machine("c1-b-c", Some("b"), "v1"),
+        ];
+        let surge: BTreeMap<String, u32> = [("a".to_owned(), 2)].into();
+        let p = plan(
+            &ms,
+            &["a".into(), "b".into()],
+            &surge,
+            &image("v1"),
+            &image("v2"),
+        );
+        let shape = |bs: &[Batch]| -> Vec<String> {
+            bs.iter()
+                .map(|b| match b {
+                    Batch::InPlace(s) => format!("in-place {}", s.machine),
+                    Batch::Surge { pool, steps } => format!(
+                        "surge {pool}: {}",
+                        steps
+                            .iter()
+                            .map(|s| s.machine.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                })
+                .collect()
+        };
+        let none = BTreeSet::new();
+        assert_eq!(
+            shape(&batches(&p, &none, &none, None)),
+            [
+                "in-place c1-cp-0",
+                "surge a: c1-a-b",
+                "surge a: c1-a-c c1-a-d",
+                "surge a: c1-a-e",
+                // On the target already: only gated, in place.
+                "in-place c1-a-f",
+                // Pool b has no maxSurge: in place, one at a time.
+                "in-place c1-b-b",
+                "in-place c1-b-c",
+            ]
+        );
+        // Resumed: the canary was done, a surge machine is skipped, one step left in this run.
+        let skip: BTreeSet<String> = ["c1-a-f".to_owned()].into();
+        let canary: BTreeSet<String> = ["a".to_owned()].into();
+        assert_eq!(
+            shape(&batches(&p, &skip, &canary, Some(1)))[..3],
+            ["in-place c1-cp-0", "surge a: c1-a-b", "surge a: c1-a-c"]
+        );
+        assert_eq!(
+            shape(&batches(&p, &skip, &canary, None))[1..3],
+            ["surge a: c1-a-b c1-a-c", "surge a: c1-a-d c1-a-e"]
+        );
     }
 
     #[test]

@@ -382,7 +382,7 @@ spec:
     - name: workers
       count: 2
       autoscaling: {minCount: 1, maxCount: 3}
-      upgradeSettings: {maxSurge: 1}
+      upgradeSettings: {maxSurge: 1, maxUnavailable: 1}
   ssh:
     bastion:
       host: jump.example.com
@@ -414,7 +414,7 @@ spec:
                 (9, 15, "spec.provider.libvirt.network.mode"),
                 (13, 12, "spec.controlPlane.count"),
                 (17, 7, "spec.nodePools[0].autoscaling"),
-                (18, 7, "spec.nodePools[0].upgradeSettings"),
+                (18, 54, "spec.nodePools[0].upgradeSettings.maxUnavailable"),
                 (20, 5, "spec.ssh.bastion"),
             ]
         );

@@ -755,11 +755,18 @@ fn check_node_pools(ck: &mut Checker, spec: &ClusterSpec) {
             }
         }
         if let Some(u) = pool.upgrade_settings {
-            ck.not_implemented(
-                format!("{base}.upgradeSettings"),
-                "upgrading node pools (upgradeSettings)",
-                "remove upgradeSettings: clusterctl does not upgrade node pools",
-            );
+            // Built: surge (maxSurge >= 1, maxUnavailable 0) and in place one at a time
+            // (maxSurge 0, maxUnavailable 1, the default without upgradeSettings).
+            if u.max_unavailable > 1 || (u.max_unavailable > 0 && u.max_surge > 0) {
+                ck.not_implemented(
+                    format!("{base}.upgradeSettings.maxUnavailable"),
+                    &format!(
+                        "maxUnavailable {} with maxSurge {} (upgrades take nodes down one at a time in place, or replace them by surge with maxUnavailable 0)",
+                        u.max_unavailable, u.max_surge
+                    ),
+                    "use maxSurge: N with maxUnavailable: 0 (surge), or maxSurge: 0 with maxUnavailable: 1 (in place)",
+                );
+            }
             if u.max_surge == 0 && u.max_unavailable == 0 {
                 ck.err(
                 format!("{base}.upgradeSettings"),
