@@ -170,7 +170,7 @@ pub fn repair(
         && plan
             .nodes
             .iter()
-            .any(|v| v.name == record.repair.history[i].node && v.healthy)
+            .any(|v| record.repair.history[i].is_for(&v.name) && v.healthy)
     {
         let r = &mut record.repair.history[i];
         r.outcome = RepairOutcome::Succeeded;
@@ -241,14 +241,17 @@ pub fn repair(
         })
     };
     guard.save(&mut record)?;
+    // A resumed replacement is still the repair of the node it started on (the chosen name may
+    // be its replacement's).
+    let target = record.repair.history[idx].node.clone();
     report.phase(&format!(
         "{} {} {} ({})",
         if resume { "Resuming" } else { "Repairing" },
-        chosen.name,
+        target,
         action,
         record.repair.history[idx].reason
     ));
-    let op = journal.intent(&journal_action(action), &chosen.name)?;
+    let op = journal.intent(&journal_action(action), &target)?;
     let journal = Arc::new(Mutex::new(journal));
     let act_started = Instant::now();
     let ctx = Ctx {
@@ -290,7 +293,7 @@ pub fn repair(
             }
         }
     }
-    pass.repaired = Some(format!("{action} {}", chosen.name));
+    pass.repaired = Some(format!("{action} {target}"));
     pass.error = result
         .as_ref()
         .err()
@@ -310,8 +313,7 @@ pub fn repair(
     out.took_ms = elapsed_ms(started);
     result.map(|_| out).with_context(|| {
         format!(
-            "repairing node {} of cluster {name:?} ({action}); the next pass backs off, then tries the next step",
-            chosen.name
+            "repairing node {target} of cluster {name:?} ({action}); the next pass backs off, then tries the next step"
         )
     })
 }

@@ -466,7 +466,7 @@ pub fn decide(
     // brakes say: stopping half-way leaves the node gone.
     let started = in_progress.filter(|r| !r.steps_done.is_empty());
     if let (Some(_), Some(r)) = (&held, started)
-        && let Some(i) = verdicts.iter().position(|v| v.name == r.node)
+        && let Some(i) = verdicts.iter().position(|v| r.is_for(&v.name))
         && matches!(verdicts[i].decision, Decision::Repair { resume: true, .. })
     {
         chosen = Some(i);
@@ -544,7 +544,8 @@ fn node_decision(
 ) -> Decision {
     let now_s = now.unix_seconds();
     // An interrupted repair of this node is finished first.
-    if let Some(r) = in_progress.filter(|r| r.node == o.name) {
+    // (A replacement is observed under its new machine's name once that name is given.)
+    if let Some(r) = in_progress.filter(|r| r.is_for(&o.name)) {
         return Decision::Repair {
             action: r.action,
             units: r.units.clone(),
@@ -1077,6 +1078,27 @@ mod tests {
             Some(Decision::Repair { resume: true, .. })
         ));
         assert!(matches!(plan.nodes[2].decision, Decision::Held { .. }));
+    }
+
+    #[test]
+    fn an_interrupted_replacement_is_resumed_under_its_new_machine_name() {
+        // The old machine w-0 is gone from the pool; its replacement w-new is named, not made.
+        let mut obs = cluster(2);
+        obs.nodes[1].name = "w-new".into();
+        obs.nodes[1].machine = MachineSeen::Missing;
+        obs.nodes[1].node = None;
+        let mut state = RepairState::default();
+        let mut r = record("w-0", RepairAction::Replace, -50, RepairOutcome::InProgress);
+        r.finished_at = None;
+        r.steps_done = vec!["node-deleted".into(), "machine-deleted".into()];
+        r.replaced_by = Some("w-new".into());
+        state.push(r);
+        let plan = decide(&policy(), &obs, &state, at(0));
+        assert_eq!(chosen(&plan), Some(("w-new", RepairAction::Replace)));
+        assert!(matches!(
+            plan.repair().map(|v| &v.decision),
+            Some(Decision::Repair { resume: true, .. })
+        ));
     }
 
     #[test]

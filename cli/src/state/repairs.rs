@@ -110,6 +110,13 @@ pub struct RepairRecord {
     pub healed_after_secs: Option<u64>,
 }
 
+impl RepairRecord {
+    /// Whether the repair is of `node`: the node it started on, or the machine that replaces it.
+    pub fn is_for(&self, node: &str) -> bool {
+        self.node == node || self.replaced_by.as_deref() == Some(node)
+    }
+}
+
 /// How the last repair pass went.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
