@@ -232,6 +232,8 @@ async fn api_client_through_ssh_against_a_real_apiserver() {
         .list_nodes()
         .await
         .expect("list through the bastion");
+    // The gate between control planes: the API server's own check of its etcd.
+    via_bastion.etcd_ready().await.expect("/readyz/etcd");
     assert!(seen.iter().any(|n| n.name == "node-a" && n.ready));
     assert_eq!(
         via_bastion.server_version().await.expect("version").minor,

@@ -509,7 +509,21 @@ where
     F: Fn(SshClient, Arc<NodePlan>, Arc<MachineLine>) -> Fut,
     Fut: std::future::Future<Output = Result<String, EngineError>> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(ctx.concurrency.max(1)));
+    for_nodes_at_most(ctx, plans, ctx.concurrency, f).await
+}
+
+/// [`for_nodes`] with at most `limit` nodes at once (1: one after the other, in order).
+async fn for_nodes_at_most<F, Fut>(
+    ctx: &BootstrapContext,
+    plans: Vec<Arc<NodePlan>>,
+    limit: usize,
+    f: F,
+) -> Result<(), EngineError>
+where
+    F: Fn(SshClient, Arc<NodePlan>, Arc<MachineLine>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, EngineError>> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(limit.max(1)));
     let lines = ctx.report.lines();
     let plans: Vec<Arc<NodePlan>> = plans
         .into_iter()
@@ -1014,7 +1028,10 @@ impl Phase<BootstrapContext> for StartControlPlane {
                 .cloned()
                 .collect();
             let credentials = admin_credentials(ctx)?;
-            for_nodes(ctx, cps, move |client, plan, line| {
+            // One control plane at a time, the next only once this one's API server is ready
+            // and reports its etcd healthy: restarting them all at once could take etcd's quorum
+            // and every API server down together.
+            for_nodes_at_most(ctx, cps, 1, move |client, plan, line| {
                 let credentials = credentials.clone();
                 async move {
                     let (first, rest) = control_plane_stages(&plan);
@@ -1031,6 +1048,10 @@ impl Phase<BootstrapContext> for StartControlPlane {
                             &mut move |s: &str| progress_line.say(s),
                         )
                         .await;
+                    let waited = match waited {
+                        Ok(()) => etcd_healthy(&kube).await,
+                        Err(e) => Err(e),
+                    };
                     kube.close().await;
                     if let Err(e) = waited {
                         let journal =
@@ -1047,17 +1068,33 @@ impl Phase<BootstrapContext> for StartControlPlane {
                             ),
                         });
                     }
-                    line.say("API server ready; starting the other components");
+                    line.say("API server ready, etcd healthy; starting the other components");
                     let rest_msg = start_node(&client, &plan, &rest, true, &[]).await?;
                     Ok(if msg == rest_msg {
                         msg
                     } else {
-                        format!("{msg}, then {rest_msg}; API server ready")
+                        format!("{msg}, then {rest_msg}; API server ready, etcd healthy")
                     })
                 }
             })
             .await
         })
+    }
+}
+
+/// How long etcd may take to report healthy once the API server is ready (it is part of
+/// `/readyz`, so this only covers a moment's flap).
+const ETCD_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the API server reports its etcd healthy (`/readyz/etcd`).
+async fn etcd_healthy(kube: &KubeClient) -> Result<(), crate::kube::KubeError> {
+    let started = Instant::now();
+    loop {
+        match kube.etcd_ready().await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() >= ETCD_HEALTH_TIMEOUT => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
     }
 }
 

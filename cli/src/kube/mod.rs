@@ -373,13 +373,23 @@ impl KubeClient {
 
     /// `Ok` if `/readyz` answers `ok`.
     pub async fn readyz(&self) -> Result<(), KubeError> {
-        let op = "reading /readyz";
-        let request = http::Request::get("/readyz")
-            .body(Vec::new())
-            .map_err(|e| KubeError::Unexpected {
-                op: op.into(),
-                detail: e.to_string(),
-            })?;
+        self.ready_check("/readyz", "reading /readyz").await
+    }
+
+    /// The API server's own check of its etcd (`/readyz/etcd`): etcd answers the API server.
+    pub async fn etcd_ready(&self) -> Result<(), KubeError> {
+        self.ready_check("/readyz/etcd", "reading /readyz/etcd (etcd's health)")
+            .await
+    }
+
+    async fn ready_check(&self, path: &str, op: &str) -> Result<(), KubeError> {
+        let request =
+            http::Request::get(path)
+                .body(Vec::new())
+                .map_err(|e| KubeError::Unexpected {
+                    op: op.into(),
+                    detail: e.to_string(),
+                })?;
         let text = self.call(op, self.client.request_text(request)).await?;
         if text.trim() == "ok" {
             Ok(())
