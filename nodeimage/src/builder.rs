@@ -475,9 +475,16 @@ impl Builder<'_> {
         let status = self.status.clone();
         self.apt.download(&status).map_err(|e| match e {
             NodeImageError::Tool { stderr, log, .. } => NodeImageError::ArchiveUnreachable {
-                suites: updates::describe(&resolved.sources),
-                detail: stderr,
-                log,
+                what: format!(
+                    "the .deb files of the updates from {}",
+                    resolved
+                        .sources
+                        .iter()
+                        .map(|s| format!("{} ({})", s.suite, s.uri))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                detail: format!("(full output in {}):\n{stderr}", log.display()),
                 hint: "or run once with the archive reachable: downloaded packages are kept in \
                        the image directory's cache/debs"
                     .into(),
@@ -588,7 +595,6 @@ impl Builder<'_> {
                 "-W",
                 "-f",
                 "${db:Status-Abbrev}\t${Package}\t${Depends}\n",
-                "linux-image-*",
             ]),
         )?;
         let kernels: Vec<(String, String)> = out
@@ -596,8 +602,9 @@ impl Builder<'_> {
             .filter_map(|l| {
                 let mut f = l.split('\t');
                 let st = f.next()?;
-                st.starts_with("ii")
-                    .then(|| Some((f.next()?.to_string(), f.next().unwrap_or("").to_string())))?
+                let name = f.next()?;
+                (st.starts_with("ii") && name.starts_with("linux-image-"))
+                    .then(|| (name.to_string(), f.next().unwrap_or("").to_string()))
             })
             .collect();
         let old = updates::superseded_kernels(&kernels);
@@ -630,7 +637,6 @@ impl Builder<'_> {
                 package,
                 expected,
                 found,
-                log: self.log.clone(),
             }),
         }
     }

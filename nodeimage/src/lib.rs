@@ -195,21 +195,17 @@ pub enum NodeImageError {
         /// Build log with the full output.
         log: PathBuf,
     },
-    /// The archive could not be reached to fetch the package lists of the updates.
+    /// The archive could not be reached to fetch the package lists or `.deb` files of the updates.
     #[error(
-        "could not fetch the package lists of {suites}; without them the image would lack the \
-         security updates, so nothing was built. Check the mirrors (--mirror, --security-mirror, \
-         CLUSTERCTL_DEBIAN_MIRROR, CLUSTERCTL_DEBIAN_SECURITY_MIRROR), {hint}. apt said (full \
-         output in {}):\n{detail}",
-        log.display()
+        "could not fetch {what}; without them the image would lack the updates and \
+         security fixes it is keyed by, so nothing was built. Check the mirrors (--mirror, --security-mirror, \
+         CLUSTERCTL_DEBIAN_MIRROR, CLUSTERCTL_DEBIAN_SECURITY_MIRROR), {hint}. apt said {detail}"
     )]
     ArchiveUnreachable {
-        /// The suites and their mirrors.
-        suites: String,
-        /// The last lines of apt's error output.
+        /// What could not be fetched, from which mirrors.
+        what: String,
+        /// Where apt's full output is and its last lines.
         detail: String,
-        /// The apt log.
-        log: PathBuf,
         /// What `--offline` would use, or why it cannot help.
         hint: String,
     },
@@ -227,19 +223,17 @@ pub enum NodeImageError {
     },
     /// The upgrade in the image did not install what was resolved.
     #[error(
-        "the upgrade in the image root installed {package} {found}, but the build resolved {expected} \
-         (the image's apt decided differently from the host's); see {}",
-        log.display()
+        "the upgrade in the image root left {package} at {found}, but the build resolved {expected} \
+         (the image's apt decided differently from the host's); apt's output is in build.log in \
+         the image directory's .work-* directory"
     )]
     UpgradeMismatch {
         /// Package.
         package: String,
-        /// Resolved version.
+        /// Resolved version (or "nothing").
         expected: String,
         /// Installed version (or "nothing").
         found: String,
-        /// Build log.
-        log: PathBuf,
     },
     /// Tool output was not as expected.
     #[error("could not find {what}")]

@@ -384,14 +384,15 @@ impl HostApt {
             (None, Ok(_)) => return Ok(()),
         };
         Err(NodeImageError::ArchiveUnreachable {
-            suites: self
-                .suites
-                .iter()
-                .map(|s| format!("{} from {}", s.name, s.uri))
-                .collect::<Vec<_>>()
-                .join(", "),
-            detail: failure,
-            log: self.log.clone(),
+            what: format!(
+                "the package lists of {}",
+                self.suites
+                    .iter()
+                    .map(|s| format!("{} from {}", s.name, s.uri))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            detail: format!("(full output in {}):\n{failure}", self.log.display()),
             hint: match self.lists_of_each_suite() {
                 Ok(sources) => format!(
                     "or build from the package lists fetched before ({}) with \
