@@ -185,6 +185,10 @@ fn reuse(opts: &BuildOptions, hash: &str) -> Result<Option<BuildOutcome>, NodeIm
 
 pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError> {
     validate(opts)?;
+    // Even deciding that the image is up to date runs apt on the image directory's cache.
+    if !is_root() {
+        return Err(NodeImageError::NotRoot);
+    }
     mkdir_private(&opts.image_dir)?;
     let _lock = lock(&opts.image_dir)?;
     mkdir_private(&opts.image_dir.join("cache"))?;
@@ -206,9 +210,6 @@ pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError>
         timings.push(("updates".to_string(), t.elapsed()));
     }
     check_tools()?;
-    if !is_root() {
-        return Err(NodeImageError::NotRoot);
-    }
 
     let mut b = Builder {
         opts,

@@ -160,8 +160,12 @@ pub enum NodeImageError {
         /// The value given.
         value: String,
     },
-    /// Building needs root (chroot, root-owned files).
-    #[error("building a node image needs root (chroot and root-owned files); run as root")]
+    /// Building needs root (chroot, root-owned files), and so does deciding that an image is up
+    /// to date (apt resolves the updates in the image directory's cache).
+    #[error(
+        "building a node image needs root (apt resolves the updates in the image cache, chroot, \
+         root-owned files), also when the image turns out to be up to date; run as root"
+    )]
     NotRoot,
     /// A required program is not installed.
     #[error(

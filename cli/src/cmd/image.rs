@@ -14,7 +14,8 @@ use crate::output::{self, Format};
 /// Node image commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build the node image (a no-op when an image with the same inputs exists). Needs root.
+    /// Build the node image (a no-op when an image with the same inputs exists; the inputs include
+    /// the package versions of <suite>-updates and <suite>-security, fetched each time). Needs root.
     Build(BuildArgs),
     /// List built node images.
     List(DirArgs),
