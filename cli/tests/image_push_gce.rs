@@ -34,6 +34,7 @@ fn image_dir(root: &Path, version: &str, gce_disk: &[u8]) {
         version: version.into(),
         input_hash: "ab".repeat(32),
         suite: "bookworm".into(),
+        sources: Vec::new(),
         created: "2026-12-02T00:00:00Z".into(),
         kernel: artifact(&dir, "vmlinuz", b"kernel"),
         initrd: artifact(&dir, "initrd.img", b"initrd"),

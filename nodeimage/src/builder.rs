@@ -1,6 +1,7 @@
-//! Building an image: debootstrap (cached tarball), configure in a chroot, ext4 without mounts,
-//! dm-verity on plain files, qcow2, manifest. Every step runs a Debian tool; nothing here mounts a
-//! filesystem or uses a loop device.
+//! Building an image: debootstrap (cached tarball and installed tree), the updates and security
+//! suites resolved on the host and installed in a chroot, configure in the chroot, ext4 without
+//! mounts, dm-verity on plain files, qcow2, manifest. Every step runs a Debian tool; nothing here
+//! mounts a filesystem or uses a loop device.
 
 use std::fs;
 use std::io::Write;
@@ -16,10 +17,12 @@ use crate::manifest::{
     self, Artifact, GCE_DISK_FILE, GceDisk, Image, MANIFEST_FILE, Manifest, Package, RootDisk,
     SCHEMA, Verity,
 };
+use crate::updates::{self, HostApt, Resolved};
 use crate::{BuildOptions, NodeImageError, mirror};
 
 /// Bump when the build steps change in a way the embedded files do not show.
-const BUILD_SCRIPT_VERSION: &str = "nodeimage-build/2";
+/// 3: the updates and security suites are installed.
+const BUILD_SCRIPT_VERSION: &str = "nodeimage-build/3";
 /// dm-verity data and hash block size.
 const BLOCK: u64 = 4096;
 
@@ -60,8 +63,11 @@ pub const DEFAULT_PACKAGES: &[&str] = &[
     "curl",
 ];
 
-/// sha256 over everything that determines the image content.
-pub fn input_hash(opts: &BuildOptions) -> String {
+/// sha256 over everything that determines the image content: the build script, the suites, the
+/// requested packages, clusterctl's files and, from `resolved`, every package the image will hold
+/// at its exact version (sorted by name: the order apt resolved them in does not matter). The
+/// mirrors and the Release dates are not inputs: an unchanged archive gives the same image.
+pub fn input_hash(opts: &BuildOptions, resolved: &Resolved) -> String {
     let mut h = Sha256::new();
     let mut field = |name: &str, value: &[u8]| {
         h.update(name.as_bytes());
@@ -71,6 +77,13 @@ pub fn input_hash(opts: &BuildOptions) -> String {
     field("script", BUILD_SCRIPT_VERSION.as_bytes());
     field("suite", opts.suite.as_bytes());
     field("packages", sorted_packages(opts).join(",").as_bytes());
+    for s in &resolved.sources {
+        field("source", s.suite.as_bytes());
+    }
+    for (name, version) in resolved.package_set() {
+        field("package", name.as_bytes());
+        field("version", version.as_bytes());
+    }
     field("configure", CONFIGURE.as_bytes());
     for f in FILES {
         field("file", f.dest.as_bytes());
@@ -95,32 +108,116 @@ pub fn find_by_input_hash(image_dir: &Path, hash: &str) -> Result<Option<PathBuf
         .map(|(dir, _, _)| dir))
 }
 
+/// The key of the cached debootstrap tarball and installed tree: the suite and debootstrap's
+/// arguments (the package list).
+fn base_key(opts: &BuildOptions) -> String {
+    let mut h = Sha256::new();
+    h.update(opts.suite.as_bytes());
+    for a in debootstrap_args(opts) {
+        h.update(b"\0");
+        h.update(a.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn debootstrap_args(opts: &BuildOptions) -> Vec<String> {
+    vec![
+        "--variant=minbase".into(),
+        format!("--include={}", sorted_packages(opts).join(",")),
+    ]
+}
+
+/// The dpkg database of the cached installed tree, kept beside it so that resolving the updates
+/// needs no unpacked tree. In a directory of its own: apt puts its lock files next to it.
+fn base_status(opts: &BuildOptions, key: &str) -> PathBuf {
+    opts.image_dir
+        .join("cache")
+        .join(format!("status-{}-{}", opts.suite, &key[..16]))
+        .join("status")
+}
+
+/// The host apt that resolves and downloads the updates, with the mirrors resolved.
+fn host_apt(opts: &BuildOptions) -> Result<HostApt, NodeImageError> {
+    let m = mirror::resolve(&opts.mirror);
+    let sec = mirror::resolve_security(&opts.security_mirror);
+    tracing::info!(mirror = %m.url, from = %m.source, security_mirror = %sec.url, security_from = %sec.source, "using Debian mirrors for the updates");
+    HostApt::new(
+        &opts.image_dir.join("cache"),
+        &opts.suite,
+        updates::suites(&opts.suite, &m.url, &sec.url),
+    )
+}
+
+/// Resolves the updates against the archive (or the cached lists with `offline`) and logs what
+/// they bring.
+fn resolve(
+    opts: &BuildOptions,
+    apt: &HostApt,
+    status: &Path,
+) -> Result<(Resolved, String), NodeImageError> {
+    check_apt()?;
+    let resolved = apt.resolve(status, opts.offline)?;
+    let hash = input_hash(opts, &resolved);
+    tracing::info!(
+        lists = %updates::describe(&resolved.sources),
+        upgrades = resolved.changes.len(),
+        by_suite = ?resolved.counts(),
+        "resolved the updates"
+    );
+    Ok((resolved, hash))
+}
+
+fn reuse(opts: &BuildOptions, hash: &str) -> Result<Option<BuildOutcome>, NodeImageError> {
+    if opts.force {
+        return Ok(None);
+    }
+    let Some(dir) = find_by_input_hash(&opts.image_dir, hash)? else {
+        return Ok(None);
+    };
+    let image = manifest::load(&dir)?;
+    tracing::info!(version = %image.manifest.version, "image is up to date, nothing to build");
+    Ok(Some(BuildOutcome {
+        image,
+        reused: true,
+        timings: Vec::new(),
+    }))
+}
+
 pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError> {
     validate(opts)?;
-    let hash = input_hash(opts);
-    mkdir_private(&opts.image_dir)?;
-    let _lock = lock(&opts.image_dir)?;
-
-    if !opts.force
-        && let Some(dir) = find_by_input_hash(&opts.image_dir, &hash)?
-    {
-        let image = manifest::load(&dir)?;
-        tracing::info!(version = %image.manifest.version, "image is up to date, nothing to build");
-        return Ok(BuildOutcome {
-            image,
-            reused: true,
-            timings: Vec::new(),
-        });
-    }
-    check_tools()?;
+    // Even deciding that the image is up to date runs apt on the image directory's cache.
     if !is_root() {
         return Err(NodeImageError::NotRoot);
     }
+    mkdir_private(&opts.image_dir)?;
+    let _lock = lock(&opts.image_dir)?;
+    mkdir_private(&opts.image_dir.join("cache"))?;
+
+    // With the installed tree cached, the package set (and so the input hash) is known before
+    // anything is unpacked: an unchanged archive is a no-op.
+    let key = base_key(opts);
+    let status = base_status(opts, &key);
+    let apt = host_apt(opts)?;
+    let mut resolved = None;
+    let mut timings = Vec::new();
+    if status.is_file() {
+        let t = Instant::now();
+        let (r, hash) = resolve(opts, &apt, &status)?;
+        if let Some(outcome) = reuse(opts, &hash)? {
+            return Ok(outcome);
+        }
+        resolved = Some((r, hash));
+        timings.push(("updates".to_string(), t.elapsed()));
+    }
+    check_tools()?;
 
     let mut b = Builder {
         opts,
-        hash,
-        timings: Vec::new(),
+        key,
+        status,
+        apt,
+        resolved,
+        timings,
         log: PathBuf::new(),
         work: PathBuf::new(),
         mirror: None,
@@ -130,7 +227,13 @@ pub(crate) fn build(opts: &BuildOptions) -> Result<BuildOutcome, NodeImageError>
 
 struct Builder<'a> {
     opts: &'a BuildOptions,
-    hash: String,
+    /// [`base_key`].
+    key: String,
+    /// [`base_status`].
+    status: PathBuf,
+    apt: HostApt,
+    /// The resolved updates and the input hash, once known.
+    resolved: Option<(Resolved, String)>,
     timings: Vec<(String, Duration)>,
     log: PathBuf,
     work: PathBuf,
@@ -140,16 +243,10 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn run(&mut self) -> Result<BuildOutcome, NodeImageError> {
         let started = SystemTime::now();
-        let version = format!(
-            "{}-{}-{}",
-            self.opts.suite,
-            yyyymmdd(started),
-            &self.hash[..12]
-        );
         self.work = self
             .opts
             .image_dir
-            .join(format!(".work-{}", &self.hash[..12]));
+            .join(format!(".work-{}", &self.key[..12]));
         remove_dir(&self.work)?;
         mkdir_private(&self.work)?;
         self.log = self.work.join("build.log");
@@ -157,10 +254,27 @@ impl Builder<'_> {
         let out = self.work.join("out");
         mkdir_private(&out)?;
 
-        let (tarball, key) = self.step("debootstrap", |b| b.debootstrap_tarball())?;
-        self.step("unpack", |b| b.unpack(&tarball, &key, &rootfs))?;
+        let tarball = self.step("debootstrap", |b| b.debootstrap_tarball())?;
+        self.step("unpack", |b| b.unpack(&tarball, &rootfs))?;
+        if self.resolved.is_none() {
+            // A fresh installed tree: the updates can be resolved only now.
+            let status = self.status.clone();
+            let (r, hash) = self.step("updates", |b| resolve(b.opts, &b.apt, &status))?;
+            if let Some(outcome) = reuse(self.opts, &hash)? {
+                remove_dir(&self.work)?;
+                return Ok(outcome);
+            }
+            self.resolved = Some((r, hash));
+        }
+        let Some((resolved, hash)) = self.resolved.take() else {
+            return Err(NodeImageError::Parse {
+                what: "the resolved updates".into(),
+            });
+        };
+        let version = format!("{}-{}-{}", self.opts.suite, yyyymmdd(started), &hash[..12]);
+        self.step("upgrade", |b| b.upgrade(&rootfs, &resolved))?;
         self.step("configure", |b| b.configure(&rootfs))?;
-        let packages = self.step("packages", |b| b.packages(&rootfs))?;
+        let packages = self.step("packages", |b| b.packages(&rootfs, &resolved))?;
         self.step("kernel", |b| b.take_boot_files(&rootfs, &out))?;
         let used = dir_size(&rootfs)?;
         let raw = self.work.join("root.raw");
@@ -181,8 +295,9 @@ impl Builder<'_> {
         let manifest = Manifest {
             schema: SCHEMA,
             version: version.clone(),
-            input_hash: self.hash.clone(),
+            input_hash: hash.clone(),
             suite: self.opts.suite.clone(),
+            sources: resolved.sources.clone(),
             created: rfc3339(started),
             kernel,
             initrd,
@@ -241,42 +356,7 @@ impl Builder<'_> {
 
     /// Runs a tool, appending its output to the build log.
     fn tool(&self, step: &str, cmd: &mut Command) -> Result<String, NodeImageError> {
-        let mut log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| io(&self.log, e))?;
-        let _ = writeln!(log, "==> {step}: {cmd:?}");
-        let output = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| NodeImageError::Spawn {
-                step: step.to_string(),
-                program: format!("{:?}", cmd.get_program()),
-                source,
-            })?;
-        let _ = log.write_all(&output.stderr);
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        if !output.status.success() {
-            let _ = log.write_all(stdout.as_bytes());
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: String = stderr
-                .lines()
-                .rev()
-                .take(8)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Err(NodeImageError::Tool {
-                step: step.to_string(),
-                status: output.status.to_string(),
-                stderr: tail,
-                log: self.log.clone(),
-            });
-        }
-        Ok(stdout)
+        run_logged(&self.log, step, cmd)
     }
 
     /// The Debian mirror, resolved once (only a build that runs debootstrap needs it).
@@ -290,22 +370,13 @@ impl Builder<'_> {
     }
 
     fn debootstrap_args(&self) -> Vec<String> {
-        vec![
-            "--variant=minbase".into(),
-            format!("--include={}", sorted_packages(self.opts).join(",")),
-        ]
+        debootstrap_args(self.opts)
     }
 
-    /// The debootstrap tarball holds every .deb the image needs: later builds with the same suite
-    /// and package list run offline.
-    fn debootstrap_tarball(&mut self) -> Result<(PathBuf, String), NodeImageError> {
-        let mut h = Sha256::new();
-        h.update(self.opts.suite.as_bytes());
-        for a in self.debootstrap_args() {
-            h.update(b"\0");
-            h.update(a.as_bytes());
-        }
-        let key = hex::encode(h.finalize());
+    /// The debootstrap tarball holds every .deb of the base suite the image needs: later builds
+    /// with the same suite and package list do not run debootstrap's download again.
+    fn debootstrap_tarball(&mut self) -> Result<PathBuf, NodeImageError> {
+        let key = self.key.clone();
         let cache = self.opts.image_dir.join("cache");
         mkdir_private(&cache)?;
         let tarball = cache.join(format!(
@@ -315,7 +386,7 @@ impl Builder<'_> {
         ));
         if tarball.is_file() {
             tracing::info!(tarball = %tarball.display(), "reusing cached debootstrap tarball");
-            return Ok((tarball, key));
+            return Ok(tarball);
         }
         let partial = cache.join(format!(".partial-{}.tgz", &key[..16]));
         let scratch = self.work.join("debootstrap-download");
@@ -332,13 +403,16 @@ impl Builder<'_> {
         )?;
         fs::rename(&partial, &tarball).map_err(|e| io(&tarball, e))?;
         remove_dir(&scratch)?;
-        Ok((tarball, key))
+        Ok(tarball)
     }
 
     /// Installs the packages into `rootfs`. Installing (debootstrap's second stage) is the slow part
     /// of a build, so the installed tree is cached as a tar keyed like the debootstrap tarball:
-    /// a build whose package list is unchanged only extracts it.
-    fn unpack(&mut self, tarball: &Path, key: &str, rootfs: &Path) -> Result<(), NodeImageError> {
+    /// a build whose package list is unchanged only extracts it. The tree's dpkg database is kept
+    /// beside it ([`base_status`]) for resolving the updates.
+    fn unpack(&mut self, tarball: &Path, rootfs: &Path) -> Result<(), NodeImageError> {
+        let key = self.key.clone();
+        let status = self.status.clone();
         let cache = self.opts.image_dir.join("cache");
         let tree = cache.join(format!("rootfs-{}-{}.tar", self.opts.suite, &key[..16]));
         if tree.is_file() {
@@ -358,7 +432,7 @@ impl Builder<'_> {
                     .arg("-C")
                     .arg(rootfs),
             )?;
-            return Ok(());
+            return keep_status(rootfs, &status);
         }
         let mirror = self.mirror();
         self.tool(
@@ -386,7 +460,186 @@ impl Builder<'_> {
                 .arg(rootfs)
                 .arg("."),
         )?;
-        fs::rename(&partial, &tree).map_err(|e| io(&tree, e))
+        fs::rename(&partial, &tree).map_err(|e| io(&tree, e))?;
+        keep_status(rootfs, &status)
+    }
+
+    /// Installs the resolved updates into the tree: the host's lists and the downloaded `.deb`
+    /// files are copied in and `apt-get dist-upgrade --no-download` runs in the chroot (no
+    /// network there, nothing started: `policy-rc.d` says no), superseded kernels are purged, and
+    /// apt's lists and caches are removed again.
+    fn upgrade(&mut self, rootfs: &Path, resolved: &Resolved) -> Result<(), NodeImageError> {
+        if resolved.changes.is_empty() {
+            tracing::info!("no updates to install");
+            return Ok(());
+        }
+        let status = self.status.clone();
+        self.apt.download(&status).map_err(|e| match e {
+            NodeImageError::Tool { stderr, log, .. } => NodeImageError::ArchiveUnreachable {
+                what: format!(
+                    "the .deb files of the updates from {}",
+                    resolved
+                        .sources
+                        .iter()
+                        .map(|s| format!("{} ({})", s.suite, s.uri))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                detail: format!("(full output in {}):\n{stderr}", log.display()),
+                hint: "or run once with the archive reachable: downloaded packages are kept in \
+                       the image directory's cache/debs"
+                    .into(),
+            },
+            e => e,
+        })?;
+        let lists = rootfs.join("var/lib/apt/lists");
+        let archives = rootfs.join("var/cache/apt/archives");
+        mkdir_private(&lists.join("partial"))?;
+        mkdir_private(&archives.join("partial"))?;
+        let host_lists = self.apt.lists();
+        for entry in fs::read_dir(&host_lists).map_err(|e| io(&host_lists, e))? {
+            let path = entry.map_err(|e| io(&host_lists, e))?.path();
+            if path.is_file()
+                && let Some(name) = path.file_name()
+                && name != "lock"
+            {
+                copy(&path, &lists.join(name))?;
+            }
+        }
+        let wanted: Vec<String> = resolved
+            .installs()
+            .iter()
+            .map(|(n, (v, _))| updates::deb_prefix(n, v))
+            .collect();
+        let debs = self.apt.debs.clone();
+        for entry in fs::read_dir(&debs).map_err(|e| io(&debs, e))? {
+            let path = entry.map_err(|e| io(&debs, e))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if name.ends_with(".deb") && wanted.iter().any(|w| name.starts_with(w.as_str())) {
+                copy(&path, &archives.join(&name))?;
+            }
+        }
+        let sources = rootfs.join("etc/apt/sources.list");
+        write_file(
+            &sources,
+            updates::sources_list(&self.apt_suites(resolved)).as_bytes(),
+            0o644,
+        )?;
+        let policy = rootfs.join("usr/sbin/policy-rc.d");
+        write_file(
+            &policy,
+            b"#!/bin/sh\n# clusterctl image build: start nothing\nexit 101\n",
+            0o755,
+        )?;
+        let result = self.upgrade_in_chroot(rootfs, resolved);
+        remove_file(&policy)?;
+        result?;
+        // What the image holds is checked against the resolution in `packages`; apt's state goes.
+        for dir in [&lists, &archives] {
+            remove_dir(dir)?;
+            mkdir_private(dir)?;
+        }
+        remove_file(&sources)?;
+        remove_dir(&rootfs.join("var/cache/apt"))?;
+        mkdir_private(&rootfs.join("var/cache/apt"))
+    }
+
+    fn apt_suites(&self, resolved: &Resolved) -> Vec<updates::Suite> {
+        resolved
+            .sources
+            .iter()
+            .map(|s| updates::Suite {
+                name: s.suite.clone(),
+                uri: s.uri.clone(),
+            })
+            .collect()
+    }
+
+    fn upgrade_in_chroot(
+        &mut self,
+        rootfs: &Path,
+        resolved: &Resolved,
+    ) -> Result<(), NodeImageError> {
+        let chroot = |args: &[&str]| {
+            let mut c = Command::new("chroot");
+            c.arg(rootfs)
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .env("LC_ALL", "C")
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+            c
+        };
+        self.tool(
+            "apt-get dist-upgrade (chroot)",
+            &mut chroot(&[
+                "apt-get",
+                "-y",
+                "--no-download",
+                "--no-install-recommends",
+                "-o",
+                "Dpkg::Options::=--force-confdef",
+                "-o",
+                "Dpkg::Options::=--force-confold",
+                "-o",
+                "Dpkg::Use-Pty=0",
+                "dist-upgrade",
+            ]),
+        )?;
+        let out = self.tool(
+            "dpkg-query kernels",
+            &mut chroot(&[
+                "dpkg-query",
+                "-W",
+                "-f",
+                "${db:Status-Abbrev}\t${Package}\t${Depends}\n",
+            ]),
+        )?;
+        let kernels: Vec<(String, String)> = out
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let st = f.next()?;
+                let name = f.next()?;
+                (st.starts_with("ii") && name.starts_with("linux-image-"))
+                    .then(|| (name.to_string(), f.next().unwrap_or("").to_string()))
+            })
+            .collect();
+        let old = updates::superseded_kernels(&kernels);
+        if !old.is_empty() {
+            tracing::info!(kernels = %old.join(" "), "purging superseded kernels");
+            let mut args = vec!["dpkg", "--purge"];
+            args.extend(old.iter().map(String::as_str));
+            self.tool("dpkg --purge old kernels", &mut chroot(&args))?;
+        }
+        // The image holds what the input hash says, or the build stops.
+        let out = self.tool(
+            "dpkg-query after the upgrade",
+            &mut chroot(&[
+                "dpkg-query",
+                "-W",
+                "-f",
+                "${db:Status-Abbrev}\t${Package}\t${Version}\n",
+            ]),
+        )?;
+        let installed: std::collections::BTreeMap<&str, &str> = out
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 3 && f[0].starts_with("ii")).then(|| (f[1], f[2]))
+            })
+            .collect();
+        match updates::check_upgrade(&installed, resolved, &old) {
+            Ok(()) => Ok(()),
+            Err((package, expected, found)) => Err(NodeImageError::UpgradeMismatch {
+                package,
+                expected,
+                found,
+            }),
+        }
     }
 
     fn configure(&mut self, rootfs: &Path) -> Result<(), NodeImageError> {
@@ -409,7 +662,12 @@ impl Builder<'_> {
         remove_file(&script)
     }
 
-    fn packages(&mut self, rootfs: &Path) -> Result<Vec<Package>, NodeImageError> {
+    /// The installed packages; those the upgrade installed carry their suite.
+    fn packages(
+        &mut self,
+        rootfs: &Path,
+        resolved: &Resolved,
+    ) -> Result<Vec<Package>, NodeImageError> {
         let out = self.tool(
             "dpkg-query",
             Command::new("chroot").arg(rootfs).args([
@@ -429,12 +687,21 @@ impl Builder<'_> {
                 name: cols[1].to_string(),
                 version: cols[2].to_string(),
                 installed_size_kib: cols[3].trim().parse().unwrap_or(0),
+                suite: None,
             });
         }
         if packages.is_empty() {
             return Err(NodeImageError::Parse {
                 what: "dpkg-query output (no installed packages)".into(),
             });
+        }
+        let installs = resolved.installs();
+        for p in &mut packages {
+            if let Some((version, suites)) = installs.get(p.name.as_str())
+                && p.version == *version
+            {
+                p.suite = Some(suites.clone());
+            }
         }
         packages.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(packages)
@@ -446,10 +713,12 @@ impl Builder<'_> {
         let boot = rootfs.join("boot");
         let mut kernel = None;
         let mut initrd = None;
+        let mut kernels = 0;
         for entry in fs::read_dir(&boot).map_err(|e| io(&boot, e))? {
             let entry = entry.map_err(|e| io(&boot, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("vmlinuz-") {
+                kernels += 1;
                 kernel = Some(entry.path());
             } else if name.starts_with("initrd.img-") {
                 initrd = Some(entry.path());
@@ -460,6 +729,14 @@ impl Builder<'_> {
                 what: format!("kernel and initrd in {}", boot.display()),
             });
         };
+        if kernels > 1 {
+            return Err(NodeImageError::Parse {
+                what: format!(
+                    "exactly one kernel in {} ({kernels} there: a superseded kernel was not purged)",
+                    boot.display()
+                ),
+            });
+        }
         copy(&kernel, &out.join("vmlinuz"))?;
         copy(&initrd, &out.join("initrd.img"))?;
         // The UEFI stub and os-release for the GCE disk's unified kernel image, from the image's
@@ -800,6 +1077,91 @@ fn check_tools() -> Result<(), NodeImageError> {
     Ok(())
 }
 
+/// apt on the host and the archive keyring it checks the lists with.
+fn check_apt() -> Result<(), NodeImageError> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("apt-get").is_file()))
+        .unwrap_or(false);
+    if !on_path && !Path::new("/usr/bin/apt-get").is_file() {
+        return Err(NodeImageError::ToolMissing {
+            tool: "apt-get",
+            package: "apt",
+        });
+    }
+    if !Path::new(updates::ARCHIVE_KEYRING).is_file() {
+        return Err(NodeImageError::ToolMissing {
+            tool: updates::ARCHIVE_KEYRING,
+            package: "debian-archive-keyring",
+        });
+    }
+    Ok(())
+}
+
+/// Copies the tree's dpkg database beside the cached tree.
+fn keep_status(rootfs: &Path, status: &Path) -> Result<(), NodeImageError> {
+    if let Some(dir) = status.parent() {
+        mkdir_private(dir)?;
+    }
+    let partial = status.with_extension("partial");
+    fs::copy(rootfs.join("var/lib/dpkg/status"), &partial).map_err(|e| io(&partial, e))?;
+    fs::rename(&partial, status).map_err(|e| io(status, e))
+}
+
+/// Runs a tool, appending its command line and output to `log`; a failure carries the last lines
+/// of its error output.
+pub(crate) fn run_logged(
+    log: &Path,
+    step: &str,
+    cmd: &mut Command,
+) -> Result<String, NodeImageError> {
+    run_logged_both(log, step, cmd).map(|(stdout, _)| stdout)
+}
+
+/// [`run_logged`], returning standard output and standard error.
+pub(crate) fn run_logged_both(
+    log: &Path,
+    step: &str,
+    cmd: &mut Command,
+) -> Result<(String, String), NodeImageError> {
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| io(log, e))?;
+    let _ = writeln!(file, "==> {step}: {cmd:?}");
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NodeImageError::Spawn {
+            step: step.to_string(),
+            program: format!("{:?}", cmd.get_program()),
+            source,
+        })?;
+    let _ = file.write_all(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        let _ = file.write_all(stdout.as_bytes());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: String = stderr
+            .lines()
+            .rev()
+            .take(8)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(NodeImageError::Tool {
+            step: step.to_string(),
+            status: output.status.to_string(),
+            stderr: tail,
+            log: log.to_path_buf(),
+        });
+    }
+    let _ = file.write_all(stdout.as_bytes());
+    Ok((stdout, String::from_utf8_lossy(&output.stderr).into_owned()))
+}
+
 fn is_root() -> bool {
     // The build chroots and writes root-owned files; /proc/self/status avoids a libc dependency.
     fs::read_to_string("/proc/self/status")
@@ -944,21 +1306,112 @@ mod tests {
         assert_eq!(yyyymmdd(t), "20251126");
     }
 
+    /// A resolution: the base tree and the upgrades apt announced, in apt's order.
+    pub(crate) fn resolved(upgrades: &[(&str, &str)]) -> Resolved {
+        let source = |suite: &str, uri: &str, date: &str| crate::Source {
+            suite: suite.into(),
+            uri: uri.into(),
+            date: date.into(),
+        };
+        Resolved {
+            sources: vec![
+                source(
+                    "bookworm",
+                    "http://deb.debian.org/debian",
+                    "Sat, 15 Nov 2026",
+                ),
+                source(
+                    "bookworm-updates",
+                    "http://deb.debian.org/debian",
+                    "Thu, 03 Dec 2026",
+                ),
+                source(
+                    "bookworm-security",
+                    "http://deb.debian.org/debian-security",
+                    "Thu, 03 Dec 2026",
+                ),
+            ],
+            base: [
+                ("libc6", "2.36-9+deb12u10"),
+                ("libssl3", "3.0.17-1~deb12u2"),
+            ]
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+            changes: upgrades
+                .iter()
+                .map(|(n, v)| updates::Change::Install {
+                    name: (*n).into(),
+                    version: (*v).into(),
+                    archives: vec!["Debian-Security:12/oldstable-security".into()],
+                })
+                .collect(),
+            codenames: Default::default(),
+        }
+    }
+
     #[test]
     fn input_hash_changes_with_packages_not_order() {
+        let r = resolved(&[]);
         let a = BuildOptions::new("/x".into());
         let mut b = a.clone();
         b.packages.reverse();
-        assert_eq!(input_hash(&a), input_hash(&b));
+        assert_eq!(input_hash(&a, &r), input_hash(&b, &r));
         b.packages.push("strace".into());
-        assert_ne!(input_hash(&a), input_hash(&b));
+        assert_ne!(input_hash(&a, &r), input_hash(&b, &r));
         let mut c = a.clone();
         c.image_dir = "/elsewhere".into();
+        c.mirror = "http://other.example/debian".into();
+        c.security_mirror = "http://other.example/debian-security".into();
         assert_eq!(
-            input_hash(&a),
-            input_hash(&c),
-            "the output location is not an input"
+            input_hash(&a, &r),
+            input_hash(&c, &r),
+            "the output location and the mirrors are not inputs"
         );
+    }
+
+    #[test]
+    fn input_hash_changes_with_the_versions_updates_bring_not_their_order_or_dates() {
+        let a = BuildOptions::new("/x".into());
+        let none = resolved(&[]);
+        let fix = resolved(&[
+            ("libssl3", "3.0.22-1~deb12u2"),
+            ("tzdata", "2026f-0+deb12u1"),
+        ]);
+        let fix_reordered = resolved(&[
+            ("tzdata", "2026f-0+deb12u1"),
+            ("libssl3", "3.0.22-1~deb12u2"),
+        ]);
+        let newer_fix = resolved(&[
+            ("libssl3", "3.0.23-1~deb12u2"),
+            ("tzdata", "2026f-0+deb12u1"),
+        ]);
+        assert_ne!(
+            input_hash(&a, &none),
+            input_hash(&a, &fix),
+            "a security fix is a new image"
+        );
+        assert_eq!(input_hash(&a, &fix), input_hash(&a, &fix_reordered));
+        assert_ne!(input_hash(&a, &fix), input_hash(&a, &newer_fix));
+        let mut later = fix.clone();
+        for s in &mut later.sources {
+            s.date = "Fri, 04 Dec 2026".into();
+        }
+        assert_eq!(
+            input_hash(&a, &fix),
+            input_hash(&a, &later),
+            "a Release file dated later with the same packages is the same image"
+        );
+        // The same final set reached from another base tree (debootstrap run on another day) is
+        // the same image.
+        let mut other_base = fix.clone();
+        other_base
+            .base
+            .insert("libssl3".into(), "3.0.20-1~deb12u2".into());
+        assert_eq!(input_hash(&a, &fix), input_hash(&a, &other_base));
+        let mut no_security = none.clone();
+        no_security.sources.pop();
+        assert_ne!(input_hash(&a, &none), input_hash(&a, &no_security));
     }
 
     #[test]
@@ -1036,19 +1489,58 @@ mod reuse_tests {
     fn unchanged_inputs_are_a_no_op() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let opts = BuildOptions::new(tmp.path().to_path_buf());
-        let hash = input_hash(&opts);
+        let r = super::tests::resolved(&[("libssl3", "3.0.22-1~deb12u2")]);
+        let hash = input_hash(&opts, &r);
         crate::manifest::tests::fake_image(&tmp.path().join("bookworm-x"), "bookworm-x", &hash);
         // No root, no debootstrap needed: the existing image is found by its input hash.
-        let outcome = build(&opts).expect("reuse");
+        let outcome = reuse(&opts, &hash).expect("scan").expect("reuse");
         assert!(outcome.reused);
         assert_eq!(outcome.image.manifest.version, "bookworm-x");
         assert!(outcome.timings.is_empty());
+        let forced = BuildOptions {
+            force: true,
+            ..opts.clone()
+        };
+        assert!(reuse(&forced, &hash).expect("scan").is_none());
 
         let mut changed = opts.clone();
         changed.packages.push("strace".into());
         assert_eq!(
-            find_by_input_hash(tmp.path(), &input_hash(&changed)).expect("scan"),
+            find_by_input_hash(tmp.path(), &input_hash(&changed, &r)).expect("scan"),
             None
+        );
+        let fixed = super::tests::resolved(&[("libssl3", "3.0.23-1~deb12u2")]);
+        assert_eq!(
+            find_by_input_hash(tmp.path(), &input_hash(&opts, &fixed)).expect("scan"),
+            None,
+            "a newer security fix is not up to date"
+        );
+    }
+
+    #[test]
+    fn offline_without_lists_says_what_to_do() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut opts = BuildOptions::new(tmp.path().to_path_buf());
+        opts.offline = true;
+        opts.mirror = "http://mirror.invalid/debian".into();
+        opts.security_mirror = "http://mirror.invalid/debian-security".into();
+        let cache = tmp.path().join("cache");
+        fs::create_dir_all(&cache).expect("cache");
+        let status = cache.join("status");
+        fs::write(
+            &status,
+            "Package: a\nStatus: install ok installed\nVersion: 1\n",
+        )
+        .expect("status");
+        let apt = host_apt(&opts).expect("apt dir");
+        let Err(e) = resolve(&opts, &apt, &status) else {
+            panic!("resolved without lists");
+        };
+        let msg = e.to_string();
+        assert!(matches!(e, NodeImageError::NoPackageLists { .. }), "{msg}");
+        assert!(
+            msg.contains("bookworm from http://mirror.invalid/debian") && msg.contains("--offline"),
+            "{msg}"
         );
     }
 }

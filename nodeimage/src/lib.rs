@@ -5,21 +5,26 @@
 //! line with the verity root hash, sha256 of every artifact). See `nodeimage/README.md` for the
 //! layout, the disks a machine needs and the first-boot seed.
 //!
-//! Building needs root and Debian tools (debootstrap, e2fsprogs, cryptsetup-bin, qemu-utils); it
-//! never mounts anything or uses loop devices. Builds are keyed by the hash of their inputs, so an
-//! unchanged rebuild is a no-op.
+//! Building needs root and Debian tools (debootstrap, apt, e2fsprogs, cryptsetup-bin, qemu-utils);
+//! it never mounts anything or uses loop devices. The image gets the suite's `-updates` and
+//! `-security` suites on top of debootstrap's packages (see `updates.rs`). Builds are keyed by the
+//! hash of their inputs, which include the exact version of every package, resolved against the
+//! archive before each build: an unchanged archive makes a rebuild a no-op, a Debian security fix
+//! makes it a new image version.
 
 mod builder;
 mod files;
 pub mod manifest;
 pub mod mirror;
 pub mod seed;
+pub mod updates;
 
 use std::path::{Path, PathBuf};
 
 pub use builder::{BuildOutcome, DEFAULT_PACKAGES, cmdline, input_hash};
 pub use manifest::{
-    Artifact, GceDisk, Image, Manifest, Package, PackageDiff, RootDisk, Verity, package_diff,
+    Artifact, GceDisk, Image, Manifest, Package, PackageDiff, RootDisk, Source, Verity,
+    package_diff,
 };
 
 /// Default directory for built images.
@@ -29,6 +34,9 @@ pub const IMAGE_DIR_ENV: &str = "CLUSTERCTL_IMAGE_DIR";
 /// Default Debian mirror for debootstrap: [`mirror::AUTO_MIRROR`], the mirror the machine's apt
 /// uses, else [`mirror::FALLBACK_MIRROR`] (see [`mirror`]).
 pub const DEFAULT_MIRROR: &str = mirror::AUTO_MIRROR;
+/// Default Debian security mirror: [`mirror::AUTO_MIRROR`], the `debian-security` archive the
+/// machine's apt uses, else [`mirror::FALLBACK_SECURITY_MIRROR`].
+pub const DEFAULT_SECURITY_MIRROR: &str = mirror::AUTO_MIRROR;
 
 /// What to build and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +48,12 @@ pub struct BuildOptions {
     /// Debian mirror, or [`mirror::AUTO_MIRROR`]. Not part of the input hash: a mirror serves the
     /// same packages.
     pub mirror: String,
+    /// Debian security mirror for `<suite>-security`, or [`mirror::AUTO_MIRROR`]. Not part of the
+    /// input hash either.
+    pub security_mirror: String,
+    /// Resolve the updates against the package lists fetched before instead of fetching them
+    /// (for a machine that cannot reach the archive now); the manifest records their dates.
+    pub offline: bool,
     /// Packages to install on top of debootstrap's `minbase`.
     pub packages: Vec<String>,
     /// Build even if an image with the same inputs exists.
@@ -55,6 +69,8 @@ impl BuildOptions {
             image_dir,
             suite: "bookworm".into(),
             mirror: DEFAULT_MIRROR.into(),
+            security_mirror: DEFAULT_SECURITY_MIRROR.into(),
+            offline: false,
             packages: DEFAULT_PACKAGES.iter().map(|p| (*p).to_string()).collect(),
             force: false,
             keep_work: false,
@@ -144,8 +160,12 @@ pub enum NodeImageError {
         /// The value given.
         value: String,
     },
-    /// Building needs root (chroot, root-owned files).
-    #[error("building a node image needs root (chroot and root-owned files); run as root")]
+    /// Building needs root (chroot, root-owned files), and so does deciding that an image is up
+    /// to date (apt resolves the updates in the image directory's cache).
+    #[error(
+        "building a node image needs root (apt resolves the updates in the image cache, chroot, \
+         root-owned files), also when the image turns out to be up to date; run as root"
+    )]
     NotRoot,
     /// A required program is not installed.
     #[error(
@@ -178,6 +198,46 @@ pub enum NodeImageError {
         stderr: String,
         /// Build log with the full output.
         log: PathBuf,
+    },
+    /// The archive could not be reached to fetch the package lists or `.deb` files of the updates.
+    #[error(
+        "could not fetch {what}; without them the image would lack the updates and \
+         security fixes it is keyed by, so nothing was built. Check the mirrors (--mirror, --security-mirror, \
+         CLUSTERCTL_DEBIAN_MIRROR, CLUSTERCTL_DEBIAN_SECURITY_MIRROR), {hint}. apt said {detail}"
+    )]
+    ArchiveUnreachable {
+        /// What could not be fetched, from which mirrors.
+        what: String,
+        /// Where apt's full output is and its last lines.
+        detail: String,
+        /// What `--offline` would use, or why it cannot help.
+        hint: String,
+    },
+    /// `--offline` without package lists from an earlier build.
+    #[error(
+        "no package lists of {suites} in {}: `--offline` builds from the lists an earlier build \
+         fetched; run one build with the archive reachable first",
+        dir.display()
+    )]
+    NoPackageLists {
+        /// The lists directory.
+        dir: PathBuf,
+        /// The suites needed.
+        suites: String,
+    },
+    /// The upgrade in the image did not install what was resolved.
+    #[error(
+        "the upgrade in the image root left {package} at {found}, but the build resolved {expected} \
+         (the image's apt decided differently from the host's); apt's output is in build.log in \
+         the image directory's .work-* directory"
+    )]
+    UpgradeMismatch {
+        /// Package.
+        package: String,
+        /// Resolved version (or "nothing").
+        expected: String,
+        /// Installed version (or "nothing").
+        found: String,
     },
     /// Tool output was not as expected.
     #[error("could not find {what}")]

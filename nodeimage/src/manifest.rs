@@ -23,10 +23,16 @@ pub struct Manifest {
     pub schema: u32,
     /// Image version, `<suite>-<yyyymmdd>-<first 12 hex of the input hash>`.
     pub version: String,
-    /// sha256 over every build input (package list, files, build script version).
+    /// sha256 over every build input (the exact version of every package, files, build script
+    /// version).
     pub input_hash: String,
     /// Debian suite the packages come from.
     pub suite: String,
+    /// The suites whose packages went in (the suite, `<suite>-updates`, `<suite>-security`), with
+    /// the Release date of the package lists the build resolved against (images built before
+    /// the updates step have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Source>,
     /// Build time, RFC 3339 UTC.
     pub created: String,
     /// Kernel to boot directly.
@@ -110,6 +116,18 @@ pub struct Verity {
     pub block_size: u32,
 }
 
+/// A Debian suite an image's packages come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Suite (codename), e.g. `bookworm-security`.
+    pub suite: String,
+    /// Mirror it was fetched from.
+    pub uri: String,
+    /// `Date:` of its Release file as the archive wrote it: the archive's state the image has.
+    pub date: String,
+}
+
 /// An installed Debian package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +138,10 @@ pub struct Package {
     pub version: String,
     /// Installed size, KiB.
     pub installed_size_kib: u64,
+    /// The suite(s) the upgrade step installed this version from (`bookworm-security`,
+    /// comma-separated when several carry it); absent for what debootstrap installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
 }
 
 /// What changed in the package list from one image to another.
@@ -141,6 +163,10 @@ pub struct PackageVersion {
     pub name: String,
     /// Its version.
     pub version: String,
+    /// The suite that version came from in the image it is in, if the upgrade step installed it
+    /// (see [`Package::suite`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
 }
 
 /// A package whose version changed.
@@ -152,6 +178,10 @@ pub struct PackageChange {
     pub from: String,
     /// Version in the second image.
     pub to: String,
+    /// The suite the second image's version came from (`bookworm-security` for a security fix),
+    /// if its upgrade step installed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
 }
 
 impl PackageDiff {
@@ -164,34 +194,35 @@ impl PackageDiff {
 /// The package changes from `from` to `to`, each list sorted by name. Pure.
 pub fn package_diff(from: &[Package], to: &[Package]) -> PackageDiff {
     use std::collections::BTreeMap;
-    let a: BTreeMap<&str, &str> = from
-        .iter()
-        .map(|p| (p.name.as_str(), p.version.as_str()))
-        .collect();
-    let b: BTreeMap<&str, &str> = to
-        .iter()
-        .map(|p| (p.name.as_str(), p.version.as_str()))
-        .collect();
+    let by_name = |ps: &'_ [Package]| -> BTreeMap<String, (String, Option<String>)> {
+        ps.iter()
+            .map(|p| (p.name.clone(), (p.version.clone(), p.suite.clone())))
+            .collect()
+    };
+    let (a, b) = (by_name(from), by_name(to));
     let mut d = PackageDiff::default();
-    for (name, v) in &b {
+    for (name, (v, suite)) in &b {
         match a.get(name) {
             None => d.added.push(PackageVersion {
-                name: (*name).to_owned(),
-                version: (*v).to_owned(),
+                name: name.clone(),
+                version: v.clone(),
+                suite: suite.clone(),
             }),
-            Some(old) if old != v => d.changed.push(PackageChange {
-                name: (*name).to_owned(),
-                from: (*old).to_owned(),
-                to: (*v).to_owned(),
+            Some((old, _)) if old != v => d.changed.push(PackageChange {
+                name: name.clone(),
+                from: old.clone(),
+                to: v.clone(),
+                suite: suite.clone(),
             }),
             Some(_) => {}
         }
     }
-    for (name, v) in &a {
+    for (name, (v, suite)) in &a {
         if !b.contains_key(name) {
             d.removed.push(PackageVersion {
-                name: (*name).to_owned(),
-                version: (*v).to_owned(),
+                name: name.clone(),
+                version: v.clone(),
+                suite: suite.clone(),
             });
         }
     }
@@ -341,6 +372,7 @@ pub(crate) mod tests {
             name: n.into(),
             version: v.into(),
             installed_size_kib: 1,
+            suite: None,
         };
         let a = [
             p("libc6", "2.36-9"),
@@ -348,7 +380,10 @@ pub(crate) mod tests {
             p("vim", "9.0"),
         ];
         let b = [
-            p("libc6", "2.36-9+deb12u1"),
+            Package {
+                suite: Some("bookworm-security".into()),
+                ..p("libc6", "2.36-9+deb12u1")
+            },
             p("less", "590"),
             p("openssl", "3.0.11"),
         ];
@@ -356,6 +391,7 @@ pub(crate) mod tests {
         let pv = |n: &str, v: &str| PackageVersion {
             name: n.into(),
             version: v.into(),
+            suite: None,
         };
         assert_eq!(d.added, [pv("less", "590")]);
         assert_eq!(d.removed, [pv("vim", "9.0")]);
@@ -364,7 +400,8 @@ pub(crate) mod tests {
             [PackageChange {
                 name: "libc6".into(),
                 from: "2.36-9".into(),
-                to: "2.36-9+deb12u1".into()
+                to: "2.36-9+deb12u1".into(),
+                suite: Some("bookworm-security".into()),
             }]
         );
         assert!(package_diff(&a, &a).is_empty());
@@ -394,6 +431,7 @@ pub(crate) mod tests {
             version: version.into(),
             input_hash: input_hash.into(),
             suite: "bookworm".into(),
+            sources: Vec::new(),
             created: "2026-11-26T00:00:00Z".into(),
             kernel: arts[0].clone(),
             initrd: arts[1].clone(),
@@ -413,6 +451,7 @@ pub(crate) mod tests {
                 name: "containerd".into(),
                 version: "1.6.20~ds1-1".into(),
                 installed_size_kib: 100,
+                suite: None,
             }],
             installed_size_kib: 100,
             rootfs_used_bytes: 1000,

@@ -1,16 +1,18 @@
-//! Which Debian mirror debootstrap downloads from.
+//! Which Debian mirrors the build downloads from: the archive (debootstrap, and the
+//! `<suite>-updates` suite) and the security archive (`<suite>-security`).
 //!
 //! By default ([`AUTO_MIRROR`]) the image is built from the Debian mirror the machine's apt is
 //! configured with, the same one `tests/bed/install-host-packages.sh` installs the host's packages
 //! from: on a machine whose only way to Debian is a local mirror, `deb.debian.org` is unreachable.
 //! An explicit mirror (`clusterctl image build --mirror`, `CLUSTERCTL_DEBIAN_MIRROR`) wins; with no
-//! usable apt entry the fallback is [`FALLBACK_MIRROR`].
+//! usable apt entry the fallback is [`FALLBACK_MIRROR`]. The security archive is found the same way
+//! ([`resolve_security`]: the first `debian-security` archive in the apt sources), overridden by
+//! `--security-mirror` / `CLUSTERCTL_DEBIAN_SECURITY_MIRROR`, else [`FALLBACK_SECURITY_MIRROR`].
 //!
-//! The mirror is not part of an image's input hash: every Debian mirror serves the same `.deb`
-//! files for a suite, and the hash already names the suite and the package list (not versions: a
-//! rebuild after the archive moved on reuses the cached debootstrap tarball, whose packages the
-//! manifest lists with their versions). Keying on the mirror would only rebuild identical images
-//! on machines configured with different mirrors.
+//! The mirrors are not part of an image's input hash: every Debian mirror serves the same `.deb`
+//! files for a suite, and the hash names the suites and the exact version of every package the
+//! image gets (resolved against the archive before each build, see `updates.rs`). Keying on the
+//! mirror would only rebuild identical images on machines configured with different mirrors.
 
 use std::path::Path;
 
@@ -18,6 +20,8 @@ use std::path::Path;
 pub const AUTO_MIRROR: &str = "auto";
 /// Debian's redirector, used when apt names no Debian mirror.
 pub const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
+/// Debian's security archive, used when apt names no security mirror.
+pub const FALLBACK_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 /// apt's one-line sources file.
 pub const APT_SOURCES_LIST: &str = "/etc/apt/sources.list";
 /// apt's directory of `*.list` and deb822 `*.sources` files.
@@ -50,6 +54,22 @@ pub fn resolve(requested: &str) -> Mirror {
     })
 }
 
+/// Resolves the requested security mirror: [`AUTO_MIRROR`] (or empty) reads the machine's apt
+/// sources for a `debian-security` archive, else [`FALLBACK_SECURITY_MIRROR`].
+pub fn resolve_security(requested: &str) -> Mirror {
+    let requested = requested.trim();
+    if !requested.is_empty() && requested != AUTO_MIRROR {
+        return Mirror {
+            url: requested.trim_end_matches('/').to_string(),
+            source: "given".into(),
+        };
+    }
+    security_from_apt_files(&apt_source_files()).unwrap_or_else(|| Mirror {
+        url: FALLBACK_SECURITY_MIRROR.into(),
+        source: "fallback: no Debian security mirror in the apt sources".into(),
+    })
+}
+
 /// The machine's apt source files with their contents, in apt's order: `sources.list`, then
 /// `sources.list.d/*.list` and `*.sources` by name. Unreadable files are skipped.
 fn apt_source_files() -> Vec<(String, String)> {
@@ -73,6 +93,16 @@ fn apt_source_files() -> Vec<(String, String)> {
 /// `deb-src`-only entries, files apt would not read, the test bed's own file, security archives
 /// and repositories that are not a Debian archive (the URL's last path segment must be `debian`).
 pub fn from_apt_files(files: &[(String, String)]) -> Option<Mirror> {
+    find_in_apt_files(files, is_debian_archive)
+}
+
+/// The first Debian security archive (the URL's last path segment is `debian-security`) named by
+/// enabled `deb` entries in `files`, read like [`from_apt_files`].
+pub fn security_from_apt_files(files: &[(String, String)]) -> Option<Mirror> {
+    find_in_apt_files(files, is_security_archive)
+}
+
+fn find_in_apt_files(files: &[(String, String)], wanted: fn(&str) -> bool) -> Option<Mirror> {
     files.iter().find_map(|(path, contents)| {
         let name = Path::new(path)
             .file_name()
@@ -87,12 +117,10 @@ pub fn from_apt_files(files: &[(String, String)]) -> Option<Mirror> {
         } else {
             Vec::new()
         };
-        uris.into_iter()
-            .find(|u| is_debian_archive(u))
-            .map(|u| Mirror {
-                url: u.trim_end_matches('/').to_string(),
-                source: path.clone(),
-            })
+        uris.into_iter().find(|u| wanted(u)).map(|u| Mirror {
+            url: u.trim_end_matches('/').to_string(),
+            source: path.clone(),
+        })
     })
 }
 
@@ -146,19 +174,23 @@ fn deb822_uris(contents: &str) -> Vec<String> {
 
 /// An http(s) Debian archive (the last path segment is `debian`), not a security archive.
 fn is_debian_archive(uri: &str) -> bool {
-    let Some(rest) = uri
+    !uri.contains("security") && last_segment(uri) == Some("debian")
+}
+
+/// An http(s) Debian security archive (the last path segment is `debian-security`).
+fn is_security_archive(uri: &str) -> bool {
+    last_segment(uri) == Some("debian-security")
+}
+
+/// The last path segment of an http(s) URL with a path.
+fn last_segment(uri: &str) -> Option<&str> {
+    let rest = uri
         .strip_prefix("http://")
-        .or_else(|| uri.strip_prefix("https://"))
-    else {
-        return false;
-    };
-    !uri.contains("security")
-        && rest
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .is_some_and(|last| last == "debian")
-        && rest.contains('/')
+        .or_else(|| uri.strip_prefix("https://"))?;
+    if !rest.contains('/') {
+        return None;
+    }
+    rest.trim_end_matches('/').rsplit('/').next()
 }
 
 #[cfg(test)]
@@ -260,6 +292,49 @@ Components: main
                 "/etc/apt/sources.list.d/debian.sources",
             )),
         );
+    }
+
+    #[test]
+    fn security_mirror_from_the_same_files() {
+        let files = |f: &[(&str, &str)]| -> Vec<(String, String)> {
+            f.iter()
+                .map(|(p, c)| ((*p).to_string(), (*c).to_string()))
+                .collect()
+        };
+        let got = security_from_apt_files(&files(&[(
+            "/etc/apt/sources.list.d/debian.sources",
+            DEBIAN_IMAGE,
+        )]));
+        assert_eq!(
+            got.map(|m| m.url).as_deref(),
+            Some("http://deb.debian.org/debian-security")
+        );
+        let one_line = "deb http://mirror.example/debian bookworm main\n\
+                        deb [signed-by=/k.gpg] http://mirror.example/debian-security/ bookworm-security main\n";
+        let got = security_from_apt_files(&files(&[("/etc/apt/sources.list", one_line)]));
+        assert_eq!(
+            got.map(|m| (m.url, m.source)),
+            Some((
+                "http://mirror.example/debian-security".to_string(),
+                "/etc/apt/sources.list".to_string()
+            ))
+        );
+        // The archive itself and the bed's own file are no security mirror.
+        let own =
+            "Types: deb\nURIs: http://stale.example/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            security_from_apt_files(&files(&[
+                ("/etc/apt/sources.list.d/clusterctl-bed.sources", own),
+                (
+                    "/etc/apt/sources.list",
+                    "deb http://m.example/debian bookworm main\n"
+                ),
+            ])),
+            None
+        );
+        let given = resolve_security("http://given.example/debian-security/");
+        assert_eq!(given.url, "http://given.example/debian-security");
+        assert!(is_security_archive(&resolve_security(AUTO_MIRROR).url));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::output::{self, Format};
 /// Node image commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build the node image (a no-op when an image with the same inputs exists). Needs root.
+    /// Build the node image (a no-op when an image with the same inputs exists; the inputs include
+    /// the package versions of <suite>-updates and <suite>-security, fetched each time). Needs root.
     Build(BuildArgs),
     /// List built node images.
     List(DirArgs),
@@ -53,9 +54,17 @@ pub struct BuildArgs {
     /// Debian suite to build from.
     #[arg(long, default_value = "bookworm")]
     pub suite: String,
-    /// Debian mirror for debootstrap (not part of the image's input hash).
+    /// Debian mirror for debootstrap and <suite>-updates (not part of the image's input hash).
     #[arg(long, env = "CLUSTERCTL_DEBIAN_MIRROR", default_value = nodeimage::DEFAULT_MIRROR)]
     pub mirror: String,
+    /// Debian security mirror for <suite>-security; `auto` is the debian-security archive the
+    /// machine's apt uses, else http://deb.debian.org/debian-security (not part of the input hash).
+    #[arg(long, env = "CLUSTERCTL_DEBIAN_SECURITY_MIRROR", default_value = nodeimage::DEFAULT_SECURITY_MIRROR)]
+    pub security_mirror: String,
+    /// Do not fetch package lists: resolve the updates against the lists an earlier build
+    /// fetched (the manifest records their dates), for when the archive is unreachable.
+    #[arg(long, env = "CLUSTERCTL_IMAGE_OFFLINE")]
+    pub offline: bool,
     /// Extra Debian package to install (repeatable); changes the image version.
     #[arg(long = "add-package", value_name = "PACKAGE")]
     pub add_packages: Vec<String>,
@@ -74,6 +83,8 @@ struct ImageRow {
     dir: PathBuf,
     digest: String,
     created: String,
+    /// The suites that went in, with their Release dates.
+    sources: Vec<nodeimage::Source>,
     packages: usize,
     installed_size_kib: u64,
     root_disk_bytes: u64,
@@ -87,6 +98,7 @@ impl From<&nodeimage::Image> for ImageRow {
             dir: i.dir.clone(),
             digest: i.digest.clone(),
             created: i.manifest.created.clone(),
+            sources: i.manifest.sources.clone(),
             packages: i.manifest.packages.len(),
             installed_size_kib: i.manifest.installed_size_kib,
             root_disk_bytes: i.manifest.root.file.size,
@@ -139,12 +151,14 @@ fn diff(format: Format, args: &DiffArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut rows: Vec<Vec<String>> = Vec::new();
+    let suite = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
     rows.extend(d.added.iter().map(|p| {
         vec![
             p.name.clone(),
             "added".into(),
             "-".into(),
             p.version.clone(),
+            suite(&p.suite),
         ]
     }));
     rows.extend(d.removed.iter().map(|p| {
@@ -152,6 +166,7 @@ fn diff(format: Format, args: &DiffArgs) -> anyhow::Result<()> {
             p.name.clone(),
             "removed".into(),
             p.version.clone(),
+            "-".into(),
             "-".into(),
         ]
     }));
@@ -161,16 +176,40 @@ fn diff(format: Format, args: &DiffArgs) -> anyhow::Result<()> {
             "changed".into(),
             c.from.clone(),
             c.to.clone(),
+            suite(&c.suite),
         ]
     }));
     rows.sort();
     print!(
         "{}",
         output::table(
-            &["PACKAGE", "CHANGE", args.from.as_str(), args.to.as_str()],
+            &[
+                "PACKAGE",
+                "CHANGE",
+                args.from.as_str(),
+                args.to.as_str(),
+                "FROM SUITE"
+            ],
             &rows
         )
     );
+    let from_security = |s: &Option<String>| s.as_deref().is_some_and(|s| s.contains("-security"));
+    let security = d.changed.iter().filter(|c| from_security(&c.suite)).count()
+        + d.added.iter().filter(|p| from_security(&p.suite)).count();
+    println!(
+        "{} added, {} removed, {} changed; {security} from a security suite",
+        d.added.len(),
+        d.removed.len(),
+        d.changed.len()
+    );
+    for (label, image) in [(&args.from, a), (&args.to, b)] {
+        if !image.manifest.sources.is_empty() {
+            println!(
+                "{label}: {}",
+                nodeimage::updates::describe(&image.manifest.sources)
+            );
+        }
+    }
     Ok(())
 }
 
@@ -178,6 +217,8 @@ fn build(global: &Global, args: BuildArgs) -> anyhow::Result<()> {
     let mut opts = nodeimage::BuildOptions::new(args.dir.image_dir.clone());
     opts.suite = args.suite;
     opts.mirror = args.mirror;
+    opts.security_mirror = args.security_mirror;
+    opts.offline = args.offline;
     opts.packages.extend(args.add_packages);
     opts.force = args.force;
     opts.keep_work = args.keep_work;
@@ -197,6 +238,25 @@ fn build(global: &Global, args: BuildArgs) -> anyhow::Result<()> {
             for (step, took) in &outcome.timings {
                 eprintln!("    {step:<12} {:>7.1} s", took.as_secs_f64());
             }
+            let upgraded: Vec<String> = {
+                let mut n = std::collections::BTreeMap::new();
+                for p in &image.manifest.packages {
+                    if let Some(s) = &p.suite {
+                        *n.entry(s.as_str()).or_insert(0) += 1;
+                    }
+                }
+                n.iter().map(|(s, n)| format!("{n} from {s}")).collect()
+            };
+            eprintln!(
+                "packages: {} ({}), lists of {}",
+                image.manifest.packages.len(),
+                if upgraded.is_empty() {
+                    "no updates".to_string()
+                } else {
+                    upgraded.join(", ")
+                },
+                nodeimage::updates::describe(&image.manifest.sources)
+            );
             eprintln!(
                 "built image {} in {:.1} s",
                 image.manifest.version,
@@ -227,6 +287,10 @@ fn list(format: Format, args: &DirArgs) -> anyhow::Result<()> {
                         r.packages.to_string(),
                         format!("{} MiB", r.installed_size_kib / 1024),
                         format!("{} MiB", r.root_disk_bytes >> 20),
+                        r.sources
+                            .iter()
+                            .find(|s| s.suite.ends_with("-security"))
+                            .map_or_else(|| "-".into(), |s| s.date.clone()),
                         r.digest[..12.min(r.digest.len())].to_string(),
                     ]
                 })
@@ -240,6 +304,7 @@ fn list(format: Format, args: &DirArgs) -> anyhow::Result<()> {
                         "PACKAGES",
                         "INSTALLED",
                         "DISK",
+                        "SECURITY LISTS OF",
                         "DIGEST"
                     ],
                     &cells

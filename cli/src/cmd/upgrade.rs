@@ -235,10 +235,16 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
         }
         if let Some(d) = packages {
             println!(
-                "Packages: {} added, {} removed, {} changed (`clusterctl image diff {} {}` lists them).",
+                "Packages: {} added, {} removed, {} changed, {} of them from a security suite (`clusterctl image diff {} {}` lists them).",
                 d.added.len(),
                 d.removed.len(),
                 d.changed.len(),
+                d.changed
+                    .iter()
+                    .filter_map(|c| c.suite.as_deref())
+                    .chain(d.added.iter().filter_map(|p| p.suite.as_deref()))
+                    .filter(|s| s.contains("-security"))
+                    .count(),
                 plan.from.version,
                 plan.to.version
             );
