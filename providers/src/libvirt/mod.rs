@@ -450,13 +450,27 @@ impl LibvirtProvider {
             detail: "the cluster network has no IPv4 address".into(),
         })?;
         let plan = names::AddressPlan::new(gw, prefix)?;
-        let used: Vec<Ipv4Addr> = facts.hosts.iter().map(|h| h.ip).collect();
-        let ip = plan.first_free(&used).ok_or_else(|| {
+        let hosts: Vec<(Ipv4Addr, String)> =
+            facts.hosts.iter().map(|h| (h.ip, h.name.clone())).collect();
+        let (ip, reclaimed) = plan.choose(&hosts).ok_or_else(|| {
             ProviderError::Invalid(format!(
                 "the cluster network {}/{prefix} has no free address left for {machine:?}",
                 plan.network
             ))
         })?;
+        if let Some(tomb) = reclaimed
+            && let Some(h) = facts.hosts.iter().find(|h| h.name == tomb)
+        {
+            net.update(
+                virt::sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                -1,
+                &h.render(),
+                virt::sys::VIR_NETWORK_UPDATE_AFFECT_LIVE
+                    | virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG,
+            )
+            .map_err(|e| api(format!("taking back address {ip} for {machine:?}"), &e))?;
+        }
         let mac = (0..64)
             .map(|i| names::candidate_mac(&cluster.id, machine, i))
             .find(|m| !facts.hosts.iter().any(|h| h.mac.eq_ignore_ascii_case(m)))
@@ -479,8 +493,16 @@ impl LibvirtProvider {
         Ok(host)
     }
 
+    /// Ends a deleted machine's reservation. The entry stays as a tombstone (same MAC and
+    /// address, named `retired-<unix time>-<mac>`, changed in one `MODIFY`): dnsmasq keeps the
+    /// machine's lease for up to an hour, and a new machine given that address meanwhile would
+    /// get a dynamic one instead ([`names::AddressPlan::choose`] takes tombstones back only when
+    /// the range is full).
     fn remove_reservation(net: &Network, machine: &str) -> Result<()> {
         let facts = Self::network_facts(net)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         for h in facts.hosts.iter().filter(|h| h.name == machine) {
             let flags = if net.is_active().unwrap_or(false) {
                 virt::sys::VIR_NETWORK_UPDATE_AFFECT_LIVE
@@ -488,6 +510,23 @@ impl LibvirtProvider {
             } else {
                 virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
             };
+            let tomb = DhcpHost {
+                mac: h.mac.clone(),
+                name: names::retired_host_name(now, &h.mac),
+                ip: h.ip,
+            };
+            if net
+                .update(
+                    virt::sys::VIR_NETWORK_UPDATE_COMMAND_MODIFY,
+                    virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                    -1,
+                    &tomb.render(),
+                    flags,
+                )
+                .is_ok()
+            {
+                continue;
+            }
             net.update(
                 virt::sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
                 virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,

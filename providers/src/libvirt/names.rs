@@ -121,6 +121,22 @@ pub(crate) fn candidate_mac(cluster_id: &str, machine: &str, attempt: u32) -> St
     )
 }
 
+/// The name of the tombstone that keeps a deleted machine's address reserved (see
+/// [`AddressPlan::choose`]): when it was deleted, and its MAC (unique in the network).
+pub(crate) fn retired_host_name(unix_secs: u64, mac: &str) -> String {
+    let mac: String = mac.chars().filter(char::is_ascii_hexdigit).collect();
+    format!("retired-{unix_secs}-{}", mac.to_ascii_lowercase())
+}
+
+/// When a tombstone ([`retired_host_name`]) was made; `None` for a machine's reservation.
+pub(crate) fn retired_at(name: &str) -> Option<u64> {
+    name.strip_prefix("retired-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Address plan of a cluster network: gateway, reserved range for machines, dynamic range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AddressPlan {
@@ -168,6 +184,31 @@ impl AddressPlan {
         (u32::from(self.network) & mask) == (u32::from(other_net) & mask)
     }
 
+    /// The address for a new machine's reservation, given every `<host>` of the network as
+    /// (address, name): the lowest address no reservation holds, tombstones of deleted machines
+    /// ([`retired_host_name`]) included, so a new machine never gets the address a deleted one
+    /// had while dnsmasq may still hold that one's lease (it would hand the new machine a
+    /// dynamic address instead, and nothing would find it). Only when the range is full is the
+    /// oldest tombstone's address taken back; the tombstone to drop is returned with it.
+    pub(crate) fn choose(
+        &self,
+        hosts: &[(Ipv4Addr, String)],
+    ) -> Option<(Ipv4Addr, Option<String>)> {
+        let used: Vec<Ipv4Addr> = hosts.iter().map(|(ip, _)| *ip).collect();
+        if let Some(ip) = self.first_free(&used) {
+            return Some((ip, None));
+        }
+        hosts
+            .iter()
+            .filter_map(|(ip, name)| retired_at(name).map(|t| (t, *ip, name)))
+            .filter(|(_, ip, _)| {
+                (u32::from(self.first_reserved)..=u32::from(self.last_reserved))
+                    .contains(&u32::from(*ip))
+            })
+            .min()
+            .map(|(_, ip, name)| (ip, Some(name.clone())))
+    }
+
     /// Lowest reserved-range address not in `used`.
     pub(crate) fn first_free(&self, used: &[Ipv4Addr]) -> Option<Ipv4Addr> {
         (u32::from(self.first_reserved)..=u32::from(self.last_reserved))
@@ -212,6 +253,35 @@ mod tests {
         assert_ne!(a, candidate_mac("c2", "m0", 0));
         assert!(a.starts_with("52:54:00:"));
         assert_eq!(a.len(), 17);
+    }
+
+    #[test]
+    fn a_deleted_machines_address_is_not_handed_out_again_while_others_are_free() {
+        let p = AddressPlan::new(Ipv4Addr::new(10, 0, 0, 0), 24).expect("plan");
+        let ip = |n: u8| Ipv4Addr::new(10, 0, 0, n);
+        let tomb = retired_host_name(1_000, "52:54:00:C0:51:31");
+        assert_eq!(tomb, "retired-1000-525400c05131");
+        assert_eq!(retired_at(&tomb), Some(1_000));
+        assert_eq!(retired_at("c1-workers-bcdfg"), None);
+        let hosts = vec![
+            (ip(10), "c1-cp-0".to_owned()),
+            (ip(11), "c1-w-bbbbb".to_owned()),
+            (ip(12), tomb.clone()),
+        ];
+        assert_eq!(p.choose(&hosts), Some((ip(13), None)));
+        // A full range gives back the oldest tombstone's address.
+        let mut full: Vec<(Ipv4Addr, String)> = (10..=p.last_reserved.octets()[3])
+            .map(|n| (ip(n), format!("m{n}")))
+            .collect();
+        full[5] = (ip(15), retired_host_name(2_000, "52:54:00:00:00:15"));
+        full[7] = (ip(17), retired_host_name(1_500, "52:54:00:00:00:17"));
+        assert_eq!(
+            p.choose(&full),
+            Some((ip(17), Some(retired_host_name(1_500, "52:54:00:00:00:17"))))
+        );
+        full[5].1 = "m15".into();
+        full[7].1 = "m17".into();
+        assert_eq!(p.choose(&full), None);
     }
 
     #[test]
