@@ -381,8 +381,7 @@ pub fn upgrade(
                     why,
                 });
             }
-            let step = match batch {
-                Batch::InPlace(step) => step,
+            let done = match batch {
                 Batch::Surge { pool, steps } => {
                     report.phase(&format!(
                         "Upgrading {} ({} of {}) to node image {} by surge: {} new machine(s) first",
@@ -392,9 +391,10 @@ pub fn upgrade(
                         to.version,
                         steps.len()
                     ));
-                    match run.surge(&mut record, pool, steps, &target).await {
-                        Ok(done) => {
-                            for r in &done {
+                    run.surge(&mut record, pool, steps, &target)
+                        .await
+                        .inspect(|done| {
+                            for r in done {
                                 report.machine(
                                     &r.machine,
                                     &format!(
@@ -405,48 +405,35 @@ pub fn upgrade(
                                     ),
                                 );
                             }
-                            results.extend(done);
-                            continue;
-                        }
-                        Err(e) => {
-                            if let Some(u) = &mut record.upgrade {
-                                u.stopped = Some(crate::error::error_chain(e.as_ref()));
-                            }
-                            guard.save(&mut record)?;
-                            let upgraded = results.iter().filter(|r| r.replaced).count();
-                            return Err(e.context(format!(
-                                "the upgrade of cluster {name:?} to node image {} stopped at {} ({upgraded} machine(s) upgraded before it); `clusterctl upgrade {name}` tries again, `clusterctl upgrade {name} --node-image {}` rolls every machine back",
-                                to.version,
-                                batch.machines().join(", "),
-                                pinned.version
-                            )));
-                        }
-                    }
+                        })
+                }
+                Batch::InPlace(step) => {
+                    report.phase(&format!(
+                        "Upgrading {} ({} of {}) to node image {}",
+                        step.machine,
+                        i + 1,
+                        batches.len(),
+                        to.version
+                    ));
+                    run.node(&mut record, step, &target).await.map(|r| {
+                        report.machine(
+                            &step.machine,
+                            &format!(
+                                "{} and Ready after {:.0} s",
+                                if r.replaced {
+                                    "boots the new image"
+                                } else {
+                                    "boots the new image already"
+                                },
+                                r.took.as_secs_f64()
+                            ),
+                        );
+                        vec![r]
+                    })
                 }
             };
-            report.phase(&format!(
-                "Upgrading {} ({} of {}) to node image {}",
-                step.machine,
-                i + 1,
-                batches.len(),
-                to.version
-            ));
-            match run.node(&mut record, step, &target).await {
-                Ok(r) => {
-                    report.machine(
-                        &step.machine,
-                        &format!(
-                            "{} and Ready after {:.0} s",
-                            if r.replaced {
-                                "boots the new image"
-                            } else {
-                                "boots the new image already"
-                            },
-                            r.took.as_secs_f64()
-                        ),
-                    );
-                    results.push(r);
-                }
+            match done {
+                Ok(done) => results.extend(done),
                 Err(e) => {
                     if let Some(u) = &mut record.upgrade {
                         u.stopped = Some(crate::error::error_chain(e.as_ref()));
@@ -455,7 +442,9 @@ pub fn upgrade(
                     let upgraded = results.iter().filter(|r| r.replaced).count();
                     return Err(e.context(format!(
                         "the upgrade of cluster {name:?} to node image {} stopped at {} ({upgraded} machine(s) upgraded before it); `clusterctl upgrade {name}` tries again, `clusterctl upgrade {name} --node-image {}` rolls every machine back",
-                        to.version, step.machine, pinned.version
+                        to.version,
+                        batch.machines().join(", "),
+                        pinned.version
                     )));
                 }
             }
