@@ -1515,6 +1515,10 @@ phase_repair() {
 
   # 4. A worker destroyed behind clusterctl's back: replaced; the pass SIGKILLed; cron finishes.
   keys=$(jq -S .ssh_host_keys "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  # When the healthy nodes' kubelet and API server last started: the replacement must not
+  # restart them (their pod routes change: the new machine has its own address).
+  local since_before since_after
+  since_before="$("$bin" ssh "$name" "$name-cp-0" -- systemctl show -p ActiveEnterTimestampMonotonic --value kubelet kube-apiserver | xargs) $("$bin" ssh "$name" "$w0" -- systemctl show -p ActiveEnterTimestampMonotonic --value kubelet)"
   $virsh destroy "$w1" > /dev/null && $virsh undefine "$w1" > /dev/null || die "cannot destroy $w1"
   t_destroy=$SECONDS
   waiting "repair replacing $w1, SIGKILLed once the machine was deleted"
@@ -1573,16 +1577,22 @@ phase_repair() {
   check_running
   check_inventory "$(inventory "$(cluster_id)")"
   # The replacement has a host key of its own, pinned; the old machine's is gone, the others'
-  # are unchanged; create's reconcile, run by the repair on the running cluster, changed nothing
-  # on the two healthy nodes (what phase `again` proves for a whole cluster).
+  # are unchanged; create's reconcile, run by the repair on the running cluster, changed on the
+  # two healthy nodes only their pod-network unit (routes to the new machine's pods via its
+  # address: 1 file, that unit restarted), uploaded and imported nothing, and restarted neither
+  # kubelet nor the API server.
   [ "$(jq -S --arg o "$w1" --arg n "$new" '.ssh_host_keys | del(.[$n]) | keys' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S --arg o "$w1" 'del(.[$o]) | keys' <<< "$keys")" ] \
     && [ "$(jq -S --arg n "$name-cp-0" '.ssh_host_keys[$n]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$(jq -S --arg n "$name-cp-0" '.[$n]' <<< "$keys")" ] \
     || die "the replacement changed the other machines' host keys or kept the old one's"
   "$bin" ssh "$name" "$new" -- true || die "the replacement $new does not answer with its pinned host key"
   for m in "$name-cp-0" "$w0"; do
-    grep -q "$m: 0 file(s) uploaded (0 MiB), [0-9]* artifact(s) already there, 0 file(s) changed, 0 image(s) imported" "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" \
-      || die "the scheduled repair's reconcile changed something on $m (see autorepair.log above)"
+    grep -q "$m: 0 file(s) uploaded (0 MiB), [0-9]* artifact(s) already there, [01] file(s) changed, 0 image(s) imported" "$CLUSTERCTL_STATE_DIR/$name/autorepair.log" \
+      || die "the scheduled repair's reconcile changed more than the pod routes on $m (see autorepair.log above)"
+    "$bin" ssh "$name" "$m" -- sudo -n cat /etc/systemd/system/clusterctl-pod-network.service | grep -q "$(jq -r --arg n "$new" '.machines[] | select(.name == $n) | .addresses[0].address' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" \
+      || die "$m has no pod route via the replacement $new"
   done
+  since_after="$("$bin" ssh "$name" "$name-cp-0" -- systemctl show -p ActiveEnterTimestampMonotonic --value kubelet kube-apiserver | xargs) $("$bin" ssh "$name" "$w0" -- systemctl show -p ActiveEnterTimestampMonotonic --value kubelet)"
+  [ "$since_after" = "$since_before" ] || die "the replacement restarted kubelet or the API server on a healthy node ($since_before -> $since_after)"
   out=$("$bin" describe "$name") || die "describe failed"
   grep -q "replace" <<< "$out" && grep -q "Auto-repair: disabled" <<< "$out" || { echo "$out" >&2; die "describe does not show the repair"; }
   out=$("$bin" operations "$name") || die "operations failed"
