@@ -155,6 +155,23 @@ pub async fn connect_pinned(
     Ok(client.connect(&target).await?)
 }
 
+/// A new name for a machine of `pool` that replaces another (a repair, a surge upgrade): unused
+/// by any pool member, retired name, pinned host key or observed machine of `record`.
+pub fn new_pool_machine_name(record: &ClusterRecord, pool: &str) -> anyhow::Result<String> {
+    let mut also: std::collections::BTreeSet<String> =
+        record.ssh_host_keys.keys().cloned().collect();
+    also.extend(record.machines.iter().map(|m| m.name.clone()));
+    crate::engine::names::fresh_name(
+        &record.name,
+        pool,
+        &record.pool_members,
+        &record.retired_machine_names,
+        &also,
+        &mut crate::engine::names::random_suffix,
+    )
+    .ok_or_else(|| anyhow!("no free machine name found for node pool {pool}"))
+}
+
 /// Gives the spec's node pools their machine names in `record` (kept ones stay, new ones are
 /// random, dropped ones retired) and reports what changed. The caller saves the record before
 /// any machine is made.

@@ -652,18 +652,7 @@ fn replace(c: &Ctx<'_>, record: &mut ClusterRecord, idx: usize) -> anyhow::Resul
         None => {
             super::assign_machine_names(record, &spec, report);
             let pool = record.repair.history[idx].pool.clone();
-            let mut also: std::collections::BTreeSet<String> =
-                record.ssh_host_keys.keys().cloned().collect();
-            also.extend(record.machines.iter().map(|m| m.name.clone()));
-            let fresh = crate::engine::names::fresh_name(
-                &record.name,
-                &pool,
-                &record.pool_members,
-                &record.retired_machine_names,
-                &also,
-                &mut crate::engine::names::random_suffix,
-            )
-            .ok_or_else(|| anyhow!("no free machine name found for node pool {pool}"))?;
+            let fresh = super::new_pool_machine_name(record, &pool)?;
             let Some(slot) = record
                 .pool_members
                 .get_mut(&pool)

@@ -847,17 +847,7 @@ impl Run<'_> {
             if known {
                 continue;
             }
-            let mut also: BTreeSet<String> = record.ssh_host_keys.keys().cloned().collect();
-            also.extend(record.machines.iter().map(|m| m.name.clone()));
-            let new = names::fresh_name(
-                &record.name,
-                pool,
-                &record.pool_members,
-                &record.retired_machine_names,
-                &also,
-                &mut names::random_suffix,
-            )
-            .with_context(|| format!("no free machine name found for node pool {pool}"))?;
+            let new = super::new_pool_machine_name(record, pool)?;
             record
                 .pool_members
                 .entry(pool.to_owned())

@@ -212,7 +212,7 @@ fn legacy_names(cluster: &str, pool: &str, known: &Known<'_>) -> Vec<String> {
     found.into_values().collect()
 }
 
-/// A deterministic `fresh` for tests and dry runs: `b0001`-style suffixes counting up.
+/// A deterministic `fresh` for tests: `x0001`, `x0002`, ...
 pub fn counting_suffixes() -> impl FnMut() -> String {
     let mut n = 0u32;
     move || {
