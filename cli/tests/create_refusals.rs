@@ -252,9 +252,10 @@ fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() ->
             "    version: \"1.20.2\"\n    podCIDR: 10.250.0.0/16\n",
         )
         .replace(
-            "      count: 2\n",
-            "      count: 3\n      machine:\n        cpus: 8\n",
-        );
+            "  nodePools:\n",
+            "  controlPlane:\n    machine:\n      cpus: 8\n  nodePools:\n",
+        )
+        .replace("      count: 2\n", "      count: 3\n");
     fs::write(&path, &changed)?;
     for cmd in ["plan", "create"] {
         let out = bed.run(&[cmd, "-f", file])?;
@@ -265,7 +266,7 @@ fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() ->
             "{cmd}: {err}"
         );
         assert!(
-            err.contains("spec.nodePools[0].machine: cannot change the size of the machines of node pool \"workers\""),
+            err.contains("spec.controlPlane.machine: cannot change the size of existing control-plane machines"),
             "{cmd}: {err}"
         );
         assert!(err.contains("hint: keep the stored value"), "{cmd}: {err}");

@@ -684,6 +684,17 @@ pub fn running_machines_have_addresses_labels_and_a_failure_domain(
     if m.failure_domain.as_deref().is_none_or(str::is_empty) {
         return Err(fail(C, format!("{:?} reports no failure domain", m.name)));
     }
+    // The planner replaces a machine whose size differs from the spec's: a provider must read
+    // back exactly the size it was asked for.
+    if m.size.as_ref() != Some(&spec.size) {
+        return Err(fail(
+            C,
+            format!(
+                "{:?} was made with size {:?} but lists size {:?}",
+                m.name, spec.size, m.size
+            ),
+        ));
+    }
     if ensured.labels != m.labels {
         return Err(fail(
             C,

@@ -126,6 +126,7 @@ impl FakeMachine {
                     .unwrap_or_else(|| FAKE_ZONE.to_string()),
             ),
             image_digest: Some(self.image_digest.clone()),
+            size: Some(self.size.clone()),
             labels: self
                 .labels
                 .iter()

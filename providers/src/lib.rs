@@ -206,6 +206,11 @@ pub struct Machine {
     pub failure_domain: Option<String>,
     /// Digest of the image the machine boots (after a boot-disk replacement, the new one).
     pub image_digest: Option<String>,
+    /// Its size as the provider reports it (CPUs and memory as defined, the data disk's
+    /// capacity); `None` if the provider cannot tell. The planner compares it with the spec's
+    /// and replaces a machine whose size differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<MachineSize>,
     /// Extra labels, read back and decoded (the cluster labels are not repeated here).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,

@@ -108,6 +108,10 @@
 #                     fail with an error naming the node and the phase; status `reconciling`
 #   scale-down        `plan` with one worker fewer shows the drain it implies; `create` then
 #                     drains the worker before its machine is deleted, removes its Node; 2 nodes left
+#   resize            `create -f` with the workers' memory changed: `plan` shows each worker's
+#                     replacement and its drain; every worker replaced by a new machine of the new
+#                     size by surge (the pool's maxSurge 1), old domains gone, new ones with the new
+#                     memory, Ready and uncordoned, web serving, nothing left to replace
 #   delete            `delete` removes every domain, volume, network and pool carrying the
 #                     cluster's ID, the cluster's state directory and its kubeconfig context
 #   bench             (not a test, not in the default) an uninterrupted create timed per phase,
@@ -1639,6 +1643,66 @@ phase_scale_down() {
   [ "$(k get pods -l app=web -o json | jq -r '[.items[] | select(.status.phase == "Running") | .spec.nodeName] | join(" ")')" = "$w0" ] \
     || die "web does not run on $w0 alone after the scale-down"
   log "scale-down: $w1 drained (line $drained) before it was deleted (line $deleted), its Node removed; 2 nodes left"
+}
+
+# `create -f` with the worker pool's machine size changed on the running cluster: `plan` shows
+# each worker as a replacement with its drain; `create` saves the spec and replaces every worker
+# by a new machine of the new size, by the pool's upgradeSettings (maxSurge 1: each new machine
+# Ready before its old one is drained and deleted); the domains have the new memory, the old ones
+# are gone, web still serves, and a second `create` has nothing left to replace. Later phases
+# re-apply the resized file.
+phase_resize() {
+  local file=$work/cluster.yaml before after out json w new_mib=1280 old new
+  [ -f "$work/cluster-1w.yaml" ] && file=$work/cluster-1w.yaml
+  before=$(jq -r '.pool_members.workers | join(" ")' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  sed 's/^      machine: {cpus: 1, memory: 1Gi, disk: 4Gi}$/      machine: {cpus: 1, memory: '"$new_mib"'Mi, disk: 4Gi}/' "$file" > "$work/cluster-resized.yaml"
+  ! cmp -s "$file" "$work/cluster-resized.yaml" || die "cannot make the resized spec"
+  waiting "plan with the workers' new size showing their replacement"
+  out=$("$bin" plan -f "$work/cluster-resized.yaml") || die "plan with the new size failed: $out"
+  for w in $before; do
+    grep -q "^replace (new size) *$w .*1 cpu, $new_mib MiB, 4 GiB disk (is 1 cpu, 1024 MiB, 4 GiB disk)" <<< "$out" \
+      || { echo "$out" >&2; die "plan does not show the replacement of $w"; }
+    grep -q "Drain of node $w before its replacement: [0-9]* pod(s) to evict" <<< "$out" \
+      || { echo "$out" >&2; die "plan does not show the drain of $w before its replacement"; }
+  done
+  json=$("$bin" -o json plan -f "$work/cluster-resized.yaml") || die "plan -o json failed"
+  jq -e --argjson n "$(wc -w <<< "$before")" --argjson mib "$new_mib" \
+    '(.plan.replacements | length) == $n and all(.plan.replacements[]; .machine.size.memory_mib == $mib and .observed.memory_mib == 1024)' \
+    <<< "$json" > /dev/null || die "plan -o json does not list the replacements: $(jq -c .plan.replacements <<< "$json")"
+  waiting "create with the workers' new size: each worker replaced by surge"
+  "$bin" create -f "$work/cluster-resized.yaml" --ssh-timeout 900 2> "$work/resize.log" \
+    || { cat "$work/resize.log" >&2; die "create with the workers' new size failed"; }
+  cat "$work/resize.log" >&2
+  after=$(jq -r '.pool_members.workers | join(" ")' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  [ "$(wc -w <<< "$after")" -eq "$(wc -w <<< "$before")" ] || die "workers before: $before; after: $after"
+  for old in $before; do
+    ! grep -qw -- "$old" <<< "$after" || die "$old is still a worker after the resize ($after)"
+    ! $virsh list --all --name | grep -qx -- "$old" || die "the domain of $old is still there"
+    grep -q "$old: replaced by .*of the new size 1 cpu, $new_mib MiB, 4 GiB disk" "$work/resize.log" \
+      || die "create did not report the replacement of $old"
+  done
+  for new in $after; do
+    [ "$($virsh dominfo "$new" | awk '/^Max memory:/ {print $3}')" = "$((new_mib * 1024))" ] \
+      || die "the domain of $new does not have $new_mib MiB: $($virsh dominfo "$new")"
+    [ "$(k get node "$new" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] || die "node $new is not Ready"
+    [ -z "$(k get node "$new" -o jsonpath='{.spec.unschedulable}')" ] || die "node $new is cordoned"
+  done
+  # Surge: each new machine was Ready before its old one was cordoned.
+  local made cordoned repl
+  for old in $before; do
+    repl=$(sed -n "s/^ *\([a-z0-9-]*\): named to replace $old .*/\1/p" "$work/resize.log" | head -n1)
+    [ -n "$repl" ] || die "no machine was named to replace $old"
+    made=$(grep -n "^ *$repl: Ready, kubelet" "$work/resize.log" | head -n1 | cut -d: -f1)
+    cordoned=$(grep -n "^ *$old: cordoned" "$work/resize.log" | head -n1 | cut -d: -f1)
+    [ -n "$made" ] && [ -n "$cordoned" ] && [ "$made" -lt "$cordoned" ] \
+      || die "$repl was not Ready (line ${made:-none}) before $old was cordoned (line ${cordoned:-none})"
+  done
+  [ "$(jq -r '.upgrade // "none"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = none ] || die "the record keeps an unfinished upgrade"
+  k rollout status deployment/web --timeout=600s >&2 || die "deployment web did not recover after the resize"
+  out=$("$bin" plan -f "$work/cluster-resized.yaml") || die "plan after the resize failed"
+  grep -q "0 to replace (new size)" <<< "$out" || { echo "$out" >&2; die "plan still shows replacements after the resize"; }
+  cp "$work/cluster-resized.yaml" "$file"
+  log "resize: workers $before replaced by $after with $new_mib MiB, by surge"
 }
 
 phase_delete() {

@@ -111,6 +111,13 @@ pub fn create(
             digest: image.digest.clone(),
         });
     }
+    if let Some(u) = &record.upgrade
+        && u.from == u.to
+    {
+        bail!(
+            "cluster {name:?} has an unfinished replacement of workers for their pool's new size; run `clusterctl upgrade {name}` to finish it first"
+        );
+    }
     if let Some(u) = &record.upgrade {
         bail!(
             "cluster {name:?} has an unfinished node-image upgrade ({} -> {}); run `clusterctl upgrade {name}` to finish or roll it back first",
@@ -160,6 +167,35 @@ pub fn create(
     }
     saved?;
     finished?;
+    // Workers whose pool's size changed: replaced by new machines of the new size, by the pool's
+    // upgradeSettings (the upgrade engine, under its own lock and journal).
+    let resizes = super::upgrade::pending_resizes(&record);
+    if resizes > 0 {
+        if record.status != ClusterStatus::Running {
+            report.note(&format!(
+                "{resizes} worker(s) have another size than their pool's spec; they are replaced once the cluster runs Kubernetes (the {} provider boots nothing)",
+                record.spec.spec.provider.name()
+            ));
+            return Ok(record);
+        }
+        drop(guard);
+        let request = super::upgrade::UpgradeRequest {
+            drain: crate::kube::drainer::DrainOptions {
+                timeout: opts.drain_timeout,
+                ..Default::default()
+            },
+            ..super::upgrade::UpgradeRequest::new(None)
+        };
+        super::upgrade::upgrade(store, &name, &request, report).with_context(|| {
+            format!(
+                "replacing the {resizes} worker(s) of cluster {name:?} whose pool's size changed stopped; `clusterctl upgrade {name}` goes on (or `clusterctl create -f {}` once it is finished)",
+                file.display()
+            )
+        })?;
+        if let Some(r) = store.load(&name)? {
+            record = r;
+        }
+    }
     Ok(record)
 }
 

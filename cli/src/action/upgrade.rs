@@ -31,6 +31,12 @@
 //! settles the recorded replacements first: finishes the ones whose old machine was leaving, and
 //! goes on with (or, rolling back to another image, removes) the others.
 //!
+//! A worker whose size differs from its pool's spec (the pool's `machine` changed; `create -f`
+//! runs this after saving the spec) is replaced by a new machine of the new size on the target
+//! image: by surge in a surge pool, else drained and deleted first and then made again
+//! ([`Batch::Recreate`]: no extra capacity, as `maxUnavailable: 1`). `clusterctl upgrade NAME`
+//! without `--node-image` does only that when no upgrade is unfinished.
+//!
 //! Not here yet (issue 10): `maxUnavailable` above 1 or with a surge (refused by the spec),
 //! restoring a snapshot.
 
@@ -162,10 +168,8 @@ pub fn upgrade(
     let target_version = match (&request.node_image, &record.upgrade) {
         (Some(v), _) => v.clone(),
         (None, Some(u)) => u.to.version.clone(),
-        (None, None) => bail!(
-            "say which node image to roll out: `clusterctl upgrade {name} --node-image VERSION` (`clusterctl image list` shows the built ones; the cluster boots {})",
-            pinned.version
-        ),
+        // The cluster's own image: only machines whose size changed are replaced.
+        (None, None) => pinned.version.clone(),
     };
     if let Some(k) = &record.kubernetes_upgrade {
         bail!(
@@ -203,7 +207,14 @@ pub fn upgrade(
         .map(|p| p.name.clone())
         .collect();
     let max_surge = surge_pools(&record);
-    let mut plan = upgrade::plan(&machines, &pools, &max_surge, &pinned, &to);
+    let sizes = pool_sizes(&record);
+    let mut plan = upgrade::plan(&machines, &pools, &max_surge, &sizes, &pinned, &to);
+    if request.node_image.is_none() && record.upgrade.is_none() && plan.replacements() == 0 {
+        bail!(
+            "nothing to do: every machine of cluster {name:?} boots its node image {} and has the size its spec asks for; say which node image to roll out: `clusterctl upgrade {name} --node-image VERSION` (`clusterctl image list` shows the built ones)",
+            pinned.version
+        );
+    }
     if request.dry_run {
         let blockers = rt.block_on(drain_blockers(store, &record, &plan))?;
         let packages = nodeimage::list(&image_dir).ok().and_then(|images| {
@@ -348,7 +359,7 @@ pub fn upgrade(
             let machines = list_machines_async(&provider, &record).await?;
             record.machines = machines.clone();
             guard.save(&mut record)?;
-            plan = upgrade::plan(&machines, &pools, &max_surge, &pinned, &to);
+            plan = upgrade::plan(&machines, &pools, &max_surge, &sizes, &pinned, &to);
         }
         // A pool whose first machine is on the target had its canary.
         let canary_done: BTreeSet<String> = plan
@@ -367,7 +378,7 @@ pub fn upgrade(
         for (i, batch) in batches.iter().enumerate() {
             let replaces = match batch {
                 Batch::InPlace(s) => s.replace,
-                Batch::Surge { .. } => true,
+                Batch::Surge { .. } | Batch::Recreate { .. } => true,
             };
             if replaces && let Some(why) = pause_reason(request, &results) {
                 report.note(&format!(
@@ -384,28 +395,51 @@ pub fn upgrade(
             let done = match batch {
                 Batch::Surge { pool, steps } => {
                     report.phase(&format!(
-                        "Upgrading {} ({} of {}) to node image {} by surge: {} new machine(s) first",
+                        "Replacing {} ({} of {}) with new machine(s) {} by surge: {} new machine(s) first",
                         batch.machines().join(", "),
                         i + 1,
                         batches.len(),
-                        to.version,
+                        what_for(&steps[0], &to),
                         steps.len()
                     ));
                     run.surge(&mut record, pool, steps, &target)
                         .await
                         .inspect(|done| {
-                            for r in done {
+                            for (r, step) in done.iter().zip(steps) {
                                 report.machine(
                                     &r.machine,
                                     &format!(
-                                        "replaced by {} (node image {}, Ready) after {:.0} s",
+                                        "replaced by {} ({}, Ready) after {:.0} s",
                                         r.replaced_by.as_deref().unwrap_or("?"),
-                                        to.version,
+                                        what_for(step, &to),
                                         r.took.as_secs_f64()
                                     ),
                                 );
                             }
                         })
+                }
+                Batch::Recreate { pool, step } => {
+                    report.phase(&format!(
+                        "Replacing {} ({} of {}) with a new machine {}: drained and deleted first (pool {pool} has no surge)",
+                        step.machine,
+                        i + 1,
+                        batches.len(),
+                        what_for(step, &to),
+                    ));
+                    run.recreate(&mut record, pool, step, &target)
+                        .await
+                        .inspect(|r| {
+                            report.machine(
+                                &r.machine,
+                                &format!(
+                                    "replaced by {} ({}, Ready) after {:.0} s",
+                                    r.replaced_by.as_deref().unwrap_or("?"),
+                                    what_for(step, &to),
+                                    r.took.as_secs_f64()
+                                ),
+                            );
+                        })
+                        .map(|r| vec![r])
                 }
                 Batch::InPlace(step) => {
                     report.phase(&format!(
@@ -457,7 +491,10 @@ pub fn upgrade(
             record.auto_upgrade.rejected.push(v);
         }
         record.upgrade = None;
-        record.auto_upgrade.last_upgrade_finished = Some(crate::state::Timestamp::now());
+        // Only a new image starts auto-upgrade's soak (replacements for a new size do not).
+        if pinned != to {
+            record.auto_upgrade.last_upgrade_finished = Some(crate::state::Timestamp::now());
+        }
         record.machines = list_machines_async(&provider, &record).await?;
         guard.save(&mut record)?;
         Ok(UpgradeOutcome::Done {
@@ -487,6 +524,61 @@ fn pause_reason(request: &UpgradeRequest, done: &[NodeResult]) -> Option<String>
         ));
     }
     None
+}
+
+/// What a replaced machine is made for: its new size, or the target image.
+fn what_for(step: &NodeStep, to: &PinnedImage) -> String {
+    use crate::engine::plan::MachineSizeDisplay;
+    match &step.resize {
+        Some(r) => format!(
+            "of the new size {} (was {}) on node image {}",
+            MachineSizeDisplay(&r.to),
+            MachineSizeDisplay(&r.from),
+            to.version
+        ),
+        None => format!("on node image {}", to.version),
+    }
+}
+
+/// The size the spec asks for, per node pool.
+fn pool_sizes(record: &ClusterRecord) -> upgrade::PoolSizes {
+    record
+        .spec
+        .spec
+        .node_pools
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                crate::engine::plan::machine_size(&p.machine),
+            )
+        })
+        .collect()
+}
+
+/// How many workers of the record's last observation differ in size from their pool's spec (a
+/// `create -f` that changed a pool's `machine` replaces them with [`upgrade`]).
+pub fn pending_resizes(record: &ClusterRecord) -> usize {
+    let to = record.node_image.clone().unwrap_or(PinnedImage {
+        version: String::new(),
+        digest: String::new(),
+    });
+    let pools: Vec<String> = record
+        .spec
+        .spec
+        .node_pools
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    upgrade::plan(
+        &record.machines,
+        &pools,
+        &BTreeMap::new(),
+        &pool_sizes(record),
+        &to,
+        &to,
+    )
+    .resizes()
 }
 
 /// `upgradeSettings.maxSurge` of the spec's pools that have one above 0.
@@ -1008,6 +1100,116 @@ impl Run<'_> {
                 replaced_by: Some(e.new.clone()),
             })
             .collect())
+    }
+
+    /// Replaces the worker of `step` (pool `pool`, no surge) by a new machine: the new name
+    /// recorded in the unfinished upgrade, the old machine drained (PodDisruptionBudgets
+    /// honoured), the new name put in its place in the pool, then `create`'s reconcile deletes
+    /// the old machine and its Node and makes the new one (spec size, `target` image, host key,
+    /// bootstrap), and the new one must get Ready. Killed after the swap, a re-run's
+    /// [`Run::settle_surge`] finishes the reconcile and the plan gates the new machine.
+    async fn recreate(
+        &mut self,
+        record: &mut ClusterRecord,
+        pool: &str,
+        step: &NodeStep,
+        target: &ImageRef,
+    ) -> anyhow::Result<NodeResult> {
+        let started = Instant::now();
+        let old = step.machine.as_str();
+        let spec = record.spec.clone();
+        super::assign_machine_names(record, &spec, self.report);
+        // 1. The new machine's name, in the record before anything changes.
+        let known = record
+            .upgrade
+            .as_ref()
+            .and_then(|u| u.surge.iter().find(|e| e.old == old).cloned());
+        let entry = match known {
+            Some(e) => e,
+            None => {
+                let e = SurgeReplacement {
+                    pool: pool.to_owned(),
+                    old: old.to_owned(),
+                    new: super::new_pool_machine_name(record, pool)?,
+                    leaving: false,
+                };
+                if let Some(u) = &mut record.upgrade {
+                    u.surge.push(e.clone());
+                }
+                self.guard.save(record)?;
+                self.report.machine(
+                    &e.new,
+                    &format!("named to replace {old} (made once {old} is drained and deleted)"),
+                );
+                e
+            }
+        };
+        // 2. Drain the old machine (a failed drain uncordons it again and stops here).
+        let before = node_state(self.store, record, old).await.ok().flatten();
+        if let Some(before) = &before {
+            let ours_before = cordoned_by_clusterctl(self.replay, old);
+            let api = cluster_api(self.store, record).await?;
+            let drained = cordon_and_drain(
+                &api,
+                self.journal,
+                old,
+                before.unschedulable,
+                ours_before,
+                &self.request.drain,
+                self.report,
+            )
+            .await;
+            api.close().await;
+            let done = drained.with_context(|| format!("draining node {old}"))?;
+            self.report.machine(old, &format!("drained: {done}"));
+        }
+        // 3. The new machine takes the old one's place; 4. the reconcile deletes and makes.
+        if let Some(list) = record.pool_members.get_mut(pool) {
+            if let Some(i) = list.iter().position(|n| n == old) {
+                list[i] = entry.new.clone();
+            } else if !list.contains(&entry.new) {
+                list.push(entry.new.clone());
+            }
+        }
+        names::retire(&mut record.retired_machine_names, [old.to_owned()]);
+        if let Some(u) = &mut record.upgrade
+            && let Some(x) = u.surge.iter_mut().find(|x| x.old == old)
+        {
+            x.leaving = true;
+        }
+        self.guard.save(record)?;
+        self.reconcile(record, target).await.with_context(|| {
+            format!(
+                "replacing machine {old} by {} (`clusterctl upgrade {}` goes on)",
+                entry.new, record.name
+            )
+        })?;
+        // 5. The health gate.
+        let (n, _) = wait_for_node(
+            self.store,
+            record,
+            &entry.new,
+            None,
+            self.request.node_timeout,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "the new machine {} did not get Ready ({old} was drained and deleted before it was made, so there is nothing to roll back to: `clusterctl repair {}` or `clusterctl create -f` with the cluster's file tries again)",
+                entry.new, record.name
+            )
+        })?;
+        if let Some(u) = &mut record.upgrade {
+            u.surge.retain(|x| x.old != old);
+        }
+        self.guard.save(record)?;
+        Ok(NodeResult {
+            machine: old.to_owned(),
+            replaced: true,
+            boot_ids: (before.map(|b| b.boot_id), n.boot_id),
+            took: started.elapsed(),
+            replaced_by: Some(entry.new),
+        })
     }
 
     async fn uncordon(&self, record: &ClusterRecord, node: &str) -> anyhow::Result<()> {

@@ -43,12 +43,14 @@ pub struct PlanArgs {
     pub channel_file: Option<String>,
 }
 
-/// A drain `create` would run before deleting a worker, as simulated now.
+/// A drain `create` would run before deleting or replacing a worker, as simulated now.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct DrainView {
     /// The node.
     node: String,
+    /// `deletion` (a scale-down) or `replacement` (its pool's size changed).
+    reason: &'static str,
     /// Pods the drain would evict.
     evict: Vec<String>,
     /// What blocks the drain (`pod: reason`); empty: nothing.
@@ -81,7 +83,7 @@ fn simulate_drains(
     record: &crate::state::ClusterRecord,
     plan: &Plan,
 ) -> Vec<DrainView> {
-    let workers: Vec<String> = plan
+    let workers: Vec<(String, &'static str)> = plan
         .steps
         .iter()
         .filter_map(|s| match s {
@@ -89,9 +91,14 @@ fn simulate_drains(
                 name,
                 role: providers::MachineRole::Worker,
                 ..
-            } => Some(name.clone()),
+            } => Some((name.clone(), "deletion")),
             _ => None,
         })
+        .chain(
+            plan.replacements
+                .iter()
+                .map(|r| (r.machine.name.clone(), "replacement")),
+        )
         .collect();
     if workers.is_empty() || record.kubernetes.is_none() {
         return Vec::new();
@@ -99,8 +106,9 @@ fn simulate_drains(
     let failed = |e: &anyhow::Error| {
         workers
             .iter()
-            .map(|w| DrainView {
+            .map(|(w, reason)| DrainView {
                 node: w.clone(),
+                reason,
                 evict: Vec::new(),
                 blockers: Vec::new(),
                 warnings: Vec::new(),
@@ -125,10 +133,11 @@ fn simulate_drains(
             }
         };
         let mut out = Vec::new();
-        for node in &workers {
+        for (node, reason) in &workers {
             let view = match api.simulate_drain(node, policy).await {
                 Ok(sim) => DrainView {
                     node: node.clone(),
+                    reason,
                     evict: sim.evict.iter().map(|(p, _)| p.to_string()).collect(),
                     blockers: sim
                         .findings()
@@ -144,6 +153,7 @@ fn simulate_drains(
                 },
                 Err(e) => DrainView {
                     node: node.clone(),
+                    reason,
                     evict: Vec::new(),
                     blockers: Vec::new(),
                     warnings: Vec::new(),
@@ -291,26 +301,35 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
     let count = |verb: &str| plan.steps.iter().filter(|s| s.verb() == verb).count();
     writeln!(
         out,
-        "Plan: {} to create, {} to start, {} to delete, {} unchanged",
+        "Plan: {} to create, {} to start, {} to delete, {} to replace (new size), {} unchanged",
         count("create"),
         count("start"),
         count("delete"),
-        plan.unchanged.len()
+        plan.replacements.len(),
+        plan.unchanged.len() - plan.replacements.len()
     )?;
     out.push_str(&planner::render_table(&plan));
+    if !plan.replacements.is_empty() {
+        writeln!(
+            out,
+            "\n{} worker(s) to replace by new machines of their pool's new size, after the steps above, as each pool's upgradeSettings say: with maxSurge the new machine is made and Ready before the old one is drained and deleted; without it the old one is drained and deleted first. `create` does it; if it is stopped, `clusterctl upgrade {name}` finishes it.",
+            plan.replacements.len()
+        )?;
+    }
     for d in &drains {
         writeln!(out)?;
         match &d.error {
             Some(e) => writeln!(
                 out,
-                "Drain of node {} before its deletion: cannot be simulated now ({e})",
-                d.node
+                "Drain of node {} before its {}: cannot be simulated now ({e})",
+                d.node, d.reason
             )?,
             None => {
                 writeln!(
                     out,
-                    "Drain of node {} before its deletion: {} pod(s) to evict{}",
+                    "Drain of node {} before its {}: {} pod(s) to evict{}",
                     d.node,
+                    d.reason,
                     d.evict.len(),
                     if d.blockers.is_empty() {
                         ", nothing blocks it".to_owned()

@@ -82,10 +82,14 @@ struct NodeDoc<'a> {
     role: &'a providers::MachineRole,
     /// Whether its boot disk is (or was) replaced.
     replace: bool,
-    /// How: `in-place` (a new boot disk) or `surge` (a new machine first, then this one
-    /// deleted).
+    /// How: `in-place` (a new boot disk), `surge` (a new machine first, then this one
+    /// deleted) or `recreate` (this one drained and deleted, then a new machine: its size
+    /// changed in a pool without surge).
     #[serde(skip_serializing_if = "Option::is_none")]
     strategy: Option<&'static str>,
+    /// Its size now and the size its pool's spec asks for, when they differ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resize: Option<&'a crate::engine::upgrade::Resize>,
     /// The machine that replaced it (surge).
     #[serde(skip_serializing_if = "Option::is_none")]
     replaced_by: Option<&'a str>,
@@ -183,9 +187,12 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
                 name: &s.machine,
                 role: &s.role,
                 replace: done.map_or(s.replace, |d| d.replaced),
-                strategy: s
-                    .replace
-                    .then_some(if s.max_surge > 0 { "surge" } else { "in-place" }),
+                strategy: s.replace.then_some(match (s.max_surge > 0, &s.resize) {
+                    (true, _) => "surge",
+                    (false, Some(_)) if s.role == providers::MachineRole::Worker => "recreate",
+                    (false, _) => "in-place",
+                }),
+                resize: s.resize.as_ref(),
                 replaced_by: done.and_then(|d| d.replaced_by.as_deref()),
                 blockers,
                 boot_id_before: done.and_then(|d| d.boot_ids.0.as_deref()),
@@ -207,12 +214,31 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
         return Ok(());
     }
     if dry_run {
-        println!(
-            "Upgrade of cluster {name:?} from node image {} to {}: {} machine(s) to replace, control plane first; in place one at a time (cordon, drain, new boot disk, Ready with a new boot ID, uncordon) unless their pool surges:",
-            plan.from.version,
-            plan.to.version,
-            plan.replacements()
-        );
+        if plan.from == plan.to {
+            println!(
+                "Cluster {name:?} boots node image {}: {} machine(s) to replace by new machines of their pool's new size:",
+                plan.to.version,
+                plan.replacements()
+            );
+        } else {
+            println!(
+                "Upgrade of cluster {name:?} from node image {} to {}: {} machine(s) to replace, control plane first; in place one at a time (cordon, drain, new boot disk, Ready with a new boot ID, uncordon) unless their pool surges:",
+                plan.from.version,
+                plan.to.version,
+                plan.replacements()
+            );
+        }
+        for st in plan.steps.iter().filter(|s| s.replace && s.max_surge == 0) {
+            if let Some(r) = &st.resize {
+                println!(
+                    "Machine {} ({} -> {}): pool {} has no surge, so it is drained and deleted first, then a new machine of the new size is made and must get Ready.",
+                    st.machine,
+                    crate::engine::plan::MachineSizeDisplay(&r.from),
+                    crate::engine::plan::MachineSizeDisplay(&r.to),
+                    st.pool.as_deref().unwrap_or("-")
+                );
+            }
+        }
         let mut surging: Vec<(&str, u32, usize)> = Vec::new();
         for st in plan.steps.iter().filter(|s| s.replace && s.max_surge > 0) {
             let pool = st.pool.as_deref().unwrap_or("-");
@@ -223,7 +249,7 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
         }
         for (pool, max_surge, n) in surging {
             println!(
-                "Node pool {pool}: {n} machine(s) replaced by surge (maxSurge {max_surge}): a first batch of one (the canary), then {max_surge} at a time; each gets a new machine on the new image, Ready, before it is drained and deleted; a batch whose new machines are not healthy is removed and the upgrade stops."
+                "Node pool {pool}: {n} machine(s) replaced by surge (maxSurge {max_surge}): a first batch of one (the canary), then {max_surge} at a time; each gets a new machine (the new image, the pool's size), Ready, before it is drained and deleted; a batch whose new machines are not healthy is removed and the upgrade stops."
             );
         }
         if plan
@@ -274,6 +300,7 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
                 match (n.replace, n.strategy, n.replaced_by) {
                     (_, _, Some(by)) => format!("replaced by {by}"),
                     (true, Some("surge"), None) => "replace (surge)".to_owned(),
+                    (true, Some("recreate"), None) => "replace (drain first)".to_owned(),
                     (true, _, None) => "replace".to_owned(),
                     (false, _, None) => "boots it already".to_owned(),
                 },

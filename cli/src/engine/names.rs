@@ -251,6 +251,7 @@ mod tests {
             addresses: vec![],
             failure_domain: None,
             image_digest: None,
+            size: None,
             labels: Default::default(),
         }
     }

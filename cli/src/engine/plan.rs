@@ -84,6 +84,18 @@ impl Step {
     }
 }
 
+/// A worker of the spec that exists with another size than its pool's spec asks for. It is
+/// replaced by a new machine of the spec's size, by its pool's `upgradeSettings` (surge: the new
+/// one first; else drained and deleted first), which `create` does after the machine steps
+/// (`action::upgrade`). A boot disk cannot change a machine's size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    /// The machine, as the spec asks for it (its new size).
+    pub machine: DesiredMachine,
+    /// Its size as the provider reports it.
+    pub observed: MachineSize,
+}
+
 /// The ordered steps that take the observed cluster to the desired one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -91,14 +103,18 @@ pub struct Plan {
     pub cluster: String,
     /// Steps in execution order: control plane machines, node pools in spec order, then deletions.
     pub steps: Vec<Step>,
-    /// Machines of the spec that exist and need nothing.
+    /// Machines of the spec that exist and need nothing from the machine steps (the ones in
+    /// `replacements` among them).
     pub unchanged: Vec<DesiredMachine>,
+    /// Workers to replace by new machines because their pool's size changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replacements: Vec<Replacement>,
 }
 
 impl Plan {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
+        self.steps.is_empty() && self.replacements.is_empty()
     }
 
     /// The steps that ensure a machine (create or start), in order.
@@ -221,7 +237,17 @@ pub fn plan(
     let have: BTreeMap<&str, &Machine> = observed.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut steps = Vec::new();
     let mut unchanged = Vec::new();
+    let mut replacements = Vec::new();
     for m in &want {
+        if let Some(observed) = have.get(m.name.as_str()).and_then(|o| o.size.as_ref())
+            && *observed != m.size
+            && m.role == MachineRole::Worker
+        {
+            replacements.push(Replacement {
+                machine: m.clone(),
+                observed: observed.clone(),
+            });
+        }
         match have.get(m.name.as_str()) {
             None => steps.push(Step::CreateMachine { machine: m.clone() }),
             Some(o) if matches!(o.state, MachineState::Running | MachineState::Pending) => {
@@ -259,6 +285,7 @@ pub fn plan(
         cluster: desired.metadata.name.clone(),
         steps,
         unchanged,
+        replacements,
     })
 }
 
@@ -305,12 +332,24 @@ pub fn render_table(plan: &Plan) -> String {
         ]);
     }
     for m in &plan.unchanged {
+        let replaced = plan.replacements.iter().find(|r| r.machine.name == m.name);
         rows.push(vec![
-            "keep".into(),
+            if replaced.is_some() {
+                "replace (new size)".into()
+            } else {
+                "keep".into()
+            },
             m.name.clone(),
             role_word(m.role).to_owned(),
             m.pool.clone().unwrap_or_else(|| "-".into()),
-            MachineSizeDisplay(&m.size).to_string(),
+            match replaced {
+                Some(r) => format!(
+                    "{} (is {})",
+                    MachineSizeDisplay(&m.size),
+                    MachineSizeDisplay(&r.observed)
+                ),
+                None => MachineSizeDisplay(&m.size).to_string(),
+            },
         ]);
     }
     crate::output::table(&["ACTION", "MACHINE", "ROLE", "POOL", "SIZE"], &rows)
@@ -360,6 +399,9 @@ mod tests {
         #[serde(default)]
         pool: Option<String>,
         state: MachineState,
+        /// As the provider reports it; absent: it cannot tell.
+        #[serde(default)]
+        size: Option<MachineSize>,
     }
 
     fn run_case(text: &str) -> Result<String, String> {
@@ -378,6 +420,7 @@ mod tests {
                 addresses: vec![],
                 failure_domain: None,
                 image_digest: None,
+                size: o.size,
                 labels: Default::default(),
             })
             .collect();

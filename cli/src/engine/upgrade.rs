@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use providers::{Machine, MachineRole, MachineState};
+use providers::{Machine, MachineRole, MachineSize, MachineState};
 use serde::Serialize;
 
 use crate::bundle::KubeVersion;
@@ -39,7 +39,26 @@ pub struct NodeStep {
     /// 0 replaces its boot disk in place.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_surge: u32,
+    /// Its size, when it differs from the size its pool's spec asks for: the machine is replaced
+    /// by a new one of the spec's size (a boot disk cannot change a size), by surge in a surge
+    /// pool, else drained and deleted first ([`Batch::Recreate`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resize: Option<Resize>,
 }
+
+/// A machine's size as it is and as its spec asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resize {
+    /// As the provider reports it.
+    pub from: MachineSize,
+    /// As the spec asks.
+    pub to: MachineSize,
+}
+
+/// The sizes the spec asks for, per node pool. Control-plane machines are not resized (their
+/// size cannot change on a running cluster: `spec::changes` refuses it).
+pub type PoolSizes = BTreeMap<String, MachineSize>;
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
@@ -59,13 +78,23 @@ pub enum Batch {
         /// The machines replaced.
         steps: Vec<NodeStep>,
     },
+    /// A worker of a pool without surge replaced by a new machine (its size changed): drained
+    /// and deleted first, then the new one made and gated (`maxUnavailable: 1`, no extra
+    /// capacity needed). A new machine that does not get Ready stops the upgrade; the old one is
+    /// gone by then, so there is nothing to roll back to.
+    Recreate {
+        /// The pool.
+        pool: String,
+        /// The machine replaced.
+        step: NodeStep,
+    },
 }
 
 impl Batch {
     /// The machines of the batch.
     pub fn machines(&self) -> Vec<&str> {
         match self {
-            Batch::InPlace(s) => vec![s.machine.as_str()],
+            Batch::InPlace(s) | Batch::Recreate { step: s, .. } => vec![s.machine.as_str()],
             Batch::Surge { steps, .. } => steps.iter().map(|s| s.machine.as_str()).collect(),
         }
     }
@@ -91,7 +120,15 @@ pub fn batches(
     for s in plan.steps.iter().filter(|s| !skip.contains(&s.machine)) {
         let surge_pool = s.pool.clone().filter(|_| s.replace && s.max_surge > 0);
         let Some(pool) = surge_pool else {
-            out.push(Batch::InPlace(s.clone()));
+            match &s.pool {
+                Some(pool) if s.resize.is_some() && s.role == MachineRole::Worker => {
+                    out.push(Batch::Recreate {
+                        pool: pool.clone(),
+                        step: s.clone(),
+                    });
+                }
+                _ => out.push(Batch::InPlace(s.clone())),
+            }
             room = 0;
             continue;
         };
@@ -136,14 +173,21 @@ impl UpgradePlan {
     pub fn replacements(&self) -> usize {
         self.steps.iter().filter(|s| s.replace).count()
     }
+
+    /// How many machines are replaced because their size changed.
+    pub fn resizes(&self) -> usize {
+        self.steps.iter().filter(|s| s.resize.is_some()).count()
+    }
 }
 
 /// Orders the machines: control plane by name, then the pools in `pool_order` (pools the spec no
-/// longer names last), each by name; `max_surge` gives the pools upgraded by surge. Pure.
+/// longer names last), each by name; `max_surge` gives the pools upgraded by surge, `sizes` the
+/// size each pool's machines must have (a worker whose reported size differs is replaced). Pure.
 pub fn plan(
     machines: &[Machine],
     pool_order: &[String],
     max_surge: &BTreeMap<String, u32>,
+    sizes: &PoolSizes,
     from: &PinnedImage,
     to: &PinnedImage,
 ) -> UpgradePlan {
@@ -162,18 +206,25 @@ pub fn plan(
         to: to.clone(),
         steps: ordered
             .into_iter()
-            .map(|m| NodeStep {
-                machine: m.name.clone(),
-                role: m.role,
-                pool: m.pool.clone(),
-                replace: m.image_digest.as_deref() != Some(to.digest.as_str()),
-                current_digest: m.image_digest.clone(),
-                max_surge: m
-                    .pool
-                    .as_ref()
-                    .filter(|_| m.role == MachineRole::Worker)
-                    .and_then(|p| max_surge.get(p).copied())
-                    .unwrap_or(0),
+            .map(|m| {
+                let pool = m.pool.as_ref().filter(|_| m.role == MachineRole::Worker);
+                let resize = match (pool.and_then(|p| sizes.get(p)), &m.size) {
+                    (Some(want), Some(have)) if want != have => Some(Resize {
+                        from: have.clone(),
+                        to: want.clone(),
+                    }),
+                    _ => None,
+                };
+                NodeStep {
+                    machine: m.name.clone(),
+                    role: m.role,
+                    pool: m.pool.clone(),
+                    replace: m.image_digest.as_deref() != Some(to.digest.as_str())
+                        || resize.is_some(),
+                    current_digest: m.image_digest.clone(),
+                    max_surge: pool.and_then(|p| max_surge.get(p).copied()).unwrap_or(0),
+                    resize,
+                }
             })
             .collect(),
     }
@@ -283,11 +334,18 @@ pub fn kubernetes_order(machines: &[Machine], pool_order: &[String]) -> Vec<(Str
         version: String::new(),
         digest: String::new(),
     };
-    plan(machines, pool_order, &BTreeMap::new(), &to, &to)
-        .steps
-        .into_iter()
-        .map(|s| (s.machine, s.role))
-        .collect()
+    plan(
+        machines,
+        pool_order,
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+        &to,
+        &to,
+    )
+    .steps
+    .into_iter()
+    .map(|s| (s.machine, s.role))
+    .collect()
 }
 
 #[cfg(test)]
@@ -315,6 +373,7 @@ mod tests {
             addresses: vec![],
             failure_domain: None,
             image_digest: Some(format!("sha256:{digest}")),
+            size: None,
             labels: Default::default(),
         }
     }
@@ -342,6 +401,7 @@ mod tests {
         let p = plan(
             &ms,
             &["a".into(), "b".into()],
+            &BTreeMap::new(),
             &BTreeMap::new(),
             &image("v1"),
             &image("v2"),
@@ -381,6 +441,7 @@ mod tests {
             &ms,
             &["a".into(), "b".into()],
             &surge,
+            &BTreeMap::new(),
             &image("v1"),
             &image("v2"),
         );
@@ -388,6 +449,7 @@ mod tests {
             bs.iter()
                 .map(|b| match b {
                     Batch::InPlace(s) => format!("in-place {}", s.machine),
+                    Batch::Recreate { pool, step } => format!("recreate {pool}: {}", step.machine),
                     Batch::Surge { pool, steps } => format!(
                         "surge {pool}: {}",
                         steps
@@ -424,6 +486,121 @@ mod tests {
         assert_eq!(
             shape(&batches(&p, &skip, &canary, None))[1..3],
             ["surge a: c1-a-b c1-a-c", "surge a: c1-a-d c1-a-e"]
+        );
+    }
+
+    #[test]
+    fn a_changed_pool_size_replaces_its_workers_by_surge_or_drain_first() {
+        let size = |cpus, memory_mib| MachineSize {
+            cpus,
+            memory_mib,
+            disk_gib: 20,
+        };
+        let sized = |name: &str, pool: Option<&str>, s: MachineSize| Machine {
+            size: Some(s),
+            ..machine(name, pool, "v1")
+        };
+        let ms = vec![
+            // A control plane's size is never changed here (the spec refuses it).
+            sized("c1-cp-0", None, size(4, 4096)),
+            sized("c1-a-b", Some("a"), size(2, 2048)),
+            sized("c1-a-c", Some("a"), size(2, 4096)),
+            // A provider that cannot tell the size: left alone.
+            machine("c1-a-d", Some("a"), "v1"),
+            sized("c1-b-b", Some("b"), size(2, 2048)),
+            sized("c1-b-c", Some("b"), size(2, 2048)),
+        ];
+        let sizes: PoolSizes = [
+            ("a".to_owned(), size(2, 4096)),
+            ("b".to_owned(), size(2, 4096)),
+        ]
+        .into();
+        let surge: BTreeMap<String, u32> = [("b".to_owned(), 1)].into();
+        // The same image: only the sizes change.
+        let p = plan(
+            &ms,
+            &["a".into(), "b".into()],
+            &surge,
+            &sizes,
+            &image("v1"),
+            &image("v1"),
+        );
+        let replaced: Vec<(&str, bool)> = p
+            .steps
+            .iter()
+            .map(|s| (s.machine.as_str(), s.replace))
+            .collect();
+        assert_eq!(
+            replaced,
+            [
+                ("c1-cp-0", false),
+                ("c1-a-b", true),
+                ("c1-a-c", false),
+                ("c1-a-d", false),
+                ("c1-b-b", true),
+                ("c1-b-c", true),
+            ]
+        );
+        assert_eq!((p.replacements(), p.resizes()), (3, 3));
+        let step = &p.steps[1];
+        assert_eq!(
+            step.resize,
+            Some(Resize {
+                from: size(2, 2048),
+                to: size(2, 4096)
+            })
+        );
+        let none = BTreeSet::new();
+        let shapes: Vec<String> = batches(&p, &none, &none, None)
+            .iter()
+            .map(|b| match b {
+                Batch::InPlace(s) => format!("in-place {} {}", s.machine, s.replace),
+                Batch::Recreate { pool, step } => format!("recreate {pool}: {}", step.machine),
+                Batch::Surge { pool, steps } => format!(
+                    "surge {pool}: {}",
+                    steps
+                        .iter()
+                        .map(|s| s.machine.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                "in-place c1-cp-0 false",
+                // Pool a has no surge: drained and deleted first, then the new one.
+                "recreate a: c1-a-b",
+                "in-place c1-a-c false",
+                "in-place c1-a-d false",
+                "surge b: c1-b-b",
+                "surge b: c1-b-c",
+            ]
+        );
+        // With a new image too, the resized in-place worker is still recreated (a boot disk
+        // cannot change its size) and the others get new boot disks.
+        let p = plan(
+            &ms,
+            &["a".into(), "b".into()],
+            &BTreeMap::new(),
+            &sizes,
+            &image("v1"),
+            &image("v2"),
+        );
+        let kinds: Vec<&str> = batches(&p, &none, &none, None)
+            .iter()
+            .map(|b| match b {
+                Batch::InPlace(_) => "in-place",
+                Batch::Recreate { .. } => "recreate",
+                Batch::Surge { .. } => "surge",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "in-place", "recreate", "in-place", "in-place", "recreate", "recreate"
+            ]
         );
     }
 

@@ -35,7 +35,7 @@ fn refusal(path: impl Into<String>, message: String, hint: &str) -> Refusal {
 
 const RECREATE: &str =
     "keep the stored value, or delete the cluster and create it again with the new one";
-const RESIZE: &str = "keep the stored size: no command resizes machines yet (`clusterctl upgrade` changes node images and Kubernetes versions only); a new pool with another name can have another size";
+const RESIZE: &str = "keep the stored size: resizing control-plane machines is not implemented yet (a node pool's machines can change size: they are replaced by new machines)";
 const VERSION: &str = "keep the stored value: `clusterctl upgrade NAME --kubernetes-version V` changes it (control plane first, one node at a time) and stores the new one, which this file then names";
 
 /// The changes from `stored` to `new` that a re-apply refuses, in spec order. Pure.
@@ -164,27 +164,16 @@ pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
             "keep the stored count",
         ));
     }
+    // A node pool's `machine` may change: its machines are replaced by new ones of the new size
+    // (`action::upgrade`, by the pool's upgradeSettings). A control plane keeps its machines
+    // (their etcd members and data disks), and no provider verb resizes a machine in place yet.
     if s.control_plane.machine != n.control_plane.machine {
         out.push(refusal(
             "spec.controlPlane.machine",
-            "cannot change the size of existing control-plane machines: it needs their replacement"
+            "cannot change the size of existing control-plane machines: they keep their etcd data, so they would be resized in place, which is not implemented yet"
                 .to_owned(),
             RESIZE,
         ));
-    }
-    for (i, pool) in n.node_pools.iter().enumerate() {
-        if let Some(old) = s.node_pools.iter().find(|p| p.name == pool.name)
-            && old.machine != pool.machine
-        {
-            out.push(refusal(
-                format!("spec.nodePools[{i}].machine"),
-                format!(
-                    "cannot change the size of the machines of node pool {:?}: it needs their replacement",
-                    pool.name
-                ),
-                RESIZE,
-            ));
-        }
     }
     out
 }
@@ -248,6 +237,12 @@ spec:
         let scaled =
             parse(&BASE.replace("count: 2", "count: 5\n    - name: extra\n      count: 1"));
         assert_eq!(refused_changes(&stored, &scaled), vec![]);
+        // A pool's size: its machines are replaced, not refused.
+        let resized = parse(&BASE.replace(
+            "count: 2",
+            "count: 2\n      machine:\n        cpus: 4\n        memory: 8Gi",
+        ));
+        assert_eq!(refused_changes(&stored, &resized), vec![]);
     }
 
     #[test]
@@ -257,7 +252,8 @@ spec:
             "    version: 1.20.2\n",
             "    version: 1.20.2\n    podCIDR: 10.250.0.0/16\n    clusterDomain: example.internal\n",
         ).replace("      uri: qemu:///system\n", "      uri: qemu:///system\n      storageDir: /srv/vms\n")
-        .replace("      count: 2\n", "      count: 2\n      machine:\n        cpus: 4\n"));
+        .replace("      count: 2\n", "      count: 2\n      machine:\n        cpus: 4\n")
+        .replace("  nodePools:\n", "  controlPlane:\n    machine:\n      memory: 8Gi\n  nodePools:\n"));
         let got: Vec<String> = refused_changes(&stored, &changed)
             .into_iter()
             .map(|r| r.path)
@@ -268,7 +264,7 @@ spec:
                 "spec.provider.libvirt.storageDir",
                 "spec.kubernetes.podCIDR",
                 "spec.kubernetes.clusterDomain",
-                "spec.nodePools[0].machine",
+                "spec.controlPlane.machine",
             ]
         );
     }

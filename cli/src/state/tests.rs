@@ -279,6 +279,7 @@ fn crash_writer_child() -> anyhow::Result<()> {
             addresses: vec![],
             failure_domain: None,
             image_digest: None,
+            size: None,
             labels: Default::default(),
         });
         guard.save(&mut rec)?;

@@ -66,6 +66,29 @@ pub const LABEL_MACHINE: &str = "clusterctl.io/machine";
 pub const METADATA_USER_DATA: &str = "user-data";
 /// Metadata key that records the digest of the node image the boot disk was made from.
 pub const METADATA_IMAGE_DIGEST: &str = "clusterctl-image-digest";
+/// Metadata key that records the size the machine was made with (`<cpus>/<MiB>/<GiB>`): its
+/// machine type is that size rounded to an E2 custom shape, so the type alone cannot tell.
+pub const METADATA_SIZE: &str = "clusterctl-size";
+
+/// `<cpus>/<MiB>/<GiB>`, as [`METADATA_SIZE`] holds it.
+fn size_text(size: &crate::MachineSize) -> String {
+    format!("{}/{}/{}", size.cpus, size.memory_mib, size.disk_gib)
+}
+
+/// The size [`size_text`] wrote; `None` for anything else.
+fn parse_size(text: &str) -> Option<crate::MachineSize> {
+    let mut parts = text.split('/').map(|p| p.trim().parse::<u64>().ok());
+    let (Some(Some(cpus)), Some(Some(memory_mib)), Some(Some(disk_gib)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some(crate::MachineSize {
+        cpus: u32::try_from(cpus).ok()?,
+        memory_mib,
+        disk_gib,
+    })
+}
 /// Guest-attribute namespace where a machine reports its SSH host public keys.
 pub const HOSTKEYS_NAMESPACE: &str = "hostkeys";
 /// Longest machine name: its disks' names (`NAME-boot-<8>`) must fit GCE's 63 characters.
@@ -448,6 +471,11 @@ impl GceProvider {
                 .as_ref()
                 .and_then(|m| m.get(METADATA_IMAGE_DIGEST))
                 .map(str::to_owned),
+            size: i
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get(METADATA_SIZE))
+                .and_then(parse_size),
             labels,
         }
     }
@@ -770,6 +798,10 @@ impl Provider for GceProvider {
                     MetadataItem {
                         key: METADATA_IMAGE_DIGEST.into(),
                         value: spec.image.digest.clone(),
+                    },
+                    MetadataItem {
+                        key: METADATA_SIZE.into(),
+                        value: size_text(&spec.size),
                     },
                     MetadataItem {
                         key: "enable-guest-attributes".into(),
@@ -1139,6 +1171,26 @@ mod tests {
         );
         assert!(encode_label(&"x".repeat(64), false).is_err());
         assert_eq!(decode_label("bad_x"), None);
+    }
+
+    #[test]
+    fn the_recorded_size_reads_back_and_nothing_else_does() {
+        let s = crate::MachineSize {
+            cpus: 3,
+            memory_mib: 2000,
+            disk_gib: 20,
+        };
+        assert_eq!(parse_size(&size_text(&s)), Some(s));
+        for bad in [
+            "",
+            "2/4096",
+            "2/4096/20/1",
+            "a/b/c",
+            "-1/2/3",
+            "99999999999/1/1",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

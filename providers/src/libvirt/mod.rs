@@ -296,6 +296,7 @@ impl LibvirtProvider {
         let uuid = dom
             .uuid_string()
             .map_err(|e| api("reading a domain uuid", &e))?;
+        let size = self.size_of(facts, &name);
         Ok(Machine {
             name,
             provider_id: format!("libvirt://{}/{uuid}", self.host()),
@@ -308,7 +309,28 @@ impl LibvirtProvider {
             addresses,
             failure_domain: Some(self.host()),
             image_digest: label.attr(ATTR_IMAGE).map(str::to_string),
+            size,
             labels: label.labels.clone(),
+        })
+    }
+
+    /// The machine's size as defined: vCPUs and memory of the domain's persistent definition
+    /// (what its next boot gets), and the capacity of its data volume. `None` if any of them
+    /// cannot be read (the planner then leaves the machine's size alone).
+    fn size_of(&self, facts: &DomainFacts, name: &str) -> Option<crate::MachineSize> {
+        let data = names::machine_volumes(name).data;
+        let (pool, _) = facts.volumes.iter().find(|(_, v)| *v == data)?;
+        let capacity = self
+            .conn
+            .lookup_storage_pool_by_name(pool)
+            .and_then(|p| p.lookup_storage_vol_by_name(&data))
+            .and_then(|v| v.info())
+            .ok()?
+            .capacity;
+        Some(crate::MachineSize {
+            cpus: facts.vcpus?,
+            memory_mib: facts.memory_kib? / 1024,
+            disk_gib: capacity >> 30,
         })
     }
 

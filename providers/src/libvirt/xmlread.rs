@@ -72,6 +72,27 @@ pub(crate) struct DomainFacts {
     pub macs: Vec<String>,
     /// (pool, volume) of every volume-backed disk.
     pub volumes: Vec<(String, String)>,
+    /// `<vcpu>`: the virtual CPUs.
+    pub vcpus: Option<u32>,
+    /// `<memory>` in KiB.
+    pub memory_kib: Option<u64>,
+}
+
+/// KiB in one of libvirt's memory units (`b`, `KiB`, `MiB`, `GiB`, ... and their SI forms).
+fn to_kib(value: u64, unit: &str) -> Option<u64> {
+    let bytes: u128 = match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1_000_000_000_000,
+        "T" | "TiB" => 1 << 40,
+        _ => return None,
+    };
+    u64::try_from(u128::from(value) * bytes / 1024).ok()
 }
 
 pub(crate) fn domain_facts(xml: &str) -> Result<DomainFacts, String> {
@@ -80,6 +101,15 @@ pub(crate) fn domain_facts(xml: &str) -> Result<DomainFacts, String> {
         label: label_of(&doc),
         ..DomainFacts::default()
     };
+    let root = doc.root_element();
+    let child = |tag: &str| root.children().find(|n| n.has_tag_name(tag));
+    facts.vcpus = child("vcpu")
+        .and_then(|n| n.text())
+        .and_then(|t| t.trim().parse().ok());
+    facts.memory_kib = child("memory").and_then(|n| {
+        let value = n.text()?.trim().parse().ok()?;
+        to_kib(value, n.attribute("unit").unwrap_or("KiB"))
+    });
     if let Some(devices) = doc
         .root_element()
         .children()
@@ -234,6 +264,30 @@ mod tests {
         assert_eq!(l.labels.get("k").map(String::as_str), Some("v&w"));
         assert_eq!(f.macs, vec!["52:54:00:aa:bb:cc".to_string()]);
         assert_eq!(f.volumes, vec![("p".to_string(), "v".to_string())]);
+        assert_eq!((f.vcpus, f.memory_kib), (Some(1), Some(512 * 1024)));
+    }
+
+    #[test]
+    fn memory_is_read_in_libvirts_units() {
+        // libvirtd writes `<memory unit='KiB'>` back whatever unit it was defined with.
+        let read = |m: &str| {
+            let xml =
+                format!("<domain><name>m</name><vcpu placement='static'>3</vcpu>{m}</domain>");
+            let f = domain_facts(&xml).expect("parses");
+            (f.vcpus, f.memory_kib)
+        };
+        assert_eq!(
+            read("<memory unit='KiB'>2097152</memory>"),
+            (Some(3), Some(2_097_152))
+        );
+        assert_eq!(read("<memory>1024</memory>"), (Some(3), Some(1024)));
+        assert_eq!(
+            read("<memory unit='GiB'>2</memory>"),
+            (Some(3), Some(2_097_152))
+        );
+        assert_eq!(read("<memory unit='MB'>1</memory>"), (Some(3), Some(976)));
+        assert_eq!(read("<memory unit='parsecs'>1</memory>"), (Some(3), None));
+        assert_eq!(read("<memory unit='KiB'>lots</memory>"), (Some(3), None));
     }
 
     #[test]
