@@ -286,6 +286,61 @@ fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() ->
 }
 
 #[test]
+fn a_pool_size_change_is_planned_as_replacements_and_saved() -> Result<()> {
+    let bed = Bed::new()?;
+    let path = bed.spec("    version: \"1.20.2\"\n")?;
+    let file = path.to_str().unwrap_or_default();
+    let out = bed.run(&["create", "-f", file])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = fs::read_to_string(&path)?;
+    fs::write(
+        &path,
+        text.replace(
+            "      count: 2\n",
+            "      count: 2\n      machine:\n        cpus: 4\n",
+        ),
+    )?;
+    let out = bed.run(&["plan", "-f", file])?;
+    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        plan.contains("0 to create, 0 to start, 0 to delete, 2 to replace (new size), 1 unchanged"),
+        "{plan}"
+    );
+    assert_eq!(
+        plan.lines()
+            .filter(|l| l.starts_with("replace (new size)")
+                && l.contains("4 cpu, 2048 MiB, 20 GiB disk (is 2 cpu, 2048 MiB, 20 GiB disk)"))
+            .count(),
+        2,
+        "{plan}"
+    );
+    let out = bed.run(&["-o", "json", "plan", "-f", file])?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        json["plan"]["replacements"].as_array().map(Vec::len),
+        Some(2),
+        "{json}"
+    );
+    // The fake boots nothing: the spec is saved, the replacement waits for a running cluster.
+    let out = bed.run(&["create", "-f", file])?;
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("2 worker(s) have another size than their pool's spec"),
+        "{err}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(bed.path("state/refused/cluster.json"))?)?;
+    assert_eq!(
+        record["spec"]["spec"]["nodePools"][0]["machine"]["cpus"],
+        serde_json::json!(4),
+        "{record}"
+    );
+    Ok(())
+}
+
+#[test]
 fn reset_power_cycles_through_the_provider_and_is_journaled() -> Result<()> {
     let bed = Bed::new()?;
     let path = bed.spec("    version: \"1.20.2\"\n")?;

@@ -168,8 +168,13 @@ pub fn upgrade(
     let target_version = match (&request.node_image, &record.upgrade) {
         (Some(v), _) => v.clone(),
         (None, Some(u)) => u.to.version.clone(),
-        // The cluster's own image: only machines whose size changed are replaced.
-        (None, None) => pinned.version.clone(),
+        // The cluster's own image: only machines whose size changed are replaced (seen in the
+        // last observation here, so nothing else is asked for; the plan below decides).
+        (None, None) if pending_resizes(&record) > 0 => pinned.version.clone(),
+        (None, None) => bail!(
+            "nothing to do: every machine of cluster {name:?} boots its node image {} and has the size its spec asks for; say which node image to roll out: `clusterctl upgrade {name} --node-image VERSION` (`clusterctl image list` shows the built ones)",
+            pinned.version
+        ),
     };
     if let Some(k) = &record.kubernetes_upgrade {
         bail!(
