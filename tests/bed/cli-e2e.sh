@@ -1698,7 +1698,15 @@ phase_resize() {
       || die "$repl was not Ready (line ${made:-none}) before $old was cordoned (line ${cordoned:-none})"
   done
   [ "$(jq -r '.upgrade // "none"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = none ] || die "the record keeps an unfinished upgrade"
-  k rollout status deployment/web --timeout=600s >&2 || die "deployment web did not recover after the resize"
+  # web (one pod per worker, required anti-affinity) runs again on the new worker(s): all of
+  # them when the pool kept two workers, the one left after a scale-down otherwise.
+  local serving="" i
+  for i in $(seq 60); do
+    serving=$(k get pods -l app=web -o json | jq -r '[.items[] | select(.status.phase == "Running" and .metadata.deletionTimestamp == null) | .spec.nodeName] | sort | join(" ")')
+    [ "$serving" = "$(tr ' ' '\n' <<< "$after" | sort | paste -sd' ')" ] && break
+    sleep 5
+  done
+  [ "$serving" = "$(tr ' ' '\n' <<< "$after" | sort | paste -sd' ')" ] || die "web runs on '$serving' after the resize, not on the new workers $after"
   out=$("$bin" plan -f "$work/cluster-resized.yaml") || die "plan after the resize failed"
   grep -q "0 to replace (new size)" <<< "$out" || { echo "$out" >&2; die "plan still shows replacements after the resize"; }
   cp "$work/cluster-resized.yaml" "$file"
