@@ -250,6 +250,7 @@ impl Session {
         let endpoint = self.endpoint().clone();
         let slot = self.channel_slot("sftp").await?;
         let channel = self.open_session_channel("sftp").await?;
+        self.count_sftp();
         channel
             .request_subsystem(true, "sftp")
             .await

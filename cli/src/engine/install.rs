@@ -1,0 +1,458 @@
+//! Installing one node's files over its SSH session: binaries and image archives uploaded by
+//! checksum, configuration and secrets staged and installed as root by one script, images
+//! imported into containerd.
+//!
+//! The bootstrap ([`super::bootstrap`]) runs this on every node at every reconcile, so a node
+//! where nothing changed must cost little: what it costs is remote commands (each one a login
+//! shell that sshd starts; about half a second on an emulated machine), which
+//! [`crate::ssh::Session::exec_count`] counts.
+//!
+//! The restart marker ([`NodeDirs::restart_pending`]) is written before anything a unit reads
+//! changes, so a run killed at any point still restarts the units on the next run.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use super::apply::{EngineError, error_chain};
+use super::report::MachineLine;
+use crate::ssh::{ExecOptions, Session, UploadOutcome, shell_quote};
+
+/// The marker line that restarts every unit of a node.
+pub const RESTART_ALL: &str = "*";
+
+/// Where a node's files go and how commands become root there.
+#[derive(Debug, Clone)]
+pub struct NodeDirs {
+    /// What runs a command as root (`sudo -n`; empty when the login user is root).
+    pub as_root: String,
+    /// Directory of the binaries (made, owned by the login user).
+    pub bin: String,
+    /// Directory of the image archives (made, owned by the login user).
+    pub images: String,
+    /// Where configuration and secrets wait before they are installed as root (made 0700,
+    /// owned by the login user).
+    pub staging: String,
+    /// The restart marker: one line per change, written before the change (see
+    /// [`super::bootstrap`]).
+    pub restart_pending: String,
+    /// `/etc`, which the node image resets at boot, and where a copy of every file installed
+    /// below it is kept for the image's restore service.
+    pub etc: (String, String),
+}
+
+/// A binary or image archive to copy to a node.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// What it is, for messages (`kubelet`, `image registry.k8s.io/pause:3.2`).
+    pub label: String,
+    /// The local file.
+    pub local: PathBuf,
+    /// Its sha256 (hex) when known (a verified bundle's manifest), so it is not hashed again.
+    pub sha256: Option<String>,
+    /// Where it goes on the node.
+    pub remote: String,
+}
+
+/// A container image archive to import.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The image reference the archive holds.
+    pub reference: String,
+    /// The archive.
+    pub artifact: Artifact,
+}
+
+/// A small file installed as root: a rendered configuration, a certificate, a key.
+pub struct ConfigFile {
+    /// Where it goes.
+    pub dest: String,
+    /// Its permission bits.
+    pub mode: u32,
+    /// Its content (wiped from memory when dropped: it may be a key).
+    pub content: Zeroizing<Vec<u8>>,
+    /// What a change restarts: a unit name, or [`RESTART_ALL`].
+    pub restart: String,
+}
+
+/// Everything one node gets.
+#[derive(Clone, Copy)]
+pub struct NodeFiles<'a> {
+    /// Binaries (0755); a new one restarts every unit.
+    pub binaries: &'a [Artifact],
+    /// Image archives (0644), imported into containerd's `k8s.io` namespace.
+    pub images: &'a [Image],
+    /// Configuration and secrets.
+    pub files: &'a [ConfigFile],
+}
+
+/// What an install did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// Binaries and archives sent.
+    pub uploaded: usize,
+    /// Bytes sent for them.
+    pub bytes: u64,
+    /// Binaries and archives already there.
+    pub kept: usize,
+    /// Configuration files that changed.
+    pub changed: usize,
+    /// Images imported.
+    pub imported: usize,
+}
+
+impl Installed {
+    /// One line for the node's progress line.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} file(s) uploaded ({:.0} MiB), {} artifact(s) already there, {} file(s) changed, {} image(s) imported",
+            self.uploaded,
+            self.bytes as f64 / (1u64 << 20) as f64,
+            self.kept,
+            self.changed,
+            self.imported
+        )
+    }
+}
+
+fn node_err(node: &str, step: impl Into<String>, e: &dyn std::error::Error) -> EngineError {
+    EngineError::Node {
+        machine: node.to_owned(),
+        step: step.into(),
+        detail: error_chain(e),
+    }
+}
+
+/// Runs a root shell script (sent on stdin, never on a command line: it may name secrets' paths
+/// but holds no secret) and fails with its output.
+pub(crate) async fn root_script(
+    session: &Session,
+    as_root: &str,
+    node: &str,
+    step: &str,
+    script: &str,
+    timeout: Duration,
+) -> Result<String, EngineError> {
+    let out = session
+        .exec_with(
+            &format!("{as_root} sh -s"),
+            ExecOptions {
+                timeout: Some(timeout),
+                stdin: Some(script.as_bytes()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| node_err(node, step, &e))?;
+    if !out.success() {
+        let mut detail = out.stderr_text().trim().to_owned();
+        if detail.is_empty() {
+            detail = out.stdout_text().trim().to_owned();
+        }
+        return Err(EngineError::Node {
+            machine: node.to_owned(),
+            step: step.to_owned(),
+            detail: format!(
+                "exit status {}: {}",
+                out.exit_status.map_or("none".into(), |s| s.to_string()),
+                last_lines(&detail, 15)
+            ),
+        });
+    }
+    Ok(out.stdout_text())
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The name of a file's staged copy: its destination path made flat.
+pub(crate) fn staged_name(dest: &str) -> String {
+    dest.trim_start_matches('/').replace('/', "__")
+}
+
+/// Installs `files` on the node of `session` (named `node` in errors).
+pub async fn install(
+    session: &Session,
+    node: &str,
+    dirs: &NodeDirs,
+    files: NodeFiles<'_>,
+    line: &MachineLine,
+) -> Result<Installed, EngineError> {
+    let as_root = &dirs.as_root;
+    let (bin, images, staging) = (
+        shell_quote(&dirs.bin),
+        shell_quote(&dirs.images),
+        shell_quote(&dirs.staging),
+    );
+    let marker = shell_quote(&dirs.restart_pending);
+    let prepare = format!(
+        "{as_root} install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0755 {bin} {images} && \
+         {as_root} install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0700 {staging}"
+    );
+    session
+        .run(&prepare)
+        .await
+        .map_err(|e| node_err(node, "preparing /var/lib/clusterctl", &e))?;
+    // Temporary files of uploads a killed run left behind (the cluster lock is ours).
+    session
+        .run(&format!(
+            "find {bin} {images} {staging} -maxdepth 1 -name '.*.clusterctl-*.tmp' -delete"
+        ))
+        .await
+        .map_err(|e| node_err(node, "removing partial uploads", &e))?;
+    let mut done = Installed::default();
+    for artifact in files.binaries {
+        let name = &artifact.label;
+        line.say(&format!("uploading {name}"));
+        let outcome = session
+            .upload_file(&artifact.local, &artifact.remote, 0o755)
+            .await
+            .map_err(|e| node_err(node, format!("uploading {name}"), &e))?;
+        match outcome {
+            UploadOutcome::Uploaded { bytes, .. } => {
+                done.bytes += bytes;
+                done.uploaded += 1;
+                // A new binary needs its units restarted, also if this run is killed now.
+                session
+                    .run(&format!(
+                        "echo '{RESTART_ALL}' | {as_root} tee -a {marker} > /dev/null && {as_root} sync {marker}"
+                    ))
+                    .await
+                    .map_err(|e| node_err(node, "marking units for restart", &e))?;
+            }
+            UploadOutcome::Unchanged { .. } => done.kept += 1,
+        }
+    }
+    for image in files.images {
+        let reference = &image.reference;
+        line.say(&format!("uploading image {reference}"));
+        let outcome = session
+            .upload_file(&image.artifact.local, &image.artifact.remote, 0o644)
+            .await
+            .map_err(|e| node_err(node, format!("uploading image {reference}"), &e))?;
+        match outcome {
+            UploadOutcome::Uploaded { bytes, .. } => {
+                done.bytes += bytes;
+                done.uploaded += 1;
+            }
+            UploadOutcome::Unchanged { .. } => done.kept += 1,
+        }
+    }
+    line.say("writing configuration and certificates");
+    let mut staged_files = Vec::new();
+    for file in files.files {
+        let staged = format!("{}/{}", dirs.staging, staged_name(&file.dest));
+        session
+            .upload_bytes(&file.content, &staged, 0o600)
+            .await
+            .map_err(|e| node_err(node, format!("uploading {}", file.dest), &e))?;
+        staged_files.push((staged, file.dest.clone(), file.mode, file.restart.clone()));
+    }
+    let script = install_script(
+        &dirs.restart_pending,
+        (&dirs.etc.0, &dirs.etc.1),
+        &staged_files,
+    );
+    let out = root_script(
+        session,
+        as_root,
+        node,
+        "installing configuration files",
+        &script,
+        Duration::from_secs(120),
+    )
+    .await?;
+    done.changed = out.lines().filter(|l| l.starts_with("changed ")).count();
+
+    line.say("importing images into containerd");
+    let mut import = String::from(
+        "set -eu\nsystemctl start containerd\n\
+         have=$(ctr -n k8s.io images ls -q)\n",
+    );
+    for image in files.images {
+        import.push_str(&format!(
+            "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; \
+             ctr -n k8s.io images ls -q | grep -qxF {r} || {{ echo \"the archive {p} does not hold the image {r}; rebuild the bundle\" >&2; exit 1; }}; \
+             echo imported {r}; }}\n",
+            r = shell_quote(&image.reference),
+            p = shell_quote(&image.artifact.remote),
+        ));
+    }
+    let out = root_script(
+        session,
+        as_root,
+        node,
+        "importing images into containerd",
+        &import,
+        Duration::from_secs(300),
+    )
+    .await?;
+    done.imported = out.lines().filter(|l| l.starts_with("imported ")).count();
+    Ok(done)
+}
+
+/// The root script that installs staged files: each one whose content differs from its
+/// destination is copied next to it, fsynced and renamed into place; the restart marker is
+/// written (and synced) before the first destination changes, so a run killed at any point still
+/// restarts the units next time. Staged copies are removed (they may hold keys). Prints
+/// `changed PATH` per changed file.
+/// `saved` is (`/etc`, where its copy lives): every file installed under the first is also
+/// copied below the second (silently: a copy is not a change), so it survives the reboot that
+/// resets `/etc`.
+/// `files`: (staged path, destination, mode, restart key: a unit name or [`RESTART_ALL`]).
+pub(crate) fn install_script(
+    marker: &str,
+    saved: (&str, &str),
+    files: &[(String, String, u32, String)],
+) -> String {
+    let marker = shell_quote(marker);
+    let (etc, saved) = (shell_quote(saved.0), shell_quote(saved.1));
+    let mut script = format!(
+        "set -eu\numask 077\nchanged=0\n\
+         save() {{\n\
+         \x20 case \"$1\" in {etc}/*) ;; *) return 0 ;; esac\n\
+         \x20 s={saved}/\"${{1#{etc}/}}\"\n\
+         \x20 if [ -f \"$s\" ] && cmp -s \"$1\" \"$s\"; then chmod \"$2\" \"$s\"; return 0; fi\n\
+         \x20 (umask 022 && mkdir -p \"$(dirname \"$s\")\")\n\
+         \x20 cp \"$1\" \"$s.clusterctl-new\"\n\
+         \x20 chmod \"$2\" \"$s.clusterctl-new\"\n\
+         \x20 sync \"$s.clusterctl-new\"\n\
+         \x20 mv -f \"$s.clusterctl-new\" \"$s\"\n\
+         }}\n\
+         put() {{\n\
+         \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; rm -f \"$1\"; save \"$2\" \"$3\"; return 0; fi\n\
+         \x20 mkdir -p \"$(dirname \"$2\")\"\n\
+         \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
+         \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
+         \x20 sync \"$2.clusterctl-new\"\n\
+         \x20 printf '%s\\n' \"$4\" >> {marker}; sync {marker}; changed=1\n\
+         \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
+         \x20 rm -f \"$1\"\n\
+         \x20 save \"$2\" \"$3\"\n\
+         \x20 echo \"changed $2\"\n\
+         }}\n"
+    );
+    for (staged, dest, mode, key) in files {
+        script.push_str(&format!(
+            "put {} {} {:o} {}\n",
+            shell_quote(staged),
+            shell_quote(dest),
+            mode,
+            shell_quote(key)
+        ));
+    }
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_names_are_flat_and_distinct() {
+        assert_eq!(
+            staged_name("/etc/systemd/system/kubelet.service"),
+            "etc__systemd__system__kubelet.service"
+        );
+        assert_ne!(
+            staged_name("/var/lib/clusterctl/kubernetes/pki/ca.crt"),
+            staged_name("/var/lib/clusterctl/kubernetes/pki/etcd/ca.crt")
+        );
+    }
+
+    #[test]
+    fn install_script_changes_only_what_differs_and_marks_before_the_first_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("no temp dir");
+        };
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let marker = d("restart-pending");
+        let stage = |content: &str, name: &str| {
+            std::fs::write(d(name), content).unwrap_or_default();
+        };
+        let files = vec![
+            (
+                d("s1"),
+                d("etc/a.conf"),
+                0o644,
+                "kubelet.service".to_owned(),
+            ),
+            (d("s2"), d("pki/b.key"), 0o600, RESTART_ALL.to_owned()),
+        ];
+        let run = |script: &str| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .output()
+                .unwrap_or_else(|e| panic!("sh: {e}"));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let (etc, saved) = (d("etc"), d("saved/etc"));
+        let script = install_script(&marker, (&etc, &saved), &files);
+        stage("a", "s1");
+        stage("b", "s2");
+        let out = run(&script);
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("changed ")).count(),
+            2,
+            "{out}"
+        );
+        assert!(std::path::Path::new(&marker).exists(), "marker written");
+        assert_eq!(
+            std::fs::read_to_string(d("etc/a.conf")).unwrap_or_default(),
+            "a"
+        );
+        let mode = std::fs::metadata(d("pki/b.key")).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode.unwrap_or(0), 0o600);
+        assert!(
+            !std::path::Path::new(&d("s2")).exists(),
+            "staged secret removed"
+        );
+        // Files under /etc (here: etc/) are kept below saved/ for the reboot, nothing else.
+        assert_eq!(
+            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
+            "a"
+        );
+        assert!(!std::path::Path::new(&d("saved/etc/pki")).exists());
+        assert!(!std::path::Path::new(&d("saved/pki")).exists());
+        // Same content again: nothing changes and no marker appears; a lost copy comes back
+        // without counting as a change.
+        std::fs::remove_file(&marker).unwrap_or_default();
+        std::fs::remove_file(d("saved/etc/a.conf")).unwrap_or_default();
+        stage("a", "s1");
+        stage("b", "s2");
+        let out = run(&script);
+        assert!(!out.contains("changed"), "{out}");
+        assert!(
+            !std::path::Path::new(&marker).exists(),
+            "no marker without a change"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
+            "a"
+        );
+        // One file differs: only it changes, and the marker is back naming what it restarts;
+        // the copy follows.
+        stage("a2", "s1");
+        stage("b", "s2");
+        let out = run(&script);
+        assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap_or_default(),
+            "kubelet.service\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
+            "a2"
+        );
+    }
+}
