@@ -477,7 +477,7 @@ fn node_plan(
         bins.push(Artifact {
             label: b.to_owned(),
             local: file.path.clone(),
-            sha256: None,
+            sha256: file.known_sha256(),
             remote: format!("{}/{b}", layout.bin_dir),
         });
     }
@@ -619,6 +619,8 @@ impl Phase<BootstrapContext> for Install {
     }
     fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
+            // The manifest's sums, verified when the artifacts were resolved: no file is
+            // hashed again to compare it with a node's.
             let images: Arc<Vec<Image>> = Arc::new(
                 remote_image_names(
                     ctx.artifacts
@@ -627,11 +629,12 @@ impl Phase<BootstrapContext> for Install {
                         .map(|i| (i.reference.clone(), i.file.path.clone())),
                 )
                 .into_iter()
-                .map(|(reference, local, file)| Image {
+                .zip(&ctx.artifacts.images)
+                .map(|((reference, local, file), image)| Image {
                     artifact: Artifact {
                         label: format!("image {reference}"),
                         local,
-                        sha256: None,
+                        sha256: image.file.known_sha256(),
                         remote: format!("{IMAGES}/{file}"),
                     },
                     reference,

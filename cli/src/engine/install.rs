@@ -13,11 +13,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::apply::{EngineError, error_chain};
 use super::report::MachineLine;
-use crate::ssh::{ExecOptions, Session, UploadOutcome, shell_quote};
+use crate::ssh::{ExecOptions, FileUpload, Session, UploadOutcome, shell_quote};
 
 /// The marker line that restarts every unit of a node.
 pub const RESTART_ALL: &str = "*";
@@ -173,7 +174,24 @@ pub(crate) fn staged_name(dest: &str) -> String {
     dest.trim_start_matches('/').replace('/', "__")
 }
 
-/// Installs `files` on the node of `session` (named `node` in errors).
+/// How long the install script may take (it also imports image archives into containerd).
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// Installs `files` on the node of `session` (named `node` in errors). On a node where nothing
+/// changed this is two commands and one SFTP session, however many files there are:
+///
+/// 1. one command makes the directories, removes what a killed run left (temporary files of
+///    uploads, staged files) and reports every binary's and archive's sha256 on the node
+///    ([`Session::probe_uploads`]); nothing is hashed locally (the bundle's manifest has the
+///    sums) nor, while the files are untouched, on the node;
+/// 2. only the binaries and archives that differ are sent, each verified and renamed into place
+///    by one command, which for a binary first adds [`RESTART_ALL`] to the restart marker (and
+///    syncs it), so a run killed once a binary is replaced still restarts the units next time;
+/// 3. the configuration files are written into the staging directory over one SFTP session,
+///    without a command per file;
+/// 4. one root script checks every staged file's sha256 against what was sent and stops before
+///    changing anything if one differs (cut short, altered), installs what differs (the marker
+///    written before the first change) and imports the images containerd lacks.
 pub async fn install(
     session: &Session,
     node: &str,
@@ -188,52 +206,50 @@ pub async fn install(
         shell_quote(&dirs.staging),
     );
     let marker = shell_quote(&dirs.restart_pending);
-    let prepare = format!(
+    // Staged files a killed run left may hold keys; `load` keeps its archives in a directory of
+    // its own below the staging directory, which stays. The cluster lock is ours.
+    let setup = format!(
         "{as_root} install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0755 {bin} {images} && \
-         {as_root} install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0700 {staging}"
+         {as_root} install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0700 {staging} && \
+         find {bin} {images} -maxdepth 1 -name '.*.clusterctl-*.tmp' -delete && \
+         find {staging} -mindepth 1 -maxdepth 1 ! -type d -delete"
     );
-    session
-        .run(&prepare)
+    let mark = format!(
+        "echo '{RESTART_ALL}' | {as_root} tee -a {marker} > /dev/null && {as_root} sync {marker}"
+    );
+    let artifacts: Vec<(&Artifact, FileUpload<'_>)> = files
+        .binaries
+        .iter()
+        .map(|a| (a, 0o755, Some(mark.as_str())))
+        .chain(files.images.iter().map(|i| (&i.artifact, 0o644, None)))
+        .map(|(a, mode, before_replace)| {
+            let upload = FileUpload {
+                local: &a.local,
+                remote: &a.remote,
+                mode,
+                sha256: a.sha256.as_deref(),
+                before_replace,
+            };
+            (a, upload)
+        })
+        .collect();
+    line.say("comparing binaries and images");
+    let remote: Vec<&str> = artifacts.iter().map(|(a, _)| a.remote.as_str()).collect();
+    let found = session
+        .probe_uploads(Some(&setup), &remote)
         .await
         .map_err(|e| node_err(node, "preparing /var/lib/clusterctl", &e))?;
-    // Temporary files of uploads a killed run left behind (the cluster lock is ours).
-    session
-        .run(&format!(
-            "find {bin} {images} {staging} -maxdepth 1 -name '.*.clusterctl-*.tmp' -delete"
-        ))
-        .await
-        .map_err(|e| node_err(node, "removing partial uploads", &e))?;
     let mut done = Installed::default();
-    for artifact in files.binaries {
-        let name = &artifact.label;
-        line.say(&format!("uploading {name}"));
-        let outcome = session
-            .upload_file(&artifact.local, &artifact.remote, 0o755)
-            .await
-            .map_err(|e| node_err(node, format!("uploading {name}"), &e))?;
-        match outcome {
-            UploadOutcome::Uploaded { bytes, .. } => {
-                done.bytes += bytes;
-                done.uploaded += 1;
-                // A new binary needs its units restarted, also if this run is killed now.
-                session
-                    .run(&format!(
-                        "echo '{RESTART_ALL}' | {as_root} tee -a {marker} > /dev/null && {as_root} sync {marker}"
-                    ))
-                    .await
-                    .map_err(|e| node_err(node, "marking units for restart", &e))?;
-            }
-            UploadOutcome::Unchanged { .. } => done.kept += 1,
+    for ((artifact, upload), there) in artifacts.iter().zip(&found) {
+        let label = &artifact.label;
+        if there.sha256().is_none() || there.sha256() != upload.sha256 {
+            line.say(&format!("uploading {label}"));
         }
-    }
-    for image in files.images {
-        let reference = &image.reference;
-        line.say(&format!("uploading image {reference}"));
-        let outcome = session
-            .upload_file(&image.artifact.local, &image.artifact.remote, 0o644)
+        match session
+            .upload_probed(upload, there)
             .await
-            .map_err(|e| node_err(node, format!("uploading image {reference}"), &e))?;
-        match outcome {
+            .map_err(|e| node_err(node, format!("uploading {label}"), &e))?
+        {
             UploadOutcome::Uploaded { bytes, .. } => {
                 done.bytes += bytes;
                 done.uploaded += 1;
@@ -241,78 +257,92 @@ pub async fn install(
             UploadOutcome::Unchanged { .. } => done.kept += 1,
         }
     }
+
     line.say("writing configuration and certificates");
-    let mut staged_files = Vec::new();
-    for file in files.files {
-        let staged = format!("{}/{}", dirs.staging, staged_name(&file.dest));
-        session
-            .upload_bytes(&file.content, &staged, 0o600)
-            .await
-            .map_err(|e| node_err(node, format!("uploading {}", file.dest), &e))?;
-        staged_files.push((staged, file.dest.clone(), file.mode, file.restart.clone()));
-    }
-    let script = install_script(
-        &dirs.restart_pending,
-        (&dirs.etc.0, &dirs.etc.1),
-        &staged_files,
-    );
+    let staged: Vec<Staged> = files
+        .files
+        .iter()
+        .map(|f| Staged {
+            staged: format!("{}/{}", dirs.staging, staged_name(&f.dest)),
+            dest: f.dest.clone(),
+            mode: f.mode,
+            restart: f.restart.clone(),
+            sha256: hex::encode(Sha256::digest(&f.content[..])),
+        })
+        .collect();
+    let contents: Vec<(&str, &[u8])> = staged
+        .iter()
+        .zip(files.files)
+        .map(|(s, f)| (s.staged.as_str(), &f.content[..]))
+        .collect();
+    session
+        .put_files(&contents)
+        .await
+        .map_err(|e| node_err(node, "staging configuration and certificates", &e))?;
+    line.say("installing configuration files and importing images into containerd");
+    let mut script = install_script(&dirs.restart_pending, (&dirs.etc.0, &dirs.etc.1), &staged);
+    script.push_str(&import_script(files.images));
     let out = root_script(
         session,
         as_root,
         node,
-        "installing configuration files",
+        "installing configuration files and importing images",
         &script,
-        Duration::from_secs(120),
+        INSTALL_TIMEOUT,
     )
     .await?;
     done.changed = out.lines().filter(|l| l.starts_with("changed ")).count();
-
-    line.say("importing images into containerd");
-    let mut import = String::from(
-        "set -eu\nsystemctl start containerd\n\
-         have=$(ctr -n k8s.io images ls -q)\n",
-    );
-    for image in files.images {
-        import.push_str(&format!(
-            "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; \
-             ctr -n k8s.io images ls -q | grep -qxF {r} || {{ echo \"the archive {p} does not hold the image {r}; rebuild the bundle\" >&2; exit 1; }}; \
-             echo imported {r}; }}\n",
-            r = shell_quote(&image.reference),
-            p = shell_quote(&image.artifact.remote),
-        ));
-    }
-    let out = root_script(
-        session,
-        as_root,
-        node,
-        "importing images into containerd",
-        &import,
-        Duration::from_secs(300),
-    )
-    .await?;
     done.imported = out.lines().filter(|l| l.starts_with("imported ")).count();
     Ok(done)
 }
 
-/// The root script that installs staged files: each one whose content differs from its
-/// destination is copied next to it, fsynced and renamed into place; the restart marker is
-/// written (and synced) before the first destination changes, so a run killed at any point still
-/// restarts the units next time. Staged copies are removed (they may hold keys). Prints
-/// `changed PATH` per changed file.
+/// A configuration file in the staging directory.
+pub(crate) struct Staged {
+    /// Its staged copy.
+    pub staged: String,
+    /// Where it goes.
+    pub dest: String,
+    /// Its mode there.
+    pub mode: u32,
+    /// What a change restarts: a unit name or [`RESTART_ALL`].
+    pub restart: String,
+    /// The sha256 (hex) of what was sent.
+    pub sha256: String,
+}
+
+/// The root script that installs staged files. First it checks every staged file against the
+/// sha256 of what was sent and stops, changing nothing, if one differs. Then each file whose
+/// content differs from its destination is copied next to it, fsynced and renamed into place;
+/// the restart marker is written (and synced) before the first destination changes, so a run
+/// killed at any point still restarts the units next time. Staged copies are removed (they may
+/// hold keys). Prints `changed PATH` per changed file.
 /// `saved` is (`/etc`, where its copy lives): every file installed under the first is also
 /// copied below the second (silently: a copy is not a change), so it survives the reboot that
 /// resets `/etc`.
-/// `files`: (staged path, destination, mode, restart key: a unit name or [`RESTART_ALL`]).
-pub(crate) fn install_script(
-    marker: &str,
-    saved: (&str, &str),
-    files: &[(String, String, u32, String)],
-) -> String {
+pub(crate) fn install_script(marker: &str, saved: (&str, &str), files: &[Staged]) -> String {
     let marker = shell_quote(marker);
     let (etc, saved) = (shell_quote(saved.0), shell_quote(saved.1));
-    let mut script = format!(
-        "set -eu\numask 077\nchanged=0\n\
-         save() {{\n\
+    let mut script = String::from("set -eu\numask 077\nchanged=0\n");
+    if !files.is_empty() {
+        // One sha256sum for all files; `printf` is a shell builtin.
+        script.push_str("if ! printf '%s  %s\\n'");
+        for file in files {
+            script.push_str(&format!(
+                " {} {}",
+                shell_quote(&file.sha256),
+                shell_quote(&file.staged)
+            ));
+        }
+        script.push_str(
+            " | sha256sum -c --quiet - >&2; then\n\
+             \x20 echo 'staged files differ from what was sent (cut short or altered on the way): \
+             nothing was installed; run the command again' >&2\n\
+             \x20 exit 1\n\
+             fi\n",
+        );
+    }
+    script.push_str(&format!(
+        "save() {{\n\
          \x20 case \"$1\" in {etc}/*) ;; *) return 0 ;; esac\n\
          \x20 s={saved}/\"${{1#{etc}/}}\"\n\
          \x20 if [ -f \"$s\" ] && cmp -s \"$1\" \"$s\"; then chmod \"$2\" \"$s\"; return 0; fi\n\
@@ -334,14 +364,34 @@ pub(crate) fn install_script(
          \x20 save \"$2\" \"$3\"\n\
          \x20 echo \"changed $2\"\n\
          }}\n"
-    );
-    for (staged, dest, mode, key) in files {
+    ));
+    for file in files {
         script.push_str(&format!(
             "put {} {} {:o} {}\n",
-            shell_quote(staged),
-            shell_quote(dest),
-            mode,
-            shell_quote(key)
+            shell_quote(&file.staged),
+            shell_quote(&file.dest),
+            file.mode,
+            shell_quote(&file.restart)
+        ));
+    }
+    script
+}
+
+/// The part of the root script that imports the image archives whose images containerd lacks
+/// (after the configuration: containerd's own may just have been installed). Prints
+/// `imported REFERENCE` per image.
+fn import_script(images: &[Image]) -> String {
+    let mut script = String::from(
+        "umask 022\nsystemctl start containerd\n\
+         have=$(ctr -n k8s.io images ls -q)\n",
+    );
+    for image in images {
+        script.push_str(&format!(
+            "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; \
+             ctr -n k8s.io images ls -q | grep -qxF {r} || {{ echo \"the archive {p} does not hold the image {r}; rebuild the bundle\" >&2; exit 1; }}; \
+             echo imported {r}; }}\n",
+            r = shell_quote(&image.reference),
+            p = shell_quote(&image.artifact.remote),
         ));
     }
     script
@@ -374,15 +424,26 @@ mod tests {
         let stage = |content: &str, name: &str| {
             std::fs::write(d(name), content).unwrap_or_default();
         };
-        let files = vec![
-            (
-                d("s1"),
-                d("etc/a.conf"),
-                0o644,
-                "kubelet.service".to_owned(),
-            ),
-            (d("s2"), d("pki/b.key"), 0o600, RESTART_ALL.to_owned()),
-        ];
+        let sum = |content: &str| hex::encode(Sha256::digest(content.as_bytes()));
+        // The script for staged contents `a` (s1) and `b` (s2), and what it checks they are.
+        let files = |a: &str, b: &str| {
+            vec![
+                Staged {
+                    staged: d("s1"),
+                    dest: d("etc/a.conf"),
+                    mode: 0o644,
+                    restart: "kubelet.service".to_owned(),
+                    sha256: sum(a),
+                },
+                Staged {
+                    staged: d("s2"),
+                    dest: d("pki/b.key"),
+                    mode: 0o600,
+                    restart: RESTART_ALL.to_owned(),
+                    sha256: sum(b),
+                },
+            ]
+        };
         let run = |script: &str| {
             let out = std::process::Command::new("sh")
                 .arg("-c")
@@ -397,10 +458,10 @@ mod tests {
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         let (etc, saved) = (d("etc"), d("saved/etc"));
-        let script = install_script(&marker, (&etc, &saved), &files);
+        let script = |a: &str, b: &str| install_script(&marker, (&etc, &saved), &files(a, b));
         stage("a", "s1");
         stage("b", "s2");
-        let out = run(&script);
+        let out = run(&script("a", "b"));
         assert_eq!(
             out.lines().filter(|l| l.starts_with("changed ")).count(),
             2,
@@ -430,7 +491,7 @@ mod tests {
         std::fs::remove_file(d("saved/etc/a.conf")).unwrap_or_default();
         stage("a", "s1");
         stage("b", "s2");
-        let out = run(&script);
+        let out = run(&script("a", "b"));
         assert!(!out.contains("changed"), "{out}");
         assert!(
             !std::path::Path::new(&marker).exists(),
@@ -444,7 +505,7 @@ mod tests {
         // the copy follows.
         stage("a2", "s1");
         stage("b", "s2");
-        let out = run(&script);
+        let out = run(&script("a2", "b"));
         assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
         assert_eq!(
             std::fs::read_to_string(&marker).unwrap_or_default(),
@@ -454,5 +515,62 @@ mod tests {
             std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
             "a2"
         );
+    }
+
+    #[test]
+    fn a_staged_file_cut_short_or_altered_stops_the_install_before_any_change() {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("no temp dir");
+        };
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let marker = d("restart-pending");
+        let sum = |content: &str| hex::encode(Sha256::digest(content.as_bytes()));
+        let staged = |name: &str, dest: &str, content: &str| Staged {
+            staged: d(name),
+            dest: d(dest),
+            mode: 0o644,
+            restart: RESTART_ALL.to_owned(),
+            sha256: sum(content),
+        };
+        // The first file is fine and would change its destination; the second arrived cut
+        // short, the third altered, and the fourth not at all.
+        let files = [
+            staged("s1", "etc/a.conf", "new a"),
+            staged("s2", "etc/b.conf", "complete b"),
+            staged("s3", "etc/c.conf", "c"),
+            staged("s4", "etc/d.conf", "d"),
+        ];
+        std::fs::create_dir_all(d("etc")).unwrap_or_default();
+        std::fs::write(d("etc/a.conf"), "old a").unwrap_or_default();
+        std::fs::write(d("s1"), "new a").unwrap_or_default();
+        std::fs::write(d("s2"), "compl").unwrap_or_default();
+        std::fs::write(d("s3"), "C").unwrap_or_default();
+        let script = install_script(&marker, (&d("etc"), &d("saved/etc")), &files);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("sh: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("nothing was installed"), "{stderr}");
+        for bad in ["s2", "s3", "s4"] {
+            assert!(stderr.contains(&d(bad)), "{bad} not named: {stderr}");
+        }
+        assert!(
+            !stderr.contains(&format!("{}: FAILED", d("s1"))),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d("etc/a.conf")).unwrap_or_default(),
+            "old a",
+            "nothing changes"
+        );
+        assert!(!std::path::Path::new(&d("etc/b.conf")).exists());
+        assert!(
+            !std::path::Path::new(&marker).exists(),
+            "nothing to restart"
+        );
+        assert!(!std::path::Path::new(&d("saved")).exists());
     }
 }
