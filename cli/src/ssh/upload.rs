@@ -604,4 +604,24 @@ mod tests {
         assert!(split_remote_path("/etc/").is_err());
         assert!(split_remote_path("/etc/a\nb").is_err());
     }
+
+    #[test]
+    fn a_probe_answer_that_makes_no_sense_leaves_the_file_unknown() {
+        let sum = "ab".repeat(32);
+        let text = format!(
+            "0 {sum} 755\n1 -\n2 {sum}\n3 xyz 644\n9 {sum} 644\nnoise\n4 {} 600\n",
+            sum.to_uppercase()
+        );
+        let found = parse_probe(&text, 5);
+        assert_eq!(found[0].sha256(), Some(sum.as_str()));
+        assert_eq!(found[0].found.as_ref().map(|f| f.1), Some(0o755));
+        // No file, no mode, not a sum; index 9 is out of range and ignored.
+        assert!(
+            found[1..4].iter().all(|f| f.sha256().is_none()),
+            "{found:?}"
+        );
+        assert_eq!(found[4].sha256(), Some(sum.as_str()));
+        // Fewer answers than paths: the rest are unknown.
+        assert_eq!(parse_probe("", 2), vec![RemoteFile::default(); 2]);
+    }
 }
