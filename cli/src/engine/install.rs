@@ -238,7 +238,13 @@ pub async fn install(
     let found = session
         .probe_uploads(Some(&setup), &remote)
         .await
-        .map_err(|e| node_err(node, "preparing /var/lib/clusterctl", &e))?;
+        .map_err(|e| {
+            node_err(
+                node,
+                "preparing /var/lib/clusterctl and comparing binaries and images",
+                &e,
+            )
+        })?;
     let mut done = Installed::default();
     for ((artifact, upload), there) in artifacts.iter().zip(&found) {
         let label = &artifact.label;
