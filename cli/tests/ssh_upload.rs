@@ -9,15 +9,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Instant;
 
-use clusterctl::ssh::{SshError, UploadOutcome};
+use clusterctl::ssh::{RemoteFile, SshError, UploadOutcome};
 use sha2::{Digest, Sha256};
 use support::Fixture;
 
-/// Writes `size` bytes of pseudo-random (incompressible, non-repeating) data.
-fn write_random_file(path: &Path, size: usize) -> String {
+/// Writes `size` bytes of pseudo-random (incompressible, non-repeating) data, different for each
+/// `seed`.
+fn write_random_file(path: &Path, size: usize, seed: u64) -> String {
     let mut file = fs::File::create(path).expect("create");
     let mut hasher = Sha256::new();
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed;
     let mut chunk = vec![0u8; 1 << 20];
     let mut written = 0;
     while written < size {
@@ -62,7 +63,7 @@ async fn hundred_megabyte_upload_is_verified_and_skipped_when_unchanged() {
 
     let local = fx.path().join("payload.bin");
     let size = 100 << 20;
-    let sum = write_random_file(&local, size);
+    let sum = write_random_file(&local, size, 0);
     // The "remote" machine is this one: the destination is a local path we can inspect.
     let remote_dir = fx.path().join("remote").join("opt").join("bin");
     let remote = remote_dir.join("payload.bin");
@@ -236,7 +237,7 @@ async fn recorded_checksum_skips_hashing_only_while_the_file_is_untouched() {
     let session = client.connect(&fx.target(&sshd)).await.expect("connect");
 
     let local = fx.path().join("tool");
-    let sum = write_random_file(&local, 1 << 20);
+    let sum = write_random_file(&local, 1 << 20, 0);
     let remote_dir = fx.path().join("remote");
     let remote = remote_dir.join("tool");
     let remote_s = remote.to_str().expect("utf-8");
@@ -311,4 +312,157 @@ async fn recorded_checksum_skips_hashing_only_while_the_file_is_untouched() {
         .expect("upload unchanged");
     assert!(matches!(outcome, UploadOutcome::Unchanged { .. }));
     assert!(leftovers(&remote_dir).is_empty());
+}
+
+#[tokio::test]
+async fn many_destinations_are_probed_in_one_command_and_only_what_differs_is_sent() {
+    use clusterctl::ssh::FileUpload;
+    let fx = Fixture::new();
+    let sshd = fx.sshd();
+    let client = fx.client(sshd.pinned());
+    let session = client.connect(&fx.target(&sshd)).await.expect("connect");
+
+    let (a, b) = (fx.path().join("a"), fx.path().join("b"));
+    let sum_a = write_random_file(&a, 1 << 20, 1);
+    let sum_b = write_random_file(&b, 1 << 20, 2);
+    let remote_dir = fx.path().join("remote").join("bin");
+    let (ra, rb, rc) = (
+        remote_dir.join("a").display().to_string(),
+        remote_dir.join("b").display().to_string(),
+        remote_dir.join("missing").display().to_string(),
+    );
+    let marker = fx.path().join("marker");
+    let mark = format!("echo replaced >> {}", marker.display());
+    let uploads = [
+        FileUpload {
+            sha256: Some(&sum_a),
+            before_replace: Some(&mark),
+            ..FileUpload::new(&a, &ra, 0o755)
+        },
+        FileUpload {
+            sha256: Some(&sum_b),
+            before_replace: Some(&mark),
+            ..FileUpload::new(&b, &rb, 0o755)
+        },
+    ];
+    let before = session.exec_count();
+    let there = session
+        .probe_uploads(None, &[&ra, &rb, &rc])
+        .await
+        .expect("probe");
+    assert_eq!(session.exec_count() - before, 1, "one command for all");
+    assert_eq!(there.len(), 3);
+    assert!(there.iter().all(|t| t.sha256().is_none()), "{there:?}");
+    for (upload, there) in uploads.iter().zip(&there) {
+        let outcome = session.upload_probed(upload, there).await.expect("upload");
+        assert!(matches!(outcome, UploadOutcome::Uploaded { .. }));
+    }
+    assert_eq!(
+        fs::read_to_string(&marker).expect("marker"),
+        "replaced\nreplaced\n",
+        "the command ran before each replacement"
+    );
+    assert_eq!(sha256_of(Path::new(&ra)), sum_a);
+
+    // Probed again: a has its sum; with the sum known the local file is not even read (here it
+    // is gone), and nothing runs on the server.
+    fs::remove_file(&marker).expect("rm marker");
+    let there = session
+        .probe_uploads(None, &[&ra, &rb])
+        .await
+        .expect("probe");
+    assert_eq!(there[0].sha256(), Some(sum_a.as_str()));
+    let gone = fx.path().join("gone");
+    let before = session.exec_count();
+    let outcome = session
+        .upload_probed(
+            &FileUpload {
+                sha256: Some(&sum_a),
+                before_replace: Some(&mark),
+                ..FileUpload::new(&gone, &ra, 0o755)
+            },
+            &there[0],
+        )
+        .await
+        .expect("unchanged");
+    assert_eq!(
+        outcome,
+        UploadOutcome::Unchanged {
+            sha256: sum_a.clone()
+        }
+    );
+    assert_eq!(session.exec_count(), before, "nothing ran");
+    assert!(!marker.exists(), "nothing replaced, nothing marked");
+
+    // b changed locally, but its caller still says the old sum (it was verified before the
+    // change): refused where it would be sent, nothing put in place and nothing marked.
+    let new_b = write_random_file(&b, 1 << 20, 3);
+    let err = session
+        .upload_probed(
+            &FileUpload {
+                remote: &rc,
+                ..uploads[1]
+            },
+            &RemoteFile::default(),
+        )
+        .await
+        .expect_err("a local file that changed since it was verified");
+    assert!(matches!(err, SshError::LocalFileChanged { .. }), "{err}");
+    assert!(err.to_string().contains(&new_b), "{err}");
+    assert!(!Path::new(&rc).exists());
+    assert!(!marker.exists());
+
+    // The command before the replacement fails: nothing is replaced.
+    let refused = FileUpload {
+        sha256: Some(&new_b),
+        before_replace: Some("false"),
+        ..FileUpload::new(&b, &rb, 0o755)
+    };
+    let err = session
+        .upload_probed(&refused, &there[1])
+        .await
+        .expect_err("before_replace failed");
+    assert!(matches!(err, SshError::CommandFailed { .. }), "{err}");
+    assert_eq!(sha256_of(Path::new(&rb)), sum_b);
+    assert!(
+        leftovers(&remote_dir).is_empty(),
+        "{:?}",
+        leftovers(&remote_dir)
+    );
+}
+
+#[tokio::test]
+async fn staged_files_are_written_private_over_one_sftp_session_and_never_over_a_file() {
+    let fx = Fixture::new();
+    let sshd = fx.sshd();
+    let client = fx.client(sshd.pinned());
+    let session = client.connect(&fx.target(&sshd)).await.expect("connect");
+
+    let dir = fx.path().join("staging");
+    fs::create_dir(&dir).expect("staging");
+    let paths: Vec<String> = (0..20)
+        .map(|i| dir.join(format!("f{i}")).display().to_string())
+        .collect();
+    let contents: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("file {i}\n").into_bytes())
+        .collect();
+    let files: Vec<(&str, &[u8])> = paths
+        .iter()
+        .map(String::as_str)
+        .zip(contents.iter().map(Vec::as_slice))
+        .collect();
+    let (execs, sftps) = (session.exec_count(), session.sftp_count());
+    session.put_files(&files).await.expect("put files");
+    assert_eq!(session.exec_count(), execs, "no command");
+    assert_eq!(session.sftp_count(), sftps + 1, "one sftp session");
+    for (path, content) in &files {
+        assert_eq!(fs::read(path).expect("read").as_slice(), *content);
+        assert_eq!(mode_of(Path::new(path)), 0o600);
+    }
+    // An existing file (or link) is never written through.
+    let err = session
+        .put_files(&files[..1])
+        .await
+        .expect_err("the file exists");
+    assert!(matches!(err, SshError::Sftp { .. }), "{err}");
 }

@@ -86,6 +86,16 @@ pub struct ArtifactFile {
     pub sha256: String,
 }
 
+impl ArtifactFile {
+    /// The verified sha256, if the manifest gave one (an image archive the manifest does not
+    /// list as a file has none): uploads then compare it with a node's copy without hashing
+    /// the file again.
+    pub fn known_sha256(&self) -> Option<String> {
+        let hex = self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then(|| self.sha256.to_ascii_lowercase())
+    }
+}
+
 /// One container image archive to import on every node.
 #[derive(Debug, Clone)]
 pub struct ArtifactImage {

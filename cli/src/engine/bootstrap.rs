@@ -40,6 +40,7 @@ use zeroize::Zeroizing;
 use super::access::{SSH_PORT, ssh_address};
 use super::apply::{BoxFuture, EngineError, Phase, error_chain};
 use super::artifacts::Artifacts;
+use super::install::{self, Artifact, ConfigFile, Image, NodeDirs, NodeFiles, RESTART_ALL};
 use super::plan::{self, Inventory};
 use super::report::{MachineLine, Reporter};
 use crate::kube::{
@@ -47,7 +48,7 @@ use crate::kube::{
 };
 use crate::pki::{NodeIdentity, Pki, PkiSpec};
 use crate::spec;
-use crate::ssh::{Endpoint, ExecOptions, Session, SshClient, Target, shell_quote};
+use crate::ssh::{Endpoint, Session, SshClient, Target, shell_quote};
 use crate::state::{KubernetesStatus, NodeStatus, Timestamp};
 use templates::kubernetes::{
     self as k8s, ClusterInput, EtcdClusterState, Layout, NodeInput, Role, Source, Taint,
@@ -63,8 +64,8 @@ const IMAGES: &str = "/var/lib/clusterctl/images";
 /// (a binary, a certificate, a config several units read): every unit. An empty marker (from an
 /// older clusterctl) also means every unit.
 const RESTART_PENDING: &str = "/var/lib/clusterctl/restart-pending";
-/// The marker line that restarts every unit of a node.
-const RESTART_ALL: &str = "*";
+/// Where binaries are kept on a node (the templates' `layout.bin_dir`).
+const BIN: &str = "/var/lib/clusterctl/bin";
 /// The node image's `/etc` starts afresh on every boot; every file installed under `/etc` is also
 /// kept here, on the data disk, and the image's `clusterctl-restore` puts it back at boot
 /// (nodeimage/files/bin/clusterctl-restore).
@@ -98,10 +99,10 @@ struct NodePlan {
     name: String,
     role: MachineRole,
     target: Target,
-    /// Binaries: (name, local file, remote path).
-    binaries: Vec<(String, PathBuf, String)>,
-    /// Small files staged then installed as root: (remote path, mode, content).
-    files: Vec<(String, u32, Zeroizing<Vec<u8>>)>,
+    /// Binaries.
+    binaries: Vec<Artifact>,
+    /// Small files staged then installed as root.
+    files: Vec<ConfigFile>,
     /// Units to (re)start, in order.
     units: Vec<String>,
     /// Units clusterctl wrote and enables.
@@ -473,11 +474,12 @@ fn node_plan(
             .artifacts
             .binary(b)
             .map_err(|e| bootstrap_err("artifacts", &e))?;
-        bins.push((
-            b.to_owned(),
-            file.path.clone(),
-            format!("{}/{b}", layout.bin_dir),
-        ));
+        bins.push(Artifact {
+            label: b.to_owned(),
+            local: file.path.clone(),
+            sha256: file.known_sha256(),
+            remote: format!("{}/{b}", layout.bin_dir),
+        });
     }
     let own_units = rendered
         .files
@@ -486,6 +488,16 @@ fn node_plan(
         .filter(|u| u.ends_with(".service"))
         .map(str::to_owned)
         .collect();
+    let units = rendered.units.clone();
+    let files = files
+        .into_iter()
+        .map(|(dest, mode, content)| ConfigFile {
+            restart: restart_key(&units, &dest),
+            dest,
+            mode,
+            content,
+        })
+        .collect();
     Ok(NodePlan {
         cluster: ctx.spec.metadata.name.clone(),
         name: m.name.clone(),
@@ -493,7 +505,7 @@ fn node_plan(
         target: Target::new(m.ip.to_string(), SSH_PORT, ctx.user.clone()),
         binaries: bins,
         files,
-        units: rendered.units.clone(),
+        units,
         own_units,
     })
 }
@@ -584,8 +596,7 @@ async fn connect(client: &SshClient, plan: &NodePlan) -> Result<Session, EngineE
         .map_err(|e| node_err(&plan.name, "connecting over ssh", &e))
 }
 
-/// Runs a root shell script (sent on stdin, never on a command line: it may name secrets' paths
-/// but holds no secret) and fails with its output.
+/// Runs a root shell script on a node (see [`install::root_script`]).
 async fn root_script(
     session: &Session,
     node: &str,
@@ -593,42 +604,7 @@ async fn root_script(
     script: &str,
     timeout: Duration,
 ) -> Result<String, EngineError> {
-    let out = session
-        .exec_with(
-            "sudo -n sh -s",
-            ExecOptions {
-                timeout: Some(timeout),
-                stdin: Some(script.as_bytes()),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| node_err(node, step, &e))?;
-    if !out.success() {
-        let mut detail = out.stderr_text().trim().to_owned();
-        if detail.is_empty() {
-            detail = out.stdout_text().trim().to_owned();
-        }
-        return Err(EngineError::Node {
-            machine: node.to_owned(),
-            step: step.to_owned(),
-            detail: format!(
-                "exit status {}: {}",
-                out.exit_status.map_or("none".into(), |s| s.to_string()),
-                last_lines(&detail, 15)
-            ),
-        });
-    }
-    Ok(out.stdout_text())
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn staged_name(dest: &str) -> String {
-    dest.trim_start_matches('/').replace('/', "__")
+    install::root_script(session, "sudo -n", node, step, script, timeout).await
 }
 
 /// Uploads binaries, images and files, installs changed files as root and imports images.
@@ -643,12 +619,28 @@ impl Phase<BootstrapContext> for Install {
     }
     fn run<'a>(&'a self, ctx: &'a mut BootstrapContext) -> BoxFuture<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let images: Arc<Vec<(String, PathBuf, String)>> = Arc::new(remote_image_names(
-                ctx.artifacts
-                    .images
-                    .iter()
-                    .map(|i| (i.reference.clone(), i.file.path.clone())),
-            ));
+            // The manifest's sums, verified when the artifacts were resolved: no file is
+            // hashed again to compare it with a node's.
+            let images: Arc<Vec<Image>> = Arc::new(
+                remote_image_names(
+                    ctx.artifacts
+                        .images
+                        .iter()
+                        .map(|i| (i.reference.clone(), i.file.path.clone())),
+                )
+                .into_iter()
+                .zip(&ctx.artifacts.images)
+                .map(|((reference, local, file), image)| Image {
+                    artifact: Artifact {
+                        label: format!("image {reference}"),
+                        local,
+                        sha256: image.file.known_sha256(),
+                        remote: format!("{IMAGES}/{file}"),
+                    },
+                    reference,
+                })
+                .collect(),
+            );
             for_nodes(ctx, ctx.plans.clone(), move |client, plan, line| {
                 let images = images.clone();
                 async move { install_node(&client, &plan, &line, &images).await }
@@ -682,182 +674,41 @@ fn remote_image_names(
     out
 }
 
+/// The node image's directories, reached through `sudo`.
+fn node_dirs() -> NodeDirs {
+    NodeDirs {
+        as_root: "sudo -n".to_owned(),
+        bin: BIN.to_owned(),
+        images: IMAGES.to_owned(),
+        staging: STAGING.to_owned(),
+        restart_pending: RESTART_PENDING.to_owned(),
+        etc: ("/etc".to_owned(), SAVED_ETC.to_owned()),
+    }
+}
+
 async fn install_node(
     client: &SshClient,
     plan: &NodePlan,
     line: &MachineLine,
-    images: &[(String, PathBuf, String)],
+    images: &[Image],
 ) -> Result<String, EngineError> {
-    let node = plan.name.as_str();
     let session = connect(client, plan).await?;
-    let result = async {
-        let dirs = format!(
-            "sudo -n install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0755 /var/lib/clusterctl/bin {IMAGES} && \
-             sudo -n install -d -o \"$(id -u)\" -g \"$(id -g)\" -m 0700 {STAGING}"
-        );
-        session
-            .run(&dirs)
-            .await
-            .map_err(|e| node_err(node, "preparing /var/lib/clusterctl", &e))?;
-        // Temporary files of uploads a killed run left behind (the cluster lock is ours).
-        session
-            .run(&format!(
-                "find /var/lib/clusterctl/bin {IMAGES} {STAGING} -maxdepth 1 -name '.*.clusterctl-*.tmp' -delete"
-            ))
-            .await
-            .map_err(|e| node_err(node, "removing partial uploads", &e))?;
-        let (mut sent, mut uploads, mut kept) = (0u64, 0usize, 0usize);
-        for (name, local, remote) in &plan.binaries {
-            line.say(&format!("uploading {name}"));
-            let outcome = session
-                .upload_file(local, remote, 0o755)
-                .await
-                .map_err(|e| node_err(node, format!("uploading {name}"), &e))?;
-            match outcome {
-                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => {
-                    sent += bytes;
-                    uploads += 1;
-                    // A new binary needs its units restarted, also if this run is killed now.
-                    session
-                        .run(&format!(
-                            "echo '{RESTART_ALL}' | sudo -n tee -a {RESTART_PENDING} > /dev/null && sudo -n sync {RESTART_PENDING}"
-                        ))
-                        .await
-                        .map_err(|e| node_err(node, "marking units for restart", &e))?;
-                }
-                crate::ssh::UploadOutcome::Unchanged { .. } => kept += 1,
-            }
-        }
-        let mut image_paths = Vec::new();
-        for (reference, local, file) in images {
-            let remote = format!("{IMAGES}/{file}");
-            line.say(&format!("uploading image {reference}"));
-            let outcome = session
-                .upload_file(local, &remote, 0o644)
-                .await
-                .map_err(|e| node_err(node, format!("uploading image {reference}"), &e))?;
-            match outcome {
-                crate::ssh::UploadOutcome::Uploaded { bytes, .. } => {
-                    sent += bytes;
-                    uploads += 1;
-                }
-                crate::ssh::UploadOutcome::Unchanged { .. } => kept += 1,
-            }
-            image_paths.push((reference.clone(), remote));
-        }
-        line.say("writing configuration and certificates");
-        let mut staged_files = Vec::new();
-        for (dest, mode, content) in &plan.files {
-            let staged = format!("{STAGING}/{}", staged_name(dest));
-            session
-                .upload_bytes(content, &staged, 0o600)
-                .await
-                .map_err(|e| node_err(node, format!("uploading {dest}"), &e))?;
-            staged_files.push((staged, dest.clone(), *mode, restart_key(plan, dest)));
-        }
-        let script = install_script(RESTART_PENDING, ("/etc", SAVED_ETC), &staged_files);
-        let out = root_script(
-            &session,
-            node,
-            "installing configuration files",
-            &script,
-            Duration::from_secs(120),
-        )
-        .await?;
-        let changed = out.lines().filter(|l| l.starts_with("changed ")).count();
-
-        line.say("importing images into containerd");
-        let mut import = String::from(
-            "set -eu\nsystemctl start containerd\n\
-             have=$(ctr -n k8s.io images ls -q)\n",
-        );
-        for (reference, remote) in &image_paths {
-            import.push_str(&format!(
-                "printf '%s\\n' \"$have\" | grep -qxF {r} || {{ ctr -n k8s.io images import {p} >/dev/null; \
-                 ctr -n k8s.io images ls -q | grep -qxF {r} || {{ echo \"the archive {p} does not hold the image {r}; rebuild the bundle\" >&2; exit 1; }}; \
-                 echo imported {r}; }}\n",
-                r = shell_quote(reference),
-                p = shell_quote(remote),
-            ));
-        }
-        let out = root_script(
-            &session,
-            node,
-            "importing images into containerd",
-            &import,
-            Duration::from_secs(300),
-        )
-        .await?;
-        let imported = out.lines().filter(|l| l.starts_with("imported ")).count();
-        Ok(format!(
-            "{uploads} file(s) uploaded ({:.0} MiB), {kept} artifact(s) already there, {changed} file(s) changed, {imported} image(s) imported",
-            sent as f64 / (1u64 << 20) as f64
-        ))
-    }
-    .await;
+    let files = NodeFiles {
+        binaries: &plan.binaries,
+        images,
+        files: &plan.files,
+    };
+    let result = install::install(&session, &plan.name, &node_dirs(), files, line).await;
     session.close().await;
-    result
+    result.map(|done| done.summary())
 }
 
-/// The root script that installs staged files: each one whose content differs from its
-/// destination is copied next to it, fsynced and renamed into place; the restart marker is
-/// written (and synced) before the first destination changes, so a run killed at any point still
-/// restarts the units next time. Staged copies are removed (they may hold keys). Prints
-/// `changed PATH` per changed file.
-/// `saved` is (`/etc`, where its copy lives): every file installed under the first is also
-/// copied below the second (silently: a copy is not a change), so it survives the reboot that
-/// resets `/etc`.
 /// What a change of `dest` restarts: its unit if `dest` is the unit file of one of the node's
-/// units (nothing else reads a unit file), else every unit ([`RESTART_ALL`]).
-fn restart_key(plan: &NodePlan, dest: &str) -> String {
+/// `units` (nothing else reads a unit file), else every unit ([`RESTART_ALL`]).
+fn restart_key(units: &[String], dest: &str) -> String {
     dest.strip_prefix("/etc/systemd/system/")
-        .filter(|u| plan.units.iter().any(|x| x == u))
+        .filter(|u| units.iter().any(|x| x == u))
         .map_or_else(|| RESTART_ALL.to_owned(), str::to_owned)
-}
-
-/// `files`: (staged path, destination, mode, restart key: a unit name or [`RESTART_ALL`]).
-fn install_script(
-    marker: &str,
-    saved: (&str, &str),
-    files: &[(String, String, u32, String)],
-) -> String {
-    let marker = shell_quote(marker);
-    let (etc, saved) = (shell_quote(saved.0), shell_quote(saved.1));
-    let mut script = format!(
-        "set -eu\numask 077\nchanged=0\n\
-         save() {{\n\
-         \x20 case \"$1\" in {etc}/*) ;; *) return 0 ;; esac\n\
-         \x20 s={saved}/\"${{1#{etc}/}}\"\n\
-         \x20 if [ -f \"$s\" ] && cmp -s \"$1\" \"$s\"; then chmod \"$2\" \"$s\"; return 0; fi\n\
-         \x20 (umask 022 && mkdir -p \"$(dirname \"$s\")\")\n\
-         \x20 cp \"$1\" \"$s.clusterctl-new\"\n\
-         \x20 chmod \"$2\" \"$s.clusterctl-new\"\n\
-         \x20 sync \"$s.clusterctl-new\"\n\
-         \x20 mv -f \"$s.clusterctl-new\" \"$s\"\n\
-         }}\n\
-         put() {{\n\
-         \x20 if [ -f \"$2\" ] && cmp -s \"$1\" \"$2\"; then chmod \"$3\" \"$2\"; rm -f \"$1\"; save \"$2\" \"$3\"; return 0; fi\n\
-         \x20 mkdir -p \"$(dirname \"$2\")\"\n\
-         \x20 cp \"$1\" \"$2.clusterctl-new\"\n\
-         \x20 chmod \"$3\" \"$2.clusterctl-new\"\n\
-         \x20 sync \"$2.clusterctl-new\"\n\
-         \x20 printf '%s\\n' \"$4\" >> {marker}; sync {marker}; changed=1\n\
-         \x20 mv -f \"$2.clusterctl-new\" \"$2\"\n\
-         \x20 rm -f \"$1\"\n\
-         \x20 save \"$2\" \"$3\"\n\
-         \x20 echo \"changed $2\"\n\
-         }}\n"
-    );
-    for (staged, dest, mode, key) in files {
-        script.push_str(&format!(
-            "put {} {} {:o} {}\n",
-            shell_quote(staged),
-            shell_quote(dest),
-            mode,
-            shell_quote(key)
-        ));
-    }
-    script
 }
 
 /// The script that (re)starts `units` of a node: restarts them in order when its files changed
@@ -1343,17 +1194,6 @@ mod tests {
     }
 
     #[test]
-    fn staged_names_are_flat_and_distinct() {
-        assert_eq!(
-            staged_name("/etc/systemd/system/kubelet.service"),
-            "etc__systemd__system__kubelet.service"
-        );
-        assert_ne!(
-            staged_name("/var/lib/clusterctl/kubernetes/pki/ca.crt"),
-            staged_name("/var/lib/clusterctl/kubernetes/pki/etcd/ca.crt")
-        );
-    }
-    #[test]
     fn image_archives_with_the_same_file_name_get_distinct_remote_names() {
         let images = [
             ("a:1", "/b/images/pause.tar"),
@@ -1503,98 +1343,5 @@ mod tests {
         let (r, out, _) = started(None, true);
         assert!(r.is_empty(), "{r:?}");
         assert!(!out.contains("restarted"), "{out}");
-    }
-
-    #[test]
-    fn install_script_changes_only_what_differs_and_marks_before_the_first_change() {
-        use std::os::unix::fs::PermissionsExt;
-        let Ok(dir) = tempfile::tempdir() else {
-            panic!("no temp dir");
-        };
-        let d = |p: &str| dir.path().join(p).display().to_string();
-        let marker = d("restart-pending");
-        let stage = |content: &str, name: &str| {
-            std::fs::write(d(name), content).unwrap_or_default();
-        };
-        let files = vec![
-            (
-                d("s1"),
-                d("etc/a.conf"),
-                0o644,
-                "kubelet.service".to_owned(),
-            ),
-            (d("s2"), d("pki/b.key"), 0o600, RESTART_ALL.to_owned()),
-        ];
-        let run = |script: &str| {
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(script)
-                .output()
-                .unwrap_or_else(|e| panic!("sh: {e}"));
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let (etc, saved) = (d("etc"), d("saved/etc"));
-        let script = install_script(&marker, (&etc, &saved), &files);
-        stage("a", "s1");
-        stage("b", "s2");
-        let out = run(&script);
-        assert_eq!(
-            out.lines().filter(|l| l.starts_with("changed ")).count(),
-            2,
-            "{out}"
-        );
-        assert!(std::path::Path::new(&marker).exists(), "marker written");
-        assert_eq!(
-            std::fs::read_to_string(d("etc/a.conf")).unwrap_or_default(),
-            "a"
-        );
-        let mode = std::fs::metadata(d("pki/b.key")).map(|m| m.permissions().mode() & 0o777);
-        assert_eq!(mode.unwrap_or(0), 0o600);
-        assert!(
-            !std::path::Path::new(&d("s2")).exists(),
-            "staged secret removed"
-        );
-        // Files under /etc (here: etc/) are kept below saved/ for the reboot, nothing else.
-        assert_eq!(
-            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
-            "a"
-        );
-        assert!(!std::path::Path::new(&d("saved/etc/pki")).exists());
-        assert!(!std::path::Path::new(&d("saved/pki")).exists());
-        // Same content again: nothing changes and no marker appears; a lost copy comes back
-        // without counting as a change.
-        std::fs::remove_file(&marker).unwrap_or_default();
-        std::fs::remove_file(d("saved/etc/a.conf")).unwrap_or_default();
-        stage("a", "s1");
-        stage("b", "s2");
-        let out = run(&script);
-        assert!(!out.contains("changed"), "{out}");
-        assert!(
-            !std::path::Path::new(&marker).exists(),
-            "no marker without a change"
-        );
-        assert_eq!(
-            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
-            "a"
-        );
-        // One file differs: only it changes, and the marker is back naming what it restarts;
-        // the copy follows.
-        stage("a2", "s1");
-        stage("b", "s2");
-        let out = run(&script);
-        assert_eq!(out.trim(), format!("changed {}", d("etc/a.conf")));
-        assert_eq!(
-            std::fs::read_to_string(&marker).unwrap_or_default(),
-            "kubelet.service\n"
-        );
-        assert_eq!(
-            std::fs::read_to_string(d("saved/etc/a.conf")).unwrap_or_default(),
-            "a2"
-        );
     }
 }

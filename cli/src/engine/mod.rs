@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod autoupgrade;
 pub mod bootstrap;
 pub mod iam;
+pub mod install;
 pub mod names;
 pub mod plan;
 pub mod repair;

@@ -286,6 +286,21 @@ pub enum SshError {
         source: io::Error,
     },
 
+    /// A local file does not have the sha256 its caller verified it with: it changed since.
+    #[error(
+        "local file {} has sha256 {actual}, not {expected} as when it was verified; something \
+         changed it since: check it (a bundle: verify it again) and run the command again",
+        path.display()
+    )]
+    LocalFileChanged {
+        /// The local file.
+        path: PathBuf,
+        /// The sha256 it was verified with (hex).
+        expected: String,
+        /// The sha256 of what was read now (hex).
+        actual: String,
+    },
+
     /// The uploaded file's checksum on the remote side differs from the local one.
     #[error(
         "upload to {endpoint}:{remote_path} is corrupt: local sha256 {expected}, remote sha256 \

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use russh::client::{Handle, Msg};
@@ -33,6 +34,10 @@ struct SessionInner {
     channels: Arc<Semaphore>,
     /// Keeps the jump host connection alive as long as this session uses it.
     _jump: Option<Session>,
+    /// Commands started on this connection (see [`Session::exec_count`]).
+    execs: AtomicU64,
+    /// SFTP sessions started on this connection (see [`Session::sftp_count`]).
+    sftp_sessions: AtomicU64,
 }
 
 impl fmt::Debug for Session {
@@ -166,6 +171,8 @@ impl Session {
                 command_timeout,
                 channels: Arc::new(Semaphore::new(max_channels.max(1))),
                 _jump: jump,
+                execs: AtomicU64::new(0),
+                sftp_sessions: AtomicU64::new(0),
             }),
         }
     }
@@ -182,6 +189,26 @@ impl Session {
     /// The remote user.
     pub fn user(&self) -> &str {
         &self.inner.user
+    }
+
+    /// How many commands this connection has started so far: every [`Session::exec_with`] and
+    /// what is built on it (the checks and finishing steps of uploads), not the kill of a timed-out
+    /// command. Each one makes sshd start the login shell on the machine, which is what a remote
+    /// step costs on a slow machine (about half a second on an emulated one): tests and
+    /// benchmarks count them.
+    pub fn exec_count(&self) -> u64 {
+        self.inner.execs.load(Ordering::Relaxed)
+    }
+
+    /// How many SFTP sessions this connection has started so far (each one a channel and an
+    /// `sftp-server` process on the machine).
+    pub fn sftp_count(&self) -> u64 {
+        self.inner.sftp_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Counts an SFTP session (see [`Session::sftp_count`]).
+    pub(super) fn count_sftp(&self) {
+        self.inner.sftp_sessions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the connection has ended (closed, lost, or failed keepalives).
@@ -259,6 +286,7 @@ impl Session {
         // each session with setsid); a timeout then kills the whole group. OpenSSH ignores the
         // SSH "signal" request for root logins, so that alone cannot stop a command.
         let wrapped = format!("printf '{PID_MARKER}%s\\n' \"$$\"\n{command}");
+        self.inner.execs.fetch_add(1, Ordering::Relaxed);
         channel
             .exec(true, wrapped)
             .await

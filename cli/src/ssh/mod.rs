@@ -8,7 +8,9 @@
 //!   authenticated connection; it runs many commands, also concurrently, each on its own channel.
 //! - [`Session::exec`] / [`Session::exec_with`] run a command with exit status, captured output,
 //!   optional line streaming and a timeout; [`Session::upload_file`] / [`Session::upload_bytes`]
-//!   copy files over SFTP atomically with a remote checksum check, skipping unchanged files.
+//!   copy files over SFTP atomically with a remote checksum check, skipping unchanged files;
+//!   [`Session::probe_uploads`] and [`Session::upload_probed`] do the same for many files with
+//!   one command to compare them all. [`Session::exec_count`] counts the commands a session ran.
 //! - [`SshClient::run_on_all`] and [`SshClient::for_each_host`] work on many machines with a
 //!   bound on parallelism and return one result per machine.
 //! - [`keys`] generates host keys for machines clusterctl creates (pinned before first contact)
@@ -24,6 +26,7 @@ mod error;
 mod exec;
 pub mod keys;
 mod known_hosts;
+mod local_sum;
 mod upload;
 
 use std::fmt;
@@ -34,7 +37,7 @@ pub use error::SshError;
 pub use exec::{ExecOptions, ExecOutput, OutputLine, OutputStream, Session};
 pub use keys::{ClientKey, GeneratedKey, KeyAlgorithm};
 pub use known_hosts::KnownHosts;
-pub use upload::{SUM_SUFFIX, UploadOutcome, shell_quote};
+pub use upload::{FileUpload, RemoteFile, SUM_SUFFIX, UploadOutcome, shell_quote};
 
 /// A server address: host name or IP address, and TCP port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

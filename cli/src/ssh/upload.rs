@@ -1,23 +1,28 @@
 //! Atomic, verified file uploads over SFTP.
 //!
-//! An upload (1) hashes the local data, (2) asks the server for the sha256 and mode of the
-//! destination and stops there if both already match, (3) streams the data over SFTP into a
-//! temporary file next to the destination (created with mode 0600, fsynced), (4) has the server
+//! An upload (1) asks the server for the sha256 and mode of the destination and stops there if
+//! both match the local data's, (2) streams the data over SFTP into a temporary file next to the
+//! destination (created with mode 0600, fsynced), hashing what it sends, (3) has the server
 //! compute the temporary file's sha256 and, only if it equals the local one, sets the mode and
 //! renames it over the destination (`mv -f`, an atomic `rename(2)` in the same directory).
 //! A reader of the destination thus sees the old file or the complete new one, never a partial
 //! one. The remote side needs a POSIX shell, `sha256sum`, `stat`, `chmod`, `mv` and the SFTP
 //! subsystem.
 //!
+//! Each step that runs on the server is one command, and a command (a login shell that sshd
+//! starts) is what an upload costs on a slow machine: [`Session::probe_uploads`] asks about many
+//! destinations in one command, and [`Session::upload_probed`] then sends only what differs. A
+//! local file is hashed only if there is a remote file to compare it with, at most once per
+//! process while it does not change ([`super::local_sum`]), and not at all when the caller
+//! knows its sum ([`FileUpload::sha256`]: a verified bundle's manifest).
+//!
 //! A file uploaded from disk gets `.<name>.clusterctl-sha256` beside it: its checksum, when it was
-//! recorded and the file's identity (size, inode, ctime). Step (2) reports that checksum without
+//! recorded and the file's identity (size, inode, ctime). Step (1) reports that checksum without
 //! reading the file while the identity holds and the ctime is older than the record (as git does
 //! with racily clean files); any write, chmod or replacement moves the ctime, which no user can
 //! set, so a changed file is always hashed again.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use russh_sftp::client::{Config as SftpConfig, SftpSession};
@@ -26,8 +31,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::SshError;
 use super::exec::{ExecOptions, Session};
+use super::{SshError, local_sum};
 
 /// Exit status of the finishing script when the remote checksum differs.
 const CORRUPT_STATUS: u32 = 91;
@@ -90,6 +95,52 @@ enum Source<'a> {
     Bytes(&'a [u8]),
 }
 
+/// One file for [`Session::probe_uploads`] and [`Session::upload_probed`].
+#[derive(Debug, Clone, Copy)]
+pub struct FileUpload<'a> {
+    /// The local file.
+    pub local: &'a Path,
+    /// The destination (absolute).
+    pub remote: &'a str,
+    /// Its permission bits (e.g. `0o755`).
+    pub mode: u32,
+    /// The local file's sha256 (hex) when the caller knows it (a verified bundle's manifest):
+    /// the file is then never hashed to compare it, and what is sent must have this sum.
+    pub sha256: Option<&'a str>,
+    /// A shell command run on the server once the new content is verified there, right before
+    /// it replaces the destination (a restart marker, say); if it fails, nothing is replaced.
+    /// Not run when the destination already has the content.
+    pub before_replace: Option<&'a str>,
+}
+
+impl<'a> FileUpload<'a> {
+    /// A plain upload of `local` to `remote` with `mode`.
+    pub fn new(local: &'a Path, remote: &'a str, mode: u32) -> Self {
+        FileUpload {
+            local,
+            remote,
+            mode,
+            sha256: None,
+            before_replace: None,
+        }
+    }
+}
+
+/// What the server has at an upload's destination (see [`Session::probe_uploads`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// sha256 (hex) and permission bits of the regular file there; `None` when there is none
+    /// (or the server's answer for it made no sense: it is then uploaded).
+    found: Option<(String, u32)>,
+}
+
+impl RemoteFile {
+    /// The sha256 (hex) of the file there, if there is one.
+    pub fn sha256(&self) -> Option<&str> {
+        self.found.as_ref().map(|(sum, _)| sum.as_str())
+    }
+}
+
 impl Session {
     /// Uploads a local file to `remote_path` (absolute) with permission bits `mode` (e.g.
     /// `0o755`), atomically and verified; skips the transfer if the remote file already has the
@@ -101,7 +152,17 @@ impl Session {
         remote_path: &str,
         mode: u32,
     ) -> Result<UploadOutcome, SshError> {
-        self.upload(Source::File(local_path), remote_path, mode)
+        split_remote_path(remote_path)?;
+        // Fail on a missing or unreadable local file before touching the remote side.
+        tokio::fs::File::open(local_path)
+            .await
+            .map_err(|source| SshError::LocalFile {
+                path: local_path.to_path_buf(),
+                op: "open",
+                source,
+            })?;
+        let there = self.probe_one(remote_path).await?;
+        self.upload_probed(&FileUpload::new(local_path, remote_path, mode), &there)
             .await
     }
 
@@ -113,97 +174,182 @@ impl Session {
         remote_path: &str,
         mode: u32,
     ) -> Result<UploadOutcome, SshError> {
-        self.upload(Source::Bytes(data), remote_path, mode).await
+        split_remote_path(remote_path)?;
+        let there = self.probe_one(remote_path).await?;
+        let sum = hex::encode(Sha256::digest(data));
+        if let Some(unchanged) = self.if_unchanged(remote_path, mode, &there, &sum).await? {
+            return Ok(unchanged);
+        }
+        self.transfer(Source::Bytes(data), remote_path, mode, None, None)
+            .await
     }
 
-    async fn upload(
+    /// Asks the server, in one command, what it has at each of `remote_paths` (absolute),
+    /// creating missing parent directories: the sha256 and mode of each file, in order. A file
+    /// uploaded from disk has its checksum recorded beside it with its identity (size, inode,
+    /// ctime); while that identity holds, the file was not written to, so the recorded checksum
+    /// is reported without reading the file (hashing 450 MB under emulation took minutes). A
+    /// stale record is brought up to date when the file is hashed.
+    ///
+    /// `setup` is a shell command run first in the same command (making directories, say),
+    /// which must succeed: one command less on a machine where each one is slow.
+    pub async fn probe_uploads(
         &self,
-        source: Source<'_>,
+        setup: Option<&str>,
+        remote_paths: &[&str],
+    ) -> Result<Vec<RemoteFile>, SshError> {
+        if remote_paths.is_empty() && setup.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut script = String::new();
+        if let Some(setup) = setup {
+            script.push_str(&format!("{{ {setup}\n}} || exit 1\n"));
+        }
+        script.push_str(&format!(
+            "p() {{ [ -d \"$4\" ] || mkdir -p -- \"$4\" || return 1; \
+             if [ ! -f \"$2\" ]; then echo \"$1 -\"; return 0; fi; \
+             id=$(stat -c '{IDENTITY}' -- \"$2\") || return 1; c=${{id##* }}; q=$3; \
+             if [ -f \"$q\" ] && read -r rs rat rid < \"$q\" && [ \"$rid\" = \"$id\" ] \
+             && [ \"${{c%.*}}\" -lt \"$rat\" ]; then s=$rs; \
+             else s=$(sha256sum < \"$2\") || return 1; s=${{s%% *}}; \
+             if [ -f \"$q\" ]; then {WRITE_RECORD}; fi; fi; \
+             m=$(stat -c %a -- \"$2\") || return 1; echo \"$1 $s $m\"; }}\n"
+        ));
+        for (i, path) in remote_paths.iter().enumerate() {
+            let (dir, name) = split_remote_path(path)?;
+            script.push_str(&format!(
+                "p {i} {path} {sidecar} {dir} || exit 1\n",
+                path = shell_quote(path),
+                sidecar = shell_quote(&format!("{dir}/.{name}{SUM_SUFFIX}")),
+                dir = shell_quote(dir),
+            ));
+        }
+        // The script goes on stdin: a failure then names a short command, its stderr the cause.
+        let mut output = self
+            .exec_with(
+                "sh -s",
+                ExecOptions {
+                    stdin: Some(script.as_bytes()),
+                    ..ExecOptions::default()
+                },
+            )
+            .await?;
+        output.command = match remote_paths {
+            [one] => format!("sh -s (checking {one})"),
+            all => format!("sh -s (checking {} upload destinations)", all.len()),
+        };
+        let output = output.check()?;
+        Ok(parse_probe(&output.stdout_text(), remote_paths.len()))
+    }
+
+    /// [`Session::probe_uploads`] of one path.
+    async fn probe_one(&self, remote_path: &str) -> Result<RemoteFile, SshError> {
+        Ok(self
+            .probe_uploads(None, &[remote_path])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default())
+    }
+
+    /// Uploads `file` given what [`Session::probe_uploads`] found at its destination (`there`):
+    /// nothing if the content is there already (the mode is corrected if it differs), else
+    /// atomically and verified, as [`Session::upload_file`] does.
+    pub async fn upload_probed(
+        &self,
+        file: &FileUpload<'_>,
+        there: &RemoteFile,
+    ) -> Result<UploadOutcome, SshError> {
+        split_remote_path(file.remote)?;
+        if there.found.is_some() {
+            let local_sum = match file.sha256 {
+                Some(sum) => sum.to_owned(),
+                None => local_sum::sha256(file.local).await?,
+            };
+            if let Some(unchanged) = self
+                .if_unchanged(file.remote, file.mode, there, &local_sum)
+                .await?
+            {
+                return Ok(unchanged);
+            }
+        }
+        self.transfer(
+            Source::File(file.local),
+            file.remote,
+            file.mode,
+            file.sha256,
+            file.before_replace,
+        )
+        .await
+    }
+
+    /// `Some(Unchanged)` if `there` has `local_sum`, after correcting the mode if it differs.
+    async fn if_unchanged(
+        &self,
         remote_path: &str,
         mode: u32,
-    ) -> Result<UploadOutcome, SshError> {
-        let (dir, name) = split_remote_path(remote_path)?;
+        there: &RemoteFile,
+        local_sum: &str,
+    ) -> Result<Option<UploadOutcome>, SshError> {
         let mode = mode & 0o7777;
-        let started = Instant::now();
-        if let Source::File(path) = &source {
-            // Fail on a missing or unreadable local file before touching the remote side.
-            tokio::fs::File::open(path)
-                .await
-                .map_err(|source| SshError::LocalFile {
-                    path: path.to_path_buf(),
-                    op: "open",
-                    source,
-                })?;
-        }
-        // Hash the local file in the background while the server reports what it has; the
-        // hash is only needed if there is a remote file to compare with.
-        let cancel = Arc::new(AtomicBool::new(false));
-        let pre_hash = match &source {
-            Source::File(path) => Some(tokio::task::spawn_blocking({
-                let path = path.to_path_buf();
-                let cancel = cancel.clone();
-                move || hash_file(&path, &cancel)
-            })),
-            Source::Bytes(_) => None,
-        };
-        let _stop_hashing = CancelOnDrop(cancel.clone());
-
-        // 1. What is there now? (Also creates the parent directory.) A file uploaded from disk
-        // has its checksum recorded beside it with its identity (size, inode, ctime); while that
-        // identity holds, the file was not written to, so the recorded checksum is reported
-        // without reading it (hashing 450 MB under emulation took minutes). A stale record is
-        // brought up to date when the file is hashed.
-        let sidecar = format!("{dir}/.{name}{SUM_SUFFIX}");
-        let probe = format!(
-            "d={dir}; p={path}; q={sidecar}; [ -d \"$d\" ] || mkdir -p -- \"$d\" || exit 1; \
-             if [ -f \"$p\" ]; then id=$(stat -c '{IDENTITY}' -- \"$p\") || exit 1; c=${{id##* }}; \
-             if [ -f \"$q\" ] && read -r rs rat rid < \"$q\" && [ \"$rid\" = \"$id\" ] \
-             && [ \"${{c%.*}}\" -lt \"$rat\" ]; then echo \"$rs\"; \
-             else s=$(sha256sum < \"$p\") || exit 1; s=${{s%% *}}; echo \"$s\"; \
-             if [ -f \"$q\" ]; then {WRITE_RECORD}; fi; fi; \
-             stat -c %a -- \"$p\"; fi",
-            dir = shell_quote(dir),
-            path = shell_quote(remote_path),
-            sidecar = shell_quote(&sidecar),
-        );
-        let output = self.run(&probe).await?;
-        let text = output.stdout_text();
-        let mut lines = text.lines();
-        if let (Some(remote_sum), Some(remote_mode)) = (lines.next(), lines.next()) {
-            let local_sum = match (&source, pre_hash) {
-                (Source::Bytes(data), _) => hex::encode(Sha256::digest(data)),
-                (Source::File(path), Some(task)) => join_hash(path, task.await)?,
-                (Source::File(path), None) => join_hash(path, Ok(hash_file(path, &cancel)))?,
-            };
-            if remote_sum.trim() == local_sum {
-                if u32::from_str_radix(remote_mode.trim(), 8).ok() != Some(mode) {
+        match &there.found {
+            Some((remote_sum, remote_mode)) if remote_sum == local_sum => {
+                if *remote_mode != mode {
                     self.run(&format!("chmod {mode:o} -- {}", shell_quote(remote_path)))
                         .await?;
                 }
                 tracing::debug!(node = %self.endpoint(), path = remote_path, "upload skipped: content unchanged");
-                return Ok(UploadOutcome::Unchanged { sha256: local_sum });
+                Ok(Some(UploadOutcome::Unchanged {
+                    sha256: local_sum.to_owned(),
+                }))
             }
-        } else {
-            // Nothing to compare with: the transfer hashes what it sends instead.
-            cancel.store(true, Ordering::Relaxed);
+            _ => Ok(None),
         }
+    }
 
-        // 2. Stream into a temporary file beside the destination, hashing what is sent.
+    /// Streams the data into a temporary file beside the destination, hashing what is sent,
+    /// then has the server verify it, set its mode and rename it into place (one command).
+    /// `expected`: the sum the caller says the data has; `before_replace`: see [`FileUpload`].
+    async fn transfer(
+        &self,
+        source: Source<'_>,
+        remote_path: &str,
+        mode: u32,
+        expected: Option<&str>,
+        before_replace: Option<&str>,
+    ) -> Result<UploadOutcome, SshError> {
+        let (dir, name) = split_remote_path(remote_path)?;
+        let mode = mode & 0o7777;
+        let started = Instant::now();
         let temp = format!(
             "{dir}/.{name}.clusterctl-{:016x}.tmp",
             rand::random::<u64>()
         );
         tracing::debug!(node = %self.endpoint(), path = remote_path, "uploading file");
+        let remove_temp = || async {
+            let _ = self.exec(&format!("rm -f -- {}", shell_quote(&temp))).await;
+        };
         let (size, sha256) = match self.write_temp(&source, &temp).await {
             Ok(sent) => sent,
             Err(error) => {
-                let _ = self.exec(&format!("rm -f -- {}", shell_quote(&temp))).await;
+                remove_temp().await;
                 return Err(error);
             }
         };
+        if let (Some(expected), Source::File(path)) = (expected, &source)
+            && expected != sha256
+        {
+            remove_temp().await;
+            return Err(SshError::LocalFileChanged {
+                path: path.to_path_buf(),
+                expected: expected.to_owned(),
+                actual: sha256,
+            });
+        }
 
-        // 3. Verify on the server, then set the mode and rename into place; a file from disk
-        // gets its checksum recorded (see step 1; the identity is taken after the rename).
+        // Verify on the server, then set the mode and rename into place; a file from disk gets
+        // its checksum recorded (see `probe_uploads`; the identity is taken after the rename).
+        let sidecar = format!("{dir}/.{name}{SUM_SUFFIX}");
         let record = match source {
             // The record is written in a later second than the file's ctime, so any later write
             // to the file gives it another ctime, however coarse the clock.
@@ -214,10 +360,11 @@ impl Session {
             ),
             Source::Bytes(_) => String::new(),
         };
+        let before = before_replace.map_or_else(String::new, |c| format!("{{ {c}\n}} && "));
         let finish = format!(
             "t={temp}; p={path}; s=$(sha256sum < \"$t\") || {{ rm -f -- \"$t\"; exit 1; }}; \
              s=${{s%% *}}; if [ \"$s\" != {sha256} ]; then rm -f -- \"$t\"; echo \"$s\"; \
-             exit {CORRUPT_STATUS}; fi; chmod {mode:o} -- \"$t\" && mv -f -- \"$t\" \"$p\" \
+             exit {CORRUPT_STATUS}; fi; chmod {mode:o} -- \"$t\" && {before}mv -f -- \"$t\" \"$p\" \
              || {{ rm -f -- \"$t\"; exit 1; }}{record}",
             temp = shell_quote(&temp),
             path = shell_quote(remote_path),
@@ -245,11 +392,55 @@ impl Session {
         })
     }
 
+    /// Writes small files over one SFTP session, nothing else: each is created 0600 (it must not
+    /// exist; a link is never followed), written and closed. Not atomic, not verified, not
+    /// fsynced: for a private staging directory whose reader checks every file's sha256 on the
+    /// server before it uses any (the bootstrap's install script), and which the caller cleared
+    /// first.
+    pub async fn put_files(&self, files: &[(&str, &[u8])]) -> Result<(), SshError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        for (path, _) in files {
+            split_remote_path(path)?;
+        }
+        let (_slot, sftp) = self.sftp().await?;
+        let mut attributes = FileAttributes::empty();
+        attributes.permissions = Some(0o600);
+        for (path, data) in files {
+            let error = |op: &str| {
+                let (endpoint, op) = (self.endpoint().clone(), format!("{op} {path}"));
+                move |source| SshError::Sftp {
+                    endpoint,
+                    op,
+                    source,
+                }
+            };
+            let mut file = sftp
+                .open_with_flags_and_attributes(
+                    *path,
+                    OpenFlags::CREATE | OpenFlags::EXCLUDE | OpenFlags::WRITE,
+                    attributes.clone(),
+                )
+                .await
+                .map_err(error("create"))?;
+            let io = |e: std::io::Error| russh_sftp::client::error::Error::from(e);
+            file.write_all(data)
+                .await
+                .map_err(|e| error("write")(io(e)))?;
+            // `shutdown` waits for every write and closes the handle, without fsync.
+            file.shutdown().await.map_err(|e| error("write")(io(e)))?;
+        }
+        let _ = sftp.close().await;
+        Ok(())
+    }
+
     /// An SFTP session on a channel of its own, with the channel slot it holds.
     pub(super) async fn sftp(&self) -> Result<(OwnedSemaphorePermit, SftpSession), SshError> {
         let endpoint = self.endpoint().clone();
         let slot = self.channel_slot("sftp").await?;
         let channel = self.open_session_channel("sftp").await?;
+        self.count_sftp();
         channel
             .request_subsystem(true, "sftp")
             .await
@@ -370,50 +561,26 @@ fn split_remote_path(path: &str) -> Result<(&str, &str), SshError> {
     Ok((if dir.is_empty() { "/" } else { dir }, name))
 }
 
-/// Sets the flag when dropped, so a background hash stops when the upload ends early.
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// sha256 (hex) of a local file, read in chunks; `Ok(None)` if cancelled.
-fn hash_file(path: &Path, cancel: &AtomicBool) -> std::io::Result<Option<String>> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Ok(None);
+/// What the server answered to a probe of `count` paths: one line per path, `<index> -` for no
+/// file, `<index> <sha256> <octal mode>` for one. Anything else leaves that path unknown (it is
+/// then uploaded, which is always safe).
+fn parse_probe(text: &str, count: usize) -> Vec<RemoteFile> {
+    let mut out = vec![RemoteFile::default(); count];
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(index), Some(sum), mode) = (
+            fields.next().and_then(|i| i.parse::<usize>().ok()),
+            fields.next(),
+            fields.next().and_then(|m| u32::from_str_radix(m, 8).ok()),
+        ) else {
+            continue;
+        };
+        let sum_ok = sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit());
+        if let (Some(slot), Some(mode), true) = (out.get_mut(index), mode, sum_ok) {
+            slot.found = Some((sum.to_ascii_lowercase(), mode));
         }
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
     }
-    Ok(Some(hex::encode(hasher.finalize())))
-}
-
-/// The result of a background [`hash_file`], as an error naming the file if it failed.
-fn join_hash(
-    path: &Path,
-    joined: Result<std::io::Result<Option<String>>, tokio::task::JoinError>,
-) -> Result<String, SshError> {
-    let error = |source| SshError::LocalFile {
-        path: path.to_path_buf(),
-        op: "read",
-        source,
-    };
-    match joined {
-        Ok(Ok(Some(sum))) => Ok(sum),
-        Ok(Ok(None)) => Err(error(std::io::Error::other("hashing was cancelled"))),
-        Ok(Err(source)) => Err(error(source)),
-        Err(join) => Err(error(std::io::Error::other(join.to_string()))),
-    }
+    out
 }
 
 #[cfg(test)]
@@ -436,5 +603,25 @@ mod tests {
         assert!(split_remote_path("relative/x").is_err());
         assert!(split_remote_path("/etc/").is_err());
         assert!(split_remote_path("/etc/a\nb").is_err());
+    }
+
+    #[test]
+    fn a_probe_answer_that_makes_no_sense_leaves_the_file_unknown() {
+        let sum = "ab".repeat(32);
+        let text = format!(
+            "0 {sum} 755\n1 -\n2 {sum}\n3 xyz 644\n9 {sum} 644\nnoise\n4 {} 600\n",
+            sum.to_uppercase()
+        );
+        let found = parse_probe(&text, 5);
+        assert_eq!(found[0].sha256(), Some(sum.as_str()));
+        assert_eq!(found[0].found.as_ref().map(|f| f.1), Some(0o755));
+        // No file, no mode, not a sum; index 9 is out of range and ignored.
+        assert!(
+            found[1..4].iter().all(|f| f.sha256().is_none()),
+            "{found:?}"
+        );
+        assert_eq!(found[4].sha256(), Some(sum.as_str()));
+        // Fewer answers than paths: the rest are unknown.
+        assert_eq!(parse_probe("", 2), vec![RemoteFile::default(); 2]);
     }
 }
