@@ -253,7 +253,7 @@ fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() ->
         )
         .replace(
             "  nodePools:\n",
-            "  controlPlane:\n    machine:\n      cpus: 8\n  nodePools:\n",
+            "  controlPlane:\n    machine:\n      cpus: 8\n      disk: 40Gi\n  nodePools:\n",
         )
         .replace("      count: 2\n", "      count: 3\n");
     fs::write(&path, &changed)?;
@@ -266,7 +266,7 @@ fn a_reapply_that_changes_an_immutable_field_is_refused_and_changes_nothing() ->
             "{cmd}: {err}"
         );
         assert!(
-            err.contains("spec.controlPlane.machine: cannot change the size of existing control-plane machines"),
+            err.contains("spec.controlPlane.machine.disk: cannot change from 20Gi to 40Gi on existing control-plane machines"),
             "{cmd}: {err}"
         );
         assert!(err.contains("hint: keep the stored value"), "{cmd}: {err}");
@@ -304,7 +304,7 @@ fn a_pool_size_change_is_planned_as_replacements_and_saved() -> Result<()> {
     let plan = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        plan.contains("0 to create, 0 to start, 0 to delete, 2 to replace (new size), 1 unchanged"),
+        plan.contains("0 to create, 0 to start, 0 to delete, 2 to replace (new size), 0 to resize in place, 1 unchanged"),
         "{plan}"
     );
     assert_eq!(
@@ -327,7 +327,7 @@ fn a_pool_size_change_is_planned_as_replacements_and_saved() -> Result<()> {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("2 worker(s) have another size than their pool's spec"),
+        err.contains("2 machine(s) have another size than their spec"),
         "{err}"
     );
     let record: serde_json::Value =

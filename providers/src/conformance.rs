@@ -210,6 +210,10 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("reset_reboots", reset_reboots),
     (
+        "resize_keeps_data_and_identity",
+        resize_keeps_data_and_identity,
+    ),
+    (
         "replace_boot_disk_keeps_data_and_identity",
         replace_boot_disk_keeps_data_and_identity,
     ),
@@ -804,6 +808,130 @@ pub fn stop_and_ensure_starts_a_stopped_machine(
         C,
         "stop of a machine that does not exist",
         p.stop_machine(&cluster, &format!("{}-never", fx.prefix)),
+        &[ErrorKind::NotFound],
+    )
+}
+
+/// `resize_machine` gives a machine other CPUs and memory through a reboot, keeping its
+/// provider ID, addresses and data disk; the same size again changes nothing; another data disk
+/// size is refused as invalid; a missing machine is not found.
+pub fn resize_keeps_data_and_identity(
+    p: &dyn Provider,
+    fx: &Fixture,
+) -> Result<(), ConformanceError> {
+    const C: &str = "resize_keeps_data_and_identity";
+    let (cluster, _cleanup) = fx.isolated(p, C, "rsz")?;
+    let spec = fx.machine("rsz-cp-0", MachineRole::ControlPlane, None);
+    call(C, "ensure", p.ensure_machine(&cluster, &spec))?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, 1)?;
+    let before = find(C, &call(C, "list", p.list_machines(&cluster))?, &spec.name)?.clone();
+    if let Some(probe) = &fx.probe {
+        probe
+            .write_data_marker(p, &cluster, &spec.name, 0x3c)
+            .map_err(|e| fail(C, format!("probe: writing the data disk: {e}")))?;
+    }
+    let bigger = crate::MachineSize {
+        cpus: spec.size.cpus + 1,
+        memory_mib: spec.size.memory_mib + 256,
+        disk_gib: spec.size.disk_gib,
+    };
+    let resized = call(C, "resize", p.resize_machine(&cluster, &spec.name, &bigger))?;
+    let check = |m: &Machine, want: &crate::MachineSize, what: &str| {
+        if m.size.as_ref() != Some(want) {
+            return Err(fail(
+                C,
+                format!(
+                    "{what}: the machine reports size {:?}; want {want:?}",
+                    m.size
+                ),
+            ));
+        }
+        if m.provider_id != before.provider_id {
+            return Err(fail(
+                C,
+                format!(
+                    "{what}: the provider ID changed {:?} -> {:?}",
+                    before.provider_id, m.provider_id
+                ),
+            ));
+        }
+        if m.state == MachineState::Running
+            && before.state == MachineState::Running
+            && internal_addresses(m) != internal_addresses(&before)
+        {
+            return Err(fail(
+                C,
+                format!(
+                    "{what}: the addresses changed {:?} -> {:?}",
+                    before.addresses, m.addresses
+                ),
+            ));
+        }
+        expect_booting(C, m)
+    };
+    check(&resized, &bigger, "after the resize")?;
+    let listed = call(C, "list after the resize", p.list_machines(&cluster))?;
+    check(
+        find(C, &listed, &spec.name)?,
+        &bigger,
+        "listed after the resize",
+    )?;
+    let boots = wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    if let Some(probe) = &fx.probe {
+        let got = probe
+            .read_data_marker(p, &cluster, &spec.name)
+            .map_err(|e| fail(C, format!("probe: reading the data disk: {e}")))?;
+        if got != Some(0x3c) {
+            return Err(fail(
+                C,
+                format!("the data disk holds {got:?} after the resize; want Some(0x3c)"),
+            ));
+        }
+    }
+    let again = call(
+        C,
+        "second resize to the same size",
+        p.resize_machine(&cluster, &spec.name, &bigger),
+    )?;
+    check(&again, &bigger, "after a repeated resize")?;
+    if let Some(probe) = &fx.probe {
+        std::thread::sleep(Duration::from_secs(1));
+        let n = probe
+            .boot_count(p, &cluster, &spec.name)
+            .map_err(|e| fail(C, format!("probe: boot count: {e}")))?;
+        if n != boots {
+            return Err(fail(
+                C,
+                format!(
+                    "a repeated resize to the same size rebooted the machine ({boots} -> {n} boots)"
+                ),
+            ));
+        }
+    }
+    expect_kind(
+        C,
+        "resize of the data disk",
+        p.resize_machine(
+            &cluster,
+            &spec.name,
+            &crate::MachineSize {
+                disk_gib: spec.size.disk_gib + 1,
+                ..bigger.clone()
+            },
+        ),
+        &[ErrorKind::Permanent],
+    )?;
+    let back = call(
+        C,
+        "resize back",
+        p.resize_machine(&cluster, &spec.name, &spec.size),
+    )?;
+    check(&back, &spec.size, "after resizing back")?;
+    wait_for_boots(C, p, fx, &cluster, &spec.name, boots + 1)?;
+    expect_kind(
+        C,
+        "resize of a machine that does not exist",
+        p.resize_machine(&cluster, &format!("{}-never", fx.prefix), &spec.size),
         &[ErrorKind::NotFound],
     )
 }

@@ -581,6 +581,35 @@ impl Provider for FakeProvider {
             Ok((m.to_machine(), true))
         })
     }
+
+    fn resize_machine(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        size: &MachineSize,
+    ) -> Result<Machine> {
+        self.pause();
+        self.with_own_machine(cluster, name, "resizing", |m| {
+            if m.size.disk_gib != size.disk_gib {
+                return Err(ProviderError::Invalid(format!(
+                    "machine {name:?} has a {} GiB data disk; it cannot become {} GiB in place (only CPUs and memory change)",
+                    m.size.disk_gib, size.disk_gib
+                )));
+            }
+            if m.size == *size {
+                let start = m.state != MachineState::Running;
+                if start {
+                    m.state = MachineState::Running;
+                    m.boots += 1;
+                }
+                return Ok((m.to_machine(), start));
+            }
+            m.size = size.clone();
+            m.state = MachineState::Running;
+            m.boots += 1;
+            Ok((m.to_machine(), true))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -437,6 +437,20 @@ pub trait Provider: Send + Sync {
         name: &str,
         image: &ImageRef,
     ) -> Result<Machine>;
+
+    /// Gives the machine the CPUs and memory of `size`, keeping its boot and data disks, its
+    /// addresses, its provider ID and its host identity (what a control plane, which keeps its
+    /// etcd data, needs). The machine is stopped (as [`Provider::stop_machine`]) and started
+    /// again. The data disk keeps its size: a `size` with another `disk_gib` is refused
+    /// ([`ProviderError::Invalid`]), since the node image does not grow its filesystem yet.
+    /// Idempotent: a machine of that size already is only started if it is stopped; a call
+    /// interrupted at any point can be repeated. Rollback is the same call with the old size.
+    fn resize_machine(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        size: &MachineSize,
+    ) -> Result<Machine>;
 }
 
 #[cfg(test)]

@@ -167,13 +167,14 @@ pub fn create(
     }
     saved?;
     finished?;
-    // Workers whose pool's size changed: replaced by new machines of the new size, by the pool's
-    // upgradeSettings (the upgrade engine, under its own lock and journal).
+    // Machines whose size changed: the control plane resized in place, workers replaced by new
+    // machines of the new size by their pool's upgradeSettings (the upgrade engine, under its
+    // own lock and journal).
     let resizes = super::upgrade::pending_resizes(&record);
     if resizes > 0 {
         if record.status != ClusterStatus::Running {
             report.note(&format!(
-                "{resizes} worker(s) have another size than their pool's spec; they are replaced once the cluster runs Kubernetes (the {} provider boots nothing)",
+                "{resizes} machine(s) have another size than their spec; they are replaced or resized once the cluster runs Kubernetes (the {} provider boots nothing)",
                 record.spec.spec.provider.name()
             ));
             return Ok(record);
@@ -188,7 +189,7 @@ pub fn create(
         };
         super::upgrade::upgrade(store, &name, &request, report).with_context(|| {
             format!(
-                "replacing the {resizes} worker(s) of cluster {name:?} whose pool's size changed stopped; `clusterctl upgrade {name}` goes on (or `clusterctl create -f {}` once it is finished)",
+                "replacing or resizing the {resizes} machine(s) of cluster {name:?} whose size changed stopped; `clusterctl upgrade {name}` goes on (or `clusterctl create -f {}` once it is finished)",
                 file.display()
             )
         })?;

@@ -63,6 +63,9 @@ use crate::state::{
 /// Journal action: a machine's boot disk was replaced from an image (target: the machine).
 pub const REPLACE: &str = "replace-boot-disk";
 
+/// Journal action: a machine's CPUs and memory were changed in place (target: the machine).
+pub const RESIZE: &str = "resize-machine";
+
 /// How long a node may take to be Ready with a new boot ID after its boot disk was replaced.
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(1200);
 
@@ -212,7 +215,7 @@ pub fn upgrade(
         .map(|p| p.name.clone())
         .collect();
     let max_surge = surge_pools(&record);
-    let sizes = pool_sizes(&record);
+    let sizes = spec_sizes(&record);
     let mut plan = upgrade::plan(&machines, &pools, &max_surge, &sizes, &pinned, &to);
     if request.node_image.is_none() && record.upgrade.is_none() && plan.replacements() == 0 {
         bail!(
@@ -447,13 +450,24 @@ pub fn upgrade(
                         .map(|r| vec![r])
                 }
                 Batch::InPlace(step) => {
-                    report.phase(&format!(
-                        "Upgrading {} ({} of {}) to node image {}",
-                        step.machine,
-                        i + 1,
-                        batches.len(),
-                        to.version
-                    ));
+                    report.phase(&match &step.resize {
+                        Some(r) => format!(
+                            "Resizing {} ({} of {}) in place: {} -> {} (node image {})",
+                            step.machine,
+                            i + 1,
+                            batches.len(),
+                            crate::engine::plan::MachineSizeDisplay(&r.from),
+                            crate::engine::plan::MachineSizeDisplay(&r.to),
+                            to.version
+                        ),
+                        None => format!(
+                            "Upgrading {} ({} of {}) to node image {}",
+                            step.machine,
+                            i + 1,
+                            batches.len(),
+                            to.version
+                        ),
+                    });
                     run.node(&mut record, step, &target).await.map(|r| {
                         report.machine(
                             &step.machine,
@@ -545,24 +559,29 @@ fn what_for(step: &NodeStep, to: &PinnedImage) -> String {
     }
 }
 
-/// The size the spec asks for, per node pool.
-fn pool_sizes(record: &ClusterRecord) -> upgrade::PoolSizes {
-    record
-        .spec
-        .spec
-        .node_pools
-        .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                crate::engine::plan::machine_size(&p.machine),
-            )
-        })
-        .collect()
+/// The sizes the spec asks for: the control plane's and each node pool's.
+fn spec_sizes(record: &ClusterRecord) -> upgrade::Sizes {
+    let spec = &record.spec.spec;
+    upgrade::Sizes {
+        control_plane: Some(crate::engine::plan::machine_size(
+            &spec.control_plane.machine,
+        )),
+        pools: spec
+            .node_pools
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    crate::engine::plan::machine_size(&p.machine),
+                )
+            })
+            .collect(),
+    }
 }
 
-/// How many workers of the record's last observation differ in size from their pool's spec (a
-/// `create -f` that changed a pool's `machine` replaces them with [`upgrade`]).
+/// How many machines of the record's last observation differ in size from their spec (a
+/// `create -f` that changed a size replaces the workers and resizes the control plane with
+/// [`upgrade`]).
 pub fn pending_resizes(record: &ClusterRecord) -> usize {
     let to = record.node_image.clone().unwrap_or(PinnedImage {
         version: String::new(),
@@ -579,7 +598,7 @@ pub fn pending_resizes(record: &ClusterRecord) -> usize {
         &record.machines,
         &pools,
         &BTreeMap::new(),
-        &pool_sizes(record),
+        &spec_sizes(record),
         &to,
         &to,
     )
@@ -685,7 +704,13 @@ impl Run<'_> {
             self.report.machine(node, &format!("drained: {done}"));
         }
         let ours = ours_before || !before.as_ref().is_some_and(|n| n.unschedulable);
-        self.replace(record, node, target).await?;
+        let new_image = step.current_digest.as_deref() != Some(target.digest.as_str());
+        if let Some(r) = &step.resize {
+            self.resize(record, node, &r.to).await?;
+        }
+        if new_image || step.resize.is_none() {
+            self.replace(record, node, target).await?;
+        }
         let before_id = before.as_ref().map(|n| n.boot_id.clone());
         match wait_for_node(
             self.store,
@@ -712,9 +737,13 @@ impl Run<'_> {
                 self.report.machine(
                     node,
                     &format!(
-                        "failed its health gate ({}); rolling it back to node image {}",
+                        "failed its health gate ({}); rolling it back to node image {}{}",
                         crate::error::error_chain(gate.as_ref()),
-                        previous.version
+                        previous.version,
+                        step.resize.as_ref().map_or_else(String::new, |r| format!(
+                            " and its size {}",
+                            crate::engine::plan::MachineSizeDisplay(&r.from)
+                        ))
                     ),
                 );
                 // The boot the rollback must replace: the failed one if its kubelet reported,
@@ -730,7 +759,12 @@ impl Run<'_> {
                 .flatten()
                 .map(|n| n.boot_id)
                 .or_else(|| before_id.clone());
-                self.replace(record, node, &previous).await?;
+                if let Some(r) = &step.resize {
+                    self.resize(record, node, &r.from).await?;
+                }
+                if new_image || step.resize.is_none() {
+                    self.replace(record, node, &previous).await?;
+                }
                 // The old image is known to boot: it gets the full default time whatever the
                 // gate allowed the new one.
                 let back = wait_for_node(
@@ -759,6 +793,46 @@ impl Run<'_> {
                     "node {node} did not come back healthy on node image {}: {rolled}",
                     target.version
                 )))
+            }
+        }
+    }
+
+    /// Resizes a machine in place through the provider (journaled `resize-machine`).
+    async fn resize(
+        &self,
+        record: &mut ClusterRecord,
+        node: &str,
+        size: &providers::MachineSize,
+    ) -> anyhow::Result<()> {
+        self.report.machine(
+            node,
+            &format!(
+                "resizing it in place to {}",
+                crate::engine::plan::MachineSizeDisplay(size)
+            ),
+        );
+        let op = lock(self.journal).intent(RESIZE, node)?;
+        let (p, cluster, machine, to) = (
+            self.provider.clone(),
+            record.cluster_ref(),
+            node.to_owned(),
+            size.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || p.resize_machine(&cluster, &machine, &to))
+            .await
+            .context("the provider call panicked")?;
+        match result {
+            Ok(m) => {
+                lock(self.journal).done(&op)?;
+                if let Some(slot) = record.machines.iter_mut().find(|x| x.name == m.name) {
+                    *slot = m;
+                }
+                self.guard.save(record)?;
+                Ok(())
+            }
+            Err(e) => {
+                lock(self.journal).failed(&op, &e.to_string())?;
+                Err(anyhow::Error::from(e).context(format!("resizing machine {node}")))
             }
         }
     }

@@ -49,7 +49,8 @@ pub struct PlanArgs {
 struct DrainView {
     /// The node.
     node: String,
-    /// `deletion` (a scale-down) or `replacement` (its pool's size changed).
+    /// `deletion` (a scale-down), `replacement` (its pool's size changed) or `resize` (the
+    /// control plane's size changed).
     reason: &'static str,
     /// Pods the drain would evict.
     evict: Vec<String>,
@@ -94,11 +95,12 @@ fn simulate_drains(
             } => Some((name.clone(), "deletion")),
             _ => None,
         })
-        .chain(
-            plan.replacements
-                .iter()
-                .map(|r| (r.machine.name.clone(), "replacement")),
-        )
+        .chain(plan.replacements.iter().map(|r| {
+            (
+                r.machine.name.clone(),
+                if r.in_place { "resize" } else { "replacement" },
+            )
+        }))
         .collect();
     if workers.is_empty() || record.kubernetes.is_none() {
         return Vec::new();
@@ -301,18 +303,19 @@ pub fn run(global: &Global, args: &PlanArgs) -> anyhow::Result<()> {
     let count = |verb: &str| plan.steps.iter().filter(|s| s.verb() == verb).count();
     writeln!(
         out,
-        "Plan: {} to create, {} to start, {} to delete, {} to replace (new size), {} unchanged",
+        "Plan: {} to create, {} to start, {} to delete, {} to replace (new size), {} to resize in place, {} unchanged",
         count("create"),
         count("start"),
         count("delete"),
-        plan.replacements.len(),
+        plan.replacements.iter().filter(|r| !r.in_place).count(),
+        plan.replacements.iter().filter(|r| r.in_place).count(),
         plan.unchanged.len() - plan.replacements.len()
     )?;
     out.push_str(&planner::render_table(&plan));
     if !plan.replacements.is_empty() {
         writeln!(
             out,
-            "\n{} worker(s) to replace by new machines of their pool's new size, after the steps above, as each pool's upgradeSettings say: with maxSurge the new machine is made and Ready before the old one is drained and deleted; without it the old one is drained and deleted first. `create` does it; if it is stopped, `clusterctl upgrade {name}` finishes it.",
+            "\n{} machine(s) of a new size, after the steps above, control plane first: a control plane is drained and resized in place (CPUs and memory, through a reboot; its disks and etcd data stay); a worker is replaced by a new machine as its pool's upgradeSettings say: with maxSurge the new machine is made and Ready before the old one is drained and deleted; without it the old one is drained and deleted first. `create` does it; if it is stopped, `clusterctl upgrade {name}` finishes it.",
             plan.replacements.len()
         )?;
     }

@@ -229,7 +229,16 @@ fn print_outcome(format: Format, name: &str, outcome: &UpgradeOutcome) -> anyhow
             );
         }
         for st in plan.steps.iter().filter(|s| s.replace && s.max_surge == 0) {
-            if let Some(r) = &st.resize {
+            if let Some(r) = &st.resize
+                && st.role == providers::MachineRole::ControlPlane
+            {
+                println!(
+                    "Machine {} ({} -> {}): resized in place (drained, CPUs and memory changed through a reboot, its disks, address and etcd data kept, Ready with a new boot ID, uncordoned; resized back if it fails its gate).",
+                    st.machine,
+                    crate::engine::plan::MachineSizeDisplay(&r.from),
+                    crate::engine::plan::MachineSizeDisplay(&r.to),
+                );
+            } else if let Some(r) = &st.resize {
                 println!(
                     "Machine {} ({} -> {}): pool {} has no surge, so it is drained and deleted first, then a new machine of the new size is made and must get Ready.",
                     st.machine,

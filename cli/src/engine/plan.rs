@@ -84,16 +84,19 @@ impl Step {
     }
 }
 
-/// A worker of the spec that exists with another size than its pool's spec asks for. It is
+/// A machine of the spec that exists with another size than the spec asks for. A worker is
 /// replaced by a new machine of the spec's size, by its pool's `upgradeSettings` (surge: the new
-/// one first; else drained and deleted first), which `create` does after the machine steps
-/// (`action::upgrade`). A boot disk cannot change a machine's size.
+/// one first; else drained and deleted first); a control plane, which keeps its etcd data, is
+/// resized in place. `create` does it after the machine steps (`action::upgrade`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replacement {
     /// The machine, as the spec asks for it (its new size).
     pub machine: DesiredMachine,
     /// Its size as the provider reports it.
     pub observed: MachineSize,
+    /// Resized in place (a control plane) rather than replaced by a new machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_place: bool,
 }
 
 /// The ordered steps that take the observed cluster to the desired one.
@@ -106,7 +109,8 @@ pub struct Plan {
     /// Machines of the spec that exist and need nothing from the machine steps (the ones in
     /// `replacements` among them).
     pub unchanged: Vec<DesiredMachine>,
-    /// Workers to replace by new machines because their pool's size changed.
+    /// Machines whose size changed: workers to replace by new machines, control planes to
+    /// resize in place.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replacements: Vec<Replacement>,
 }
@@ -239,14 +243,20 @@ pub fn plan(
     let mut unchanged = Vec::new();
     let mut replacements = Vec::new();
     for m in &want {
-        if let Some(observed) = have.get(m.name.as_str()).and_then(|o| o.size.as_ref())
-            && *observed != m.size
-            && m.role == MachineRole::Worker
-        {
-            replacements.push(Replacement {
-                machine: m.clone(),
-                observed: observed.clone(),
-            });
+        if let Some(observed) = have.get(m.name.as_str()).and_then(|o| o.size.as_ref()) {
+            let in_place = m.role == MachineRole::ControlPlane;
+            let mut wanted = m.clone();
+            if in_place {
+                // A control plane keeps its data disk (its size is not changed in place).
+                wanted.size.disk_gib = observed.disk_gib;
+            }
+            if *observed != wanted.size {
+                replacements.push(Replacement {
+                    machine: wanted,
+                    observed: observed.clone(),
+                    in_place,
+                });
+            }
         }
         match have.get(m.name.as_str()) {
             None => steps.push(Step::CreateMachine { machine: m.clone() }),
@@ -334,10 +344,10 @@ pub fn render_table(plan: &Plan) -> String {
     for m in &plan.unchanged {
         let replaced = plan.replacements.iter().find(|r| r.machine.name == m.name);
         rows.push(vec![
-            if replaced.is_some() {
-                "replace (new size)".into()
-            } else {
-                "keep".into()
+            match replaced {
+                Some(r) if r.in_place => "resize (in place)".into(),
+                Some(_) => "replace (new size)".into(),
+                None => "keep".into(),
             },
             m.name.clone(),
             role_word(m.role).to_owned(),
@@ -345,7 +355,7 @@ pub fn render_table(plan: &Plan) -> String {
             match replaced {
                 Some(r) => format!(
                     "{} (is {})",
-                    MachineSizeDisplay(&m.size),
+                    MachineSizeDisplay(&r.machine.size),
                     MachineSizeDisplay(&r.observed)
                 ),
                 None => MachineSizeDisplay(&m.size).to_string(),

@@ -39,9 +39,11 @@ pub struct NodeStep {
     /// 0 replaces its boot disk in place.
     #[serde(skip_serializing_if = "is_zero")]
     pub max_surge: u32,
-    /// Its size, when it differs from the size its pool's spec asks for: the machine is replaced
-    /// by a new one of the spec's size (a boot disk cannot change a size), by surge in a surge
-    /// pool, else drained and deleted first ([`Batch::Recreate`]).
+    /// Its size, when it differs from the size the spec asks for: a worker is replaced by a new
+    /// machine of the spec's size (a boot disk cannot change a size), by surge in a surge pool,
+    /// else drained and deleted first ([`Batch::Recreate`]); a control plane, which keeps its
+    /// etcd data, is resized in place (`Provider::resize_machine`: drained, CPUs and memory
+    /// changed through a reboot, gated, resized back if it fails its gate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resize: Option<Resize>,
 }
@@ -56,9 +58,14 @@ pub struct Resize {
     pub to: MachineSize,
 }
 
-/// The sizes the spec asks for, per node pool. Control-plane machines are not resized (their
-/// size cannot change on a running cluster: `spec::changes` refuses it).
-pub type PoolSizes = BTreeMap<String, MachineSize>;
+/// The sizes the spec asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sizes {
+    /// The control plane's (`None`: left alone).
+    pub control_plane: Option<MachineSize>,
+    /// Per node pool.
+    pub pools: BTreeMap<String, MachineSize>,
+}
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
@@ -187,7 +194,7 @@ pub fn plan(
     machines: &[Machine],
     pool_order: &[String],
     max_surge: &BTreeMap<String, u32>,
-    sizes: &PoolSizes,
+    sizes: &Sizes,
     from: &PinnedImage,
     to: &PinnedImage,
 ) -> UpgradePlan {
@@ -208,11 +215,22 @@ pub fn plan(
             .into_iter()
             .map(|m| {
                 let pool = m.pool.as_ref().filter(|_| m.role == MachineRole::Worker);
-                let resize = match (pool.and_then(|p| sizes.get(p)), &m.size) {
-                    (Some(want), Some(have)) if want != have => Some(Resize {
-                        from: have.clone(),
-                        to: want.clone(),
-                    }),
+                let want = match m.role {
+                    MachineRole::ControlPlane => sizes.control_plane.as_ref(),
+                    MachineRole::Worker => pool.and_then(|p| sizes.pools.get(p)),
+                };
+                let resize = match (want, &m.size) {
+                    (Some(want), Some(have)) => {
+                        let mut want = want.clone();
+                        if m.role == MachineRole::ControlPlane {
+                            // Resized in place: its data disk (etcd) keeps its size.
+                            want.disk_gib = have.disk_gib;
+                        }
+                        (want != *have).then(|| Resize {
+                            from: have.clone(),
+                            to: want,
+                        })
+                    }
                     _ => None,
                 };
                 NodeStep {
@@ -338,7 +356,7 @@ pub fn kubernetes_order(machines: &[Machine], pool_order: &[String]) -> Vec<(Str
         machines,
         pool_order,
         &BTreeMap::new(),
-        &BTreeMap::new(),
+        &Sizes::default(),
         &to,
         &to,
     )
@@ -402,7 +420,7 @@ mod tests {
             &ms,
             &["a".into(), "b".into()],
             &BTreeMap::new(),
-            &BTreeMap::new(),
+            &Sizes::default(),
             &image("v1"),
             &image("v2"),
         );
@@ -441,7 +459,7 @@ mod tests {
             &ms,
             &["a".into(), "b".into()],
             &surge,
-            &BTreeMap::new(),
+            &Sizes::default(),
             &image("v1"),
             &image("v2"),
         );
@@ -501,7 +519,7 @@ mod tests {
             ..machine(name, pool, "v1")
         };
         let ms = vec![
-            // A control plane's size is never changed here (the spec refuses it).
+            // The spec leaves the control plane's size alone here (`control_plane: None`).
             sized("c1-cp-0", None, size(4, 4096)),
             sized("c1-a-b", Some("a"), size(2, 2048)),
             sized("c1-a-c", Some("a"), size(2, 4096)),
@@ -510,11 +528,14 @@ mod tests {
             sized("c1-b-b", Some("b"), size(2, 2048)),
             sized("c1-b-c", Some("b"), size(2, 2048)),
         ];
-        let sizes: PoolSizes = [
-            ("a".to_owned(), size(2, 4096)),
-            ("b".to_owned(), size(2, 4096)),
-        ]
-        .into();
+        let mut sizes = Sizes {
+            control_plane: None,
+            pools: [
+                ("a".to_owned(), size(2, 4096)),
+                ("b".to_owned(), size(2, 4096)),
+            ]
+            .into(),
+        };
         let surge: BTreeMap<String, u32> = [("b".to_owned(), 1)].into();
         // The same image: only the sizes change.
         let p = plan(
@@ -602,6 +623,30 @@ mod tests {
                 "in-place", "recreate", "in-place", "in-place", "recreate", "recreate"
             ]
         );
+        // A control plane of another size is resized in place, first.
+        sizes.control_plane = Some(size(4, 8192));
+        let p = plan(
+            &ms,
+            &["a".into(), "b".into()],
+            &surge,
+            &sizes,
+            &image("v1"),
+            &image("v1"),
+        );
+        assert_eq!(
+            (p.steps[0].replace, p.steps[0].resize.clone()),
+            (
+                true,
+                Some(Resize {
+                    from: size(4, 4096),
+                    to: size(4, 8192)
+                })
+            )
+        );
+        assert!(matches!(
+            batches(&p, &none, &none, None).first(),
+            Some(Batch::InPlace(s)) if s.machine == "c1-cp-0"
+        ));
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn refusal(path: impl Into<String>, message: String, hint: &str) -> Refusal {
 
 const RECREATE: &str =
     "keep the stored value, or delete the cluster and create it again with the new one";
-const RESIZE: &str = "keep the stored size: resizing control-plane machines is not implemented yet (a node pool's machines can change size: they are replaced by new machines)";
+const RESIZE: &str = "keep the stored disk size: a control plane keeps its data disk (etcd), and the node image does not grow a disk's filesystem yet; its cpus and memory may change (resized in place)";
 const VERSION: &str = "keep the stored value: `clusterctl upgrade NAME --kubernetes-version V` changes it (control plane first, one node at a time) and stores the new one, which this file then names";
 
 /// The changes from `stored` to `new` that a re-apply refuses, in spec order. Pure.
@@ -166,12 +166,15 @@ pub fn refused_changes(stored: &Cluster, new: &Cluster) -> Vec<Refusal> {
     }
     // A node pool's `machine` may change: its machines are replaced by new ones of the new size
     // (`action::upgrade`, by the pool's upgradeSettings). A control plane keeps its machines
-    // (their etcd members and data disks), and no provider verb resizes a machine in place yet.
-    if s.control_plane.machine != n.control_plane.machine {
+    // (their etcd members and data disks): its cpus and memory change in place
+    // (`Provider::resize_machine`), its data disk cannot.
+    if s.control_plane.machine.disk != n.control_plane.machine.disk {
         out.push(refusal(
-            "spec.controlPlane.machine",
-            "cannot change the size of existing control-plane machines: they keep their etcd data, so they would be resized in place, which is not implemented yet"
-                .to_owned(),
+            "spec.controlPlane.machine.disk",
+            format!(
+                "cannot change from {} to {} on existing control-plane machines: their data disk holds etcd and stays",
+                s.control_plane.machine.disk, n.control_plane.machine.disk
+            ),
             RESIZE,
         ));
     }
@@ -253,7 +256,7 @@ spec:
             "    version: 1.20.2\n    podCIDR: 10.250.0.0/16\n    clusterDomain: example.internal\n",
         ).replace("      uri: qemu:///system\n", "      uri: qemu:///system\n      storageDir: /srv/vms\n")
         .replace("      count: 2\n", "      count: 2\n      machine:\n        cpus: 4\n")
-        .replace("  nodePools:\n", "  controlPlane:\n    machine:\n      memory: 8Gi\n  nodePools:\n"));
+        .replace("  nodePools:\n", "  controlPlane:\n    machine:\n      memory: 8Gi\n      disk: 40Gi\n  nodePools:\n"));
         let got: Vec<String> = refused_changes(&stored, &changed)
             .into_iter()
             .map(|r| r.path)
@@ -264,7 +267,7 @@ spec:
                 "spec.provider.libvirt.storageDir",
                 "spec.kubernetes.podCIDR",
                 "spec.kubernetes.clusterDomain",
-                "spec.controlPlane.machine",
+                "spec.controlPlane.machine.disk",
             ]
         );
     }

@@ -169,6 +169,14 @@ pub trait Compute: Send + Sync {
     fn stop_instance(&self, zone: &str, name: &str) -> Result<Operation, ApiError>;
     /// `instances.reset`.
     fn reset_instance(&self, zone: &str, name: &str) -> Result<Operation, ApiError>;
+    /// `instances.setMachineType` (the instance must be stopped); `machine_type` as
+    /// `zones/Z/machineTypes/T`.
+    fn set_machine_type(
+        &self,
+        zone: &str,
+        name: &str,
+        machine_type: &str,
+    ) -> Result<Operation, ApiError>;
     /// `instances.setMetadata` (with the fingerprint read last).
     fn set_metadata(
         &self,
@@ -546,6 +554,19 @@ impl Compute for RestCompute {
             &format!("zones/{zone}/instances/{name}/reset"),
             &[],
             None,
+        )
+    }
+
+    fn set_machine_type(
+        &self,
+        zone: &str,
+        name: &str,
+        machine_type: &str,
+    ) -> Result<Operation, ApiError> {
+        self.insert(
+            &format!("zones/{zone}/instances/{name}/setMachineType"),
+            &[],
+            &serde_json::json!({ "machineType": machine_type }),
         )
     }
 

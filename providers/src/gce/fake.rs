@@ -23,7 +23,8 @@
 //! - disks: `CREATING` -> `READY`, `DELETING` -> gone; images: `PENDING` -> `READY`,
 //!   `DELETING` -> gone;
 //! - attachDisk/detachDisk take effect when `DONE` (checked again then: the operation ends with
-//!   an error if the disk was taken meanwhile); setLabels/setMetadata take effect at once (the
+//!   an error if the disk was taken meanwhile); setLabels/setMetadata/setMachineType (this one
+//!   only on a `TERMINATED` instance) take effect at once (the
 //!   fingerprint check is synchronous, as in GCE);
 //! - networks, firewalls and routes exist at once and are gone when their delete is `DONE`.
 //!
@@ -1139,6 +1140,7 @@ fn route(method: &str, segs: &[&str]) -> Option<(&'static str, Vec<String>)> {
                 "reset" => "compute.instances.reset",
                 "setLabels" => "compute.instances.setLabels",
                 "setMetadata" => "compute.instances.setMetadata",
+                "setMachineType" => "compute.instances.setMachineType",
                 "attachDisk" => "compute.instances.attachDisk",
                 "detachDisk" => "compute.instances.detachDisk",
                 _ => return None,
@@ -1747,6 +1749,7 @@ impl Api<'_> {
             "compute.instances.reset" => self.instances_reset(call, z, n),
             "compute.instances.setLabels" => self.instances_set_labels(call, z, n),
             "compute.instances.setMetadata" => self.instances_set_metadata(call, z, n),
+            "compute.instances.setMachineType" => self.instances_set_machine_type(call, z, n),
             "compute.instances.attachDisk" => self.instances_attach_disk(call, z, n),
             "compute.instances.detachDisk" => self.instances_detach_disk(call, z, n),
             "compute.instances.getGuestAttributes" => self.instances_guest_attributes(call, z, n),
@@ -2906,6 +2909,32 @@ impl Api<'_> {
         }
         let rel = Kind::Instance.rel(zone, name);
         Ok(self.new_op(call, Some(zone), "setLabels", &rel, &id, Effect::None))
+    }
+
+    /// `instances.setMachineType`: only a stopped (`TERMINATED`) instance; the type as
+    /// `instances.insert` checks it.
+    fn instances_set_machine_type(
+        &mut self,
+        call: &Call,
+        zone: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let r = self.instance(zone, name)?;
+        let id = r.v["id"].as_str().unwrap_or("").to_string();
+        let rel = Kind::Instance.rel(zone, name);
+        if r.v["status"] != "TERMINATED" {
+            return Err(not_ready(&self.path(&rel)));
+        }
+        let body = call.body_obj()?;
+        let mt = body
+            .get("machineType")
+            .and_then(Value::as_str)
+            .ok_or_else(|| required("machineType"))?;
+        let machine_type = self.resolve_machine_type(mt, zone)?;
+        if !call.op_fails() {
+            self.instance_mut(zone, name).v["machineType"] = json!(machine_type);
+        }
+        Ok(self.new_op(call, Some(zone), "setMachineType", &rel, &id, Effect::None))
     }
 
     fn instances_set_metadata(

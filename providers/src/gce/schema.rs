@@ -1367,7 +1367,7 @@ mod tests {
     fn document_loads() {
         let doc = discovery().expect("the embedded document parses");
         assert_eq!(doc.service_path, "compute/v1/");
-        assert_eq!(doc.methods.len(), 40);
+        assert_eq!(doc.methods.len(), 41);
     }
 
     #[test]

@@ -1424,6 +1424,65 @@ impl Provider for LibvirtProvider {
         Self::start_if_stopped(&dom, name)?;
         self.machine_by_domain(cluster, &dom)
     }
+
+    fn resize_machine(
+        &self,
+        cluster: &ClusterRef,
+        name: &str,
+        size: &crate::MachineSize,
+    ) -> Result<Machine> {
+        let (dom, facts) = self.own_domain(cluster, name)?;
+        let current = self
+            .size_of(&facts, name)
+            .ok_or_else(|| ProviderError::Api {
+                operation: format!("resizing machine {name:?}"),
+                detail: "its vCPUs, memory or data volume cannot be read from libvirt".into(),
+            })?;
+        if current.disk_gib != size.disk_gib {
+            return Err(ProviderError::Invalid(format!(
+                "machine {name:?} has a {} GiB data disk; it cannot become {} GiB in place (only CPUs and memory change)",
+                current.disk_gib, size.disk_gib
+            )));
+        }
+        if current == *size {
+            Self::start_if_stopped(&dom, name)?;
+            return self.machine_by_domain(cluster, &dom);
+        }
+        tracing::info!(cluster = %cluster.name, node = %name, cpus = size.cpus, memory_mib = size.memory_mib, "resizing the machine");
+        self.power_off(&dom, name)?;
+        // The persistent definition only; the maximum first when growing, last when shrinking,
+        // so the current value never exceeds it. A call killed half-way leaves a definition
+        // that differs from `size`, which the next call changes again.
+        let kib = size.memory_mib.saturating_mul(1024);
+        let mem = |flags: u32| {
+            dom.set_memory_flags(kib, flags)
+                .map_err(|e| api(format!("setting the memory of domain {name:?}"), &e))
+        };
+        let config = virt::sys::VIR_DOMAIN_MEM_CONFIG;
+        let maximum = config | virt::sys::VIR_DOMAIN_MEM_MAXIMUM;
+        if size.memory_mib >= current.memory_mib {
+            mem(maximum)?;
+            mem(config)?;
+        } else {
+            mem(config)?;
+            mem(maximum)?;
+        }
+        let cpus = |flags: u32| {
+            dom.set_vcpus_flags(size.cpus, flags)
+                .map_err(|e| api(format!("setting the vCPUs of domain {name:?}"), &e))
+        };
+        let config = virt::sys::VIR_DOMAIN_VCPU_CONFIG;
+        let maximum = config | virt::sys::VIR_DOMAIN_VCPU_MAXIMUM;
+        if size.cpus >= current.cpus {
+            cpus(maximum)?;
+            cpus(config)?;
+        } else {
+            cpus(config)?;
+            cpus(maximum)?;
+        }
+        Self::start_if_stopped(&dom, name)?;
+        self.machine_by_domain(cluster, &dom)
+    }
 }
 
 #[cfg(test)]

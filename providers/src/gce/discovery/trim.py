@@ -27,7 +27,7 @@ TOP_LEVEL = ["revision", "rootUrl", "servicePath", "baseUrl", "version", "name",
 
 METHODS = {
     "instances": [
-        "insert", "get", "list", "delete", "start", "stop", "reset", "setLabels",
+        "insert", "get", "list", "delete", "start", "stop", "reset", "setLabels", "setMachineType",
         "setMetadata", "attachDisk", "detachDisk", "getGuestAttributes",
     ],
     "disks": ["insert", "get", "list", "delete"],
