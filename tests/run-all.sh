@@ -40,9 +40,9 @@
 #                  included: stop, reset, boot-disk replacement) + e2e
 #                  (tests/bed/libvirt-env.sh test provider) [186-197 s with day 2; over 230 s on 2026-12-01]
 #   e2e      4400  one real Kubernetes cluster through the binary, through cli-e2e.sh's named phases
-#                  (create with kills and resume, workloads, node-services, webhooks,
-#                  custom-resources, conformance, access, repair, upgrade, access-expired, unreachable, delete;
-#                  drain and scale-down only when named)
+#                  (create with kills and resume, workloads, drain, node-services, webhooks,
+#                  custom-resources, conformance, access, repair, upgrade, access-expired,
+#                  unreachable, scale-down, resize, delete)
 #                  (tests/bed/libvirt-env.sh test e2e) [2626 s on this 2-core host on a quiet
 #                  day, over 3400 s on a busy one (CI of 2026-12-01 was cut at 3020 s in phase
 #                  drain, every phase 1.3-2.4x slower; on 2026-12-01 create took 601 s,

@@ -501,7 +501,7 @@ fn plan_and_get_show_the_cluster() -> Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("state:          new cluster"), "{stdout}");
     assert!(
-        stdout.contains("Plan: 5 to create, 0 to start, 0 to delete, 0 unchanged"),
+        stdout.contains("Plan: 5 to create, 0 to start, 0 to delete, 0 to replace (new size), 0 to resize in place, 0 unchanged"),
         "{stdout}"
     );
     // New machines get their random names when they are made.
@@ -535,7 +535,7 @@ fn plan_and_get_show_the_cluster() -> Result<()> {
     let out = bed.run(&["plan", "-f", &spec_s], 0)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("Plan: 0 to create, 0 to start, 0 to delete, 5 unchanged"),
+        stdout.contains("Plan: 0 to create, 0 to start, 0 to delete, 0 to replace (new size), 0 to resize in place, 5 unchanged"),
         "{}",
         text(&out)
     );

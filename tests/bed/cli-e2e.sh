@@ -108,10 +108,12 @@
 #                     fail with an error naming the node and the phase; status `reconciling`
 #   scale-down        `plan` with one worker fewer shows the drain it implies; `create` then
 #                     drains the worker before its machine is deleted, removes its Node; 2 nodes left
-#   resize            `create -f` with the workers' memory changed: `plan` shows each worker's
-#                     replacement and its drain; every worker replaced by a new machine of the new
-#                     size by surge (the pool's maxSurge 1), old domains gone, new ones with the new
-#                     memory, Ready and uncordoned, web serving, nothing left to replace
+#   resize            `create -f` with the control plane's and the workers' memory changed: `plan`
+#                     shows the control plane's resize in place and each worker's replacement with
+#                     its drain; the control plane resized first (same machine, host key and etcd
+#                     data, rebooted, uncordoned), then every worker replaced by a new machine of
+#                     the new size by surge (the pool's maxSurge 1): old domains gone, new ones
+#                     with the new memory, Ready and uncordoned, web on them; nothing left to do
 #   delete            `delete` removes every domain, volume, network and pool carrying the
 #                     cluster's ID, the cluster's state directory and its kubeconfig context
 #   bench             (not a test, not in the default) an uninterrupted create timed per phase,
@@ -160,10 +162,9 @@ kubectl=$bundle/bin/kubectl
 virsh="virsh -q -c qemu:///system"
 $virsh uri > /dev/null || die "libvirtd is not reachable: run inside the bed (libvirt-env.sh)"
 
-# CI's list. `drain` (363 s) and `scale-down` (177 s) left it on 2026-12-02 for the 86-minute
-# deadline: on a new machine the cold cargo stage (~930 s) plus this list at that day's pace
-# (e2e 4139 s, upgrade alone 2094 s) came to about 5600 s. Both pass locally (that day's run).
-phases=${CLUSTERCTL_E2E_PHASES:-create workloads node-services webhooks custom-resources conformance access repair upgrade access-expired unreachable delete}
+# CI's list. `drain` and `scale-down` came back on 2026-12-03 (201 s and 142 s that day) with
+# `resize`, once a node where nothing changed installed in two SSH commands instead of ~60.
+phases=${CLUSTERCTL_E2E_PHASES:-create workloads drain node-services webhooks custom-resources conformance access repair upgrade access-expired unreachable scale-down resize delete}
 if [ -n "${CLUSTERCTL_E2E_WORK:-}" ]; then
   work=$CLUSTERCTL_E2E_WORK
   mkdir -p "$work"
@@ -1652,13 +1653,21 @@ phase_scale_down() {
 # are gone, web still serves, and a second `create` has nothing left to replace. Later phases
 # re-apply the resized file.
 phase_resize() {
-  local file=$work/cluster.yaml before after out json w new_mib=1280 old new
+  local file=$work/cluster.yaml before after out json w new_mib=1280 cp_mib=1900 old new cp_boot cp_key
   [ -f "$work/cluster-1w.yaml" ] && file=$work/cluster-1w.yaml
   before=$(jq -r '.pool_members.workers | join(" ")' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
-  sed 's/^      machine: {cpus: 1, memory: 1Gi, disk: 4Gi}$/      machine: {cpus: 1, memory: '"$new_mib"'Mi, disk: 4Gi}/' "$file" > "$work/cluster-resized.yaml"
+  cp_boot=$(k get node "$name-cp-0" -o jsonpath='{.status.nodeInfo.bootID}')
+  cp_key=$(jq -r --arg n "$name-cp-0" '.ssh_host_keys[$n]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")
+  k create configmap e2e-before-resize --from-literal=k=v > /dev/null || die "cannot write a ConfigMap before the resize"
+  sed -e 's/^      machine: {cpus: 1, memory: 1Gi, disk: 4Gi}$/      machine: {cpus: 1, memory: '"$new_mib"'Mi, disk: 4Gi}/' \
+      -e 's/^    machine: {cpus: 2, memory: 1800Mi, disk: 4Gi}$/    machine: {cpus: 2, memory: '"$cp_mib"'Mi, disk: 4Gi}/' \
+      "$file" > "$work/cluster-resized.yaml"
+  [ "$(grep -c "memory: ${new_mib}Mi\|memory: ${cp_mib}Mi" "$work/cluster-resized.yaml")" -eq 2 ] || die "cannot make the resized spec"
   ! cmp -s "$file" "$work/cluster-resized.yaml" || die "cannot make the resized spec"
-  waiting "plan with the workers' new size showing their replacement"
+  waiting "plan with the new sizes showing the control plane's resize and the workers' replacement"
   out=$("$bin" plan -f "$work/cluster-resized.yaml") || die "plan with the new size failed: $out"
+  grep -q "^resize (in place) *$name-cp-0 .*2 cpu, $cp_mib MiB, 4 GiB disk (is 2 cpu, 1800 MiB, 4 GiB disk)" <<< "$out" \
+    || { echo "$out" >&2; die "plan does not show the control plane's resize in place"; }
   for w in $before; do
     grep -q "^replace (new size) *$w .*1 cpu, $new_mib MiB, 4 GiB disk (is 1 cpu, 1024 MiB, 4 GiB disk)" <<< "$out" \
       || { echo "$out" >&2; die "plan does not show the replacement of $w"; }
@@ -1667,9 +1676,9 @@ phase_resize() {
   done
   json=$("$bin" -o json plan -f "$work/cluster-resized.yaml") || die "plan -o json failed"
   jq -e --argjson n "$(wc -w <<< "$before")" --argjson mib "$new_mib" \
-    '(.plan.replacements | length) == $n and all(.plan.replacements[]; .machine.size.memory_mib == $mib and .observed.memory_mib == 1024)' \
+    '([.plan.replacements[] | select(.in_place | not)] | length) == $n and all(.plan.replacements[] | select(.in_place | not); .machine.size.memory_mib == $mib and .observed.memory_mib == 1024) and ([.plan.replacements[] | select(.in_place)] | length) == 1' \
     <<< "$json" > /dev/null || die "plan -o json does not list the replacements: $(jq -c .plan.replacements <<< "$json")"
-  waiting "create with the workers' new size: each worker replaced by surge"
+  waiting "create with the new sizes: the control plane resized in place, each worker replaced by surge"
   "$bin" create -f "$work/cluster-resized.yaml" --ssh-timeout 900 2> "$work/resize.log" \
     || { cat "$work/resize.log" >&2; die "create with the workers' new size failed"; }
   cat "$work/resize.log" >&2
@@ -1698,6 +1707,16 @@ phase_resize() {
       || die "$repl was not Ready (line ${made:-none}) before $old was cordoned (line ${cordoned:-none})"
   done
   [ "$(jq -r '.upgrade // "none"' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = none ] || die "the record keeps an unfinished upgrade"
+  # The control plane: resized in place, first; the same machine, key and etcd data, rebooted.
+  grep -q "==> Resizing $name-cp-0 (1 of [0-9]*) in place: 2 cpu, 1800 MiB, 4 GiB disk -> 2 cpu, $cp_mib MiB, 4 GiB disk" "$work/resize.log" \
+    || die "create did not resize $name-cp-0 in place first"
+  [ "$($virsh dominfo "$name-cp-0" | awk '/^Max memory:/ {print $3}')" = "$((cp_mib * 1024))" ] \
+    || die "the domain of $name-cp-0 does not have $cp_mib MiB: $($virsh dominfo "$name-cp-0")"
+  [ "$(k get node "$name-cp-0" -o jsonpath='{.status.nodeInfo.bootID}')" != "$cp_boot" ] || die "$name-cp-0 was not rebooted by its resize"
+  [ "$(jq -r --arg n "$name-cp-0" '.ssh_host_keys[$n]' "$CLUSTERCTL_STATE_DIR/$name/cluster.json")" = "$cp_key" ] || die "the host key of $name-cp-0 changed"
+  [ "$(k get configmap e2e-before-resize -o jsonpath='{.data.k}')" = v ] || die "the ConfigMap written before the resize is gone (etcd data lost)"
+  [ -z "$(k get node "$name-cp-0" -o jsonpath='{.spec.unschedulable}')" ] || die "$name-cp-0 is left cordoned"
+  k delete configmap e2e-before-resize > /dev/null
   # web (one pod per worker, required anti-affinity) runs again on the new worker(s): all of
   # them when the pool kept two workers, the one left after a scale-down otherwise.
   local serving="" i
@@ -1708,9 +1727,9 @@ phase_resize() {
   done
   [ "$serving" = "$(tr ' ' '\n' <<< "$after" | sort | paste -sd' ')" ] || die "web runs on '$serving' after the resize, not on the new workers $after"
   out=$("$bin" plan -f "$work/cluster-resized.yaml") || die "plan after the resize failed"
-  grep -q "0 to replace (new size)" <<< "$out" || { echo "$out" >&2; die "plan still shows replacements after the resize"; }
+  grep -q "0 to replace (new size), 0 to resize in place" <<< "$out" || { echo "$out" >&2; die "plan still shows replacements after the resize"; }
   cp "$work/cluster-resized.yaml" "$file"
-  log "resize: workers $before replaced by $after with $new_mib MiB, by surge"
+  log "resize: $name-cp-0 resized in place to $cp_mib MiB (same machine, key and etcd data), workers $before replaced by $after with $new_mib MiB, by surge"
 }
 
 phase_delete() {
